@@ -1,0 +1,89 @@
+"""The whole of ``config.toml`` for the bot process, parsed once into frozen dataclasses.
+
+The engine's sections are parsed by ``engine.settings``; this module adds ``[queue]`` and
+``[discord]`` and the token, which comes only from the ``DISCORD_TOKEN`` environment variable
+(never from the file: a config file gets copied, pasted and committed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.settings import (
+    ConfigError,
+    EngineSettings,
+    GenerationSettings,
+    ModelSettings,
+    check,
+    parse_engine_sections,
+    read_toml,
+    section,
+)
+
+__all__ = ["Config", "ConfigError", "DiscordSettings", "QueueSettings", "load_config"]
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    database_url: str = "sqlite:///data/sdbot.sqlite3"
+    pending_limit: int = 3
+    max_attempts: int = 3
+    lease_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class DiscordSettings:
+    guild_ids: tuple[int, ...] = ()
+    progress_interval: float = 2.0
+    max_attachment_bytes: int = 8 * 1024 * 1024
+    allowed_image_types: tuple[str, ...] = ("image/png", "image/jpeg", "image/webp")
+    max_prompt_chars: int = 1000
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSettings
+    engine: EngineSettings
+    generation: GenerationSettings
+    queue: QueueSettings
+    discord: DiscordSettings
+    token: str
+
+
+def load_config(path: str | Path = "config.toml", env: Mapping[str, str] = os.environ,
+                *, require_token: bool = True) -> Config:
+    """Read and check config.toml and the environment; raise ConfigError with one clear line."""
+    raw = read_toml(path)
+    if "token" in raw.get("discord", {}):
+        raise ConfigError("discord.token: the bot token is never read from the file; "
+                          "remove it and set the DISCORD_TOKEN environment variable")
+    engine_part = parse_engine_sections(raw)
+    queue: QueueSettings = section(raw, "queue", QueueSettings)
+    discord: DiscordSettings = section(raw, "discord", DiscordSettings)
+
+    check(queue.database_url.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql"),
+          "queue.database_url", queue.database_url,
+          "an SQLAlchemy URL: sqlite:///path/to/file.sqlite3 or postgresql+psycopg://user@host/db")
+    check(1 <= queue.pending_limit <= 100, "queue.pending_limit", queue.pending_limit, "1 to 100")
+    check(1 <= queue.max_attempts <= 20, "queue.max_attempts", queue.max_attempts, "1 to 20")
+    check(5 <= queue.lease_seconds <= 3600, "queue.lease_seconds", queue.lease_seconds, "5 to 3600 seconds")
+    for gid in discord.guild_ids:
+        check(isinstance(gid, int) and gid > 0, "discord.guild_ids", gid, "server ids as numbers, e.g. [123456789012345678]")
+    check(0.5 <= discord.progress_interval <= 60, "discord.progress_interval", discord.progress_interval, "0.5 to 60 seconds")
+    check(1024 <= discord.max_attachment_bytes <= 100 * 1024 * 1024, "discord.max_attachment_bytes",
+          discord.max_attachment_bytes, "1024 to 104857600 bytes")
+    for kind in discord.allowed_image_types:
+        check(kind in ("image/png", "image/jpeg", "image/webp", "image/gif"), "discord.allowed_image_types", kind,
+              "image/png, image/jpeg, image/webp or image/gif")
+    check(10 <= discord.max_prompt_chars <= 6000, "discord.max_prompt_chars", discord.max_prompt_chars, "10 to 6000")
+
+    token = env.get("DISCORD_TOKEN", "").strip()
+    if require_token and not token:
+        raise ConfigError("DISCORD_TOKEN is not set: create a bot in the Discord developer portal "
+                          "(see README, 'Create the Discord application') and run "
+                          "`DISCORD_TOKEN=<your bot token> .venv/bin/python -m bot`")
+    return Config(model=engine_part.model, engine=engine_part.engine, generation=engine_part.generation,
+                  queue=queue, discord=discord, token=token)

@@ -1,0 +1,169 @@
+"""The glue between the job queue and the engine: the one place where a job moves from the
+database into the engine and its images move back.
+
+``QueueRunner`` claims jobs in the queue's fair order while the engine worker has room, turns
+each row into a ``GenerationRequest``, keeps the job's lease alive with heartbeats while it
+runs, and stores the result (or the reason it failed). It never talks to Discord: whoever
+posts results (the bot, in this or another process) finds them in the database, and is woken
+in-process through ``on_finished``. This is also what a standalone GPU worker process runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from db.models import Job
+from db.queue import Queue
+from engine.errors import GenerationError, JobCancelled
+from engine.types import GenerationRequest, Progress
+from engine.worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+
+def request_from_job(job: Job) -> GenerationRequest:
+    """The engine's view of a stored job."""
+    return GenerationRequest(
+        job_id=job.id,
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt or "",
+        seed=job.seed,
+        steps=job.steps,
+        guidance=job.guidance,
+        width=job.width,
+        height=job.height,
+        sampler=job.sampler,
+        count=job.count,
+        init_image=job.init_image,
+        strength=job.strength if job.init_image is not None else 0.75,
+        variation_seed=job.variation_seed,
+        variation_strength=job.variation_strength or 0.0,
+    )
+
+
+class QueueRunner:
+    """Feeds the engine worker from the queue and stores what comes back."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        worker: EngineWorker,
+        *,
+        worker_id: str,
+        max_in_flight: int = 8,
+        poll_interval: float = 1.0,
+        heartbeat_interval: float = 20.0,
+        on_progress: Callable[[int, Progress], None] | None = None,
+        on_finished: Callable[[int], None] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.worker = worker
+        self.worker_id = worker_id
+        self.max_in_flight = max_in_flight
+        self.poll_interval = poll_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.on_progress = on_progress
+        self.on_finished = on_finished
+        self._tasks: dict[int, asyncio.Task] = {}
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """A job was enqueued or finished: look at the queue now rather than at the next poll."""
+        self._wake.set()
+
+    def cancel(self, job_id: int) -> None:
+        """Stop a running job at its next step (the queue has already marked it cancelled)."""
+        self.worker.cancel(job_id)
+
+    @property
+    def running(self) -> set[int]:
+        return set(self._tasks)
+
+    async def run(self) -> None:
+        """Claim and run jobs until cancelled; on the way out, running jobs go back in line."""
+        try:
+            while True:
+                await self._claim_while_room()
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                except TimeoutError:
+                    pass
+        finally:
+            await self._shutdown()
+
+    async def _claim_while_room(self) -> None:
+        while len(self._tasks) < self.max_in_flight:
+            job = await asyncio.to_thread(self.queue.claim, self.worker_id)
+            if job is None:
+                return
+            task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
+            self._tasks[job.id] = task
+            task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task) -> None:
+        job_id = int(task.get_name().removeprefix("job-"))
+        self._tasks.pop(job_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job %s: runner task failed", job_id, exc_info=task.exception())
+        self._wake.set()
+
+    async def _run_job(self, job: Job) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(job.id), name=f"heartbeat-{job.id}")
+        heartbeat.add_done_callback(_log_failure)
+        try:
+            stored = await self._generate_and_store(job)
+        finally:
+            heartbeat.cancel()
+        if stored and self.on_finished is not None:
+            self.on_finished(job.id)
+
+    async def _generate_and_store(self, job: Job) -> bool:
+        """Run one job; True when its outcome (images or failure) was written by us."""
+        request = request_from_job(job)
+        progress = None
+        if self.on_progress is not None:
+            callback = self.on_progress
+
+            def progress(p: Progress) -> None:
+                callback(job.id, p)
+
+        try:
+            result = await self.worker.generate(request, on_progress=progress)
+        except JobCancelled:
+            # Cancelled by its member (the queue says so already) or our lease was taken over.
+            return True
+        except GenerationError as e:
+            return await asyncio.to_thread(self.queue.fail, job.id, self.worker_id, str(e))
+        except Exception as e:  # a bug must fail this job, never the runner
+            log.exception("job %s: unexpected engine error", job.id)
+            return await asyncio.to_thread(
+                self.queue.fail, job.id, self.worker_id, f"internal error in the engine ({type(e).__name__})"
+            )
+        images = [(image.png, image.seed) for image in result.images]
+        return await asyncio.to_thread(self.queue.complete, job.id, self.worker_id, images)
+
+    async def _heartbeat(self, job_id: int) -> None:
+        """Renew the lease; when it is lost (cancelled, or taken over) stop the job."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            if not await asyncio.to_thread(self.queue.heartbeat, job_id, self.worker_id):
+                self.worker.cancel(job_id)
+                return
+
+    async def _shutdown(self) -> None:
+        """Stop running jobs and give them back to the queue, so nothing is lost on exit."""
+        tasks = list(self._tasks.values())
+        for job_id in list(self._tasks):
+            self.worker.cancel(job_id)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(self.queue.release_worker, self.worker_id)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,218 @@
+"""The engine's part of ``config.toml``: ``[model]``, ``[engine]`` and ``[generation]``.
+
+Parsed once into frozen dataclasses and passed in. Every check names the key, the value and
+what is allowed, so a wrong value gives one clear line and nothing starts half-configured.
+The bot's own sections are parsed in ``bot/config.py``; ``python -m engine`` reads only these.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from engine.types import SAMPLER_NAMES
+
+
+class ConfigError(ValueError):
+    """A value in config.toml is missing or not allowed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    source: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    name: str = ""
+    family: str = "auto"
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        return Path(self.source.rstrip("/")).stem or self.source
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int = 8
+    preview_every: int = 2
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    default_steps: int = 25
+    max_steps: int = 50
+    default_width: int = 512
+    default_height: int = 512
+    max_width: int = 1024
+    max_height: int = 1024
+    sizes: tuple[str, ...] = ("512x512", "512x768", "768x512", "768x768")
+    default_guidance: float = 7.0
+    max_guidance: float = 20.0
+    default_sampler: str = "euler_a"
+    samplers: tuple[str, ...] = tuple(SAMPLER_NAMES)
+    default_negative_prompt: str = ""
+    max_count: int = 4
+    default_strength: float = 0.75
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The sections the engine needs, as one value."""
+
+    model: ModelSettings
+    engine: EngineSettings
+    generation: GenerationSettings
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+FAMILIES = ("auto", "sd1", "sd2", "sdxl")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read config.toml; a missing file or a syntax error becomes a ConfigError."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (copy config.toml from the repository)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def section(raw: dict[str, Any], name: str, cls: type) -> Any:
+    """Build dataclass ``cls`` from table ``[name]``, checking key names and value types."""
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown key (allowed: {', '.join(known)})")
+    values = {}
+    for key, value in table.items():
+        default = getattr(cls(), key) if _has_defaults(cls) else None
+        values[key] = _coerce(f"{name}.{key}", value, default)
+    return cls(**values)
+
+
+def _has_defaults(cls: type) -> bool:
+    try:
+        cls()
+    except TypeError:
+        return False
+    return True
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of the default value of the same key."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, list)
+        value = tuple(value) if ok else value
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: expected {type(default).__name__.replace('tuple', 'list')}")
+    return value
+
+
+def check(condition: bool, key: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key} = {value!r}: not allowed; {allowed}")
+
+
+def parse_engine_sections(raw: dict[str, Any]) -> Settings:
+    model: ModelSettings = section(raw, "model", ModelSettings)
+    engine: EngineSettings = section(raw, "engine", EngineSettings)
+    gen: GenerationSettings = section(raw, "generation", GenerationSettings)
+
+    check(bool(model.source.strip()), "model.source", model.source,
+          "give a hub id, a diffusers folder or a .safetensors file")
+    check(model.family in FAMILIES, "model.family", model.family, f"one of {', '.join(FAMILIES)}")
+    check(engine.device in DEVICES or engine.device.startswith("cuda:"), "engine.device", engine.device,
+          "auto, cpu, cuda, cuda:N or mps")
+    check(engine.dtype in DTYPES, "engine.dtype", engine.dtype, f"one of {', '.join(DTYPES)}")
+    check(1 <= engine.max_batch <= 256, "engine.max_batch", engine.max_batch, "1 to 256")
+    check(engine.preview_every >= 0, "engine.preview_every", engine.preview_every, "0 (never) or more")
+
+    check(1 <= gen.max_steps <= 500, "generation.max_steps", gen.max_steps, "1 to 500")
+    check(1 <= gen.default_steps <= gen.max_steps, "generation.default_steps", gen.default_steps,
+          f"1 to generation.max_steps ({gen.max_steps})")
+    for key in ("max_width", "max_height"):
+        v = getattr(gen, key)
+        check(64 <= v <= 4096 and v % 8 == 0, f"generation.{key}", v, "a multiple of 8 from 64 to 4096")
+    for key, limit in (("default_width", gen.max_width), ("default_height", gen.max_height)):
+        v = getattr(gen, key)
+        check(8 <= v <= limit and v % 8 == 0, f"generation.{key}", v, f"a multiple of 8 up to {limit}")
+    check(len(gen.sizes) > 0, "generation.sizes", list(gen.sizes), "at least one size such as \"512x512\"")
+    for size in gen.sizes:
+        w, h = parse_size(size)
+        check(w is not None and w <= gen.max_width and h <= gen.max_height, "generation.sizes", size,
+              f"WIDTHxHEIGHT, multiples of 8, within {gen.max_width}x{gen.max_height}")
+    check(0 < gen.max_guidance <= 50, "generation.max_guidance", gen.max_guidance, "above 0, at most 50")
+    check(0 <= gen.default_guidance <= gen.max_guidance, "generation.default_guidance", gen.default_guidance,
+          f"0 to generation.max_guidance ({gen.max_guidance})")
+    for name in gen.samplers:
+        check(name in SAMPLER_NAMES, "generation.samplers", name, f"samplers are {', '.join(SAMPLER_NAMES)}")
+    check(len(gen.samplers) > 0, "generation.samplers", [], "at least one sampler")
+    check(gen.default_sampler in gen.samplers, "generation.default_sampler", gen.default_sampler,
+          f"one of generation.samplers ({', '.join(gen.samplers)})")
+    check(1 <= gen.max_count <= 4, "generation.max_count", gen.max_count, "1 to 4")
+    check(0 < gen.default_strength <= 1, "generation.default_strength", gen.default_strength, "above 0, at most 1")
+    return Settings(model=model, engine=engine, generation=gen)
+
+
+def parse_size(size: str) -> tuple[int, int] | tuple[None, None]:
+    """``"512x768"`` -> ``(512, 768)``; anything else -> ``(None, None)``."""
+    try:
+        w, h = (int(part) for part in size.lower().split("x"))
+    except ValueError:
+        return None, None
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        return None, None
+    return w, h
+
+
+def load_settings(path: str | Path = "config.toml") -> Settings:
+    """Read the engine's sections of config.toml (used by ``python -m engine``)."""
+    return parse_engine_sections(read_toml(path))
+
+
+def resolve_device(settings: EngineSettings):
+    """``auto``: CUDA with bf16 (fp16 where bf16 is unsupported) when present, else CPU fp32."""
+    import torch
+
+    if settings.device == "auto":
+        if torch.cuda.is_available():
+            device = torch.device("cuda")
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = torch.device("mps")
+        else:
+            device = torch.device("cpu")
+    else:
+        device = torch.device(settings.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"engine.device = {settings.device!r}: no CUDA GPU is visible; use \"auto\" or \"cpu\"")
+    if settings.dtype == "auto":
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif device.type == "mps":
+            dtype = torch.float16
+        else:
+            dtype = torch.float32
+    else:
+        dtype = getattr(torch, settings.dtype)
+    return device, dtype
