@@ -1,0 +1,69 @@
+"""config.toml: the shipped file is valid, wrong values give one clear line, the token is env-only."""
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, load_config
+from engine.settings import load_settings, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_config_is_valid():
+    config = load_config(ROOT / "config.toml", env={"DISCORD_TOKEN": "abc"})
+    assert config.token == "abc"
+    assert config.generation.default_sampler in config.generation.samplers
+    assert config.queue.database_url.startswith("sqlite:///")
+    assert load_settings(ROOT / "config.toml").model == config.model
+
+
+def test_missing_token_says_what_to_do():
+    with pytest.raises(ConfigError, match="DISCORD_TOKEN is not set"):
+        load_config(ROOT / "config.toml", env={})
+
+
+def test_token_in_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="discord.token"):
+        load_config(write(tmp_path, '[discord]\ntoken = "secret"\n'), env={"DISCORD_TOKEN": "x"})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[engine]\ndevice = 'tpu'\n", "engine.device = 'tpu'"),
+        ("[engine]\nmax_batch = 'many'\n", "engine.max_batch = 'many': expected int"),
+        ("[generation]\ndefault_steps = 80\n", "generation.default_steps = 80"),
+        ("[generation]\nsizes = ['500x500']\n", "generation.sizes = '500x500'"),
+        ("[generation]\nsamplers = ['plms']\n", "generation.samplers = 'plms'"),
+        ("[generation]\ndefault_sampler = 'ddim'\nsamplers = ['euler']\n", "generation.default_sampler"),
+        ("[queue]\npending_limit = 0\n", "queue.pending_limit = 0"),
+        ("[queue]\ndatabase_url = 'mysql://x'\n", "queue.database_url"),
+        ("[model]\nfamily = 'sd3'\n", "model.family = 'sd3'"),
+        ("[model]\nsorce = 'x'\n", "model.sorce: unknown key"),
+        ("[discord]\nguild_ids = [-1]\n", "discord.guild_ids = -1"),
+        ("not toml [", "not valid TOML"),
+    ],
+)
+def test_wrong_values_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={"DISCORD_TOKEN": "x"})
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml", env={"DISCORD_TOKEN": "x"})
+
+
+def test_parse_size():
+    assert parse_size("512x768") == (512, 768)
+    assert parse_size("513x512") == (None, None)
+    assert parse_size("big") == (None, None)
