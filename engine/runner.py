@@ -155,13 +155,14 @@ class QueueRunner:
 
     async def _shutdown(self) -> None:
         """Stop running jobs and give them back to the queue, so nothing is lost on exit."""
-        tasks = list(self._tasks.values())
-        for job_id in list(self._tasks):
+        job_ids, tasks = list(self._tasks), list(self._tasks.values())
+        for job_id in job_ids:
             self.worker.cancel(job_id)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.to_thread(self.queue.release_worker, self.worker_id)
+        for job_id in job_ids:
+            await asyncio.to_thread(self.queue.release, job_id, self.worker_id)
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -24,6 +24,7 @@ class ModelSettings:
     source: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     name: str = ""
     family: str = "auto"
+    prediction_type: str = "auto"
 
     @property
     def display_name(self) -> str:
@@ -70,6 +71,7 @@ class Settings:
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 FAMILIES = ("auto", "sd1", "sd2", "sdxl")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -142,6 +144,8 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
     check(bool(model.source.strip()), "model.source", model.source,
           "give a hub id, a diffusers folder or a .safetensors file")
     check(model.family in FAMILIES, "model.family", model.family, f"one of {', '.join(FAMILIES)}")
+    check(model.prediction_type in PREDICTION_TYPES, "model.prediction_type", model.prediction_type,
+          f"one of {', '.join(PREDICTION_TYPES)}")
     check(engine.device in DEVICES or engine.device.startswith("cuda:"), "engine.device", engine.device,
           "auto, cpu, cuda, cuda:N or mps")
     check(engine.dtype in DTYPES, "engine.dtype", engine.dtype, f"one of {', '.join(DTYPES)}")

@@ -1,0 +1,345 @@
+"""Load a Stable Diffusion checkpoint (SD 1.x, SD 2.x, SDXL) into a :class:`LoadedModel`.
+
+``source`` may be
+
+1. a diffusers folder (has ``model_index.json``), e.g. from ``save_pretrained``;
+2. a single ``.safetensors`` file as people download them (CompVis/Stability key layout).
+   The family is read from tensor-name prefixes (:data:`FAMILY_PREFIXES`), then diffusers'
+   ``from_single_file`` builds the components from a local diffusers-layout config folder, so
+   loading never touches the network. The folder is, in order: a folder next to the file with
+   the same name minus ``.safetensors`` (for checkpoints with unusual shapes, and our tiny test
+   models), else the one we ship in ``engine/data/<family>`` (SD 1.5, SD 2.1 768-v, SDXL base 1.0);
+3. a Hugging Face Hub id (``owner/name``), downloaded into the hub cache with progress bars.
+
+SD 2.x comes in two kinds that have the same tensor names: 768-v (``v_prediction``) and 512-base
+(``epsilon``). Nothing in the file tells them apart, so a single SD2 file follows the shipped
+SD 2.1 768-v config (``v_prediction``, 768 px) unless ``prediction_type="epsilon"`` is passed
+(then the default size is 512). Folders and hub models carry their own scheduler config.
+
+All tokenizers are the CLIP tokenizer (:mod:`engine.tokenizer`), checked to have 49,408 tokens.
+Every failure we can name is raised as :class:`~engine.errors.ModelLoadError` with the path and
+what was expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from diffusers import (AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers.utils import logging as diffusers_logging
+from huggingface_hub import utils as hub_utils
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
+
+from engine.errors import ModelLoadError
+from engine.settings import EngineSettings, ModelSettings, resolve_device
+from engine.tokenizer import EOS, VOCAB_SIZE, clip_tokenizer
+from engine.types import ModelInfo
+
+DATA_DIR = Path(__file__).parent / "data"
+FAMILIES = ("sd1", "sd2", "sdxl")
+#: A tensor-name prefix that only that family's text encoder uses (checked in this order).
+FAMILY_PREFIXES = (("conditioner.embedders.1.model.", "sdxl"),
+                   ("cond_stage_model.model.", "sd2"),
+                   ("cond_stage_model.transformer.", "sd1"))
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+#: Padding token per tokenizer: open_clip encoders (SD2, SDXL's second) pad with "!".
+PAD_TOKENS = {"sd1": [EOS], "sd2": ["!"], "sdxl": [EOS, "!"]}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+@dataclass
+class LoadedModel:
+    """Everything the sampler needs, on ``device`` in ``dtype``, in eval mode, no grads."""
+
+    info: ModelInfo
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[CLIPTextModel | CLIPTextModelWithProjection]  # 1 for SD1/SD2, 2 for SDXL
+    tokenizers: list[CLIPTokenizer]
+    alphas_cumprod: torch.Tensor  # float64 on CPU, from the checkpoint's scheduler betas
+    device: torch.device
+    dtype: torch.dtype
+    vae_scaling_factor: float
+
+
+def load_model(source: str, *, device: torch.device | str, dtype: torch.dtype,
+               family: str = "auto", name: str = "", progress: bool = True,
+               prediction_type: str | None = None) -> LoadedModel:
+    """Load ``source`` (folder, ``.safetensors`` or hub id); see the module docstring.
+
+    ``family`` ("auto", "sd1", "sd2", "sdxl") must agree with what the checkpoint holds when
+    given. ``prediction_type`` ("epsilon" / "v_prediction") overrides the scheduler config's.
+    """
+    if family not in ("auto", *FAMILIES):
+        raise ModelLoadError(f"model family {family!r} is unknown: use auto, sd1, sd2 or sdxl.")
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise ModelLoadError(f"prediction_type {prediction_type!r} is unknown: use epsilon or v_prediction.")
+    path = Path(source).expanduser()
+    with _progress_bars(progress):
+        if path.is_dir():
+            parts = _load_folder(path, family, dtype)
+        elif path.is_file():
+            parts = _load_single_file(path, family, dtype, prediction_type)
+        elif HUB_ID.fullmatch(source) and not source.endswith(".safetensors"):
+            parts = _load_folder(_download(source), family, dtype)
+        else:
+            raise ModelLoadError(f"{source}: no such file or folder (expected a diffusers folder, "
+                                 "a .safetensors checkpoint or a Hugging Face Hub id owner/name).")
+    return _assemble(parts, source, name, torch.device(device), dtype, prediction_type)
+
+
+def load_configured_model(model: ModelSettings, engine: EngineSettings, *, progress: bool = True) -> LoadedModel:
+    """Load the model that ``[model]`` names on the device and dtype ``[engine]`` asks for."""
+    device, dtype = resolve_device(engine)
+    return load_model(model.source, device=device, dtype=dtype, family=model.family,
+                      name=model.display_name, progress=progress,
+                      prediction_type=None if model.prediction_type == "auto" else model.prediction_type)
+
+
+# ---------------------------------------------------------------------------- sources
+
+@dataclass
+class _Parts:
+    """What a source yields before it is moved to the device and described."""
+
+    family: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list
+    tokenizers: list
+    scheduler_config: dict
+    config_dir: Path
+    shipped_config: bool = False
+
+
+def _load_folder(folder: Path, family: str, dtype: torch.dtype) -> _Parts:
+    """A diffusers folder: each component from its subfolder."""
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"{folder}: not a diffusers model folder (no model_index.json).")
+    detected = _folder_family(folder)
+    _check_family(folder, family, detected)
+    encoder_names = ["text_encoder", "text_encoder_2"][: 2 if detected == "sdxl" else 1]
+    with _load_errors(folder):
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+        encoders = [(CLIPTextModelWithProjection if sub.endswith("_2") else CLIPTextModel)
+                    .from_pretrained(folder, subfolder=sub, dtype=dtype) for sub in encoder_names]
+        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=sub.replace("text_encoder", "tokenizer"))
+                      for sub in encoder_names]
+    return _Parts(detected, unet, vae, encoders, tokenizers, _scheduler_config(folder), folder)
+
+
+def _folder_family(folder: Path) -> str:
+    """SDXL has a second text encoder; SD2's open_clip encoder uses gelu where SD1's uses quick_gelu."""
+    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if not (folder / sub).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{folder}: missing subfolder(s) {', '.join(missing)}; expected a "
+                             "Stable Diffusion pipeline saved with save_pretrained.")
+    if (folder / "text_encoder_2").is_dir():
+        return "sdxl"
+    text_config = _read_json(folder / "text_encoder" / "config.json")
+    return "sd2" if text_config.get("hidden_act") == "gelu" else "sd1"
+
+
+def _load_single_file(path: Path, family: str, dtype: torch.dtype,
+                      prediction_type: str | None) -> _Parts:
+    """An LDM-layout ``.safetensors``: detect the family, convert with a local config folder."""
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(f"{path}: only .safetensors checkpoints are supported (pickled .ckpt/.pt "
+                             "files can run code when loaded); download the .safetensors version.")
+    detected = detect_family(path)
+    _check_family(path, family, detected)
+    sidecar = path.with_suffix("")
+    shipped = not (sidecar / "model_index.json").is_file()
+    config_dir = DATA_DIR / detected if shipped else sidecar
+    tokenizers = [clip_tokenizer(pad) for pad in PAD_TOKENS[detected]]
+    pipeline_class = StableDiffusionXLPipeline if detected == "sdxl" else StableDiffusionPipeline
+    extra = {"tokenizer": tokenizers[0]} | ({"tokenizer_2": tokenizers[1]} if detected == "sdxl" else {})
+    hint = f"with the {detected} config in {config_dir}"
+    if shipped:
+        hint += (f" (a checkpoint of another shape needs its own diffusers-layout config folder "
+                 f"next to it, named {sidecar.name})")
+    with _load_errors(path, hint):
+        pipe = pipeline_class.from_single_file(str(path), config=str(config_dir), torch_dtype=dtype,
+                                               local_files_only=True, **extra)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if detected == "sdxl" else [])
+    return _Parts(detected, pipe.unet, pipe.vae, encoders, tokenizers,
+                  _scheduler_config(config_dir), config_dir, shipped)
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a hub model's diffusers files (safetensors, no safety checker) into the hub cache."""
+    try:
+        return Path(DiffusionPipeline.download(repo_id, use_safetensors=True, safety_checker=None,
+                                               feature_extractor=None, image_encoder=None))
+    except Exception as exc:  # hub errors come in many types; all mean "could not fetch"
+        raise ModelLoadError(
+            f"{repo_id}: could not fetch this model from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{exc}). If this machine is offline, download it elsewhere and set model.source to "
+            "the local folder or .safetensors file.") from exc
+
+
+# ---------------------------------------------------------------------------- checks
+
+def detect_family(path: str | Path) -> str:
+    """``sd1``/``sd2``/``sdxl`` from a single file's tensor names (header only, no weights read)."""
+    keys = read_safetensors_keys(path)
+    family = next((fam for prefix, fam in FAMILY_PREFIXES if any(k.startswith(prefix) for k in keys)), None)
+    missing = [what for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE"))
+               if not any(k.startswith(prefix) for k in keys)]
+    if family is None or missing:
+        lacking = ", ".join(missing + ([] if family else ["text encoder"]))
+        raise ModelLoadError(
+            f"{path}: not a full Stable Diffusion 1.x/2.x/XL checkpoint (no {lacking} tensors; "
+            f"expected names starting with {UNET_PREFIX}, {VAE_PREFIX} and cond_stage_model. or "
+            "conditioner.embedders.). LoRA, VAE-only and other model types are not supported.")
+    return family
+
+
+def read_safetensors_keys(path: str | Path) -> list[str]:
+    """Tensor names from a ``.safetensors`` header, checking that the file is complete.
+
+    Layout: 8-byte little-endian header length, JSON header, then the tensor bytes; the header's
+    largest ``data_offsets`` end must fit in the file, or the download was cut short.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < header_len <= size - 8:
+            raise ModelLoadError(f"{path}: damaged or truncated .safetensors file (bad header length); "
+                                 "download it again.")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as exc:
+            raise ModelLoadError(f"{path}: damaged .safetensors header (not valid JSON); "
+                                 "download it again.") from exc
+    header.pop("__metadata__", None)
+    data_end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + header_len + data_end > size:
+        raise ModelLoadError(f"{path}: truncated: the header expects {8 + header_len + data_end:,} bytes "
+                             f"but the file has {size:,}; download it again.")
+    return list(header)
+
+
+def _check_family(where: Path, wanted: str, detected: str) -> None:
+    if wanted not in ("auto", detected):
+        raise ModelLoadError(f"{where}: configured as family {wanted} but it holds a {detected} model; "
+                             f"set family to {detected} or auto.")
+
+
+def _check_tokenizer(tokenizer: CLIPTokenizer, where: Path) -> None:
+    # A missing tokenizer folder raises nothing in transformers: it yields a 2-token tokenizer.
+    if len(tokenizer) != VOCAB_SIZE:
+        raise ModelLoadError(f"{where}: tokenizer has {len(tokenizer)} tokens, expected the "
+                             f"{VOCAB_SIZE}-token CLIP vocabulary (is a tokenizer folder missing?).")
+
+
+@contextlib.contextmanager
+def _load_errors(where: Path, expected: str = "") -> Iterator[None]:
+    """Turn whatever diffusers/transformers/safetensors raise into a ModelLoadError."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # the libraries raise OSError, ValueError, RuntimeError, their own...
+        detail = f" {expected}" if expected else ""
+        raise ModelLoadError(f"{where}: could not load the model{detail}: {type(exc).__name__}: {exc}") from exc
+
+
+#: (is shown, hide, show) for each library that draws progress bars while loading.
+_PROGRESS_SWITCHES = (
+    (lambda: not hub_utils.are_progress_bars_disabled(), hub_utils.disable_progress_bars,
+     hub_utils.enable_progress_bars),
+    (diffusers_logging.is_progress_bar_enabled, diffusers_logging.disable_progress_bar,
+     diffusers_logging.enable_progress_bar),
+    (transformers_logging.is_progress_bar_enabled, transformers_logging.disable_progress_bar,
+     transformers_logging.enable_progress_bar),
+)
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Show (or hide) the download and loading bars of hub, diffusers and transformers."""
+    hidden = [] if enabled else [(hide, show) for shown, hide, show in _PROGRESS_SWITCHES if shown()]
+    for hide, _ in hidden:
+        hide()
+    try:
+        yield
+    finally:
+        for _, show in hidden:
+            show()
+
+
+# ---------------------------------------------------------------------------- assembly
+
+def _scheduler_config(folder: Path) -> dict:
+    return _read_json(folder / "scheduler" / "scheduler_config.json")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: missing or not valid JSON ({exc}).") from exc
+
+
+def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
+    """The training noise schedule (float64, one value per timestep) from a scheduler config."""
+    steps = config.get("num_train_timesteps", 1000)
+    start, end = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
+    schedule = config.get("beta_schedule", "linear")
+    if config.get("trained_betas"):
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+    elif schedule == "linear":
+        betas = torch.linspace(start, end, steps, dtype=torch.float64)
+    elif schedule == "scaled_linear":  # what every Stable Diffusion release uses
+        betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
+    elif schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine schedule
+        alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = torch.tensor([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999)
+                              for i in range(steps)], dtype=torch.float64)
+    else:
+        raise ModelLoadError(f"beta_schedule {schedule!r} is not supported "
+                             "(expected linear, scaled_linear or squaredcos_cap_v2).")
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def _assemble(parts: _Parts, source: str, name: str, device: torch.device, dtype: torch.dtype,
+              prediction_type: str | None) -> LoadedModel:
+    """Check the tokenizers, move everything to the device, and describe the model."""
+    for tokenizer in parts.tokenizers:
+        _check_tokenizer(tokenizer, parts.config_dir)
+    prediction_type = prediction_type or parts.scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ModelLoadError(f"{parts.config_dir}: scheduler prediction_type {prediction_type!r} "
+                             "is not supported (expected epsilon or v_prediction).")
+    for module in (parts.unet, parts.vae, *parts.text_encoders):
+        # Already in ``dtype`` (loaded with it, which keeps diffusers' fp32-only parts in fp32).
+        module.to(device).eval().requires_grad_(False)
+    latent_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    default_size = parts.unet.config.sample_size * latent_scale
+    if parts.shipped_config and parts.family == "sd2" and prediction_type == "epsilon":
+        default_size = 512  # an SD 2.x 512-base checkpoint, not the shipped 768-v one
+    info = ModelInfo(name=name or Path(source.rstrip("/")).stem or source, family=parts.family,
+                     prediction_type=prediction_type, default_size=default_size,
+                     latent_scale=latent_scale,
+                     extra={"source": source, "config": str(parts.config_dir)})
+    return LoadedModel(info=info, unet=parts.unet, vae=parts.vae, text_encoders=parts.text_encoders,
+                       tokenizers=parts.tokenizers,
+                       alphas_cumprod=alphas_cumprod_from_config(parts.scheduler_config),
+                       device=device, dtype=dtype,
+                       vae_scaling_factor=float(parts.vae.config.scaling_factor))
