@@ -17,21 +17,15 @@ from engine.settings import (
     EngineSettings,
     GenerationSettings,
     ModelSettings,
+    QueueSettings,
     check,
     parse_engine_sections,
+    parse_queue_section,
     read_toml,
     section,
 )
 
 __all__ = ["Config", "ConfigError", "DiscordSettings", "QueueSettings", "load_config"]
-
-
-@dataclass(frozen=True)
-class QueueSettings:
-    database_url: str = "sqlite:///data/sdbot.sqlite3"
-    pending_limit: int = 3
-    max_attempts: int = 3
-    lease_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -61,15 +55,9 @@ def load_config(path: str | Path = "config.toml", env: Mapping[str, str] = os.en
         raise ConfigError("discord.token: the bot token is never read from the file; "
                           "remove it and set the DISCORD_TOKEN environment variable")
     engine_part = parse_engine_sections(raw)
-    queue: QueueSettings = section(raw, "queue", QueueSettings)
+    queue = parse_queue_section(raw)
     discord: DiscordSettings = section(raw, "discord", DiscordSettings)
 
-    check(queue.database_url.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql"),
-          "queue.database_url", queue.database_url,
-          "an SQLAlchemy URL: sqlite:///path/to/file.sqlite3 or postgresql+psycopg://user@host/db")
-    check(1 <= queue.pending_limit <= 100, "queue.pending_limit", queue.pending_limit, "1 to 100")
-    check(1 <= queue.max_attempts <= 20, "queue.max_attempts", queue.max_attempts, "1 to 20")
-    check(5 <= queue.lease_seconds <= 3600, "queue.lease_seconds", queue.lease_seconds, "5 to 3600 seconds")
     for gid in discord.guild_ids:
         check(isinstance(gid, int) and gid > 0, "discord.guild_ids", gid, "server ids as numbers, e.g. [123456789012345678]")
     check(0.5 <= discord.progress_interval <= 60, "discord.progress_interval", discord.progress_interval, "0.5 to 60 seconds")

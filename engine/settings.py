@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from db.settings import QueueSettings
 from engine.types import SAMPLER_NAMES
 
 
@@ -177,6 +178,18 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
     check(1 <= gen.max_count <= 4, "generation.max_count", gen.max_count, "1 to 4")
     check(0 < gen.default_strength <= 1, "generation.default_strength", gen.default_strength, "above 0, at most 1")
     return Settings(model=model, engine=engine, generation=gen)
+
+
+def parse_queue_section(raw: dict[str, Any]) -> QueueSettings:
+    """``[queue]``: read here so that a GPU worker process without the bot can use it too."""
+    queue: QueueSettings = section(raw, "queue", QueueSettings)
+    check(queue.database_url.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql"),
+          "queue.database_url", queue.database_url,
+          "an SQLAlchemy URL: sqlite:///path/to/file.sqlite3 or postgresql+psycopg://user@host/db")
+    check(1 <= queue.pending_limit <= 100, "queue.pending_limit", queue.pending_limit, "1 to 100")
+    check(1 <= queue.max_attempts <= 20, "queue.max_attempts", queue.max_attempts, "1 to 20")
+    check(5 <= queue.lease_seconds <= 3600, "queue.lease_seconds", queue.lease_seconds, "5 to 3600 seconds")
+    return queue
 
 
 def parse_size(size: str) -> tuple[int, int] | tuple[None, None]:

@@ -1,0 +1,177 @@
+"""The tables: jobs, their result images, the Discord messages they were posted to, and members.
+
+Discord ids (snowflakes) are 64-bit, hence ``BigInteger``. Our own primary keys stay ``Integer`` so
+that SQLite makes them ``INTEGER PRIMARY KEY`` (an alias of the rowid, auto-incremented).
+Times are stored as naive UTC and come back timezone-aware (:class:`UTCDateTime`), the same on
+SQLite and PostgreSQL. Enums are stored by name in a short VARCHAR, so adding a value later
+needs no ``ALTER TYPE``.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime, stored naive so SQLite and PostgreSQL compare it alike."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {
+        datetime: UTCDateTime(),
+        int: Integer(),
+        str: Text(),
+        bytes: LargeBinary(),
+    }
+
+
+class JobStatus(enum.Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+
+FINISHED = frozenset({JobStatus.done, JobStatus.failed, JobStatus.cancelled})
+PENDING = frozenset({JobStatus.queued, JobStatus.running})
+
+
+class JobKind(enum.Enum):
+    txt2img = "txt2img"
+    img2img = "img2img"
+    reroll = "reroll"
+    variation = "variation"
+    upscale = "upscale"
+    edit = "edit"
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    return Enum(cls, native_enum=False, length=16, validate_strings=True)
+
+
+class Job(Base):
+    """One member's request, from the slash command until its result is posted."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+    # Who asked, and where.
+    requester_id: Mapped[int] = mapped_column(BigInteger)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger)  # None in DMs
+    channel_id: Mapped[int | None] = mapped_column(BigInteger)
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind), default=JobKind.txt2img)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+
+    # Every generation parameter, so that a reroll or a restart can replay the job exactly.
+    prompt: Mapped[str]
+    negative_prompt: Mapped[str] = mapped_column(default="")
+    seed: Mapped[int] = mapped_column(BigInteger)
+    steps: Mapped[int] = mapped_column(default=25)
+    guidance: Mapped[float] = mapped_column(Float, default=7.0)
+    width: Mapped[int] = mapped_column(default=512)
+    height: Mapped[int] = mapped_column(default=512)
+    sampler: Mapped[str] = mapped_column(String(32), default="euler_a")
+    count: Mapped[int] = mapped_column(default=1)
+    strength: Mapped[float] = mapped_column(Float, default=0.75)
+    init_image: Mapped[bytes | None]
+    variation_seed: Mapped[int | None] = mapped_column(BigInteger)
+    variation_strength: Mapped[float] = mapped_column(Float, default=0.0)
+    model: Mapped[str | None] = mapped_column(String(200))  # None: any worker may take it
+
+    # Queue state.
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)
+    attempts: Mapped[int] = mapped_column(default=0)  # counted when claimed
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None]
+
+    # Delivery: the interaction token lets us edit the original reply while it is valid (15 min).
+    interaction_token: Mapped[str | None]
+    interaction_app_id: Mapped[int | None] = mapped_column(BigInteger)
+    interaction_expires_at: Mapped[datetime | None]
+    status_message_id: Mapped[int | None] = mapped_column(BigInteger)  # queue place / progress
+    status_channel_id: Mapped[int | None] = mapped_column(BigInteger)
+    posted_at: Mapped[datetime | None]  # result (or failure notice) posted
+
+    __table_args__ = (
+        Index("ix_jobs_status_id", "status", "id"),  # claim, position
+        Index("ix_jobs_requester_status", "requester_id", "status"),  # pending limit
+        Index("ix_jobs_status_lease", "status", "lease_until"),  # recover
+        Index("ix_jobs_status_posted", "status", "posted_at"),  # undelivered
+    )
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.status.name} by {self.requester_id}: {self.prompt[:30]!r}>"
+
+
+class ResultImage(Base):
+    """One PNG a job produced; stored so any process sharing the database can post it."""
+
+    __tablename__ = "result_images"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int]
+    seed: Mapped[int] = mapped_column(BigInteger)
+    png: Mapped[bytes]
+
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_result_images_job_index"),)
+
+
+class PostedMessage(Base):
+    """A Discord message that shows a job's result: how a 🔁 reaction finds its job."""
+
+    __tablename__ = "posted_messages"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    channel_id: Mapped[int] = mapped_column(BigInteger)
+    message_id: Mapped[int] = mapped_column(BigInteger, unique=True)
+    created_at: Mapped[datetime]
+
+
+class Member(Base):
+    """A member's place in the fair order: who was served longest ago goes first."""
+
+    __tablename__ = "members"
+
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    last_served_at: Mapped[datetime | None] = mapped_column(index=True)  # None: never served

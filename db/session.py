@@ -1,0 +1,84 @@
+"""Engine set-up (SQLite pragmas, PostgreSQL driver) and schema migration.
+
+SQLite: WAL so readers never block the writer, ``synchronous=FULL`` so a committed job survives a
+power cut, a busy timeout so writers wait for each other instead of failing, foreign keys on, and
+every transaction opened with ``BEGIN IMMEDIATE`` (the write lock up front, so two claimers
+cannot both read the same queued job and then both take it). A transaction that only reads can
+ask for a plain ``BEGIN`` with the execution option ``sqlite_begin="DEFERRED"``.
+The BEGIN is emitted by us, as in SQLAlchemy's SQLite docs ("Using SQLAlchemy to emit BEGIN in
+lieu of SQLite's transaction control"): pysqlite's own transaction handling is switched off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy.engine import URL
+
+DEFAULT_URL = "sqlite:///data/sdbot.sqlite3"
+BUSY_TIMEOUT_MS = 30_000
+MIGRATIONS = Path(__file__).with_name("migrations")
+# pg_advisory_xact_lock key: two processes starting at once migrate one after the other.
+_MIGRATION_LOCK = 0x5D_B0_7
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse ``url``; plain ``postgresql://`` means psycopg 3, the driver we ship."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def make_engine(url: str | URL = DEFAULT_URL, **kwargs: Any) -> Engine:
+    """An Engine for ``url`` (SQLite file or ``postgresql+psycopg://``), set up for the queue."""
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(parsed, **kwargs)
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(parsed, **kwargs)
+
+
+def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:
+    if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    connect_args = {"timeout": BUSY_TIMEOUT_MS / 1000, **kwargs.pop("connect_args", {})}
+    engine = create_engine(url, connect_args=connect_args, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
+    """Bring the schema up to ``revision`` (alembic ``upgrade head``), creating it if empty."""
+    from alembic import command  # imported here: only start-up and tests migrate
+    from alembic.config import Config
+
+    engine = engine_or_url if isinstance(engine_or_url, Engine) else make_engine(engine_or_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+    if engine is not engine_or_url:
+        engine.dispose()

@@ -1,0 +1,342 @@
+"""The queue's contract: each test runs on SQLite and on PostgreSQL (see db_fixtures)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from db_fixtures import FakeClock
+from sqlalchemy import Engine
+
+from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded
+from db.models import JobKind, JobStatus
+from db.queue import Queue, fair_order
+from db.session import make_engine
+
+ALICE, BOB, CAROL = 101, 202, 303
+REPO = Path(__file__).resolve().parents[1]
+
+
+def enqueue(queue: Queue, member: int, n: int = 1, **fields) -> list[int]:
+    return [queue.enqueue(requester_id=member, prompt=f"job {i}", **fields).id for i in range(n)]
+
+
+def drain(queue: Queue, worker: str = "w1") -> list[int]:
+    order = []
+    while (job := queue.claim(worker)) is not None:
+        order.append(job.id)
+    return order
+
+
+# -- fair order ---------------------------------------------------------------------------
+
+
+def test_member_who_waited_goes_second(queue: Queue) -> None:
+    a = enqueue(queue, ALICE, 5)
+    (b,) = enqueue(queue, BOB)
+    assert drain(queue) == [a[0], b, *a[1:]]
+
+
+def test_round_robin_across_members_fifo_within(queue: Queue) -> None:
+    a = enqueue(queue, ALICE, 3)
+    b = enqueue(queue, BOB, 2)
+    c = enqueue(queue, CAROL, 1)
+    assert drain(queue) == [a[0], b[0], c[0], a[1], b[1], a[2]]
+
+
+def test_member_served_recently_waits_behind_newcomer(queue: Queue) -> None:
+    enqueue(queue, ALICE)
+    drain(queue)
+    (a,) = enqueue(queue, ALICE)
+    (b,) = enqueue(queue, BOB)
+    assert drain(queue) == [b, a]
+
+
+def test_position_is_the_order_claims_take(queue: Queue) -> None:
+    ids = enqueue(queue, ALICE, 3) + enqueue(queue, BOB, 2) + enqueue(queue, CAROL, 1)
+    queue.claim("w1")  # Alice served: she now waits behind Bob and Carol
+    waiting = sorted((queue.position(i), i) for i in ids if queue.position(i) is not None)
+    assert [p for p, _ in waiting] == list(range(1, len(ids)))
+    assert [i for _, i in waiting] == drain(queue)
+    assert queue.position(ids[0]) is None and queue.position(10_000) is None
+
+
+def test_fair_order_without_database() -> None:
+    assert fair_order([]) == []
+    # Bob was never served, Alice was: Bob first even though Alice's job is older.
+    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert fair_order([(1, ALICE, t), (2, ALICE, t), (3, BOB, None)]) == [3, 1, 2]
+
+
+# -- claiming -----------------------------------------------------------------------------
+
+
+def test_claim_counts_attempt_and_leases(queue: Queue, clock: FakeClock) -> None:
+    (job_id,) = enqueue(queue, ALICE, steps=30, kind=JobKind.img2img, init_image=b"png")
+    job = queue.claim("w1")
+    assert job.id == job_id and job.status is JobStatus.running
+    assert job.attempts == 1 and job.worker_id == "w1"
+    assert job.lease_until == clock.now + queue.lease
+    assert (job.steps, job.kind, job.init_image) == (30, JobKind.img2img, b"png")
+    assert queue.claim("w2") is None
+
+
+def test_claim_only_matching_size_and_model(queue: Queue) -> None:
+    (small,) = enqueue(queue, ALICE, width=512, height=512, model="sd15")
+    (wide,) = enqueue(queue, ALICE, width=768, height=512)
+    assert queue.claim("w1", width=768, height=512).id == wide
+    assert queue.claim("w1", model="sdxl") is None
+    assert queue.claim("w1", width=512, height=512, model="sd15").id == small
+
+
+def test_claim_many_takes_a_fair_batch(queue: Queue) -> None:
+    a = enqueue(queue, ALICE, 3)
+    b = enqueue(queue, BOB, 2)
+    (c,) = enqueue(queue, CAROL)
+    batch = queue.claim_many("w1", 5)
+    assert [j.id for j in batch] == [a[0], b[0], c, a[1], b[1]]  # as five claims would
+    assert all(j.status is JobStatus.running for j in batch)
+    (c2,) = enqueue(queue, CAROL)
+    assert drain(queue) == [c2, a[2]]  # Carol was served longest ago, in the batch
+
+
+def test_threads_claiming_at_once_never_share_a_job(db_url: str, queue: Queue) -> None:
+    ids = [i for member in range(6) for i in enqueue(queue, 1000 + member, 5)]
+    claimed: list[list[int]] = [[] for _ in range(6)]
+    barrier = threading.Barrier(6)
+
+    def worker(n: int) -> None:
+        engine = make_engine(db_url)  # one engine each, as separate processes would have
+        q = Queue(engine, pending_limit=5)
+        barrier.wait()
+        while jobs := q.claim_many(f"w{n}", 1 + n % 3):  # batches of 1, 2 or 3
+            claimed[n].extend(job.id for job in jobs)
+        engine.dispose()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    everything = [i for got in claimed for i in got]
+    assert sorted(everything) == sorted(ids)  # every job once, none twice
+
+
+# -- leases, attempts, restarts -----------------------------------------------------------
+
+
+def test_heartbeat_keeps_the_lease(queue: Queue, clock: FakeClock) -> None:
+    enqueue(queue, ALICE)
+    job = queue.claim("w1")
+    clock.advance(50)
+    assert queue.heartbeat(job.id, "w1")
+    clock.advance(50)
+    assert queue.recover() == 0
+    assert queue.get(job.id).status is JobStatus.running
+
+
+def test_expired_lease_is_taken_over(queue: Queue, clock: FakeClock) -> None:
+    enqueue(queue, ALICE)
+    job = queue.claim("w1")
+    clock.advance(61)
+    assert queue.recover() == 1
+    assert queue.get(job.id).status is JobStatus.queued
+    again = queue.claim("w2")
+    assert again.id == job.id and again.attempts == 2
+    # The first worker comes back: it has lost the job.
+    assert not queue.heartbeat(job.id, "w1")
+    assert not queue.complete(job.id, "w1", [(b"late", 1)])
+    assert not queue.fail(job.id, "w1", "late")
+    assert queue.complete(job.id, "w2", [(b"png", 7)])
+    assert [(i.png, i.seed) for i in queue.images(job.id)] == [(b"png", 7)]
+
+
+def test_claim_itself_recovers_expired_leases(queue: Queue, clock: FakeClock) -> None:
+    enqueue(queue, ALICE)
+    job = queue.claim("w1")
+    clock.advance(61)
+    assert queue.claim("w2").id == job.id
+
+
+def test_fails_with_reason_after_max_attempts(queue: Queue, clock: FakeClock) -> None:
+    enqueue(queue, ALICE)
+    for attempt in range(1, 4):
+        job = queue.claim(f"w{attempt}")
+        assert job.attempts == attempt
+        clock.advance(61)
+    assert queue.recover() == 1
+    job = queue.get(job.id)
+    assert job.status is JobStatus.failed and "3 attempts" in job.error
+    assert queue.claim("w9") is None
+
+
+def test_release_gives_job_back_without_counting(queue: Queue) -> None:
+    enqueue(queue, ALICE)
+    job = queue.claim("w1")
+    assert queue.release(job.id, "w1")
+    assert queue.claim("w2").attempts == 1
+
+
+def test_restart_recovers_only_its_own_host(queue: Queue) -> None:
+    enqueue(queue, ALICE, 2)
+    mine = queue.claim("host_a-123")
+    theirs = queue.claim("hostXa-9")  # "_" must not match any character
+    assert queue.recover_all_running(worker_prefix="host_a-") == 1
+    assert queue.get(mine.id).status is JobStatus.queued
+    assert queue.get(theirs.id).status is JobStatus.running
+
+
+_CRASHING_PROCESS = """
+import os, signal, sys
+from db.session import make_engine, upgrade
+from db.queue import Queue
+engine = make_engine(sys.argv[1])
+upgrade(engine)
+queue = Queue(engine, pending_limit=5)
+for i in range(3):
+    queue.enqueue(requester_id=101, prompt=f"job {i}")
+queue.claim("crashing-worker")
+os.kill(os.getpid(), signal.SIGKILL)  # no clean shutdown, as in a crash
+"""
+
+
+def test_new_process_sees_queued_and_running_jobs(db_url: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _CRASHING_PROCESS, db_url], env=env, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    engine = make_engine(db_url)
+    queue = Queue(engine, pending_limit=5)
+    jobs = queue.pending_for(ALICE)
+    assert [j.status for j in jobs] == [JobStatus.running, JobStatus.queued, JobStatus.queued]
+    assert queue.recover_all_running() == 1
+    first = queue.claim("new-worker")
+    assert first.id == jobs[0].id and first.attempts == 2  # the crashed attempt counted
+    assert drain(queue) == [j.id for j in jobs[1:]]
+    engine.dispose()
+
+
+# -- pending limit ------------------------------------------------------------------------
+
+
+def test_pending_limit_refuses_clearly(queue: Queue) -> None:
+    ids = enqueue(queue, ALICE, 5)
+    with pytest.raises(PendingLimitExceeded) as refused:
+        enqueue(queue, ALICE)
+    assert "5 jobs waiting (limit 5)" in str(refused.value) and "/cancel" in str(refused.value)
+    enqueue(queue, BOB)  # others are not affected
+    job = queue.claim("w1")  # running still counts as pending
+    with pytest.raises(PendingLimitExceeded):
+        enqueue(queue, ALICE)
+    queue.complete(job.id, "w1", [])
+    queue.cancel(ids[1], ALICE)
+    enqueue(queue, ALICE, 2)
+
+
+def test_pending_limit_holds_under_concurrent_enqueues(db_url: str, queue: Queue) -> None:
+    outcomes: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def member_clicks() -> None:
+        engine = make_engine(db_url)
+        q = Queue(engine, pending_limit=5)
+        barrier.wait()
+        try:
+            q.enqueue(requester_id=ALICE, prompt="again")
+            outcomes.append("queued")
+        except PendingLimitExceeded:
+            outcomes.append("refused")
+        engine.dispose()
+
+    threads = [threading.Thread(target=member_clicks) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["queued"] * 5 + ["refused"] * 3
+    assert len(queue.pending_for(ALICE)) == 5
+
+
+# -- cancel -------------------------------------------------------------------------------
+
+
+def test_cancel_before_run(queue: Queue) -> None:
+    (job_id,) = enqueue(queue, ALICE)
+    with pytest.raises(NotYours):
+        queue.cancel(job_id, BOB)
+    job = queue.cancel(job_id, ALICE)
+    assert job.status is JobStatus.cancelled and queue.position(job_id) is None
+    assert queue.claim("w1") is None
+    with pytest.raises(AlreadyFinished):
+        queue.cancel(job_id, ALICE)
+    with pytest.raises(JobNotFound):
+        queue.cancel(10_000, ALICE)
+
+
+def test_cancel_during_run(queue: Queue) -> None:
+    enqueue(queue, ALICE)
+    job = queue.claim("w1")
+    assert not queue.is_cancelled(job.id)
+    queue.cancel(job.id, BOB, moderator=True)
+    assert queue.is_cancelled(job.id)
+    assert not queue.heartbeat(job.id, "w1")  # how the worker notices
+    assert not queue.complete(job.id, "w1", [(b"png", 1)])
+    assert queue.get(job.id).status is JobStatus.cancelled and queue.images(job.id) == []
+    assert "moderator" in queue.get(job.id).error
+
+
+# -- delivery -----------------------------------------------------------------------------
+
+
+def test_results_are_delivered_once(queue: Queue) -> None:
+    done_id, failed_id, waiting_id = enqueue(queue, ALICE, 3)
+    queue.complete(queue.claim("w1").id, "w1", [(b"first", 7), (b"second", 8)])
+    queue.fail(queue.claim("w1").id, "w1", "out of memory")
+    assert [j.id for j in queue.undelivered()] == [done_id, failed_id]
+    assert queue.get(failed_id).error == "out of memory"
+    assert [(i.index, i.seed, i.png) for i in queue.images(done_id)] == [
+        (0, 7, b"first"),
+        (1, 8, b"second"),
+    ]
+    queue.mark_posted(done_id, 55, [900, 901])
+    queue.mark_posted(done_id, 55, [901])  # a retry after a crash changes nothing
+    assert [j.id for j in queue.undelivered()] == [failed_id]
+    assert queue.job_for_message(901).id == done_id
+    assert queue.job_for_message(999) is None
+    assert queue.get(waiting_id).posted_at is None
+    queue.mark_posted(failed_id, 55, [])  # e.g. the member was told in a DM we did not keep
+    assert queue.undelivered() == []
+
+
+def test_status_message_is_remembered(queue: Queue) -> None:
+    (job_id,) = enqueue(queue, ALICE, interaction_token="tok", interaction_app_id=5)
+    queue.set_status_message(job_id, 55, 777)
+    job = queue.get(job_id)
+    assert (job.status_channel_id, job.status_message_id, job.interaction_token) == (55, 777, "tok")
+
+
+def test_snapshots_read_in_another_thread(queue: Queue) -> None:
+    job = queue.get(enqueue(queue, ALICE, parent_id=None)[0])
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append((job.prompt, job.seed, job.status)))
+    thread.start()
+    thread.join()
+    assert seen == [("job 0", job.seed, JobStatus.queued)]
+
+
+# -- waking workers -----------------------------------------------------------------------
+
+
+def test_enqueue_wakes_a_waiting_worker(db_engine: Engine) -> None:
+    worker_side = Queue(db_engine, pending_limit=5)
+    bot_side = Queue(db_engine, pending_limit=5)
+    assert not worker_side.wait_for_jobs(0.01)  # nothing yet (and LISTEN is set up)
+    bot_side.enqueue(requester_id=ALICE, prompt="wake up")
+    assert worker_side.wait_for_jobs(30)
+    worker_side.close()
+    bot_side.close()
