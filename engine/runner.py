@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Callable
 
 from db.models import Job
@@ -21,6 +23,17 @@ from engine.types import GenerationRequest, Progress
 from engine.worker import EngineWorker
 
 log = logging.getLogger(__name__)
+
+
+def worker_identity(name: str) -> tuple[str, str]:
+    """``(worker_id, prefix)`` for a worker called ``name`` on this machine.
+
+    The id changes with every process (``host/name#pid``), the prefix does not: at start-up a
+    worker puts back in line the jobs that its own previous incarnation left running, at once,
+    without touching jobs of other live workers (whose names differ).
+    """
+    prefix = f"{socket.gethostname()}/{name}#"
+    return f"{prefix}{os.getpid()}", prefix
 
 
 def request_from_job(job: Job) -> GenerationRequest:
@@ -55,6 +68,7 @@ class QueueRunner:
         max_in_flight: int = 8,
         poll_interval: float = 1.0,
         heartbeat_interval: float = 20.0,
+        listen: bool = False,
         on_progress: Callable[[int, Progress], None] | None = None,
         on_finished: Callable[[int], None] | None = None,
     ) -> None:
@@ -64,6 +78,7 @@ class QueueRunner:
         self.max_in_flight = max_in_flight
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
+        self.listen = listen
         self.on_progress = on_progress
         self.on_finished = on_finished
         self._tasks: dict[int, asyncio.Task] = {}
@@ -82,7 +97,15 @@ class QueueRunner:
         return set(self._tasks)
 
     async def run(self) -> None:
-        """Claim and run jobs until cancelled; on the way out, running jobs go back in line."""
+        """Claim and run jobs until cancelled; on the way out, running jobs go back in line.
+
+        With ``listen``, a helper thread waits on the queue's wake-up (PostgreSQL LISTEN/NOTIFY),
+        so jobs enqueued by another process start at once; polling remains the fallback.
+        """
+        listener = None
+        if self.listen:
+            listener = asyncio.create_task(self._listen(), name="queue-listener")
+            listener.add_done_callback(_log_failure)
         try:
             while True:
                 await self._claim_while_room()
@@ -92,7 +115,14 @@ class QueueRunner:
                 except TimeoutError:
                     pass
         finally:
+            if listener is not None:
+                listener.cancel()
             await self._shutdown()
+
+    async def _listen(self) -> None:
+        while True:
+            if await asyncio.to_thread(self.queue.wait_for_jobs, max(self.poll_interval, 5.0)):
+                self._wake.set()
 
     async def _claim_while_room(self) -> None:
         while len(self._tasks) < self.max_in_flight:
