@@ -1,0 +1,141 @@
+"""``python -m engine generate``: one generation without Discord, to check the model and the GPU.
+
+    python -m engine generate --prompt "a red fox" --seed 7 --out fox.png
+    python -m engine generate --model tiny.safetensors --prompt "a red fox" --steps 4 --width 64 --height 64 --out t.png
+
+It reads the ``[model]``, ``[engine]`` and ``[generation]`` sections of ``--config`` (built-in
+defaults when the file is absent), loads the model, runs the job through the same worker thread
+the bot uses, and writes PNGs carrying their parameters. ``--count 3`` writes ``fox.png``,
+``fox-2.png``, ``fox-3.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from engine.errors import EngineError
+from engine.settings import (ConfigError, EngineSettings, GenerationSettings, ModelSettings, Settings,
+                             load_settings, resolve_device)
+from engine.types import SAMPLER_NAMES, GenerationRequest, Progress
+
+
+def multiple_of_8(text: str) -> int:
+    value = int(text)
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive multiple of 8")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="make one image (or --count images) and write PNGs")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative", default=None, help="negative prompt (default: generation.default_negative_prompt)")
+    gen.add_argument("--seed", type=int, default=None, help="default: random (printed, and stored in the PNG)")
+    gen.add_argument("--steps", type=positive_int, default=None)
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (CFG) scale")
+    gen.add_argument("--width", type=multiple_of_8, default=None)
+    gen.add_argument("--height", type=multiple_of_8, default=None)
+    gen.add_argument("--sampler", choices=list(SAMPLER_NAMES), default=None)
+    gen.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
+    gen.add_argument("--strength", type=unit_interval, default=None, help="img2img: 0 keeps the image, 1 ignores it")
+    gen.add_argument("--count", type=positive_int, default=1, help="images, with seeds seed, seed+1, ...")
+    gen.add_argument("--out", type=Path, default=Path("out.png"))
+    gen.add_argument("--config", type=Path, default=Path("config.toml"),
+                     help="config.toml to read (built-in defaults if it does not exist)")
+    gen.add_argument("--model", default=None, help="model source, overriding model.source in the config")
+    return parser
+
+
+def read_settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config) if args.config.exists() else Settings(ModelSettings(), EngineSettings(), GenerationSettings())
+    if args.model:
+        settings = replace(settings, model=replace(settings.model, source=args.model, name=""))
+    return settings
+
+
+def build_request(args: argparse.Namespace, settings: Settings) -> GenerationRequest:
+    gen = settings.generation
+    return GenerationRequest(
+        job_id=0,
+        prompt=args.prompt,
+        negative_prompt=gen.default_negative_prompt if args.negative is None else args.negative,
+        seed=random.randrange(2**32) if args.seed is None else args.seed,
+        steps=args.steps or gen.default_steps,
+        guidance=gen.default_guidance if args.guidance is None else args.guidance,
+        width=args.width or gen.default_width,
+        height=args.height or gen.default_height,
+        sampler=args.sampler or gen.default_sampler,
+        count=args.count,
+        init_image=args.init_image.read_bytes() if args.init_image else None,
+        strength=gen.default_strength if args.strength is None else args.strength,
+    )
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(2, count + 1)]
+
+
+def show_progress(progress: Progress) -> None:
+    print(f"\rstep {progress.step}/{progress.total}", end="" if progress.step < progress.total else "\n",
+          file=sys.stderr, flush=True)
+
+
+def generate(args: argparse.Namespace) -> int:
+    from engine.loading import load_model  # heavy imports only once the arguments are good
+    from engine.worker import EngineWorker
+
+    settings = read_settings(args)
+    request = build_request(args, settings)
+    device, dtype = resolve_device(settings.engine)
+    print(f"loading {settings.model.source} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    model = load_model(settings.model.source, device=device, dtype=dtype, family=settings.model.family,
+                       name=settings.model.display_name)
+    worker = EngineWorker(model, settings.engine, replace(settings.generation, max_count=max(args.count, 1)))
+    worker.start()
+    try:
+        started = time.monotonic()
+        result = worker.generate_blocking(request, on_progress=show_progress)
+    finally:
+        worker.stop()
+    for path, image in zip(output_paths(args.out, len(result.images)), result.images):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.png)
+        print(f"wrote {path} (seed {image.seed})", file=sys.stderr)
+    print(f"{time.monotonic() - started:.1f} s\n{result.infotext}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return generate(args)
+    except (ConfigError, EngineError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Generation parameters inside the PNG, in the format AUTOMATIC1111 writes ("infotext").
+
+A PNG dropped into AUTOMATIC1111's "PNG Info" tab, ComfyUI or civitai shows its prompt and
+settings because of one ``tEXt`` chunk named ``parameters``::
+
+    a red fox
+    Negative prompt: blurry
+    Steps: 25, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model: sd15, Job id: 3
+
+We write that, plus a ``job_id`` chunk of our own so a posted image leads back to its job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+from PIL import Image, PngImagePlugin
+
+from engine.types import SAMPLER_NAMES, GenerationRequest
+
+# One "Key: value" field of the last line; values with commas are JSON-quoted (as AUTOMATIC1111 does).
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _number(value: float) -> str:
+    """7.0 -> "7", 7.5 -> "7.5": what people type and what other tools parse back."""
+    return f"{value:g}"
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
+
+
+def infotext(request: GenerationRequest, seed: int, model_name: str) -> str:
+    """AUTOMATIC1111 infotext for one image of ``request`` (made with ``seed``)."""
+    fields: dict[str, str] = {
+        "Steps": str(request.steps),
+        "Sampler": SAMPLER_NAMES.get(request.sampler, request.sampler),
+        "CFG scale": _number(request.guidance),
+        "Seed": str(seed),
+        "Size": f"{request.width}x{request.height}",
+        "Model": _quote(model_name),
+    }
+    if request.is_img2img:
+        fields["Denoising strength"] = _number(request.strength)
+    if request.variation_seed is not None and request.variation_strength > 0:
+        fields["Variation seed"] = str(request.variation_seed + (seed - request.seed))
+        fields["Variation seed strength"] = _number(request.variation_strength)
+    fields["Job id"] = str(request.job_id)
+    lines = [request.prompt]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {request.negative_prompt}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
+def encode_png(image: Image.Image, infotext: str, job_id: int) -> bytes:
+    """PNG bytes carrying ``infotext`` in ``parameters`` and ``job_id`` in its own chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", infotext)
+    info.add_text("job_id", str(job_id))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """Infotext -> ``{"Prompt": ..., "Negative prompt": ..., "Steps": "25", ...}`` (values as written)."""
+    *prompt_lines, last = text.strip().split("\n")
+    found = _FIELD.findall(last)
+    fields = dict(found) if len(found) >= 3 else {}
+    if not fields:  # no settings line: the whole text is the prompt
+        prompt_lines.append(last)
+    prompt, negative, in_negative = [], [], False
+    for line in prompt_lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in fields.items():
+        result[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    return result
+
+
+def read_parameters(png_bytes: bytes) -> dict[str, str]:
+    """Read back what :func:`encode_png` wrote: the parsed infotext plus ``job_id`` (when present)."""
+    with Image.open(io.BytesIO(png_bytes)) as image:
+        chunks = dict(getattr(image, "text", {}))
+    result = parse_infotext(chunks.get("parameters", ""))
+    if "job_id" in chunks:
+        result["job_id"] = chunks["job_id"]
+    return result

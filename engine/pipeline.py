@@ -1,0 +1,235 @@
+"""txt2img and img2img: from a request to latents ready to denoise, and from latents to PNGs.
+
+A job is prepared (:meth:`Pipeline.txt2img` / :meth:`Pipeline.img2img`), denoised in a
+:class:`~engine.batch.Batch` (alone, or among other members' jobs in the worker), then finished
+(:meth:`Pipeline.finish`: VAE decode and PNG metadata). :meth:`Pipeline.generate` runs all three
+for one job without a thread, which is what tests and the one-at-a-time benchmark use.
+
+Randomness comes only from the request's seeds: image ``i`` of a job has its own CPU
+``torch.Generator`` seeded with ``seed + i``, which draws the initial noise and then any
+ancestral noise, so an image never depends on the device's RNG or on what shared its batch.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from engine.batch import Batch
+from engine.denoiser import Conditioning, Denoiser, PromptEncoder
+from engine.errors import GenerationError
+from engine.metadata import encode_png, infotext
+from engine.samplers import SAMPLERS, Sampler
+from engine.schedules import ModelSchedule, job_sigmas
+from engine.types import GeneratedImage, GenerationRequest, GenerationResult
+
+if TYPE_CHECKING:
+    from engine.loading import LoadedModel
+
+#: VAE decodes at most this many images at once (its activations at full size are large).
+DECODE_CHUNK = 4
+
+
+@dataclass
+class PreparedJob:
+    """A job ready to join a batch: its start latents, conditioning, schedule and generators."""
+
+    request: GenerationRequest
+    sampler: Sampler
+    sigmas: Tensor  # [steps + 1] float32 on the CPU, start noise level down to 0
+    seeds: list[int]
+    generators: list[torch.Generator]  # one per image, for ancestral noise after the initial noise
+    latents: Tensor  # [count, C, h, w] float32 on the device, at noise level sigmas[0]
+    cond: Conditioning
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def rows(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def ancestral_noise(self) -> Tensor:
+        """One fresh standard-normal latent per image, each from that image's generator."""
+        shape = self.latents.shape[1:]
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+
+
+def slerp(t: float, a: Tensor, b: Tensor) -> Tensor:
+    """Spherical interpolation between two noises: a mix that still looks like unit noise."""
+    a_unit, b_unit = a / a.norm(), b / b.norm()
+    dot = (a_unit * b_unit).sum().clamp(-1, 1)
+    if dot.abs() > 0.9995:  # nearly parallel: the sphere is flat here
+        return (1 - t) * a + t * b
+    omega = dot.acos()
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+def fit_image(data: bytes, width: int, height: int) -> Image.Image:
+    """Decode an uploaded image, upright and RGB, resized and center-cropped to width x height."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+        raise GenerationError(
+            f"The init image could not be read ({e}); attach a PNG, JPEG or WebP image."
+        ) from e
+    return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+class Pipeline:
+    """One loaded model, ready to prepare, denoise and finish jobs."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.device, self.dtype = model.device, model.dtype
+        self.schedule = ModelSchedule(model.alphas_cumprod)
+        self.denoiser = Denoiser(model.unet, self.schedule, model.info.prediction_type)
+        self.prompts = PromptEncoder(model.text_encoders, model.tokenizers, model.device, model.dtype)
+        self.latent_channels = model.unet.config.in_channels
+        self.latent_scale = model.info.latent_scale
+        # The SD/SDXL VAEs overflow in float16 (diffusers marks them force_upcast): decode in float32.
+        self.vae_dtype = torch.float32 if (model.dtype == torch.float16 and model.vae.config.force_upcast) else model.dtype
+        if model.vae.dtype != self.vae_dtype:
+            model.vae.to(self.vae_dtype)
+        if self.device.type == "cuda":
+            model.unet.to(memory_format=torch.channels_last)
+
+    @property
+    def family(self) -> str:
+        return self.model.info.family
+
+    def latent_size(self, request: GenerationRequest) -> tuple[int, int]:
+        return request.height // self.latent_scale, request.width // self.latent_scale
+
+    # ------------------------------------------------------------------ preparing a job
+
+    def prepare(self, request: GenerationRequest) -> PreparedJob:
+        return self.img2img(request) if request.is_img2img else self.txt2img(request)
+
+    def txt2img(self, request: GenerationRequest) -> PreparedJob:
+        """A job that starts from pure noise."""
+        # 1. Check what the Discord boundary cannot know: the model's latent grid.
+        sampler = self._check(request)
+        # 2. Encode prompt and negative prompt (cached per prompt).
+        cond = self._conditioning(request)
+        # 3. The sampler's sigmas, from the highest noise level down to 0.
+        sigmas = job_sigmas(self.schedule, sampler.discretization, request.steps).float()
+        # 4. Initial noise per image seed (mixed with the variation seed's), scaled to sigmas[0].
+        seeds, generators, noise = self._initial_noise(request)
+        latents = noise.to(self.device) * sigmas[0].item()
+        return PreparedJob(request, sampler, sigmas, seeds, generators, latents, cond)
+
+    def img2img(self, request: GenerationRequest) -> PreparedJob:
+        """A job that starts from the member's image, noised according to ``strength``."""
+        # 1. Check inputs, and decode the init image now so a bad upload fails before any work.
+        sampler = self._check(request)
+        image = fit_image(request.init_image, request.width, request.height)
+        # 2. Encode prompt and negative prompt (cached per prompt).
+        cond = self._conditioning(request)
+        # 3. The tail of the sampler's sigmas: strength 1 starts at full noise, 0.3 near the end.
+        sigmas = job_sigmas(self.schedule, sampler.discretization, request.steps, request.strength).float()
+        # 4. The image into latent space (VAE mean: deterministic), repeated per image.
+        init_latents = self.encode_image(image).expand(len(cond.guidance), -1, -1, -1)
+        # 5. Noise per image seed added at the start noise level.
+        seeds, generators, noise = self._initial_noise(request)
+        latents = init_latents + noise.to(self.device) * sigmas[0].item()
+        return PreparedJob(request, sampler, sigmas, seeds, generators, latents, cond)
+
+    def _check(self, request: GenerationRequest) -> Sampler:
+        if request.sampler not in SAMPLERS:
+            raise GenerationError(f"Unknown sampler {request.sampler!r}; use one of {', '.join(SAMPLERS)}.")
+        if request.width % self.latent_scale or request.height % self.latent_scale:
+            raise GenerationError(
+                f"Size {request.width}x{request.height} is not a multiple of {self.latent_scale}; pick a listed size."
+            )
+        return SAMPLERS[request.sampler]
+
+    def _conditioning(self, request: GenerationRequest) -> Conditioning:
+        return self.prompts.conditioning(
+            request.prompt, request.negative_prompt, rows=request.count, guidance=request.guidance,
+            width=request.width, height=request.height,
+        )
+
+    def _initial_noise(self, request: GenerationRequest) -> tuple[list[int], list[torch.Generator], Tensor]:
+        """Per image: a generator seeded ``seed + i``, its first draw as noise (AUTOMATIC1111's way)."""
+        h, w = self.latent_size(request)
+        shape = (self.latent_channels, h, w)
+        seeds = [request.seed + i for i in range(request.count)]
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        noises = [torch.randn(shape, generator=g) for g in generators]
+        if request.variation_seed is not None and request.variation_strength > 0:
+            noises = [
+                slerp(request.variation_strength, noise,
+                      torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.variation_seed + i)))
+                for i, noise in enumerate(noises)
+            ]
+        return seeds, generators, torch.stack(noises)
+
+    @torch.inference_mode()
+    def encode_image(self, image: Image.Image) -> Tensor:
+        """RGB image -> [1, C, h, w] scaled latents (float32, on the device)."""
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
+        pixels = (pixels.float() / 127.5 - 1).to(self.device, self.vae_dtype)
+        vae_config = self.model.vae.config
+        latents = self.model.vae.encode(pixels).latent_dist.mean.float()
+        shift = getattr(vae_config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.model.vae_scaling_factor
+
+    # ------------------------------------------------------------------ finishing a job
+
+    @torch.inference_mode()
+    def decode(self, latents: Tensor) -> list[Image.Image]:
+        """Scaled latents [n, C, h, w] -> n RGB images, decoded in chunks."""
+        shift = getattr(self.model.vae.config, "shift_factor", None) or 0.0
+        images = []
+        for chunk in latents.split(DECODE_CHUNK):
+            chunk = (chunk / self.model.vae_scaling_factor + shift).to(self.vae_dtype)
+            pixels = self.model.vae.decode(chunk, return_dict=False)[0]
+            pixels = ((pixels.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+            images += [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+        return images
+
+    def finish(self, job: PreparedJob, images: list[Image.Image]) -> GenerationResult:
+        """PNG bytes with AUTOMATIC1111 parameters for each decoded image."""
+        request, name = job.request, self.model.info.name
+        texts = [infotext(request, seed, name) for seed in job.seeds]
+        generated = [
+            GeneratedImage(png=encode_png(image, text, request.job_id), seed=seed)
+            for image, text, seed in zip(images, texts, job.seeds)
+        ]
+        return GenerationResult(request.job_id, generated, texts[0], seconds=time.monotonic() - job.started)
+
+    # ------------------------------------------------------------------ one job, no thread
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Prepare, denoise alone, decode: one job start to end in the calling thread."""
+        job = self.prepare(request)
+        batch = Batch(self.denoiser)
+        batch.add(job)
+        while not batch.entries[0].done:
+            batch.step()
+        latents = batch.remove(job)
+        check_finite(job, latents)
+        return self.finish(job, self.decode(latents))
+
+
+def nan_error(job: PreparedJob) -> GenerationError:
+    return GenerationError(
+        f"Job {job.request.job_id} produced invalid numbers (NaN); try a lower guidance scale or another sampler."
+    )
+
+
+def check_finite(job: PreparedJob, latents: Tensor) -> None:
+    """A NaN/inf in a job's latents fails that job (one host sync, at the end of the job)."""
+    if not bool(torch.isfinite(latents).all()):
+        raise nan_error(job)

@@ -1,0 +1,317 @@
+"""The engine worker: one thread owns the model and the device, and keeps a running batch.
+
+Continuous batching (issue 4): between two denoising steps the thread admits waiting jobs that
+can share the batch (same image size) up to ``max_batch`` rows, in arrival order, and retires the
+jobs that just took their last step (one batched VAE decode). Jobs in a batch may differ in
+everything else: prompt, seed, steps, sampler, guidance, txt2img or img2img. A job's pixels do not
+depend on what shared its batch: its noise comes from its own seeds and every per-row quantity
+is computed row by row.
+
+asyncio code awaits :meth:`EngineWorker.generate`; results and progress reach the event loop
+thread-safely (``loop.call_soon_threadsafe`` and ``asyncio.wrap_future``). Cancelling takes a job
+out at the next step boundary; a fault in one job (a NaN, a bad init image) fails that job only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.batch import Batch, Entry
+from engine.errors import EngineError, GenerationError, JobCancelled
+from engine.pipeline import Pipeline, nan_error
+from engine.preview import preview_png
+from engine.types import GenerationRequest, GenerationResult, Progress
+
+if TYPE_CHECKING:
+    from engine.loading import LoadedModel
+    from engine.settings import EngineSettings, GenerationSettings
+
+log = logging.getLogger(__name__)
+
+#: Look for NaN/inf in the running batch every this many steps: each look is one host sync.
+NAN_CHECK_EVERY = 8
+
+ProgressSink = Callable[[Progress], None]
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A submitted request and where its result and progress go."""
+
+    request: GenerationRequest
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    notify: ProgressSink | None = None  # already thread-safe for its receiver
+    cancelled: bool = False
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.request.width, self.request.height
+
+    def settle(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
+        try:
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+        except concurrent.futures.InvalidStateError:
+            pass  # the awaiting side gave up (its task was cancelled) before we finished
+
+
+class EngineWorker:
+    """Runs generation requests on one thread, batching jobs of different members together."""
+
+    def __init__(self, model: LoadedModel, settings: EngineSettings, gen: GenerationSettings) -> None:
+        self.settings, self.gen = settings, gen
+        self.pipeline = Pipeline(model)
+        self._lock = threading.Condition()
+        self._waiting: deque[Ticket] = deque()
+        self._admitting: list[Ticket] = []  # taken from the queue, being prepared
+        self._active: dict[int, Ticket] = {}  # id(PreparedJob) -> its ticket
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._steps = itertools.count(1)
+
+    # ------------------------------------------------------------------ API (any thread)
+
+    def start(self) -> None:
+        """Start the thread that owns the model and the device."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Cancel every job (they raise JobCancelled) and join the thread."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._cancel_waiting()
+
+    async def generate(self, request: GenerationRequest,
+                       on_progress: ProgressSink | None = None) -> GenerationResult:
+        """Await one job's images; ``on_progress`` runs on this event loop's thread."""
+        loop = asyncio.get_running_loop()
+        notify = None
+        if on_progress is not None:
+            def notify(progress: Progress) -> None:
+                loop.call_soon_threadsafe(on_progress, progress)
+        future = self._submit(request, notify)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.cancel(request.job_id)
+            raise
+
+    def generate_blocking(self, request: GenerationRequest,
+                          on_progress: ProgressSink | None = None) -> GenerationResult:
+        """Run one job from a plain thread (the CLI); ``on_progress`` runs on the worker thread."""
+        return self._submit(request, on_progress).result()
+
+    def cancel(self, job_id: int) -> bool:
+        """Stop job ``job_id`` at the next step boundary; False if it is not here."""
+        with self._lock:
+            found = False
+            for ticket in [t for t in self._waiting if t.request.job_id == job_id]:
+                self._waiting.remove(ticket)
+                ticket.settle(error=JobCancelled(f"Job {job_id} was cancelled."))
+                found = True
+            for ticket in [*self._admitting, *self._active.values()]:
+                if ticket.request.job_id == job_id:
+                    ticket.cancelled = found = True
+            return found
+
+    def _submit(self, request: GenerationRequest, notify: ProgressSink | None) -> concurrent.futures.Future:
+        ticket = Ticket(request, notify=notify)
+        problem = self._over_limits(request)
+        if problem:
+            ticket.settle(error=GenerationError(problem))
+            return ticket.future
+        with self._lock:
+            if self._stopping:
+                ticket.settle(error=JobCancelled("The engine is shutting down; the job was not run."))
+            else:
+                self._waiting.append(ticket)
+                self._lock.notify_all()
+        return ticket.future
+
+    def _over_limits(self, request: GenerationRequest) -> str | None:
+        """The boundary checks requests; this only guards the device against a request that slipped by."""
+        gen = self.gen
+        if not 1 <= request.steps <= gen.max_steps:
+            return f"steps must be 1 to {gen.max_steps}"
+        if request.width > gen.max_width or request.height > gen.max_height:
+            return f"size must be at most {gen.max_width}x{gen.max_height}"
+        if not 1 <= request.count <= gen.max_count:
+            return f"count must be 1 to {gen.max_count}"
+        return None
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        batch = Batch(self.pipeline.denoiser)
+        try:
+            with torch.inference_mode():
+                while (admitted := self._next_admissions(batch)) is not None:
+                    for ticket in admitted:
+                        self._admit(batch, ticket)
+                    self._drop_cancelled(batch)
+                    if batch.entries:
+                        self._step(batch)
+        except BaseException:
+            log.exception("engine worker thread crashed; failing its jobs")
+            raise
+        finally:
+            self._shut_down(batch)
+
+    def _next_admissions(self, batch: Batch) -> list[Ticket] | None:
+        """Waiting tickets that join at this step boundary (blocks while idle; None: stop)."""
+        with self._lock:
+            while not self._stopping and not self._waiting and not batch.entries:
+                self._lock.wait()
+            if self._stopping:
+                return None
+            rows = batch.rows
+            size = self._batch_size(batch)
+            taken: list[Ticket] = []
+            for ticket in list(self._waiting):
+                size = size or ticket.size
+                # Stop at the first job that cannot join: later arrivals must not overtake it,
+                # so the batch drains and that job goes next.
+                if ticket.size != size or (rows and rows + ticket.request.count > self.settings.max_batch):
+                    break
+                self._waiting.remove(ticket)
+                taken.append(ticket)
+                rows += ticket.request.count
+            self._admitting = list(taken)
+            return taken
+
+    def _batch_size(self, batch: Batch) -> tuple[int, int] | None:
+        if not batch.entries:
+            return None
+        request = batch.entries[0].job.request
+        return request.width, request.height
+
+    def _admit(self, batch: Batch, ticket: Ticket) -> None:
+        """Prepare a job (prompt encoding, noise, init image) and add its rows to the batch."""
+        try:
+            job = self.pipeline.prepare(ticket.request)
+        except EngineError as e:
+            job, error = None, e
+        except Exception as e:
+            log.exception("preparing job %s failed", ticket.request.job_id)
+            job, error = None, GenerationError(f"Preparing the job failed ({type(e).__name__}: {e}).")
+        with self._lock:
+            self._admitting.remove(ticket)
+            if job is not None:
+                self._active[id(job)] = ticket
+        if job is None:
+            ticket.settle(error=error)
+            return
+        batch.add(job)  # a cancel that came during preparation takes it out before its first step
+
+    def _drop_cancelled(self, batch: Batch) -> None:
+        for entry in list(batch.entries):
+            ticket = self._active[id(entry.job)]
+            if ticket.cancelled:
+                self._retire(batch, entry, error=JobCancelled(f"Job {ticket.request.job_id} was cancelled."))
+
+    def _step(self, batch: Batch) -> None:
+        """One denoising step for every row, then progress, NaN isolation and finished jobs."""
+        try:
+            denoised = batch.step()
+        except Exception as e:
+            # The shared UNet call failed (out of memory, say): nothing in this batch can go on.
+            log.exception("denoising step failed for jobs %s", [e.job.request.job_id for e in batch.entries])
+            for entry in list(batch.entries):
+                self._retire(batch, entry, error=GenerationError(f"The denoising step failed ({type(e).__name__})."))
+            return
+        self._report_progress(batch, denoised)
+        if next(self._steps) % NAN_CHECK_EVERY == 0:
+            for entry in batch.nonfinite_entries():
+                self._retire(batch, entry, error=nan_error(entry.job))
+        finished = [entry for entry in batch.entries if entry.done]
+        if finished:
+            self._finish(batch, finished)
+
+    def _report_progress(self, batch: Batch, denoised: torch.Tensor) -> None:
+        every = self.settings.preview_every
+        for entry, rows in batch.offsets():
+            ticket = self._active[id(entry.job)]
+            if ticket.notify is None:
+                continue
+            total = entry.job.total_steps
+            preview = None
+            if every and entry.step % every == 0 and entry.step < total:
+                preview = preview_png(denoised[rows.start], self.pipeline.family)
+            self._notify(ticket, Progress(ticket.request.job_id, entry.step, total, preview))
+
+    def _notify(self, ticket: Ticket, progress: Progress) -> None:
+        try:
+            ticket.notify(progress)
+        except Exception:  # a closed loop or a faulty callback must not stop other members' jobs
+            log.exception("progress callback for job %s failed", progress.job_id)
+
+    def _finish(self, batch: Batch, finished: list[Entry]) -> None:
+        """Retire finished jobs: one NaN check and one VAE decode for all of them together."""
+        latents = {id(entry.job): batch.remove(entry.job) for entry in finished}
+        stacked = torch.cat(list(latents.values()))
+        finite_rows = torch.isfinite(stacked).flatten(1).all(1).tolist()
+        good, start = [], 0
+        for entry in finished:
+            rows = entry.job.rows
+            if all(finite_rows[start:start + rows]):
+                good.append(entry)
+            else:
+                self._settle(entry, error=nan_error(entry.job))
+            start += rows
+        if not good:
+            return
+        try:
+            images = self.pipeline.decode(torch.cat([latents[id(entry.job)] for entry in good]))
+        except Exception as e:
+            log.exception("VAE decode failed")
+            for entry in good:
+                self._settle(entry, error=GenerationError(f"Decoding the image failed ({type(e).__name__})."))
+            return
+        for entry in good:
+            mine, images = images[: entry.job.rows], images[entry.job.rows :]
+            try:
+                self._settle(entry, result=self.pipeline.finish(entry.job, mine))
+            except Exception as e:
+                log.exception("finishing job %s failed", entry.job.request.job_id)
+                self._settle(entry, error=GenerationError(f"Saving the image failed ({type(e).__name__})."))
+
+    def _retire(self, batch: Batch, entry: Entry, *, error: BaseException) -> None:
+        batch.remove(entry.job)
+        self._settle(entry, error=error)
+
+    def _settle(self, entry: Entry, *, result: GenerationResult | None = None,
+                error: BaseException | None = None) -> None:
+        with self._lock:
+            ticket = self._active.pop(id(entry.job))
+        ticket.settle(result=result, error=error)
+
+    def _shut_down(self, batch: Batch) -> None:
+        """Whatever is left when the thread ends gets an answer, never silence."""
+        for entry in list(batch.entries):
+            self._retire(batch, entry, error=JobCancelled("The engine stopped before the job finished."))
+        with self._lock:
+            self._stopping = True
+        self._cancel_waiting()
+
+    def _cancel_waiting(self) -> None:
+        with self._lock:
+            while self._waiting:
+                self._waiting.popleft().settle(error=JobCancelled("The engine stopped before the job started."))

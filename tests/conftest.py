@@ -1,0 +1,83 @@
+
+# --- db fixtures (helper "db"): SQLite + PostgreSQL databases and queues, see tests/db_fixtures.py ---
+from db_fixtures import clock, db_engine, db_url, pg_admin_url, pg_url, queue  # noqa: E402,F401
+# --- end db fixtures ---
+
+# --- tiny model fixtures (helper "loading"): random SD1/SD2/SDXL models, see tests/tinymodel.py ---
+import os  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/huggingface_hub are imported
+
+import pytest  # noqa: E402
+
+# torch/diffusers are imported inside the fixtures, so test runs that need no model stay fast.
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory):
+    """One folder per test session where the tiny model files are written (once each)."""
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tiny_models_dir):
+    """A tiny SD1-shaped model as a diffusers folder (seed 0)."""
+    from tinymodel import save_diffusers_folder
+
+    return save_diffusers_folder(tiny_models_dir / "sd1_folder", "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_single_file(tiny_models_dir):
+    """The same tiny SD1 model (seed 0) as an LDM-layout .safetensors (+ config folder beside it)."""
+    from tinymodel import save_single_file
+
+    return save_single_file(tiny_models_dir / "sd1.safetensors", "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_single_file(tiny_models_dir):
+    """A tiny SD2-shaped (open_clip text encoder, v_prediction) single file."""
+    from tinymodel import save_single_file
+
+    return save_single_file(tiny_models_dir / "sd2.safetensors", "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_single_file(tiny_models_dir):
+    """A tiny SDXL-shaped (two text encoders) single file."""
+    from tinymodel import save_single_file
+
+    return save_single_file(tiny_models_dir / "sdxl.safetensors", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_sd_folder):
+    """The tiny SD1 model loaded on CPU in float32 (a LoadedModel; do not modify it)."""
+    import torch
+
+    from engine.loading import load_model
+
+    return load_model(str(tiny_sd_folder), device="cpu", dtype=torch.float32, name="tiny-sd1",
+                      progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_model(tiny_sd2_single_file):
+    """The tiny SD2 (v_prediction) model loaded on CPU in float32."""
+    import torch
+
+    from engine.loading import load_model
+
+    return load_model(str(tiny_sd2_single_file), device="cpu", dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tiny_sdxl_single_file):
+    """The tiny SDXL model (two text encoders) loaded on CPU in float32."""
+    import torch
+
+    from engine.loading import load_model
+
+    return load_model(str(tiny_sdxl_single_file), device="cpu", dtype=torch.float32, progress=False)
+# --- end tiny model fixtures ---
