@@ -1,7 +1,12 @@
-"""``python -m engine generate``: one generation without Discord, to check the model and the GPU.
+"""``python -m engine``: the engine without Discord.
+
+``generate`` makes one generation, to check the model and the GPU before going live;
+``worker`` serves the shared job queue from this machine's GPU, so that several GPU machines
+can serve one bot (the bot then runs with ``--no-gpu``).
 
     python -m engine generate --prompt "a red fox" --seed 7 --out fox.png
     python -m engine generate --model tiny.safetensors --prompt "a red fox" --steps 4 --width 64 --height 64 --out t.png
+    python -m engine worker --config config.toml --name gpu1
 
 It reads the ``[model]``, ``[engine]`` and ``[generation]`` sections of ``--config`` (built-in
 defaults when the file is absent), loads the model, runs the job through the same worker thread
@@ -21,7 +26,8 @@ from pathlib import Path
 
 from engine.errors import EngineError
 from engine.settings import (ConfigError, EngineSettings, GenerationSettings, ModelSettings, Settings,
-                             load_settings, resolve_device)
+                             load_settings, parse_engine_sections, parse_queue_section, read_toml,
+                             resolve_device)
 from engine.types import SAMPLER_NAMES, GenerationRequest, Progress
 
 
@@ -65,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--config", type=Path, default=Path("config.toml"),
                      help="config.toml to read (built-in defaults if it does not exist)")
     gen.add_argument("--model", default=None, help="model source, overriding model.source in the config")
+
+    work = commands.add_parser("worker", help="serve the job queue named by queue.database_url from this GPU")
+    work.add_argument("--config", type=Path, default=Path("config.toml"))
+    work.add_argument("--name", default="worker",
+                      help="this worker's name, unique on this machine (default: worker)")
+    work.add_argument("--model", default=None, help="model source, overriding model.source in the config")
     return parser
 
 
@@ -103,15 +115,14 @@ def show_progress(progress: Progress) -> None:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from engine.loading import load_model  # heavy imports only once the arguments are good
+    from engine.loading import load_configured_model  # heavy imports only once the arguments are good
     from engine.worker import EngineWorker
 
     settings = read_settings(args)
     request = build_request(args, settings)
     device, dtype = resolve_device(settings.engine)
     print(f"loading {settings.model.source} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
-    model = load_model(settings.model.source, device=device, dtype=dtype, family=settings.model.family,
-                       name=settings.model.display_name)
+    model = load_configured_model(settings.model, settings.engine)
     worker = EngineWorker(model, settings.engine, replace(settings.generation, max_count=max(args.count, 1)))
     worker.start()
     try:
@@ -127,11 +138,24 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    """Claim jobs from the shared queue and run them here until SIGINT/SIGTERM."""
+    from engine.runner import run_worker_process
+
+    raw = read_toml(args.config)
+    settings, queue_settings = parse_engine_sections(raw), parse_queue_section(raw)
+    if args.model:
+        settings = replace(settings, model=replace(settings.model, source=args.model, name=""))
+    return run_worker_process(settings, queue_settings, name=args.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.command == "worker" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        return generate(args)
+        return serve(args) if args.command == "worker" else generate(args)
     except (ConfigError, EngineError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,12 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from db.models import Job
 from db.queue import Queue
+from db.session import make_engine, upgrade
+from db.settings import QueueSettings
 from engine.errors import GenerationError, JobCancelled
+from engine.settings import Settings
 from engine.types import GenerationRequest, Progress
 from engine.worker import EngineWorker
 
@@ -111,7 +116,9 @@ class QueueRunner:
                 await self._claim_while_room()
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel.
+                    async with asyncio.timeout(self.poll_interval):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
         finally:
@@ -198,3 +205,47 @@ class QueueRunner:
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("%s failed", task.get_name(), exc_info=task.exception())
+
+
+def run_worker_process(settings: Settings, queue_settings: QueueSettings, *, name: str) -> int:
+    """``python -m engine worker``: serve the shared queue from this machine until a signal.
+
+    Results go to the database; the bot (which may run on a machine without a GPU) posts them.
+    Jobs running here when the signal comes are given back to the queue unfinished.
+    """
+    from engine.loading import load_configured_model
+
+    db = make_engine(queue_settings.database_url)
+    upgrade(db)
+    queue = Queue(db, pending_limit=queue_settings.pending_limit, max_attempts=queue_settings.max_attempts,
+                  lease_seconds=queue_settings.lease_seconds)
+    model = load_configured_model(settings.model, settings.engine)
+    worker = EngineWorker(model, settings.engine, settings.generation)
+    worker_id, prefix = worker_identity(name)
+    recovered = queue.recover_all_running(worker_prefix=prefix)
+    if recovered:
+        log.info("%d job(s) left running by this worker's previous run were put back in line", recovered)
+    runner = QueueRunner(queue, worker, worker_id=worker_id, max_in_flight=settings.engine.max_batch,
+                         heartbeat_interval=queue_settings.lease_seconds / 4, listen=True)
+    worker.start()
+    log.info("worker %s serving %s with %s", worker_id, db.url.render_as_string(hide_password=True),
+             model.info.name)
+    try:
+        asyncio.run(_until_signal(runner.run()))
+    finally:
+        worker.stop()
+        queue.close()
+        db.dispose()
+    return 0
+
+
+async def _until_signal(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` until SIGINT or SIGTERM, then cancel it (its clean-up still runs)."""
+    task = asyncio.ensure_future(main)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("stopped by signal; running jobs were put back in line")

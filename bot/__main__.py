@@ -1,0 +1,123 @@
+"""``python -m bot [--config config.toml] [--no-engine]``: run the Discord bot.
+
+Reads the configuration (a wrong value: one line and exit status 2; no ``DISCORD_TOKEN``: what
+to do and exit 2), creates or upgrades the database, loads the model (a model that will not
+load: one line and exit 1), starts the engine worker and the queue runner, and connects to
+Discord. SIGINT/SIGTERM stop cleanly: queued jobs stay in the database, and a job that was
+running goes back in line (or is queued again by lease recovery after a crash).
+``--no-engine`` runs the bot without a local GPU, when workers run in other processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import discord
+
+from bot.config import Config, ConfigError, load_config
+
+log = logging.getLogger("bot")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="config.toml", help="path to config.toml (default: %(default)s)")
+    parser.add_argument("--no-engine", action="store_true",
+                        help="do not load a model here; GPU worker processes serve the queue")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(run(config, engine=not args.no_engine))
+
+
+async def run(config: Config, *, engine: bool = True) -> int:
+    """Wire database, engine and client together; return the exit status."""
+    from db.queue import Queue
+    from db.session import make_engine, upgrade
+
+    db = make_engine(config.queue.database_url)
+    await asyncio.to_thread(upgrade, db)
+    queue = Queue(db, pending_limit=config.queue.pending_limit, max_attempts=config.queue.max_attempts,
+                  lease_seconds=config.queue.lease_seconds)
+    recovered = await asyncio.to_thread(queue.recover)
+    if recovered:
+        log.info("%d job(s) from a previous run were put back in line", recovered)
+
+    worker = runner = tokenizer = None
+    if engine:
+        from engine.errors import ModelLoadError
+
+        try:
+            worker, tokenizer = await asyncio.to_thread(_load_engine, config)
+        except ModelLoadError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except ConfigError as e:  # e.g. engine.device = "cuda" on a machine without one
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        from engine.runner import QueueRunner
+
+        worker.start()
+        runner = QueueRunner(queue, worker, worker_id=f"{socket.gethostname()}-{os.getpid()}")
+
+    from bot.client import SDBot
+
+    bot = SDBot(config, queue, runner, tokenizer=tokenizer)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with bot:
+            client_task = asyncio.create_task(bot.start(config.token), name="discord-client")
+            stop_task = asyncio.create_task(stop.wait(), name="stop-signal")
+            done, _ = await asyncio.wait({client_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if client_task in done:
+                client_task.result()  # raises LoginFailure and friends
+            log.info("stopping: queued jobs stay in the database")
+    except discord.LoginFailure:
+        print("error: Discord refused DISCORD_TOKEN; copy the bot token again from the developer portal "
+              "(Bot > Reset Token)", file=sys.stderr)
+        return 2
+    except discord.PrivilegedIntentsRequired:
+        print("error: Discord refused the intents; the bot needs no privileged intents, check its settings",
+              file=sys.stderr)
+        return 2
+    finally:
+        if worker is not None:
+            await asyncio.to_thread(worker.stop)
+        queue.close()
+        db.dispose()
+    return 0
+
+
+def _load_engine(config: Config):  # -> tuple[EngineWorker, tokenizer | None]
+    """Load the model (slow: runs in a thread) and make the engine worker."""
+    from engine.loading import load_model
+    from engine.settings import resolve_device
+    from engine.worker import EngineWorker
+
+    device, dtype = resolve_device(config.engine)
+    model = load_model(config.model.source, device=device, dtype=dtype, family=config.model.family,
+                       name=config.model.display_name)
+    tokenizer = model.tokenizers[0] if model.tokenizers else None
+    return EngineWorker(model, config.engine, config.generation), tokenizer
+
+
+if __name__ == "__main__":
+    sys.exit(main())

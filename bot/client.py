@@ -1,0 +1,305 @@
+"""The Discord client: wiring of commands, buttons, reactions, and the delivery loop.
+
+``SDBot`` gets everything it needs in its constructor (configuration, queue, the queue runner
+or None when GPU workers run in other processes) and does its asynchronous set-up in
+``setup_hook``: dynamic buttons, the command sync (instantly to the configured servers,
+globally otherwise), and the background tasks, each with a done-callback that logs.
+The flows shared by commands, buttons and reactions (queue a job and show its place in line,
+cancel, show info) live here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp
+import discord
+from discord.ext import commands
+
+from bot import jobs, render, views
+from bot.commands import build_commands
+from bot.config import Config
+from bot.delivery import Delivery, token_expiry
+from bot.inputs import DISCORD_CDN_HOSTS, BadInput, clip_truncation_notice, limit_pillow
+from db.errors import QueueError
+from db.models import Job, ResultImage
+from db.queue import Queue
+
+log = logging.getLogger(__name__)
+
+REROLL_EMOJI = "🔁"
+#: Seconds the background tasks get to stop (running jobs are handed back to the queue).
+CLOSE_TIMEOUT = 30.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class SDBot(commands.Bot):
+    """A Stable Diffusion bot for one or more Discord servers."""
+
+    def __init__(self, config: Config, queue: Queue, runner: Any | None = None, *,
+                 allowed_hosts: frozenset[str] = DISCORD_CDN_HOSTS, clock: Callable[[], datetime] = utcnow,
+                 tokenizer: Any | None = None, **options: Any) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True  # channels and permissions
+        intents.guild_reactions = True  # 🔁 rerolls
+        super().__init__(command_prefix=commands.when_mentioned, intents=intents, help_command=None,
+                         allowed_mentions=discord.AllowedMentions.none(), **options)
+        self.config = config
+        self.queue = queue
+        self.runner = runner
+        self.allowed_hosts = allowed_hosts
+        self.clock = clock
+        self.tokenizer = tokenizer
+        self.model_name = config.model.display_name
+        self.delivery = Delivery(self, queue, interval=config.discord.progress_interval,
+                                 model_name=self.model_name, clock=clock)
+        if runner is not None:  # the runner reports to our delivery loop
+            runner.on_progress = self.delivery.on_progress
+            runner.on_finished = self.delivery.on_finished
+        self._tasks: list[asyncio.Task] = []
+        self._http_session: aiohttp.ClientSession | None = None
+        limit_pillow()
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(*views.ITEMS)
+        for command in build_commands(self):
+            self.tree.add_command(command)
+        self.tree.on_error = self.on_app_command_error
+        if self.config.discord.guild_ids:
+            for guild_id in self.config.discord.guild_ids:
+                guild = discord.Object(guild_id)
+                self.tree.copy_global_to(guild=guild)
+                await self.tree.sync(guild=guild)
+            self.tree.clear_commands(guild=None)  # registered per server only
+        else:
+            await self.tree.sync()
+        self._http_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        self.start_task(self.delivery.run(), "delivery")
+        if self.runner is not None:
+            self.start_task(self.runner.run(), "queue-runner")
+
+    def start_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
+        """Run ``coro`` in the background; if it ever ends with an error, log the traceback."""
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(_log_task_end)
+        self._tasks.append(task)
+        return task
+
+    async def close(self) -> None:
+        """Stop the background tasks (running jobs go back in line), then disconnect."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT)
+            for task in stuck:
+                log.error("background task %s did not stop within %s s", task.get_name(), CLOSE_TIMEOUT)
+        self._tasks.clear()
+        if self._http_session is not None:
+            await self._http_session.close()
+        await super().close()
+
+    # -- errors -----------------------------------------------------------------------------
+
+    async def on_app_command_error(self, interaction: discord.Interaction,
+                                   error: discord.app_commands.AppCommandError) -> None:
+        if isinstance(error, discord.app_commands.CommandInvokeError):
+            error = error.original
+        if isinstance(error, BadInput):
+            await self.tell(interaction, str(error))
+        elif isinstance(error, discord.app_commands.TransformerError):
+            await self.tell(interaction, f"`{error.value}` is not a valid value here.")
+        else:
+            log.error("command failed", exc_info=error)
+            await self.tell(interaction, "Something went wrong on our side; it has been logged.")
+
+    async def guarded(self, interaction: discord.Interaction, action: Coroutine[Any, Any, None]) -> None:
+        """Run what a command or button does; members see refusals, we see the bugs."""
+        try:
+            await action
+        except (BadInput, QueueError) as e:
+            await self.tell(interaction, str(e))
+        except Exception:  # noqa: BLE001 - one failed action must not go unanswered
+            log.exception("interaction %s failed", interaction.id)
+            await self.tell(interaction, "Something went wrong on our side; it has been logged.")
+
+    async def tell(self, interaction: discord.Interaction, text: str) -> None:
+        """An ephemeral reply, whether or not the interaction was answered already."""
+        try:
+            if not interaction.response.is_done():
+                await interaction.response.send_message(text, ephemeral=True)
+                return
+            if interaction.extras.get("thinking"):  # replace our public "thinking…" message
+                await interaction.delete_original_response()
+                interaction.extras["thinking"] = False
+            await interaction.followup.send(text, ephemeral=True)
+        except discord.HTTPException as e:
+            log.info("could not tell interaction %s: %s (%s)", interaction.id, text, e)
+
+    # -- queueing jobs ------------------------------------------------------------------------
+
+    async def check_pending_limit(self, user_id: int) -> None:
+        """Refuse early (the enqueue checks again, atomically) so the refusal can be ephemeral."""
+        pending = await asyncio.to_thread(self.queue.pending_for, user_id)
+        limit = self.config.queue.pending_limit
+        if len(pending) >= limit:
+            raise BadInput(f"You already have {len(pending)} jobs waiting (limit {limit}). "
+                           "Wait for one to finish or /cancel one.")
+
+    async def defer(self, interaction: discord.Interaction) -> None:
+        """Acknowledge now with a public "thinking…" message that becomes the job's status."""
+        if interaction.response.is_done():
+            return
+        response = await interaction.response.defer(thinking=True)
+        interaction.extras["thinking"] = True
+        interaction.extras["message_id"] = getattr(response, "message_id", None)
+
+    async def submit(self, interaction: discord.Interaction, fields: dict[str, Any], note: str | None = None) -> Job:
+        """Queue a job for whoever used the command or pressed the button, and answer with its
+        number, place in line and a Cancel button."""
+        if not interaction.response.is_done():
+            await self.check_pending_limit(interaction.user.id)
+        await self.defer(interaction)
+        message_id = interaction.extras.get("message_id") or (await interaction.original_response()).id
+        job = await asyncio.to_thread(
+            self.queue.enqueue, **fields, requester_id=interaction.user.id, guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id, interaction_token=interaction.token,
+            interaction_app_id=interaction.application_id, interaction_expires_at=token_expiry(self.clock()),
+            status_message_id=message_id, status_channel_id=interaction.channel_id)
+        interaction.extras["thinking"] = False  # from now on the message is the job's
+        await self._announce(job, note)
+        return job
+
+    async def submit_for_reaction(self, payload: discord.RawReactionActionEvent, fields: dict[str, Any]) -> Job | None:
+        """Queue a job for a member who reacted; its status is a new message in the channel."""
+        pending = await asyncio.to_thread(self.queue.pending_for, payload.user_id)
+        if len(pending) >= self.config.queue.pending_limit:
+            log.info("reaction reroll by %s refused: pending limit", payload.user_id)
+            return None
+        channel = self.get_partial_messageable(payload.channel_id, guild_id=payload.guild_id)
+        status = await channel.send(f"{REROLL_EMOJI} <@{payload.user_id}> is rerolling job #{fields['parent_id']}…")
+        try:
+            job = await asyncio.to_thread(
+                self.queue.enqueue, **fields, requester_id=payload.user_id, guild_id=payload.guild_id,
+                channel_id=payload.channel_id, status_message_id=status.id, status_channel_id=payload.channel_id)
+        except QueueError as e:
+            await status.edit(content=f"{REROLL_EMOJI} <@{payload.user_id}>: {render.escape(str(e))}")
+            return None
+        await self._announce(job, None)
+        return job
+
+    async def _announce(self, job: Job, note: str | None) -> None:
+        position = await asyncio.to_thread(self.queue.position, job.id)
+        try:
+            await self.delivery.show_queued(job, position, note or "")
+        except discord.HTTPException as e:  # the job is queued; its status will be shown later
+            log.info("job %s: could not show its place in line (%s)", job.id, e)
+        self.delivery.wake()
+        if self.runner is not None:
+            self.runner.wake()
+
+    def truncation_note(self, prompt: str) -> str | None:
+        return clip_truncation_notice(self.tokenizer, prompt)
+
+    async def download(self, url: str, max_bytes: int) -> bytes:
+        """An attachment's bytes, refusing more than ``max_bytes`` whatever its declared size."""
+        assert self._http_session is not None, "setup_hook has not run"
+        try:
+            async with self._http_session.get(url, allow_redirects=False) as response:
+                if response.status != 200:
+                    raise BadInput("The attachment could not be downloaded; upload it again.")
+                data = bytearray()
+                async for chunk in response.content.iter_chunked(65536):
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise BadInput(f"The image is larger than {max_bytes / 1048576:.1f} MiB.")
+                return bytes(data)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            raise BadInput("The attachment could not be downloaded; upload it again.") from None
+
+    # -- lookups and the small flows --------------------------------------------------------------
+
+    async def get_job(self, job_id: int) -> Job | None:
+        return await asyncio.to_thread(self.queue.get, job_id)
+
+    async def get_image(self, job_id: int, index: int) -> ResultImage:
+        images = await asyncio.to_thread(self.queue.images, job_id)
+        for image in images:
+            if image.index == index:
+                return image
+        raise BadInput(f"Job #{job_id} has no image {index + 1}.")
+
+    async def show_info(self, interaction: discord.Interaction, job: Job) -> None:
+        position = await asyncio.to_thread(self.queue.position, job.id)
+        await interaction.response.send_message(render.info_text(job, self.model_name, position), ephemeral=True)
+
+    async def info_command(self, interaction: discord.Interaction, job_id: int) -> None:
+        job = await self.get_job(job_id)
+        if job is None or job.guild_id != interaction.guild_id:  # other servers' prompts stay private
+            raise BadInput(f"There is no job #{job_id} on this server.")
+        await self.show_info(interaction, job)
+
+    async def show_queue(self, interaction: discord.Interaction) -> None:
+        pending = await asyncio.to_thread(self.queue.pending_for, interaction.user.id)
+        if not pending:
+            await interaction.response.send_message("You have no jobs waiting.", ephemeral=True)
+            return
+        lines = []
+        for job in pending:
+            position = await asyncio.to_thread(self.queue.position, job.id)
+            where = f"place {position} in line" if position else "running"
+            lines.append(f"**{render.job_title(job)}**, {where}: {render.excerpt(job.prompt, 60)}")
+        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+
+    async def cancel_command(self, interaction: discord.Interaction, job_id: int | None) -> None:
+        if job_id is None:
+            pending = await asyncio.to_thread(self.queue.pending_for, interaction.user.id)
+            if not pending:
+                raise BadInput("You have no jobs waiting.")
+            job_id = pending[-1].id
+        job = await self.get_job(job_id)
+        if job is None or job.guild_id != interaction.guild_id:
+            raise BadInput(f"There is no job #{job_id} on this server.")
+        await self.cancel_job(interaction, job)
+
+    async def cancel_job(self, interaction: discord.Interaction, job: Job) -> None:
+        """Cancel for the requester or a member with Manage Messages (checked by the queue)."""
+        moderator = interaction.permissions.manage_messages
+        cancelled = await asyncio.to_thread(self.queue.cancel, job.id, interaction.user.id, moderator=moderator)
+        if self.runner is not None:
+            self.runner.cancel(job.id)
+        self.delivery.on_finished(job.id)
+        await interaction.response.send_message(f"Cancelled {render.job_title(cancelled)}.", ephemeral=True)
+
+    # -- reactions ----------------------------------------------------------------------------
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        """🔁 on a result queues a reroll for whoever reacted (found by message id: restart-proof)."""
+        if str(payload.emoji) != REROLL_EMOJI or self.user is None or payload.user_id == self.user.id:
+            return
+        if payload.member is not None and payload.member.bot:
+            return
+        parent = await asyncio.to_thread(self.queue.job_for_message, payload.message_id)
+        if parent is None:
+            return
+        try:
+            await self.submit_for_reaction(payload, jobs.reroll(parent))
+        except discord.HTTPException as e:
+            log.warning("reaction reroll of job %s failed: %s", parent.id, e)
+
+
+def _log_task_end(task: asyncio.Task) -> None:
+    if task.cancelled():
+        return
+    if task.exception() is not None:
+        log.error("background task %s died", task.get_name(), exc_info=task.exception())
+    else:
+        log.warning("background task %s ended", task.get_name())

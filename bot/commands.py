@@ -1,0 +1,244 @@
+"""The slash commands: /imagine, /img2img, /queue, /cancel, /info and /help.
+
+Limits come from ``config.toml``, so the commands are built at start-up by
+:func:`build_commands` rather than at import time. Every option is checked twice with the same
+numbers: Discord enforces the ranges and choices it is told about, and our transformers check
+again (a client can send anything), answering out-of-range values with an ephemeral message
+that says what is allowed. /help is generated from these same definitions.
+
+This module deliberately does not use ``from __future__ import annotations``: discord.py reads
+the option types from the annotations, which here are built from the configuration.
+"""
+
+import asyncio
+import math
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.app_commands import Choice, Transform
+
+from bot import render
+from bot.inputs import BadInput, check_attachment_meta, check_prompt, load_init_image
+from bot.jobs import SEED_MAX, new_seed
+from bot.views import describe_buttons
+from db.models import JobKind
+from engine.settings import GenerationSettings, parse_size
+from engine.types import SAMPLER_NAMES
+
+if TYPE_CHECKING:
+    from bot.client import SDBot
+
+
+class Bounded(app_commands.Transformer):
+    """A number option with a range, told to Discord and checked again here."""
+
+    def __init__(self, name: str, kind: type, low: float, high: float) -> None:
+        self.name, self.kind, self.low, self.high = name, kind, low, high
+
+    @property
+    def type(self) -> discord.AppCommandOptionType:
+        return discord.AppCommandOptionType.integer if self.kind is int else discord.AppCommandOptionType.number
+
+    @property
+    def min_value(self) -> float:
+        return self.low
+
+    @property
+    def max_value(self) -> float:
+        return self.high
+
+    def allowed(self) -> str:
+        return f"`{self.name}` must be a {'whole ' if self.kind is int else ''}number from {self.low:g} to {self.high:g}"
+
+    async def transform(self, interaction: discord.Interaction, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BadInput(f"{self.allowed()}.")
+        if isinstance(value, float) and (not math.isfinite(value) or self.kind is int and not value.is_integer()):
+            raise BadInput(f"{self.allowed()}.")
+        if not self.low <= value <= self.high:
+            given = f"{value:g}" if isinstance(value, float) else str(value)[:24]
+            raise BadInput(f"{self.allowed()} (you gave {given}).")
+        return self.kind(value)
+
+
+class OneOf(app_commands.Transformer):
+    """A string option with fixed choices, told to Discord and checked again here."""
+
+    def __init__(self, name: str, values: dict[str, str]) -> None:
+        self.name, self.values = name, values  # value -> label
+
+    @property
+    def choices(self) -> list[Choice[str]]:
+        return [Choice(name=label, value=value) for value, label in self.values.items()]
+
+    async def transform(self, interaction: discord.Interaction, value: Any) -> str:
+        if value not in self.values:
+            raise BadInput(f"`{self.name}` must be one of: {', '.join(self.values)}.")
+        return value
+
+
+class Text(app_commands.Transformer):
+    """A prompt: invisible characters removed, empty (when required) or over-long refused."""
+
+    def __init__(self, name: str, max_chars: int, required: bool) -> None:
+        self.name, self.max_chars, self.required = name, max_chars, required
+
+    @property
+    def max_value(self) -> int:  # for strings, discord.py sends it as max_length
+        return self.max_chars
+
+    async def transform(self, interaction: discord.Interaction, value: Any) -> str:
+        if not isinstance(value, str):
+            raise BadInput(f"`{self.name}` must be text.")
+        return check_prompt(value, max_chars=self.max_chars, name=self.name, required=self.required)
+
+
+#: Seconds an upload may take to download and decode before we acknowledge the command.
+PREPARE_BUDGET = 1.5
+
+
+def size_choices(gen: GenerationSettings) -> dict[str, str]:
+    return {size: size for size in gen.sizes}
+
+
+def build_commands(bot: "SDBot") -> list[app_commands.Command]:
+    """The bot's slash commands, with the limits from ``bot.config``."""
+    gen = bot.config.generation
+    max_chars = bot.config.discord.max_prompt_chars
+    Prompt = Text("prompt", max_chars, True)
+    Negative = Text("negative", max_chars, False)
+    Seed = Bounded("seed", int, 0, SEED_MAX)
+    Steps = Bounded("steps", int, 1, gen.max_steps)
+    Guidance = Bounded("guidance", float, 0, gen.max_guidance)
+    Count = Bounded("count", int, 1, gen.max_count)
+    Strength = Bounded("strength", float, 0.05, 1.0)
+    Size = OneOf("size", size_choices(gen))
+    Sampler = OneOf("sampler", {s: SAMPLER_NAMES[s] for s in gen.samplers})
+    described = dict(
+        prompt="What to draw",
+        negative="What to keep out of the image",
+        seed=f"Seed for the noise (0 to {SEED_MAX}); random when left out",
+        steps=f"Denoising steps (1 to {gen.max_steps}, default {gen.default_steps})",
+        guidance=f"How closely to follow the prompt (0 to {gen.max_guidance:g}, default {gen.default_guidance:g})",
+        size=f"Width x height (default {gen.default_width}x{gen.default_height})",
+        sampler=f"Sampler (default {SAMPLER_NAMES[gen.default_sampler]})",
+        count=f"Images to make (1 to {gen.max_count}, default 1)",
+    )
+
+    @app_commands.command(name="imagine", description="Make images from a text prompt")
+    @app_commands.describe(**described)
+    async def imagine(interaction: discord.Interaction, prompt: Transform[str, Prompt],
+                      negative: Transform[str, Negative] = "", seed: Transform[int, Seed] = None,
+                      steps: Transform[int, Steps] = None, guidance: Transform[float, Guidance] = None,
+                      size: Transform[str, Size] = None, sampler: Transform[str, Sampler] = None,
+                      count: Transform[int, Count] = 1) -> None:
+        fields = generation_fields(gen, prompt=prompt, negative=negative, seed=seed, steps=steps,
+                                   guidance=guidance, size=size, sampler=sampler, count=count)
+        await bot.guarded(interaction, bot.submit(interaction, fields | dict(kind=JobKind.txt2img),
+                                                  note=bot.truncation_note(prompt)))
+
+    @app_commands.command(name="img2img", description="Make images from an uploaded image and a prompt")
+    @app_commands.describe(image="A PNG, JPEG or WebP image",
+                           strength=f"How much to change the image (0.05 to 1, default {gen.default_strength:g})",
+                           **described)
+    async def img2img(interaction: discord.Interaction, image: discord.Attachment, prompt: Transform[str, Prompt],
+                      strength: Transform[float, Strength] = None, negative: Transform[str, Negative] = "",
+                      seed: Transform[int, Seed] = None, steps: Transform[int, Steps] = None,
+                      guidance: Transform[float, Guidance] = None, size: Transform[str, Size] = None,
+                      sampler: Transform[str, Sampler] = None, count: Transform[int, Count] = 1) -> None:
+        await bot.guarded(interaction, _img2img(bot, interaction, image, strength, size, generation_fields(
+            gen, prompt=prompt, negative=negative, seed=seed, steps=steps, guidance=guidance, size=size,
+            sampler=sampler, count=count)))
+
+    @app_commands.command(name="queue", description="Your jobs and their places in line")
+    async def queue(interaction: discord.Interaction) -> None:
+        await bot.guarded(interaction, bot.show_queue(interaction))
+
+    @app_commands.command(name="cancel", description="Cancel one of your jobs (your latest when no job is given)")
+    @app_commands.describe(job="The job number (from the job's message)")
+    async def cancel(interaction: discord.Interaction, job: Transform[int, Bounded("job", int, 1, 2**53)] = None) -> None:
+        await bot.guarded(interaction, bot.cancel_command(interaction, job))
+
+    @app_commands.command(name="info", description="Every parameter of a job, its seed and status")
+    @app_commands.describe(job="The job number (from the job's message)")
+    async def info(interaction: discord.Interaction, job: Transform[int, Bounded("job", int, 1, 2**53)]) -> None:
+        await bot.guarded(interaction, bot.info_command(interaction, job))
+
+    @app_commands.command(name="help", description="What the bot can do, and its limits")
+    async def help_(interaction: discord.Interaction) -> None:
+        text = help_text([imagine, img2img, queue, cancel, info], bot)
+        await interaction.response.send_message(embed=discord.Embed(title="Stable Diffusion bot", description=text),
+                                                ephemeral=True)
+    return [imagine, img2img, queue, cancel, info, help_]
+
+
+def generation_fields(gen: GenerationSettings, *, prompt: str, negative: str, seed: int | None,
+                      steps: int | None, guidance: float | None, size: str | None, sampler: str | None,
+                      count: int) -> dict[str, Any]:
+    """Job fields from command options, with the configured defaults for what was left out."""
+    width, height = parse_size(size) if size else (gen.default_width, gen.default_height)
+    return dict(
+        prompt=prompt,
+        negative_prompt=negative or gen.default_negative_prompt,
+        seed=new_seed() if seed is None else seed,
+        steps=steps or gen.default_steps,
+        guidance=gen.default_guidance if guidance is None else guidance,
+        width=width, height=height,
+        sampler=sampler or gen.default_sampler,
+        count=count,
+        strength=gen.default_strength,
+    )
+
+
+async def _img2img(bot: "SDBot", interaction: discord.Interaction, image: discord.Attachment,
+                   strength: float | None, size: str | None, fields: dict[str, Any]) -> None:
+    """Check the upload before downloading it, then decode it safely and queue the job."""
+    dc, gen = bot.config.discord, bot.config.generation
+    check_attachment_meta(filename=image.filename, content_type=image.content_type, size=image.size,
+                          url=image.url, allowed_types=dc.allowed_image_types, max_bytes=dc.max_attachment_bytes,
+                          allowed_hosts=bot.allowed_hosts)
+    await bot.check_pending_limit(interaction.user.id)
+
+    async def fetch_and_decode():
+        data = await bot.download(image.url, dc.max_attachment_bytes)
+        forced = parse_size(size) if size else None
+        return await asyncio.to_thread(load_init_image, data, size=forced, max_width=gen.max_width,
+                                       max_height=gen.max_height, target_area=gen.default_width * gen.default_height)
+
+    # Usually this takes a fraction of a second, and a refusal can then be ephemeral. When it
+    # takes longer, acknowledge first (Discord allows 3 seconds) and finish afterwards.
+    work = asyncio.ensure_future(fetch_and_decode())
+    try:
+        init = await asyncio.wait_for(asyncio.shield(work), timeout=PREPARE_BUDGET)
+    except TimeoutError:
+        await bot.defer(interaction)
+        init = await work
+    fields |= dict(kind=JobKind.img2img, init_image=init.png, width=init.width, height=init.height,
+                   strength=gen.default_strength if strength is None else strength)
+    await bot.submit(interaction, fields, note=bot.truncation_note(fields["prompt"]))
+
+
+def help_text(commands: list[app_commands.Command], bot: "SDBot") -> str:
+    """Every command with its options and limits, read from the command definitions."""
+    lines = ["**Commands**"]
+    for command in commands:
+        lines.append(f"`/{command.name}`: {command.description}")
+        for p in command.parameters:
+            limits = []
+            if p.choices:
+                limits.append("one of " + ", ".join(str(c.value) for c in p.choices))
+            elif p.type is discord.AppCommandOptionType.string and p.max_value:
+                limits.append(f"up to {p.max_value:g} characters")
+            elif p.min_value is not None and p.max_value is not None and p.name != "job":
+                limits.append(f"{p.min_value:g} to {p.max_value:g}")
+            if p.type is discord.AppCommandOptionType.attachment:
+                dc = bot.config.discord
+                limits.append(", ".join(t.removeprefix("image/").upper() for t in dc.allowed_image_types)
+                              + f", up to {dc.max_attachment_bytes / 1048576:.1f} MiB")
+            extra = f" ({'; '.join(limits)})" if limits else ""
+            optional = "" if p.required else " *optional*"
+            lines.append(f"  • `{p.name}`{optional}: {p.description}{extra}")
+    lines += ["", "**Buttons on results**", describe_buttons(),
+              "", f"You can have {bot.config.queue.pending_limit} jobs waiting at a time."]
+    return render.clip("\n".join(lines), 4096)

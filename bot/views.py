@@ -1,0 +1,244 @@
+"""Buttons on queued and finished jobs, and the Edit modal.
+
+Every button is a ``DynamicItem`` whose ``custom_id`` holds the job id (``sd:reroll:42``), so a
+press is understood after any restart and on messages of any age: the rest is looked up in the
+database. Anyone may press Reroll, Vary, Upscale and Edit (the new job belongs to whoever
+pressed); Cancel and Delete are for the requester or members with Manage Messages.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import ButtonStyle, ui
+
+from bot import jobs
+from bot.inputs import BadInput, check_prompt
+from db.models import Job
+
+if TYPE_CHECKING:
+    from bot.client import SDBot
+
+
+def _bot(interaction: discord.Interaction) -> SDBot:
+    return interaction.client  # type: ignore[return-value]
+
+
+def _may_moderate(interaction: discord.Interaction, job: Job) -> bool:
+    """The requester, or a member allowed to manage messages in this channel."""
+    return interaction.user.id == job.requester_id or interaction.permissions.manage_messages
+
+
+class _JobButton(ui.DynamicItem[ui.Button], template=r"sd:(?P<action>[a-z]+):(?P<job>\d+)"):
+    """A button about one job; subclasses give the template, the look and the action."""
+
+    action: str = ""
+
+    def __init__(self, job_id: int, *extra: Any, label: str | None = None, emoji: str | None = None,
+                 style: ButtonStyle = ButtonStyle.secondary, row: int | None = None) -> None:
+        custom_id = ":".join(["sd", self.action, str(job_id), *map(str, extra)])
+        super().__init__(ui.Button(label=label, emoji=emoji, style=style, custom_id=custom_id), row=row)
+        self.job_id = job_id
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot = _bot(interaction)
+        await bot.guarded(interaction, self.run(interaction, bot))
+
+    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
+        raise NotImplementedError
+
+    async def job(self, bot: SDBot) -> Job:
+        job = await bot.get_job(self.job_id)
+        if job is None:
+            raise BadInput(f"Job #{self.job_id} no longer exists.")
+        return job
+
+
+class Cancel(_JobButton, template=r"sd:cancel:(?P<job>\d+)"):
+    action = "cancel"
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(job_id, label="Cancel", emoji="✖️", style=ButtonStyle.danger)
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206 (discord.py's signature)
+        return cls(int(match["job"]))
+
+    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
+        job = await self.job(bot)
+        await bot.cancel_job(interaction, job)
+
+
+class Reroll(_JobButton, template=r"sd:reroll:(?P<job>\d+)"):
+    action = "reroll"
+
+    def __init__(self, job_id: int, row: int | None = None) -> None:
+        super().__init__(job_id, label="Reroll", emoji="🔁", row=row)
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
+        return cls(int(match["job"]))
+
+    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
+        await bot.submit(interaction, jobs.reroll(await self.job(bot)))
+
+
+class Vary(_JobButton, template=r"sd:vary:(?P<job>\d+):(?P<index>\d):(?P<level>subtle|strong)"):
+    action = "vary"
+
+    def __init__(self, job_id: int, index: int, level: str, *, grid: bool, row: int | None = None) -> None:
+        label = f"V{index + 1}" if grid else f"Vary ({level})"
+        super().__init__(job_id, index, level, label=label, row=row)
+        self.index, self.level = index, level
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
+        return cls(int(match["job"]), int(match["index"]), match["level"], grid=False)
+
+    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
+        parent = await self.job(bot)
+        image = await bot.get_image(parent.id, self.index)
+        await bot.submit(interaction, jobs.variation(parent, image.seed, self.level))
+
+
+class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)"):
+    action = "up"
+
+    def __init__(self, job_id: int, index: int, *, grid: bool, row: int | None = None) -> None:
+        super().__init__(job_id, index, label=f"U{index + 1}" if grid else "Upscale", emoji=None if grid else "⬆️",
+                         row=row)
+        self.index = index
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
+        return cls(int(match["job"]), int(match["index"]), grid=False)
+
+    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
+        parent = await self.job(bot)
+        image = await bot.get_image(parent.id, self.index)
+        fields = jobs.upscale(parent, image, bot.config.generation)
+        if fields is None:
+            g = bot.config.generation
+            raise BadInput(f"This image is already at the largest size allowed here ({g.max_width}x{g.max_height}).")
+        await bot.submit(interaction, fields)
+
+
+class Edit(_JobButton, template=r"sd:edit:(?P<job>\d+)"):
+    action = "edit"
+
+    def __init__(self, job_id: int, row: int | None = None) -> None:
+        super().__init__(job_id, label="Edit", emoji="✏️", row=row)
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
+        return cls(int(match["job"]))
+
+    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
+        parent = await self.job(bot)
+        await interaction.response.send_modal(EditModal(parent, bot.config.discord.max_prompt_chars))
+
+
+class Info(_JobButton, template=r"sd:info:(?P<job>\d+)"):
+    action = "info"
+
+    def __init__(self, job_id: int, row: int | None = None) -> None:
+        super().__init__(job_id, label="Info", emoji="ℹ️", row=row)
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
+        return cls(int(match["job"]))
+
+    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
+        await bot.show_info(interaction, await self.job(bot))
+
+
+class Delete(_JobButton, template=r"sd:del:(?P<job>\d+)"):
+    action = "del"
+
+    def __init__(self, job_id: int, row: int | None = None) -> None:
+        super().__init__(job_id, label="Delete", emoji="🗑️", style=ButtonStyle.danger, row=row)
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
+        return cls(int(match["job"]))
+
+    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
+        job = await self.job(bot)
+        if not _may_moderate(interaction, job):
+            raise BadInput("Only the member who asked for this image, or someone with Manage Messages, can delete it.")
+        await interaction.response.defer()
+        await interaction.message.delete()
+
+
+ITEMS = (Cancel, Reroll, Vary, Upscale, Edit, Info, Delete)
+
+
+class EditModal(ui.Modal):
+    """Prompt and negative prompt, prefilled from the job; submitting queues a new job."""
+
+    def __init__(self, parent: Job, max_chars: int) -> None:
+        super().__init__(title=f"Edit job #{parent.id}", timeout=900)
+        limit = min(4000, max_chars)
+        self.parent = parent
+        self.prompt = ui.TextInput(label="Prompt", style=discord.TextStyle.paragraph,
+                                   default=parent.prompt[:limit], max_length=limit)
+        self.negative = ui.TextInput(label="Negative prompt", style=discord.TextStyle.paragraph,
+                                     default=parent.negative_prompt[:limit] or None, required=False,
+                                     max_length=limit)
+        self.add_item(self.prompt)
+        self.add_item(self.negative)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        bot = _bot(interaction)
+        await bot.guarded(interaction, self._queue(interaction, bot))
+
+    async def _queue(self, interaction: discord.Interaction, bot: SDBot) -> None:
+        limit = bot.config.discord.max_prompt_chars
+        prompt = check_prompt(self.prompt.value, max_chars=limit)
+        negative = check_prompt(self.negative.value, max_chars=limit, name="negative prompt", required=False)
+        await bot.submit(interaction, jobs.edit(self.parent, prompt, negative))
+
+
+def queued_view(job_id: int) -> ui.View:
+    """The Cancel button on a job's status message."""
+    view = ui.View(timeout=None)
+    view.add_item(Cancel(job_id))
+    return view
+
+
+def result_view(job: Job, image_count: int) -> ui.View:
+    """The buttons under a result: at most 3 rows of at most 4, within Discord's 5x5."""
+    view = ui.View(timeout=None)
+    if image_count == 0:  # failed: nothing to vary or upscale
+        for item in (Reroll(job.id, row=0), Edit(job.id, row=0), Info(job.id, row=0)):
+            view.add_item(item)
+        return view
+    if image_count > 1:
+        for item in (Reroll(job.id, row=0), Edit(job.id, row=0), Info(job.id, row=0), Delete(job.id, row=0)):
+            view.add_item(item)
+        for i in range(image_count):
+            view.add_item(Vary(job.id, i, jobs.GRID_VARIATION, grid=True, row=1))
+        for i in range(image_count):
+            view.add_item(Upscale(job.id, i, grid=True, row=2))
+        return view
+    for item in (Reroll(job.id, row=0), Vary(job.id, 0, "subtle", grid=False, row=0),
+                 Vary(job.id, 0, "strong", grid=False, row=0), Upscale(job.id, 0, grid=False, row=0),
+                 Edit(job.id, row=1), Info(job.id, row=1), Delete(job.id, row=1)):
+        view.add_item(item)
+    return view
+
+
+def describe_buttons() -> str:
+    """One line per button, for /help."""
+    return "\n".join([
+        "🔁 **Reroll**: same settings, new seed. Adding a 🔁 reaction to a result does the same.",
+        f"**Vary (subtle/strong)**, **V1-V4**: variation seed at strength "
+        f"{jobs.VARIATION_STRENGTH['subtle']}/{jobs.VARIATION_STRENGTH['strong']}.",
+        f"⬆️ **Upscale**, **U1-U4**: {jobs.UPSCALE_FACTOR:g}x, refined by img2img at strength {jobs.UPSCALE_STRENGTH}.",
+        "✏️ **Edit**: change the prompts, keep the seed. ℹ️ **Info**: every parameter.",
+        "🗑️ **Delete** and ✖️ **Cancel**: the requester or members with Manage Messages.",
+        "Anyone may press Reroll, Vary, Upscale and Edit; the new job is theirs.",
+    ])
+
+

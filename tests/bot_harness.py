@@ -1,0 +1,73 @@
+"""Shared set-up for the bot's end-to-end tests: a test configuration (64x64, 2 steps), a
+temporary SQLite queue, the engine worker on the tiny model, and the real bot client.
+
+(Not a test module: the bot tests import it, as they import the emulator package.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+from PIL import Image
+from sqlalchemy import Engine
+
+from bot.client import SDBot
+from bot.config import Config, DiscordSettings, QueueSettings
+from db.queue import Queue
+from db.session import make_engine, upgrade
+from discord_emulator import Emulator, running
+from engine.settings import EngineSettings, GenerationSettings, ModelSettings
+
+EMULATOR_HOSTS = frozenset({"127.0.0.1"})
+
+
+def bot_config(model_source: str, db_url: str, guild_id: int, **discord_overrides) -> Config:
+    """Small and fast: 64x64 images (128 at most, for upscales), 2 steps, frequent progress."""
+    return Config(
+        model=ModelSettings(source=model_source, name="tiny-sd1"),
+        engine=EngineSettings(device="cpu", dtype="float32", max_batch=4, preview_every=1),
+        generation=GenerationSettings(default_steps=2, max_steps=8, default_width=64, default_height=64,
+                                      max_width=128, max_height=128, sizes=("64x64", "64x128", "128x64"),
+                                      default_guidance=5.0, max_guidance=15.0, max_count=4,
+                                      default_strength=0.6),
+        queue=QueueSettings(database_url=db_url, pending_limit=3, max_attempts=2, lease_seconds=60),
+        discord=replace(DiscordSettings(guild_ids=(guild_id,), progress_interval=0.2,
+                                        max_attachment_bytes=256 * 1024), **discord_overrides),
+        token="emulator-token",
+    )
+
+
+def new_queue(db_path: Path, config: Config) -> tuple[Engine, Queue]:
+    engine = make_engine(f"sqlite:///{db_path}")
+    upgrade(engine)
+    queue = Queue(engine, pending_limit=config.queue.pending_limit, max_attempts=config.queue.max_attempts,
+                  lease_seconds=config.queue.lease_seconds)
+    return engine, queue
+
+
+def make_bot(config: Config, queue: Queue, worker, **kwargs) -> SDBot:
+    """The real bot, with a runner over ``worker`` (None: a bot without a local engine)."""
+    runner = None
+    if worker is not None:
+        from engine.runner import QueueRunner
+
+        runner = QueueRunner(queue, worker, worker_id="test-worker", poll_interval=0.1)
+    kwargs.setdefault("allowed_hosts", EMULATOR_HOSTS)
+    return SDBot(config, queue, runner, guild_ready_timeout=0.1, **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def bot_running(emu: Emulator, config: Config, queue: Queue, worker, **kwargs) -> AsyncIterator[SDBot]:
+    bot = make_bot(config, queue, worker, **kwargs)
+    async with running(bot, emu):
+        yield bot
+
+
+def png(size: tuple[int, int] = (48, 40), color: str = "red", mode: str = "RGB", fmt: str = "PNG", **save) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, color).save(out, fmt, **save)
+    return out.getvalue()

@@ -1,0 +1,106 @@
+"""Delivery end to end: progress edits, exactly-once posting through Discord faults (429, lost
+answers, a deleted channel, missing permissions), and the expired interaction token."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from bot_harness import bot_config, bot_running, new_queue
+from discord_emulator import Emulator
+from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
+from engine.worker import EngineWorker
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def setup(tiny_model, tiny_sd_folder, tmp_path, emulator: Emulator):
+    config = bot_config(str(tiny_sd_folder), f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
+    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
+    worker = EngineWorker(tiny_model, config.engine, config.generation)
+    worker.start()
+    yield emulator, config, queue, worker
+    worker.stop()
+    engine.dispose()
+
+
+def is_result(message) -> bool:
+    return any(cid.startswith("sd:reroll:") for cid in message.custom_ids)
+
+
+def results(emu: Emulator) -> list:
+    return [m for m in emu.channel_messages(emu.general) if is_result(m)]
+
+
+async def test_progress_is_shown_on_the_status_message(setup):
+    emu, config, queue, worker = setup
+    async with bot_running(emu, config, queue, worker):
+        ix = await emu.slash(emu.alice, "imagine", {"prompt": "a slow cat", "steps": 8, "count": 4})
+        await ix.wait_ack()
+        await emu.wait_for(lambda: results(emu), timeout=60, what="the result")
+        await emu.wait_for(lambda: "done" in ix.original.content, what="status done")
+    versions = [*ix.original.edits, ix.original.payload()]
+    texts = [v["content"] for v in versions]
+    assert any("queued" in t for t in texts)
+    assert any("step" in t for t in texts)
+    assert any(a["filename"] == "preview.png" for v in versions for a in v["attachments"])
+    assert ix.original.attachments == [] and ix.original.components == []  # no Cancel once done
+
+
+async def test_rate_limit_and_lost_answer_still_post_once(setup):
+    emu, config, queue, worker = setup
+    emu.fail_next("POST", "/channels/*/messages", 429, count=2)
+    emu.fail_next("POST", "/channels/*/messages", 500, after=True)  # created, but the answer is lost
+    async with bot_running(emu, config, queue, worker):
+        ix = await emu.slash(emu.alice, "imagine", {"prompt": "a flaky network"})
+        await ix.wait_ack()
+        await emu.wait_for(lambda: "done" in ix.original.content, timeout=60, what="status done")
+    assert len(results(emu)) == 1
+    (job,) = [queue.get(j.id) for j in [queue.job_for_message(results(emu)[0].id)]]
+    assert job.posted_at is not None
+    assert queue.undelivered() == []
+
+
+async def test_deleted_channel_stops_the_attempts(setup):
+    emu, config, queue, worker = setup
+    async with bot_running(emu, config, queue, worker):
+        ix = await emu.slash(emu.alice, "imagine", {"prompt": "into the void"})
+        await ix.wait_ack()
+        await emu.delete_channel(emu.general)
+        await emu.wait_for(lambda: (job := queue.get(1)) is not None and job.posted_at is not None, timeout=60,
+                           what="the job marked as handled")
+        posts = [c for c in emu.calls if c.method == "POST" and c.path.endswith("/messages")]
+        assert len(posts) == 1 and posts[0].status == 404
+        assert "could not post" in ix.original.content
+
+
+async def test_missing_permission_is_told_on_the_status_message(setup):
+    emu, config, queue, worker = setup
+    emu.revoke_permissions(emu.general)
+    async with bot_running(emu, config, queue, worker):
+        ix = await emu.slash(emu.alice, "imagine", {"prompt": "no rights"})
+        await ix.wait_ack()
+        await emu.wait_for(lambda: "could not post" in ix.original.content, timeout=60, what="failure shown")
+    assert queue.undelivered() == [] and results(emu) == []
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(timezone.utc) + self.offset
+
+
+async def test_after_the_token_expires_the_status_is_edited_in_the_channel(setup):
+    emu, config, queue, worker = setup
+    clock = Clock()
+    async with bot_running(emu, config, queue, worker, clock=clock):
+        ix = await emu.slash(emu.alice, "imagine", {"prompt": "later"})
+        await ix.wait_response(lambda m: "queued" in m.content or "step" in m.content or "done" in m.content)
+        clock.offset = timedelta(minutes=20)
+        await emu.wait_for(lambda: "done" in ix.original.content, timeout=60, what="status done")
+    edits = [c for c in emu.calls if c.method == "PATCH" and c.path.startswith("/channels/")]
+    assert edits and all(c.status == 200 for c in edits)

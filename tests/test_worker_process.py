@@ -1,0 +1,117 @@
+"""Standalone GPU workers (``python -m engine worker``) sharing one PostgreSQL queue.
+
+Real processes: two workers serve one queue; one is killed with SIGKILL in the middle of a job;
+its job is taken over when the lease runs out and every job ends done exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from db.models import JobStatus
+from db.queue import Queue
+from db.session import make_engine, upgrade
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = dict(prompt="a lighthouse", steps=12, guidance=5.0, width=64, height=64, sampler="euler", channel_id=1)
+
+
+def write_config(path: Path, model: Path, database_url: str) -> Path:
+    path.write_text(f"""
+[model]
+source = "{model}"
+[engine]
+device = "cpu"
+max_batch = 2
+[generation]
+default_width = 64
+default_height = 64
+max_width = 256
+max_height = 256
+sizes = ["64x64"]
+max_steps = 500
+[queue]
+database_url = "{database_url}"
+lease_seconds = 5
+""")
+    return path
+
+
+def start_worker(config: Path, name: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--config", str(config), "--name", name],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_two_workers_one_killed_mid_job_every_job_done_once(pg_url, tiny_sd_folder, tmp_path):
+    db = make_engine(pg_url)
+    upgrade(db)
+    queue = Queue(db, pending_limit=10, lease_seconds=5)
+    jobs = [queue.enqueue(requester_id=member, seed=member * 10 + i, **JOB) for member in (1, 2, 3) for i in (0, 1)]
+    config = write_config(tmp_path / "config.toml", tiny_sd_folder, pg_url)
+    doomed, survivor = start_worker(config, "doomed"), None
+    try:
+        def doomed_is_running_a_job() -> bool:
+            assert doomed.poll() is None, doomed.stdout.read()
+            return any((queue.get(j.id).worker_id or "").split("/")[-1].startswith("doomed#") for j in jobs)
+
+        wait_for(doomed_is_running_a_job, 120, "the first worker to claim a job")
+        taken = [j.id for j in jobs if (queue.get(j.id).worker_id or "").split("/")[-1].startswith("doomed#")
+                 and queue.get(j.id).status is JobStatus.running]
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(10)
+
+        survivor = start_worker(config, "survivor")
+        wait_for(lambda: all(queue.get(j.id).status.finished for j in jobs), 240, "every job to finish")
+
+        for job in jobs:
+            stored = queue.get(job.id)
+            assert stored.status is JobStatus.done, stored.error
+            assert [image.seed for image in queue.images(job.id)] == [job.seed]
+        assert taken and all(queue.get(i).attempts == 2 for i in taken)
+
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(30) == 0, survivor.stdout.read()
+    finally:
+        for process in (doomed, survivor):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        queue.close()
+        db.dispose()
+
+
+def test_a_worker_stopped_by_sigterm_gives_its_job_back(tiny_sd_folder, tmp_path):
+    url = f"sqlite:///{tmp_path / 'queue.sqlite3'}"
+    db = make_engine(url)
+    upgrade(db)
+    queue = Queue(db, pending_limit=10)
+    job = queue.enqueue(requester_id=1, seed=1, **{**JOB, "steps": 500})
+    worker = start_worker(write_config(tmp_path / "config.toml", tiny_sd_folder, url), "w")
+    try:
+        wait_for(lambda: queue.get(job.id).status is JobStatus.running, 120, "the worker to claim the job")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+        stored = queue.get(job.id)
+        assert stored.status is JobStatus.queued and stored.attempts == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        queue.close()
+        db.dispose()
