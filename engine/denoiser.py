@@ -7,19 +7,24 @@ prompt *and* negative prompt, mix them with each row's own guidance scale (class
 guidance, Ho & Salimans 2022), and return the predicted clean latents.
 
 :class:`Conditioning` holds those per-row inputs; ``Conditioning.cat`` joins jobs' rows when a
-batch changes, so a step costs one UNet call whatever shares the batch.
-:class:`PromptEncoder` runs the text encoders, with an LRU cache per prompt (members reroll the
-same prompt often, and the negative prompt is usually the server default).
+batch changes, so a step costs one UNet call whatever shares the batch. Rows whose prompts take
+fewer 77-token chunks are padded and masked out of cross-attention (see :mod:`engine.prompts`).
+:class:`PromptEncoder` runs the text encoders on AUTOMATIC1111-style prompts (emphasis, chunks,
+embeddings), with an LRU cache per prompt (members reroll the same prompt often, and the negative
+prompt is usually the server default).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from engine.prompts import (ChunkedPrompt, EmbeddingLibrary, chunk_prompt, chunks_needed, emphasize,
+                            embeddings_injected)
 from engine.samplers import rows
 from engine.schedules import ModelSchedule, sigma_to_t
 
@@ -28,7 +33,7 @@ from engine.schedules import ModelSchedule, sigma_to_t
 class PromptEmbedding:
     """One prompt through the text encoder(s)."""
 
-    hidden: Tensor  # [tokens, width]: what cross-attention reads
+    hidden: Tensor  # [77 * chunks, width]: what cross-attention reads
     pooled: Tensor | None  # [width_2]: SDXL's pooled text embedding, None for SD1/SD2
 
 
@@ -39,6 +44,8 @@ class Conditioning:
     embeds: Tensor  # [2 * rows, tokens, width]
     guidance: Tensor  # [rows], float32
     added: dict[str, Tensor] | None = None  # SDXL: text_embeds [2 * rows, P], time_ids [2 * rows, 6]
+    #: [2 * rows, tokens] bool, True where a row has a token; None when no row is padded.
+    mask: Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -58,29 +65,62 @@ class Conditioning:
         added = None
         if parts[0].added is not None:
             added = {key: join(lambda part, key=key: part.added[key]) for key in parts[0].added}
+        firsts, seconds = zip(*(part.halves(part.embeds) for part in parts))
+        first_masks, second_masks = zip(*(part.halves(part.mask) if part.mask is not None else (None, None)
+                                          for part in parts))
+        embeds, mask = padded([*firsts, *seconds], [*first_masks, *second_masks])
         return Conditioning(
-            embeds=join(lambda part: part.embeds),
+            embeds=embeds,
             guidance=torch.cat([part.guidance for part in parts]),
             added=added,
+            mask=mask,
         )
 
 
+def padded(embeds: list[Tensor], masks: list[Tensor | None]) -> tuple[Tensor, Tensor | None]:
+    """Row groups of different token counts as one tensor, zero-padded, and the mask of real tokens.
+
+    ``masks[i]`` is None when ``embeds[i]`` has no padding yet. The result's mask is None when
+    nothing is padded, so a batch of equal-length prompts runs the UNet exactly as before.
+    """
+    longest = max(e.shape[1] for e in embeds)
+    if all(e.shape[1] == longest for e in embeds) and all(m is None for m in masks):
+        return torch.cat(embeds), None
+    grown, grown_masks = [], []
+    for e, m in zip(embeds, masks):
+        if m is None:
+            m = torch.ones(e.shape[:2], dtype=torch.bool, device=e.device)
+        grown.append(torch.nn.functional.pad(e, (0, 0, 0, longest - e.shape[1])))
+        grown_masks.append(torch.nn.functional.pad(m, (0, longest - m.shape[1]), value=False))
+    return torch.cat(grown), torch.cat(grown_masks)
+
+
 class PromptEncoder:
-    """Text encoder(s) and tokenizer(s), with an LRU cache of encoded prompts."""
+    """Text encoder(s) and tokenizer(s), with an LRU cache of encoded prompts.
+
+    Prompts are read the AUTOMATIC1111 way (:mod:`engine.prompts`): ``(word:1.3)`` emphasis,
+    ``BREAK``, chunks of 75 tokens past 77, and textual-inversion embeddings from
+    ``embeddings_dir`` by file stem. A prompt without any of these encodes exactly as the plain
+    77-token tokenizer call did.
+    """
 
     def __init__(self, text_encoders: list, tokenizers: list, device: torch.device, dtype: torch.dtype,
-                 cache_size: int = 64) -> None:
+                 cache_size: int = 64, embeddings_dir: str | Path | None = None) -> None:
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers
         self.device, self.dtype = device, dtype
         self.cache_size = cache_size
         self._cache: OrderedDict[str, PromptEmbedding] = OrderedDict()
+        widths = [encoder.get_input_embeddings().embedding_dim for encoder in text_encoders]
+        self.embeddings = EmbeddingLibrary(embeddings_dir, tokenizers[0], widths)
 
     @property
     def is_sdxl(self) -> bool:
         return len(self.text_encoders) == 2
 
     def __call__(self, prompt: str) -> PromptEmbedding:
+        if self.embeddings.refresh():
+            self._cache.clear()  # encodings made with the old set of embeddings
         if prompt in self._cache:
             self._cache.move_to_end(prompt)
             return self._cache[prompt]
@@ -90,29 +130,49 @@ class PromptEncoder:
             self._cache.popitem(last=False)
         return embedding
 
+    def chunked(self, prompt: str) -> ChunkedPrompt:
+        """The prompt's tokens laid out in 75-token chunks (every encoder shares the layout)."""
+        return chunk_prompt(prompt, self.tokenizers[0], self.embeddings)
+
+    def count_tokens(self, prompt: str) -> int:
+        """A1111's token count (embeddings count as their vectors); see :func:`chunks_needed`."""
+        return self.chunked(prompt).token_count
+
+    def chunk_count(self, prompt: str) -> int:
+        return chunks_needed(self.count_tokens(prompt))
+
     @torch.inference_mode()
     def _encode(self, prompt: str) -> PromptEmbedding:
+        prompt_chunks = self.chunked(prompt)
+        chunks = prompt_chunks.chunks
         hiddens, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            # Prompts past 77 tokens are cut, as in diffusers (AUTOMATIC1111 chunks them instead).
-            ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(self.device)
-            out = encoder(ids, output_hidden_states=self.is_sdxl)
+        for index, (tokenizer, encoder) in enumerate(zip(self.tokenizers, self.text_encoders)):
+            # Every chunk is one row of a single encoder call: [chunks, 77].
+            ids = torch.tensor([chunk.input_ids(tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                                tokenizer.pad_token_id) for chunk in chunks], device=self.device)
+            fixes = [[(offset, embedding.vectors[index]) for offset, embedding in chunk.fixes] for chunk in chunks]
+            with embeddings_injected(encoder, fixes):
+                out = encoder(ids, output_hidden_states=self.is_sdxl)
             if self.is_sdxl:
                 # SDXL reads both encoders' penultimate layers side by side, and the second
-                # encoder's projected pooled output as an extra embedding.
-                hiddens.append(out.hidden_states[-2])
-                pooled = out[0]
+                # encoder's projected pooled output of the first chunk (as A1111) as an extra embedding.
+                hidden = out.hidden_states[-2]
+                pooled = out[0][0]
             else:
-                hiddens.append(out[0])
-        hidden = torch.cat(hiddens, dim=-1)[0].to(self.dtype)
-        return PromptEmbedding(hidden=hidden, pooled=None if pooled is None else pooled[0].to(self.dtype))
+                hidden = out[0]
+            if prompt_chunks.weighted:
+                weights = torch.tensor([chunk.full_weights() for chunk in chunks], device=self.device)
+                hidden = emphasize(hidden, weights)
+            hiddens.append(hidden.reshape(-1, hidden.shape[-1]))  # chunks joined along the tokens
+        hidden = torch.cat(hiddens, dim=-1).to(self.dtype)
+        return PromptEmbedding(hidden=hidden, pooled=None if pooled is None else pooled.to(self.dtype))
 
     def conditioning(self, prompt: str, negative_prompt: str, *, rows: int, guidance: float,
                      width: int, height: int) -> Conditioning:
         """One job's conditioning: ``rows`` images with the same prompts and guidance."""
         positive, negative = self(prompt), self(negative_prompt)
-        embeds = torch.stack([positive.hidden] * rows + [negative.hidden] * rows)
+        rows_of = [positive.hidden[None]] * rows + [negative.hidden[None]] * rows
+        embeds, mask = padded(rows_of, [None] * len(rows_of))
         added = None
         if self.is_sdxl:
             # SDXL's micro-conditioning: original size, crop top-left, target size.
@@ -122,7 +182,7 @@ class PromptEncoder:
                 "time_ids": time_ids.expand(2 * rows, 6),
             }
         guidance_rows = torch.full((rows,), guidance, device=self.device, dtype=torch.float32)
-        return Conditioning(embeds=embeds, guidance=guidance_rows, added=added)
+        return Conditioning(embeds=embeds, guidance=guidance_rows, added=added, mask=mask)
 
 
 class Denoiser:
@@ -146,6 +206,7 @@ class Denoiser:
             torch.cat([model_in, model_in]),
             torch.cat([t, t]),
             encoder_hidden_states=cond.embeds,
+            encoder_attention_mask=cond.mask,  # None unless rows differ in chunk count
             added_cond_kwargs=cond.added,
             return_dict=False,
         )[0].float()
