@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 
@@ -54,10 +52,6 @@ async def run(config: Config, *, engine: bool = True) -> int:
     await asyncio.to_thread(upgrade, db)
     queue = Queue(db, pending_limit=config.queue.pending_limit, max_attempts=config.queue.max_attempts,
                   lease_seconds=config.queue.lease_seconds)
-    recovered = await asyncio.to_thread(queue.recover)
-    if recovered:
-        log.info("%d job(s) from a previous run were put back in line", recovered)
-
     worker = runner = tokenizer = None
     if engine:
         from engine.errors import ModelLoadError
@@ -70,10 +64,17 @@ async def run(config: Config, *, engine: bool = True) -> int:
         except ConfigError as e:  # e.g. engine.device = "cuda" on a machine without one
             print(f"error: {e}", file=sys.stderr)
             return 2
-        from engine.runner import QueueRunner
+        from engine.runner import QueueRunner, worker_identity
 
+        # Jobs our previous run left running go back in line now, not when their lease ends.
+        worker_id, prefix = worker_identity("bot")
+        recovered = await asyncio.to_thread(queue.recover_all_running, worker_prefix=prefix)
+        if recovered:
+            log.info("%d job(s) from a previous run were put back in line", recovered)
         worker.start()
-        runner = QueueRunner(queue, worker, worker_id=f"{socket.gethostname()}-{os.getpid()}")
+        runner = QueueRunner(queue, worker, worker_id=worker_id, max_in_flight=config.engine.max_batch,
+                             heartbeat_interval=config.queue.lease_seconds / 4,
+                             listen=config.queue.database_url.startswith("postgresql"))
 
     from bot.client import SDBot
 
@@ -108,13 +109,10 @@ async def run(config: Config, *, engine: bool = True) -> int:
 
 def _load_engine(config: Config):  # -> tuple[EngineWorker, tokenizer | None]
     """Load the model (slow: runs in a thread) and make the engine worker."""
-    from engine.loading import load_model
-    from engine.settings import resolve_device
+    from engine.loading import load_configured_model
     from engine.worker import EngineWorker
 
-    device, dtype = resolve_device(config.engine)
-    model = load_model(config.model.source, device=device, dtype=dtype, family=config.model.family,
-                       name=config.model.display_name)
+    model = load_configured_model(config.model, config.engine)
     tokenizer = model.tokenizers[0] if model.tokenizers else None
     return EngineWorker(model, config.engine, config.generation), tokenizer
 
