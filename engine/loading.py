@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import torch
+import logging
+
+# transformers warns on import that torchvision (which we do not need: no image processors) is
+# missing; every `python -m engine` / `python -m bot` run would print it. Silence that one module.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
+import torch  # noqa: E402
 from diffusers import (AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from diffusers.utils import logging as diffusers_logging
