@@ -4,6 +4,9 @@ Every image of every job is a row of ``x``. Jobs join and leave between steps; m
 rebuild the per-row tables (conditioning, sigma schedules, sampler groups) once, so a step itself
 is one denoiser call plus each sampler's arithmetic on its rows, with no host<->device sync:
 the rows' sigmas are read on the device from a table by a step counter kept on the device.
+
+A step that raises (out of GPU memory, say) leaves the batch as it was, so the worker can park
+some jobs (:meth:`Batch.park`, their rows and step kept) and retry with fewer rows.
 """
 
 from __future__ import annotations
@@ -31,6 +34,18 @@ class Entry:
     @property
     def done(self) -> bool:
         return self.step >= self.job.total_steps
+
+
+#: The per-row state a job carries from step to step (besides its Entry's step count).
+ROW_STATE = ("x", "old_denoised", "old_sigma", "step_index")
+
+
+@dataclass
+class Parked:
+    """A job taken out of the batch mid-run, with its rows' state, to resume where it stopped."""
+
+    entry: Entry
+    state: dict[str, Tensor]
 
 
 @dataclass
@@ -80,36 +95,47 @@ class Batch:
 
     def add(self, job: PreparedJob) -> None:
         latents = job.latents.float()
-        device = latents.device
-        rows = job.rows
-        self.entries.append(Entry(job))
-        new = {
+        rows, device = job.rows, latents.device
+        self._append(Entry(job), {
             "x": latents,
             "old_denoised": torch.zeros_like(latents),
             "old_sigma": torch.zeros(rows, device=device),
             "step_index": torch.zeros(rows, device=device, dtype=torch.long),
-        }
-        for name, tensor in new.items():
-            current = getattr(self, name)
-            setattr(self, name, tensor if current is None else torch.cat([current, tensor]))
-        self._rebuild()
+        })
 
     def remove(self, job: PreparedJob) -> Tensor:
         """Take a job's rows out of the batch and return its latents."""
+        return self._take(job)[1]["x"]
+
+    def park(self, job: PreparedJob) -> Parked:
+        """Take a job out mid-run; :meth:`resume` puts it back at the same step."""
+        return Parked(*self._take(job))
+
+    def resume(self, parked: Parked) -> None:
+        self._append(parked.entry, parked.state)
+
+    def _append(self, entry: Entry, state: dict[str, Tensor]) -> None:
+        self.entries.append(entry)
+        for name in ROW_STATE:
+            current = getattr(self, name)
+            setattr(self, name, state[name] if current is None else torch.cat([current, state[name]]))
+        self._rebuild()
+
+    def _take(self, job: PreparedJob) -> tuple[Entry, dict[str, Tensor]]:
         (entry, rows), = [(e, s) for e, s in self.offsets() if e.job is job]
-        latents = self.x[rows]
+        state = {name: getattr(self, name)[rows] for name in ROW_STATE}
         self.entries.remove(entry)
         if not self.entries:
             self.x = self.old_denoised = self.old_sigma = self.step_index = None
             self.sigma_table, self.cond, self.groups = None, None, []
-            return latents
+            return entry, state
         # An index list, not a boolean mask: masking on a GPU waits for the device (nonzero).
         kept = [i for i in range(self.x.shape[0]) if not rows.start <= i < rows.stop]
         keep = to_device(torch.tensor(kept), self.x.device)
-        for name in ("x", "old_denoised", "old_sigma", "step_index"):
+        for name in ROW_STATE:
             setattr(self, name, getattr(self, name).index_select(0, keep))
         self._rebuild()
-        return latents
+        return entry, state
 
     def _rebuild(self) -> None:
         """Per-row tables for the current members (once per change, not per step)."""
@@ -138,9 +164,30 @@ class Batch:
         return self.sigma_table.gather(1, here)[:, 0], self.sigma_table.gather(1, here + 1)[:, 0]
 
     def step(self) -> Tensor:
-        """Advance every row by one step of its own sampler; returns the rows' denoised latents."""
+        """Advance every row by one step of its own sampler; returns the rows' denoised latents.
+
+        Nothing changes until every part has succeeded: the new state is assigned at the end, and
+        the ancestral generators are rewound if a later part fails, so a retried step draws the
+        same noise.
+        """
         sigma, sigma_next = self.sigmas()
         denoised = self.denoiser(self.x, sigma, self.cond)
+        generators = [g for group in self.groups if group.sampler.ancestral
+                      for entry in group.entries for g in entry.job.generators]
+        rewind = [(g, g.get_state()) for g in generators]  # CPU generators: no device sync
+        try:
+            x_next = self._advance(denoised, sigma, sigma_next)
+        except BaseException:
+            for g, state in rewind:
+                g.set_state(state)
+            raise
+        self.x, self.old_denoised, self.old_sigma = x_next, denoised, sigma
+        self.step_index = self.step_index + 1
+        for entry in self.entries:
+            entry.step += 1
+        return denoised
+
+    def _advance(self, denoised: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
         x_next = self.x if len(self.groups) == 1 else torch.empty_like(self.x)
         for group in self.groups:
             noise = None
@@ -155,11 +202,7 @@ class Batch:
                 x_next = advanced
             else:
                 x_next[group.index] = advanced
-        self.x, self.old_denoised, self.old_sigma = x_next, denoised, sigma
-        self.step_index = self.step_index + 1
-        for entry in self.entries:
-            entry.step += 1
-        return denoised
+        return x_next
 
     def nonfinite_entries(self) -> list[Entry]:
         """Jobs with a NaN/inf in their rows (one host sync: call every few steps, not every step)."""

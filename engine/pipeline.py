@@ -2,8 +2,9 @@
 
 A job is prepared (:meth:`Pipeline.txt2img` / :meth:`Pipeline.img2img`), denoised in a
 :class:`~engine.batch.Batch` (alone, or among other members' jobs in the worker), then finished
-(:meth:`Pipeline.finish`: VAE decode and PNG metadata). :meth:`Pipeline.generate` runs all three
-for one job without a thread, which is what tests and the one-at-a-time benchmark use.
+(:meth:`Pipeline.decode`, with a float32 retry for a low-precision VAE's NaN or black images, and
+:meth:`Pipeline.finish` for PNG metadata). :meth:`Pipeline.generate` runs all three for one job
+without a thread, which is what tests and the one-at-a-time benchmark use.
 
 Randomness comes only from the request's seeds: image ``i`` of a job has its own CPU
 ``torch.Generator`` seeded with ``seed + i``, which draws the initial noise and then any
@@ -12,7 +13,9 @@ ancestral noise, so an image never depends on the device's RNG or on what shared
 
 from __future__ import annotations
 
+import copy
 import io
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -33,8 +36,14 @@ from engine.types import GeneratedImage, GenerationRequest, GenerationResult
 if TYPE_CHECKING:
     from engine.loading import LoadedModel
 
+log = logging.getLogger(__name__)
+
 #: VAE decodes at most this many images at once (its activations at full size are large).
 DECODE_CHUNK = 4
+#: A decoded image whose every value is at most this is black (0 or 1 of 255 once rounded).
+BLACK = -1 + 1.5 / 127.5
+#: Latents with a spread below this are flat, and may well decode to black.
+FLAT_LATENTS = 1e-2
 
 
 @dataclass
@@ -101,6 +110,7 @@ class Pipeline:
         self.vae_dtype = torch.float32 if (model.dtype == torch.float16 and model.vae.config.force_upcast) else model.dtype
         if model.vae.dtype != self.vae_dtype:
             model.vae.to(self.vae_dtype)
+        self._vae_fp32 = None  # made on the first image the low-precision VAE gets wrong
         if self.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)
 
@@ -188,16 +198,45 @@ class Pipeline:
     # ------------------------------------------------------------------ finishing a job
 
     @torch.inference_mode()
-    def decode(self, latents: Tensor) -> list[Image.Image]:
-        """Scaled latents [n, C, h, w] -> n RGB images, decoded in chunks."""
-        shift = getattr(self.model.vae.config, "shift_factor", None) or 0.0
+    def decode(self, latents: Tensor, chunk_size: int = DECODE_CHUNK) -> list[Image.Image | None]:
+        """Scaled latents [n, C, h, w] -> n RGB images, decoded in chunks.
+
+        A float16/bfloat16 VAE can overflow into NaN/inf, or into black once clamped: such images
+        are decoded again by a float32 copy of the VAE. An image still NaN/inf after that is None.
+        A float32 image that is black is kept: at full precision it is what the model made.
+        """
         images = []
-        for chunk in latents.split(DECODE_CHUNK):
-            chunk = (chunk / self.model.vae_scaling_factor + shift).to(self.vae_dtype)
-            pixels = self.model.vae.decode(chunk, return_dict=False)[0]
-            pixels = ((pixels.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
-            images += [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+        for chunk in latents.split(chunk_size):
+            pixels = self._vae_decode(self.model.vae, chunk)
+            bad = ~torch.isfinite(pixels).flatten(1).all(1)
+            if self.vae_dtype != torch.float32:
+                black = pixels.flatten(1).amax(1) <= BLACK
+                bad |= black & (chunk.flatten(1).std(1) > FLAT_LATENTS)
+            retry = [i for i, invalid in enumerate(bad.tolist()) if invalid]  # host sync: after the steps
+            if retry and self.vae_dtype != torch.float32:
+                log.warning("%d image(s) invalid from the %s VAE; decoding them again in float32",
+                            len(retry), str(self.vae_dtype).removeprefix("torch."))
+                pixels[retry] = self._vae_decode(self.float32_vae(), chunk[retry])
+                bad = ~torch.isfinite(pixels).flatten(1).all(1)
+            pixels = ((pixels.nan_to_num() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
+            images += [None if invalid else Image.fromarray(p.permute(1, 2, 0).numpy())
+                       for p, invalid in zip(pixels, bad.tolist())]
         return images
+
+    def _vae_decode(self, vae, latents: Tensor) -> Tensor:
+        """Scaled latents -> float32 pixels in [-1, 1] (NaN/inf passed through, for the caller to see)."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        z = (latents / self.model.vae_scaling_factor + shift).to(vae.dtype)
+        return vae.decode(z, return_dict=False)[0].float()
+
+    def float32_vae(self):
+        """The VAE in float32: the model's own when it already is, else a copy made once."""
+        if self.vae_dtype == torch.float32:
+            return self.model.vae
+        if self._vae_fp32 is None:
+            with torch.inference_mode(False):  # real parameters, usable in and out of inference mode
+                self._vae_fp32 = copy.deepcopy(self.model.vae).to(torch.float32).requires_grad_(False)
+        return self._vae_fp32
 
     def finish(self, job: PreparedJob, images: list[Image.Image]) -> GenerationResult:
         """PNG bytes with AUTOMATIC1111 parameters for each decoded image."""
@@ -220,12 +259,34 @@ class Pipeline:
             batch.step()
         latents = batch.remove(job)
         check_finite(job, latents)
-        return self.finish(job, self.decode(latents))
+        images = self.decode(latents)
+        if None in images:
+            raise decode_error(job)
+        return self.finish(job, images)
 
 
 def nan_error(job: PreparedJob) -> GenerationError:
     return GenerationError(
         f"Job {job.request.job_id} produced invalid numbers (NaN); try a lower guidance scale or another sampler."
+    )
+
+
+def decode_error(job: PreparedJob) -> GenerationError:
+    return GenerationError(
+        f"Job {job.request.job_id}: the image decoder (VAE) produced invalid numbers (NaN) even at full "
+        "precision; try another seed or a lower guidance scale."
+    )
+
+
+def out_of_memory_error(request: GenerationRequest) -> GenerationError:
+    size = f"{request.width}x{request.height}"
+    what = f"a {size} image" if request.count == 1 else f"{request.count} images of {size}"
+    return GenerationError(f"Out of GPU memory for {what}: try a smaller size or fewer images.")
+
+
+def timeout_error(request: GenerationRequest, limit: float) -> GenerationError:
+    return GenerationError(
+        f"Job {request.job_id} took longer than {limit:g} s; try fewer steps or a smaller size."
     )
 
 

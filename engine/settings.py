@@ -1,4 +1,4 @@
-"""The engine's part of ``config.toml``: ``[model]``, ``[engine]`` and ``[generation]``.
+"""The engine's part of ``config.toml``: ``[model]``, ``[models.<name>]``, ``[engine]``, ``[generation]``.
 
 Parsed once into frozen dataclasses and passed in. Every check names the key, the value and
 what is allowed, so a wrong value gives one clear line and nothing starts half-configured.
@@ -8,7 +8,7 @@ The bot's own sections are parsed in ``bot/config.py``; ``python -m engine`` rea
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ class ModelSettings:
     name: str = ""
     family: str = "auto"
     prediction_type: str = "auto"
+    embeddings_dir: str = ""  # textual-inversion embeddings, found in prompts by file name
+    lora_dir: str = ""  # LoRA files, used in prompts as <lora:NAME:WEIGHT>
 
     @property
     def display_name(self) -> str:
@@ -40,6 +42,9 @@ class EngineSettings:
     dtype: str = "auto"
     max_batch: int = 8
     preview_every: int = 2
+    job_timeout: float = 600.0  # seconds a job may run in the worker; 0: no limit
+    max_loaded_models: int = 1  # models kept on the device at once; the least recently used leaves
+    model_switch_after: float = 120.0  # seconds a job for another model waits before it gets its turn
 
 
 @dataclass(frozen=True)
@@ -64,9 +69,16 @@ class GenerationSettings:
 class Settings:
     """The sections the engine needs, as one value."""
 
-    model: ModelSettings
+    model: ModelSettings  # the default model: ``[model]``, else the first ``[models.<name>]``
     engine: EngineSettings
     generation: GenerationSettings
+    models: tuple[ModelSettings, ...] = ()  # the other models, besides the default
+
+    @property
+    def all_models(self) -> tuple[ModelSettings, ...]:
+        """Every configured model, the default first; names are unique."""
+        default = self.model.display_name
+        return (self.model, *(m for m in self.models if m.display_name != default))
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -137,21 +149,64 @@ def check(condition: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key} = {value!r}: not allowed; {allowed}")
 
 
+def parse_models(raw: dict[str, Any]) -> tuple[ModelSettings, tuple[ModelSettings, ...]]:
+    """The default model and the others.
+
+    ``[model]`` is the default, named by its display name; each ``[models.<name>]`` adds one model
+    called ``<name>``. Without ``[model]`` the first ``[models.<name>]`` is the default; with
+    neither, the default ``[model]`` (SD 1.5 from the hub).
+    """
+    tables = raw.get("models", {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError("[models] must hold one table per model, e.g. [models.anime] with source = \"...\"")
+    named = []
+    for name, table in tables.items():
+        check(0 < len(name) <= 100 and name.strip() == name and "\n" not in name, "models", name,
+              "model names are 1 to 100 characters, without leading or trailing spaces")
+        check("name" not in table, f"models.{name}.name", table.get("name"),
+              "the table's own name is the model's name; remove this key")
+        model = section({f"models.{name}": table}, f"models.{name}", ModelSettings)
+        named.append(replace(model, name=name))
+    if "model" in raw or not named:
+        default, others = section(raw, "model", ModelSettings), named
+    else:
+        default, others = named[0], named[1:]
+    seen: set[str] = set()
+    for model in (default, *others):
+        key = "model" if model is default and "model" in raw else f"models.{model.display_name}"
+        check(model.display_name not in seen, key, model.display_name,
+              "each model needs its own name (the default [model] is named by model.name or its file name)")
+        seen.add(model.display_name)
+        _check_model(key, model)
+    return default, tuple(others)
+
+
+def _check_model(key: str, model: ModelSettings) -> None:
+    check(bool(model.source.strip()), f"{key}.source", model.source,
+          "give a hub id, a diffusers folder or a .safetensors file")
+    check(model.family in FAMILIES, f"{key}.family", model.family, f"one of {', '.join(FAMILIES)}")
+    check(model.prediction_type in PREDICTION_TYPES, f"{key}.prediction_type", model.prediction_type,
+          f"one of {', '.join(PREDICTION_TYPES)}")
+    for folder in ("embeddings_dir", "lora_dir"):
+        value = getattr(model, folder)
+        check(not value or not Path(value).expanduser().is_file(), f"{key}.{folder}", value,
+              "a folder (or \"\" for none), not a file")
+
+
 def parse_engine_sections(raw: dict[str, Any]) -> Settings:
-    model: ModelSettings = section(raw, "model", ModelSettings)
+    model, models = parse_models(raw)
     engine: EngineSettings = section(raw, "engine", EngineSettings)
     gen: GenerationSettings = section(raw, "generation", GenerationSettings)
 
-    check(bool(model.source.strip()), "model.source", model.source,
-          "give a hub id, a diffusers folder or a .safetensors file")
-    check(model.family in FAMILIES, "model.family", model.family, f"one of {', '.join(FAMILIES)}")
-    check(model.prediction_type in PREDICTION_TYPES, "model.prediction_type", model.prediction_type,
-          f"one of {', '.join(PREDICTION_TYPES)}")
     check(engine.device in DEVICES or engine.device.startswith("cuda:"), "engine.device", engine.device,
           "auto, cpu, cuda, cuda:N or mps")
     check(engine.dtype in DTYPES, "engine.dtype", engine.dtype, f"one of {', '.join(DTYPES)}")
     check(1 <= engine.max_batch <= 256, "engine.max_batch", engine.max_batch, "1 to 256")
     check(engine.preview_every >= 0, "engine.preview_every", engine.preview_every, "0 (never) or more")
+    check(engine.job_timeout >= 0, "engine.job_timeout", engine.job_timeout, "seconds, 0 (no limit) or more")
+    check(1 <= engine.max_loaded_models <= 16, "engine.max_loaded_models", engine.max_loaded_models, "1 to 16")
+    check(engine.model_switch_after >= 0, "engine.model_switch_after", engine.model_switch_after,
+          "seconds, 0 or more")
 
     check(1 <= gen.max_steps <= 500, "generation.max_steps", gen.max_steps, "1 to 500")
     check(1 <= gen.default_steps <= gen.max_steps, "generation.default_steps", gen.default_steps,
@@ -177,7 +232,7 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
           f"one of generation.samplers ({', '.join(gen.samplers)})")
     check(1 <= gen.max_count <= 4, "generation.max_count", gen.max_count, "1 to 4")
     check(0 < gen.default_strength <= 1, "generation.default_strength", gen.default_strength, "above 0, at most 1")
-    return Settings(model=model, engine=engine, generation=gen)
+    return Settings(model=model, engine=engine, generation=gen, models=models)
 
 
 def parse_queue_section(raw: dict[str, Any]) -> QueueSettings:

@@ -10,15 +10,29 @@ is computed row by row.
 asyncio code awaits :meth:`EngineWorker.generate`; results and progress reach the event loop
 thread-safely (``loop.call_soon_threadsafe`` and ``asyncio.wrap_future``). Cancelling takes a job
 out at the next step boundary; a fault in one job (a NaN, a bad init image) fails that job only.
+
+Faults of the device do not stop the thread (issue 5):
+
+- Out of GPU memory in a step: the step left the batch as it was, so the worker frees memory,
+  parks the newer half of the rows (their state kept) and goes on with the older ones. That size
+  gets a lower row limit, which doubles back towards ``max_batch`` after calm steps. Only a job
+  that does not fit even alone fails, with a message saying what to ask for instead.
+- NaN or black images from a float16/bfloat16 VAE are decoded again in float32
+  (:meth:`Pipeline.decode`).
+- ``engine.job_timeout``: a job running longer fails at the next step boundary, read from a
+  monotonic clock (injectable, for tests).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import itertools
 import logging
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,13 +40,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.batch import Batch, Entry
+from engine.batch import Batch, Entry, Parked
 from engine.errors import EngineError, GenerationError, JobCancelled
-from engine.pipeline import Pipeline, nan_error
+from engine.pipeline import DECODE_CHUNK, Pipeline, decode_error, nan_error, out_of_memory_error, timeout_error
 from engine.preview import preview_png
 from engine.types import GenerationRequest, GenerationResult, Progress
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from engine.loading import LoadedModel
     from engine.settings import EngineSettings, GenerationSettings
 
@@ -40,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: Look for NaN/inf in the running batch every this many steps: each look is one host sync.
 NAN_CHECK_EVERY = 8
+#: After running out of GPU memory, lowered row limits double back every this many good steps.
+OOM_CALM_STEPS = 50
 
 ProgressSink = Callable[[Progress], None]
 
@@ -52,6 +70,7 @@ class Ticket:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     notify: ProgressSink | None = None  # already thread-safe for its receiver
     cancelled: bool = False
+    deadline: float = math.inf  # on the worker's clock, set when the worker starts the job
 
     @property
     def size(self) -> tuple[int, int]:
@@ -70,13 +89,20 @@ class Ticket:
 class EngineWorker:
     """Runs generation requests on one thread, batching jobs of different members together."""
 
-    def __init__(self, model: LoadedModel, settings: EngineSettings, gen: GenerationSettings) -> None:
+    def __init__(self, model: LoadedModel, settings: EngineSettings, gen: GenerationSettings, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings, self.gen = settings, gen
+        self.clock = clock
         self.pipeline = Pipeline(model)
         self._lock = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._admitting: list[Ticket] = []  # taken from the queue, being prepared
         self._active: dict[int, Ticket] = {}  # id(PreparedJob) -> its ticket
+        # The worker thread's own: jobs parked after an out-of-memory (they go before any waiting
+        # job), and lowered row limits per image size, with the good steps since the last one.
+        self._parked: list[Parked] = []
+        self._row_limits: dict[tuple[int, int], int] = {}
+        self._calm_steps = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._steps = itertools.count(1)
@@ -164,9 +190,11 @@ class EngineWorker:
         try:
             with torch.inference_mode():
                 while (admitted := self._next_admissions(batch)) is not None:
-                    for ticket in admitted:
-                        self._admit(batch, ticket)
-                    self._drop_cancelled(batch)
+                    for i, ticket in enumerate(admitted):
+                        if not self._admit(batch, ticket):
+                            self._put_back(admitted[i:])
+                            break
+                    self._drop_stopped(batch)
                     if batch.entries:
                         self._step(batch)
         except BaseException:
@@ -177,6 +205,7 @@ class EngineWorker:
 
     def _next_admissions(self, batch: Batch) -> list[Ticket] | None:
         """Waiting tickets that join at this step boundary (blocks while idle; None: stop)."""
+        self._resume_parked(batch)
         with self._lock:
             while not self._stopping and not self._waiting and not batch.entries:
                 self._lock.wait()
@@ -185,11 +214,12 @@ class EngineWorker:
             rows = batch.rows
             size = self._batch_size(batch)
             taken: list[Ticket] = []
-            for ticket in list(self._waiting):
+            waiting = [] if self._parked else list(self._waiting)  # parked jobs are older: none overtakes them
+            for ticket in waiting:
                 size = size or ticket.size
                 # Stop at the first job that cannot join: later arrivals must not overtake it,
                 # so the batch drains and that job goes next.
-                if ticket.size != size or (rows and rows + ticket.request.count > self.settings.max_batch):
+                if ticket.size != size or (rows and rows + ticket.request.count > self._row_limit(size)):
                     break
                 self._waiting.remove(ticket)
                 taken.append(ticket)
@@ -197,46 +227,100 @@ class EngineWorker:
             self._admitting = list(taken)
             return taken
 
+    def _resume_parked(self, batch: Batch) -> None:
+        """Parked jobs rejoin, oldest first, as the row limit allows (always, into an empty batch)."""
+        while self._parked:
+            parked = self._parked[0]
+            rows = parked.entry.job.rows
+            if batch.entries and batch.rows + rows > self._row_limit(self._batch_size(batch)):
+                return
+            batch.resume(self._parked.pop(0))
+
+    def _row_limit(self, size: tuple[int, int]) -> int:
+        return min(self.settings.max_batch, self._row_limits.get(size, self.settings.max_batch))
+
     def _batch_size(self, batch: Batch) -> tuple[int, int] | None:
         if not batch.entries:
             return None
         request = batch.entries[0].job.request
         return request.width, request.height
 
-    def _admit(self, batch: Batch, ticket: Ticket) -> None:
-        """Prepare a job (prompt encoding, noise, init image) and add its rows to the batch."""
+    def _admit(self, batch: Batch, ticket: Ticket) -> bool:
+        """Prepare a job (prompt encoding, noise, init image) and add its rows to the batch.
+
+        False when the device ran out of memory while other jobs hold some: the ticket is to go
+        back in line, and joins once the batch has drained a little.
+        """
+        timeout = self.settings.job_timeout
+        ticket.deadline = self.clock() + timeout if timeout else math.inf
+        out_of_memory = False
         try:
             job = self.pipeline.prepare(ticket.request)
+        except torch.OutOfMemoryError:
+            job, error, out_of_memory = None, out_of_memory_error(ticket.request), True
         except EngineError as e:
             job, error = None, e
         except Exception as e:
             log.exception("preparing job %s failed", ticket.request.job_id)
             job, error = None, GenerationError(f"Preparing the job failed ({type(e).__name__}: {e}).")
+        if out_of_memory:
+            self._free_memory()
+            if batch.entries:
+                self._row_limits[ticket.size] = max(1, batch.rows)  # nothing more joins until some leave
+                return False
         with self._lock:
             self._admitting.remove(ticket)
             if job is not None:
                 self._active[id(job)] = ticket
         if job is None:
             ticket.settle(error=error)
-            return
+            return True
         batch.add(job)  # a cancel that came during preparation takes it out before its first step
+        return True
 
-    def _drop_cancelled(self, batch: Batch) -> None:
+    def _put_back(self, tickets: list[Ticket]) -> None:
+        with self._lock:
+            for ticket in tickets:
+                self._admitting.remove(ticket)
+            self._waiting.extendleft(reversed(tickets))
+
+    def _drop_stopped(self, batch: Batch) -> None:
+        """Jobs cancelled or past their time limit leave at this step boundary, parked ones too."""
+        now = self.clock()
         for entry in list(batch.entries):
-            ticket = self._active[id(entry.job)]
-            if ticket.cancelled:
-                self._retire(batch, entry, error=JobCancelled(f"Job {ticket.request.job_id} was cancelled."))
+            if (error := self._stop_reason(entry, now)) is not None:
+                self._retire(batch, entry, error=error)
+        for parked in list(self._parked):
+            if (error := self._stop_reason(parked.entry, now)) is not None:
+                self._parked.remove(parked)
+                self._settle(parked.entry, error=error)
+
+    def _stop_reason(self, entry: Entry, now: float) -> EngineError | None:
+        ticket = self._active[id(entry.job)]
+        if ticket.cancelled:
+            return JobCancelled(f"Job {ticket.request.job_id} was cancelled.")
+        if now > ticket.deadline:
+            log.warning("job %s passed the %g s time limit at step %d of %d", ticket.request.job_id,
+                        self.settings.job_timeout, entry.step, entry.job.total_steps)
+            return timeout_error(ticket.request, self.settings.job_timeout)
+        return None
 
     def _step(self, batch: Batch) -> None:
         """One denoising step for every row, then progress, NaN isolation and finished jobs."""
         try:
             denoised = batch.step()
+        except torch.OutOfMemoryError:
+            denoised = None  # handled below, once the exception and the step's tensors are let go
         except Exception as e:
-            # The shared UNet call failed (out of memory, say): nothing in this batch can go on.
+            # The shared UNet call failed: nothing in this batch can go on.
             log.exception("denoising step failed for jobs %s", [e.job.request.job_id for e in batch.entries])
             for entry in list(batch.entries):
                 self._retire(batch, entry, error=GenerationError(f"The denoising step failed ({type(e).__name__})."))
             return
+        if denoised is None:
+            self._out_of_memory(batch)
+            return
+        self._calm_down()
         self._report_progress(batch, denoised)
         if next(self._steps) % NAN_CHECK_EVERY == 0:
             for entry in batch.nonfinite_entries():
@@ -244,6 +328,46 @@ class EngineWorker:
         finished = [entry for entry in batch.entries if entry.done]
         if finished:
             self._finish(batch, finished)
+
+    def _out_of_memory(self, batch: Batch) -> None:
+        """A step did not fit (and changed nothing): go on with the older half of the rows.
+
+        The newer jobs are parked with their state and rejoin as the lowered limit allows; a job
+        alone in the batch cannot be made smaller, so it fails with a message saying so.
+        """
+        self._free_memory()
+        size, rows = self._batch_size(batch), batch.rows
+        self._row_limits[size] = limit = max(1, rows // 2)
+        self._calm_steps = 0
+        if len(batch.entries) == 1:
+            entry = batch.entries[0]
+            log.warning("out of GPU memory for job %s alone (%d rows of %dx%d)",
+                        entry.job.request.job_id, rows, *size)
+            self._retire(batch, entry, error=out_of_memory_error(entry.job.request))
+            return
+        keep, kept_rows = 1, batch.entries[0].job.rows
+        while keep < len(batch.entries) and kept_rows + batch.entries[keep].job.rows <= limit:
+            kept_rows += batch.entries[keep].job.rows
+            keep += 1
+        parking = batch.entries[keep:]
+        log.warning("out of GPU memory at %d rows of %dx%d; going on with %d, parking jobs %s", rows, *size,
+                    kept_rows, [entry.job.request.job_id for entry in parking])
+        self._parked[:0] = [batch.park(entry.job) for entry in parking]
+
+    def _calm_down(self) -> None:
+        """After enough good steps, lowered row limits double back towards max_batch."""
+        if not self._row_limits:
+            return
+        self._calm_steps += 1
+        if self._calm_steps % OOM_CALM_STEPS == 0:
+            self._row_limits = {size: limit * 2 for size, limit in self._row_limits.items()
+                                if limit * 2 < self.settings.max_batch}
+
+    def _free_memory(self) -> None:
+        """Give the allocator back what a failed call left (its tensors are unreachable by now)."""
+        gc.collect()  # tracebacks and frames in reference cycles can hold activations
+        if self.pipeline.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _report_progress(self, batch: Batch, denoised: torch.Tensor) -> None:
         every = self.settings.preview_every
@@ -279,19 +403,35 @@ class EngineWorker:
         if not good:
             return
         try:
-            images = self.pipeline.decode(torch.cat([latents[id(entry.job)] for entry in good]))
+            images = self._decode(torch.cat([latents[id(entry.job)] for entry in good]))
         except Exception as e:
             log.exception("VAE decode failed")
             for entry in good:
                 self._settle(entry, error=GenerationError(f"Decoding the image failed ({type(e).__name__})."))
             return
         for entry in good:
+            if images is None:
+                self._settle(entry, error=out_of_memory_error(entry.job.request))
+                continue
             mine, images = images[: entry.job.rows], images[entry.job.rows :]
+            if None in mine:
+                self._settle(entry, error=decode_error(entry.job))
+                continue
             try:
                 self._settle(entry, result=self.pipeline.finish(entry.job, mine))
             except Exception as e:
                 log.exception("finishing job %s failed", entry.job.request.job_id)
                 self._settle(entry, error=GenerationError(f"Saving the image failed ({type(e).__name__})."))
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image | None] | None:
+        """Decode, one image at a time after running out of memory; None if even that does not fit."""
+        for chunk_size in (DECODE_CHUNK, 1):
+            try:
+                return self.pipeline.decode(latents, chunk_size)
+            except torch.OutOfMemoryError:
+                log.warning("out of GPU memory decoding %d image(s), %d at a time", len(latents), chunk_size)
+            self._free_memory()
+        return None
 
     def _retire(self, batch: Batch, entry: Entry, *, error: BaseException) -> None:
         batch.remove(entry.job)
@@ -307,6 +447,8 @@ class EngineWorker:
         """Whatever is left when the thread ends gets an answer, never silence."""
         for entry in list(batch.entries):
             self._retire(batch, entry, error=JobCancelled("The engine stopped before the job finished."))
+        while self._parked:
+            self._settle(self._parked.pop().entry, error=JobCancelled("The engine stopped before the job finished."))
         with self._lock:
             self._stopping = True
         self._cancel_waiting()
