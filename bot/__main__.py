@@ -64,17 +64,19 @@ async def run(config: Config, *, engine: bool = True) -> int:
         except ConfigError as e:  # e.g. engine.device = "cuda" on a machine without one
             print(f"error: {e}", file=sys.stderr)
             return 2
+        from engine.models import ModelTurns
         from engine.runner import QueueRunner, worker_identity
 
         # Jobs our previous run left running go back in line now, not when their lease ends.
         worker_id, prefix = worker_identity("bot")
         recovered = await asyncio.to_thread(queue.recover_all_running, worker_prefix=prefix)
         if recovered:
-            log.info("%d job(s) from a previous run were put back in line", recovered)
+            log.info("%d job(s) left running by a previous run were recovered", recovered)
         worker.start()
         runner = QueueRunner(queue, worker, worker_id=worker_id, max_in_flight=config.engine.max_batch,
                              heartbeat_interval=config.queue.lease_seconds / 4,
-                             listen=config.queue.database_url.startswith("postgresql"))
+                             listen=config.queue.database_url.startswith("postgresql"),
+                             turns=ModelTurns.for_pool(worker.models, config.engine))
 
     from bot.client import SDBot
 
@@ -109,12 +111,14 @@ async def run(config: Config, *, engine: bool = True) -> int:
 
 def _load_engine(config: Config):  # -> tuple[EngineWorker, tokenizer | None]
     """Load the model (slow: runs in a thread) and make the engine worker."""
-    from engine.loading import load_configured_model
+    from engine.models import ModelPool
     from engine.worker import EngineWorker
 
-    model = load_configured_model(config.model, config.engine)
+    models = (config.model, *config.models)
+    worker = EngineWorker(ModelPool.configured(models, config.engine), config.engine, config.generation)
+    model = worker.pipeline.model  # the default model, loaded now so that a bad one stops the start
     tokenizer = model.tokenizers[0] if model.tokenizers else None
-    return EngineWorker(model, config.engine, config.generation), tokenizer
+    return worker, tokenizer
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ the option types from the annotations, which here are built from the configurati
 """
 
 import asyncio
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +19,10 @@ import discord
 from discord import app_commands
 from discord.app_commands import Choice, Transform
 
-from bot import render
-from bot.inputs import BadInput, check_attachment_meta, check_prompt, load_init_image
+from bot import community, render
+from bot.checks import within_deadline
+from bot.inputs import (PILLOW_FORMATS, BadInput, check_attachment_meta, check_prompt, check_prompt_tokens,
+                        load_init_image, warm_up_token_counter)
 from bot.jobs import SEED_MAX, new_seed
 from bot.views import describe_buttons
 from db.models import JobKind
@@ -28,6 +31,8 @@ from engine.types import SAMPLER_NAMES
 
 if TYPE_CHECKING:
     from bot.client import SDBot
+
+log = logging.getLogger(__name__)
 
 
 class Bounded(app_commands.Transformer):
@@ -49,7 +54,9 @@ class Bounded(app_commands.Transformer):
         return self.high
 
     def allowed(self) -> str:
-        return f"`{self.name}` must be a {'whole ' if self.kind is int else ''}number from {self.low:g} to {self.high:g}"
+        if self.kind is int:  # every digit: "0 to 4294967295", not "4.29497e+09"
+            return f"`{self.name}` must be a whole number from {int(self.low)} to {int(self.high)}"
+        return f"`{self.name}` must be a number from {self.low:g} to {self.high:g}"
 
     async def transform(self, interaction: discord.Interaction, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -73,7 +80,7 @@ class OneOf(app_commands.Transformer):
         return [Choice(name=label, value=value) for value, label in self.values.items()]
 
     async def transform(self, interaction: discord.Interaction, value: Any) -> str:
-        if value not in self.values:
+        if not isinstance(value, str) or value not in self.values:
             raise BadInput(f"`{self.name}` must be one of: {', '.join(self.values)}.")
         return value
 
@@ -81,8 +88,9 @@ class OneOf(app_commands.Transformer):
 class Text(app_commands.Transformer):
     """A prompt: invisible characters removed, empty (when required) or over-long refused."""
 
-    def __init__(self, name: str, max_chars: int, required: bool) -> None:
+    def __init__(self, name: str, max_chars: int, required: bool, label: str | None = None) -> None:
         self.name, self.max_chars, self.required = name, max_chars, required
+        self.label = label or name  # how messages call it: "the negative prompt"
 
     @property
     def max_value(self) -> int:  # for strings, discord.py sends it as max_length
@@ -91,11 +99,23 @@ class Text(app_commands.Transformer):
     async def transform(self, interaction: discord.Interaction, value: Any) -> str:
         if not isinstance(value, str):
             raise BadInput(f"`{self.name}` must be text.")
-        return check_prompt(value, max_chars=self.max_chars, name=self.name, required=self.required)
+        return check_prompt(value, max_chars=self.max_chars, name=self.label, required=self.required)
 
 
-#: Seconds an upload may take to download and decode before we acknowledge the command.
-PREPARE_BUDGET = 1.5
+class ModelName(app_commands.Transformer):
+    """A configured model's name, offered by autocomplete (names can outnumber Discord's 25 choices)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    async def autocomplete(self, interaction: discord.Interaction, value: Any) -> list[Choice[str]]:
+        typed = str(value or "").lower()
+        return [Choice(name=name, value=name) for name in self.names if typed in name.lower()][:25]
+
+    async def transform(self, interaction: discord.Interaction, value: Any) -> str:
+        if not isinstance(value, str) or value not in self.names:
+            raise BadInput(f"`model` must be one of: {', '.join(self.names)}.")
+        return value
 
 
 def size_choices(gen: GenerationSettings) -> dict[str, str]:
@@ -104,10 +124,11 @@ def size_choices(gen: GenerationSettings) -> dict[str, str]:
 
 def build_commands(bot: "SDBot") -> list[app_commands.Command]:
     """The bot's slash commands, with the limits from ``bot.config``."""
+    _warm_up_token_counter()
     gen = bot.config.generation
     max_chars = bot.config.discord.max_prompt_chars
     Prompt = Text("prompt", max_chars, True)
-    Negative = Text("negative", max_chars, False)
+    Negative = Text("negative", max_chars, False, label="negative prompt")
     Seed = Bounded("seed", int, 0, SEED_MAX)
     Steps = Bounded("steps", int, 1, gen.max_steps)
     Guidance = Bounded("guidance", float, 0, gen.max_guidance)
@@ -115,6 +136,7 @@ def build_commands(bot: "SDBot") -> list[app_commands.Command]:
     Strength = Bounded("strength", float, 0.05, 1.0)
     Size = OneOf("size", size_choices(gen))
     Sampler = OneOf("sampler", {s: SAMPLER_NAMES[s] for s in gen.samplers})
+    Model = ModelName(bot.config.model_names)
     described = dict(
         prompt="What to draw",
         negative="What to keep out of the image",
@@ -125,18 +147,20 @@ def build_commands(bot: "SDBot") -> list[app_commands.Command]:
         sampler=f"Sampler (default {SAMPLER_NAMES[gen.default_sampler]})",
         count=f"Images to make (1 to {gen.max_count}, default 1)",
     )
+    model_help = f"Model (default {bot.config.model.display_name}); LoRA: <lora:name:0.8> in the prompt"
 
     @app_commands.command(name="imagine", description="Make images from a text prompt")
-    @app_commands.describe(**described)
+    @app_commands.describe(**described, model=model_help)
     async def imagine(interaction: discord.Interaction, prompt: Transform[str, Prompt],
                       negative: Transform[str, Negative] = "", seed: Transform[int, Seed] = None,
                       steps: Transform[int, Steps] = None, guidance: Transform[float, Guidance] = None,
                       size: Transform[str, Size] = None, sampler: Transform[str, Sampler] = None,
-                      count: Transform[int, Count] = 1) -> None:
-        fields = generation_fields(gen, prompt=prompt, negative=negative, seed=seed, steps=steps,
-                                   guidance=guidance, size=size, sampler=sampler, count=count)
-        await bot.guarded(interaction, bot.submit(interaction, fields | dict(kind=JobKind.txt2img),
-                                                  note=bot.truncation_note(prompt)))
+                      count: Transform[int, Count] = 1, model: Transform[str, Model] = None) -> None:
+        fields = generation_fields(gen, **await community.check_new_job(interaction, gen, dict(
+            prompt=prompt, negative=negative, seed=seed, steps=steps, guidance=guidance, size=size, sampler=sampler,
+            count=count)))
+        await bot.guarded(interaction, _imagine(bot, interaction, fields | dict(kind=JobKind.txt2img, model=model),
+                                                negative))
 
     @app_commands.command(name="img2img", description="Make images from an uploaded image and a prompt")
     @app_commands.describe(image="A PNG, JPEG or WebP image",
@@ -147,9 +171,10 @@ def build_commands(bot: "SDBot") -> list[app_commands.Command]:
                       seed: Transform[int, Seed] = None, steps: Transform[int, Steps] = None,
                       guidance: Transform[float, Guidance] = None, size: Transform[str, Size] = None,
                       sampler: Transform[str, Sampler] = None, count: Transform[int, Count] = 1) -> None:
-        await bot.guarded(interaction, _img2img(bot, interaction, image, strength, size, generation_fields(
-            gen, prompt=prompt, negative=negative, seed=seed, steps=steps, guidance=guidance, size=size,
-            sampler=sampler, count=count)))
+        await bot.guarded(interaction, _img2img(bot, interaction, image, strength, size, negative, generation_fields(
+            gen, **await community.check_new_job(interaction, gen, dict(
+                prompt=prompt, negative=negative, seed=seed, steps=steps, guidance=guidance, size=size,
+                sampler=sampler, count=count), img2img=True))))
 
     @app_commands.command(name="queue", description="Your jobs and their places in line")
     async def queue(interaction: discord.Interaction) -> None:
@@ -167,10 +192,25 @@ def build_commands(bot: "SDBot") -> list[app_commands.Command]:
 
     @app_commands.command(name="help", description="What the bot can do, and its limits")
     async def help_(interaction: discord.Interaction) -> None:
-        text = help_text([imagine, img2img, queue, cancel, info], bot)
+        text = help_text([imagine, img2img, queue, cancel, info, *community.commands_of(bot)], bot)
         await interaction.response.send_message(embed=discord.Embed(title="Stable Diffusion bot", description=text),
                                                 ephemeral=True)
-    return [imagine, img2img, queue, cancel, info, help_]
+    return [imagine, img2img, queue, cancel, info, help_, *community.attach(bot)]
+
+
+def _warm_up_token_counter() -> None:
+    """Build the tokenizer that counts prompt tokens now, in a thread (about a second), rather
+    than while the first member's command waits on it."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # built outside the bot (a test): the first count builds it
+        return
+    loop.run_in_executor(None, warm_up_token_counter).add_done_callback(_log_warm_up)
+
+
+def _log_warm_up(future: "asyncio.Future[Any]") -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("the prompt token counter could not be built", exc_info=future.exception())
 
 
 def generation_fields(gen: GenerationSettings, *, prompt: str, negative: str, seed: int | None,
@@ -191,40 +231,45 @@ def generation_fields(gen: GenerationSettings, *, prompt: str, negative: str, se
     )
 
 
+async def _imagine(bot: "SDBot", interaction: discord.Interaction, fields: dict[str, Any], negative: str) -> None:
+    """Refuse prompts too long for the engine, then queue the job (with a note on long prompts)."""
+    note = await within_deadline(bot, interaction, asyncio.to_thread(check_prompt_tokens, fields["prompt"], negative))
+    await bot.submit(interaction, fields, note=note)
+
+
 async def _img2img(bot: "SDBot", interaction: discord.Interaction, image: discord.Attachment,
-                   strength: float | None, size: str | None, fields: dict[str, Any]) -> None:
+                   strength: float | None, size: str | None, negative: str, fields: dict[str, Any]) -> None:
     """Check the upload before downloading it, then decode it safely and queue the job."""
     dc, gen = bot.config.discord, bot.config.generation
     check_attachment_meta(filename=image.filename, content_type=image.content_type, size=image.size,
                           url=image.url, allowed_types=dc.allowed_image_types, max_bytes=dc.max_attachment_bytes,
                           allowed_hosts=bot.allowed_hosts)
-    await bot.check_pending_limit(interaction.user.id)
 
-    async def fetch_and_decode():
+    async def prepare():
+        note = await asyncio.to_thread(check_prompt_tokens, fields["prompt"], negative)
+        await bot.check_pending_limit(interaction.user.id)
         data = await bot.download(image.url, dc.max_attachment_bytes)
         forced = parse_size(size) if size else None
-        return await asyncio.to_thread(load_init_image, data, size=forced, max_width=gen.max_width,
-                                       max_height=gen.max_height, target_area=gen.default_width * gen.default_height)
+        init = await asyncio.to_thread(
+            load_init_image, data, size=forced, max_width=gen.max_width, max_height=gen.max_height,
+            target_area=gen.default_width * gen.default_height,
+            formats=tuple(PILLOW_FORMATS[t] for t in dc.allowed_image_types))
+        return note, init
 
     # Usually this takes a fraction of a second, and a refusal can then be ephemeral. When it
     # takes longer, acknowledge first (Discord allows 3 seconds) and finish afterwards.
-    work = asyncio.ensure_future(fetch_and_decode())
-    try:
-        init = await asyncio.wait_for(asyncio.shield(work), timeout=PREPARE_BUDGET)
-    except TimeoutError:
-        await bot.defer(interaction)
-        init = await work
+    note, init = await within_deadline(bot, interaction, prepare())
     fields |= dict(kind=JobKind.img2img, init_image=init.png, width=init.width, height=init.height,
                    strength=gen.default_strength if strength is None else strength)
-    await bot.submit(interaction, fields, note=bot.truncation_note(fields["prompt"]))
+    await bot.submit(interaction, fields, note=note)
 
 
 def help_text(commands: list[app_commands.Command], bot: "SDBot") -> str:
     """Every command with its options and limits, read from the command definitions."""
     lines = ["**Commands**"]
-    for command in commands:
-        lines.append(f"`/{command.name}`: {command.description}")
-        for p in command.parameters:
+    for command in community.iter_commands(commands):  # groups: each subcommand
+        lines.append(f"`/{command.qualified_name}`: {command.description}")
+        for p in [] if command.parent else command.parameters:  # subcommands: one line, to fit
             limits = []
             if p.choices:
                 limits.append("one of " + ", ".join(str(c.value) for c in p.choices))

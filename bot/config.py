@@ -45,6 +45,13 @@ class Config:
     queue: QueueSettings
     discord: DiscordSettings
     token: str
+    models: tuple[ModelSettings, ...] = ()  # the other models (``[models.<name>]``), besides the default
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every configured model's name, the default first (what ``/imagine model`` offers)."""
+        default = self.model.display_name
+        return (default, *(m.display_name for m in self.models if m.display_name != default))
 
 
 def load_config(path: str | Path = "config.toml", env: Mapping[str, str] = os.environ,
@@ -74,4 +81,4 @@ def load_config(path: str | Path = "config.toml", env: Mapping[str, str] = os.en
                           "(see README, 'Create the Discord application') and run "
                           "`DISCORD_TOKEN=<your bot token> .venv/bin/python -m bot`")
     return Config(model=engine_part.model, engine=engine_part.engine, generation=engine_part.generation,
-                  queue=queue, discord=discord, token=token)
+                  queue=queue, discord=discord, token=token, models=engine_part.models)

@@ -12,8 +12,10 @@ made by workers in other processes are found in the database). It
 Exactly once: the job id is the message ``nonce`` (discord.py sends ``enforce_nonce``), so a
 post retried after a crash within Discord's nonce window returns the first message instead of
 making a second one; for older jobs the channel's recent messages are searched for the job
-before posting again. 429 and 5xx errors are retried with backoff while the job stays stored;
-a deleted channel or missing permissions end the attempts (the job is marked, and logged).
+before posting again. The job is recorded as posted only after its status message shows the
+outcome, so a crash in between repeats both (the post harmlessly). 429 and 5xx errors are
+retried with backoff while the job stays stored; other 4xx (a deleted channel, missing
+permissions) end the attempts (the job is marked, the status message says why, and it is logged).
 """
 
 from __future__ import annotations
@@ -168,28 +170,33 @@ class Delivery:
             await self.deliver(job)
 
     async def deliver(self, job: Job) -> None:
-        """Post one finished job (or tell about its failure), record it, update its status."""
+        """Post one finished job (or tell about its failure), show the outcome in its status
+        message, and only then record it as posted: a crash in between repeats both, and the
+        nonce (or the history check) turns the repeated post into the message made before."""
         status = self._status.get(job.id) or _Status(job)
         status.job = job
+        note = ""
         try:
             message_ids = await self._post(job)
         except discord.HTTPException as e:
-            if isinstance(e, (discord.Forbidden, discord.NotFound)):
-                log.warning("job %s: cannot post in channel %s (%s); giving up", job.id, job.channel_id, e)
-                await asyncio.to_thread(self.queue.mark_posted, job.id, job.channel_id or 0, [])
-                await self._finish_status(status, jump_url=None, note=f"could not post the result here ({e.text or e.status})")
+            if not _permanent(e):
+                self._back_off(job.id, e)
                 return
-            self._back_off(job.id, e)
-            return
+            log.warning("job %s: cannot post in channel %s (%s); giving up", job.id, job.channel_id, e)
+            message_ids, note = [], f"could not post the result here ({e.text or e.status})"
         except (OSError, asyncio.TimeoutError) as e:
             self._back_off(job.id, e)
             return
-        await asyncio.to_thread(self.queue.mark_posted, job.id, job.channel_id, message_ids)
-        self._retry.pop(job.id, None)
         jump = None
         if message_ids:
             jump = f"https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{message_ids[0]}"
-        await self._finish_status(status, jump_url=jump)
+        try:
+            await self._finish_status(status, jump_url=jump, note=note)
+        except (discord.HTTPException, OSError, asyncio.TimeoutError) as e:
+            self._back_off(job.id, e)
+            return
+        await asyncio.to_thread(self.queue.mark_posted, job.id, job.channel_id or 0, message_ids)
+        self._retry.pop(job.id, None)
 
     async def _post(self, job: Job) -> list[int]:
         """Send the result message; the ids of the messages that show it (none for a cancel)."""
@@ -218,9 +225,9 @@ class Delivery:
         """
         if job.id in self._checked_history or job.finished_at is None:
             return None
-        self._checked_history.add(job.id)
         if self.clock() - job.finished_at < NONCE_WINDOW:
             return None
+        self._checked_history.add(job.id)
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
         footer = render.job_title(job)
         try:
@@ -237,7 +244,7 @@ class Delivery:
         delay = RETRY_DELAYS[min(retry.attempts, len(RETRY_DELAYS) - 1)]
         retry.attempts += 1
         retry.not_before = time.monotonic() + delay
-        log.warning("job %s: posting failed (%s); attempt %d, next in %.0f s", job_id, error, retry.attempts, delay)
+        log.warning("job %s: delivery failed (%s); attempt %d, next in %.0f s", job_id, error, retry.attempts, delay)
 
     async def _finish_status(self, status: _Status, *, jump_url: str | None, note: str = "") -> None:
         """The status message's last edit: done (with a link), failed or cancelled; no buttons."""
@@ -253,8 +260,10 @@ class Delivery:
                 return
             try:
                 await self._edit_status(status, content=text, view=None, attachments=[], embed=None)
-            except discord.HTTPException as e:  # the status message is gone: the result is posted anyway
-                log.info("job %s: final status edit failed (%s)", job.id, e)
+            except discord.HTTPException as e:
+                if not _permanent(e):
+                    raise  # Discord is having trouble: delivery tries again later
+                log.info("job %s: final status edit failed (%s)", job.id, e)  # e.g. the message is gone
 
     # -- status messages --------------------------------------------------------------------
 
@@ -328,6 +337,12 @@ class Delivery:
 def token_expiry(now: datetime | None = None) -> datetime:
     """When an interaction token received now stops being usable (with a margin)."""
     return (now or datetime.now(timezone.utc)) + TOKEN_TTL
+
+
+def _permanent(error: discord.HTTPException) -> bool:
+    """Whether trying again cannot help: a 4xx (deleted channel or message, missing permissions,
+    a refused message) other than a rate limit, which discord.py waits out itself anyway."""
+    return 400 <= error.status < 500 and error.status != 429
 
 
 def _log_failure(task: asyncio.Task) -> None:

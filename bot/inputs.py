@@ -8,6 +8,7 @@ was wrong and what is allowed. Inner code (queue, engine) trusts what comes out 
 from __future__ import annotations
 
 import io
+import logging
 import unicodedata
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -15,6 +16,8 @@ from urllib.parse import urlsplit
 import numpy as np
 from discord import app_commands
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 #: Hosts attachments are downloaded from; anything else is refused (no fetching of arbitrary URLs).
 DISCORD_CDN_HOSTS: frozenset[str] = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
@@ -26,8 +29,17 @@ MAX_INPUT_PIXELS = 6000 * 4000
 #: CLIP sees 77 tokens: the start and end tokens plus 75 of the prompt.
 CLIP_PROMPT_TOKENS = 75
 
+#: Longer prompts are refused. The engine reads a prompt in chunks of 75 tokens; each chunk is
+#: one more text-encoder pass and 77 more cross-attention tokens for every row of the batch the
+#: job shares (shorter rows are padded to the longest). 1000 characters of English are about
+#: 250 tokens (4 chunks); the same length in emoji or CJK can be 2000 tokens or more.
+MAX_PROMPT_CHUNKS = 8
+
 # Characters kept although they are "control" or "format": plain whitespace becomes a space.
 _WHITESPACE = {"\t", "\n", "\r", "\x0b", "\x0c"}
+# Blank characters outside those categories: Hangul fillers, the braille blank, the combining
+# grapheme joiner. Names and messages that "look empty" are made of these.
+_INVISIBLE = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800", "\u034f"}
 
 
 class BadInput(app_commands.AppCommandError):
@@ -40,22 +52,23 @@ def limit_pillow(max_pixels: int = MAX_INPUT_PIXELS) -> None:
 
 
 def clean_text(text: str) -> str:
-    """Drop control, bidi, zero-width and other invisible format characters; squeeze spaces.
+    """Drop control, bidi, zero-width and other invisible characters; squeeze spaces.
 
     Unicode categories Cc (controls), Cf (format: bidi overrides, zero-width joiners, BOM, soft
     hyphen), Cs (lone surrogates) and Co (private use) can hide text from the people reading the
-    prompt back, or confuse the tokenizer; none of them means anything to the model.
+    prompt back, or confuse the tokenizer; none of them means anything to the model. The same goes
+    for the blank "letters" (:data:`_INVISIBLE`) used to make text that looks empty.
+    Characters are dropped before the NFC normalisation, so that cleaning twice changes nothing.
     """
-    text = unicodedata.normalize("NFC", text)
     out = []
     for ch in text:
         if ch in _WHITESPACE:
             out.append(" ")
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co"):
+        elif ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co"):
             continue
         else:
             out.append(ch)
-    return " ".join("".join(out).split())
+    return " ".join(unicodedata.normalize("NFC", "".join(out)).split())
 
 
 def check_prompt(text: str | None, *, max_chars: int, name: str = "prompt", required: bool = True) -> str:
@@ -68,19 +81,53 @@ def check_prompt(text: str | None, *, max_chars: int, name: str = "prompt", requ
     return cleaned
 
 
-def clip_truncation_notice(tokenizer, prompt: str) -> str | None:
-    """A short notice when CLIP will ignore the end of ``prompt``, or None.
+def check_prompt_tokens(prompt: str, negative: str = "") -> str | None:
+    """Refuse prompts over :data:`MAX_PROMPT_CHUNKS` chunks; otherwise a notice, for a prompt
+    (or negative prompt) longer than CLIP's 75 tokens, saying how many chunks it takes; None
+    when both fit in one.
 
-    ``tokenizer`` is a transformers CLIP tokenizer (or None when none is available).
+    The engine reads long prompts in chunks of 75 tokens (engine/prompts.py), nothing is cut.
+    Counted with the CLIP vocabulary every model family shares (textual-inversion embeddings
+    are counted by their name's tokens, so the count can be a little off for them). The first
+    call builds the tokenizer (about a second): call it from a thread.
     """
-    if tokenizer is None or not prompt:
+    from engine.prompts import CHUNK_LENGTH, chunks_needed, count_tokens  # imports torch: not at start-up
+
+    notes = []
+    for name, text in (("prompt", prompt), ("negative prompt", negative)):
+        if not text:
+            continue
+        tokens = count_tokens(text)
+        chunks = chunks_needed(tokens)
+        if chunks > MAX_PROMPT_CHUNKS:
+            raise BadInput(f"The {name} is {tokens} tokens long ({chunks} chunks of {CHUNK_LENGTH}); the limit is "
+                           f"{MAX_PROMPT_CHUNKS} chunks ({MAX_PROMPT_CHUNKS * CHUNK_LENGTH} tokens). Emoji and "
+                           "unusual characters take several tokens each.")
+        if chunks > 1:
+            notes.append(f"the {name} is {tokens} tokens, read in {chunks} chunks of {CHUNK_LENGTH}")
+    if not notes:
         return None
-    ids = tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"]
-    if len(ids) <= CLIP_PROMPT_TOKENS:
+    return f"Note: {' and '.join(notes)} (CLIP reads {CHUNK_LENGTH} at a time; nothing is cut off)."
+
+
+def warm_up_token_counter() -> None:
+    """Build the tokenizer :func:`check_prompt_tokens` counts with (about a second, and torch's
+    import if not done yet), so that no member's command waits on it."""
+    from engine.prompts import count_tokens
+
+    count_tokens("warm up")
+
+
+def clip_truncation_notice(tokenizer, prompt: str) -> str | None:
+    """The notice of :func:`check_prompt_tokens` for ``prompt`` alone, never a refusal.
+
+    Kept for ``SDBot.truncation_note``; ``tokenizer`` is not needed any more (every family
+    shares CLIP's vocabulary). The commands use :func:`check_prompt_tokens`.
+    """
+    try:
+        return check_prompt_tokens(prompt)
+    except BadInput:  # the commands refuse such prompts before anything is queued
         return None
-    dropped = tokenizer.decode(ids[CLIP_PROMPT_TOKENS:CLIP_PROMPT_TOKENS + 8]).strip()
-    return (f"Note: the prompt is {len(ids)} tokens and the model reads only {CLIP_PROMPT_TOKENS}; "
-            f"everything from “{dropped}…” on is ignored.")
 
 
 def check_attachment_meta(*, filename: str, content_type: str | None, size: int, url: str,
@@ -89,13 +136,26 @@ def check_attachment_meta(*, filename: str, content_type: str | None, size: int,
     """Checks made before anything is downloaded: type, declared size, and where it lives."""
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     names = ", ".join(t.removeprefix("image/").upper() for t in allowed_types)
+    shown = _shown_name(filename)
     if kind not in allowed_types:
-        raise BadInput(f"`{filename}` is {kind or 'of unknown type'}; send a {names} image.")
+        raise BadInput(f"`{shown}` is {_shown_name(kind) or 'of unknown type'}; send a {names} image.")
     if size > max_bytes:
-        raise BadInput(f"`{filename}` is {size / 1048576:.1f} MiB; the limit is {max_bytes / 1048576:.1f} MiB.")
-    host = (urlsplit(url).hostname or "").lower()
-    if host not in allowed_hosts:
+        raise BadInput(f"`{shown}` is {size / 1048576:.1f} MiB; the limit is {max_bytes / 1048576:.1f} MiB.")
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or parts.username is not None or parts.password is not None \
+            or (parts.hostname or "").lower() not in allowed_hosts:
         raise BadInput("Attachments are only accepted from Discord's own servers; upload the image to Discord.")
+
+
+def _shown_name(name: str, limit: int = 60) -> str:
+    """A file name or type safe to echo inside `code`: visible characters, no backticks, short."""
+    name = clean_text(name).replace("`", "'")
+    return name if len(name) <= limit else name[:limit - 1] + "…"
+
+
+#: Pillow's name for each upload type: only these decoders ever see an upload's bytes, whatever
+#: the file really is (a TIFF or PSD sent as image/png is refused, not decoded).
+PILLOW_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF"}
 
 
 @dataclass(frozen=True)
@@ -117,20 +177,25 @@ def fit_size(width: int, height: int, *, max_width: int, max_height: int, target
 
 
 def load_init_image(data: bytes, *, size: tuple[int, int] | None, max_width: int, max_height: int,
-                    target_area: int) -> InitImage:
+                    target_area: int, formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")) -> InitImage:
     """Decode an upload safely and normalise it to an RGB image the engine can use.
 
-    Refuses non-images, corrupt or truncated files and decompression bombs. Animated images use
-    their first frame; EXIF rotation is applied; CMYK, palette, alpha and 16-bit images become
-    8-bit RGB (alpha over white). ``size`` forces the output size (cropped to fill it);
-    otherwise the image's own shape is kept, scaled by :func:`fit_size`.
+    Refuses non-images, corrupt or truncated files, decompression bombs and files in other
+    ``formats`` than the allowed ones (Pillow names). Animated images use their first frame;
+    EXIF rotation is applied; CMYK, palette, alpha and 16-bit images become 8-bit RGB (alpha over
+    white). ``size`` forces the output size (cropped to fill it); otherwise the image's own shape
+    is kept, scaled by :func:`fit_size`.
     """
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(io.BytesIO(data), formats=list(formats))  # reads the header only
         if image.width * image.height > MAX_INPUT_PIXELS:
             raise BadInput(f"The image is {image.width}x{image.height}; images up to "
                            f"{MAX_INPUT_PIXELS // 1_000_000} megapixels are accepted.")
         image.seek(0)  # first frame of an animation
+        # A big JPEG is decoded at 1/2, 1/4 or 1/8 scale when that still covers the largest
+        # size we make (either way round, as EXIF may rotate it): faster, and less memory.
+        largest = max(max_width, max_height, *(size or ()))
+        image.draft(image.mode if image.mode in ("RGB", "L", "CMYK") else None, (largest, largest))
         image.load()
         image = ImageOps.exif_transpose(image)
         image = _to_rgb(image)
@@ -140,8 +205,10 @@ def load_init_image(data: bytes, *, size: tuple[int, int] | None, max_width: int
         raise BadInput(f"The image is too large; images up to {MAX_INPUT_PIXELS // 1_000_000} "
                        "megapixels are accepted.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadInput(f"That file could not be read as an image ({type(e).__name__}); "
-                       "it may be corrupt or truncated. Send a PNG, JPEG or WebP image.") from None
+        raise _unreadable(e) from None
+    except Exception as e:  # noqa: BLE001 - a hostile file can trip a decoder in odd ways
+        log.warning("upload refused: the decoder failed unexpectedly", exc_info=True)
+        raise _unreadable(e) from None
     if size is None:
         size = fit_size(image.width, image.height, max_width=max_width, max_height=max_height,
                         target_area=target_area)
@@ -151,6 +218,11 @@ def load_init_image(data: bytes, *, size: tuple[int, int] | None, max_width: int
     out = io.BytesIO()
     image.save(out, format="PNG")
     return InitImage(png=out.getvalue(), width=image.width, height=image.height)
+
+
+def _unreadable(error: Exception) -> BadInput:
+    return BadInput(f"That file could not be read as an image ({type(error).__name__}); "
+                    "it may be corrupt or truncated. Send a PNG, JPEG or WebP image.")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -8,13 +8,15 @@ pressed); Cancel and Delete are for the requester or members with Manage Message
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import ButtonStyle, ui
 
-from bot import jobs
-from bot.inputs import BadInput, check_prompt
+from bot import community, jobs
+from bot.checks import may_moderate, within_deadline
+from bot.inputs import BadInput, check_prompt, check_prompt_tokens
 from db.models import Job
 
 if TYPE_CHECKING:
@@ -23,11 +25,6 @@ if TYPE_CHECKING:
 
 def _bot(interaction: discord.Interaction) -> SDBot:
     return interaction.client  # type: ignore[return-value]
-
-
-def _may_moderate(interaction: discord.Interaction, job: Job) -> bool:
-    """The requester, or a member allowed to manage messages in this channel."""
-    return interaction.user.id == job.requester_id or interaction.permissions.manage_messages
 
 
 class _JobButton(ui.DynamicItem[ui.Button], template=r"sd:(?P<action>[a-z]+):(?P<job>\d+)"):
@@ -81,7 +78,7 @@ class Reroll(_JobButton, template=r"sd:reroll:(?P<job>\d+)"):
         return cls(int(match["job"]))
 
     async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
-        await bot.submit(interaction, jobs.reroll(await self.job(bot)))
+        await bot.submit(interaction, await community.check_job_fields(interaction, jobs.reroll(await self.job(bot))))
 
 
 class Vary(_JobButton, template=r"sd:vary:(?P<job>\d+):(?P<index>\d):(?P<level>subtle|strong)"):
@@ -99,7 +96,8 @@ class Vary(_JobButton, template=r"sd:vary:(?P<job>\d+):(?P<index>\d):(?P<level>s
     async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
         parent = await self.job(bot)
         image = await bot.get_image(parent.id, self.index)
-        await bot.submit(interaction, jobs.variation(parent, image.seed, self.level))
+        await bot.submit(interaction, await community.check_job_fields(interaction, jobs.variation(
+            parent, image.seed, self.level)))
 
 
 class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)"):
@@ -121,7 +119,7 @@ class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)"):
         if fields is None:
             g = bot.config.generation
             raise BadInput(f"This image is already at the largest size allowed here ({g.max_width}x{g.max_height}).")
-        await bot.submit(interaction, fields)
+        await bot.submit(interaction, await community.check_job_fields(interaction, fields))
 
 
 class Edit(_JobButton, template=r"sd:edit:(?P<job>\d+)"):
@@ -165,7 +163,7 @@ class Delete(_JobButton, template=r"sd:del:(?P<job>\d+)"):
 
     async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
         job = await self.job(bot)
-        if not _may_moderate(interaction, job):
+        if not may_moderate(interaction, job.requester_id):
             raise BadInput("Only the member who asked for this image, or someone with Manage Messages, can delete it.")
         await interaction.response.defer()
         await interaction.message.delete()
@@ -197,7 +195,9 @@ class EditModal(ui.Modal):
         limit = bot.config.discord.max_prompt_chars
         prompt = check_prompt(self.prompt.value, max_chars=limit)
         negative = check_prompt(self.negative.value, max_chars=limit, name="negative prompt", required=False)
-        await bot.submit(interaction, jobs.edit(self.parent, prompt, negative))
+        note = await within_deadline(bot, interaction, asyncio.to_thread(check_prompt_tokens, prompt, negative))
+        fields = await community.check_job_fields(interaction, jobs.edit(self.parent, prompt, negative))
+        await bot.submit(interaction, fields, note=note)
 
 
 def queued_view(job_id: int) -> ui.View:

@@ -13,7 +13,9 @@ import enum
 from datetime import datetime, timezone
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -175,3 +177,73 @@ class Member(Base):
 
     user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     last_served_at: Mapped[datetime | None] = mapped_column(index=True)  # None: never served
+
+
+# -- community: member defaults, server policy, moderation and its audit log -----------------------
+
+# Stats and daily limits read a server's jobs by time.
+Index("ix_jobs_guild_created", Job.guild_id, Job.created_at)
+
+
+class MemberSettings(Base):
+    """A member's own defaults, used whenever a command leaves the option out (None: the bot's)."""
+
+    __tablename__ = "member_settings"
+
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    negative_prompt: Mapped[str | None]
+    steps: Mapped[int | None]
+    width: Mapped[int | None]
+    height: Mapped[int | None]
+    sampler: Mapped[str | None] = mapped_column(String(32))
+    guidance: Mapped[float | None] = mapped_column(Float)
+    private_results: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime]
+
+
+class ServerSettings(Base):
+    """One server's policy, set with /server. None or empty means the bot's configured default."""
+
+    __tablename__ = "server_settings"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    allowed_channel_ids: Mapped[list[int]] = mapped_column(JSON, default=list)  # empty: every channel
+    max_steps: Mapped[int | None]
+    max_width: Mapped[int | None]
+    max_height: Mapped[int | None]
+    max_count: Mapped[int | None]
+    pending_limit: Mapped[int | None]
+    daily_limit: Mapped[int | None]  # jobs per member in any 24 hours
+    cooldown_seconds: Mapped[int] = mapped_column(default=0)
+    nsfw_words: Mapped[list[str]] = mapped_column(JSON, default=list)
+    default_model: Mapped[str | None] = mapped_column(String(200))
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime]
+
+
+class BarredMember(Base):
+    """A member a server's managers have barred from using the bot there."""
+
+    __tablename__ = "barred_members"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    barred_by: Mapped[int] = mapped_column(BigInteger)
+    barred_at: Mapped[datetime]
+
+
+class AuditEntry(Base):
+    """One change a server manager made: who, when, what, and the value before and after."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    guild_id: Mapped[int] = mapped_column(BigInteger)
+    actor_id: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime]
+    action: Mapped[str] = mapped_column(String(64))
+    target_id: Mapped[int | None] = mapped_column(BigInteger)  # the member acted on, if any
+    old_value: Mapped[str | None]
+    new_value: Mapped[str | None]
+
+    __table_args__ = (Index("ix_audit_log_guild_id", "guild_id", "id"),)

@@ -35,7 +35,16 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded, QueueError
-from db.models import FINISHED, PENDING, Job, JobStatus, Member, PostedMessage, ResultImage
+from db.models import (
+    FINISHED,
+    PENDING,
+    Job,
+    JobStatus,
+    Member,
+    PostedMessage,
+    ResultImage,
+    ServerSettings,
+)
 
 __all__ = [
     "AlreadyFinished",
@@ -72,6 +81,15 @@ def fair_order(waiting: Iterable[tuple[int, int, datetime | None]]) -> list[int]
     members = sorted(jobs_of, key=lambda m: _member_rank(served[m], jobs_of[m][0]))
     rounds = itertools.zip_longest(*(jobs_of[m] for m in members))
     return [job_id for round_ in rounds for job_id in round_ if job_id is not None]
+
+
+def _server_not_paused() -> Any:
+    """Jobs of a server whose managers paused the bot wait (DMs have no server: never paused)."""
+    return ~(
+        select(ServerSettings.guild_id)
+        .where(ServerSettings.guild_id == Job.guild_id, ServerSettings.paused.is_(True))
+        .exists()
+    )
 
 
 def _member_rank(last_served_at: datetime | None, first_job_id: int) -> tuple[bool, datetime, int]:
@@ -182,13 +200,14 @@ class Queue:
         width: int | None = None,
         height: int | None = None,
         model: str | None = None,
+        unassigned: bool = True,
     ) -> Job | None:
         """Take the next job in fair order (optionally only of one size / model), or None.
 
         One transaction: expired leases are recovered first, then the job is marked running
         for ``worker_id`` with a fresh lease and its attempt counted.
         """
-        jobs = self.claim_many(worker_id, 1, width=width, height=height, model=model)
+        jobs = self.claim_many(worker_id, 1, width=width, height=height, model=model, unassigned=unassigned)
         return jobs[0] if jobs else None
 
     def claim_many(
@@ -199,10 +218,12 @@ class Queue:
         width: int | None = None,
         height: int | None = None,
         model: str | None = None,
+        unassigned: bool = True,
     ) -> list[Job]:
         """Claim up to ``n`` jobs in fair order in one transaction (for a batching worker).
 
-        ``model``: take jobs for that model or for any model (``Job.model`` None).
+        ``model``: take jobs for that model, and, with ``unassigned``, jobs for no model in
+        particular (``Job.model`` None: the default model).
         """
         now = self.clock()
         claimed: list[Job] = []
@@ -213,7 +234,7 @@ class Queue:
             served_this_round: set[int] = set()
             while len(claimed) < n:
                 job = self._claim_one(
-                    session, worker_id, now, served_this_round, width, height, model
+                    session, worker_id, now, served_this_round, width, height, model, unassigned
                 )
                 if job is None and served_this_round:
                     served_this_round.clear()
@@ -234,13 +255,14 @@ class Queue:
         width: int | None,
         height: int | None,
         model: str | None,
+        unassigned: bool = True,
     ) -> Job | None:
         # All of a member's jobs share its last_served_at, so ordering jobs by
         # (never served first, last_served_at, id) picks the head of the right member.
         query = (
             select(Job)
             .outerjoin(Member, Member.user_id == Job.requester_id)
-            .where(Job.status == JobStatus.queued)
+            .where(Job.status == JobStatus.queued, _server_not_paused())
             .order_by(Member.last_served_at.is_not(None), Member.last_served_at, Job.id)
             .limit(1)
             .with_for_update(of=Job, skip_locked=True)
@@ -251,8 +273,10 @@ class Queue:
             query = query.where(Job.width == width)
         if height is not None:
             query = query.where(Job.height == height)
-        if model is not None:
+        if model is not None and unassigned:
             query = query.where(or_(Job.model.is_(None), Job.model == model))
+        elif model is not None:
+            query = query.where(Job.model == model)
         job = session.scalars(query).first()
         if job is None:
             return None
@@ -263,6 +287,18 @@ class Queue:
         job.started_at = now
         session.flush()
         return job
+
+    def waiting_models(self) -> dict[str | None, float]:
+        """Per model (None: no model named), seconds its oldest claimable queued job has waited."""
+        now = self.clock()
+        query = (
+            select(Job.model, func.min(Job.created_at))
+            .where(Job.status == JobStatus.queued, _server_not_paused())
+            .group_by(Job.model)
+        )
+        with self._read.begin() as session:
+            rows = session.execute(query).all()
+        return {model: max(0.0, (now - oldest).total_seconds()) for model, oldest in rows if oldest is not None}
 
     def _mark_served(self, session: Session, members_in_order: list[int], now: datetime) -> None:
         """Send the members just served to the back of the line, in the order served.

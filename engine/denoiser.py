@@ -17,12 +17,14 @@ prompt is usually the server default).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from engine.lora import strip_lora_tags
 from engine.prompts import (ChunkedPrompt, EmbeddingLibrary, chunk_prompt, chunks_needed, emphasize,
                             embeddings_injected)
 from engine.samplers import rows
@@ -101,7 +103,9 @@ class PromptEncoder:
     Prompts are read the AUTOMATIC1111 way (:mod:`engine.prompts`): ``(word:1.3)`` emphasis,
     ``BREAK``, chunks of 75 tokens past 77, and textual-inversion embeddings from
     ``embeddings_dir`` by file stem. A prompt without any of these encodes exactly as the plain
-    77-token tokenizer call did.
+    77-token tokenizer call did. ``<lora:...>`` tags are not text: they are left out here and
+    applied to the model by :class:`engine.lora.LoraLibrary`, which sets :attr:`variant` (part
+    of the cache key) to the LoRA set in use, since a LoRA changes the text encoder too.
     """
 
     def __init__(self, text_encoders: list, tokenizers: list, device: torch.device, dtype: torch.dtype,
@@ -110,7 +114,8 @@ class PromptEncoder:
         self.tokenizers = tokenizers
         self.device, self.dtype = device, dtype
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, PromptEmbedding] = OrderedDict()
+        self._cache: OrderedDict[tuple[Hashable, str], PromptEmbedding] = OrderedDict()
+        self.variant: Hashable = ()  # what else, besides the prompt, the encoding depends on
         widths = [encoder.get_input_embeddings().embedding_dim for encoder in text_encoders]
         self.embeddings = EmbeddingLibrary(embeddings_dir, tokenizers[0], widths)
 
@@ -121,18 +126,19 @@ class PromptEncoder:
     def __call__(self, prompt: str) -> PromptEmbedding:
         if self.embeddings.refresh():
             self._cache.clear()  # encodings made with the old set of embeddings
-        if prompt in self._cache:
-            self._cache.move_to_end(prompt)
-            return self._cache[prompt]
+        key = (self.variant, prompt)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
         embedding = self._encode(prompt)
-        self._cache[prompt] = embedding
+        self._cache[key] = embedding
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return embedding
 
     def chunked(self, prompt: str) -> ChunkedPrompt:
         """The prompt's tokens laid out in 75-token chunks (every encoder shares the layout)."""
-        return chunk_prompt(prompt, self.tokenizers[0], self.embeddings)
+        return chunk_prompt(strip_lora_tags(prompt), self.tokenizers[0], self.embeddings)
 
     def count_tokens(self, prompt: str) -> int:
         """A1111's token count (embeddings count as their vectors); see :func:`chunks_needed`."""

@@ -77,6 +77,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     vae_scaling_factor: float
+    embeddings_dir: Path | None = None  # textual-inversion embeddings for this model's prompts
+    lora_dir: Path | None = None  # LoRA files for ``<lora:NAME:WEIGHT>`` in this model's prompts
 
 
 def load_model(source: str, *, device: torch.device | str, dtype: torch.dtype,
@@ -92,7 +94,7 @@ def load_model(source: str, *, device: torch.device | str, dtype: torch.dtype,
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise ModelLoadError(f"prediction_type {prediction_type!r} is unknown: use epsilon or v_prediction.")
     path = Path(source).expanduser()
-    with _progress_bars(progress):
+    with progress_bars(progress):
         if path.is_dir():
             parts = _load_folder(path, family, dtype)
         elif path.is_file():
@@ -106,11 +108,14 @@ def load_model(source: str, *, device: torch.device | str, dtype: torch.dtype,
 
 
 def load_configured_model(model: ModelSettings, engine: EngineSettings, *, progress: bool = True) -> LoadedModel:
-    """Load the model that ``[model]`` names on the device and dtype ``[engine]`` asks for."""
+    """Load a configured model (``[model]`` or ``[models.<name>]``) on ``[engine]``'s device and dtype."""
     device, dtype = resolve_device(engine)
-    return load_model(model.source, device=device, dtype=dtype, family=model.family,
-                      name=model.display_name, progress=progress,
-                      prediction_type=None if model.prediction_type == "auto" else model.prediction_type)
+    loaded = load_model(model.source, device=device, dtype=dtype, family=model.family,
+                        name=model.display_name, progress=progress,
+                        prediction_type=None if model.prediction_type == "auto" else model.prediction_type)
+    loaded.embeddings_dir = Path(model.embeddings_dir).expanduser() if model.embeddings_dir else None
+    loaded.lora_dir = Path(model.lora_dir).expanduser() if model.lora_dir else None
+    return loaded
 
 
 # ---------------------------------------------------------------------------- sources
@@ -278,7 +283,7 @@ _PROGRESS_SWITCHES = (
 
 
 @contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
+def progress_bars(enabled: bool) -> Iterator[None]:
     """Show (or hide) the download and loading bars of hub, diffusers and transformers."""
     hidden = [] if enabled else [(hide, show) for shown, hide, show in _PROGRESS_SWITCHES if shown()]
     for hide, _ in hidden:

@@ -28,6 +28,7 @@ from torch import Tensor
 from engine.batch import Batch
 from engine.denoiser import Conditioning, Denoiser, PromptEncoder
 from engine.errors import GenerationError
+from engine.lora import LoraLibrary, lora_key
 from engine.metadata import encode_png, infotext
 from engine.samplers import SAMPLERS, Sampler
 from engine.schedules import ModelSchedule, job_sigmas
@@ -103,7 +104,9 @@ class Pipeline:
         self.device, self.dtype = model.device, model.dtype
         self.schedule = ModelSchedule(model.alphas_cumprod)
         self.denoiser = Denoiser(model.unet, self.schedule, model.info.prediction_type)
-        self.prompts = PromptEncoder(model.text_encoders, model.tokenizers, model.device, model.dtype)
+        self.prompts = PromptEncoder(model.text_encoders, model.tokenizers, model.device, model.dtype,
+                                     embeddings_dir=model.embeddings_dir)
+        self.loras = LoraLibrary.of(model)
         self.latent_channels = model.unet.config.in_channels
         self.latent_scale = model.info.latent_scale
         # The SD/SDXL VAEs overflow in float16 (diffusers marks them force_upcast): decode in float32.
@@ -124,7 +127,17 @@ class Pipeline:
     # ------------------------------------------------------------------ preparing a job
 
     def prepare(self, request: GenerationRequest) -> PreparedJob:
+        """Prepare a job, with its prompt's LoRA set applied to the model.
+
+        The set stays applied until the next job's prepare: jobs sharing a batch must share
+        their set (the worker's batch key sees to it).
+        """
+        self.use_loras(request)
         return self.img2img(request) if request.is_img2img else self.txt2img(request)
+
+    def use_loras(self, request: GenerationRequest) -> None:
+        self.loras.activate(lora_key(request.prompt))
+        self.prompts.variant = self.loras.active  # encodings made under another set are not reused
 
     def txt2img(self, request: GenerationRequest) -> PreparedJob:
         """A job that starts from pure noise."""

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -23,6 +24,7 @@ from db.queue import Queue
 from db.session import make_engine, upgrade
 from db.settings import QueueSettings
 from engine.errors import GenerationError, JobCancelled
+from engine.models import ModelPool, ModelTurns
 from engine.settings import Settings
 from engine.types import GenerationRequest, Progress
 from engine.worker import EngineWorker
@@ -58,6 +60,7 @@ def request_from_job(job: Job) -> GenerationRequest:
         strength=job.strength if job.init_image is not None else 0.75,
         variation_seed=job.variation_seed,
         variation_strength=job.variation_strength or 0.0,
+        model=job.model,
     )
 
 
@@ -76,7 +79,10 @@ class QueueRunner:
         listen: bool = False,
         on_progress: Callable[[int, Progress], None] | None = None,
         on_finished: Callable[[int], None] | None = None,
+        turns: ModelTurns | None = None,
     ) -> None:
+        """``turns``: claim only jobs for the worker's models, one model at a time (see
+        :class:`~engine.models.ModelTurns`); None: claim every job (one model, one worker)."""
         self.queue = queue
         self.worker = worker
         self.worker_id = worker_id
@@ -86,6 +92,7 @@ class QueueRunner:
         self.listen = listen
         self.on_progress = on_progress
         self.on_finished = on_finished
+        self.turns = turns
         self._tasks: dict[int, asyncio.Task] = {}
         self._wake = asyncio.Event()
 
@@ -133,12 +140,24 @@ class QueueRunner:
 
     async def _claim_while_room(self) -> None:
         while len(self._tasks) < self.max_in_flight:
-            job = await asyncio.to_thread(self.queue.claim, self.worker_id)
+            job = await asyncio.to_thread(self._claim_next)
             if job is None:
                 return
             task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
             self._tasks[job.id] = task
             task.add_done_callback(self._job_done)
+
+    def _claim_next(self) -> Job | None:
+        """The next job in fair order, for the model whose turn it is (runs in a thread)."""
+        if self.turns is None:
+            return self.queue.claim(self.worker_id)
+        # claim() recovers expired leases itself, but with turns we only claim when a model has
+        # waiting jobs: recover first, or a dead worker's jobs would never count as waiting.
+        self.queue.recover()
+        model = self.turns.choose(self.queue.waiting_models(), self.worker.loaded_models(), time.monotonic())
+        if model is None:
+            return None
+        return self.queue.claim(self.worker_id, model=model, unassigned=model == self.turns.default)
 
     def _job_done(self, task: asyncio.Task) -> None:
         job_id = int(task.get_name().removeprefix("job-"))
@@ -213,23 +232,22 @@ def run_worker_process(settings: Settings, queue_settings: QueueSettings, *, nam
     Results go to the database; the bot (which may run on a machine without a GPU) posts them.
     Jobs running here when the signal comes are given back to the queue unfinished.
     """
-    from engine.loading import load_configured_model
-
     db = make_engine(queue_settings.database_url)
     upgrade(db)
     queue = Queue(db, pending_limit=queue_settings.pending_limit, max_attempts=queue_settings.max_attempts,
                   lease_seconds=queue_settings.lease_seconds)
-    model = load_configured_model(settings.model, settings.engine)
-    worker = EngineWorker(model, settings.engine, settings.generation)
+    pool = ModelPool.configured(settings.all_models, settings.engine)
+    worker = EngineWorker(pool, settings.engine, settings.generation)  # loads the default model
     worker_id, prefix = worker_identity(name)
     recovered = queue.recover_all_running(worker_prefix=prefix)
     if recovered:
         log.info("%d job(s) left running by this worker's previous run were put back in line", recovered)
     runner = QueueRunner(queue, worker, worker_id=worker_id, max_in_flight=settings.engine.max_batch,
-                         heartbeat_interval=queue_settings.lease_seconds / 4, listen=True)
+                         heartbeat_interval=queue_settings.lease_seconds / 4, listen=True,
+                         turns=ModelTurns.for_pool(pool, settings.engine))
     worker.start()
     log.info("worker %s serving %s with %s", worker_id, db.url.render_as_string(hide_password=True),
-             model.info.name)
+             ", ".join(pool.names))
     try:
         asyncio.run(_until_signal(runner.run()))
     finally:

@@ -29,6 +29,7 @@ class GenerationRequest:
     ``init_image`` (encoded PNG/JPEG/WebP bytes) turns the job into img2img with ``strength``.
     ``variation_seed``/``variation_strength`` mix the initial noise of ``seed`` with that of
     ``variation_seed`` (AUTOMATIC1111's "variation seed", slerp of the two noises).
+    ``<lora:NAME:WEIGHT>`` tags in ``prompt`` apply LoRA files (:mod:`engine.lora`).
     """
 
     job_id: int
@@ -45,6 +46,8 @@ class GenerationRequest:
     strength: float = 0.75
     variation_seed: int | None = None
     variation_strength: float = 0.0
+    #: The configured model's name (``[models.<name>]``, or the default's display name); None: the default.
+    model: str | None = None
 
     @property
     def is_img2img(self) -> bool:

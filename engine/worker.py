@@ -2,8 +2,10 @@
 
 Continuous batching (issue 4): between two denoising steps the thread admits waiting jobs that
 can share the batch (same image size) up to ``max_batch`` rows, in arrival order, and retires the
-jobs that just took their last step (one batched VAE decode). Jobs in a batch may differ in
-everything else: prompt, seed, steps, sampler, guidance, txt2img or img2img. A job's pixels do not
+jobs that just took their last step (one batched VAE decode). A batch holds one model and one
+LoRA set (:func:`engine.models.batch_key`); the worker switches model or LoRA set only between
+batches, loading models on demand through a :class:`~engine.models.ModelPool`. Jobs in a batch may
+differ in everything else: prompt, seed, steps, sampler, guidance, txt2img or img2img. A job's pixels do not
 depend on what shared its batch: its noise comes from its own seeds and every per-row quantity
 is computed row by row.
 
@@ -34,13 +36,14 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from engine.batch import Batch, Entry, Parked
+from engine.models import ModelPool, batch_key
 from engine.errors import EngineError, GenerationError, JobCancelled
 from engine.pipeline import DECODE_CHUNK, Pipeline, decode_error, nan_error, out_of_memory_error, timeout_error
 from engine.preview import preview_png
@@ -89,11 +92,14 @@ class Ticket:
 class EngineWorker:
     """Runs generation requests on one thread, batching jobs of different members together."""
 
-    def __init__(self, model: LoadedModel, settings: EngineSettings, gen: GenerationSettings, *,
+    def __init__(self, model: LoadedModel | ModelPool, settings: EngineSettings, gen: GenerationSettings, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """``model``: one loaded model, or a :class:`ModelPool` of several (its default is loaded now)."""
         self.settings, self.gen = settings, gen
         self.clock = clock
-        self.pipeline = Pipeline(model)
+        self.models = model if isinstance(model, ModelPool) else ModelPool.single(model)
+        self.model_name: str | None = self.models.default  # the model of the running batch
+        self.pipeline: Pipeline | None = self.models.pipeline(self.model_name)
         self._lock = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._admitting: list[Ticket] = []  # taken from the queue, being prepared
@@ -213,13 +219,17 @@ class EngineWorker:
                 return None
             rows = batch.rows
             size = self._batch_size(batch)
+            key = self._key(batch.entries[0].job.request) if batch.entries else None
             taken: list[Ticket] = []
             waiting = [] if self._parked else list(self._waiting)  # parked jobs are older: none overtakes them
             for ticket in waiting:
                 size = size or ticket.size
+                key = key or self._key(ticket.request)
                 # Stop at the first job that cannot join: later arrivals must not overtake it,
-                # so the batch drains and that job goes next.
-                if ticket.size != size or (rows and rows + ticket.request.count > self._row_limit(size)):
+                # so the batch drains and that job goes next. A batch has one image size, one
+                # model and one LoRA set.
+                if (ticket.size != size or self._key(ticket.request) != key
+                        or (rows and rows + ticket.request.count > self._row_limit(size))):
                     break
                 self._waiting.remove(ticket)
                 taken.append(ticket)
@@ -235,6 +245,25 @@ class EngineWorker:
             if batch.entries and batch.rows + rows > self._row_limit(self._batch_size(batch)):
                 return
             batch.resume(self._parked.pop(0))
+
+    def _key(self, request: GenerationRequest) -> Hashable:
+        return batch_key(request, self.models.default)
+
+    def loaded_models(self) -> list[str]:
+        """Models on the device now (any thread; the queue runner prefers them)."""
+        return self.models.loaded()
+
+    def _use_model(self, batch: Batch, request: GenerationRequest) -> Pipeline:
+        """Switch to the request's model (only ever into an empty batch: the batch key sees to it)."""
+        name = self.models.canonical(request.model)
+        if name == self.model_name and self.pipeline is not None:
+            return self.pipeline
+        assert not batch.entries and not self._parked, "a batch never mixes models"
+        # Let go of the old model before loading: the pool may drop it to make room.
+        self.pipeline = self.model_name = batch.denoiser = None
+        self.pipeline = self.models.pipeline(name)
+        self.model_name, batch.denoiser = name, self.pipeline.denoiser
+        return self.pipeline
 
     def _row_limit(self, size: tuple[int, int]) -> int:
         return min(self.settings.max_batch, self._row_limits.get(size, self.settings.max_batch))
@@ -255,7 +284,7 @@ class EngineWorker:
         ticket.deadline = self.clock() + timeout if timeout else math.inf
         out_of_memory = False
         try:
-            job = self.pipeline.prepare(ticket.request)
+            job = self._use_model(batch, ticket.request).prepare(ticket.request)
         except torch.OutOfMemoryError:
             job, error, out_of_memory = None, out_of_memory_error(ticket.request), True
         except EngineError as e:
@@ -366,7 +395,7 @@ class EngineWorker:
     def _free_memory(self) -> None:
         """Give the allocator back what a failed call left (its tensors are unreachable by now)."""
         gc.collect()  # tracebacks and frames in reference cycles can hold activations
-        if self.pipeline.device.type == "cuda":
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def _report_progress(self, batch: Batch, denoised: torch.Tensor) -> None:

@@ -56,7 +56,9 @@ async def test_rate_limit_and_lost_answer_still_post_once(setup):
     async with bot_running(emu, config, queue, worker):
         ix = await emu.slash(emu.alice, "imagine", {"prompt": "a flaky network"})
         await ix.wait_ack()
-        await emu.wait_for(lambda: "done" in ix.original.content, timeout=60, what="status done")
+        # Recorded as posted only after the status says so (a crash in between repeats both).
+        await emu.wait_for(lambda: "done" in ix.original.content and queue.get(1).posted_at, timeout=60,
+                           what="status done and the post recorded")
     assert len(results(emu)) == 1
     (job,) = [queue.get(j.id) for j in [queue.job_for_message(results(emu)[0].id)]]
     assert job.posted_at is not None
@@ -82,7 +84,8 @@ async def test_missing_permission_is_told_on_the_status_message(setup):
     async with bot_running(emu, config, queue, worker):
         ix = await emu.slash(emu.alice, "imagine", {"prompt": "no rights"})
         await ix.wait_ack()
-        await emu.wait_for(lambda: "could not post" in ix.original.content, timeout=60, what="failure shown")
+        await emu.wait_for(lambda: "could not post" in ix.original.content and queue.get(1).posted_at,
+                           timeout=60, what="failure shown and recorded")
     assert queue.undelivered() == [] and results(emu) == []
 
 

@@ -86,8 +86,9 @@ def test_generation_fields_fill_defaults_and_draw_a_seed():
     assert (fields["seed"], fields["guidance"], fields["width"], fields["height"]) == (0, 0.0, 768, 512)
 
 
-def load(data: bytes, size=None):
-    return load_init_image(data, size=size, max_width=1024, max_height=1024, target_area=512 * 512)
+def load(data: bytes, size=None, formats=("PNG", "JPEG", "WEBP", "GIF")):
+    return load_init_image(data, size=size, max_width=1024, max_height=1024, target_area=512 * 512,
+                           formats=formats)
 
 
 def test_exif_rotation_is_applied():
@@ -135,11 +136,90 @@ def test_sizes_fit_the_limits():
     assert enlarge(png((96, 96)), factor=2, max_width=96, max_height=96) is None
 
 
-def test_clip_truncation_notice():
-    from bot.inputs import clip_truncation_notice
-    from engine.tokenizer import clip_tokenizer
+def test_long_prompts_get_a_chunk_notice_and_very_long_ones_are_refused():
+    from bot.inputs import MAX_PROMPT_CHUNKS, check_prompt_tokens, clip_truncation_notice
 
-    tokenizer = clip_tokenizer()
-    assert clip_truncation_notice(tokenizer, "a photo of a cat") is None
-    notice = clip_truncation_notice(tokenizer, " ".join(f"word{i}" for i in range(80)))
-    assert notice is not None and "only 75" in notice
+    assert check_prompt_tokens("a photo of a cat", "blurry") is None
+    long = " ".join(f"word{i}" for i in range(80))  # 230 tokens
+    notice = check_prompt_tokens(long)
+    assert notice is not None and "4 chunks of 75" in notice and "nothing is cut off" in notice
+    both = check_prompt_tokens("a cat", long)
+    assert "negative prompt is" in both and "the prompt is" not in both
+    with pytest.raises(BadInput, match=f"the limit is {MAX_PROMPT_CHUNKS} chunks"):
+        check_prompt_tokens("\U0001F600" * 1000)  # 1000 emoji: 1000 tokens, 14 chunks
+    with pytest.raises(BadInput, match="negative prompt"):
+        check_prompt_tokens("a cat", "\u4e2d" * 1000)
+    assert clip_truncation_notice(None, long) == notice  # the old name, for SDBot.truncation_note
+
+
+def test_invisible_fillers_and_cleaning_twice():
+    assert clean_text("\u3164\u115f\u2800 \u034f") == ""
+    with pytest.raises(BadInput, match="empty"):
+        check_prompt("\u3164\uffa0", max_chars=10)
+    # A zero-width joiner between a letter and its accent: cleaned once, it stays clean.
+    once = clean_text("e\u200d\u0301")
+    assert once == "\u00e9" and clean_text(once) == once
+
+
+@pytest.mark.parametrize("url", ["https://evil.example/a.png", "file:///etc/passwd",
+                                 "https://user:pw@cdn.discordapp.com/a.png", "ftp://cdn.discordapp.com/a.png",
+                                 "https://cdn.discordapp.com.evil.example/a.png", "https://evil.example@x/a.png"])
+def test_only_discord_cdn_urls(url):
+    from bot.inputs import DISCORD_CDN_HOSTS, check_attachment_meta
+
+    with pytest.raises(BadInput, match="Discord's own servers"):
+        check_attachment_meta(filename="a.png", content_type="image/png", size=10, url=url,
+                              allowed_types=("image/png",), max_bytes=100, allowed_hosts=DISCORD_CDN_HOSTS)
+    check_attachment_meta(filename="a.png", content_type="image/png", size=10,
+                          url="https://cdn.discordapp.com/attachments/1/2/a.png?ex=1",
+                          allowed_types=("image/png",), max_bytes=100, allowed_hosts=DISCORD_CDN_HOSTS)
+
+
+def test_file_names_are_echoed_safely():
+    from bot.inputs import check_attachment_meta
+
+    with pytest.raises(BadInput) as refused:
+        check_attachment_meta(filename="`@everyone`\u202e" + "x" * 200 + ".txt", content_type="text/plain",
+                              size=10, url="https://cdn.discordapp.com/a", allowed_types=("image/png",),
+                              max_bytes=100, allowed_hosts=frozenset({"cdn.discordapp.com"}))
+    text = str(refused.value)
+    assert text.count("`") == 2 and "\u202e" not in text and len(text) < 150
+
+
+def test_animated_webp_uses_its_first_frame():
+    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    out = io.BytesIO()
+    frames[0].save(out, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    r, g, b = decode(load(out.getvalue(), formats=("WEBP",)).png).getpixel((10, 10))
+    assert r > 200 and b < 50
+
+
+def test_only_the_allowed_decoders_see_an_upload():
+    tiff = png((64, 64), fmt="TIFF")
+    assert load(tiff, formats=("TIFF",)).width == 64
+    with pytest.raises(BadInput, match="could not be read"):
+        load(tiff, formats=("PNG", "JPEG", "WEBP"))
+    with pytest.raises(BadInput):
+        load(png(fmt="GIF"), formats=("PNG",))
+
+
+def test_big_jpegs_are_decoded_at_a_reduced_scale():
+    init = load(png((4800, 3200), fmt="JPEG"))  # decoded at 1/4 (1200x800), then fitted
+    assert (init.width, init.height) == (624, 416)
+
+
+@pytest.mark.parametrize("data", [png((40, 40), mode="RGBA", fmt="WEBP"), png((40, 40), mode="LA"),
+                                  png((40, 40), mode="I;16", color=300), png((40, 40), mode="L", fmt="JPEG")])
+def test_more_modes_become_rgb(data):
+    assert decode(load(data).png).mode == "RGB"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=2000), st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF\0\0\0\0WEBPVP8 ",
+                                                  b"GIF89a"]))
+def test_random_bytes_are_refused_not_crashed_on(data, magic):
+    try:
+        init = load(magic + data)
+    except BadInput:
+        return
+    assert decode(init.png).mode == "RGB"

@@ -79,7 +79,7 @@ def test_plain_postgresql_url_means_psycopg3() -> None:
 
 def test_db_imports_neither_bot_nor_engine() -> None:
     script = (
-        "import sys, db.queue, db.session, db.models, db.errors; "
+        "import sys, db.queue, db.session, db.models, db.errors, db.community; "
         "top = {m.split('.')[0] for m in sys.modules}; "
         "print(sorted(top & {'bot', 'engine', 'torch', 'discord'}))"
     )

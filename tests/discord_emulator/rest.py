@@ -448,9 +448,11 @@ class RestRoutes:
         if ix.response_type is None:
             raise ApiError(404, 10015, "Unknown Webhook")   # a followup needs an ack first
         payload, files = await self._body(request)
-        if ix.original is not None and ix.original.loading and ix.original.interaction is ix:
+        if (ix.original is not None and ix.original.loading and not ix.original.deleted
+                and ix.original.interaction is ix):
             # The first followup after a "thinking" defer replaces the loading message: same id,
-            # the defer's ephemeral setting, and (like any edit) no notifications.
+            # the defer's ephemeral setting, and (like any edit) no notifications. Once the loading
+            # message is deleted, a followup is a new message with its own flags.
             payload = {**payload, "flags": ix.original.flags & EPHEMERAL}
             return _json((await self._edit(ix.original, payload, files)).payload())
         message = await self._post_message(ix.channel, payload, files, interaction=ix)

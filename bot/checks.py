@@ -1,0 +1,87 @@
+"""Checks at the Discord boundary that commands and buttons share: who may do what, and slow
+checks that must still answer within Discord's 3-second deadline.
+
+Permissions come from ``interaction.permissions``: what Discord computed for the member in
+the channel of the interaction (roles, channel overwrites, administrator), sent with every
+interaction. Never from cached members, which may be stale or missing. Discord's
+``default_permissions`` on a command only hides it in the client by default; a server can
+change that, so admin commands check again here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
+
+import discord
+from discord import app_commands
+
+from bot.inputs import BadInput
+
+if TYPE_CHECKING:
+    from bot.client import SDBot
+
+T = TypeVar("T")
+
+#: Seconds a check (download, decode, token count) may take before we acknowledge the
+#: interaction with a "thinking…" message and finish afterwards (Discord allows 3).
+PREPARE_BUDGET = 1.5
+
+
+class NotAllowed(BadInput, app_commands.CheckFailure):
+    """The member lacks the permission this needs; the message says which.
+
+    A ``BadInput`` too, so the bot's error handlers show the message to the member, ephemeral.
+    """
+
+
+def require_manage_server(interaction: discord.Interaction) -> bool:
+    """True for a member with Manage Server here; otherwise raise :class:`NotAllowed`.
+
+    Use it as a check (``@manage_server_only`` on a command, or from a group's
+    ``interaction_check``), or call it at the start of a callback.
+    """
+    if interaction.guild_id is None:
+        raise NotAllowed("This command works only in a server.")
+    if not interaction.permissions.manage_guild:
+        raise NotAllowed("Only members with the Manage Server permission can use this.")
+    return True
+
+
+#: ``@manage_server_only`` on an app command: refused, with a clear message, for anyone else.
+manage_server_only = app_commands.check(require_manage_server)
+
+
+def may_moderate(interaction: discord.Interaction, requester_id: int) -> bool:
+    """The requester, or a member allowed to manage messages in this channel."""
+    return interaction.user.id == requester_id or interaction.permissions.manage_messages
+
+
+async def within_deadline(bot: SDBot, interaction: discord.Interaction, work: Awaitable[T]) -> T:
+    """The result of ``work``; when it takes longer than :data:`PREPARE_BUDGET`, acknowledge
+    the interaction first (a public "thinking…" that becomes the job's status, or is removed if
+    ``work`` then refuses), so that Discord's deadline is never missed.
+
+    Usually it takes a fraction of a second, and a refusal can then be a plain ephemeral reply.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout=PREPARE_BUDGET)
+    except TimeoutError:
+        pass
+    try:
+        await bot.defer(interaction)
+    except BaseException:
+        task.cancel()  # nobody will wait for it
+        raise
+    try:
+        return await task
+    except BadInput:
+        # The first followup after a defer replaces the "thinking…" message and keeps its
+        # (public) visibility. Answered with an edit first, the thinking message is an ordinary
+        # one that the refusal handler deletes, and the refusal becomes its own ephemeral message.
+        with contextlib.suppress(discord.HTTPException):
+            await interaction.edit_original_response(content="✖️ Not queued.")
+        raise

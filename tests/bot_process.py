@@ -1,0 +1,100 @@
+"""Run the real bot entry point in a process of its own, connected to a Discord emulator.
+
+    EMULATOR_URL=http://127.0.0.1:PORT DISCORD_TOKEN=emulator-token \\
+        python tests/bot_process.py --config config.toml [--no-engine]
+
+The only change to discord.py is where it connects (shared/DISCORD.md §1, as
+``discord_emulator.patch_discord`` does in-process): REST goes to the emulator's ``/api/v10`` and
+the gateway to its ``/gateway``. Everything else is ``python -m bot`` itself, so a test can
+``kill -9`` the bot and start it again exactly as an operator's process manager would.
+``BotProcess`` does that from a test running the emulator on its own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: Sequence[str]) -> int:
+    import discord
+    import yarl
+
+    url = os.environ["EMULATOR_URL"].rstrip("/")
+    discord.http.Route.BASE = f"{url}/api/v10"
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url.replace("http://", "ws://", 1) + "/gateway")
+
+    from bot.__main__ import main as bot_main
+
+    return bot_main(list(argv))
+
+
+class BotProcess:
+    """``python tests/bot_process.py`` as a child process of the test: start, kill -9, restart.
+
+    Its output goes to ``log_path`` (appended across restarts) so a failing test can show it.
+    """
+
+    def __init__(self, emulator, config: Path, log_path: Path, *, no_engine: bool = False) -> None:
+        self.emulator = emulator
+        self.args = [sys.executable, str(Path(__file__).resolve()), "--config", str(config)]
+        if no_engine:
+            self.args.append("--no-engine")
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start the bot and wait until it is connected to the emulator's gateway."""
+        assert self.process is None or self.process.poll() is not None, "the bot is running already"
+        env = {**os.environ, "EMULATOR_URL": self.emulator.base_url, "DISCORD_TOKEN": self.emulator.token,
+               "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.starts += 1
+        with self.log_path.open("a") as log:
+            log.write(f"\n===== start {self.starts} =====\n")
+            log.flush()
+            self.process = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.emulator.connected:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the bot exited with {self.process.returncode}:\n{self.log()}")
+            if loop.time() > deadline:
+                raise AssertionError(f"the bot did not connect within {timeout} s:\n{self.log()}")
+            await asyncio.sleep(0.05)
+
+    async def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind runs; wait until the emulator has seen it go."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        while self.process.poll() is None:
+            await asyncio.sleep(0.02)
+        await self.emulator.wait_for(lambda: not self.emulator.connected, 10, "the gateway to close")
+
+    async def stop(self) -> int | None:
+        """SIGTERM (what an operator does), then the exit status; kill -9 if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        for _ in range(300):
+            if self.process.poll() is not None:
+                return self.process.returncode
+            await asyncio.sleep(0.1)
+        self.process.kill()
+        self.process.wait()
+        return None
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-8000:] if self.log_path.exists() else ""
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,180 @@
+"""/settings, /server and /stats end to end against the Discord emulator, and the server policy
+that every new job passes. A bot without an engine: jobs stay queued, so the test sees what was
+stored (and a "remote worker" completes one where a result message is needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot_harness import bot_config, bot_running, new_queue, png
+from db.community import Community
+from discord_emulator import Emulator
+from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def setup(tmp_path, emulator: Emulator):
+    config = bot_config("unused-model", f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
+    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
+    yield emulator, config, queue, Community(engine)
+    engine.dispose()
+
+
+async def ephemeral(emu: Emulator, user, name: str, options=None, **kwargs) -> str:
+    ix = await emu.slash(user, name, options, **kwargs)
+    return (await ix.wait_response(lambda m: m.ephemeral)).content
+
+
+async def queued(emu: Emulator, user, prompt: str = "a cat", **kwargs):
+    ix = await emu.slash(user, "imagine", {"prompt": prompt, **kwargs.pop("options", {})}, **kwargs)
+    return await ix.wait_response(lambda m: "queued" in m.content or m.ephemeral)
+
+
+async def test_member_defaults_fill_left_out_options(setup):
+    emu, config, queue, community = setup
+    async with bot_running(emu, config, queue, None):
+        saved = await ephemeral(emu, emu.alice, "settings set", {
+            "steps": 5, "size": "128x64", "sampler": "ddim", "guidance": 3.5, "negative": "blurry"})
+        assert "Saved" in saved and "**5**" in saved and "128x64" in saved
+        await queued(emu, emu.alice)
+        await queued(emu, emu.alice, options={"steps": 7, "size": "64x64", "negative": "ugly"})
+        await queued(emu, emu.bob)  # Bob has no defaults: the bot's
+        first, explicit = queue.pending_for(emu.alice.id)
+        (bobs,) = queue.pending_for(emu.bob.id)
+        assert (first.steps, first.width, first.height, first.sampler, first.guidance, first.negative_prompt) \
+            == (5, 128, 64, "ddim", 3.5, "blurry")
+        assert (explicit.steps, explicit.width, explicit.negative_prompt) == (7, 64, "ugly")  # options win
+        g = config.generation
+        assert (bobs.steps, bobs.width, bobs.sampler) == (g.default_steps, g.default_width, g.default_sampler)
+
+        assert "**ddim**" in (await ephemeral(emu, emu.alice, "settings show")).lower()
+        await ephemeral(emu, emu.alice, "settings reset", {"setting": "steps"})
+        assert community.member_defaults(emu.alice.id).steps is None
+        assert community.member_defaults(emu.alice.id).sampler == "ddim"
+        await ephemeral(emu, emu.alice, "settings reset")
+        assert community.member_defaults(emu.alice.id).sampler is None
+
+
+@pytest.mark.parametrize("command, options", [
+    ("server pause", None), ("server show", None), ("server log", None), ("stats", None),
+    ("server limits", {"cooldown": 5}),
+])
+async def test_server_and_stats_are_for_managers_only(setup, command, options):
+    emu, config, queue, community = setup
+    async with bot_running(emu, config, queue, None):
+        for user in (emu.alice, emu.mod):  # Manage Messages is not Manage Server
+            assert "Manage Server" in await ephemeral(emu, user, command, options)
+        synced = emu.command(command.split()[0])
+        assert int(synced["default_member_permissions"]) == 1 << 5  # hidden from members by default too
+    assert community.server_policy(emu.guild.id).paused is False
+    assert community.audit_log(emu.guild.id) == []
+
+
+async def test_channels_pause_bar_and_limits(setup):
+    emu, config, queue, community = setup
+    async with bot_running(emu, config, queue, None):
+        # Only in the channels the managers chose; the refusal names them.
+        shown = await ephemeral(emu, emu.admin, "server channels", {"action": "add", "channel": emu.nsfw_channel})
+        assert f"<#{emu.nsfw_channel.id}>" in shown
+        refused = await queued(emu, emu.alice)
+        assert refused.ephemeral and f"<#{emu.nsfw_channel.id}>" in refused.content
+        assert "queued" in (await queued(emu, emu.alice, channel=emu.nsfw_channel)).content
+        await ephemeral(emu, emu.admin, "server channels", {"action": "clear"})
+
+        # Paused: new jobs refused, and the claim skips the server's waiting jobs.
+        assert "paused" in await ephemeral(emu, emu.admin, "server pause")
+        refused = await queued(emu, emu.bob)
+        assert refused.ephemeral and "paused" in refused.content
+        assert queue.claim("remote-gpu") is None
+        await ephemeral(emu, emu.admin, "server resume")
+        assert "queued" in (await queued(emu, emu.bob)).content
+
+        # Barred: refused until unbarred.
+        assert "now barred" in await ephemeral(emu, emu.admin, "server bar", {"member": emu.bob})
+        refused = await queued(emu, emu.bob, "another")
+        assert refused.ephemeral and "barred" in refused.content
+        await ephemeral(emu, emu.admin, "server unbar", {"member": emu.bob})
+
+        # Limits narrower than the configuration's.
+        await ephemeral(emu, emu.admin, "server limits", {"max_steps": 4, "max_size": "64x128", "max_count": 2})
+        for options, expected in (({"steps": 6}, "at most 4 steps"), ({"count": 3}, "at most 2 images"),
+                                  ({"size": "128x64"}, "up to 64x128")):
+            refused = await queued(emu, emu.bob, options=options)
+            assert refused.ephemeral and expected in refused.content
+
+        # Purge cancels a member's jobs on this server.
+        purged = await ephemeral(emu, emu.admin, "server purge", {"member": emu.bob})
+        assert "Cancelled 1 job(s)" in purged
+        assert queue.pending_for(emu.bob.id) == []
+
+        log = await ephemeral(emu, emu.admin, "server log")
+    assert f"<@{emu.admin.id}>" in log and "**purge**" in log and "**paused**" in log
+    entries = community.audit_log(emu.guild.id, limit=50)
+    assert {e.actor_id for e in entries} == {emu.admin.id}
+    assert [e.action for e in reversed(entries)][:4] == ["allowed_channel_ids", "allowed_channel_ids",
+                                                        "paused", "paused"]
+    assert ("max_steps", None, "4") in {(e.action, e.old_value, e.new_value) for e in entries}
+
+
+async def test_cooldown_and_daily_limit_say_when_to_try_again(setup):
+    emu, config, queue, community = setup
+    async with bot_running(emu, config, queue, None):
+        await ephemeral(emu, emu.admin, "server limits", {"cooldown": 600})
+        assert "queued" in (await queued(emu, emu.alice)).content
+        refused = await queued(emu, emu.alice, "again")
+        assert refused.ephemeral and "600-second cooldown" in refused.content and "Try again in" in refused.content
+        assert "<t:" in refused.content
+        await ephemeral(emu, emu.admin, "server limits", {"cooldown": 0, "daily_limit": 2})
+        assert "queued" in (await queued(emu, emu.alice, "second")).content
+        refused = await queued(emu, emu.alice, "third")
+        assert refused.ephemeral and "limit of 2 jobs in 24 hours" in refused.content
+        assert "You can make another <t:" in refused.content
+    assert len(queue.pending_for(emu.alice.id)) == 2
+
+
+async def test_nsfw_words_only_in_age_restricted_channels(setup):
+    emu, config, queue, community = setup
+    async with bot_running(emu, config, queue, None):
+        await ephemeral(emu, emu.admin, "server nsfw", {"action": "add", "words": "Gore, blood bath"})
+        for prompt in ("a gore scene", "(GORE:1.3) forest", "a blood bath"):
+            refused = await queued(emu, emu.alice, prompt)
+            assert refused.ephemeral and "age-restricted" in refused.content
+        assert "queued" in (await queued(emu, emu.alice, "a goretex jacket")).content  # whole words only
+        assert "queued" in (await queued(emu, emu.bob, "a gore scene", channel=emu.nsfw_channel)).content
+    assert community.server_policy(emu.guild.id).nsfw_words == ("gore", "blood bath")
+
+
+async def test_buttons_pass_the_same_policy(setup):
+    emu, config, queue, community = setup
+    async with bot_running(emu, config, queue, None):
+        await queued(emu, emu.alice)
+        job = queue.claim("remote-gpu")
+        queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
+        posted = await emu.wait_for_message(emu.general, lambda m: bool(m.attachments), timeout=10)
+        await ephemeral(emu, emu.admin, "server bar", {"member": emu.bob})
+        denied = await emu.click(emu.bob, posted, f"sd:reroll:{job.id}")
+        assert "barred" in (await denied.wait_response(lambda m: m.ephemeral)).content
+        assert queue.pending_for(emu.bob.id) == []
+        ok = await emu.click(emu.alice, posted, f"sd:reroll:{job.id}")
+        await ok.wait_response(lambda m: "queued" in m.content)
+    assert len(queue.pending_for(emu.alice.id)) == 1
+
+
+async def test_stats_show_counts_and_help_lists_the_new_commands(setup):
+    emu, config, queue, community = setup
+    async with bot_running(emu, config, queue, None):
+        for user, prompt in ((emu.alice, "one"), (emu.alice, "two"), (emu.bob, "three")):
+            await queued(emu, user, prompt)
+        job = queue.claim("remote-gpu")
+        queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
+        text = await ephemeral(emu, emu.admin, "stats")
+        help_text = (await (await emu.slash(emu.alice, "help")).wait_response()).embeds[0]["description"]
+    assert "**Jobs today:** 3" in text and "**this week:** 3" in text
+    # Members show as mentions (the bot does not cache members); ephemeral, so nobody is pinged.
+    assert f"1. <@{emu.alice.id}>: 2" in text and f"2. <@{emu.bob.id}>: 1" in text
+    assert "2 waiting and 0 running here" in text and "Average wait" in text
+    for name in ("/settings set", "/settings show", "/server limits", "/server pause", "/server bar", "/stats"):
+        assert name in help_text
+    assert len(help_text) <= 4096 and "Reroll" in help_text

@@ -1,0 +1,295 @@
+"""kill -9 of the bot process at every moment of a job's life, then a restart (issue 5 §1).
+
+The bot runs as a real process (``tests/bot_process.py`` around ``python -m bot``) against the
+Discord emulator running in this test's event loop, on a SQLite queue this test reads too.
+After the last restart every job must have ended exactly once: one message in the channel
+showing its result (or why it failed), one ping for its requester, a status message that says
+how it ended. Slow (each bot start imports the engine), so marked ``slow``; CI runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bot_process import ROOT, BotProcess
+from db.models import JobStatus
+from db.queue import Queue
+from db.session import make_engine, upgrade
+from discord_emulator import Emulator, Message
+from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+
+
+def write_config(path: Path, emu: Emulator, model: Path, database_url: str, *, max_batch: int = 1,
+                 max_attempts: int = 3, lease_seconds: int = 5) -> Path:
+    path.write_text(f"""
+[model]
+source = "{model}"
+name = "tiny-sd1"
+[engine]
+device = "cpu"
+dtype = "float32"
+max_batch = {max_batch}
+preview_every = 0
+[generation]
+default_steps = 2
+max_steps = 500
+default_width = 64
+default_height = 64
+max_width = 64
+max_height = 64
+sizes = ["64x64"]
+[queue]
+database_url = "{database_url}"
+pending_limit = 3
+max_attempts = {max_attempts}
+lease_seconds = {lease_seconds}
+[discord]
+guild_ids = [{emu.guild.id}]
+progress_interval = 0.5
+""")
+    return path
+
+
+def open_queue(url: str) -> Queue:
+    db = make_engine(url)
+    upgrade(db)
+    return Queue(db, pending_limit=3)
+
+
+def shows_job(message: Message, job_id: int) -> bool:
+    """Whether ``message`` is a result (or failure notice) of job ``job_id``: its embed footer."""
+    return any((embed.get("footer") or {}).get("text") == f"Job #{job_id}" for embed in message.embeds)
+
+
+def posts_of(emu: Emulator, job_id: int) -> list[Message]:
+    return [m for m in emu.channel_messages(emu.general) if shows_job(m, job_id)]
+
+
+async def imagine(emu: Emulator, queue: Queue, member, **options) -> int:
+    """``member`` runs /imagine; the job's id, once the bot has acknowledged and queued it."""
+    before = {job.id for job in queue.pending_for(member.id)}
+    ix = await emu.slash(member, "imagine", {"prompt": f"a lighthouse for {member.name}", **options})
+    assert await ix.wait_ack() == 5 and ix.ack_latency < 3.0
+    new = await emu.wait_for(lambda: [j.id for j in queue.pending_for(member.id) if j.id not in before],
+                             10, f"{member.name}'s job in the database")
+    return new[0]
+
+
+async def until(condition, timeout: float, what: str, bot: BotProcess | None = None) -> None:
+    """Poll ``condition`` (database state) every 20 ms."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}" + (f"\n{bot.log()}" if bot else ""))
+        await asyncio.sleep(0.02)
+
+
+def final_status(emu: Emulator, queue: Queue, job_id: int) -> bool:
+    job = queue.get(job_id)
+    message = emu.messages.get(job.status_message_id)
+    return bool(message and ("done" in message.content or "failed" in message.content))
+
+
+async def settled(emu: Emulator, queue: Queue, jobs, bot: BotProcess, timeout: float = 60) -> None:
+    """Until every job is recorded as posted and its status message says how it ended."""
+    def state() -> str:
+        return "; ".join(f"#{j} {queue.get(j).status.value} by {queue.get(j).worker_id} "
+                         f"posted={queue.get(j).posted_at is not None} final={final_status(emu, queue, j)}"
+                         for j in jobs)
+
+    try:
+        await until(lambda: all(queue.get(j).posted_at and final_status(emu, queue, j) for j in jobs),
+                    timeout, "every job posted and its status final")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {state()}\n{bot.log()}") from None
+
+
+def assert_each_job_ended_once(emu: Emulator, queue: Queue, jobs: dict[int, object]) -> None:
+    """``jobs``: job id -> requester. One post and one ping per job; statuses say how it ended."""
+    for job_id, member in jobs.items():
+        job = queue.get(job_id)
+        assert job.status in (JobStatus.done, JobStatus.failed), (job_id, job.status)
+        assert job.posted_at is not None, job_id
+        posts = posts_of(emu, job_id)
+        assert len(posts) == 1, f"job {job_id} posted {len(posts)} times"
+        post = posts[0]
+        assert post.pinged_users == {member.id}
+        if job.status is JobStatus.done:
+            assert [a.filename for a in post.attachments] == [f"sd_{job_id}_{job.seed}.png"]
+        else:  # the member sees why
+            assert job.error and "failed" in post.content and job.error.split(":")[0] in post.content
+        status = emu.messages[job.status_message_id]
+        assert ("done" if job.status is JobStatus.done else "failed") in status.content, status.content
+        assert not status.pinged
+    # Nobody was pinged by anything but the one result of each of their jobs.
+    assert sorted(m.id for m in emu.pings()) == sorted(posts_of(emu, j)[0].id for j in jobs)
+
+
+def png(color: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(out, "PNG")
+    return out.getvalue()
+
+
+async def test_bot_killed_while_jobs_run_and_wait(emulator: Emulator, tiny_sd_folder, tmp_path):
+    """The bot runs the engine itself; it is killed twice while a job is running (others
+    queued). The job is retried once and then fails with the reason; the others are posted."""
+    emu = emulator
+    url = f"sqlite:///{tmp_path / 'queue.sqlite3'}"
+    config = write_config(tmp_path / "config.toml", emu, tiny_sd_folder, url, max_attempts=2)
+    queue = open_queue(url)
+    bot = BotProcess(emu, config, tmp_path / "bot.log")
+    try:
+        await bot.start()
+        long = await imagine(emu, queue, emu.alice, steps=500)
+        jobs = {long: emu.alice,
+                await imagine(emu, queue, emu.bob, seed=1): emu.bob,
+                await imagine(emu, queue, emu.mod, seed=2): emu.mod}
+
+        def long_job_running() -> bool:
+            return queue.get(long).status is JobStatus.running
+
+        for _ in range(2):  # the first attempt, then the retry
+            await until(long_job_running, 60, "the long job to run", bot)
+            await bot.kill()
+            await bot.start()
+        await settled(emu, queue, jobs, bot)
+
+        assert queue.get(long).status is JobStatus.failed and queue.get(long).attempts == 2
+        assert "Gave up after 2 attempts" in posts_of(emu, long)[0].content
+        assert_each_job_ended_once(emu, queue, jobs)
+        assert await bot.stop() == 0
+    finally:
+        await bot.stop()
+        queue.close()
+
+
+async def test_bot_killed_before_and_while_posting(emulator: Emulator, tmp_path):
+    """A bot without an engine (workers elsewhere: here, this test) is killed with jobs queued,
+    with results stored but not posted, and while posting (the message was made but the answer
+    lost). After each restart nothing is lost and nothing is posted twice."""
+    emu = emulator
+    url = f"sqlite:///{tmp_path / 'queue.sqlite3'}"
+    config = write_config(tmp_path / "config.toml", emu, tmp_path / "no-model", url)
+    queue = open_queue(url)
+    bot = BotProcess(emu, config, tmp_path / "bot.log", no_engine=True)
+
+    def finish(job_id: int, error: str | None = None) -> None:
+        """What a GPU worker in another process does."""
+        assert queue.claim("gpu-elsewhere").id == job_id
+        if error:
+            queue.fail(job_id, "gpu-elsewhere", error)
+        else:
+            queue.complete(job_id, "gpu-elsewhere", [(png("red"), queue.get(job_id).seed)])
+
+    try:
+        await bot.start()
+        jobs = {}
+        for member in (emu.alice, emu.bob, emu.mod, emu.alice):
+            jobs[await imagine(emu, queue, member)] = member
+        first, second, third, fourth = jobs
+
+        # Killed with every job queued; two finish (one fails) while the bot is down.
+        await bot.kill()
+        finish(first)
+        finish(second, "Out of memory: the image did not fit on the GPU")
+
+        # Restarted, it posts the first, but Discord's answer is lost after the message was made;
+        # killed while retrying.
+        lost_answers = emu.fail_next("POST", "/channels/*/messages", 500, count=1000, after=True)
+        await bot.start()
+        await emu.wait_for(lambda: posts_of(emu, first), 30, "the post")
+        await bot.kill()
+        assert lost_answers.hits and not queue.get(first).posted_at
+        emu.faults.clear()
+
+        # Restarted: it posts again with the same nonces; Discord gives back the messages made.
+        await bot.start()
+        await until(lambda: queue.get(first).posted_at and queue.get(second).posted_at, 30, "records", bot)
+
+        # A result stored while the bot is up, which cannot post it (Discord down); killed.
+        outage = emu.fail_next("POST", "/channels/*/messages", 503, count=1000)
+        finish(third)
+        await emu.wait_for(lambda: outage.hits, 30, "a posting attempt")
+        await bot.kill()
+        assert not posts_of(emu, third) and not queue.get(third).posted_at
+        emu.faults.clear()
+
+        # Posted, but killed before the status message could say so (its edits fail).
+        stuck = emu.fail_next("PATCH", "/webhooks/*/messages/@original", 503, count=1000)
+        finish(fourth)
+        await bot.start()
+        await emu.wait_for(lambda: posts_of(emu, third) and stuck.hits, 30, "the post")
+        await bot.kill()
+        assert not queue.get(third).posted_at
+        emu.faults.clear()
+
+        await bot.start()
+        await settled(emu, queue, jobs, bot)
+        assert_each_job_ended_once(emu, queue, jobs)
+        assert await bot.stop() == 0
+    finally:
+        await bot.stop()
+        queue.close()
+
+
+def start_worker(config: Path, name: str, log_path: Path) -> subprocess.Popen:
+    """``python -m engine worker``: a GPU machine serving the shared queue."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with log_path.open("a") as log:
+        return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--config", str(config), "--name", name],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def test_bot_and_two_workers_on_postgresql_one_worker_killed(emulator: Emulator, pg_url, tiny_sd_folder,
+                                                                   tmp_path):
+    """Issue 5 §6: a bot without a GPU and two worker processes share a PostgreSQL queue; one
+    worker is killed in the middle of a job, whose lease runs out and which the other worker
+    then makes. Every job is posted exactly once, by the bot."""
+    emu = emulator
+    config = write_config(tmp_path / "config.toml", emu, tiny_sd_folder, pg_url, max_batch=2, lease_seconds=5)
+    queue = open_queue(pg_url)
+    workers = {name: start_worker(config, name, tmp_path / f"{name}.log") for name in ("doomed", "survivor")}
+    bot = BotProcess(emu, config, tmp_path / "bot.log", no_engine=True)
+    try:
+        await bot.start()
+        jobs = {}
+        for member in (emu.alice, emu.bob, emu.mod) * 2:
+            jobs[await imagine(emu, queue, member, steps=40)] = member
+
+        def doomed_jobs() -> list[int]:
+            assert workers["doomed"].poll() is None, (tmp_path / "doomed.log").read_text()
+            return [j for j in jobs if queue.get(j).status is JobStatus.running
+                    and "/doomed#" in (queue.get(j).worker_id or "")]
+
+        await until(doomed_jobs, 60, "the doomed worker to run a job")
+        taken = doomed_jobs()
+        workers["doomed"].kill()
+        workers["doomed"].wait(10)
+
+        await settled(emu, queue, jobs, bot, timeout=90)
+        assert_each_job_ended_once(emu, queue, jobs)
+        assert all(queue.get(j).status is JobStatus.done for j in jobs)
+        assert all(queue.get(j).attempts == 2 and "/survivor#" in queue.get(j).worker_id for j in taken)
+        workers["survivor"].send_signal(signal.SIGTERM)
+        assert workers["survivor"].wait(30) == 0
+        assert await bot.stop() == 0
+    finally:
+        for worker in workers.values():
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        await bot.stop()
+        queue.close()
