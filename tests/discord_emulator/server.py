@@ -154,7 +154,10 @@ class Emulator(RestRoutes):
         self._changed = asyncio.Event()
 
     async def wait_for(self, predicate: Callable[[], T], timeout: float = 5.0, what: str = "a condition") -> T:
-        """Wait until `predicate()` returns something truthy, and return it."""
+        """Wait until `predicate()` returns something truthy, and return it.
+
+        Checked on every emulator event and at least every 0.1 s, so a predicate may also look
+        at state outside the emulator (the bot's database, say)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not (result := predicate()):
@@ -162,7 +165,7 @@ class Emulator(RestRoutes):
             if remaining <= 0:
                 raise TimeoutError(f"emulator: no {what} within {timeout} s")
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.1))
             except TimeoutError:
                 pass
         return result
