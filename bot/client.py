@@ -22,6 +22,7 @@ from discord.ext import commands
 
 from bot import jobs, render, views
 from bot.commands import build_commands
+from bot.checks import within_deadline
 from bot.config import Config
 from bot.delivery import Delivery, token_expiry
 from bot.inputs import DISCORD_CDN_HOSTS, BadInput, clip_truncation_notice, limit_pillow
@@ -162,11 +163,14 @@ class SDBot(commands.Bot):
         interaction.extras["thinking"] = True
         interaction.extras["message_id"] = getattr(response, "message_id", None)
 
-    async def submit(self, interaction: discord.Interaction, fields: dict[str, Any], note: str | None = None) -> Job:
+    async def submit(self, interaction: discord.Interaction, fields: dict[str, Any], note: str | None = None,
+                     *, limit_checked: bool = False) -> Job:
         """Queue a job for whoever used the command or pressed the button, and answer with its
-        number, place in line and a Cancel button."""
-        if not interaction.response.is_done():
-            await self.check_pending_limit(interaction.user.id)
+        number, place in line and a Cancel button. Unless the caller has checked the pending
+        limit already, refuse early (ephemerally, within Discord's deadline) when it is reached;
+        the enqueue checks it again atomically."""
+        if not limit_checked and not interaction.response.is_done():
+            await within_deadline(self, interaction, self.check_pending_limit(interaction.user.id))
         await self.defer(interaction)
         message_id = interaction.extras.get("message_id") or (await interaction.original_response()).id
         job = await asyncio.to_thread(

@@ -156,11 +156,9 @@ def build_commands(bot: "SDBot") -> list[app_commands.Command]:
                       steps: Transform[int, Steps] = None, guidance: Transform[float, Guidance] = None,
                       size: Transform[str, Size] = None, sampler: Transform[str, Sampler] = None,
                       count: Transform[int, Count] = 1, model: Transform[str, Model] = None) -> None:
-        fields = generation_fields(gen, **await community.check_new_job(interaction, gen, dict(
-            prompt=prompt, negative=negative, seed=seed, steps=steps, guidance=guidance, size=size, sampler=sampler,
-            count=count)))
-        await bot.guarded(interaction, _imagine(bot, interaction, fields | dict(kind=JobKind.txt2img, model=model),
-                                                negative))
+        options = dict(prompt=prompt, negative=negative, seed=seed, steps=steps, guidance=guidance, size=size,
+                       sampler=sampler, count=count, model=model)
+        await bot.guarded(interaction, _imagine(bot, interaction, options))
 
     @app_commands.command(name="img2img", description="Make images from an uploaded image and a prompt")
     @app_commands.describe(image="A PNG, JPEG or WebP image",
@@ -171,10 +169,9 @@ def build_commands(bot: "SDBot") -> list[app_commands.Command]:
                       seed: Transform[int, Seed] = None, steps: Transform[int, Steps] = None,
                       guidance: Transform[float, Guidance] = None, size: Transform[str, Size] = None,
                       sampler: Transform[str, Sampler] = None, count: Transform[int, Count] = 1) -> None:
-        await bot.guarded(interaction, _img2img(bot, interaction, image, strength, size, negative, generation_fields(
-            gen, **await community.check_new_job(interaction, gen, dict(
-                prompt=prompt, negative=negative, seed=seed, steps=steps, guidance=guidance, size=size,
-                sampler=sampler, count=count), img2img=True))))
+        options = dict(prompt=prompt, negative=negative, seed=seed, steps=steps, guidance=guidance, size=size,
+                       sampler=sampler, count=count, model=None)
+        await bot.guarded(interaction, _img2img(bot, interaction, image, strength, options))
 
     @app_commands.command(name="queue", description="Your jobs and their places in line")
     async def queue(interaction: discord.Interaction) -> None:
@@ -231,14 +228,26 @@ def generation_fields(gen: GenerationSettings, *, prompt: str, negative: str, se
     )
 
 
-async def _imagine(bot: "SDBot", interaction: discord.Interaction, fields: dict[str, Any], negative: str) -> None:
-    """Refuse prompts too long for the engine, then queue the job (with a note on long prompts)."""
-    note = await within_deadline(bot, interaction, asyncio.to_thread(check_prompt_tokens, fields["prompt"], negative))
-    await bot.submit(interaction, fields, note=note)
+async def _job_fields(bot: "SDBot", interaction: discord.Interaction, options: dict[str, Any], *,
+                      img2img: bool = False) -> tuple[dict[str, Any], str | None]:
+    """The job's fields (member defaults, server policy) and a note on long prompts; refuses
+    with BadInput what the server or the engine would not take. Reads the database."""
+    gen = bot.config.generation
+    options = await community.check_new_job(interaction, gen, options, img2img=img2img)
+    model = options.pop("model", None)
+    note = await asyncio.to_thread(check_prompt_tokens, options["prompt"], options["negative"])
+    await bot.check_pending_limit(interaction.user.id)
+    return generation_fields(gen, **options) | dict(model=model), note
+
+
+async def _imagine(bot: "SDBot", interaction: discord.Interaction, options: dict[str, Any]) -> None:
+    """Check everything that needs the database within Discord's deadline, then queue the job."""
+    fields, note = await within_deadline(bot, interaction, _job_fields(bot, interaction, options))
+    await bot.submit(interaction, fields | dict(kind=JobKind.txt2img), note=note, limit_checked=True)
 
 
 async def _img2img(bot: "SDBot", interaction: discord.Interaction, image: discord.Attachment,
-                   strength: float | None, size: str | None, negative: str, fields: dict[str, Any]) -> None:
+                   strength: float | None, options: dict[str, Any]) -> None:
     """Check the upload before downloading it, then decode it safely and queue the job."""
     dc, gen = bot.config.discord, bot.config.generation
     check_attachment_meta(filename=image.filename, content_type=image.content_type, size=image.size,
@@ -246,22 +255,21 @@ async def _img2img(bot: "SDBot", interaction: discord.Interaction, image: discor
                           allowed_hosts=bot.allowed_hosts)
 
     async def prepare():
-        note = await asyncio.to_thread(check_prompt_tokens, fields["prompt"], negative)
-        await bot.check_pending_limit(interaction.user.id)
+        fields, note = await _job_fields(bot, interaction, options, img2img=True)
         data = await bot.download(image.url, dc.max_attachment_bytes)
-        forced = parse_size(size) if size else None
+        forced = parse_size(options["size"]) if options["size"] else None
         init = await asyncio.to_thread(
             load_init_image, data, size=forced, max_width=gen.max_width, max_height=gen.max_height,
             target_area=gen.default_width * gen.default_height,
             formats=tuple(PILLOW_FORMATS[t] for t in dc.allowed_image_types))
-        return note, init
+        return fields, note, init
 
     # Usually this takes a fraction of a second, and a refusal can then be ephemeral. When it
     # takes longer, acknowledge first (Discord allows 3 seconds) and finish afterwards.
-    note, init = await within_deadline(bot, interaction, prepare())
+    fields, note, init = await within_deadline(bot, interaction, prepare())
     fields |= dict(kind=JobKind.img2img, init_image=init.png, width=init.width, height=init.height,
                    strength=gen.default_strength if strength is None else strength)
-    await bot.submit(interaction, fields, note=note)
+    await bot.submit(interaction, fields, note=note, limit_checked=True)
 
 
 def help_text(commands: list[app_commands.Command], bot: "SDBot") -> str:

@@ -145,6 +145,8 @@ async def check_new_job(interaction: discord.Interaction, gen: GenerationSetting
     mine, policy = await asyncio.gather(
         asyncio.to_thread(store(bot).member_defaults, interaction.user.id), _policy(bot, interaction))
     options = fill_defaults(options, mine, policy, gen, img2img=img2img)
+    if options.get("model") is None and policy.default_model in bot.config.model_names:
+        options["model"] = policy.default_model  # the server's choice when the member made none
     if interaction.guild_id is not None:
         width, height = parse_size(options["size"]) if options.get("size") else (gen.default_width,
                                                                                    gen.default_height)
