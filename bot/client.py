@@ -20,7 +20,7 @@ import aiohttp
 import discord
 from discord.ext import commands
 
-from bot import jobs, render, views
+from bot import community, jobs, render, views
 from bot.commands import build_commands
 from bot.checks import within_deadline
 from bot.config import Config
@@ -187,6 +187,11 @@ class SDBot(commands.Bot):
         pending = await asyncio.to_thread(self.queue.pending_for, payload.user_id)
         if len(pending) >= self.config.queue.pending_limit:
             log.info("reaction reroll by %s refused: pending limit", payload.user_id)
+            return None
+        try:
+            await community.check_reaction_job(self, payload, fields)
+        except BadInput as e:  # no private reply exists for a reaction: log it and do nothing
+            log.info("reaction reroll by %s refused: %s", payload.user_id, e)
             return None
         channel = self.get_partial_messageable(payload.channel_id, guild_id=payload.guild_id)
         status = await channel.send(f"{REROLL_EMOJI} <@{payload.user_id}> is rerolling job #{fields['parent_id']}…")

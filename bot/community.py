@@ -13,6 +13,7 @@ the option types from the annotations (see bot/commands.py).
 import asyncio
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -64,16 +65,29 @@ def nsfw_match(prompt: str, words: tuple[str, ...]) -> str | None:
     return None
 
 
-def _channel_allowed(interaction: discord.Interaction, policy: ServerPolicy) -> bool:
+@dataclass(frozen=True)
+class Asker:
+    """Who asks for a new job, and where: from an interaction or from a 🔁 reaction."""
+
+    guild_id: int | None
+    user_id: int
+    channel_id: int | None
+    channel: Any  # the channel object when cached (threads, NSFW flag), else None
+
+    @classmethod
+    def of(cls, interaction: discord.Interaction) -> "Asker":
+        return cls(interaction.guild_id, interaction.user.id, interaction.channel_id, interaction.channel)
+
+
+def _channel_allowed(asker: Asker, policy: ServerPolicy) -> bool:
     if not policy.allowed_channel_ids:
         return True
-    channel = interaction.channel
-    parent = getattr(channel, "parent_id", None)  # a thread counts as its channel
-    return interaction.channel_id in policy.allowed_channel_ids or parent in policy.allowed_channel_ids
+    parent = getattr(asker.channel, "parent_id", None)  # a thread counts as its channel
+    return asker.channel_id in policy.allowed_channel_ids or parent in policy.allowed_channel_ids
 
 
-def _is_nsfw_channel(interaction: discord.Interaction) -> bool:
-    is_nsfw = getattr(interaction.channel, "is_nsfw", None)
+def _is_nsfw_channel(asker: Asker) -> bool:
+    is_nsfw = getattr(asker.channel, "is_nsfw", None)
     return bool(is_nsfw()) if callable(is_nsfw) else False
 
 
@@ -83,21 +97,21 @@ def _when(moment: datetime) -> str:
     return f"<t:{ts}:R> (<t:{ts}:T>)"
 
 
-async def _gate(bot: Any, interaction: discord.Interaction, policy: ServerPolicy, *, prompt: str,
+async def _gate(bot: Any, asker: Asker, policy: ServerPolicy, *, prompt: str,
                 steps: int, width: int, height: int, count: int) -> None:
     """Every server rule a new job must pass; raises BadInput saying which and what to do."""
-    community, guild_id, user_id = store(bot), interaction.guild_id, interaction.user.id
+    community, guild_id, user_id = store(bot), asker.guild_id, asker.user_id
     if await asyncio.to_thread(community.is_barred, guild_id, user_id):
         raise BadInput("You have been barred from using this bot on this server. "
                        "Ask the server's managers if you think this is a mistake.")
-    if not _channel_allowed(interaction, policy):
+    if not _channel_allowed(asker, policy):
         where = ", ".join(f"<#{c}>" for c in policy.allowed_channel_ids)
         raise BadInput(f"On this server I make images only in {where}. Try there.")
     if policy.paused:
         raise BadInput("The server's managers have paused the image queue for now; "
                        "no new jobs are taken. Try again later.")
     word = nsfw_match(prompt, policy.nsfw_words)
-    if word is not None and not _is_nsfw_channel(interaction):
+    if word is not None and not _is_nsfw_channel(asker):
         raise BadInput(f"“{render.escape(word)}” is on this server's NSFW list: prompts with it are "
                        "allowed only in age-restricted channels.")
     if policy.max_steps is not None and steps > policy.max_steps:
@@ -150,7 +164,7 @@ async def check_new_job(interaction: discord.Interaction, gen: GenerationSetting
     if interaction.guild_id is not None:
         width, height = parse_size(options["size"]) if options.get("size") else (gen.default_width,
                                                                                    gen.default_height)
-        await _gate(bot, interaction, policy, prompt=options["prompt"],
+        await _gate(bot, Asker.of(interaction), policy, prompt=options["prompt"],
                     steps=options.get("steps") or gen.default_steps, width=width, height=height,
                     count=options.get("count") or 1)
     return options
@@ -201,9 +215,19 @@ async def check_job_fields(interaction: discord.Interaction, fields: dict[str, A
     if interaction.guild_id is not None:
         bot = interaction.client
         policy = await _policy(bot, interaction)
-        await _gate(bot, interaction, policy, prompt=fields["prompt"], steps=fields["steps"],
+        await _gate(bot, Asker.of(interaction), policy, prompt=fields["prompt"], steps=fields["steps"],
                     width=fields["width"], height=fields["height"], count=fields["count"])
     return fields
+
+
+async def check_reaction_job(bot: Any, payload: discord.RawReactionActionEvent, fields: dict[str, Any]) -> None:
+    """The server's policy for a 🔁 reaction reroll; raises BadInput like the others."""
+    if payload.guild_id is None:
+        return
+    policy = await asyncio.to_thread(store(bot).server_policy, payload.guild_id)
+    asker = Asker(payload.guild_id, payload.user_id, payload.channel_id, bot.get_channel(payload.channel_id))
+    await _gate(bot, asker, policy, prompt=fields["prompt"], steps=fields["steps"],
+                width=fields["width"], height=fields["height"], count=fields["count"])
 
 
 # -- rendering ------------------------------------------------------------------------------------

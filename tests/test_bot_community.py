@@ -178,3 +178,22 @@ async def test_stats_show_counts_and_help_lists_the_new_commands(setup):
     for name in ("/settings set", "/settings show", "/server limits", "/server pause", "/server bar", "/stats"):
         assert name in help_text
     assert len(help_text) <= 4096 and "Reroll" in help_text
+
+
+async def test_reaction_rerolls_follow_the_server_rules(setup):
+    emu, config, queue, community = setup
+    async with bot_running(emu, config, queue, None):
+        # A result made "elsewhere" (a worker process) and posted by this bot.
+        job = queue.enqueue(requester_id=emu.alice.id, guild_id=emu.guild.id, channel_id=emu.general.id,
+                            prompt="a cat", width=64, height=64, steps=2)
+        queue.claim("remote-gpu")
+        queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
+        result = await emu.wait_for_message(emu.general, lambda m: m.attachments, timeout=10)
+
+        await ephemeral(emu, emu.admin, "server bar", {"member": emu.bob})
+        await emu.react(emu.bob, result, "🔁")
+        await emu.react(emu.alice, result, "🔁")  # alice may; her reroll is queued
+        await emu.wait_for(lambda: len(queue.pending_for(emu.alice.id)) == 1, timeout=10, what="alice's reroll")
+        assert queue.pending_for(emu.bob.id) == []
+        assert not any("rerolling" in m.content and str(emu.bob.id) in m.content
+                       for m in emu.channel_messages(emu.general))
