@@ -163,14 +163,15 @@ def build_commands(bot: "SDBot") -> list[app_commands.Command]:
     @app_commands.command(name="img2img", description="Make images from an uploaded image and a prompt")
     @app_commands.describe(image="A PNG, JPEG or WebP image",
                            strength=f"How much to change the image (0.05 to 1, default {gen.default_strength:g})",
-                           **described)
+                           **described, model=model_help)
     async def img2img(interaction: discord.Interaction, image: discord.Attachment, prompt: Transform[str, Prompt],
                       strength: Transform[float, Strength] = None, negative: Transform[str, Negative] = "",
                       seed: Transform[int, Seed] = None, steps: Transform[int, Steps] = None,
                       guidance: Transform[float, Guidance] = None, size: Transform[str, Size] = None,
-                      sampler: Transform[str, Sampler] = None, count: Transform[int, Count] = 1) -> None:
+                      sampler: Transform[str, Sampler] = None, count: Transform[int, Count] = 1,
+                      model: Transform[str, Model] = None) -> None:
         options = dict(prompt=prompt, negative=negative, seed=seed, steps=steps, guidance=guidance, size=size,
-                       sampler=sampler, count=count, model=None)
+                       sampler=sampler, count=count, model=model)
         await bot.guarded(interaction, _img2img(bot, interaction, image, strength, options))
 
     @app_commands.command(name="queue", description="Your jobs and their places in line")

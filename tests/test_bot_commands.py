@@ -183,3 +183,25 @@ async def test_results_from_another_process_and_failures_are_posted(setup):
     assert done.pinged_users == {emu.alice.id} and f"sd:reroll:{first.id}" in done.custom_ids
     assert "came out black" in failed.content and failed.pinged_users == {emu.alice.id}
 
+
+
+async def test_model_option_offers_configured_models_and_is_stored(setup):
+    from dataclasses import replace
+
+    from engine.settings import ModelSettings
+
+    emu, config, queue = setup
+    config = replace(config, models=(ModelSettings(source="elsewhere", name="anime"),))
+    async with bot_running(emu, config, queue, None):
+        for command in ("imagine", "img2img"):
+            option = next(o for o in emu.command(command)["options"] if o["name"] == "model")
+            assert option.get("autocomplete") is True
+        ix = await emu.slash(emu.alice, "imagine", {"prompt": "a fox", "model": "nope"})
+        refused = await ephemeral_reply(ix)
+        assert "`model` must be one of: tiny-sd1, anime" in refused
+        ix = await emu.slash(emu.alice, "imagine", {"prompt": "a fox", "model": "anime"})
+        await ix.wait_response(lambda m: "queued" in m.content)
+        ix = await emu.slash(emu.alice, "img2img", {"prompt": "a fox", "model": "anime", "image": "A"},
+                             attachments={"image": emu.attachment("in.png", png((64, 64)))})
+        await ix.wait_response(lambda m: "queued" in m.content)
+    assert [job.model for job in queue.pending_for(emu.alice.id)] == ["anime", "anime"]
