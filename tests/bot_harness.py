@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from sqlalchemy import Engine
 
@@ -71,3 +72,27 @@ def png(size: tuple[int, int] = (48, 40), color: str = "red", mode: str = "RGB",
     out = io.BytesIO()
     Image.new(mode, size, color).save(out, fmt, **save)
     return out.getvalue()
+
+
+@pytest.fixture
+def setup(tiny_model, tiny_sd_folder, tmp_path, emulator: Emulator):
+    """The emulator, a small config, a temporary SQLite queue and an engine worker on the tiny
+    model (for tests whose jobs really run)."""
+    from engine.worker import EngineWorker
+
+    config = bot_config(str(tiny_sd_folder), f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
+    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
+    worker = EngineWorker(tiny_model, config.engine, config.generation)
+    worker.start()
+    yield emulator, config, queue, worker
+    worker.stop()
+    engine.dispose()
+
+
+def is_result(message) -> bool:
+    """A posted result (not a status message): it carries the Reroll button."""
+    return any(cid.startswith("sd:reroll:") for cid in message.custom_ids)
+
+
+def results(emu: Emulator) -> list:
+    return [m for m in emu.channel_messages(emu.general) if is_result(m)]

@@ -3,11 +3,12 @@ answers, a deleted channel, missing permissions), and the expired interaction to
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from bot_harness import bot_config, bot_running, new_queue
+from bot_harness import bot_running, results, setup  # noqa: F401 - setup is a fixture
 from discord_emulator import Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 from engine.worker import EngineWorker
@@ -15,32 +16,20 @@ from engine.worker import EngineWorker
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture
-def setup(tiny_model, tiny_sd_folder, tmp_path, emulator: Emulator):
-    config = bot_config(str(tiny_sd_folder), f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
-    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
+async def test_progress_is_shown_on_the_status_message(setup, tiny_model):
+    emu, config, queue, _ = setup
+    # Long enough (40 steps x 4 images) that progress edits, 0.2 s apart, happen on any machine.
+    config = replace(config, generation=replace(config.generation, max_steps=40))
     worker = EngineWorker(tiny_model, config.engine, config.generation)
     worker.start()
-    yield emulator, config, queue, worker
-    worker.stop()
-    engine.dispose()
-
-
-def is_result(message) -> bool:
-    return any(cid.startswith("sd:reroll:") for cid in message.custom_ids)
-
-
-def results(emu: Emulator) -> list:
-    return [m for m in emu.channel_messages(emu.general) if is_result(m)]
-
-
-async def test_progress_is_shown_on_the_status_message(setup):
-    emu, config, queue, worker = setup
-    async with bot_running(emu, config, queue, worker):
-        ix = await emu.slash(emu.alice, "imagine", {"prompt": "a slow cat", "steps": 8, "count": 4})
-        await ix.wait_ack()
-        await emu.wait_for(lambda: results(emu), timeout=60, what="the result")
-        await emu.wait_for(lambda: "done" in ix.original.content, what="status done")
+    try:
+        async with bot_running(emu, config, queue, worker):
+            ix = await emu.slash(emu.alice, "imagine", {"prompt": "a slow cat", "steps": 40, "count": 4})
+            await ix.wait_ack()
+            await emu.wait_for(lambda: results(emu), timeout=120, what="the result")
+            await emu.wait_for(lambda: "done" in ix.original.content, what="status done")
+    finally:
+        worker.stop()
     versions = [*ix.original.edits, ix.original.payload()]
     texts = [v["content"] for v in versions]
     assert any("queued" in t for t in texts)

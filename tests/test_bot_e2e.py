@@ -9,33 +9,12 @@ import io
 import pytest
 from PIL import Image
 
-from bot_harness import bot_config, bot_running, new_queue
+from bot_harness import bot_running, is_result, results, setup  # noqa: F401 - setup is a fixture
 from discord_emulator import Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 from engine.metadata import read_parameters
-from engine.worker import EngineWorker
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-def setup(tiny_model, tiny_sd_folder, tmp_path, emulator: Emulator):
-    config = bot_config(str(tiny_sd_folder), f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
-    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
-    worker = EngineWorker(tiny_model, config.engine, config.generation)
-    worker.start()
-    yield emulator, config, queue, worker
-    worker.stop()
-    engine.dispose()
-
-
-def is_result(message) -> bool:
-    """A posted result (not a status message): it carries the Reroll button."""
-    return any(cid.startswith("sd:reroll:") for cid in message.custom_ids)
-
-
-def results(emu: Emulator) -> list:
-    return [m for m in emu.channel_messages(emu.general) if is_result(m)]
 
 
 async def test_imagine_posts_result_with_buttons(setup):
