@@ -52,12 +52,12 @@ async def run(config: Config, *, engine: bool = True) -> int:
     await asyncio.to_thread(upgrade, db)
     queue = Queue(db, pending_limit=config.queue.pending_limit, max_attempts=config.queue.max_attempts,
                   lease_seconds=config.queue.lease_seconds)
-    worker = runner = tokenizer = None
+    worker = runner = tokenizer = family = None
     if engine:
         from engine.errors import ModelLoadError
 
         try:
-            worker, tokenizer = await asyncio.to_thread(_load_engine, config)
+            worker, tokenizer, family = await asyncio.to_thread(_load_engine, config)
         except ModelLoadError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -80,7 +80,7 @@ async def run(config: Config, *, engine: bool = True) -> int:
 
     from bot.client import SDBot
 
-    bot = SDBot(config, queue, runner, tokenizer=tokenizer)
+    bot = SDBot(config, queue, runner, tokenizer=tokenizer, model_family=family)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -109,8 +109,11 @@ async def run(config: Config, *, engine: bool = True) -> int:
     return 0
 
 
-def _load_engine(config: Config):  # -> tuple[EngineWorker, tokenizer | None]
-    """Load the model (slow: runs in a thread) and make the engine worker."""
+def _load_engine(config: Config):  # -> tuple[EngineWorker, tokenizer | None, family]
+    """Load the model (slow: runs in a thread) and make the engine worker.
+
+    The loaded default model's family (``"sdxl"``: SDXL's sizes, see ``generation.sdxl_sizes``)
+    sets the worker's size limits (EngineWorker does it) and the bot's commands (through ``SDBot``)."""
     from engine.models import ModelPool
     from engine.worker import EngineWorker
 
@@ -118,7 +121,7 @@ def _load_engine(config: Config):  # -> tuple[EngineWorker, tokenizer | None]
     worker = EngineWorker(ModelPool.configured(models, config.engine), config.engine, config.generation)
     model = worker.pipeline.model  # the default model, loaded now so that a bad one stops the start
     tokenizer = model.tokenizers[0] if model.tokenizers else None
-    return worker, tokenizer
+    return worker, tokenizer, model.info.family
 
 
 if __name__ == "__main__":

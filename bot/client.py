@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from collections.abc import Callable, Coroutine
 from datetime import datetime, timezone
 from typing import Any
@@ -46,12 +47,17 @@ class SDBot(commands.Bot):
 
     def __init__(self, config: Config, queue: Queue, runner: Any | None = None, *,
                  allowed_hosts: frozenset[str] = DISCORD_CDN_HOSTS, clock: Callable[[], datetime] = utcnow,
-                 tokenizer: Any | None = None, **options: Any) -> None:
+                 tokenizer: Any | None = None, model_family: str | None = None, **options: Any) -> None:
+        """``model_family``: the loaded default model's family (None: ``model.family`` as configured,
+        e.g. with ``--no-engine``); for ``"sdxl"`` the commands offer ``generation.sdxl_sizes``."""
         intents = discord.Intents.none()
         intents.guilds = True  # channels and permissions
         intents.guild_reactions = True  # 🔁 rerolls
         super().__init__(command_prefix=commands.when_mentioned, intents=intents, help_command=None,
                          allowed_mentions=discord.AllowedMentions.none(), **options)
+        generation = config.generation.for_family(model_family or config.model.family)
+        if generation is not config.generation:
+            config = replace(config, generation=generation)
         self.config = config
         self.queue = queue
         self.runner = runner

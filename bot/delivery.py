@@ -16,6 +16,13 @@ before posting again. The job is recorded as posted only after its status messag
 outcome, so a crash in between repeats both (the post harmlessly). 429 and 5xx errors are
 retried with backoff while the job stays stored; other 4xx (a deleted channel, missing
 permissions) end the attempts (the job is marked, the status message says why, and it is logged).
+
+Private results: when the requester's member setting ``private`` is on, the result message goes
+to them by direct message instead (the same files, embed and buttons; the buttons look the job up
+by id, so they work there too), and the status message in the channel says so, without an image.
+If Discord refuses the DM (50007: the member does not accept DMs from the bot), the result is
+posted in the channel after all, mentioning the member and saying why. The nonce and the history
+check work the same in the DM channel, and ``mark_posted`` records the DM channel and message.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot import render, views
+from db.community import Community
 from db.models import Job, JobStatus
 from db.queue import Queue
 from engine.types import Progress
@@ -51,6 +59,8 @@ PLACE_EDITS_PER_CYCLE = 10
 RECENTLY_FINISHED = 10_000
 #: Queue places are looked up at least every this many intervals, even with no local event.
 PLACES_EVERY = 5
+#: Discord's error code for a DM the member does not accept (their privacy settings, or a block).
+CANNOT_DM = 50007
 #: A job finished longer ago than this may have been posted by a process that then crashed
 #: before recording it, outside the nonce window: look for it in the channel first.
 NONCE_WINDOW = timedelta(minutes=2)
@@ -74,6 +84,16 @@ class _Status:
 
 
 @dataclass
+class _Posted:
+    """Where a job's result went: the channel and message ids, and what the status should add."""
+
+    channel_id: int
+    message_ids: list[int]
+    by_dm: bool = False  # sent to the requester by direct message (no jump link in the channel)
+    note: str = ""
+
+
+@dataclass
 class _Retry:
     attempts: int = 0
     not_before: float = 0.0
@@ -91,12 +111,13 @@ class Delivery:
         self.clock = clock
         self._status: dict[int, _Status] = {}
         self._retry: dict[int, _Retry] = {}
-        self._checked_history: set[int] = set()
+        self._checked_history: set[tuple[int, int | None]] = set()  # (job id, channel id)
         self._wake = asyncio.Event()
         self._places_dirty = True
         self._places_checked = float("-inf")
         self._adopting: set[int] = set()
         self._finished: dict[int, None] = {}  # recently finished job ids, oldest first
+        self._community: Community | None = None  # member settings (``private``), made lazily
 
     # -- called by the runner and the commands (on the event loop) ---------------------------
 
@@ -175,37 +196,64 @@ class Delivery:
         nonce (or the history check) turns the repeated post into the message made before."""
         status = self._status.get(job.id) or _Status(job)
         status.job = job
-        note = ""
         try:
-            message_ids = await self._post(job)
+            posted = await self._post(job)
         except discord.HTTPException as e:
             if not _permanent(e):
                 self._back_off(job.id, e)
                 return
             log.warning("job %s: cannot post in channel %s (%s); giving up", job.id, job.channel_id, e)
-            message_ids, note = [], f"could not post the result here ({e.text or e.status})"
+            posted = _Posted(job.channel_id or 0, [], note=f"could not post the result here ({e.text or e.status})")
         except (OSError, asyncio.TimeoutError) as e:
             self._back_off(job.id, e)
             return
         jump = None
-        if message_ids:
-            jump = f"https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{message_ids[0]}"
+        if posted.message_ids and not posted.by_dm:
+            jump = f"https://discord.com/channels/{job.guild_id or '@me'}/{posted.channel_id}/{posted.message_ids[0]}"
         try:
-            await self._finish_status(status, jump_url=jump, note=note)
+            await self._finish_status(status, jump_url=jump, note=posted.note)
         except (discord.HTTPException, OSError, asyncio.TimeoutError) as e:
             self._back_off(job.id, e)
             return
-        await asyncio.to_thread(self.queue.mark_posted, job.id, job.channel_id or 0, message_ids)
+        await asyncio.to_thread(self.queue.mark_posted, job.id, posted.channel_id, posted.message_ids)
         self._retry.pop(job.id, None)
 
-    async def _post(self, job: Job) -> list[int]:
-        """Send the result message; the ids of the messages that show it (none for a cancel)."""
+    async def _post(self, job: Job) -> _Posted:
+        """Send the result message (by DM for a member who asked for private results); where it
+        went. No message for a cancel: the requester (or a moderator) did it, the status says so."""
         if job.status is JobStatus.cancelled:
-            return []  # the requester (or a moderator) did it; the status message says so
-        found = await self._already_posted(job)
-        if found is not None:
-            return [found]
+            return _Posted(job.channel_id or 0, [])
+        if await self._wants_private(job):
+            dm: discord.DMChannel | None = None
+            try:
+                dm = await self.bot.create_dm(discord.Object(job.requester_id))
+                message_id = await self._send(job, dm)
+                return _Posted(dm.id, [message_id], by_dm=True, note="sent to the requester by direct message")
+            except discord.HTTPException as e:
+                if not _permanent(e):
+                    raise  # Discord is having trouble: try the DM again later
+                log.info("job %s: cannot DM member %s (%s); posting in the channel", job.id, job.requester_id, e)
+                why = "they do not accept direct messages" if e.code == CANNOT_DM else "a direct message failed"
+                prefix = f"<@{job.requester_id}> this result was meant for your DMs, but {_dm_refused(e)}; posting it here."
+                channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+                message_id = await self._send(job, channel, prefix=prefix)
+                return _Posted(job.channel_id or 0, [message_id], note=f"{why}, so it is posted here")
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+        return _Posted(job.channel_id or 0, [await self._send(job, channel)])
+
+    async def _wants_private(self, job: Job) -> bool:
+        """Whether the requester's member setting ``private`` is on (read from the database)."""
+        if self._community is None:
+            self._community = Community(self.queue.engine, clock=self.clock)
+        defaults = await asyncio.to_thread(self._community.member_defaults, job.requester_id)
+        return bool(defaults.private_results)
+
+    async def _send(self, job: Job, channel: discord.abc.Messageable, *, prefix: str = "") -> int:
+        """Post the job's result (or failure) message in ``channel``, or find the one posted
+        before (nonce, history); its id. ``prefix`` replaces the mention at the start."""
+        found = await self._already_posted(job, channel)
+        if found is not None:
+            return found
         mentions = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.requester_id)])
         if job.status is JobStatus.done:
             images = await asyncio.to_thread(self.queue.images, job.id)
@@ -214,21 +262,24 @@ class Delivery:
         else:
             parts = render.failure_message(job)
             view = views.result_view(job, 0)
-        message = await channel.send(content=parts.content, embed=parts.embed, files=parts.files, view=view,
+        content = parts.content
+        if prefix:
+            content = prefix + content.removeprefix(f"<@{job.requester_id}>")
+        message = await channel.send(content=content, embed=parts.embed, files=parts.files, view=view,
                                      nonce=nonce_for(job.id), allowed_mentions=mentions)
-        return [message.id]
+        return message.id
 
-    async def _already_posted(self, job: Job) -> int | None:
-        """A message of ours showing this job in the channel's recent history, if any.
+    async def _already_posted(self, job: Job, channel: discord.abc.Messageable) -> int | None:
+        """A message of ours showing this job in ``channel``'s recent history, if any.
 
-        Only for jobs finished before Discord's nonce window, and once per job and process.
+        Only for jobs finished before Discord's nonce window, and once per job, channel and process.
         """
-        if job.id in self._checked_history or job.finished_at is None:
+        if job.finished_at is None or self.clock() - job.finished_at < NONCE_WINDOW:
             return None
-        if self.clock() - job.finished_at < NONCE_WINDOW:
+        key = (job.id, getattr(channel, "id", None))
+        if key in self._checked_history:
             return None
-        self._checked_history.add(job.id)
-        channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+        self._checked_history.add(key)
         footer = render.job_title(job)
         try:
             async for message in channel.history(limit=50, after=job.finished_at - timedelta(minutes=1)):
@@ -343,6 +394,12 @@ def _permanent(error: discord.HTTPException) -> bool:
     """Whether trying again cannot help: a 4xx (deleted channel or message, missing permissions,
     a refused message) other than a rate limit, which discord.py waits out itself anyway."""
     return 400 <= error.status < 500 and error.status != 429
+
+
+def _dm_refused(error: discord.HTTPException) -> str:
+    if error.code == CANNOT_DM:
+        return "Discord would not deliver it (your DMs are closed to the bot)"
+    return f"the direct message failed ({error.text or error.status})"
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -56,6 +56,9 @@ class GenerationSettings:
     max_width: int = 1024
     max_height: int = 1024
     sizes: tuple[str, ...] = ("512x512", "512x768", "768x512", "768x768")
+    # Offered instead of ``sizes`` when the default model is SDXL; the first is then the default
+    # size, and max_width/max_height are raised to fit them (see :meth:`for_family`).
+    sdxl_sizes: tuple[str, ...] = ("1024x1024", "1152x896", "896x1152", "1216x832", "832x1216")
     default_guidance: float = 7.0
     max_guidance: float = 20.0
     default_sampler: str = "euler_a"
@@ -63,6 +66,18 @@ class GenerationSettings:
     default_negative_prompt: str = ""
     max_count: int = 4
     default_strength: float = 0.75
+
+    def for_family(self, family: str) -> GenerationSettings:
+        """These settings for a default model of ``family``: unchanged except for ``"sdxl"``, where
+        ``sdxl_sizes`` are the size choices, its first entry the default size, and the maxima are
+        raised (never lowered) to fit the widest and tallest of them."""
+        if family != "sdxl":
+            return self
+        parsed = [parse_size(size) for size in self.sdxl_sizes]
+        width, height = parsed[0]
+        return replace(self, sizes=self.sdxl_sizes, default_width=width, default_height=height,
+                       max_width=max(self.max_width, *(w for w, _ in parsed)),
+                       max_height=max(self.max_height, *(h for _, h in parsed)))
 
 
 @dataclass(frozen=True)
@@ -222,6 +237,12 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
         w, h = parse_size(size)
         check(w is not None and w <= gen.max_width and h <= gen.max_height, "generation.sizes", size,
               f"WIDTHxHEIGHT, multiples of 8, within {gen.max_width}x{gen.max_height}")
+    check(0 < len(gen.sdxl_sizes) <= 25, "generation.sdxl_sizes", list(gen.sdxl_sizes),
+          "1 to 25 sizes such as \"1024x1024\" (the first is the SDXL default size)")
+    for size in gen.sdxl_sizes:
+        w, h = parse_size(size) if isinstance(size, str) else (None, None)
+        check(w is not None and w <= 4096 and h <= 4096, "generation.sdxl_sizes", size,
+              "WIDTHxHEIGHT, multiples of 8, at most 4096x4096 (max_width/max_height are raised to fit)")
     check(0 < gen.max_guidance <= 50, "generation.max_guidance", gen.max_guidance, "above 0, at most 50")
     check(0 <= gen.default_guidance <= gen.max_guidance, "generation.default_guidance", gen.default_guidance,
           f"0 to generation.max_guidance ({gen.max_guidance})")

@@ -100,6 +100,8 @@ class EngineWorker:
         self.models = model if isinstance(model, ModelPool) else ModelPool.single(model)
         self.model_name: str | None = self.models.default  # the model of the running batch
         self.pipeline: Pipeline | None = self.models.pipeline(self.model_name)
+        if self.pipeline is not None:  # SDXL: its native sizes (generation.sdxl_sizes) are allowed
+            self.gen = gen.for_family(self.pipeline.model.info.family)
         self._lock = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._admitting: list[Ticket] = []  # taken from the queue, being prepared

@@ -5,9 +5,12 @@ stored (and a "remote worker" completes one where a result message is needed).""
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from bot_harness import bot_config, bot_running, new_queue, png
 from db.community import Community
+from db.models import PostedMessage
 from discord_emulator import Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 
@@ -197,3 +200,51 @@ async def test_reaction_rerolls_follow_the_server_rules(setup):
         assert queue.pending_for(emu.bob.id) == []
         assert not any("rerolling" in m.content and str(emu.bob.id) in m.content
                        for m in emu.channel_messages(emu.general))
+
+
+async def test_private_results_go_by_direct_message(setup):
+    emu, config, queue, community = setup
+    async with bot_running(emu, config, queue, None):
+        assert "Saved" in await ephemeral(emu, emu.alice, "settings set", {"private": True})
+        status = await queued(emu, emu.alice)
+        job = queue.claim("remote-gpu")
+        queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
+        dm = await emu.wait_for_dm(emu.alice, lambda m: bool(m.attachments), timeout=10)
+        await emu.wait_for(lambda: queue.get(job.id).posted_at is not None, timeout=10, what="marked posted")
+        assert dm.channel.is_dm and dm.channel.recipient is emu.alice
+        assert dm.nonce == f"sdjob{job.id}" and dm.attachments[0].filename.endswith(".png")
+        assert f"sd:reroll:{job.id}" in dm.custom_ids and dm.embeds and dm.embeds[0]["fields"]
+        # Nothing with the image in the channel; the status message says where it went.
+        assert not [m for m in emu.channel_messages(emu.general) if m.attachments or m.embeds]
+        assert "done" in status.content and "direct message" in status.content and not status.attachments
+        assert not status.components
+        # Bob's results (no private setting) still go to the channel.
+        await queued(emu, emu.bob)
+        bobs = queue.claim("remote-gpu")
+        queue.complete(bobs.id, "remote-gpu", [(png((64, 64)), bobs.seed)])
+        await emu.wait_for_message(emu.general, lambda m: bool(m.attachments), timeout=10)
+        assert emu.dm_messages(emu.bob) == []
+    with Session(queue.engine) as session:  # where mark_posted recorded it
+        rows = session.scalars(select(PostedMessage).where(PostedMessage.job_id == job.id)).all()
+    assert [(r.channel_id, r.message_id) for r in rows] == [(dm.channel.id, dm.id)]
+    assert len(emu.dm_messages(emu.alice)) == 1  # exactly once
+
+
+async def test_private_results_fall_back_to_the_channel_when_dms_are_closed(setup):
+    emu, config, queue, community = setup
+    emu.block_dms(emu.alice)
+    async with bot_running(emu, config, queue, None):
+        await ephemeral(emu, emu.alice, "settings set", {"private": True})
+        status = await queued(emu, emu.alice)
+        job = queue.claim("remote-gpu")
+        queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
+        posted = await emu.wait_for_message(emu.general, lambda m: bool(m.attachments), timeout=10)
+        await emu.wait_for(lambda: queue.get(job.id).posted_at is not None, timeout=10, what="marked posted")
+        assert f"<@{emu.alice.id}>" in posted.content and "DM" in posted.content
+        assert emu.alice.id in posted.pinged_users and posted.nonce == f"sdjob{job.id}"
+        assert f"sd:reroll:{job.id}" in posted.custom_ids
+        assert emu.dm_messages(emu.alice) == []
+        assert any(c.status == 403 and c.path == f"/channels/{emu.dm_channel(emu.alice).id}/messages"
+                   for c in emu.calls)
+        assert str(posted.id) in status.content and "direct messages" in status.content
+    assert len([m for m in emu.channel_messages(emu.general) if m.attachments]) == 1

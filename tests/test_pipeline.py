@@ -141,3 +141,35 @@ def test_sd2_v_prediction_and_sdxl_generate(family_pipeline, init_png):
         assert Image.open(io.BytesIO(result.images[0].png)).size == (64, 48)
     again = family_pipeline.generate(make_request(sampler="dpmpp_2m_karras"))
     assert np.array_equal(pixels(txt.images[0].png), pixels(again.images[0].png))
+
+
+def test_sdxl_size_and_crop_conditioning_follow_each_jobs_size(tiny_sdxl_model):
+    """SDXL's time_ids are (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per row,
+    from each job's own size, for the prompt and the negative prompt rows alike."""
+    from engine.denoiser import Conditioning
+
+    pipeline = Pipeline(tiny_sdxl_model)
+    seen: list[torch.Tensor] = []
+
+    def spy(module, args, kwargs):
+        seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone())
+
+    handle = tiny_sdxl_model.unet.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        for width, height, count in ((64, 48, 2), (48, 80, 1)):
+            seen.clear()
+            result = pipeline.generate(make_request(width=width, height=height, count=count, steps=2))
+            assert Image.open(io.BytesIO(result.images[0].png)).size == (width, height)
+            assert seen
+            expected = torch.tensor([[height, width, 0, 0, height, width]] * (2 * count), dtype=seen[0].dtype)
+            for time_ids in seen:
+                assert torch.equal(time_ids.cpu(), expected)
+    finally:
+        handle.remove()
+
+    # Two jobs of different sizes keep their own rows when their conditionings are joined.
+    a = pipeline.prompts.conditioning("a", "", rows=1, guidance=5.0, width=64, height=48)
+    b = pipeline.prompts.conditioning("b", "", rows=2, guidance=5.0, width=48, height=80)
+    joined = Conditioning.cat([a, b])
+    rows = [[48, 64, 0, 0, 48, 64]] + [[80, 48, 0, 0, 80, 48]] * 2
+    assert joined.added["time_ids"].tolist() == rows + rows  # prompts first, then negative prompts

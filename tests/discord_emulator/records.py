@@ -100,12 +100,21 @@ class Guild:
 class Channel:
     id: int
     name: str
-    guild: Guild
+    guild: Guild | None         # None for a DM channel
     nsfw: bool = False
     deleted: bool = False       # set by Emulator.delete_channel: REST answers 404 10003
     bot_allowed: bool = True    # cleared by Emulator.revoke_permissions: REST answers 403 50013
+    recipient: User | None = None   # the member, for a DM channel (Emulator.dm_channel)
+
+    @property
+    def is_dm(self) -> bool:
+        return self.guild is None
 
     def payload(self) -> dict[str, Any]:
+        if self.guild is None:
+            assert self.recipient is not None
+            return {"id": str(self.id), "type": 1, "last_message_id": None,
+                    "recipients": [self.recipient.payload()]}
         return {"id": str(self.id), "type": 0, "name": self.name, "position": self.guild.channels.index(self),
                 "guild_id": str(self.guild.id), "nsfw": self.nsfw, "topic": None,
                 "permission_overwrites": [], "rate_limit_per_user": 0, "parent_id": None}
@@ -199,13 +208,15 @@ class Message:
     def payload(self) -> dict[str, Any]:
         guild = self.channel.guild
         data = {
-            "id": str(self.id), "channel_id": str(self.channel.id), "guild_id": str(guild.id), "type": 0,
+            "id": str(self.id), "channel_id": str(self.channel.id), "type": 0,
             "content": self.content, "author": self.author.payload(),
             "attachments": [a.payload() for a in self.attachments], "embeds": self.embeds,
             "components": self.components, "mentions": [], "mention_roles": [str(r) for r in self.pinged_roles],
             "mention_everyone": self.pinged_everyone, "pinned": False, "tts": False,
             "timestamp": TIMESTAMP, "edited_timestamp": TIMESTAMP if self.edits else None, "flags": self.flags,
         }
+        if guild is not None:
+            data["guild_id"] = str(guild.id)
         if self.nonce is not None:
             data["nonce"] = self.nonce
         if self.webhook_id is not None:
@@ -216,7 +227,8 @@ class Message:
         if self.interaction is not None:
             ix = self.interaction
             data["interaction_metadata"] = {"id": str(ix.id), "type": ix.type, "user": ix.user.payload(),
-                                            "authorizing_integration_owners": {"0": str(guild.id)}}
+                                            "authorizing_integration_owners":
+                                                {"0": str(guild.id)} if guild else {"1": str(ix.user.id)}}
         if self.reactions:
             data["reactions"] = [{"emoji": emoji_payload(e), "count": len(users), "me": False,
                                   "burst_colors": [], "count_details": {"burst": 0, "normal": len(users)}}
@@ -295,7 +307,7 @@ def emoji_payload(emoji: str) -> dict[str, Any]:
 _MENTION = re.compile(r"<@!?(\d+)>|<@&(\d+)>|@(everyone|here)")
 
 
-def compute_pings(content: str, allowed: dict | None, guild: Guild, users: dict[int, User],
+def compute_pings(content: str, allowed: dict | None, guild: Guild | None, users: dict[int, User],
                   replied_to: User | None) -> tuple[set[int], set[int], bool]:
     """Who Discord would notify for `content`: (user ids, role ids, everyone/here).
 
@@ -309,7 +321,7 @@ def compute_pings(content: str, allowed: dict | None, guild: Guild, users: dict[
         allow_users = {int(u) for u in allowed.get("users", [])}
         allow_roles = {int(r) for r in allowed.get("roles", [])}
         replied = bool(allowed.get("replied_user", False))
-    role_ids = {role.id for role in guild.roles.values()}
+    role_ids = {role.id for role in guild.roles.values()} if guild is not None else set()
     pinged_users: set[int] = set()
     pinged_roles: set[int] = set()
     everyone = False

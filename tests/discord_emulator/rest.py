@@ -129,6 +129,9 @@ class RestRoutes:
     faults: list[Fault]
     _nonces: dict[str, tuple[Message, float]]
     _by_token: dict[str, Interaction]
+    dm_channels: dict[int, Channel]
+    dms_blocked: set[int]
+    dm_channel: Callable[..., Channel]
 
     # ---------------------------------------------------------------- REST plumbing
 
@@ -139,6 +142,7 @@ class RestRoutes:
         routes = [
             ("GET", "/gateway/bot", self._gateway_bot),
             ("GET", "/users/@me", self._me),
+            ("POST", "/users/@me/channels", self._create_dm),
             ("GET", "/users/{user_id}", self._get_user),
             ("GET", "/oauth2/applications/@me", self._app_info),
             ("GET", "/applications/{app_id}/commands", self._get_commands),
@@ -308,8 +312,10 @@ class RestRoutes:
 
     @staticmethod
     def _delete_event(message: Message) -> dict:
-        return {"id": str(message.id), "channel_id": str(message.channel.id),
-                "guild_id": str(message.channel.guild.id)}
+        event = {"id": str(message.id), "channel_id": str(message.channel.id)}
+        if message.channel.guild is not None:
+            event["guild_id"] = str(message.channel.guild.id)
+        return event
 
     # ---------------------------------------------------------------- REST: identity and commands
 
@@ -319,6 +325,14 @@ class RestRoutes:
 
     async def _me(self, request: web.Request) -> web.Response:
         return _json(self.bot_user.payload())
+
+    async def _create_dm(self, request: web.Request) -> web.Response:
+        """POST /users/@me/channels {recipient_id}: the DM channel with that user (made once)."""
+        payload, _ = await self._body(request)
+        user = self.users.get(int(payload.get("recipient_id") or 0))
+        if user is None:
+            raise ApiError(400, 50035, "Invalid Form Body: recipient_id: unknown user")
+        return _json(self.dm_channel(user, create=True).payload())
 
     async def _get_user(self, request: web.Request) -> web.Response:
         user = self.users.get(int(request.match_info["user_id"]))
@@ -481,6 +495,8 @@ class RestRoutes:
     def _channel(self, request: web.Request, *, writing: bool = False) -> Channel:
         channel_id = int(request.match_info["channel_id"])
         channel = next((c for g in self.guilds for c in g.channels if c.id == channel_id), None)
+        if channel is None:
+            channel = next((c for c in self.dm_channels.values() if c.id == channel_id), None)
         if channel is None or channel.deleted:
             raise ApiError(404, 10003, "Unknown Channel")
         if writing and not channel.bot_allowed:
@@ -507,6 +523,8 @@ class RestRoutes:
 
     async def _create_message(self, request: web.Request) -> web.Response:
         channel = self._channel(request, writing=True)
+        if channel.recipient is not None and channel.recipient.id in self.dms_blocked:
+            raise ApiError(403, 50007, "Cannot send messages to this user")
         payload, files = await self._body(request)
         nonce, now = payload.get("nonce"), asyncio.get_running_loop().time()
         if nonce is not None and payload.get("enforce_nonce"):

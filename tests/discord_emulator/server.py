@@ -72,6 +72,8 @@ class Emulator(RestRoutes):
         self.faults: list[Fault] = []
         self.identify: dict | None = None                  # the last IDENTIFY payload (intents...)
         self.port = 0
+        self.dm_channels: dict[int, Channel] = {}          # user id -> the bot's DM channel with them
+        self.dms_blocked: set[int] = set()                  # user ids whose DMs answer 403 50007
         self._nonces: dict[str, tuple[Message, float]] = {}
         self._by_token: dict[str, Interaction] = {}
         self._session: _Session | None = None
@@ -186,6 +188,25 @@ class Emulator(RestRoutes):
             return next((m for m in self.channel_messages(channel) if pred is None or pred(m)), None)
         return await self.wait_for(found, timeout, f"matching message in #{channel.name}")
 
+    def dm_channel(self, user: User, *, create: bool = False) -> Channel | None:
+        """The bot's DM channel with `user` (type 1), if the bot opened one (or `create`)."""
+        channel = self.dm_channels.get(user.id)
+        if channel is None and create:
+            channel = self.dm_channels[user.id] = Channel(snowflake(), "", None, recipient=user)
+        return channel
+
+    def dm_messages(self, user: User) -> list[Message]:
+        """The messages in the bot's DM channel with `user`, oldest first (none if never opened)."""
+        channel = self.dm_channels.get(user.id)
+        return [] if channel is None else self.channel_messages(channel)
+
+    async def wait_for_dm(self, user: User, pred: Callable[[Message], bool] | None = None,
+                          timeout: float = 5.0) -> Message:
+        """The first message to `user` by DM satisfying `pred`, waiting for it if needed."""
+        def found() -> Message | None:
+            return next((m for m in self.dm_messages(user) if pred is None or pred(m)), None)
+        return await self.wait_for(found, timeout, f"matching DM to {user.name}")
+
     def pings(self) -> list[Message]:
         """Every message that notified somebody."""
         return [m for m in self.messages.values() if m.pinged]
@@ -226,6 +247,14 @@ class Emulator(RestRoutes):
     def revoke_permissions(self, channel: Channel, revoked: bool = True) -> None:
         """The bot may no longer post in `channel` (403 50013), or may again with revoked=False."""
         channel.bot_allowed = not revoked
+
+    def block_dms(self, user: User, blocked: bool = True) -> None:
+        """`user` does not accept DMs from the bot (privacy settings): posting in the DM channel
+        answers 403 50007 "Cannot send messages to this user"; opening the channel still works."""
+        if blocked:
+            self.dms_blocked.add(user.id)
+        else:
+            self.dms_blocked.discard(user.id)
 
     async def delete_message(self, message: Message) -> None:
         """Somebody (a moderator) deletes a message: MESSAGE_DELETE; later edits get 404 10008."""
@@ -334,19 +363,23 @@ class Emulator(RestRoutes):
             return
         users.append(user.id)
         guild = message.channel.guild
-        await self._dispatch("MESSAGE_REACTION_ADD", {
-            "user_id": str(user.id), "channel_id": str(message.channel.id), "message_id": str(message.id),
-            "guild_id": str(guild.id), "member": guild.member_payload(user), "emoji": emoji_payload(emoji),
-            "message_author_id": str(message.author.id), "burst": False, "burst_colors": [], "type": 0})
+        event = {"user_id": str(user.id), "channel_id": str(message.channel.id), "message_id": str(message.id),
+                 "emoji": emoji_payload(emoji), "message_author_id": str(message.author.id), "burst": False,
+                 "burst_colors": [], "type": 0}
+        if guild is not None:
+            event.update(guild_id=str(guild.id), member=guild.member_payload(user))
+        await self._dispatch("MESSAGE_REACTION_ADD", event)
 
     async def _remove_reaction(self, user: User, message: Message, emoji: str) -> None:
         users = message.reactions.get(emoji, [])
         if user.id not in users:
             return
         users.remove(user.id)
-        await self._dispatch("MESSAGE_REACTION_REMOVE", {
-            "user_id": str(user.id), "channel_id": str(message.channel.id), "message_id": str(message.id),
-            "guild_id": str(message.channel.guild.id), "emoji": emoji_payload(emoji), "burst": False, "type": 0})
+        event = {"user_id": str(user.id), "channel_id": str(message.channel.id), "message_id": str(message.id),
+                 "emoji": emoji_payload(emoji), "burst": False, "type": 0}
+        if message.channel.guild is not None:
+            event["guild_id"] = str(message.channel.guild.id)
+        await self._dispatch("MESSAGE_REACTION_REMOVE", event)
 
 
     # ---------------------------------------------------------------- gateway
@@ -444,12 +477,15 @@ class Emulator(RestRoutes):
         guild = channel.guild
         payload = {
             "id": str(ix.id), "application_id": str(self.app_id), "type": kind, "token": ix.token, "version": 1,
-            "guild_id": str(guild.id), "channel_id": str(channel.id), "channel": channel.payload(),
-            "member": guild.member_payload(user, with_permissions=True),
-            "app_permissions": str(ALL_PERMISSIONS), "locale": "en-US", "guild_locale": "en-US",
-            "entitlements": [], "authorizing_integration_owners": {"0": str(guild.id)}, "context": 0,
-            "attachment_size_limit": self.attachment_size_limit, "data": data,
+            "channel_id": str(channel.id), "channel": channel.payload(),
+            "app_permissions": str(ALL_PERMISSIONS), "locale": "en-US",
+            "entitlements": [], "attachment_size_limit": self.attachment_size_limit, "data": data,
         }
+        if guild is not None:
+            payload.update(guild_id=str(guild.id), member=guild.member_payload(user, with_permissions=True),
+                           guild_locale="en-US", authorizing_integration_owners={"0": str(guild.id)}, context=0)
+        else:  # the bot's DM with the member: a user instead of a member, context BOT_DM
+            payload.update(user=user.payload(), authorizing_integration_owners={"0": "0"}, context=1)
         if message is not None:
             payload["message"] = message.payload()
         ix.created_at = asyncio.get_running_loop().time()
