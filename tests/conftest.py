@@ -81,3 +81,11 @@ def tiny_sdxl_model(tiny_sdxl_single_file):
 
     return load_model(str(tiny_sdxl_single_file), device="cpu", dtype=torch.float32, progress=False)
 # --- end tiny model fixtures ---
+
+# --- hypothesis: a fixed seed in CI, so a submission's CI run cannot fail on an example no
+# local run has seen; local runs keep exploring new random examples (and print how to replay).
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("dev", print_blob=True)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")

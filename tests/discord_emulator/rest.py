@@ -570,4 +570,6 @@ class RestRoutes:
         if attachment is None or attachment.filename != request.match_info["filename"]:
             raise web.HTTPNotFound()
         attachment.fetches += 1
-        return web.Response(body=attachment.data, content_type=attachment.content_type or "application/octet-stream")
+        # Served as uploaded, whatever the uploader claimed (even "text/plain; charset=x").
+        content_type = attachment.content_type or "application/octet-stream"
+        return web.Response(body=attachment.data, headers={"Content-Type": content_type})
