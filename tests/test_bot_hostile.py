@@ -179,14 +179,16 @@ async def send_and_settle(emu: Emulator, who: str, name: str, options: dict, upl
 
     def settled():
         for message in ix.messages:
-            if message.loading or message.deleted:
+            # "✖️ Not queued." is the transient public text of a refusal that came after a
+            # deferral; the refusal itself follows as an ephemeral message.
+            if message.loading or message.deleted or "Not queued" in message.content:
                 continue
-            if message.ephemeral or "queued" in message.content:
+            if message.ephemeral or re.search(r"Job #\d+", message.content):
                 return message
         return None
     message = await emu.wait_for(settled, timeout=15, what=f"an answer to /{name} {options}")
     await asyncio.sleep(0.05)  # anything else it was going to send (a second answer) arrives now
-    accepted = not message.ephemeral and "queued" in message.content
+    accepted = not message.ephemeral and re.search(r"Job #\d+", message.content) is not None
     callbacks = [c for c in emu.calls if c.method == "POST" and c.path.startswith(f"/interactions/{ix.id}/")]
     return ix, accepted, callbacks
 
