@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot import render, views
+from bot.community import nsfw_match
 from db.community import Community
 from db.models import Job, JobStatus
 from db.queue import Queue
@@ -241,6 +242,20 @@ class Delivery:
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
         return _Posted(job.channel_id or 0, [await self._send(job, channel)])
 
+    async def _needs_spoiler(self, job: Job, channel: discord.abc.Messageable) -> bool:
+        """The server's NSFW policy: a prompt with a listed word is made only in age-restricted
+        channels, and its result is spoilered wherever else it lands (a DM, a fallback post)."""
+        if job.guild_id is None:
+            return False
+        if self._community is None:
+            self._community = Community(self.queue.engine, clock=self.clock)
+        policy = await asyncio.to_thread(self._community.server_policy, job.guild_id)
+        if nsfw_match(job.prompt, policy.nsfw_words) is None:
+            return False
+        target = self.bot.get_channel(getattr(channel, "id", 0))
+        is_nsfw = getattr(target, "is_nsfw", None)
+        return not (callable(is_nsfw) and is_nsfw())
+
     async def _wants_private(self, job: Job) -> bool:
         """Whether the requester's member setting ``private`` is on (read from the database)."""
         if self._community is None:
@@ -257,7 +272,8 @@ class Delivery:
         mentions = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.requester_id)])
         if job.status is JobStatus.done:
             images = await asyncio.to_thread(self.queue.images, job.id)
-            parts = await asyncio.to_thread(render.result_message, job, images, self.model_name)
+            spoiler = await self._needs_spoiler(job, channel)
+            parts = await asyncio.to_thread(render.result_message, job, images, self.model_name, spoiler=spoiler)
             view = views.result_view(job, len(images))
         else:
             parts = render.failure_message(job)

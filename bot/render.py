@@ -115,16 +115,18 @@ class ResultMessage:
     files: list[discord.File] = field(default_factory=list)
 
 
-def result_message(job: Job, images: Sequence[ResultImage], model_name: str) -> ResultMessage:
-    """The message that shows a finished job: mention, embed with the parameters, PNG files."""
-    files = result_files(job, images)
+def result_message(job: Job, images: Sequence[ResultImage], model_name: str, *,
+                   spoiler: bool = False) -> ResultMessage:
+    """The message that shows a finished job: mention, embed with the parameters, PNG files
+    (behind spoiler tags, and not shown in the embed, when ``spoiler``)."""
+    files = result_files(job, images, spoiler=spoiler)
     embed = discord.Embed(description=clip(escape(job.prompt), 4000), colour=COLOR_DONE)
     if job.negative_prompt:
         embed.add_field(name="Negative", value=clip(escape(job.negative_prompt), 1000), inline=False)
     for name, value in parameter_lines(job, model_name):
         embed.add_field(name=name, value=value, inline=True)
     embed.set_footer(text=job_title(job))
-    if files:
+    if files and not spoiler:
         embed.set_image(url=f"attachment://{files[0].filename}")
     content = f"<@{job.requester_id}>"
     if len(files) < len(images) + (1 if len(images) > 1 else 0):
@@ -143,7 +145,7 @@ def failure_message(job: Job) -> ResultMessage:
     return ResultMessage(content=f"<@{job.requester_id}> **{job_title(job)}** {reason}", embed=embed)
 
 
-def result_files(job: Job, images: Sequence[ResultImage]) -> list[discord.File]:
+def result_files(job: Job, images: Sequence[ResultImage], *, spoiler: bool = False) -> list[discord.File]:
     """PNG files to attach: one image as is, or a grid first and then the single images.
 
     The single PNGs are sent byte for byte, so their metadata (parameters, job id) stays.
@@ -158,7 +160,7 @@ def result_files(job: Job, images: Sequence[ResultImage]) -> list[discord.File]:
         if len(data) > FILE_LIMIT or total + len(data) > REQUEST_LIMIT:
             continue
         total += len(data)
-        files.append(discord.File(io.BytesIO(data), filename=name))
+        files.append(discord.File(io.BytesIO(data), filename=name, spoiler=spoiler))
     return files
 
 

@@ -248,3 +248,23 @@ async def test_private_results_fall_back_to_the_channel_when_dms_are_closed(setu
                    for c in emu.calls)
         assert str(posted.id) in status.content and "direct messages" in status.content
     assert len([m for m in emu.channel_messages(emu.general) if m.attachments]) == 1
+
+
+async def test_nsfw_results_are_spoilered_outside_age_restricted_channels(setup):
+    emu, config, queue, community = setup
+    async with bot_running(emu, config, queue, None):
+        await ephemeral(emu, emu.admin, "server nsfw", {"action": "add", "words": "gore"})
+        # Made in the age-restricted channel and posted there: shown as is.
+        await queued(emu, emu.bob, "a gore scene", channel=emu.nsfw_channel)
+        job = queue.claim("remote-gpu")
+        queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
+        there = await emu.wait_for_message(emu.nsfw_channel, lambda m: bool(m.attachments), timeout=10)
+        assert not there.attachments[0].filename.startswith("SPOILER_")
+        # The same prompt for a member whose results go by DM: spoilered, and not in the embed.
+        assert "Saved" in await ephemeral(emu, emu.alice, "settings set", {"private": True})
+        await queued(emu, emu.alice, "a gore scene", channel=emu.nsfw_channel)
+        job = queue.claim("remote-gpu")
+        queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
+        dm = await emu.wait_for_dm(emu.alice, lambda m: bool(m.attachments), timeout=10)
+        assert dm.attachments[0].filename.startswith("SPOILER_")
+        assert not dm.embeds[0].get("image")
