@@ -108,13 +108,19 @@ class ModelPool:
         if name not in self.settings:
             raise GenerationError(f"No model named {name!r} here; available: {', '.join(self.settings)}.")
         self._make_room(self.max_loaded - 1)
-        log.info("loading model %s (%s)", name, self.settings[name].source)
-        try:
-            pipeline = self._new_pipeline(name)
-        except torch.OutOfMemoryError:
-            self._free_memory()
-            raise ModelLoadError(f"Not enough GPU memory to load model {name!r}; lower engine.max_loaded_models "
-                                 "or engine.max_batch.") from None
+        pipeline = None
+        while pipeline is None:
+            log.info("loading model %s (%s)", name, self.settings[name].source)
+            try:
+                pipeline = self._new_pipeline(name)
+            except torch.OutOfMemoryError:
+                # As many models stay loaded as memory allows: the least recently used leaves
+                # and the load is tried again, until this model is the only one.
+                others = len(self.loaded())
+                self._make_room(others - 1) if others else self._free_memory()
+                if not others:
+                    raise ModelLoadError(f"Not enough GPU memory to load model {name!r} even alone; "
+                                         "use a smaller model or engine.dtype = \"float16\".") from None
         with self._lock:
             self._pipelines[name] = pipeline
         return pipeline

@@ -7,11 +7,12 @@ import asyncio
 from collections import Counter
 
 import pytest
+import torch
 
 from db.models import JobStatus
 from db.queue import Queue
 from db.session import make_engine, upgrade
-from engine.errors import GenerationError
+from engine.errors import GenerationError, ModelLoadError
 from engine.metadata import read_parameters
 from engine.models import ModelPool, ModelTurns, batch_key
 from engine.runner import QueueRunner
@@ -155,7 +156,8 @@ async def run_until(runner: QueueRunner, queue: Queue, job_ids: list[int], timeo
     task = asyncio.create_task(runner.run())
     try:
         async with asyncio.timeout(timeout):
-            while not all(queue.get(i).status.finished for i in job_ids):
+            # Finished in the database, and the runner done with them (on_finished called).
+            while not all(queue.get(i).status.finished for i in job_ids) or runner.running:
                 await asyncio.sleep(0.05)
     finally:
         task.cancel()
@@ -201,3 +203,25 @@ def test_a_job_for_an_unknown_model_fails_with_the_names(load_tiny):
         assert ok.images
     finally:
         worker.stop()
+
+
+def test_pool_unloads_more_models_when_memory_runs_out(load_tiny):
+    """Memory for one model only: loading a second one drops the first instead of failing."""
+    def load(model: ModelSettings):
+        if pool.loaded():  # a fake device that fits one model
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return load_tiny(model)
+
+    pool = ModelPool([ModelSettings(source=n, name=n) for n in "ab"], max_loaded=2, load=load)
+    pool.pipeline("a")
+    assert pool.pipeline("b").model.info.name == "b"
+    assert pool.loaded() == ["b"]
+
+
+def test_pool_says_so_when_a_model_does_not_fit_even_alone(load_tiny):
+    def load(model: ModelSettings):
+        raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+
+    pool = ModelPool([ModelSettings(source="a", name="a")], max_loaded=1, load=load)
+    with pytest.raises(ModelLoadError, match="Not enough GPU memory to load model 'a' even alone"):
+        pool.pipeline("a")

@@ -43,7 +43,8 @@ async def run_until(runner: QueueRunner, queue: Queue, job_ids: list[int], timeo
     task = asyncio.create_task(runner.run())
     try:
         async with asyncio.timeout(timeout):
-            while not all(queue.get(i).status.finished for i in job_ids):
+            # Finished in the database, and the runner done with them (on_finished called).
+            while not all(queue.get(i).status.finished for i in job_ids) or runner.running:
                 await asyncio.sleep(0.05)
     finally:
         task.cancel()
