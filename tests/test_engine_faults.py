@@ -16,8 +16,6 @@ import torch
 from PIL import Image
 
 from db.models import JobStatus
-from db.queue import Queue
-from db.session import make_engine, upgrade
 from engine.batch import Batch
 from engine.errors import GenerationError
 from engine.loading import load_model
@@ -26,6 +24,7 @@ from engine.runner import QueueRunner
 from engine.settings import EngineSettings, GenerationSettings
 from engine.types import GenerationRequest, Progress
 from engine.worker import EngineWorker
+from engine_harness import sqlite_queue  # noqa: F401 - sqlite_queue is a fixture
 
 
 def make_request(job_id: int, **fields) -> GenerationRequest:
@@ -315,14 +314,6 @@ def test_a_zero_time_limit_means_none(make_worker):
 # ---------------------------------------------------------------------------- stored end to end
 
 
-@pytest.fixture
-def sqlite_queue(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'q.sqlite3'}")
-    upgrade(engine)
-    queue = Queue(engine, pending_limit=5)
-    yield queue
-    queue.close()
-    engine.dispose()
 
 
 def test_the_runner_stores_engine_faults_as_failures_with_their_reason(sqlite_queue, make_worker):

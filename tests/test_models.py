@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from db.models import JobStatus
-from db.queue import Queue
-from db.session import make_engine, upgrade
 from engine.errors import GenerationError, ModelLoadError
 from engine.metadata import read_parameters
 from engine.models import ModelPool, ModelTurns, batch_key
@@ -19,6 +17,7 @@ from engine.runner import QueueRunner
 from engine.settings import ConfigError, EngineSettings, GenerationSettings, ModelSettings, parse_engine_sections
 from engine.types import GenerationRequest
 from engine.worker import EngineWorker
+from engine_harness import sqlite_queue, run_until  # noqa: F401 - sqlite_queue is a fixture
 
 JOB = dict(prompt="a red fox", steps=2, guidance=5.0, width=64, height=64, sampler="euler", channel_id=1)
 
@@ -142,26 +141,8 @@ def test_batch_key_is_the_model_and_the_lora_set():
 
 # ---------------------------------------------------------------------------- end to end
 
-@pytest.fixture
-def sqlite_queue(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'q.sqlite3'}")
-    upgrade(engine)
-    queue = Queue(engine, pending_limit=10)
-    yield queue
-    queue.close()
-    engine.dispose()
 
 
-async def run_until(runner: QueueRunner, queue: Queue, job_ids: list[int], timeout: float = 120) -> None:
-    task = asyncio.create_task(runner.run())
-    try:
-        async with asyncio.timeout(timeout):
-            # Finished in the database, and the runner done with them (on_finished called).
-            while not all(queue.get(i).status.finished for i in job_ids) or runner.running:
-                await asyncio.sleep(0.05)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def test_runner_groups_jobs_by_model_and_loads_each_once(sqlite_queue, load_tiny):

@@ -12,6 +12,7 @@ from engine.pipeline import Pipeline
 from engine.prompts import chunk_prompt, chunks_needed, count_tokens, parse_prompt_attention
 from engine.tokenizer import clip_tokenizer
 from engine.types import GenerationRequest
+from engine_harness import denoise_alone
 
 # ---------------------------------------------------------------------------- parsing
 
@@ -229,14 +230,7 @@ def test_jobs_with_different_chunk_counts_share_a_batch_and_match_running_alone(
         GenerationRequest(job_id=3, prompt="a (red:1.3) fox BREAK snow", negative_prompt=words(90), seed=3,
                           steps=4, width=64, height=64, sampler="euler"),
     ]
-    alone = {}
-    for request in requests:
-        batch = Batch(pipeline.denoiser)
-        job = pipeline.prepare(request)
-        batch.add(job)
-        while not batch.entries[0].done:
-            batch.step()
-        alone[request.job_id] = batch.remove(job)
+    alone = denoise_alone(pipeline, requests)
 
     batch, together = Batch(pipeline.denoiser), {}
     for job in [pipeline.prepare(request) for request in requests]:

@@ -9,24 +9,15 @@ import pytest
 from PIL import Image
 
 from db.models import JobStatus
-from db.queue import Queue
-from db.session import make_engine, upgrade
 from engine.metadata import read_parameters
 from engine.runner import QueueRunner
 from engine.settings import EngineSettings, GenerationSettings
 from engine.worker import EngineWorker
+from engine_harness import sqlite_queue, run_until  # noqa: F401 - sqlite_queue is a fixture
 
 JOB = dict(prompt="a red fox", steps=3, guidance=5.0, width=64, height=64, sampler="euler", channel_id=1)
 
 
-@pytest.fixture
-def sqlite_queue(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'q.sqlite3'}")
-    upgrade(engine)
-    queue = Queue(engine, pending_limit=5)
-    yield queue
-    queue.close()
-    engine.dispose()
 
 
 @pytest.fixture
@@ -38,17 +29,6 @@ def worker(tiny_model):
     worker.stop()
 
 
-async def run_until(runner: QueueRunner, queue: Queue, job_ids: list[int], timeout: float = 120) -> None:
-    """Run the runner until every job in ``job_ids`` has finished."""
-    task = asyncio.create_task(runner.run())
-    try:
-        async with asyncio.timeout(timeout):
-            # Finished in the database, and the runner done with them (on_finished called).
-            while not all(queue.get(i).status.finished for i in job_ids) or runner.running:
-                await asyncio.sleep(0.05)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def test_jobs_of_two_members_are_made_stored_and_announced(sqlite_queue, worker):

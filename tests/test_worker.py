@@ -17,6 +17,7 @@ from engine.pipeline import Pipeline
 from engine.settings import EngineSettings, GenerationSettings
 from engine.types import GenerationRequest, Progress
 from engine.worker import EngineWorker
+from engine_harness import denoise_alone
 
 
 def make_request(job_id: int, **fields) -> GenerationRequest:
@@ -64,14 +65,7 @@ def mixed_jobs(init_png: bytes) -> list[GenerationRequest]:
 def test_a_job_denoises_the_same_alone_and_in_a_shared_batch(tiny_model, init_png):
     pipeline = Pipeline(tiny_model)
     jobs = mixed_jobs(init_png)
-    alone = {}
-    for request in jobs:
-        batch = Batch(pipeline.denoiser)
-        job = pipeline.prepare(request)
-        batch.add(job)
-        while not batch.entries[0].done:
-            batch.step()
-        alone[request.job_id] = batch.remove(job)
+    alone = denoise_alone(pipeline, jobs)
 
     batch, together = Batch(pipeline.denoiser), {}
     prepared = [pipeline.prepare(request) for request in jobs]
