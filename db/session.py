@@ -7,10 +7,18 @@ cannot both read the same queued job and then both take it). A transaction that 
 ask for a plain ``BEGIN`` with the execution option ``sqlite_begin="DEFERRED"``.
 The BEGIN is emitted by us, as in SQLAlchemy's SQLite docs ("Using SQLAlchemy to emit BEGIN in
 lieu of SQLite's transaction control"): pysqlite's own transaction handling is switched off.
+
+Writers of one process also take turns on a lock of their own (:class:`_WriterTurns`) before
+``BEGIN IMMEDIATE``. SQLite's busy handler makes a waiting writer sleep and poll (1, 2, 5 ... up to
+100 ms between tries), so under many small writes a busy process spends its threads asleep while
+the write lock stands free; a lock in the process hands the turn over the moment a commit ends.
+The busy timeout still orders writers of different processes.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,7 @@ from sqlalchemy.engine import URL
 DEFAULT_URL = "sqlite:///data/sdbot.sqlite3"
 BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS = Path(__file__).with_name("migrations")
+_TURNS: weakref.WeakKeyDictionary[Engine, _WriterTurns] = weakref.WeakKeyDictionary()
 # pg_advisory_xact_lock key: two processes starting at once migrate one after the other.
 _MIGRATION_LOCK = 0x5D_B0_7
 
@@ -59,12 +68,78 @@ def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:
         finally:
             cursor.close()
 
+    turns = _TURNS[engine] = _WriterTurns(engine)
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if mode == "DEFERRED":
+            conn.exec_driver_sql("BEGIN DEFERRED")
+            return
+        turns.take(conn.connection)
+        try:
+            conn.exec_driver_sql(f"BEGIN {mode}")
+        except BaseException:
+            turns.give_back(conn.connection)
+            raise
 
     return engine
+
+
+def write_turn_taken(engine: Engine) -> bool:
+    """Whether a writer of this process holds ``engine``'s write turn now (SQLite; for tests and
+    diagnostics: after every transaction has ended it must be False)."""
+    turns = _TURNS.get(engine)
+    return turns is not None and turns.taken
+
+
+class _WriterTurns:
+    """One writing transaction at a time in this process, handed over when a commit or rollback
+    has finished (not polled for, as SQLite's busy handler does).
+
+    Taken at ``BEGIN IMMEDIATE``, given back after the dialect's commit or rollback of that DBAPI
+    connection (the pool's rollback on return included). Waiting is bounded by the busy timeout;
+    past it the writer goes on to SQLite's own locking, which reports a lock that is still held.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._lock = threading.Lock()
+        self._holder: Any = None
+        dialect = engine.dialect
+        commit, rollback = dialect.do_commit, dialect.do_rollback
+
+        def do_commit(dbapi_connection: Any) -> None:
+            try:
+                commit(dbapi_connection)
+            finally:
+                self.give_back(dbapi_connection)
+
+        def do_rollback(dbapi_connection: Any) -> None:
+            try:
+                rollback(dbapi_connection)
+            finally:
+                self.give_back(dbapi_connection)
+
+        dialect.do_commit, dialect.do_rollback = do_commit, do_rollback  # this engine's dialect only
+        # A connection that leaves the pool's hands in any other way ends its turn too.
+        for name in ("checkin", "close", "close_detached", "invalidate", "soft_invalidate"):
+            event.listen(engine, name, self._on_pool_event)
+
+    def _on_pool_event(self, dbapi_connection: Any, *args: Any) -> None:
+        self.give_back(dbapi_connection)
+
+    @property
+    def taken(self) -> bool:
+        return self._lock.locked()
+
+    def take(self, connection: Any) -> None:
+        if self._lock.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+            self._holder = _raw(connection)
+
+    def give_back(self, connection: Any) -> None:
+        if self._holder is not None and self._holder is _raw(connection):
+            self._holder = None
+            self._lock.release()
 
 
 def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
@@ -82,3 +157,8 @@ def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
         command.upgrade(config, revision)
     if engine is not engine_or_url:
         engine.dispose()
+
+
+def _raw(connection: Any) -> Any:
+    """The DBAPI connection itself, from it or from the pool's proxy of it."""
+    return getattr(connection, "dbapi_connection", connection)

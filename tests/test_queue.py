@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded
 from db.models import JobKind, JobStatus
 from db.queue import Queue, fair_order
-from db.session import make_engine
+from db.session import make_engine, upgrade, write_turn_taken
 
 ALICE, BOB, CAROL = 101, 202, 303
 REPO = Path(__file__).resolve().parents[1]
@@ -236,6 +236,47 @@ def test_pending_limit_refuses_clearly(queue: Queue) -> None:
     queue.complete(job.id, "w1", [])
     queue.cancel(ids[1], ALICE)
     enqueue(queue, ALICE, 2)
+
+
+def test_sqlite_writers_of_one_process_take_turns_and_always_give_them_back(tmp_path: Path) -> None:
+    """One engine shared by many threads (the bot's case): writers wait on a lock in the process
+    instead of SQLite's sleeping busy handler; every way a transaction ends gives the turn back."""
+    engine = make_engine(f"sqlite:///{tmp_path}/turns.sqlite3")
+    upgrade(engine)
+    queue = Queue(engine, pending_limit=1000)
+    barrier = threading.Barrier(8)
+    ids: list[int] = []
+
+    def member(n: int) -> None:
+        barrier.wait()
+        for i in range(20):
+            ids.append(queue.enqueue(requester_id=n, prompt=f"job {i}").id)
+            queue.pending_for(n)  # readers go between the writers
+
+    threads = [threading.Thread(target=member, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ids) == list(range(1, 161))
+    assert not write_turn_taken(engine)
+
+    strict = Queue(engine, pending_limit=20)
+    with pytest.raises(PendingLimitExceeded):  # raised inside the write transaction: rolled back
+        strict.enqueue(requester_id=0, prompt="one too many")
+    assert not write_turn_taken(engine)
+    with pytest.raises(ZeroDivisionError), engine.begin() as connection:  # any error in a transaction
+        connection.exec_driver_sql("UPDATE jobs SET prompt = 'x' WHERE id = 1")
+        assert write_turn_taken(engine)
+        1 / 0
+    assert not write_turn_taken(engine)
+    connection = engine.connect()
+    connection.exec_driver_sql("UPDATE jobs SET prompt = 'y' WHERE id = 1")
+    connection.invalidate()  # the connection is dropped mid-transaction
+    assert not write_turn_taken(engine)
+    assert queue.get(1).prompt == "job 0"
+    assert queue.enqueue(requester_id=99, prompt="after all that").id == 161
+    engine.dispose()
 
 
 def test_pending_limit_holds_under_concurrent_enqueues(db_url: str, queue: Queue) -> None:
