@@ -11,11 +11,13 @@ cancel, show info) live here too.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 from dataclasses import replace
 from collections.abc import Callable, Coroutine
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import discord
@@ -23,7 +25,6 @@ from discord.ext import commands
 
 from bot import community, jobs, render, views
 from bot.commands import build_commands
-from bot.checks import within_deadline
 from bot.config import Config
 from bot.delivery import Delivery, token_expiry
 from bot.inputs import DISCORD_CDN_HOSTS, BadInput, clip_truncation_notice, limit_pillow
@@ -32,10 +33,13 @@ from db.models import Job, ResultImage
 from db.queue import Queue
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REROLL_EMOJI = "🔁"
 #: Seconds the background tasks get to stop (running jobs are handed back to the queue).
 CLOSE_TIMEOUT = 30.0
+#: Threads for the checks an interaction waits on (SQLite and PostgreSQL serve reads side by side).
+CHECK_THREADS = 2
 
 
 def utcnow() -> datetime:
@@ -71,6 +75,7 @@ class SDBot(commands.Bot):
             runner.on_progress = self.delivery.on_progress
             runner.on_finished = self.delivery.on_finished
         self._tasks: list[asyncio.Task] = []
+        self._checks = concurrent.futures.ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="sdbot-checks")
         self._http_session: aiohttp.ClientSession | None = None
         limit_pillow()
 
@@ -112,6 +117,7 @@ class SDBot(commands.Bot):
         self._tasks.clear()
         if self._http_session is not None:
             await self._http_session.close()
+        self._checks.shutdown(wait=False, cancel_futures=True)
         await super().close()
 
     # -- errors -----------------------------------------------------------------------------
@@ -153,13 +159,13 @@ class SDBot(commands.Bot):
 
     # -- queueing jobs ------------------------------------------------------------------------
 
-    async def check_pending_limit(self, user_id: int) -> None:
-        """Refuse early (the enqueue checks again, atomically) so the refusal can be ephemeral."""
-        pending = await asyncio.to_thread(self.queue.pending_for, user_id)
-        limit = self.config.queue.pending_limit
-        if len(pending) >= limit:
-            raise BadInput(f"You already have {len(pending)} jobs waiting (limit {limit}). "
-                           "Wait for one to finish or /cancel one.")
+    async def run_check(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` (a database read, a token count) on the bot's checking threads.
+
+        An interaction waits on these, under Discord's 3-second deadline, so they do not queue
+        behind the background work (delivery, the runner, writes) in asyncio's shared pool.
+        """
+        return await asyncio.get_running_loop().run_in_executor(self._checks, functools.partial(function, *args))
 
     async def defer(self, interaction: discord.Interaction) -> None:
         """Acknowledge now with a public "thinking…" message that becomes the job's status."""
@@ -169,14 +175,11 @@ class SDBot(commands.Bot):
         interaction.extras["thinking"] = True
         interaction.extras["message_id"] = getattr(response, "message_id", None)
 
-    async def submit(self, interaction: discord.Interaction, fields: dict[str, Any], note: str | None = None,
-                     *, limit_checked: bool = False) -> Job:
+    async def submit(self, interaction: discord.Interaction, fields: dict[str, Any], note: str | None = None) -> Job:
         """Queue a job for whoever used the command or pressed the button, and answer with its
-        number, place in line and a Cancel button. Unless the caller has checked the pending
-        limit already, refuse early (ephemerally, within Discord's deadline) when it is reached;
-        the enqueue checks it again atomically."""
-        if not limit_checked and not interaction.response.is_done():
-            await within_deadline(self, interaction, self.check_pending_limit(interaction.user.id))
+        number, place in line and a Cancel button. The caller has checked the job against the
+        server's policy and the pending limit (``community.check_*``); the enqueue checks the
+        limit again, atomically."""
         await self.defer(interaction)
         message_id = interaction.extras.get("message_id") or (await interaction.original_response()).id
         job = await asyncio.to_thread(
@@ -190,10 +193,6 @@ class SDBot(commands.Bot):
 
     async def submit_for_reaction(self, payload: discord.RawReactionActionEvent, fields: dict[str, Any]) -> Job | None:
         """Queue a job for a member who reacted; its status is a new message in the channel."""
-        pending = await asyncio.to_thread(self.queue.pending_for, payload.user_id)
-        if len(pending) >= self.config.queue.pending_limit:
-            log.info("reaction reroll by %s refused: pending limit", payload.user_id)
-            return None
         try:
             await community.check_reaction_job(self, payload, fields)
         except BadInput as e:  # no private reply exists for a reaction: log it and do nothing
@@ -243,10 +242,10 @@ class SDBot(commands.Bot):
     # -- lookups and the small flows --------------------------------------------------------------
 
     async def get_job(self, job_id: int) -> Job | None:
-        return await asyncio.to_thread(self.queue.get, job_id)
+        return await self.run_check(self.queue.get, job_id)
 
     async def get_image(self, job_id: int, index: int) -> ResultImage:
-        images = await asyncio.to_thread(self.queue.images, job_id)
+        images = await self.run_check(self.queue.images, job_id)
         for image in images:
             if image.index == index:
                 return image

@@ -232,19 +232,19 @@ def generation_fields(gen: GenerationSettings, *, prompt: str, negative: str, se
 async def _job_fields(bot: "SDBot", interaction: discord.Interaction, options: dict[str, Any], *,
                       img2img: bool = False) -> tuple[dict[str, Any], str | None]:
     """The job's fields (member defaults, server policy) and a note on long prompts; refuses
-    with BadInput what the server or the engine would not take. Reads the database."""
+    with BadInput what the server, the queue's pending limit or the engine would not take.
+    Reads the database."""
     gen = bot.config.generation
     options = await community.check_new_job(interaction, gen, options, img2img=img2img)
     model = options.pop("model", None)
-    note = await asyncio.to_thread(check_prompt_tokens, options["prompt"], options["negative"])
-    await bot.check_pending_limit(interaction.user.id)
+    note = await bot.run_check(check_prompt_tokens, options["prompt"], options["negative"])
     return generation_fields(gen, **options) | dict(model=model), note
 
 
 async def _imagine(bot: "SDBot", interaction: discord.Interaction, options: dict[str, Any]) -> None:
     """Check everything that needs the database within Discord's deadline, then queue the job."""
     fields, note = await within_deadline(bot, interaction, _job_fields(bot, interaction, options))
-    await bot.submit(interaction, fields | dict(kind=JobKind.txt2img), note=note, limit_checked=True)
+    await bot.submit(interaction, fields | dict(kind=JobKind.txt2img), note=note)
 
 
 async def _img2img(bot: "SDBot", interaction: discord.Interaction, image: discord.Attachment,
@@ -270,7 +270,7 @@ async def _img2img(bot: "SDBot", interaction: discord.Interaction, image: discor
     fields, note, init = await within_deadline(bot, interaction, prepare())
     fields |= dict(kind=JobKind.img2img, init_image=init.png, width=init.width, height=init.height,
                    strength=gen.default_strength if strength is None else strength)
-    await bot.submit(interaction, fields, note=note, limit_checked=True)
+    await bot.submit(interaction, fields, note=note)
 
 
 def help_text(commands: list[app_commands.Command], bot: "SDBot") -> str:

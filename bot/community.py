@@ -22,9 +22,9 @@ from discord import app_commands
 from discord.app_commands import Transform
 
 from bot import render
-from bot.checks import require_manage_server
+from bot.checks import require_manage_server, within_deadline
 from bot.inputs import BadInput
-from db.community import DAY, Community, MemberDefaults, ServerPolicy, ServerStats
+from db.community import DAY, Admission, Community, MemberDefaults, ServerPolicy, ServerStats
 from engine.settings import GenerationSettings, parse_size
 from engine.types import SAMPLER_NAMES
 
@@ -97,11 +97,22 @@ def _when(moment: datetime) -> str:
     return f"<t:{ts}:R> (<t:{ts}:T>)"
 
 
-async def _gate(bot: Any, asker: Asker, policy: ServerPolicy, *, prompt: str,
-                steps: int, width: int, height: int, count: int) -> None:
-    """Every server rule a new job must pass; raises BadInput saying which and what to do."""
-    community, guild_id, user_id = store(bot), asker.guild_id, asker.user_id
-    if await asyncio.to_thread(community.is_barred, guild_id, user_id):
+def gate(bot: Any, asker: Asker, seen: Admission, *, prompt: str, steps: int, width: int, height: int,
+         count: int) -> None:
+    """Every rule a new job must pass: the server's (in a server) and the queue's pending limit;
+    raises BadInput saying which and what to do. ``seen``: from :func:`admission`."""
+    if asker.guild_id is not None:
+        _server_gate(bot, asker, seen, prompt=prompt, steps=steps, width=width, height=height, count=count)
+    limit = bot.config.queue.pending_limit
+    if seen.pending >= limit:
+        raise BadInput(f"You already have {seen.pending} jobs waiting (limit {limit}). "
+                       "Wait for one to finish or /cancel one.")
+
+
+def _server_gate(bot: Any, asker: Asker, seen: Admission, *, prompt: str, steps: int, width: int, height: int,
+                 count: int) -> None:
+    policy = seen.policy
+    if seen.barred:
         raise BadInput("You have been barred from using this bot on this server. "
                        "Ask the server's managers if you think this is a mistake.")
     if not _channel_allowed(asker, policy):
@@ -122,15 +133,11 @@ async def _gate(bot: Any, asker: Asker, policy: ServerPolicy, *, prompt: str,
             or policy.max_height is not None and height > policy.max_height):
         raise BadInput(f"This server allows images up to {policy.max_width}x{policy.max_height} "
                        f"(this one is {width}x{height}); pick a smaller size.")
-    if policy.pending_limit is not None:
-        pending = await asyncio.to_thread(bot.queue.pending_for, user_id)
-        if len(pending) >= policy.pending_limit:
-            raise BadInput(f"You already have {len(pending)} jobs waiting (this server's limit is "
-                           f"{policy.pending_limit}). Wait for one to finish or /cancel one.")
-    if policy.daily_limit is None and not policy.cooldown_seconds:
-        return
+    if policy.pending_limit is not None and seen.pending >= policy.pending_limit:
+        raise BadInput(f"You already have {seen.pending} jobs waiting (this server's limit is "
+                       f"{policy.pending_limit}). Wait for one to finish or /cancel one.")
     now = bot.clock()
-    usage = await asyncio.to_thread(community.usage, guild_id, user_id, now - DAY)
+    usage = seen.usage
     if policy.daily_limit is not None and usage.count >= policy.daily_limit:
         # The window slides: one more job is allowed when the oldest one in it is 24 hours old.
         again = (usage.first_at or now) + DAY
@@ -144,29 +151,27 @@ async def _gate(bot: Any, asker: Asker, policy: ServerPolicy, *, prompt: str,
                            f"Try again in {wait:.0f} s, {_when(again)}.")
 
 
-async def _policy(bot: Any, interaction: discord.Interaction) -> ServerPolicy:
-    if interaction.guild_id is None:
-        return ServerPolicy()
-    return await asyncio.to_thread(store(bot).server_policy, interaction.guild_id)
+async def admission(bot: Any, asker: Asker) -> Admission:
+    """The member's defaults, the server's policy and the member's standing, in one database
+    read on the bot's checking threads (an interaction is waiting on it)."""
+    return await bot.run_check(store(bot).admission, asker.guild_id, asker.user_id, bot.clock() - DAY)
 
 
 async def check_new_job(interaction: discord.Interaction, gen: GenerationSettings, options: dict[str, Any],
                         *, img2img: bool = False) -> dict[str, Any]:
     """The options of /imagine or /img2img with the member's defaults filled in where left out
     (and the configured defaults narrowed to the server's limits); refuses, with BadInput,
-    what the server's policy does not allow. The result goes to ``generation_fields``."""
+    what the server's policy or the queue's pending limit does not allow. The result goes to
+    ``generation_fields``."""
     bot = interaction.client
-    mine, policy = await asyncio.gather(
-        asyncio.to_thread(store(bot).member_defaults, interaction.user.id), _policy(bot, interaction))
-    options = fill_defaults(options, mine, policy, gen, img2img=img2img)
-    if options.get("model") is None and policy.default_model in bot.config.model_names:
-        options["model"] = policy.default_model  # the server's choice when the member made none
-    if interaction.guild_id is not None:
-        width, height = parse_size(options["size"]) if options.get("size") else (gen.default_width,
-                                                                                   gen.default_height)
-        await _gate(bot, Asker.of(interaction), policy, prompt=options["prompt"],
-                    steps=options.get("steps") or gen.default_steps, width=width, height=height,
-                    count=options.get("count") or 1)
+    asker = Asker.of(interaction)
+    seen = await admission(bot, asker)
+    options = fill_defaults(options, seen.defaults, seen.policy, gen, img2img=img2img)
+    if options.get("model") is None and seen.policy.default_model in bot.config.model_names:
+        options["model"] = seen.policy.default_model  # the server's choice when the member made none
+    width, height = parse_size(options["size"]) if options.get("size") else (gen.default_width, gen.default_height)
+    gate(bot, asker, seen, prompt=options["prompt"], steps=options.get("steps") or gen.default_steps,
+         width=width, height=height, count=options.get("count") or 1)
     return options
 
 
@@ -210,24 +215,24 @@ def _default_size(mine: MemberDefaults, policy: ServerPolicy, gen: GenerationSet
 
 
 async def check_job_fields(interaction: discord.Interaction, fields: dict[str, Any]) -> dict[str, Any]:
-    """The server's policy for a job made by a button or the Edit modal (reroll, vary, upscale,
-    edit); returns ``fields`` unchanged or raises BadInput."""
-    if interaction.guild_id is not None:
-        bot = interaction.client
-        policy = await _policy(bot, interaction)
-        await _gate(bot, Asker.of(interaction), policy, prompt=fields["prompt"], steps=fields["steps"],
-                    width=fields["width"], height=fields["height"], count=fields["count"])
+    """The server's policy and the pending limit for a job made by a button or the Edit modal
+    (reroll, vary, upscale, edit); returns ``fields`` unchanged or raises BadInput."""
+    bot, asker = interaction.client, Asker.of(interaction)
+
+    async def check() -> None:
+        gate(bot, asker, await admission(bot, asker), prompt=fields["prompt"], steps=fields["steps"],
+             width=fields["width"], height=fields["height"], count=fields["count"])
+
+    await within_deadline(bot, interaction, check())
     return fields
 
 
 async def check_reaction_job(bot: Any, payload: discord.RawReactionActionEvent, fields: dict[str, Any]) -> None:
-    """The server's policy for a 🔁 reaction reroll; raises BadInput like the others."""
-    if payload.guild_id is None:
-        return
-    policy = await asyncio.to_thread(store(bot).server_policy, payload.guild_id)
+    """The server's policy and the pending limit for a 🔁 reaction reroll; raises BadInput like
+    the others."""
     asker = Asker(payload.guild_id, payload.user_id, payload.channel_id, bot.get_channel(payload.channel_id))
-    await _gate(bot, asker, policy, prompt=fields["prompt"], steps=fields["steps"],
-                width=fields["width"], height=fields["height"], count=fields["count"])
+    gate(bot, asker, await admission(bot, asker), prompt=fields["prompt"], steps=fields["steps"],
+         width=fields["width"], height=fields["height"], count=fields["count"])
 
 
 # -- rendering ------------------------------------------------------------------------------------

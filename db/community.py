@@ -33,6 +33,7 @@ from db.models import (
 )
 
 __all__ = [
+    "Admission",
     "Community",
     "MemberDefaults",
     "ServerPolicy",
@@ -109,6 +110,22 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """Everything a member's new job is checked against, read in one transaction.
+
+    ``pending`` counts the member's queued and running jobs on every server (the queue's limit);
+    ``usage`` is on this server since the time asked for, and only read when the server has a
+    daily limit or a cooldown (otherwise zero).
+    """
+
+    defaults: MemberDefaults
+    policy: ServerPolicy
+    barred: bool
+    pending: int
+    usage: Usage
+
+
+@dataclass(frozen=True)
 class ServerStats:
     """One server's numbers for /stats. Averages are over this week's finished jobs."""
 
@@ -158,10 +175,14 @@ class Community:
 
     def member_defaults(self, user_id: int) -> MemberDefaults:
         with self._read.begin() as session:
-            row = session.get(MemberSettings, user_id)
-            if row is None:
-                return MemberDefaults()
-            return MemberDefaults(**{name: getattr(row, name) for name in MEMBER_FIELDS})
+            return self._member_defaults(session, user_id)
+
+    @staticmethod
+    def _member_defaults(session: Session, user_id: int) -> MemberDefaults:
+        row = session.get(MemberSettings, user_id)
+        if row is None:
+            return MemberDefaults()
+        return MemberDefaults(**{name: getattr(row, name) for name in MEMBER_FIELDS})
 
     def set_member_defaults(self, user_id: int, **changes: Any) -> MemberDefaults:
         """Change some of a member's defaults (None clears one); the others stay."""
@@ -188,6 +209,24 @@ class Community:
         with self._read.begin() as session:
             row = session.get(ServerSettings, guild_id)
             return ServerPolicy() if row is None else self._policy(row)
+
+    def admission(self, guild_id: int | None, user_id: int, since: datetime) -> Admission:
+        """What a new job of ``user_id`` is checked against (``guild_id`` None: a DM, where no
+        server policy applies), in one short read: the bot answers within Discord's deadline."""
+        with self._read.begin() as session:
+            defaults = self._member_defaults(session, user_id)
+            policy, barred, usage = ServerPolicy(), False, Usage(0, None, None)
+            if guild_id is not None:
+                row = session.get(ServerSettings, guild_id)
+                policy = ServerPolicy() if row is None else self._policy(row)
+                barred = session.get(BarredMember, (guild_id, user_id)) is not None
+                if policy.daily_limit is not None or policy.cooldown_seconds:
+                    usage = self._usage(session, guild_id, user_id, since)
+            pending = session.scalar(
+                select(func.count()).select_from(Job)
+                .where(Job.requester_id == user_id, Job.status.in_(PENDING))
+            )
+        return Admission(defaults, policy, barred, pending, usage)
 
     @staticmethod
     def _policy(row: ServerSettings) -> ServerPolicy:
@@ -316,14 +355,17 @@ class Community:
     def usage(self, guild_id: int, user_id: int, since: datetime) -> Usage:
         """The member's jobs on this server created since ``since`` (for daily limit, cooldown)."""
         with self._read.begin() as session:
-            count, first, last = session.execute(
-                select(func.count(), func.min(Job.created_at), func.max(Job.created_at)).where(
-                    Job.guild_id == guild_id,
-                    Job.requester_id == user_id,
-                    Job.created_at >= since,
-                    Job.status != JobStatus.failed,
-                )
-            ).one()
+            return self._usage(session, guild_id, user_id, since)
+
+    def _usage(self, session: Session, guild_id: int, user_id: int, since: datetime) -> Usage:
+        count, first, last = session.execute(
+            select(func.count(), func.min(Job.created_at), func.max(Job.created_at)).where(
+                Job.guild_id == guild_id,
+                Job.requester_id == user_id,
+                Job.created_at >= since,
+                Job.status != JobStatus.failed,
+            )
+        ).one()
         # min/max come back untyped (a string on SQLite): read them through the column type.
         return Usage(count, self._as_time(first), self._as_time(last))
 

@@ -4,7 +4,9 @@ elsewhere), so jobs stay queued and the test sees exactly what the bot stored.""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import threading
 
 import pytest
 from PIL import Image
@@ -96,6 +98,26 @@ async def test_pending_limit_is_an_ephemeral_refusal(setup):
         ix = await emu.slash(emu.alice, "imagine", {"prompt": "one too many"})
         assert "limit 3" in await ephemeral_reply(ix)
     assert len(queue.pending_for(emu.alice.id)) == 3
+
+
+async def test_checks_answer_while_the_shared_thread_pool_is_busy(setup):
+    """The checks an interaction waits on run on the bot's own threads: background work filling
+    asyncio's shared pool (slow writes, say) does not hold back an answer within the deadline."""
+    emu, config, queue = setup
+    async with bot_running(emu, config, queue, None):
+        for i in range(config.queue.pending_limit):
+            ix = await emu.slash(emu.alice, "imagine", {"prompt": f"cat {i}"})
+            await ix.wait_response(lambda m: "queued" in m.content)
+        release = threading.Event()
+        loop = asyncio.get_running_loop()
+        blockers = [loop.run_in_executor(None, release.wait) for _ in range(40)]  # more than it has threads
+        try:
+            ix = await emu.slash(emu.alice, "imagine", {"prompt": "one too many"})
+            assert "limit 3" in await ephemeral_reply(ix)
+            assert ix.response_type == 4  # answered directly, not deferred past the budget
+        finally:
+            release.set()
+            await asyncio.gather(*blockers)
 
 
 async def test_help_lists_every_command_with_its_limits(setup):

@@ -119,6 +119,30 @@ def test_usage_counts_a_members_recent_jobs_here(community: Community, queue: Qu
     assert community.usage(GUILD, BOB, since=first).count == 0
 
 
+def test_admission_reads_everything_a_new_job_is_checked_against(community: Community, queue: Queue,
+                                                                   clock: FakeClock) -> None:
+    start = clock.now
+    community.set_member_defaults(ALICE, steps=12)
+    job(queue, ALICE)
+    job(queue, ALICE, OTHER_GUILD)  # the pending count is every server's
+    seen = community.admission(GUILD, ALICE, since=start)
+    assert seen.defaults.steps == 12 and seen.policy == ServerPolicy() and not seen.barred
+    assert seen.pending == 2
+    assert seen.usage.count == 0  # not read: no daily limit or cooldown here
+
+    community.update_server(GUILD, ADMIN, daily_limit=5, max_steps=20)
+    community.bar(GUILD, BOB, ADMIN)
+    seen = community.admission(GUILD, ALICE, since=start)
+    assert (seen.policy.daily_limit, seen.policy.max_steps) == (5, 20)
+    assert (seen.usage.count, seen.usage.first_at) == (1, start)
+    assert community.admission(GUILD, BOB, since=start).barred
+    assert not community.admission(OTHER_GUILD, BOB, since=start).barred
+
+    in_dm = community.admission(None, BOB, since=start)  # a DM: no server, no policy
+    assert (in_dm.policy, in_dm.barred, in_dm.pending, in_dm.defaults) == (ServerPolicy(), False, 0,
+                                                                          MemberDefaults())
+
+
 def test_stats(community: Community, queue: Queue, clock: FakeClock) -> None:
     clock.now = datetime(2026, 1, 7, 12, 0, tzinfo=timezone.utc)  # a Wednesday
     assert week_start(clock.now) == datetime(2026, 1, 5, tzinfo=timezone.utc)
