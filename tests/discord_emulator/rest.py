@@ -381,7 +381,8 @@ class RestRoutes:
                     return command, scope
         return None
 
-    def _command_names(self) -> list[str]:
+    def command_names(self) -> list[str]:
+        """The names of the commands the bot has synced (any scope)."""
         return sorted({c["name"] for commands in self.commands.values() for c in commands})
 
     @staticmethod

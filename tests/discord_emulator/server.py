@@ -215,7 +215,7 @@ class Emulator(RestRoutes):
         """The synced command `name` as the bot registered it (guild commands first, then global)."""
         command = self._find_command(name, guild or self.guild)
         if command is None:
-            raise LookupError(f"command /{name} is not synced; synced: {self._command_names()}")
+            raise LookupError(f"command /{name} is not synced; synced: {self.command_names()}")
         return command[0]
 
     def attachment(self, filename: str, data: bytes, content_type: str | None = None, *,
@@ -286,7 +286,7 @@ class Emulator(RestRoutes):
         words = name.split()
         found = self._find_command(words[0], channel.guild)
         if found is None:
-            raise LookupError(f"command /{words[0]} is not synced; synced: {self._command_names()}")
+            raise LookupError(f"command /{words[0]} is not synced; synced: {self.command_names()}")
         command, guild_id = found
         data: dict[str, Any] = {"id": command["id"], "name": words[0], "type": 1, "options": []}
         if guild_id is not None:
