@@ -94,6 +94,9 @@ class SDBot(commands.Bot):
             self.tree.clear_commands(guild=None)  # registered per server only
         else:
             await self.tree.sync()
+        # Jobs queued for a model that has left config.toml since would wait for ever: they fail
+        # now, with a reason that delivery posts to their members.
+        await asyncio.to_thread(self.queue.fail_unknown_models, self.config.model_names)
         self._http_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         self.start_task(self.delivery.run(), "delivery")
         if self.runner is not None:

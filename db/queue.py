@@ -24,7 +24,7 @@ import itertools
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -462,6 +462,25 @@ class Queue:
         if queued:
             self._notify(session)
         return failed + queued
+
+    def fail_unknown_models(self, known: Collection[str]) -> list[int]:
+        """Fail the queued jobs that ask for a model not in ``known`` (the bot's configured models:
+        one was removed or renamed since they were queued), each with a reason the member sees,
+        instead of leaving them in line for a model nobody serves. Returns their ids."""
+        now = self.clock()
+        with self._write.begin() as session:
+            ids = session.scalars(
+                select(Job.id)
+                .where(Job.status == JobStatus.queued, Job.model.is_not(None), Job.model.not_in(list(known)))
+                .with_for_update(skip_locked=True)
+            ).all()
+            for job in session.scalars(select(Job).where(Job.id.in_(ids))):
+                job.status, job.finished_at = JobStatus.failed, now
+                job.error = (f"The model “{job.model}” is not offered here any more. Run the command again "
+                             f"and pick one of: {', '.join(known)}.")
+        if ids:
+            log.warning("failed %d queued job(s) for models no longer configured: %s", len(ids), list(ids))
+        return list(ids)
 
     # -- cancel and queries ---------------------------------------------------------------
 

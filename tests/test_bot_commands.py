@@ -206,6 +206,19 @@ async def test_results_from_another_process_and_failures_are_posted(setup):
     assert "came out black" in failed.content and failed.pinged_users == {emu.alice.id}
 
 
+async def test_jobs_for_a_model_removed_from_the_config_fail_at_start_with_a_reason(setup):
+    """A job queued for a model that has since left config.toml would wait for ever: the bot
+    fails it when it starts, and its member is told why and what to pick instead."""
+    emu, config, queue = setup
+    job = queue.enqueue(requester_id=emu.alice.id, guild_id=emu.guild.id, channel_id=emu.general.id,
+                        prompt="a cat", model="retired-model")
+    async with bot_running(emu, config, queue, None):
+        failed = await emu.wait_for_message(emu.general, lambda m: "failed" in m.content and m.pinged, timeout=10)
+        await emu.wait_for(lambda: not queue.undelivered(), what="the failure recorded as posted")
+    assert queue.get(job.id).status.value == "failed"
+    assert "retired-model" in failed.content and "tiny-sd1" in failed.content
+    assert failed.pinged_users == {emu.alice.id}
+
 
 async def test_model_option_offers_configured_models_and_is_stored(setup):
     from dataclasses import replace

@@ -306,6 +306,22 @@ def test_pending_limit_holds_under_concurrent_enqueues(db_url: str, queue: Queue
 # -- cancel -------------------------------------------------------------------------------
 
 
+def test_queued_jobs_for_models_no_longer_configured_fail_with_a_reason(queue: Queue) -> None:
+    (running,) = enqueue(queue, BOB, model="old-model")
+    assert queue.claim("w1", model="old-model").id == running  # a running job finishes as it is
+    (gone,) = enqueue(queue, ALICE, model="old-model")
+    (kept,) = enqueue(queue, ALICE, model="sd15")
+    (default,) = enqueue(queue, BOB)  # no model named: the default, whatever it is
+    assert queue.fail_unknown_models(["sd15", "sdxl"]) == [gone]
+    job = queue.get(gone)
+    assert job.status is JobStatus.failed and job.finished_at is not None
+    assert "“old-model” is not offered here any more" in job.error and "sd15, sdxl" in job.error
+    assert [queue.get(j).status for j in (running, kept, default)] == [JobStatus.running, JobStatus.queued,
+                                                                        JobStatus.queued]
+    assert [j.id for j in queue.undelivered()] == [gone]  # its member is told
+    assert queue.fail_unknown_models(["sd15", "sdxl"]) == []
+
+
 def test_cancel_before_run(queue: Queue) -> None:
     (job_id,) = enqueue(queue, ALICE)
     with pytest.raises(NotYours):
