@@ -45,6 +45,9 @@ class EngineSettings:
     job_timeout: float = 600.0  # seconds a job may run in the worker; 0: no limit
     max_loaded_models: int = 1  # models kept on the device at once; the least recently used leaves
     model_switch_after: float = 120.0  # seconds a job for another model waits before it gets its turn
+    # Seconds a job that cannot join the running batch (another size, model or LoRA set) lets jobs
+    # behind it join instead; past that nothing more joins, the batch drains and it goes next.
+    overtake_window: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,8 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
     check(1 <= engine.max_loaded_models <= 16, "engine.max_loaded_models", engine.max_loaded_models, "1 to 16")
     check(engine.model_switch_after >= 0, "engine.model_switch_after", engine.model_switch_after,
           "seconds, 0 or more")
+    check(engine.overtake_window >= 0, "engine.overtake_window", engine.overtake_window,
+          "seconds, 0 (strict arrival order) or more")
 
     check(1 <= gen.max_steps <= 500, "generation.max_steps", gen.max_steps, "1 to 500")
     check(1 <= gen.default_steps <= gen.max_steps, "generation.default_steps", gen.default_steps,

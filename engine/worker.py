@@ -3,8 +3,9 @@
 Continuous batching (issue 4): between two denoising steps the thread admits waiting jobs that
 can share the batch (same image size) up to ``max_batch`` rows, in arrival order, and retires the
 jobs that just took their last step (one batched VAE decode). A batch holds one model and one
-LoRA set (:func:`engine.models.batch_key`); the worker switches model or LoRA set only between
-batches, loading models on demand through a :class:`~engine.models.ModelPool`. Jobs in a batch may
+LoRA set (:func:`engine.models.batch_key`); jobs behind one that cannot join (another size, say)
+may join in its place for up to ``engine.overtake_window`` seconds, then the batch drains and it
+goes next. The worker switches model or LoRA set only between batches, loading models on demand through a :class:`~engine.models.ModelPool`. Jobs in a batch may
 differ in everything else: prompt, seed, steps, sampler, guidance, txt2img or img2img. A job's pixels do not
 depend on what shared its batch: its noise comes from its own seeds and every per-row quantity
 is computed row by row.
@@ -74,6 +75,7 @@ class Ticket:
     notify: ProgressSink | None = None  # already thread-safe for its receiver
     cancelled: bool = False
     deadline: float = math.inf  # on the worker's clock, set when the worker starts the job
+    arrived: float = 0.0  # on the worker's clock, when it was submitted
 
     @property
     def size(self) -> tuple[int, int]:
@@ -176,6 +178,7 @@ class EngineWorker:
             if self._stopping:
                 ticket.settle(error=JobCancelled("The engine is shutting down; the job was not run."))
             else:
+                ticket.arrived = self.clock()
                 self._waiting.append(ticket)
                 self._lock.notify_all()
         return ticket.future
@@ -224,14 +227,19 @@ class EngineWorker:
             key = self._key(batch.entries[0].job.request) if batch.entries else None
             taken: list[Ticket] = []
             waiting = [] if self._parked else list(self._waiting)  # parked jobs are older: none overtakes them
+            now = self.clock()
             for ticket in waiting:
                 size = size or ticket.size
                 key = key or self._key(ticket.request)
-                # Stop at the first job that cannot join: later arrivals must not overtake it,
-                # so the batch drains and that job goes next. A batch has one image size, one
-                # model and one LoRA set.
-                if (ticket.size != size or self._key(ticket.request) != key
-                        or (rows and rows + ticket.request.count > self._row_limit(size))):
+                # A batch has one image size, one model and one LoRA set. Jobs behind one that
+                # cannot join may take its place for a while (mixed sizes would otherwise run one
+                # job at a time); once it has waited overtake_window, nothing more joins, the
+                # batch drains and it goes next. Full: the rest keep their order.
+                if ticket.size != size or self._key(ticket.request) != key:
+                    if now - ticket.arrived >= self.settings.overtake_window:
+                        break
+                    continue
+                if rows and rows + ticket.request.count > self._row_limit(size):
                     break
                 self._waiting.remove(ticket)
                 taken.append(ticket)

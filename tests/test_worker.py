@@ -34,9 +34,9 @@ def pixels(png: bytes) -> np.ndarray:
 def make_worker(tiny_model):
     workers = []
 
-    def make(max_batch: int = 8, preview_every: int = 0) -> EngineWorker:
-        worker = EngineWorker(tiny_model, EngineSettings(max_batch=max_batch, preview_every=preview_every),
-                              GenerationSettings())
+    def make(max_batch: int = 8, preview_every: int = 0, **settings) -> EngineWorker:
+        worker = EngineWorker(tiny_model, EngineSettings(max_batch=max_batch, preview_every=preview_every,
+                                                         **settings), GenerationSettings())
         workers.append(worker)
         return worker
 
@@ -124,9 +124,51 @@ def test_jobs_share_steps_up_to_max_batch(make_worker):
 
 def test_jobs_of_another_size_wait_for_their_own_batch(make_worker):
     requests = [make_request(1), make_request(2, width=48, height=64), make_request(3)]
-    order = [p.job_id for p in progress_log(make_worker(), requests)]
-    # Job 3 may not overtake job 2 (arrival order); job 2 does not share job 1's 64x64 batch.
+    order = [p.job_id for p in progress_log(make_worker(overtake_window=0), requests)]
+    # Strict arrival order: job 3 may not overtake job 2, which does not share job 1's 64x64 batch.
     assert order == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_jobs_behind_one_of_another_size_join_the_batch_for_a_while(make_worker):
+    requests = [make_request(1), make_request(2, width=48, height=64), make_request(3), make_request(4)]
+    order = [p.job_id for p in progress_log(make_worker(), requests)]
+    # Jobs 3 and 4 share job 1's 64x64 batch in job 2's place; job 2 goes next, not last of all.
+    assert order[:3] == [1, 3, 4] and order[-3:] == [2, 2, 2]
+
+
+def test_a_job_that_waited_its_overtake_window_stops_others_joining(tiny_model):
+    """Past the window nothing more joins the running batch: it drains and the waiting job goes
+    next, however many jobs of the batch's size keep arriving."""
+    now = [0.0]
+    worker = EngineWorker(tiny_model, EngineSettings(max_batch=8, preview_every=0, overtake_window=5),
+                          GenerationSettings(), clock=lambda: now[0])
+    seen: list[int] = []
+
+    def step(progress: Progress) -> None:  # on the worker thread, between steps
+        seen.append(progress.job_id)
+        now[0] += 1  # each step takes a "second"
+
+    async def run():
+        first = [asyncio.ensure_future(worker.generate(make_request(1, steps=3), step)),
+                 asyncio.ensure_future(worker.generate(make_request(2, width=48, height=64), step))]
+        await asyncio.sleep(0)
+        worker.start()
+        later = []
+        for job_id in range(3, 13):  # a 64x64 job arrives every "second"
+            while len(seen) < job_id - 2:
+                await asyncio.sleep(0.01)
+            later.append(asyncio.ensure_future(worker.generate(make_request(job_id, steps=3), step)))
+        await asyncio.gather(*first, *later)
+
+    try:
+        asyncio.run(run())
+    finally:
+        worker.stop()
+    second = seen.index(2)
+    assert 3 in seen[:second]  # job 2 let later jobs join for a while ...
+    assert seen[second:second + 3] == [2, 2, 2]  # ... then ran, alone
+    # Job k arrives at clock >= k - 2 and joins only while job 2 has waited under 5: k <= 6.
+    assert max(seen[:second]) <= 6 and {7, 12} <= set(seen[second:])
 
 
 def test_progress_arrives_on_the_event_loop_thread_with_previews(make_worker):
