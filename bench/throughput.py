@@ -11,6 +11,10 @@ work per step is the same.
     python bench/throughput.py                                # CPU, tiny model, 128x128
     python bench/throughput.py --unet sd15 --device cuda      # SD 1.5-sized UNet, random weights, 512x512
     python bench/throughput.py --unet sdxl --device cuda      # SDXL-sized, 1024x1024
+    python bench/throughput.py --sizes 128x128 96x128         # members asking for different sizes
+
+With several ``--sizes`` (job i gets size i % len), it also runs (iv) our engine batched in strict
+arrival order (``engine.overtake_window = 0``), where a job of another size ends the batch.
 
 A benchmark, not a test: it asserts nothing and its numbers depend on the machine.
 """
@@ -35,7 +39,7 @@ from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPip
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from engine.loading import LoadedModel  # noqa: E402
-from engine.settings import EngineSettings, GenerationSettings  # noqa: E402
+from engine.settings import EngineSettings, GenerationSettings, parse_size  # noqa: E402
 from engine.tokenizer import EOS, clip_tokenizer  # noqa: E402
 from engine.types import GenerationRequest, ModelInfo  # noqa: E402
 from engine.worker import EngineWorker  # noqa: E402
@@ -120,11 +124,12 @@ def diffusers_pipeline(components: dict, unet: str):
 # ---------------------------------------------------------------------------- runs
 
 def jobs(n: int, members: int, args: argparse.Namespace) -> list[GenerationRequest]:
-    """Job i comes from member i % M, each member with its own prompt."""
+    """Job i comes from member i % M, each member with its own prompt, in size i % len(sizes)."""
     return [
         GenerationRequest(job_id=i, prompt=f"member {i % members}: a lighthouse at dusk, style {i % members}",
                           negative_prompt="blurry", seed=1000 + i, steps=args.steps, guidance=7.0,
-                          width=args.width, height=args.height, sampler="euler")
+                          width=args.sizes[i % len(args.sizes)][0], height=args.sizes[i % len(args.sizes)][1],
+                          sampler="euler")
         for i in range(n)
     ]
 
@@ -169,10 +174,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=None, help="width = height (default: 128/512/1024)")
+    parser.add_argument("--sizes", nargs="+", default=None, metavar="WxH",
+                        help="sizes the jobs take in turn (instead of --size)")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--latency-repeats", type=int, default=7)
     args = parser.parse_args(argv)
-    args.width = args.height = args.size or DEFAULT_SIZE[args.unet]
+    side = args.size or DEFAULT_SIZE[args.unet]
+    args.sizes = [parse_size(size) for size in args.sizes] if args.sizes else [(side, side)]
+    args.width, args.height = args.sizes[0]
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
 
@@ -180,18 +189,25 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     components = build_components(args.unet)
     model = loaded_model(components, args.unet, device, dtype)
-    limits = GenerationSettings(max_steps=max(args.steps, 50), max_width=args.width, max_height=args.height)
+    limits = GenerationSettings(max_steps=max(args.steps, 50), max_width=max(w for w, _ in args.sizes),
+                                max_height=max(h for _, h in args.sizes))
     batched = EngineWorker(model, EngineSettings(max_batch=args.max_batch, preview_every=0), limits)
     serial = EngineWorker(model, EngineSettings(max_batch=1, preview_every=0), limits)
+    mixed = len(set(args.sizes)) > 1
+    strict = EngineWorker(model, EngineSettings(max_batch=args.max_batch, preview_every=0, overtake_window=0),
+                          limits)
     pipe = diffusers_pipeline(components, args.unet)
     requests = jobs(args.jobs, args.members, args)
     batched.start()
     serial.start()
+    strict.start()
     try:
         # Warm-up: first calls allocate, pick kernels and fill the prompt cache of neither run's jobs.
         warm = GenerationRequest(job_id=-1, prompt="warm-up", seed=0, steps=2, width=args.width,
                                  height=args.height, sampler="euler")
         batched.generate_blocking(warm), serial.generate_blocking(warm), run_diffusers(pipe, warm, device)
+        if mixed:
+            strict.generate_blocking(warm)
 
         one = requests[0]
         # One job on an idle engine vs diffusers: alternated, so a change in machine load hits both.
@@ -203,17 +219,20 @@ def main(argv: list[str] | None = None) -> None:
 
         t_batched = run_engine(batched, requests, device)
         t_serial = run_engine(serial, requests, device)
+        t_strict = run_engine(strict, requests, device) if mixed else None
         t_diffusers = timed(lambda: [run_diffusers(pipe, r, device) for r in requests], device)
     finally:
         batched.stop()
         serial.stop()
+        strict.stop()
 
     n = len(requests)
     ips = {"batched": n / t_batched, "serial": n / t_serial, "diffusers": n / t_diffusers}
     print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"dtype={str(dtype).removeprefix('torch.')}, torch threads={torch.get_num_threads()}, "
           f"load average before={load_before:.2f} after={os.getloadavg()[0]:.2f}")
-    print(f"unet={args.unet} size={args.width}x{args.height} steps={args.steps} sampler=euler "
+    sizes = " ".join(f"{w}x{h}" for w, h in args.sizes)
+    print(f"unet={args.unet} size={sizes} steps={args.steps} sampler=euler "
           f"jobs={n} members={args.members} max_batch={args.max_batch}")
     print(f"(i)   engine, batched         {ips['batched']:8.3f} images/s  ({t_batched:.2f} s)")
     print(f"(ii)  engine, one at a time   {ips['serial']:8.3f} images/s  ({t_serial:.2f} s)")
@@ -221,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ratio (i)/(ii)   = {ips['batched'] / ips['serial']:.2f}x")
     print(f"ratio (i)/(iii)  = {ips['batched'] / ips['diffusers']:.2f}x")
     print(f"ratio (ii)/(iii) = {ips['serial'] / ips['diffusers']:.2f}x")
+    if t_strict is not None:
+        print(f"(iv)  engine, batched in strict arrival order (overtake_window 0) {n / t_strict:8.3f} images/s "
+              f"({t_strict:.2f} s); ratio (i)/(iv) = {t_strict / t_batched:.2f}x")
     print(f"one job, idle engine: {ours_latency:.3f} s vs diffusers {theirs_latency:.3f} s "
           f"-> latency ratio {ours_latency / theirs_latency:.2f} (<= 1.0 is no slower)")
 
