@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from bot_process import BotProcess  # noqa: E402
+from bot_process import BotProcess, write_config  # noqa: E402
 from db.models import JobStatus  # noqa: E402
 from db.queue import Queue  # noqa: E402
 from db.session import make_engine, upgrade  # noqa: E402
@@ -57,34 +57,6 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def write_config(path: Path, model: Path, database_url: str, guild_id: int, *, max_batch: int,
-                 pending_limit: int) -> Path:
-    path.write_text(f"""
-[model]
-source = "{model}"
-name = "tiny-sd1"
-[engine]
-device = "cpu"
-dtype = "float32"
-max_batch = {max_batch}
-preview_every = 0
-[generation]
-default_steps = 2
-default_width = 64
-default_height = 64
-max_width = 64
-max_height = 64
-sizes = ["64x64"]
-[queue]
-database_url = "{database_url}"
-pending_limit = {pending_limit}
-[discord]
-guild_ids = [{guild_id}]
-progress_interval = 1.0
-""")
-    return path
-
-
 async def main(args: argparse.Namespace) -> int:
     from tinymodel import save_diffusers_folder
 
@@ -96,8 +68,8 @@ async def main(args: argparse.Namespace) -> int:
 
     async with Emulator() as emu:
         members = [emu.add_user(f"member{i}") for i in range(args.members)]
-        config = write_config(tmp / "config.toml", model_dir, database_url, emu.guild.id,
-                              max_batch=args.max_batch, pending_limit=max(3, per_member))
+        config = write_config(tmp / "config.toml", emu.guild.id, model_dir, database_url, max_batch=args.max_batch,
+                              pending_limit=max(3, per_member), progress_interval=1.0)
         db = make_engine(database_url)
         upgrade(db)
         queue = Queue(db, pending_limit=max(3, per_member))  # read here; the bot writes

@@ -5,10 +5,11 @@ can share the batch (same image size) up to ``max_batch`` rows, in arrival order
 jobs that just took their last step (one batched VAE decode). A batch holds one model and one
 LoRA set (:func:`engine.models.batch_key`); jobs behind one that cannot join (another size, say)
 may join in its place for up to ``engine.overtake_window`` seconds, then the batch drains and it
-goes next. The worker switches model or LoRA set only between batches, loading models on demand through a :class:`~engine.models.ModelPool`. Jobs in a batch may
-differ in everything else: prompt, seed, steps, sampler, guidance, txt2img or img2img. A job's pixels do not
-depend on what shared its batch: its noise comes from its own seeds and every per-row quantity
-is computed row by row.
+goes next. The worker switches model or LoRA set only between batches, loading models on demand
+through a :class:`~engine.models.ModelPool`. Jobs in a batch may differ in everything else:
+prompt, seed, steps, sampler, guidance, txt2img or img2img. A job's pixels do not depend on what
+shared its batch: its noise comes from its own seeds and every per-row quantity is computed row
+by row.
 
 asyncio code awaits :meth:`EngineWorker.generate`; results and progress reach the event loop
 thread-safely (``loop.call_soon_threadsafe`` and ``asyncio.wrap_future``). Cancelling takes a job

@@ -36,6 +36,39 @@ def main(argv: Sequence[str]) -> int:
     return bot_main(list(argv))
 
 
+def write_config(path: Path, guild_id: int, model: Path, database_url: str, *, max_batch: int = 1,
+                 pending_limit: int = 3, max_attempts: int = 3, lease_seconds: int = 5,
+                 progress_interval: float = 0.5) -> Path:
+    """A config.toml for a bot process on the tiny model: 64x64, 2 steps, no previews."""
+    path.write_text(f"""
+[model]
+source = "{model}"
+name = "tiny-sd1"
+[engine]
+device = "cpu"
+dtype = "float32"
+max_batch = {max_batch}
+preview_every = 0
+[generation]
+default_steps = 2
+max_steps = 500
+default_width = 64
+default_height = 64
+max_width = 64
+max_height = 64
+sizes = ["64x64"]
+[queue]
+database_url = "{database_url}"
+pending_limit = {pending_limit}
+max_attempts = {max_attempts}
+lease_seconds = {lease_seconds}
+[discord]
+guild_ids = [{guild_id}]
+progress_interval = {progress_interval}
+""")
+    return path
+
+
 class BotProcess:
     """``python tests/bot_process.py`` as a child process of the test: start, kill -9, restart.
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bot_process import ROOT, BotProcess
+from bot_process import ROOT, BotProcess, write_config
 from db.models import JobStatus
 from db.queue import Queue
 from db.session import make_engine, upgrade
@@ -28,37 +28,6 @@ from discord_emulator import Emulator, Message
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
-
-
-def write_config(path: Path, emu: Emulator, model: Path, database_url: str, *, max_batch: int = 1,
-                 max_attempts: int = 3, lease_seconds: int = 5) -> Path:
-    path.write_text(f"""
-[model]
-source = "{model}"
-name = "tiny-sd1"
-[engine]
-device = "cpu"
-dtype = "float32"
-max_batch = {max_batch}
-preview_every = 0
-[generation]
-default_steps = 2
-max_steps = 500
-default_width = 64
-default_height = 64
-max_width = 64
-max_height = 64
-sizes = ["64x64"]
-[queue]
-database_url = "{database_url}"
-pending_limit = 3
-max_attempts = {max_attempts}
-lease_seconds = {lease_seconds}
-[discord]
-guild_ids = [{emu.guild.id}]
-progress_interval = 0.5
-""")
-    return path
 
 
 def open_queue(url: str) -> Queue:
@@ -148,7 +117,7 @@ async def test_bot_killed_while_jobs_run_and_wait(emulator: Emulator, tiny_sd_fo
     queued). The job is retried once and then fails with the reason; the others are posted."""
     emu = emulator
     url = f"sqlite:///{tmp_path / 'queue.sqlite3'}"
-    config = write_config(tmp_path / "config.toml", emu, tiny_sd_folder, url, max_attempts=2)
+    config = write_config(tmp_path / "config.toml", emu.guild.id, tiny_sd_folder, url, max_attempts=2)
     queue = open_queue(url)
     bot = BotProcess(emu, config, tmp_path / "bot.log")
     try:
@@ -182,7 +151,7 @@ async def test_bot_killed_before_and_while_posting(emulator: Emulator, tmp_path)
     lost). After each restart nothing is lost and nothing is posted twice."""
     emu = emulator
     url = f"sqlite:///{tmp_path / 'queue.sqlite3'}"
-    config = write_config(tmp_path / "config.toml", emu, tmp_path / "no-model", url)
+    config = write_config(tmp_path / "config.toml", emu.guild.id, tmp_path / "no-model", url)
     queue = open_queue(url)
     bot = BotProcess(emu, config, tmp_path / "bot.log", no_engine=True)
 
@@ -259,7 +228,8 @@ async def test_bot_and_two_workers_on_postgresql_one_worker_killed(emulator: Emu
     worker is killed in the middle of a job, whose lease runs out and which the other worker
     then makes. Every job is posted exactly once, by the bot."""
     emu = emulator
-    config = write_config(tmp_path / "config.toml", emu, tiny_sd_folder, pg_url, max_batch=2, lease_seconds=5)
+    config = write_config(tmp_path / "config.toml", emu.guild.id, tiny_sd_folder, pg_url, max_batch=2,
+                          lease_seconds=5)
     queue = open_queue(pg_url)
     workers = {name: start_worker(config, name, tmp_path / f"{name}.log") for name in ("doomed", "survivor")}
     bot = BotProcess(emu, config, tmp_path / "bot.log", no_engine=True)
