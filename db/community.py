@@ -207,8 +207,11 @@ class Community:
 
     def server_policy(self, guild_id: int) -> ServerPolicy:
         with self._read.begin() as session:
-            row = session.get(ServerSettings, guild_id)
-            return ServerPolicy() if row is None else self._policy(row)
+            return self._server_policy(session, guild_id)
+
+    def _server_policy(self, session: Session, guild_id: int) -> ServerPolicy:
+        row = session.get(ServerSettings, guild_id)
+        return ServerPolicy() if row is None else self._policy(row)
 
     def admission(self, guild_id: int | None, user_id: int, since: datetime) -> Admission:
         """What a new job of ``user_id`` is checked against (``guild_id`` None: a DM, where no
@@ -217,9 +220,8 @@ class Community:
             defaults = self._member_defaults(session, user_id)
             policy, barred, usage = ServerPolicy(), False, Usage(0, None, None)
             if guild_id is not None:
-                row = session.get(ServerSettings, guild_id)
-                policy = ServerPolicy() if row is None else self._policy(row)
-                barred = session.get(BarredMember, (guild_id, user_id)) is not None
+                policy = self._server_policy(session, guild_id)
+                barred = self._is_barred(session, guild_id, user_id)
                 if policy.daily_limit is not None or policy.cooldown_seconds:
                     usage = self._usage(session, guild_id, user_id, since)
             pending = session.scalar(
@@ -286,7 +288,11 @@ class Community:
 
     def is_barred(self, guild_id: int, user_id: int) -> bool:
         with self._read.begin() as session:
-            return session.get(BarredMember, (guild_id, user_id)) is not None
+            return self._is_barred(session, guild_id, user_id)
+
+    @staticmethod
+    def _is_barred(session: Session, guild_id: int, user_id: int) -> bool:
+        return session.get(BarredMember, (guild_id, user_id)) is not None
 
     def barred(self, guild_id: int) -> list[int]:
         with self._read.begin() as session:
