@@ -12,6 +12,7 @@ work per step is the same.
     python bench/throughput.py --unet sd15 --device cuda      # SD 1.5-sized UNet, random weights, 512x512
     python bench/throughput.py --unet sdxl --device cuda      # SDXL-sized, 1024x1024
     python bench/throughput.py --sizes 128x128 96x128         # members asking for different sizes
+    python bench/throughput.py --compile default              # also (v): batched with engine.compile
 
 With several ``--sizes`` (job i gets size i % len), it also runs (iv) our engine batched in strict
 arrival order (``engine.overtake_window = 0``), where a job of another size ends the batch.
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", default=None, metavar="WxH",
                         help="sizes the jobs take in turn (instead of --size)")
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--compile", default="off",
+                        help="also run (v): the batched engine with this engine.compile mode")
     parser.add_argument("--latency-repeats", type=int, default=7)
     args = parser.parse_args(argv)
     side = args.size or DEFAULT_SIZE[args.unet]
@@ -192,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     limits = GenerationSettings(max_steps=max(args.steps, 50), max_width=max(w for w, _ in args.sizes),
                                 max_height=max(h for _, h in args.sizes))
     batched = EngineWorker(model, EngineSettings(max_batch=args.max_batch, preview_every=0), limits)
+    compiled = EngineWorker(model, EngineSettings(max_batch=args.max_batch, preview_every=0, compile=args.compile),
+                            limits) if args.compile != "off" else None
     serial = EngineWorker(model, EngineSettings(max_batch=1, preview_every=0), limits)
     mixed = len(set(args.sizes)) > 1
     strict = EngineWorker(model, EngineSettings(max_batch=args.max_batch, preview_every=0, overtake_window=0),
@@ -218,6 +223,11 @@ def main(argv: list[str] | None = None) -> None:
         ours_latency, theirs_latency = statistics.median(ours), statistics.median(theirs)
 
         t_batched = run_engine(batched, requests, device)
+        t_compiled = None
+        if compiled is not None:
+            compiled.start()
+            run_engine(compiled, requests, device)  # compiles the shapes the timed run will see
+            t_compiled = run_engine(compiled, requests, device)
         t_serial = run_engine(serial, requests, device)
         t_strict = run_engine(strict, requests, device) if mixed else None
         t_diffusers = timed(lambda: [run_diffusers(pipe, r, device) for r in requests], device)
@@ -225,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         batched.stop()
         serial.stop()
         strict.stop()
+        if compiled is not None:
+            compiled.stop()
 
     n = len(requests)
     ips = {"batched": n / t_batched, "serial": n / t_serial, "diffusers": n / t_diffusers}
@@ -243,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     if t_strict is not None:
         print(f"(iv)  engine, batched in strict arrival order (overtake_window 0) {n / t_strict:8.3f} images/s "
               f"({t_strict:.2f} s); ratio (i)/(iv) = {t_strict / t_batched:.2f}x")
+    if t_compiled is not None:
+        print(f"(v)   engine, batched, engine.compile={args.compile} {n / t_compiled:8.3f} images/s ({t_compiled:.2f} s, "
+              f"after a run that compiled); ratio (v)/(i) = {t_batched / t_compiled:.2f}x")
     print(f"one job, idle engine: {ours_latency:.3f} s vs diffusers {theirs_latency:.3f} s "
           f"-> latency ratio {ours_latency / theirs_latency:.2f} (<= 1.0 is no slower)")
 

@@ -17,9 +17,10 @@ prompt is usually the server default).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -192,7 +193,13 @@ class PromptEncoder:
 
 
 class Denoiser:
-    """``denoiser(x, sigma, cond) -> x0`` over a diffusers UNet, classifier-free guided per row."""
+    """``denoiser(x, sigma, cond) -> x0`` over a diffusers UNet, classifier-free guided per row.
+
+    :meth:`compile` (``engine.compile``) runs the UNet through ``torch.compile``. A compiled graph
+    is made for one input shape, and the running batch changes size whenever a job joins or
+    leaves, so the compiled UNet sees rows padded up to the next power of two (copies of the last
+    row, whose outputs are dropped; rows never mix in a UNet): a handful of graphs per image size.
+    """
 
     def __init__(self, unet, schedule: ModelSchedule, prediction_type: str = "epsilon") -> None:
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -202,23 +209,44 @@ class Denoiser:
         self.dtype = unet.dtype
         # Kept on the device in float32 so a step does the timestep lookup without a transfer.
         self.log_sigmas = schedule.log_sigmas.to(device=unet.device, dtype=torch.float32)
+        self._run_unet: Callable[..., Any] = unet
+        self.compiled = False
+        self._padding: dict[int, tuple[int, Tensor]] = {}  # rows -> (bucket, index of the padded rows)
+
+    def compile(self, compiler: Callable[[torch.nn.Module], Callable[..., Any]]) -> None:
+        """Run the UNet as ``compiler(unet)`` from now on (e.g. ``functools.partial(torch.compile,
+        mode="reduce-overhead", dynamic=False)``), rows padded to bucket sizes. Once per model."""
+        if not self.compiled:
+            self._run_unet, self.compiled = compiler(self.unet), True
 
     @torch.inference_mode()
     def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         c_in = rows(1 / (sigma**2 + 1).sqrt())
         t = sigma_to_t(sigma, self.log_sigmas)
         model_in = (x * c_in).to(self.dtype)
-        out = self.unet(
-            torch.cat([model_in, model_in]),
-            torch.cat([t, t]),
-            encoder_hidden_states=cond.embeds,
-            encoder_attention_mask=cond.mask,  # None unless rows differ in chunk count
-            added_cond_kwargs=cond.added,
-            return_dict=False,
-        )[0].float()
-        positive, negative = out.chunk(2)
+        inputs = dict(sample=torch.cat([model_in, model_in]), timestep=torch.cat([t, t]),
+                      encoder_hidden_states=cond.embeds,
+                      encoder_attention_mask=cond.mask,  # None unless rows differ in chunk count
+                      added_cond_kwargs=cond.added)
+        n = x.shape[0]
+        bucket = n
+        if self.compiled:
+            bucket, index = self._bucket(n, x.device)
+            inputs = _take_rows(inputs, index)
+        out = self._run_unet(**inputs, return_dict=False)[0].float()
+        positive, negative = out[:n], out[bucket : bucket + n]
         guided = negative + rows(cond.guidance) * (positive - negative)
         return self.to_x0(guided, x, sigma)
+
+    def _bucket(self, n: int, device: torch.device) -> tuple[int, Tensor]:
+        """The padded row count for ``n`` rows and which of the 2n UNet rows fill the 2 x bucket
+        (made once per row count, so a step copies nothing to the device)."""
+        if n not in self._padding:
+            bucket = 1 << (n - 1).bit_length()
+            positive = list(range(n)) + [n - 1] * (bucket - n)
+            index = torch.tensor(positive + [n + i for i in positive], device=device)
+            self._padding[n] = bucket, index
+        return self._padding[n]
 
     def to_x0(self, out: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
         """Clean latents from the UNet's output (eps: x - sigma eps; v: Salimans & Ho 2022)."""
@@ -227,3 +255,15 @@ class Denoiser:
         c_skip = 1 / (sigma**2 + 1)
         c_out = -sigma / (sigma**2 + 1).sqrt()
         return x * rows(c_skip) + out * rows(c_out)
+
+
+def _take_rows(inputs: dict[str, Any], index: Tensor) -> dict[str, Any]:
+    """The UNet's inputs with their rows (dim 0) picked by ``index``; None stays None."""
+    def take(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.index_select(0, index)
+        if isinstance(value, dict):
+            return {key: take(item) for key, item in value.items()}
+        return value
+
+    return {name: take(value) for name, value in inputs.items()}

@@ -36,6 +36,10 @@ class ModelSettings:
         return Path(self.source.rstrip("/")).stem or self.source
 
 
+#: ``engine.compile``: off, or one of torch.compile's modes.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     device: str = "auto"
@@ -48,6 +52,9 @@ class EngineSettings:
     # Seconds a job that cannot join the running batch (another size, model or LoRA set) lets jobs
     # behind it join instead; past that nothing more joins, the batch drains and it goes next.
     overtake_window: float = 10.0
+    # "off", or a torch.compile mode for the UNet ("default", "reduce-overhead": CUDA graphs,
+    # "max-autotune"...): one graph per image size and power-of-two row count, each compiled on first use.
+    compile: str = "off"
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,7 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
           "seconds, 0 or more")
     check(engine.overtake_window >= 0, "engine.overtake_window", engine.overtake_window,
           "seconds, 0 (strict arrival order) or more")
+    check(engine.compile in COMPILE_MODES, "engine.compile", engine.compile, f"one of {', '.join(COMPILE_MODES)}")
 
     check(1 <= gen.max_steps <= 500, "generation.max_steps", gen.max_steps, "1 to 500")
     check(1 <= gen.default_steps <= gen.max_steps, "generation.default_steps", gen.default_steps,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 import itertools
 import logging
@@ -102,7 +103,7 @@ class EngineWorker:
         self.clock = clock
         self.models = model if isinstance(model, ModelPool) else ModelPool.single(model)
         self.model_name: str | None = self.models.default  # the model of the running batch
-        self.pipeline: Pipeline | None = self.models.pipeline(self.model_name)
+        self.pipeline: Pipeline | None = self._compiled(self.models.pipeline(self.model_name))
         if self.pipeline is not None:  # SDXL: its native sizes (generation.sdxl_sizes) are allowed
             self.gen = gen.for_family(self.pipeline.model.info.family)
         self._lock = threading.Condition()
@@ -272,9 +273,15 @@ class EngineWorker:
         assert not batch.entries and not self._parked, "a batch never mixes models"
         # Let go of the old model before loading: the pool may drop it to make room.
         self.pipeline = self.model_name = batch.denoiser = None
-        self.pipeline = self.models.pipeline(name)
+        self.pipeline = self._compiled(self.models.pipeline(name))
         self.model_name, batch.denoiser = name, self.pipeline.denoiser
         return self.pipeline
+
+    def _compiled(self, pipeline: Pipeline | None) -> Pipeline | None:
+        """The pipeline, its UNet compiled as ``engine.compile`` asks (once per loaded model)."""
+        if pipeline is not None and self.settings.compile != "off":
+            pipeline.denoiser.compile(functools.partial(torch.compile, mode=self.settings.compile, dynamic=False))
+        return pipeline
 
     def _row_limit(self, size: tuple[int, int]) -> int:
         return min(self.settings.max_batch, self._row_limits.get(size, self.settings.max_batch))

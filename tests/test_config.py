@@ -40,6 +40,7 @@ def test_token_in_file_is_refused(tmp_path):
         ("[engine]\ndevice = 'tpu'\n", "engine.device = 'tpu'"),
         ("[engine]\nmax_batch = 'many'\n", "engine.max_batch = 'many': expected int"),
         ("[engine]\novertake_window = -1\n", "engine.overtake_window = -1"),
+        ("[engine]\ncompile = 'fast'\n", "engine.compile = 'fast'"),
         ("[generation]\ndefault_steps = 80\n", "generation.default_steps = 80"),
         ("[generation]\nsizes = ['500x500']\n", "generation.sizes = '500x500'"),
         ("[generation]\nsamplers = ['plms']\n", "generation.samplers = 'plms'"),

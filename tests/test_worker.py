@@ -171,6 +171,45 @@ def test_a_job_that_waited_its_overtake_window_stops_others_joining(tiny_model):
     assert max(seen[:second]) <= 6 and {7, 12} <= set(seen[second:])
 
 
+def test_a_compiled_unet_sees_padded_batches_and_changes_no_image(tiny_model, monkeypatch):
+    """engine.compile: rows are padded to a power of two (few shapes to compile), and no image
+    changes: the padding rows' outputs are dropped."""
+    real_compile, unet_rows = torch.compile, []
+
+    def compile_for_test(module, mode, dynamic):
+        assert (mode, dynamic) == ("reduce-overhead", False)
+        traced = real_compile(module, backend="eager", dynamic=False)  # dynamo traces; no code generated
+
+        def run(**inputs):
+            unet_rows.append(inputs["sample"].shape[0])
+            return traced(**inputs)
+        return run
+
+    long_prompt = ", ".join(["a lighthouse on a cliff at dusk"] * 12)  # two chunks: masked rows
+    requests = [make_request(1, steps=2, guidance=3.0), make_request(2, steps=3, prompt=long_prompt),
+                make_request(3, steps=4, guidance=9.0, sampler="dpmpp_2m_karras")]
+    monkeypatch.setattr(torch, "compile", compile_for_test)
+    compiled = EngineWorker(tiny_model, EngineSettings(max_batch=8, preview_every=0, compile="reduce-overhead"),
+                            GenerationSettings())
+    monkeypatch.undo()
+    eager = EngineWorker(tiny_model, EngineSettings(max_batch=8, preview_every=0), GenerationSettings())
+
+    async def run(worker):
+        tasks = [asyncio.ensure_future(worker.generate(request)) for request in requests]
+        await asyncio.sleep(0)
+        worker.start()
+        return await asyncio.gather(*tasks)
+
+    try:
+        expected, got = asyncio.run(run(eager)), asyncio.run(run(compiled))
+    finally:
+        eager.stop()
+        compiled.stop()
+    assert unet_rows == [8, 8, 4, 2]  # 3 rows padded to 4, then 2, then 1 (prompt and negative each)
+    for result, reference in zip(got, expected):
+        assert np.abs(pixels(result.images[0].png) - pixels(reference.images[0].png)).max() <= 2
+
+
 def test_progress_arrives_on_the_event_loop_thread_with_previews(make_worker):
     worker = make_worker(preview_every=2)
     seen: list[tuple[Progress, int]] = []
