@@ -21,7 +21,7 @@ from discord.app_commands import Choice, Transform
 
 from bot import community, render
 from bot.checks import within_deadline
-from bot.inputs import (PILLOW_FORMATS, BadInput, check_attachment_meta, check_prompt, check_prompt_tokens,
+from bot.inputs import (PILLOW_FORMATS, BadInput, check_attachment_meta, check_prompt, check_prompt_text,
                         load_init_image, warm_up_token_counter)
 from bot.jobs import SEED_MAX, new_seed
 from bot.views import describe_buttons
@@ -237,7 +237,8 @@ async def _job_fields(bot: "SDBot", interaction: discord.Interaction, options: d
     gen = bot.config.generation
     options = await community.check_new_job(interaction, gen, options, img2img=img2img)
     model = options.pop("model", None)
-    note = await bot.run_check(check_prompt_tokens, options["prompt"], options["negative"])
+    note = await bot.run_check(check_prompt_text, options["prompt"], options["negative"],
+                               bot.config.model_settings(model).lora_dir)
     return generation_fields(gen, **options) | dict(model=model), note
 
 

@@ -47,6 +47,10 @@ class Config:
     token: str
     models: tuple[ModelSettings, ...] = ()  # the other models (``[models.<name>]``), besides the default
 
+    def model_settings(self, name: str | None) -> ModelSettings:
+        """The configured model called ``name``; the default model for None or a name not configured."""
+        return next((m for m in self.models if m.display_name == name), self.model)
+
     @property
     def model_names(self) -> tuple[str, ...]:
         """Every configured model's name, the default first (what ``/imagine model`` offers)."""

@@ -11,6 +11,7 @@ import io
 import logging
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -108,6 +109,32 @@ def check_prompt_tokens(prompt: str, negative: str = "") -> str | None:
     if not notes:
         return None
     return f"Note: {' and '.join(notes)} (CLIP reads {CHUNK_LENGTH} at a time; nothing is cut off)."
+
+
+def check_loras(prompt: str, lora_dir: str) -> None:
+    """Refuse now what the engine would fail the job for: a malformed ``<lora:NAME:WEIGHT>`` tag,
+    or a NAME with no file in the model's LoRA folder (``lora_dir``), with what there is. When the
+    folder is configured but not on this machine (GPU workers elsewhere), only they can tell."""
+    from engine.errors import GenerationError
+    from engine.lora import find_lora, lora_key, parse_lora_key  # imports torch: not at start-up
+
+    key = lora_key(prompt)
+    if not key:
+        return
+    folder = Path(lora_dir).expanduser() if lora_dir else None
+    try:
+        uses = parse_lora_key(key)
+        if folder is None or folder.is_dir():
+            for use in uses:
+                find_lora(folder, use.name)
+    except GenerationError as e:
+        raise BadInput(str(e)) from None
+
+
+def check_prompt_text(prompt: str, negative: str, lora_dir: str) -> str | None:
+    """:func:`check_loras` and :func:`check_prompt_tokens` (its note) together: one thread hop."""
+    check_loras(prompt, lora_dir)
+    return check_prompt_tokens(prompt, negative)
 
 
 def warm_up_token_counter() -> None:

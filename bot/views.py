@@ -8,7 +8,6 @@ pressed); Cancel and Delete are for the requester or members with Manage Message
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -16,7 +15,7 @@ from discord import ButtonStyle, ui
 
 from bot import community, jobs
 from bot.checks import may_moderate, within_deadline
-from bot.inputs import BadInput, check_prompt, check_prompt_tokens
+from bot.inputs import BadInput, check_prompt, check_prompt_text
 from db.models import Job
 
 if TYPE_CHECKING:
@@ -195,7 +194,8 @@ class EditModal(ui.Modal):
         limit = bot.config.discord.max_prompt_chars
         prompt = check_prompt(self.prompt.value, max_chars=limit)
         negative = check_prompt(self.negative.value, max_chars=limit, name="negative prompt", required=False)
-        note = await within_deadline(bot, interaction, asyncio.to_thread(check_prompt_tokens, prompt, negative))
+        lora_dir = bot.config.model_settings(self.parent.model).lora_dir
+        note = await within_deadline(bot, interaction, bot.run_check(check_prompt_text, prompt, negative, lora_dir))
         fields = await community.check_job_fields(interaction, jobs.edit(self.parent, prompt, negative))
         await bot.submit(interaction, fields, note=note)
 

@@ -102,6 +102,25 @@ def check_lora_name(name: str) -> None:
         )
 
 
+def available_loras(folder: Path | None) -> list[str]:
+    """The LoRA names in ``folder`` (none when it is not set or not there)."""
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.iterdir() if p.suffix == SUFFIX and p.is_file())
+
+
+def find_lora(folder: Path | None, name: str) -> Path:
+    """``folder/NAME.safetensors``; GenerationError listing what there is when it is not there."""
+    path = None if folder is None else folder / f"{name}{SUFFIX}"
+    if path is None or not path.is_file():
+        names = available_loras(folder)
+        listed = ", ".join(names[:30]) + (", ..." if len(names) > 30 else "") if names else "none"
+        if folder is None:
+            listed += " (this model has no LoRA folder configured)"
+        raise GenerationError(f"No LoRA named {name!r}; available: {listed}.")
+    return path
+
+
 class LoraLibrary:
     """The LoRA files of one model's folder, loaded as peft adapters on that model on demand.
 
@@ -128,9 +147,7 @@ class LoraLibrary:
         self._loaded: OrderedDict[str, tuple[str, list[torch.nn.Module]]] = OrderedDict()
 
     def available(self) -> list[str]:
-        if self.folder is None or not self.folder.is_dir():
-            return []
-        return sorted(p.stem for p in self.folder.iterdir() if p.suffix == SUFFIX and p.is_file())
+        return available_loras(self.folder)
 
     def activate(self, key: LoraKey) -> None:
         """Make this prompt's LoRA set the one applied (raises GenerationError for a bad set)."""
@@ -150,14 +167,7 @@ class LoraLibrary:
         return [self.model.unet, *self.model.text_encoders]
 
     def _path(self, name: str) -> Path:
-        path = None if self.folder is None else self.folder / f"{name}{SUFFIX}"
-        if path is None or not path.is_file():
-            names = self.available()
-            listed = ", ".join(names[:30]) + (", ..." if len(names) > 30 else "") if names else "none"
-            if self.folder is None:
-                listed += " (this model has no LoRA folder configured)"
-            raise GenerationError(f"No LoRA named {name!r}; available: {listed}.")
-        return path
+        return find_lora(self.folder, name)
 
     def _load(self, name: str) -> None:
         if name in self._loaded:

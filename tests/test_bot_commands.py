@@ -120,6 +120,28 @@ async def test_checks_answer_while_the_shared_thread_pool_is_busy(setup):
             await asyncio.gather(*blockers)
 
 
+async def test_lora_tags_are_checked_before_the_job_is_queued(setup, tmp_path):
+    from dataclasses import replace
+
+    emu, config, queue = setup
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "add_detail.safetensors").write_bytes(b"")  # only its name matters to the bot
+    config = replace(config, model=replace(config.model, lora_dir=str(loras)))
+    async with bot_running(emu, config, queue, None):
+        unknown = await emu.slash(emu.alice, "imagine", {"prompt": "a cat <lora:add_detial:0.8>"})
+        assert "No LoRA named 'add_detial'; available: add_detail." in await ephemeral_reply(unknown)
+        weight = await emu.slash(emu.alice, "imagine", {"prompt": "a cat <lora:add_detail:lots>"})
+        assert "the weight must be a number such as 0.8" in await ephemeral_reply(weight)
+        path = await emu.slash(emu.alice, "imagine", {"prompt": "a cat <lora:../../etc/passwd>"})
+        assert "no folders" in await ephemeral_reply(path)
+        assert queue.pending_for(emu.alice.id) == []
+        ok = await emu.slash(emu.alice, "imagine", {"prompt": "a cat <lora:add_detail:0.8>"})
+        await ok.wait_response(lambda m: "queued" in m.content)
+    (job,) = queue.pending_for(emu.alice.id)
+    assert job.prompt == "a cat <lora:add_detail:0.8>"
+
+
 async def test_help_lists_every_command_with_its_limits(setup):
     emu, config, queue = setup
     async with bot_running(emu, config, queue, None):
