@@ -59,6 +59,20 @@ def may_moderate(interaction: discord.Interaction, requester_id: int) -> bool:
     return interaction.user.id == requester_id or interaction.permissions.manage_messages
 
 
+def manages_messages_in(interaction: discord.Interaction, channel_id: int | None) -> bool:
+    """Whether the member may manage messages in ``channel_id`` (a job's channel), which need
+    not be where the command was used: Discord sends permissions for the interaction's channel
+    only, so for another channel they are computed from the cached channel's overwrites and the
+    member's roles. False when that channel is not known here."""
+    if channel_id == interaction.channel_id:
+        return interaction.permissions.manage_messages
+    guild, member = interaction.guild, interaction.user
+    channel = guild.get_channel_or_thread(channel_id) if guild is not None and channel_id else None
+    if channel is None or not isinstance(member, discord.Member):
+        return False
+    return channel.permissions_for(member).manage_messages
+
+
 async def within_deadline(bot: SDBot, interaction: discord.Interaction, work: Awaitable[T]) -> T:
     """The result of ``work``; when it takes longer than :data:`PREPARE_BUDGET`, acknowledge
     the interaction first (a public "thinking…" that becomes the job's status, or is removed if

@@ -25,6 +25,7 @@ from discord.ext import commands
 
 from bot import community, jobs, render, views
 from bot.commands import build_commands
+from bot.checks import manages_messages_in
 from bot.config import Config
 from bot.delivery import Delivery, token_expiry
 from bot.inputs import DISCORD_CDN_HOSTS, BadInput, clip_truncation_notice, limit_pillow
@@ -288,8 +289,9 @@ class SDBot(commands.Bot):
         await self.cancel_job(interaction, job)
 
     async def cancel_job(self, interaction: discord.Interaction, job: Job) -> None:
-        """Cancel for the requester or a member with Manage Messages (checked by the queue)."""
-        moderator = interaction.permissions.manage_messages
+        """Cancel for the requester or a member with Manage Messages in the job's channel (the
+        queue checks who may)."""
+        moderator = manages_messages_in(interaction, job.channel_id)
         cancelled = await asyncio.to_thread(self.queue.cancel, job.id, interaction.user.id, moderator=moderator)
         if self.runner is not None:
             self.runner.cancel(job.id)

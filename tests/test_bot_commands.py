@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bot_harness import bot_config, bot_running, new_queue, png
-from discord_emulator import Emulator
+from discord_emulator import MANAGE_MESSAGES, Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
@@ -87,6 +87,27 @@ async def test_imagine_queues_with_place_and_cancel(setup):
         assert "a cat in space" in info and "DDIM" in info and "cancelled" in info
         missing = await ephemeral_reply(await emu.slash(emu.bob, "info", {"job": 999999}))
         assert "There is no job #999999" in missing
+
+
+async def test_cancel_by_a_moderator_counts_manage_messages_in_the_jobs_channel(setup):
+    """/cancel job:N can be used anywhere: what counts is Manage Messages where the job is."""
+    emu, config, queue = setup
+    art = emu.add_channel("art")
+    moderators = emu.guild.roles["moderator"]
+    async with bot_running(emu, config, queue, None):
+        await emu.set_permissions(emu.general, moderators, deny=MANAGE_MESSAGES)  # mods of #art only
+        ix = await emu.slash(emu.alice, "imagine", {"prompt": "a cat"})
+        await ix.wait_response(lambda m: "queued" in m.content)
+        (job,) = queue.pending_for(emu.alice.id)
+        refused = await emu.slash(emu.mod, "cancel", {"job": job.id}, channel=art)  # may manage #art, not #general
+        assert "Only the member" in await ephemeral_reply(refused)
+        assert queue.get(job.id).status.value == "queued"
+
+        await emu.set_permissions(emu.general, moderators)  # the overwrite lifted
+        await emu.set_permissions(art, moderators, deny=MANAGE_MESSAGES)
+        ok = await emu.slash(emu.mod, "cancel", {"job": job.id}, channel=art)
+        assert "Cancelled" in await ephemeral_reply(ok)
+        assert queue.get(job.id).status.value == "cancelled"
 
 
 async def test_pending_limit_is_an_ephemeral_refusal(setup):

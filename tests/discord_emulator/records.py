@@ -82,17 +82,33 @@ class Guild:
     roles: dict[str, Role] = field(default_factory=dict)  # "everyone", "moderator", "manager"
     channels: list[Channel] = field(default_factory=list)
 
-    def permissions_of(self, user: User) -> int:
+    def permissions_of(self, user: User, channel: Channel | None = None) -> int:
+        """The member's permissions, in ``channel`` when given: Discord's order of overwrites
+        (@everyone's, then the member's roles' together, then the member's own)."""
         perms = self.roles["everyone"].permissions
         for name in user.role_names:
             perms |= self.roles[name].permissions
-        return ALL_PERMISSIONS if perms & ADMINISTRATOR else perms
+        if perms & ADMINISTRATOR:
+            return ALL_PERMISSIONS
+        if channel is not None and channel.overwrites:
+            def apply(perms: int, targets: list[int]) -> int:
+                allow = deny = 0
+                for target in targets:
+                    a, d = channel.overwrites.get(target, (0, 0))
+                    allow, deny = allow | a, deny | d
+                return (perms & ~deny) | allow
 
-    def member_payload(self, user: User, *, with_permissions: bool = False) -> dict[str, Any]:
+            perms = apply(perms, [self.id])  # @everyone's id is the guild's
+            perms = apply(perms, [self.roles[name].id for name in user.role_names])
+            perms = apply(perms, [user.id])
+        return perms
+
+    def member_payload(self, user: User, *, with_permissions: bool = False,
+                       channel: Channel | None = None) -> dict[str, Any]:
         data = {"user": user.payload(), "roles": [str(self.roles[n].id) for n in user.role_names],
                 "flags": 0, "joined_at": TIMESTAMP, "deaf": False, "mute": False, "nick": None}
         if with_permissions:
-            data["permissions"] = str(self.permissions_of(user))
+            data["permissions"] = str(self.permissions_of(user, channel))
         return data
 
 
@@ -105,6 +121,8 @@ class Channel:
     deleted: bool = False       # set by Emulator.delete_channel: REST answers 404 10003
     bot_allowed: bool = True    # cleared by Emulator.revoke_permissions: REST answers 403 50013
     recipient: User | None = None   # the member, for a DM channel (Emulator.dm_channel)
+    # role or member id -> (allow, deny) permission bits (Emulator.set_permissions)
+    overwrites: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def is_dm(self) -> bool:
@@ -117,7 +135,13 @@ class Channel:
                     "recipients": [self.recipient.payload()]}
         return {"id": str(self.id), "type": 0, "name": self.name, "position": self.guild.channels.index(self),
                 "guild_id": str(self.guild.id), "nsfw": self.nsfw, "topic": None,
-                "permission_overwrites": [], "rate_limit_per_user": 0, "parent_id": None}
+                "permission_overwrites": [self._overwrite(target, allow, deny)
+                                          for target, (allow, deny) in self.overwrites.items()],
+                "rate_limit_per_user": 0, "parent_id": None}
+
+    def _overwrite(self, target: int, allow: int, deny: int) -> dict[str, Any]:
+        is_role = any(role.id == target for role in self.guild.roles.values())
+        return {"id": str(target), "type": 0 if is_role else 1, "allow": str(allow), "deny": str(deny)}
 
 
 @dataclass(eq=False)

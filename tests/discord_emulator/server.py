@@ -244,6 +244,11 @@ class Emulator(RestRoutes):
         channel.deleted = True
         await self._dispatch("CHANNEL_DELETE", channel.payload())
 
+    async def set_permissions(self, channel: Channel, target: Role | User, *, allow: int = 0, deny: int = 0) -> None:
+        """A permission overwrite on `channel` for a role or a member (CHANNEL_UPDATE tells the bot)."""
+        channel.overwrites[target.id] = (allow, deny)
+        await self._dispatch("CHANNEL_UPDATE", channel.payload())
+
     def revoke_permissions(self, channel: Channel, revoked: bool = True) -> None:
         """The bot may no longer post in `channel` (403 50013), or may again with revoked=False."""
         channel.bot_allowed = not revoked
@@ -482,7 +487,8 @@ class Emulator(RestRoutes):
             "entitlements": [], "attachment_size_limit": self.attachment_size_limit, "data": data,
         }
         if guild is not None:
-            payload.update(guild_id=str(guild.id), member=guild.member_payload(user, with_permissions=True),
+            payload.update(guild_id=str(guild.id),
+                           member=guild.member_payload(user, with_permissions=True, channel=channel),
                            guild_locale="en-US", authorizing_integration_owners={"0": str(guild.id)}, context=0)
         else:  # the bot's DM with the member: a user instead of a member, context BOT_DM
             payload.update(user=user.payload(), authorizing_integration_owners={"0": "0"}, context=1)
