@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -73,16 +74,25 @@ def manages_messages_in(interaction: discord.Interaction, channel_id: int | None
     return channel.permissions_for(member).manage_messages
 
 
+def mark_received(interaction: discord.Interaction) -> None:
+    """Note when the bot started on ``interaction`` (``SDBot.guarded`` does, for every command,
+    button and form): the budget of :func:`within_deadline` counts from there."""
+    interaction.extras.setdefault("received", time.monotonic())
+
+
 async def within_deadline(bot: SDBot, interaction: discord.Interaction, work: Awaitable[T]) -> T:
-    """The result of ``work``; when it takes longer than :data:`PREPARE_BUDGET`, acknowledge
-    the interaction first (a public "thinking…" that becomes the job's status, or is removed if
+    """The result of ``work``; when the interaction has waited longer than :data:`PREPARE_BUDGET`
+    (since :func:`mark_received`, so that checks one after another share one budget),
+    acknowledge it first (a public "thinking…" that becomes the job's status, or is removed if
     ``work`` then refuses), so that Discord's deadline is never missed.
 
     Usually it takes a fraction of a second, and a refusal can then be a plain ephemeral reply.
     """
     task = asyncio.ensure_future(work)
+    received = interaction.extras.get("received")
+    budget = PREPARE_BUDGET if received is None else max(0.0, PREPARE_BUDGET - (time.monotonic() - received))
     try:
-        return await asyncio.wait_for(asyncio.shield(task), timeout=PREPARE_BUDGET)
+        return await asyncio.wait_for(asyncio.shield(task), timeout=budget)
     except TimeoutError:
         pass
     try:

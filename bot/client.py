@@ -25,7 +25,7 @@ from discord.ext import commands
 
 from bot import community, jobs, render, views
 from bot.commands import build_commands
-from bot.checks import manages_messages_in
+from bot.checks import manages_messages_in, mark_received
 from bot.config import Config
 from bot.delivery import Delivery, token_expiry
 from bot.inputs import DISCORD_CDN_HOSTS, BadInput, clip_truncation_notice, limit_pillow
@@ -140,6 +140,7 @@ class SDBot(commands.Bot):
 
     async def guarded(self, interaction: discord.Interaction, action: Coroutine[Any, Any, None]) -> None:
         """Run what a command or button does; members see refusals, we see the bugs."""
+        mark_received(interaction)
         try:
             await action
         except (BadInput, QueueError) as e:

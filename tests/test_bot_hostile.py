@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from sqlalchemy import func, select
 
-from bot.checks import NotAllowed, manage_server_only, require_manage_server
+from bot.checks import (PREPARE_BUDGET, NotAllowed, manage_server_only, mark_received, require_manage_server,
+                        within_deadline)
 from bot.inputs import clean_text
 from bot_harness import bot_config, bot_running, make_bot, new_queue, png
 from db.models import Job
@@ -396,13 +397,37 @@ def test_manage_server_check():
 
 
 @asyncio_test
+async def test_checks_one_after_another_share_one_budget():
+    """The budget counts from when the interaction came, not from each check: two checks that
+    each fit the budget but not together must still acknowledge in time."""
+    deferred = []
+
+    class Bot:
+        async def defer(self, interaction):
+            deferred.append(interaction)
+
+    def interaction():
+        return SimpleNamespace(extras={}, response=SimpleNamespace(is_done=lambda: bool(deferred)))
+
+    fresh = interaction()
+    mark_received(fresh)
+    assert await within_deadline(Bot(), fresh, asyncio.sleep(0, result="quick")) == "quick"
+    assert deferred == []  # a quick check within the budget: no "thinking…"
+
+    late = interaction()
+    mark_received(late)
+    late.extras["received"] -= PREPARE_BUDGET  # earlier checks used the whole budget
+    assert await within_deadline(Bot(), late, asyncio.sleep(0.05, result="slow")) == "slow"
+    assert deferred == [late]  # acknowledged before the check finished
+
+
+@asyncio_test
 async def test_a_slow_check_acknowledges_first_and_still_refuses_privately(setup, monkeypatch):
     """Past the budget the bot answers "thinking…" (Discord's 3 s), and a refusal after that
     removes it and is told ephemerally: nothing public is left, nothing is queued."""
     import time
 
     from bot import commands
-    from bot.checks import PREPARE_BUDGET
     from bot.inputs import BadInput
 
     def slow_refusal(prompt, negative, lora_dir):
