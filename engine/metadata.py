@@ -36,22 +36,22 @@ def _quote(value: str) -> str:
 def infotext(request: GenerationRequest, seed: int, model_name: str) -> str:
     """AUTOMATIC1111 infotext for one image of ``request`` (made with ``seed``)."""
     fields: dict[str, str] = {
-        "Steps": str(request.steps),
-        "Sampler": SAMPLER_NAMES.get(request.sampler, request.sampler),
-        "CFG scale": _number(request.guidance),
+        "Steps": str(request.params.steps),
+        "Sampler": SAMPLER_NAMES.get(request.params.sampler, request.params.sampler),
+        "CFG scale": _number(request.params.guidance),
         "Seed": str(seed),
-        "Size": f"{request.width}x{request.height}",
+        "Size": f"{request.params.width}x{request.params.height}",
         "Model": _quote(model_name),
     }
     if request.is_img2img:
-        fields["Denoising strength"] = _number(request.strength)
-    if request.variation_seed is not None and request.variation_strength > 0:
-        fields["Variation seed"] = str(request.variation_seed + (seed - request.seed))
-        fields["Variation seed strength"] = _number(request.variation_strength)
+        fields["Denoising strength"] = _number(request.params.strength)
+    if request.params.variation_seed is not None and request.params.variation_strength > 0:
+        fields["Variation seed"] = str(request.params.variation_seed + (seed - request.params.seed))
+        fields["Variation seed strength"] = _number(request.params.variation_strength)
     fields["Job id"] = str(request.job_id)
-    lines = [request.prompt]
-    if request.negative_prompt:
-        lines.append(f"Negative prompt: {request.negative_prompt}")
+    lines = [request.params.prompt]
+    if request.params.negative_prompt:
+        lines.append(f"Negative prompt: {request.params.negative_prompt}")
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
     return "\n".join(lines)
 

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 def batch_key(request: GenerationRequest, default_model: str | None = None) -> Hashable:
     """Jobs share a batch only with the same key: the same model and the same LoRA set."""
-    return (request.model or default_model, lora_key(request.prompt))
+    return (request.params.model or default_model, lora_key(request.params.prompt))
 
 
 class ModelPool:

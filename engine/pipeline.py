@@ -122,7 +122,7 @@ class Pipeline:
         return self.model.info.family
 
     def latent_size(self, request: GenerationRequest) -> tuple[int, int]:
-        return request.height // self.latent_scale, request.width // self.latent_scale
+        return request.params.height // self.latent_scale, request.params.width // self.latent_scale
 
     # ------------------------------------------------------------------ preparing a job
 
@@ -136,7 +136,7 @@ class Pipeline:
         return self.img2img(request) if request.is_img2img else self.txt2img(request)
 
     def use_loras(self, request: GenerationRequest) -> None:
-        self.loras.activate(lora_key(request.prompt))
+        self.loras.activate(lora_key(request.params.prompt))
         self.prompts.variant = self.loras.active  # encodings made under another set are not reused
 
     def txt2img(self, request: GenerationRequest) -> PreparedJob:
@@ -146,7 +146,7 @@ class Pipeline:
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._conditioning(request)
         # 3. The sampler's sigmas, from the highest noise level down to 0.
-        sigmas = job_sigmas(self.schedule, sampler.discretization, request.steps).float()
+        sigmas = job_sigmas(self.schedule, sampler.discretization, request.params.steps).float()
         # 4. Initial noise per image seed (mixed with the variation seed's), scaled to sigmas[0].
         seeds, generators, noise = self._initial_noise(request)
         latents = noise.to(self.device) * sigmas[0].item()
@@ -156,11 +156,11 @@ class Pipeline:
         """A job that starts from the member's image, noised according to ``strength``."""
         # 1. Check inputs, and decode the init image now so a bad upload fails before any work.
         sampler = self._check(request)
-        image = fit_image(request.init_image, request.width, request.height)
+        image = fit_image(request.params.init_image, request.params.width, request.params.height)
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._conditioning(request)
         # 3. The tail of the sampler's sigmas: strength 1 starts at full noise, 0.3 near the end.
-        sigmas = job_sigmas(self.schedule, sampler.discretization, request.steps, request.strength).float()
+        sigmas = job_sigmas(self.schedule, sampler.discretization, request.params.steps, request.params.strength).float()
         # 4. The image into latent space (VAE mean: deterministic), repeated per image.
         init_latents = self.encode_image(image).expand(len(cond.guidance), -1, -1, -1)
         # 5. Noise per image seed added at the start noise level.
@@ -169,31 +169,31 @@ class Pipeline:
         return PreparedJob(request, sampler, sigmas, seeds, generators, latents, cond)
 
     def _check(self, request: GenerationRequest) -> Sampler:
-        if request.sampler not in SAMPLERS:
-            raise GenerationError(f"Unknown sampler {request.sampler!r}; use one of {', '.join(SAMPLERS)}.")
-        if request.width % self.latent_scale or request.height % self.latent_scale:
+        if request.params.sampler not in SAMPLERS:
+            raise GenerationError(f"Unknown sampler {request.params.sampler!r}; use one of {', '.join(SAMPLERS)}.")
+        if request.params.width % self.latent_scale or request.params.height % self.latent_scale:
             raise GenerationError(
-                f"Size {request.width}x{request.height} is not a multiple of {self.latent_scale}; pick a listed size."
+                f"Size {request.params.width}x{request.params.height} is not a multiple of {self.latent_scale}; pick a listed size."
             )
-        return SAMPLERS[request.sampler]
+        return SAMPLERS[request.params.sampler]
 
     def _conditioning(self, request: GenerationRequest) -> Conditioning:
         return self.prompts.conditioning(
-            request.prompt, request.negative_prompt, rows=request.count, guidance=request.guidance,
-            width=request.width, height=request.height,
+            request.params.prompt, request.params.negative_prompt, rows=request.params.count, guidance=request.params.guidance,
+            width=request.params.width, height=request.params.height,
         )
 
     def _initial_noise(self, request: GenerationRequest) -> tuple[list[int], list[torch.Generator], Tensor]:
         """Per image: a generator seeded ``seed + i``, its first draw as noise (AUTOMATIC1111's way)."""
         h, w = self.latent_size(request)
         shape = (self.latent_channels, h, w)
-        seeds = [request.seed + i for i in range(request.count)]
+        seeds = [request.params.seed + i for i in range(request.params.count)]
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         noises = [torch.randn(shape, generator=g) for g in generators]
-        if request.variation_seed is not None and request.variation_strength > 0:
+        if request.params.variation_seed is not None and request.params.variation_strength > 0:
             noises = [
-                slerp(request.variation_strength, noise,
-                      torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.variation_seed + i)))
+                slerp(request.params.variation_strength, noise,
+                      torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.params.variation_seed + i)))
                 for i, noise in enumerate(noises)
             ]
         return seeds, generators, torch.stack(noises)
@@ -292,8 +292,8 @@ def decode_error(job: PreparedJob) -> GenerationError:
 
 
 def out_of_memory_error(request: GenerationRequest) -> GenerationError:
-    size = f"{request.width}x{request.height}"
-    what = f"a {size} image" if request.count == 1 else f"{request.count} images of {size}"
+    size = f"{request.params.width}x{request.params.height}"
+    what = f"a {size} image" if request.params.count == 1 else f"{request.params.count} images of {size}"
     return GenerationError(f"Out of GPU memory for {what}: try a smaller size or fewer images.")
 
 

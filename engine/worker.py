@@ -81,7 +81,7 @@ class Ticket:
 
     @property
     def size(self) -> tuple[int, int]:
-        return self.request.width, self.request.height
+        return self.request.params.width, self.request.params.height
 
     def settle(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
         try:
@@ -188,11 +188,11 @@ class EngineWorker:
     def _over_limits(self, request: GenerationRequest) -> str | None:
         """The boundary checks requests; this only guards the device against a request that slipped by."""
         gen = self.gen
-        if not 1 <= request.steps <= gen.max_steps:
+        if not 1 <= request.params.steps <= gen.max_steps:
             return f"steps must be 1 to {gen.max_steps}"
-        if request.width > gen.max_width or request.height > gen.max_height:
+        if request.params.width > gen.max_width or request.params.height > gen.max_height:
             return f"size must be at most {gen.max_width}x{gen.max_height}"
-        if not 1 <= request.count <= gen.max_count:
+        if not 1 <= request.params.count <= gen.max_count:
             return f"count must be 1 to {gen.max_count}"
         return None
 
@@ -241,11 +241,11 @@ class EngineWorker:
                     if now - ticket.arrived >= self.settings.overtake_window:
                         break
                     continue
-                if rows and rows + ticket.request.count > self._row_limit(size):
+                if rows and rows + ticket.request.params.count > self._row_limit(size):
                     break
                 self._waiting.remove(ticket)
                 taken.append(ticket)
-                rows += ticket.request.count
+                rows += ticket.request.params.count
             self._admitting = list(taken)
             return taken
 
@@ -267,7 +267,7 @@ class EngineWorker:
 
     def _use_model(self, batch: Batch, request: GenerationRequest) -> Pipeline:
         """Switch to the request's model (only ever into an empty batch: the batch key sees to it)."""
-        name = self.models.canonical(request.model)
+        name = self.models.canonical(request.params.model)
         if name == self.model_name and self.pipeline is not None:
             return self.pipeline
         assert not batch.entries and not self._parked, "a batch never mixes models"
@@ -290,7 +290,7 @@ class EngineWorker:
         if not batch.entries:
             return None
         request = batch.entries[0].job.request
-        return request.width, request.height
+        return request.params.width, request.params.height
 
     def _admit(self, batch: Batch, ticket: Ticket) -> bool:
         """Prepare a job (prompt encoding, noise, init image) and add its rows to the batch.

@@ -30,7 +30,7 @@ from engine_harness import sqlite_queue  # noqa: F401 - sqlite_queue is a fixtur
 def make_request(job_id: int, **fields) -> GenerationRequest:
     defaults = dict(prompt=f"prompt {job_id}", seed=100 + job_id, steps=4, guidance=5.0, width=64, height=64,
                     sampler="euler_a")
-    return GenerationRequest(job_id=job_id, **(defaults | fields))
+    return GenerationRequest.of(job_id=job_id, **(defaults | fields))
 
 
 def pixels(png: bytes) -> np.ndarray:

@@ -47,7 +47,7 @@ def pipeline(lora_model):
 
 
 def request(prompt: str, job_id: int = 1, **kw) -> GenerationRequest:
-    return GenerationRequest(job_id=job_id, prompt=prompt, seed=7, steps=3, guidance=5.0, width=64, height=64,
+    return GenerationRequest.of(job_id=job_id, prompt=prompt, seed=7, steps=3, guidance=5.0, width=64, height=64,
                              sampler="euler", **kw)
 
 
@@ -140,7 +140,7 @@ def test_jobs_with_different_lora_sets_are_not_batched_together(lora_model, pipe
     step = worker._step
 
     def watch(batch):  # which LoRA sets share each step
-        batches.append({lora_key(e.job.request.prompt) for e in batch.entries})
+        batches.append({lora_key(e.job.request.params.prompt) for e in batch.entries})
         step(batch)
 
     worker._step = watch

@@ -223,11 +223,11 @@ def test_rows_of_different_lengths_attend_only_to_their_own_tokens(tiny_model):
 def test_jobs_with_different_chunk_counts_share_a_batch_and_match_running_alone(tiny_model):
     pipeline = Pipeline(tiny_model)
     requests = [
-        GenerationRequest(job_id=1, prompt="a red fox", negative_prompt="blurry", seed=1, steps=4,
+        GenerationRequest.of(job_id=1, prompt="a red fox", negative_prompt="blurry", seed=1, steps=4,
                           width=64, height=64, sampler="euler"),
-        GenerationRequest(job_id=2, prompt=words(160), negative_prompt="blurry", seed=2, steps=4,
+        GenerationRequest.of(job_id=2, prompt=words(160), negative_prompt="blurry", seed=2, steps=4,
                           width=64, height=64, sampler="euler", count=2),
-        GenerationRequest(job_id=3, prompt="a (red:1.3) fox BREAK snow", negative_prompt=words(90), seed=3,
+        GenerationRequest.of(job_id=3, prompt="a (red:1.3) fox BREAK snow", negative_prompt=words(90), seed=3,
                           steps=4, width=64, height=64, sampler="euler"),
     ]
     alone = denoise_alone(pipeline, requests)

@@ -23,7 +23,7 @@ from engine_harness import denoise_alone
 def make_request(job_id: int, **fields) -> GenerationRequest:
     defaults = dict(prompt=f"prompt {job_id}", seed=100 + job_id, steps=3, guidance=5.0, width=64, height=64,
                     sampler="euler_a")
-    return GenerationRequest(job_id=job_id, **(defaults | fields))
+    return GenerationRequest.of(job_id=job_id, **(defaults | fields))
 
 
 def pixels(png: bytes) -> np.ndarray:
