@@ -99,7 +99,7 @@ class OpsServer:
         try:
             body = await self._off_loop(encode, self.metrics.registry)
         except TimeoutError:
-            return web.Response(status=503, text=f"metrics did not answer within {ANSWER_TIMEOUT:.0f} s\n")
+            return web.Response(status=503, text=f"metrics did not answer within {ANSWER_TIMEOUT:g} s\n")
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -107,7 +107,7 @@ class OpsServer:
             ok, checks = await self._off_loop(self.health.report)
         except TimeoutError:
             ok, checks = False, {}
-            failed = [f"checks did not answer within {ANSWER_TIMEOUT:.0f} s"]
+            failed = [f"checks did not answer within {ANSWER_TIMEOUT:g} s"]
         else:
             failed = [name for name, passed in checks.items() if not passed]
         return web.json_response({"ok": ok, "checks": checks, "failed": failed}, status=200 if ok else 503)
