@@ -83,6 +83,7 @@ class Metrics:
             self._images.inc(images)
             with self._recent_lock:
                 self._recent_images.append((self._clock(), images))
+                self._forget_old_images()  # here too: nobody may be scraping
 
     def set_batch_rows(self, rows: int) -> None:
         """The rows (images) of the running batch now; 0 when the engine is idle."""
@@ -92,11 +93,14 @@ class Metrics:
 
     def images_per_second(self) -> float:
         """Images generated in the last ``IMAGES_WINDOW`` seconds, per second."""
-        horizon = self._clock() - IMAGES_WINDOW
         with self._recent_lock:
-            while self._recent_images and self._recent_images[0][0] < horizon:
-                self._recent_images.popleft()
+            self._forget_old_images()
             return sum(n for _, n in self._recent_images) / IMAGES_WINDOW
+
+    def _forget_old_images(self) -> None:
+        horizon = self._clock() - IMAGES_WINDOW
+        while self._recent_images and self._recent_images[0][0] < horizon:
+            self._recent_images.popleft()
 
 
 class _ScrapeTimeSeries:
