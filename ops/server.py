@@ -57,6 +57,8 @@ class OpsServer:
 
     async def start(self) -> None:
         """Listen; raise OpsServerError (one line) when the address is taken or not ours."""
+        if self._runner is not None:
+            raise RuntimeError("OpsServer.start: already serving on " + self.url)
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, insert
+from sqlalchemy.exc import OperationalError
 
 from db.models import Member
 from db.queue import Queue
@@ -59,7 +60,7 @@ def test_a_database_that_does_not_answer_is_unreachable(db_engine: Engine) -> No
         gone = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test")  # nothing listens on port 1
     try:
         assert not database_reachable(gone)
-        with pytest.raises(Exception):
+        with pytest.raises(OperationalError):
             queue_counts(gone)
     finally:
         gone.dispose()
