@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def run(config: Config, *, engine: bool = True, sync: bool = False) -> int:
     """Wire database, engine and client together (:mod:`bot.wiring`); return the exit status."""
     from bot.wiring import build_bot, load_engine, open_database
+    from ops import OpsServerError
 
     db, queue = await asyncio.to_thread(open_database, config)
     worker = family = None
@@ -71,6 +72,9 @@ async def run(config: Config, *, engine: bool = True, sync: bool = False) -> int
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        if config.ops.enabled:
+            await app.ops.start()  # a taken port: OpsServerError, one line
+            log.info("health and metrics at %s/healthz and /metrics", app.ops.url)
         async with bot:
             client_task = asyncio.create_task(bot.start(config.token), name="discord-client")
             stop_task = asyncio.create_task(stop.wait(), name="stop-signal")
@@ -86,7 +90,11 @@ async def run(config: Config, *, engine: bool = True, sync: bool = False) -> int
         print("error: Discord refused the intents; the bot needs no privileged intents, check its settings",
               file=sys.stderr)
         return 2
+    except OpsServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
+        await app.ops.stop()
         if worker is not None:
             await asyncio.to_thread(worker.stop)
         queue.close()

@@ -49,8 +49,10 @@ class JobEvents:
     """What the queue runner reports, handed to the delivery loop: made before both, so each
     gets it in its constructor."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_finished: Callable[[int], None] | None = None) -> None:
+        """``on_finished``: also told of every job this process finished (the ops metrics)."""
         self._delivery: Delivery | None = None
+        self._also_finished = on_finished
 
     def connect(self, delivery: Delivery) -> None:
         self._delivery = delivery
@@ -62,6 +64,8 @@ class JobEvents:
     def finished(self, job_id: int) -> None:
         if self._delivery is not None:
             self._delivery.on_finished(job_id)
+        if self._also_finished is not None:
+            self._also_finished(job_id)
 
 
 class SDBot(commands.Bot):
@@ -113,6 +117,15 @@ class SDBot(commands.Bot):
         self.start_task(self.delivery.run, "delivery")
         if self.runner is not None:
             self.start_task(self.runner.run, "queue-runner")
+
+    def task(self, name: str) -> asyncio.Task | None:
+        """The background task called ``name`` (for the health check), None before it starts."""
+        return next((t for t in self._tasks if t.get_name() == name), None)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the gateway connection is up now (``is_ready`` stays true across reconnects)."""
+        return self.is_ready() and not self.is_closed() and self.ws is not None and self.ws.open
 
     def start_task(self, run: Callable[[], Coroutine[Any, Any, None]], name: str) -> asyncio.Task:
         """Run ``run()`` in the background for as long as the bot runs, restarting it after a

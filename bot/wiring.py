@@ -8,6 +8,8 @@ client (which makes the delivery loop and the job service it hands to the cogs).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +19,10 @@ from sqlalchemy import Engine
 from bot.client import JobEvents, SDBot, utcnow
 from bot.config import Config
 from db.community import Community
+from db.models import JobStatus
 from db.queue import Queue
 from db.session import make_engine, upgrade
+from ops import Health, Metrics, OpsServer, database_reachable, queue_counts
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ class BotApp:
     community: Community
     runner: Any | None
     bot: SDBot
+    ops: OpsServer  # started by ``run`` when ``[ops] enabled``
 
 
 def open_queue(db: Engine, config: Config) -> Queue:
@@ -64,7 +69,10 @@ def build_bot(config: Config, queue: Queue, worker: Any | None = None, *, worker
     other processes). The worker is started by the caller; its jobs left running by this
     worker's previous run are put back in line here."""
     community = Community(queue.engine, clock=client_options.get("clock", utcnow))
-    events = JobEvents()
+    metrics = Metrics(queue_counts=lambda: queue_counts(queue.engine),
+                      database_up=lambda: database_reachable(queue.engine),
+                      discord_connected=lambda: bot.connected)  # read at scrape time, once the bot exists
+    events = JobEvents(on_finished=functools.partial(record_finished, metrics, queue))
     runner = None
     if worker is not None:
         from engine.models import ModelTurns
@@ -80,4 +88,29 @@ def build_bot(config: Config, queue: Queue, worker: Any | None = None, *, worker
                              turns=ModelTurns.for_pool(worker.models, config.engine),
                              on_progress=events.progress, on_finished=events.finished)
     bot = SDBot(config, queue, community, runner, events=events, model_family=model_family, **client_options)
-    return BotApp(config=config, queue=queue, community=community, runner=runner, bot=bot)
+    health = Health()
+    health.add_check("database", lambda: database_reachable(queue.engine))
+    health.add_task("delivery", lambda: bot.task("delivery"))
+    if runner is not None:
+        health.add_task("queue-runner", lambda: bot.task("queue-runner"))
+    ops = OpsServer(config.ops, metrics=metrics, health=health)
+    return BotApp(config=config, queue=queue, community=community, runner=runner, bot=bot, ops=ops)
+
+
+def record_finished(metrics: Metrics, queue: Queue, job_id: int) -> None:
+    """Count a job this process finished, with its times (read from its row, in a thread)."""
+    def record() -> None:
+        job = queue.get(job_id)
+        if job is None or not job.status.finished:
+            return
+        queued = (job.started_at - job.created_at).total_seconds() if job.started_at else None
+        generation = (job.finished_at - job.started_at).total_seconds() if job.started_at and job.finished_at else None
+        images = len(queue.images(job_id)) if job.status is JobStatus.done else 0
+        metrics.job_finished(job.status, queued, generation, images)
+
+    asyncio.get_running_loop().run_in_executor(None, record).add_done_callback(_log_failure)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("could not record a finished job's metrics", exc_info=future.exception())

@@ -17,7 +17,7 @@ from PIL import Image
 from sqlalchemy import Engine
 
 from bot.client import SDBot
-from bot.wiring import build_bot, open_queue
+from bot.wiring import BotApp, build_bot, open_queue
 from bot.config import Config, DiscordSettings, QueueSettings
 from db.queue import Queue
 from db.session import make_engine, upgrade
@@ -49,12 +49,16 @@ def new_queue(db_path: Path, config: Config) -> tuple[Engine, Queue]:
     return engine, open_queue(engine, config)
 
 
-def make_bot(config: Config, queue: Queue, worker, **kwargs) -> SDBot:
+def make_app(config: Config, queue: Queue, worker, **kwargs) -> BotApp:
     """The real bot, built by the production wiring, with a runner over ``worker`` (None: a bot
     without a local engine)."""
     kwargs.setdefault("allowed_hosts", EMULATOR_HOSTS)
     return build_bot(config, queue, worker, worker_name="test-worker", poll_interval=0.1,
-                     guild_ready_timeout=0.1, **kwargs).bot
+                     guild_ready_timeout=0.1, **kwargs)
+
+
+def make_bot(config: Config, queue: Queue, worker, **kwargs) -> SDBot:
+    return make_app(config, queue, worker, **kwargs).bot
 
 
 @contextlib.asynccontextmanager
