@@ -23,6 +23,7 @@ import aiohttp
 import discord
 
 from bot import policy, render
+from bot.acks import PendingAcks
 from bot.checks import manages_messages_in, mark_received, within_deadline
 from bot.config import Config
 from bot.delivery import Delivery, token_expiry
@@ -42,14 +43,18 @@ REROLL_EMOJI = "🔁"
 #: Threads for the checks an interaction waits on (SQLite and PostgreSQL serve reads side by side).
 CHECK_THREADS = 2
 OUR_FAULT = "Something went wrong on our side; it has been logged."
+#: Seconds the record of an interaction acknowledged before its job may delay the acknowledgement.
+RECORD_BUDGET = 0.5
 
 
 class JobService:
     """Admission, queueing and cancelling of jobs, for every cog."""
 
     def __init__(self, config: Config, queue: Queue, community: Community, runner: Any | None,
-                 delivery: Delivery, *, clock: Callable[[], datetime], allowed_hosts: frozenset[str]) -> None:
+                 delivery: Delivery, acks: PendingAcks, *, clock: Callable[[], datetime],
+                 allowed_hosts: frozenset[str]) -> None:
         self.config = config
+        self.acks = acks
         self.queue = queue
         self.community = community
         self.runner = runner
@@ -92,15 +97,29 @@ class JobService:
             await interaction.followup.send(text, ephemeral=True)
         except discord.HTTPException as e:
             log.info("could not tell interaction %s: %s (%s)", interaction.id, text, e)
+        finally:
+            await self._answered(interaction)
 
     async def reply(self, interaction: discord.Interaction, text: str) -> None:
         """An ephemeral answer that mentions nobody."""
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
-    async def defer(self, interaction: discord.Interaction) -> None:
-        """Acknowledge now with a public "thinking…" message that becomes the job's status."""
+    async def defer(self, interaction: discord.Interaction, *, job_pending: bool = False) -> None:
+        """Acknowledge now with a public "thinking…" message that becomes the job's status.
+
+        ``job_pending``: no job is stored yet (the checks are still running), so the interaction
+        is recorded first (:mod:`bot.acks`), and answered after a restart if the bot dies
+        before its job is. The record waits at most :data:`RECORD_BUDGET`: the deadline comes first.
+        """
         if interaction.response.is_done():
             return
+        if job_pending and not interaction.extras.get("ack_recorded"):
+            record = asyncio.ensure_future(asyncio.to_thread(self.acks.record, interaction, self.clock()))
+            interaction.extras["ack_recorded"] = True
+            try:
+                await asyncio.wait_for(asyncio.shield(record), RECORD_BUDGET)
+            except TimeoutError:
+                log.warning("interaction %s: acknowledged before its record was written", interaction.id)
         response = await interaction.response.defer(thinking=True)
         interaction.extras["thinking"] = True
         interaction.extras["message_id"] = getattr(response, "message_id", None)
@@ -172,11 +191,17 @@ class JobService:
             interaction_expires_at=token_expiry(self.clock()), status_channel_id=interaction.channel_id)
         await self.defer(interaction)
         interaction.extras["thinking"] = False  # from now on the message is the job's
+        await self._answered(interaction)
         message_id = interaction.extras.get("message_id") or (await interaction.original_response()).id
         await asyncio.to_thread(self.queue.set_status_message, job.id, interaction.channel_id, message_id)
         job.status_message_id = message_id
         await self._announce(job, note)
         return job
+
+    async def _answered(self, interaction: discord.Interaction) -> None:
+        """The interaction has its job or its answer: a restart need not answer it."""
+        if interaction.extras.pop("ack_recorded", False):
+            await asyncio.to_thread(self.acks.forget, interaction.id)
 
     async def submit_command(self, interaction: discord.Interaction, kind: JobKind, asked: Asked,
                              image: discord.Attachment | None = None) -> Job:
