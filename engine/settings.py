@@ -89,6 +89,11 @@ class GenerationSettings:
     max_count: int = 4
     default_strength: float = DEFAULT_STRENGTH
 
+    @property
+    def size_pairs(self) -> tuple[tuple[int, int], ...]:
+        """``sizes`` as ``(width, height)`` (checked when the file was read)."""
+        return tuple(parse_size(size) for size in self.sizes)  # type: ignore[misc]
+
     def params(self, prompt: str, *, seed: int | None = None, negative_prompt: str | None = None,
                steps: int | None = None, guidance: float | None = None, size: tuple[int, int] | None = None,
                sampler: str | None = None, count: int | None = None, init_image: bytes | None = None,
