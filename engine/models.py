@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.errors import GenerationError, ModelLoadError
-from engine.lora import lora_key
+from engine.prompt_syntax import lora_key
 from engine.memory import free_memory
 
 if TYPE_CHECKING:

@@ -28,8 +28,9 @@ from torch import Tensor
 from engine.batch import Batch
 from engine.denoiser import Conditioning, Denoiser, PromptEncoder
 from engine.errors import GenerationError
-from engine.lora import LoraLibrary, lora_key
+from engine.lora import LoraLibrary
 from engine.metadata import encode_png, infotext
+from engine.prompt_syntax import lora_key
 from engine.samplers import SAMPLERS, Sampler
 from engine.schedules import ModelSchedule, job_sigmas
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult
