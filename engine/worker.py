@@ -3,11 +3,11 @@
 Continuous batching (issue 4): between two denoising steps the thread admits the waiting jobs
 that :func:`engine.admission.admissions` lets join (same size, model and LoRA set, within the row
 limit, with the overtake window), and retires the jobs that just took their last step (one
-batched VAE decode, :mod:`engine.finishing`). It switches model or LoRA set only between
-batches, loading models on demand through a :class:`~engine.models.ModelPool`. Jobs in a batch
-may differ in everything else (prompt, seed, steps, sampler, guidance, txt2img or img2img), and
-a job's pixels do not depend on what shared its batch: its noise comes from its own seeds and
-every per-row quantity is computed row by row.
+batched VAE decode; their PNGs are made off this thread, :mod:`engine.finishing`). It switches
+model or LoRA set only between batches, loading models on demand through a
+:class:`~engine.models.ModelPool`. Jobs in a batch may differ in everything else (prompt, seed,
+steps, sampler, guidance, txt2img or img2img), and a job's pixels do not depend on what shared
+its batch: its noise comes from its own seeds and every per-row quantity is computed row by row.
 
 asyncio code awaits :meth:`EngineWorker.generate`; results and progress reach the event loop
 thread-safely (``loop.call_soon_threadsafe`` and ``asyncio.wrap_future``). Cancelling takes a job
@@ -46,9 +46,8 @@ from engine.batch import Batch, Entry, Parked
 from engine.memory import OutOfMemoryGovernor, free_memory, jobs_to_keep
 from engine.models import ModelPool, batch_key
 from engine.errors import EngineError, GenerationError, JobCancelled
-from engine.finishing import ProgressSink, Ticket, decode_finished
+from engine.finishing import Finisher, ProgressSink, Ticket, decode_finished
 from engine.pipeline import Pipeline, nan_error, out_of_memory_error, timeout_error
-from engine.preview import preview_png
 from engine.types import GenerationRequest, GenerationResult, Progress
 
 if TYPE_CHECKING:
@@ -82,6 +81,7 @@ class EngineWorker:
         # job), and the row limits per image size that memory allows.
         self._parked: list[Parked] = []
         self.memory = OutOfMemoryGovernor(settings.max_batch)
+        self.finisher = Finisher(settings.png_compress_level)  # PNGs and previews, off this thread
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._steps = itertools.count(1)
@@ -102,6 +102,7 @@ class EngineWorker:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.finisher.close()  # results being encoded are delivered
         self._cancel_waiting()
 
     async def generate(self, request: GenerationRequest,
@@ -121,7 +122,8 @@ class EngineWorker:
 
     def generate_blocking(self, request: GenerationRequest,
                           on_progress: ProgressSink | None = None) -> GenerationResult:
-        """Run one job from a plain thread (the CLI); ``on_progress`` runs on the worker thread."""
+        """Run one job from a plain thread (the CLI); ``on_progress`` runs on the worker thread, or
+        on an encoding thread for a progress with a preview (one at a time, in order)."""
         return self._submit(request, on_progress).result()
 
     def cancel(self, job_id: int) -> bool:
@@ -354,31 +356,31 @@ class EngineWorker:
             total = entry.job.total_steps
             preview = None
             if every and entry.step % every == 0 and entry.step < total:
-                preview = preview_png(denoised[rows.start], self.pipeline.family)
-            ticket.report(Progress(ticket.request.job_id, entry.step, total, preview))
+                preview = denoised[rows.start]  # its PNG is made in the finisher's pool
+            self.finisher.progress(ticket, Progress(ticket.request.job_id, entry.step, total), preview,
+                                   self.pipeline.family)
 
     def _finish(self, batch: Batch, finished: list[Entry]) -> None:
-        """Retire finished jobs: one NaN check and one VAE decode for all of them together."""
+        """Retire finished jobs: one NaN check and one VAE decode for all of them together; their
+        images are converted and encoded in the finisher's pool while the next step runs."""
         decoded = decode_finished(self.pipeline, [(entry, batch.remove(entry.job)) for entry in finished])
         for entry, outcome in decoded:
             if isinstance(outcome, EngineError):
                 self._settle(entry, error=outcome)
                 continue
-            try:
-                self._settle(entry, result=self.pipeline.finish(entry.job, outcome))
-            except Exception as e:
-                log.exception("finishing job %s failed", entry.job.request.job_id)
-                self._settle(entry, error=GenerationError(f"Saving the image failed ({type(e).__name__})."))
+            with self._lock:
+                ticket = self._active.pop(id(entry.job))
+            self.finisher.result(ticket, self.pipeline, entry.job, outcome)
 
     def _retire(self, batch: Batch, entry: Entry, *, error: BaseException) -> None:
         batch.remove(entry.job)
         self._settle(entry, error=error)
 
-    def _settle(self, entry: Entry, *, result: GenerationResult | None = None,
-                error: BaseException | None = None) -> None:
+    def _settle(self, entry: Entry, *, error: BaseException) -> None:
+        """Fail a job that leaves the batch (after its pending progress, if any)."""
         with self._lock:
             ticket = self._active.pop(id(entry.job))
-        ticket.settle(result=result, error=error)
+        self.finisher.fail(ticket, error)
 
     def _shut_down(self, batch: Batch) -> None:
         """Whatever is left when the thread ends gets an answer, never silence."""
