@@ -67,6 +67,9 @@ class EngineSettings:
     # "off", or a torch.compile mode for the UNet ("default", "reduce-overhead": CUDA graphs,
     # "max-autotune"...): one graph per image size and power-of-two row count, each compiled on first use.
     compile: str = "off"
+    # zlib level of the result PNGs, 0 (none) to 9 (smallest); encoded off the engine thread, but
+    # each level up costs CPU per image for a smaller file. The pixels are the same at every level.
+    png_compress_level: int = 1
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,8 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
     check(engine.overtake_window >= 0, "engine.overtake_window", engine.overtake_window,
           "seconds, 0 (strict arrival order) or more")
     check(engine.compile in COMPILE_MODES, "engine.compile", engine.compile, f"one of {', '.join(COMPILE_MODES)}")
+    check(0 <= engine.png_compress_level <= 9, "engine.png_compress_level", engine.png_compress_level,
+          "0 (fastest, largest files) to 9 (smallest, slowest)")
 
     check(1 <= gen.max_steps <= 500, "generation.max_steps", gen.max_steps, "1 to 500")
     check(1 <= gen.default_steps <= gen.max_steps, "generation.default_steps", gen.default_steps,
