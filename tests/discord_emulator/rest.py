@@ -231,6 +231,8 @@ class RestRoutes:
 
     def _new_attachment(self, filename: str, data: bytes, content_type: str | None,
                         description: str | None = None) -> Attachment:
+        if content_type in (None, "application/octet-stream"):
+            content_type = None  # Discord works the type out itself (discord.py uploads say octet-stream)
         attachment = self.attachment(filename, data, content_type)
         attachment.description = description
         return attachment
@@ -365,8 +367,9 @@ class RestRoutes:
         problems = [p for command in commands for p in _command_problems(command, "/")]
         if problems:
             raise ApiError(400, 50035, "Invalid Form Body: " + "; ".join(problems))
-        commands = [{**c, "id": str(snowflake()), "application_id": str(self.app_id), "version": str(snowflake())}
-                    for c in commands]
+        # Discord answers with every field; context menus have an empty description.
+        commands = [{"description": "", **c, "id": str(snowflake()), "application_id": str(self.app_id),
+                     "version": str(snowflake())} for c in commands]
         scope = self._scope(request)
         if scope is not None:
             for command in commands:

@@ -315,6 +315,31 @@ class Emulator(RestRoutes):
             data["resolved"] = resolved
         return await self._interact(2, user, channel, data)
 
+    def post(self, user: User, content: str = "", *, channel: Channel | None = None,
+             attachments: tuple[Attachment, ...] = ()) -> Message:
+        """A message `user` posts (the bot asks for no message intent, so no event is sent)."""
+        channel = channel or self.general
+        message = Message(snowflake(), channel, user, content, attachments=list(attachments),
+                          created_at=asyncio.get_running_loop().time())
+        self.messages[message.id] = message
+        return message
+
+    async def message_command(self, user: User, name: str, message: Message) -> Interaction:
+        """`user` picks Apps → `name` on `message` (a message context menu, command type 3)."""
+        channel = message.channel
+        for scope in (channel.guild.id if channel.guild else None, None):
+            command = next((c for c in self.commands.get(scope, []) if c["name"] == name and c.get("type") == 3),
+                           None)
+            if command is not None:
+                break
+        else:
+            raise LookupError(f"no message command {name!r} is synced; synced: {self.command_names()}")
+        data = {"id": command["id"], "name": name, "type": 3, "target_id": str(message.id),
+                "resolved": {"messages": {str(message.id): message.payload()}}}
+        if scope is not None:
+            data["guild_id"] = str(scope)
+        return await self._interact(2, user, channel, data)
+
     async def click(self, user: User, message: Message, custom_id: str, *,
                     values: list[str] | None = None) -> Interaction:
         """`user` presses the button (or picks `values` in the select) `custom_id` on `message`."""
