@@ -38,6 +38,7 @@ class Asked:
     count: int | None = None
     model: str | None = None
     strength: float | None = None
+    style: str | None = None  # a server style's name (None: the member's default style, if any)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
         sampler=f"Sampler (default {SAMPLER_NAMES[gen.default_sampler]})",
         count="Images to make (default 1)",
         model=f"Model (default {config.model.display_name}); LoRA: <lora:name:0.8> in the prompt",
+        style="One of this server's styles (prompt templates); default: yours, set with /settings",
     )
 
     class Generate(commands.Cog, name="generate"):
@@ -46,8 +47,9 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
                           negative: Transform[str, o.negative] = None, seed: Transform[int, o.seed] = None,
                           steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
                           size: Transform[str, o.size] = None, sampler: Transform[str, o.sampler] = None,
-                          count: Transform[int, o.count] = None, model: Transform[str, o.model] = None) -> None:
-            asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model)
+                          count: Transform[int, o.count] = None, model: Transform[str, o.model] = None,
+                          style: Transform[str, o.style] = None) -> None:
+            asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model, style=style)
             await self.service.guarded(interaction, self.service.submit_command(interaction, JobKind.txt2img, asked))
 
         @app_commands.command(name="img2img", description="Make images from an uploaded image and a prompt")
@@ -59,8 +61,9 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
                           negative: Transform[str, o.negative] = None, seed: Transform[int, o.seed] = None,
                           steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
                           size: Transform[str, o.size] = None, sampler: Transform[str, o.sampler] = None,
-                          count: Transform[int, o.count] = None, model: Transform[str, o.model] = None) -> None:
-            asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model, strength)
+                          count: Transform[int, o.count] = None, model: Transform[str, o.model] = None,
+                          style: Transform[str, o.style] = None) -> None:
+            asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model, strength, style)
             await self.service.guarded(interaction, self._img2img(interaction, image, asked))
 
         async def _img2img(self, interaction: discord.Interaction, image: discord.Attachment, asked: Asked) -> None:
