@@ -68,7 +68,10 @@ def missing_permissions(bot: SDBot, channel_id: int | None, *, files: bool) -> t
     needed = [(attr, name) for attr, name in NEEDED if files or attr != "attach_files"]
     if isinstance(channel, discord.Thread):
         needed[1] = ("send_messages_in_threads", "Send Messages in Threads")
-    return tuple(name for attr, name in needed if not getattr(perms, attr))
+    missing = tuple(name for attr, name in needed if not getattr(perms, attr))
+    # Without View Channel or Send Messages, discord.py (as Discord) denies the rest implicitly:
+    # name the one that matters.
+    return missing[:1] if missing and missing[0] in (needed[0][1], needed[1][1]) else missing
 
 
 def channel_name(bot: SDBot, channel_id: int | None) -> str:
@@ -79,9 +82,15 @@ def channel_name(bot: SDBot, channel_id: int | None) -> str:
 
 
 def _why(missing: tuple[str, ...]) -> str:
+    """``missing permission: Attach Files``, for a message in parentheses."""
     if not missing:
         return "Discord answered Missing Permissions"
     return f"missing permission{'s' if len(missing) > 1 else ''}: {' / '.join(missing)}"
+
+
+def _without(missing: tuple[str, ...]) -> str:
+    """``without Attach Files``, for a status message's note (itself in parentheses)."""
+    return f"without {' and '.join(missing)}" if missing else "for lack of a permission Discord did not name"
 
 
 class Fallbacks:
@@ -131,9 +140,11 @@ class Fallbacks:
             log.warning("job %s: may not post in channel %s (%s) and cannot DM member %s (%s); the result "
                         "stays stored for /show", job.id, job.channel_id, why, job.requester_id, e)
             return Posted(job.channel_id or 0, [], refused_in=job.channel_id, missing=missing,
-                          note=f"I could not post it here ({why}) nor by direct message; `/show job:{job.id}` shows it")
+                          note=f"I may not post here {_without(missing)} and the requester's direct messages are "
+                               f"closed; `/show job:{job.id}` shows it")
         return Posted(dm.id, [message_id], by_dm=True, refused_in=job.channel_id, missing=missing,
-                      note=f"I could not post it here ({why}), so it was sent to the requester by direct message")
+                      note=f"I may not post here {_without(missing)}, so it was sent to the requester by "
+                           "direct message")
 
     async def _post_private(self, job: Job) -> Posted:
         """The result by DM, as the requester asked; in the channel if Discord refuses the DM."""
@@ -158,7 +169,7 @@ class Fallbacks:
             log.warning("job %s: cannot DM member %s nor post in channel %s (%s); the result stays stored "
                         "for /show", job.id, job.requester_id, job.channel_id, _why(missing))
             return Posted(job.channel_id or 0, [], refused_in=job.channel_id, missing=missing,
-                          note=f"{why}, and I may not post here ({_why(missing)}); `/show job:{job.id}` shows it")
+                          note=f"{why}, and I may not post here {_without(missing)}; `/show job:{job.id}` shows it")
         return Posted(job.channel_id or 0, [message_id], note=f"{why}, so it is posted here")
 
     async def tell_owner(self, job: Job, posted: Posted) -> None:
