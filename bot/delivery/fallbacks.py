@@ -139,9 +139,10 @@ class Fallbacks:
                 raise
             log.warning("job %s: may not post in channel %s (%s) and cannot DM member %s (%s); the result "
                         "stays stored for /show", job.id, job.channel_id, why, job.requester_id, e)
+            dm_failed = "their direct messages are closed" if e.code == CANNOT_DM else "a direct message failed"
             return Posted(job.channel_id or 0, [], refused_in=job.channel_id, missing=missing,
-                          note=f"I may not post here {_without(missing)} and the requester's direct messages are "
-                               f"closed; `/show job:{job.id}` shows it")
+                          note=f"I may not post here {_without(missing)} and {dm_failed}; "
+                               f"`/show job:{job.id}` shows it")
         return Posted(dm.id, [message_id], by_dm=True, refused_in=job.channel_id, missing=missing,
                       note=f"I may not post here {_without(missing)}, so it was sent to the requester by "
                            "direct message")

@@ -90,7 +90,9 @@ class ResultPoster:
     async def show_again(self, interaction: discord.Interaction, job: Job, *, ephemeral: bool = False) -> None:
         """Post a finished job's result again (images, embed, buttons) as the answer to
         ``interaction``, or as a new message in its channel when the interaction can no longer
-        carry it (too late, token expired). Raises ``BadInput`` for a job that has not finished."""
+        carry it (too late, token expired). Raises ``BadInput`` for a job that has not finished
+        (or was cancelled). ``ephemeral`` counts when this acknowledges the interaction; after a
+        caller's own defer, the answer is as public or private as that was."""
         if job.status not in FINISHED:
             place = await asyncio.to_thread(self.queue.position, job.id)
             where = f"place {place} in line" if place else "being made now"
