@@ -159,7 +159,8 @@ class Fallbacks:
             log.info("job %s: cannot DM member %s (%s); posting in the channel", job.id, job.requester_id, e)
             refusal = e
         why = "they do not accept direct messages" if refusal.code == CANNOT_DM else "a direct message failed"
-        prefix = f"<@{job.requester_id}> this result was meant for your DMs, but {dm_refusal(refusal)}; posting it here."
+        prefix = (f"<@{job.requester_id}> this result was meant for your DMs, but {dm_refusal(refusal)}; "
+                  "posting it here.")
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
         try:
             message_id = await self.poster.send(job, channel, prefix=prefix)

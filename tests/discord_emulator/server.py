@@ -469,7 +469,8 @@ class Emulator(RestRoutes):
     def _guild_payload(self, guild: Guild) -> dict:
         members = [self.bot_user, *self.users.values()]
         return {
-            "id": str(guild.id), "name": guild.name, "unavailable": False, "owner_id": str(guild.owner_id or self.app_id + 1),
+            "id": str(guild.id), "name": guild.name, "unavailable": False,
+            "owner_id": str(guild.owner_id or self.app_id + 1),
             "member_count": len(members), "large": False, "icon": None, "features": [],
             "roles": [role.payload(i) for i, role in enumerate(guild.roles.values())],
             "channels": [c.payload() for c in guild.channels if not c.deleted],
