@@ -33,7 +33,7 @@ def setup(tmp_path, emulator: Emulator):
 async def finished_job(emu: Emulator, queue, user, prompt: str = "a cat"):
     """``user`` runs /imagine; a remote worker makes the image. The interaction and the job."""
     ix = await emu.slash(user, "imagine", {"prompt": prompt})
-    await ix.wait_response(lambda m: "queued" in m.content)
+    await ix.wait_response(lambda m: "queued" in m.content, timeout=60)
     job = queue.claim("remote-gpu")
     queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
     return ix, job
@@ -50,8 +50,8 @@ async def test_without_attach_files_the_result_goes_by_dm_and_the_owner_is_told_
     await emu.set_permissions(emu.general, emu.bot_user, deny=ATTACH_FILES)
     async with bot_running(emu, config, queue, None):
         ix, job = await finished_job(emu, queue, emu.alice)
-        dm = await emu.wait_for_dm(emu.alice, lambda m: bool(m.attachments), timeout=30)
-        await emu.wait_for(lambda: queue.get(job.id).posted_at is not None, timeout=30, what="marked posted")
+        dm = await emu.wait_for_dm(emu.alice, lambda m: bool(m.attachments), timeout=120)
+        await emu.wait_for(lambda: queue.get(job.id).posted_at is not None, timeout=120, what="marked posted")
         assert "could not post in #general" in dm.content and "missing permission: Attach Files" in dm.content
         assert "here is your result" in dm.content and dm.nonce == f"sdjob{job.id}"
         assert f"sd:reroll:{job.id}" in dm.custom_ids and dm.embeds
@@ -62,13 +62,13 @@ async def test_without_attach_files_the_result_goes_by_dm_and_the_owner_is_told_
         refused = [c for c in emu.calls if c.method == "POST" and c.path == f"/channels/{emu.general.id}/messages"]
         assert [c.status for c in refused] == [403]
 
-        (told,) = await emu.wait_for(lambda: emu.dm_messages(emu.owner), timeout=30, what="the owner told")
+        (told,) = await emu.wait_for(lambda: emu.dm_messages(emu.owner), timeout=120, what="the owner told")
         assert "#general" in told.content and "Attach Files" in told.content and emu.guild.name in told.content
 
         # A second result in the same channel: by DM again, the owner is not told twice.
         _, second = await finished_job(emu, queue, emu.bob, "a dog")
-        await emu.wait_for_dm(emu.bob, lambda m: bool(m.attachments), timeout=30)
-        await emu.wait_for(lambda: queue.get(second.id).posted_at is not None, timeout=30, what="marked posted")
+        await emu.wait_for_dm(emu.bob, lambda m: bool(m.attachments), timeout=120)
+        await emu.wait_for(lambda: queue.get(second.id).posted_at is not None, timeout=120, what="marked posted")
     assert len(emu.dm_messages(emu.owner)) == 1
     assert len(emu.dm_messages(emu.alice)) == 1 and not [m for m in emu.channel_messages(emu.general)
                                                          if m.attachments]
@@ -79,9 +79,9 @@ async def test_send_messages_taken_away_while_running_is_named(setup):
     async with bot_running(emu, config, queue, None):
         await emu.set_permissions(emu.general, emu.bot_user, deny=SEND_MESSAGES)  # CHANNEL_UPDATE
         _, job = await finished_job(emu, queue, emu.alice)
-        dm = await emu.wait_for_dm(emu.alice, lambda m: bool(m.attachments), timeout=30)
+        dm = await emu.wait_for_dm(emu.alice, lambda m: bool(m.attachments), timeout=120)
         assert "(missing permission: Send Messages)" in dm.content
-        told = await emu.wait_for(lambda: emu.dm_messages(emu.owner), timeout=30, what="the owner told")
+        told = await emu.wait_for(lambda: emu.dm_messages(emu.owner), timeout=120, what="the owner told")
         assert "Send Messages" in told[0].content
 
 
@@ -90,9 +90,9 @@ async def test_without_embed_links_the_result_is_posted_and_the_owner_told(setup
     await emu.set_permissions(emu.general, emu.bot_user, deny=EMBED_LINKS)
     async with bot_running(emu, config, queue, None):
         _, job = await finished_job(emu, queue, emu.alice)
-        posted = await emu.wait_for_message(emu.general, lambda m: bool(m.attachments), timeout=30)
+        posted = await emu.wait_for_message(emu.general, lambda m: bool(m.attachments), timeout=120)
         assert posted.embeds == []  # Discord drops them silently
-        (told,) = await emu.wait_for(lambda: emu.dm_messages(emu.owner), timeout=30, what="the owner told")
+        (told,) = await emu.wait_for(lambda: emu.dm_messages(emu.owner), timeout=120, what="the owner told")
         assert "Embed Links" in told.content and "#general" in told.content
     assert emu.dm_messages(emu.alice) == []
 
@@ -105,15 +105,15 @@ async def test_with_dms_closed_too_the_result_stays_stored_and_is_not_retried(se
     caplog.set_level(logging.WARNING, logger="bot.delivery")
     async with bot_running(emu, config, queue, None):
         ix, job = await finished_job(emu, queue, emu.alice)
-        await emu.wait_for(lambda: queue.get(job.id).posted_at is not None, timeout=30, what="handled")
-        await emu.wait_for(lambda: "/show" in ix.original.content, timeout=30, what="the status says /show")
+        await emu.wait_for(lambda: queue.get(job.id).posted_at is not None, timeout=120, what="handled")
+        await emu.wait_for(lambda: "/show" in ix.original.content, timeout=120, what="the status says /show")
         assert "a permission Discord did not name" in ix.original.content
         assert queue.undelivered() == [] and posted_rows(queue, job.id) == []
         assert len(queue.images(job.id)) == 1  # still stored
 
         # A second job in the same channel: a sync point after which the first was long handled.
         _, second = await finished_job(emu, queue, emu.alice, "a dog")
-        await emu.wait_for(lambda: queue.get(second.id).posted_at is not None, timeout=30, what="handled")
+        await emu.wait_for(lambda: queue.get(second.id).posted_at is not None, timeout=120, what="handled")
     posts = [c for c in emu.calls if c.method == "POST" and c.path.endswith("/messages")]
     # The channel and the member's DMs once per job, the owner's DMs once.
     assert len(posts) == 5 and all(c.status == 403 for c in posts)
@@ -128,10 +128,10 @@ async def test_private_results_with_dms_closed_and_no_channel_permission_stay_st
     emu.block_dms(emu.alice)
     async with bot_running(emu, config, queue, None):
         settings = await emu.slash(emu.alice, "settings set", {"private": True})
-        await settings.wait_response(lambda m: m.ephemeral)
+        await settings.wait_response(lambda m: m.ephemeral, timeout=60)
         await emu.set_permissions(emu.general, emu.bot_user, deny=SEND_MESSAGES)
         ix, job = await finished_job(emu, queue, emu.alice)
-        await emu.wait_for(lambda: queue.get(job.id).posted_at is not None, timeout=30, what="handled")
-        await emu.wait_for(lambda: "/show" in ix.original.content, timeout=30, what="the status says /show")
+        await emu.wait_for(lambda: queue.get(job.id).posted_at is not None, timeout=120, what="handled")
+        await emu.wait_for(lambda: "/show" in ix.original.content, timeout=120, what="the status says /show")
         assert "Send Messages" in ix.original.content and "direct messages" in ix.original.content
-        await emu.wait_for(lambda: emu.dm_messages(emu.owner), timeout=30, what="the owner told")
+        await emu.wait_for(lambda: emu.dm_messages(emu.owner), timeout=120, what="the owner told")

@@ -43,13 +43,13 @@ def bot_with_show_command(config, queue):
 
 async def made_by_a_remote_worker(emu: Emulator, queue, user, prompt: str, *, error: str | None = None):
     ix = await emu.slash(user, "imagine", {"prompt": prompt})
-    await ix.wait_response(lambda m: "queued" in m.content)
+    await ix.wait_response(lambda m: "queued" in m.content, timeout=60)
     job = queue.claim("remote-gpu")
     if error is None:
         queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
     else:
         queue.fail(job.id, "remote-gpu", error)
-    await emu.wait_for(lambda: queue.get(job.id).posted_at is not None, timeout=30, what="delivered")
+    await emu.wait_for(lambda: queue.get(job.id).posted_at is not None, timeout=120, what="delivered")
     return job
 
 
@@ -61,23 +61,23 @@ async def test_show_again_brings_back_a_deleted_result_with_working_buttons(setu
     emu, config, queue = setup
     async with running(bot_with_show_command(config, queue), emu):
         job = await made_by_a_remote_worker(emu, queue, emu.alice, "a lighthouse")
-        first = await emu.wait_for_message(emu.general, is_result_of(job.id))
+        first = await emu.wait_for_message(emu.general, is_result_of(job.id), timeout=60)
         await emu.delete_message(first)
 
         ix = await emu.slash(emu.bob, "showtest", {"job": job.id})
-        again = await ix.wait_response(lambda m: bool(m.attachments), timeout=30)
+        again = await ix.wait_response(lambda m: bool(m.attachments), timeout=120)
         assert not again.ephemeral and again.channel is emu.general
         assert again.embeds and again.embeds[0]["footer"]["text"] == f"Job #{job.id}"
         assert [a.filename for a in again.attachments] == [a.filename for a in first.attachments]
         assert again.custom_ids == first.custom_ids and not again.pinged
         # Recorded like the first post: a 🔁 on it queues a reroll for whoever reacted.
-        await emu.wait_for(lambda: queue.job_for_message(again.id), timeout=30, what="recorded")
+        await emu.wait_for(lambda: queue.job_for_message(again.id), timeout=120, what="recorded")
         assert queue.job_for_message(again.id).id == job.id
         await emu.react(emu.bob, again, "🔁")
-        await emu.wait_for(lambda: queue.pending_for(emu.bob.id), timeout=30, what="bob's reroll")
+        await emu.wait_for(lambda: queue.pending_for(emu.bob.id), timeout=120, what="bob's reroll")
 
         private = await emu.slash(emu.bob, "showtest", {"job": job.id, "private": True})
-        mine = await private.wait_response(lambda m: bool(m.attachments), timeout=30)
+        mine = await private.wait_response(lambda m: bool(m.attachments), timeout=120)
         assert mine.ephemeral and is_result_of(job.id)(mine)
 
 
@@ -86,14 +86,14 @@ async def test_a_failed_job_shows_its_notice_and_an_unfinished_one_is_refused(se
     async with running(bot_with_show_command(config, queue), emu):
         failed = await made_by_a_remote_worker(emu, queue, emu.alice, "a storm", error="out of memory")
         ix = await emu.slash(emu.alice, "showtest", {"job": failed.id})
-        notice = await ix.wait_response(lambda m: "failed" in m.content, timeout=30)
+        notice = await ix.wait_response(lambda m: "failed" in m.content, timeout=120)
         assert "out of memory" in notice.content and f"sd:reroll:{failed.id}" in notice.custom_ids
 
         waiting = await emu.slash(emu.alice, "imagine", {"prompt": "still waiting"})
-        await waiting.wait_response(lambda m: "queued" in m.content)
+        await waiting.wait_response(lambda m: "queued" in m.content, timeout=60)
         (pending,) = queue.pending_for(emu.alice.id)
         refused = await emu.slash(emu.alice, "showtest", {"job": pending.id})
-        answer = await refused.wait_response(lambda m: m.ephemeral, timeout=30)
+        answer = await refused.wait_response(lambda m: m.ephemeral, timeout=120)
         assert f"Job #{pending.id} has not finished yet" in answer.content and "place 1 in line" in answer.content
         assert [m for m in refused.messages if not m.ephemeral] == []
 
@@ -107,6 +107,6 @@ async def test_when_the_interaction_cannot_carry_it_the_result_goes_in_the_chann
         await emu.slash(emu.alice, "showtest", {"job": job.id})
         posted = await emu.wait_for(
             lambda: [m for m in emu.channel_messages(emu.general)[before:] if m.interaction is None
-                     and is_result_of(job.id)(m) and m.attachments], timeout=30, what="the result in the channel")
+                     and is_result_of(job.id)(m) and m.attachments], timeout=120, what="the result in the channel")
         assert any(c.status == 401 and c.path.startswith("/webhooks/") for c in emu.calls)
-        await emu.wait_for(lambda: queue.job_for_message(posted[0].id), timeout=30, what="recorded")
+        await emu.wait_for(lambda: queue.job_for_message(posted[0].id), timeout=120, what="recorded")
