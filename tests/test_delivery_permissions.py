@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from bot_harness import bot_config, bot_running, new_queue, png
 from db.models import PostedMessage
-from discord_emulator import ATTACH_FILES, EMBED_LINKS, SEND_MESSAGES, Emulator
+from discord_emulator import ATTACH_FILES, EMBED_LINKS, SEND_MESSAGES, VIEW_CHANNEL, Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
@@ -74,15 +74,17 @@ async def test_without_attach_files_the_result_goes_by_dm_and_the_owner_is_told_
                                                          if m.attachments]
 
 
-async def test_send_messages_taken_away_while_running_is_named(setup):
+@pytest.mark.parametrize("denied, name", [(SEND_MESSAGES, "Send Messages"), (VIEW_CHANNEL, "View Channel")])
+async def test_a_permission_taken_away_while_running_is_named(setup, denied, name):
+    """Only the permission that matters: without it Discord (and discord.py) deny the rest too."""
     emu, config, queue = setup
     async with bot_running(emu, config, queue, None):
-        await emu.set_permissions(emu.general, emu.bot_user, deny=SEND_MESSAGES)  # CHANNEL_UPDATE
+        await emu.set_permissions(emu.general, emu.bot_user, deny=denied)  # CHANNEL_UPDATE
         _, job = await finished_job(emu, queue, emu.alice)
         dm = await emu.wait_for_dm(emu.alice, lambda m: bool(m.attachments), timeout=120)
-        assert "(missing permission: Send Messages)" in dm.content
+        assert f"(missing permission: {name})" in dm.content
         told = await emu.wait_for(lambda: emu.dm_messages(emu.owner), timeout=120, what="the owner told")
-        assert "Send Messages" in told[0].content
+        assert name in told[0].content
 
 
 async def test_without_embed_links_the_result_is_posted_and_the_owner_told(setup):
