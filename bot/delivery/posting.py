@@ -90,7 +90,7 @@ class ResultPoster:
     async def show_again(self, interaction: discord.Interaction, job: Job, *, ephemeral: bool = False) -> None:
         """Post a finished job's result again (images, embed, buttons) as the answer to
         ``interaction``, or as a new message in its channel when the interaction can no longer
-        carry it (too late, token expired). Raises ``BadInput`` for a job that has not finished
+        carry it (too late, token expired; not for an ``ephemeral`` answer). Raises ``BadInput`` for a job that has not finished
         (or was cancelled). ``ephemeral`` counts when this acknowledges the interaction; after a
         caller's own defer, the answer is as public or private as that was."""
         if job.status not in FINISHED:
@@ -111,14 +111,16 @@ class ResultPoster:
             except discord.HTTPException as e:
                 if not (isinstance(e, discord.NotFound) or e.code in GONE_INTERACTION):
                     raise
-                log.info("job %s: /show could not answer interaction %s (%s); posting in the channel",
-                         job.id, interaction.id, e)
+                log.info("job %s: /show could not answer interaction %s (%s)", job.id, interaction.id, e)
+                if ephemeral:
+                    return  # asked for privately: the channel is no place for it
                 parts, view = await self.message(job, interaction.channel_id)  # the files were consumed
         if message is None:
+            if ephemeral:
+                return
             channel = self.bot.get_partial_messageable(interaction.channel_id, guild_id=interaction.guild_id)
             message = await channel.send(content=parts.content, embed=parts.embed, files=parts.files, view=view,
                                          allowed_mentions=discord.AllowedMentions.none())
-            ephemeral = False
         if not ephemeral and job.posted_at is not None:
             # Found by 🔁 reactions like the first post. (A job delivery has not posted yet is
             # left to it: recording it here would stop delivery from finishing its status.)
