@@ -94,7 +94,7 @@ class SDBot(commands.Bot):
         self.clock = clock
         self.force_sync = force_sync
         self.delivery = Delivery(self, queue, interval=config.discord.progress_interval,
-                                 model_name=config.model.display_name, clock=clock)
+                                 model_name=config.model.display_name, clock=clock, community=community)
         if events is not None:
             events.connect(self.delivery)
         self.state = StateStore(queue.engine)
