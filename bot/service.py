@@ -155,7 +155,8 @@ class JobService:
         gen, asker = self.config.generation, Asker.of(interaction)
         seen = await self.admission(asker)
         params = policy.resolve(asked, seen.defaults, seen.policy, gen, self.config.model_names,
-                                img2img=image is not None)
+                                img2img=image is not None,
+                                model_clip_skip=lambda model: self.config.model_settings(model).clip_skip)
         params = await self._styled(asker, asked.style, params)
         if image is not None:  # the upload's shape, within this server's size limit
             dc = self.config.discord

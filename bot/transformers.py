@@ -156,6 +156,7 @@ class Options:
     model: ModelName
     job: Bounded
     style: StyleName
+    clip_skip: Bounded
 
     @classmethod
     def of(cls, config: Config) -> Options:
@@ -173,4 +174,5 @@ class Options:
             model=ModelName(config.model_names),
             job=Bounded("job", int, 1, DISCORD_INT_MAX),
             style=StyleName(),
+            clip_skip=Bounded("clip_skip", int, 1, 12),
         )

@@ -114,6 +114,7 @@ class Job(Base):
     variation_seed: Mapped[int | None] = mapped_column(BigInteger)
     variation_strength: Mapped[float] = mapped_column(Float, default=0.0)
     model: Mapped[str | None] = mapped_column(String(200))  # None: any worker may take it
+    clip_skip: Mapped[int] = mapped_column(default=1, server_default="1")
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)

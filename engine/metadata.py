@@ -50,6 +50,8 @@ def infotext(request: GenerationRequest, seed: int, model_name: str) -> str:
     }
     if request.is_img2img:
         fields["Denoising strength"] = _number(request.params.strength)
+    if request.params.clip_skip > 1:  # A1111 writes it only when it is not the default
+        fields["Clip skip"] = str(request.params.clip_skip)
     if request.params.variation_seed is not None and request.params.variation_strength > 0:
         fields["Variation seed"] = str(request.params.variation_seed + (seed - request.params.seed))
         fields["Variation seed strength"] = _number(request.params.variation_strength)

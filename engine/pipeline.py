@@ -181,7 +181,7 @@ class Pipeline:
     def _conditioning(self, request: GenerationRequest) -> Conditioning:
         return self.prompts.conditioning(
             request.params.prompt, request.params.negative_prompt, rows=request.params.count, guidance=request.params.guidance,
-            width=request.params.width, height=request.params.height,
+            width=request.params.width, height=request.params.height, clip_skip=request.params.clip_skip,
         )
 
     def _initial_noise(self, request: GenerationRequest) -> tuple[list[int], list[torch.Generator], Tensor]:

@@ -1,5 +1,6 @@
 """App state (small named values kept between runs: the command-sync hash, pending
-acknowledgements) and styles (servers' prompt templates, members' default style).
+acknowledgements), styles (servers' prompt templates, members' default style), and each
+job's CLIP skip.
 
 Revision ID: 0003
 Revises: 0002
@@ -40,9 +41,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("guild_id", "user_id"),
     )
     op.create_index("ix_jobs_interaction_token", "jobs", ["interaction_token"])
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("clip_skip", sa.Integer(), nullable=False, server_default="1"))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("clip_skip")
     op.drop_index("ix_jobs_interaction_token", table_name="jobs")
     op.drop_table("member_styles")
     op.drop_table("styles")
