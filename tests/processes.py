@@ -21,8 +21,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 START_BUDGET = 300.0  # s until a started process is ready (connected, serving)
-BUDGET = 300.0        # s for anything else a test waits on: a job to run, every job to be posted
-EXIT_BUDGET = 120.0   # s for a process to exit after SIGTERM (it gives its running jobs back first)
+BUDGET = 300.0  # s for anything else a test waits on: a job to run, every job to be posted
+EXIT_BUDGET = 120.0  # s for a process to exit after SIGTERM (it gives its running jobs back first)
 POLL = 0.05
 
 
@@ -54,14 +54,16 @@ class Logged:
         self.process.wait()
 
 
-def start_logged(name: str, args: Sequence[str], log_path: Path, *, cwd: Path, env: dict[str, str] | None = None
-                 ) -> Logged:
+def start_logged(
+    name: str, args: Sequence[str], log_path: Path, *, cwd: Path, env: dict[str, str] | None = None
+) -> Logged:
     """Start ``args`` with its output appended to ``log_path`` after a line saying which start it is."""
     with log_path.open("a") as log:
         log.write(f"\n===== {name}: {' '.join(map(str, args))} =====\n")
         log.flush()
-        process = subprocess.Popen(list(args), cwd=cwd, env={**os.environ, **(env or {})}, stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            list(args), cwd=cwd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+        )
     return Logged(name, process, log_path)
 
 
@@ -70,8 +72,7 @@ def _timed_out(what: str, budget: float, watched: Sequence[Logged]) -> Assertion
     return AssertionError(f"timed out after {budget} s waiting for {what}{logs}")
 
 
-def wait_for(condition: Callable[[], T], what: str, *, budget: float = BUDGET,
-             watched: Sequence[Logged] = ()) -> T:
+def wait_for(condition: Callable[[], T], what: str, *, budget: float = BUDGET, watched: Sequence[Logged] = ()) -> T:
     """Poll ``condition`` until it returns something truthy; fail early if a watched process exits."""
     deadline = time.monotonic() + budget
     while not (result := condition()):
@@ -83,8 +84,7 @@ def wait_for(condition: Callable[[], T], what: str, *, budget: float = BUDGET,
     return result
 
 
-async def until(condition: Callable[[], T], what: str, *, budget: float = BUDGET,
-                watched: Sequence[Logged] = ()) -> T:
+async def until(condition: Callable[[], T], what: str, *, budget: float = BUDGET, watched: Sequence[Logged] = ()) -> T:
     """``wait_for`` for a test whose event loop also runs the Discord emulator."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget
@@ -95,4 +95,3 @@ async def until(condition: Callable[[], T], what: str, *, budget: float = BUDGET
             raise _timed_out(what, budget, watched)
         await asyncio.sleep(POLL)
     return result
-

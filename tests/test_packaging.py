@@ -55,7 +55,8 @@ def test_requirements_are_pinned_exactly_as_the_lock_has_them():
     for name, specifier in declared.items():
         assert specifier.startswith("==") and "*" not in specifier, f"{name}{specifier}: pin it exactly (==)"
         assert lock.get(name) == {specifier[2:]}, (
-            f"{name}{specifier} but requirements.lock has {lock.get(name)}: refresh the lock (README)")
+            f"{name}{specifier} but requirements.lock has {lock.get(name)}: refresh the lock (README)"
+        )
 
 
 def test_the_lock_keeps_torch_open_to_cpu_and_cuda_builds():
