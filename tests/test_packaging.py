@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 LOCK = ROOT / "requirements.lock"
 SCRIPTS = ("sdbot", "sdbot-worker", "sdbot-generate")
+# Our packages, as pyproject.toml has setuptools find them ("bot*" -> bot).
+PACKAGES = [pattern.rstrip("*") for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]]
 
 
 def normalized(name: str) -> str:
@@ -99,7 +101,7 @@ def imported_modules(folders: list[str]) -> dict[str, str]:
 def our_modules() -> set[str]:
     """Our packages, and the helper modules the tests and benchmarks import from their folders."""
     helpers = {p.stem for folder in ("tests", "bench") for p in (ROOT / folder).glob("*.py")}
-    return {"bot", "engine", "db", "discord_emulator", *helpers}
+    return {*PACKAGES, "discord_emulator", *helpers}
 
 
 def undeclared(folders: list[str], declared: set[str]) -> dict[str, str]:
@@ -115,7 +117,7 @@ def undeclared(folders: list[str], declared: set[str]) -> dict[str, str]:
 
 
 def test_every_package_the_code_imports_is_a_declared_dependency():
-    missing = undeclared(["bot", "engine", "db"], set(runtime_requirements()))
+    missing = undeclared(PACKAGES, set(runtime_requirements()))
     assert not missing, f"imported but not in [project] dependencies of pyproject.toml: {missing}"
 
 
