@@ -127,7 +127,7 @@ def diffusers_pipeline(components: dict, unet: str):
 def jobs(n: int, members: int, args: argparse.Namespace) -> list[GenerationRequest]:
     """Job i comes from member i % M, each member with its own prompt, in size i % len(sizes)."""
     return [
-        GenerationRequest(job_id=i, prompt=f"member {i % members}: a lighthouse at dusk, style {i % members}",
+        GenerationRequest.of(job_id=i, prompt=f"member {i % members}: a lighthouse at dusk, style {i % members}",
                           negative_prompt="blurry", seed=1000 + i, steps=args.steps, guidance=7.0,
                           width=args.sizes[i % len(args.sizes)][0], height=args.sizes[i % len(args.sizes)][1],
                           sampler="euler")
@@ -149,9 +149,9 @@ def run_engine(worker: EngineWorker, requests: list[GenerationRequest], device: 
 
 
 def run_diffusers(pipe, request: GenerationRequest, device: torch.device) -> bytes:
-    image = pipe(request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
-                 guidance_scale=request.guidance, width=request.width, height=request.height,
-                 generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+    image = pipe(request.params.prompt, negative_prompt=request.params.negative_prompt, num_inference_steps=request.params.steps,
+                 guidance_scale=request.params.guidance, width=request.params.width, height=request.params.height,
+                 generator=torch.Generator("cpu").manual_seed(request.params.seed)).images[0]
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     strict.start()
     try:
         # Warm-up: first calls allocate, pick kernels and fill the prompt cache of neither run's jobs.
-        warm = GenerationRequest(job_id=-1, prompt="warm-up", seed=0, steps=2, width=args.width,
+        warm = GenerationRequest.of(job_id=-1, prompt="warm-up", seed=0, steps=2, width=args.width,
                                  height=args.height, sampler="euler")
         batched.generate_blocking(warm), serial.generate_blocking(warm), run_diffusers(pipe, warm, device)
         if mixed:

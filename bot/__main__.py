@@ -29,6 +29,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="config.toml", help="path to config.toml (default: %(default)s)")
     parser.add_argument("--no-engine", action="store_true",
                         help="do not load a model here; GPU worker processes serve the queue")
+    parser.add_argument("--sync", action="store_true",
+                        help="register the slash commands with Discord even if they have not changed")
     return parser.parse_args(argv)
 
 
@@ -40,52 +42,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(run(config, engine=not args.no_engine))
+    return asyncio.run(run(config, engine=not args.no_engine, sync=args.sync))
 
 
-async def run(config: Config, *, engine: bool = True) -> int:
-    """Wire database, engine and client together; return the exit status."""
-    from db.queue import Queue
-    from db.session import make_engine, upgrade
+async def run(config: Config, *, engine: bool = True, sync: bool = False) -> int:
+    """Wire database, engine and client together (:mod:`bot.wiring`); return the exit status."""
+    from bot.wiring import build_bot, load_engine, open_database
+    from ops import OpsServerError
 
-    db = make_engine(config.queue.database_url)
-    await asyncio.to_thread(upgrade, db)
-    queue = Queue(db, pending_limit=config.queue.pending_limit, max_attempts=config.queue.max_attempts,
-                  lease_seconds=config.queue.lease_seconds)
-    worker = runner = tokenizer = family = None
+    db, queue = await asyncio.to_thread(open_database, config)
+    worker = family = None
     if engine:
         from engine.errors import ModelLoadError
 
         try:
-            worker, tokenizer, family = await asyncio.to_thread(_load_engine, config)
+            worker, family = await asyncio.to_thread(load_engine, config)
         except ModelLoadError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         except ConfigError as e:  # e.g. engine.device = "cuda" on a machine without one
             print(f"error: {e}", file=sys.stderr)
             return 2
-        from engine.models import ModelTurns
-        from engine.runner import QueueRunner, worker_identity
-
-        # Jobs our previous run left running go back in line now, not when their lease ends.
-        worker_id, prefix = worker_identity("bot")
-        recovered = await asyncio.to_thread(queue.recover_all_running, worker_prefix=prefix)
-        if recovered:
-            log.info("%d job(s) left running by a previous run were recovered", recovered)
+    app = build_bot(config, queue, worker, model_family=family, force_sync=sync)
+    bot = app.bot
+    if worker is not None:
         worker.start()
-        runner = QueueRunner(queue, worker, worker_id=worker_id, max_in_flight=config.engine.max_batch,
-                             heartbeat_interval=config.queue.lease_seconds / 4,
-                             listen=config.queue.database_url.startswith("postgresql"),
-                             turns=ModelTurns.for_pool(worker.models, config.engine))
-
-    from bot.client import SDBot
-
-    bot = SDBot(config, queue, runner, tokenizer=tokenizer, model_family=family)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        if config.ops.enabled:
+            await app.ops.start()  # a taken port: OpsServerError, one line
+            log.info("health and metrics at %s/healthz and /metrics", app.ops.url)
         async with bot:
             client_task = asyncio.create_task(bot.start(config.token), name="discord-client")
             stop_task = asyncio.create_task(stop.wait(), name="stop-signal")
@@ -101,27 +90,20 @@ async def run(config: Config, *, engine: bool = True) -> int:
         print("error: Discord refused the intents; the bot needs no privileged intents, check its settings",
               file=sys.stderr)
         return 2
+    except OpsServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
+        await app.ops.stop()
         if worker is not None:
             await asyncio.to_thread(worker.stop)
         queue.close()
         db.dispose()
+    if bot.fatal is not None:
+        print(f"error: a background task kept failing ({type(bot.fatal).__name__}: {bot.fatal}); "
+              "see the log above. Restart the bot (a service manager does it for you).", file=sys.stderr)
+        return 1
     return 0
-
-
-def _load_engine(config: Config):  # -> tuple[EngineWorker, tokenizer | None, family]
-    """Load the model (slow: runs in a thread) and make the engine worker.
-
-    The loaded default model's family (``"sdxl"``: SDXL's sizes, see ``generation.sdxl_sizes``)
-    sets the worker's size limits (EngineWorker does it) and the bot's commands (through ``SDBot``)."""
-    from engine.models import ModelPool
-    from engine.worker import EngineWorker
-
-    models = (config.model, *config.models)
-    worker = EngineWorker(ModelPool.configured(models, config.engine), config.engine, config.generation)
-    model = worker.pipeline.model  # the default model, loaded now so that a bad one stops the start
-    tokenizer = model.tokenizers[0] if model.tokenizers else None
-    return worker, tokenizer, model.info.family
 
 
 if __name__ == "__main__":

@@ -14,21 +14,24 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 import discord
 from discord import app_commands
 
 from bot.inputs import BadInput
 
-if TYPE_CHECKING:
-    from bot.client import SDBot
-
 T = TypeVar("T")
 
 #: Seconds a check (download, decode, token count) may take before we acknowledge the
 #: interaction with a "thinking…" message and finish afterwards (Discord allows 3).
 PREPARE_BUDGET = 1.5
+
+
+class Defers(Protocol):
+    """What can acknowledge an interaction with a "thinking…" message (the job service)."""
+
+    async def defer(self, interaction: discord.Interaction, *, job_pending: bool = False) -> None: ...
 
 
 class NotAllowed(BadInput, app_commands.CheckFailure):
@@ -80,7 +83,7 @@ def mark_received(interaction: discord.Interaction) -> None:
     interaction.extras.setdefault("received", time.monotonic())
 
 
-async def within_deadline(bot: SDBot, interaction: discord.Interaction, work: Awaitable[T]) -> T:
+async def within_deadline(service: Defers, interaction: discord.Interaction, work: Awaitable[T]) -> T:
     """The result of ``work``; when the interaction has waited longer than :data:`PREPARE_BUDGET`
     (since :func:`mark_received`, so that checks one after another share one budget),
     acknowledge it first (a public "thinking…" that becomes the job's status, or is removed if
@@ -96,7 +99,7 @@ async def within_deadline(bot: SDBot, interaction: discord.Interaction, work: Aw
     except TimeoutError:
         pass
     try:
-        await bot.defer(interaction)
+        await service.defer(interaction, job_pending=True)
     except BaseException:
         task.cancel()  # nobody will wait for it
         raise

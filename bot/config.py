@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ops.settings import OpsConfigError, OpsSettings, parse_ops
 from engine.settings import (
     ConfigError,
     EngineSettings,
@@ -46,6 +47,7 @@ class Config:
     discord: DiscordSettings
     token: str
     models: tuple[ModelSettings, ...] = ()  # the other models (``[models.<name>]``), besides the default
+    ops: OpsSettings = OpsSettings()  # ``[ops]``: the health and metrics endpoint (off by default)
 
     def model_settings(self, name: str | None) -> ModelSettings:
         """The configured model called ``name``; the default model for None or a name not configured."""
@@ -68,6 +70,10 @@ def load_config(path: str | Path = "config.toml", env: Mapping[str, str] = os.en
     engine_part = parse_engine_sections(raw)
     queue = parse_queue_section(raw)
     discord: DiscordSettings = section(raw, "discord", DiscordSettings)
+    try:
+        ops = parse_ops(raw.get("ops", {}))
+    except OpsConfigError as e:
+        raise ConfigError(str(e)) from None
 
     for gid in discord.guild_ids:
         check(isinstance(gid, int) and gid > 0, "discord.guild_ids", gid, "server ids as numbers, e.g. [123456789012345678]")
@@ -85,4 +91,4 @@ def load_config(path: str | Path = "config.toml", env: Mapping[str, str] = os.en
                           "(see README, 'Create the Discord application') and run "
                           "`DISCORD_TOKEN=<your bot token> .venv/bin/python -m bot`")
     return Config(model=engine_part.model, engine=engine_part.engine, generation=engine_part.generation,
-                  queue=queue, discord=discord, token=token, models=engine_part.models)
+                  queue=queue, discord=discord, token=token, models=engine_part.models, ops=ops)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot import render, views
-from bot.community import nsfw_match
+from bot.policy import nsfw_match
 from db.community import Community
 from db.models import Job, JobStatus
 from db.queue import Queue

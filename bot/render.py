@@ -76,14 +76,15 @@ def _bar(fraction: float, width: int = 10) -> str:
 
 
 def parameter_lines(job: Job, model_name: str) -> list[tuple[str, str]]:
-    """(name, value) pairs of everything that made the image, for embeds and /info."""
+    """(name, value) pairs of everything that made the image, for embeds and /info.
+    ``model_name``: the default model's, shown for jobs that did not name one."""
     pairs = [
         ("Seed", str(job.seed) if job.count == 1 else f"{job.seed}–{job.seed + job.count - 1}"),
         ("Steps", str(job.steps)),
         ("Guidance", f"{job.guidance:g}"),
         ("Sampler", SAMPLER_NAMES.get(job.sampler, job.sampler)),
         ("Size", f"{job.width}x{job.height}"),
-        ("Model", escape(model_name or job.model or "?")),
+        ("Model", escape(job.model or model_name or "?")),
     ]
     if job.init_image is not None:
         pairs.append(("Strength", f"{job.strength:g}"))

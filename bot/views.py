@@ -8,22 +8,25 @@ pressed); Cancel and Delete are for the requester or members with Manage Message
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import ButtonStyle, ui
 
-from bot import community, jobs
+from bot import jobs
 from bot.checks import may_moderate, within_deadline
 from bot.inputs import BadInput, check_prompt, check_prompt_text
 from db.models import Job
 
 if TYPE_CHECKING:
-    from bot.client import SDBot
+    from bot.service import JobService
 
 
-def _bot(interaction: discord.Interaction) -> SDBot:
-    return interaction.client  # type: ignore[return-value]
+def _service(interaction: discord.Interaction) -> JobService:
+    """The client's job service (buttons are made by discord.py from their custom id, so they
+    cannot be given it in a constructor)."""
+    return interaction.client.service  # type: ignore[attr-defined]
 
 
 class _JobButton(ui.DynamicItem[ui.Button], template=r"sd:(?P<action>[a-z]+):(?P<job>\d+)"):
@@ -38,14 +41,14 @@ class _JobButton(ui.DynamicItem[ui.Button], template=r"sd:(?P<action>[a-z]+):(?P
         self.job_id = job_id
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot = _bot(interaction)
-        await bot.guarded(interaction, self.run(interaction, bot))
+        service = _service(interaction)
+        await service.guarded(interaction, self.run(interaction, service))
 
-    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
+    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
         raise NotImplementedError
 
-    async def job(self, bot: SDBot) -> Job:
-        job = await bot.get_job(self.job_id)
+    async def job(self, service: JobService) -> Job:
+        job = await service.get_job(self.job_id)
         if job is None:
             raise BadInput(f"Job #{self.job_id} no longer exists.")
         return job
@@ -61,9 +64,8 @@ class Cancel(_JobButton, template=r"sd:cancel:(?P<job>\d+)"):
     async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206 (discord.py's signature)
         return cls(int(match["job"]))
 
-    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
-        job = await self.job(bot)
-        await bot.cancel_job(interaction, job)
+    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+        await service.cancel(interaction, await self.job(service))
 
 
 class Reroll(_JobButton, template=r"sd:reroll:(?P<job>\d+)"):
@@ -76,8 +78,8 @@ class Reroll(_JobButton, template=r"sd:reroll:(?P<job>\d+)"):
     async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
         return cls(int(match["job"]))
 
-    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
-        await bot.submit(interaction, await community.check_job_fields(interaction, jobs.reroll(await self.job(bot))))
+    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+        await service.submit_derived(interaction, jobs.reroll(await self.job(service)))
 
 
 class Vary(_JobButton, template=r"sd:vary:(?P<job>\d+):(?P<index>\d):(?P<level>subtle|strong)"):
@@ -92,11 +94,10 @@ class Vary(_JobButton, template=r"sd:vary:(?P<job>\d+):(?P<index>\d):(?P<level>s
     async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
         return cls(int(match["job"]), int(match["index"]), match["level"], grid=False)
 
-    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
-        parent = await self.job(bot)
-        image = await bot.get_image(parent.id, self.index)
-        await bot.submit(interaction, await community.check_job_fields(interaction, jobs.variation(
-            parent, image.seed, self.level)))
+    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+        parent = await self.job(service)
+        image = await service.get_image(parent.id, self.index)
+        await service.submit_derived(interaction, jobs.variation(parent, image.seed, self.level))
 
 
 class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)"):
@@ -111,14 +112,15 @@ class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)"):
     async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
         return cls(int(match["job"]), int(match["index"]), grid=False)
 
-    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
-        parent = await self.job(bot)
-        image = await bot.get_image(parent.id, self.index)
-        fields = jobs.upscale(parent, image, bot.config.generation)
-        if fields is None:
-            g = bot.config.generation
-            raise BadInput(f"This image is already at the largest size allowed here ({g.max_width}x{g.max_height}).")
-        await bot.submit(interaction, await community.check_job_fields(interaction, fields))
+    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+        parent = await self.job(service)
+        image = await service.get_image(parent.id, self.index)
+        gen = service.config.generation
+        # Decoding, resizing and encoding take about half a second: in a thread, within the deadline.
+        new = await within_deadline(service, interaction, asyncio.to_thread(jobs.upscale, parent, image, gen))
+        if new is None:
+            raise BadInput(f"This image is already at the largest size allowed here ({gen.max_width}x{gen.max_height}).")
+        await service.submit_derived(interaction, new)
 
 
 class Edit(_JobButton, template=r"sd:edit:(?P<job>\d+)"):
@@ -131,9 +133,9 @@ class Edit(_JobButton, template=r"sd:edit:(?P<job>\d+)"):
     async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
         return cls(int(match["job"]))
 
-    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
-        parent = await self.job(bot)
-        await interaction.response.send_modal(EditModal(parent, bot.config.discord.max_prompt_chars))
+    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+        parent = await self.job(service)
+        await interaction.response.send_modal(EditModal(parent, service.config.discord.max_prompt_chars))
 
 
 class Info(_JobButton, template=r"sd:info:(?P<job>\d+)"):
@@ -146,8 +148,8 @@ class Info(_JobButton, template=r"sd:info:(?P<job>\d+)"):
     async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
         return cls(int(match["job"]))
 
-    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
-        await bot.show_info(interaction, await self.job(bot))
+    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+        await service.show_info(interaction, await self.job(service))
 
 
 class Delete(_JobButton, template=r"sd:del:(?P<job>\d+)"):
@@ -160,8 +162,8 @@ class Delete(_JobButton, template=r"sd:del:(?P<job>\d+)"):
     async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
         return cls(int(match["job"]))
 
-    async def run(self, interaction: discord.Interaction, bot: SDBot) -> None:
-        job = await self.job(bot)
+    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+        job = await self.job(service)
         if not may_moderate(interaction, job.requester_id):
             raise BadInput("Only the member who asked for this image, or someone with Manage Messages, can delete it.")
         await interaction.response.defer()
@@ -187,17 +189,18 @@ class EditModal(ui.Modal):
         self.add_item(self.negative)
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        bot = _bot(interaction)
-        await bot.guarded(interaction, self._queue(interaction, bot))
+        service = _service(interaction)
+        await service.guarded(interaction, self._queue(interaction, service))
 
-    async def _queue(self, interaction: discord.Interaction, bot: SDBot) -> None:
-        limit = bot.config.discord.max_prompt_chars
+    async def _queue(self, interaction: discord.Interaction, service: JobService) -> None:
+        config = service.config
+        limit = config.discord.max_prompt_chars
         prompt = check_prompt(self.prompt.value, max_chars=limit)
         negative = check_prompt(self.negative.value, max_chars=limit, name="negative prompt", required=False)
-        lora_dir = bot.config.model_settings(self.parent.model).lora_dir
-        note = await within_deadline(bot, interaction, bot.run_check(check_prompt_text, prompt, negative, lora_dir))
-        fields = await community.check_job_fields(interaction, jobs.edit(self.parent, prompt, negative))
-        await bot.submit(interaction, fields, note=note)
+        lora_dir = config.model_settings(self.parent.model).lora_dir
+        note = await within_deadline(service, interaction,
+                                     service.run_check(check_prompt_text, prompt, negative, lora_dir))
+        await service.submit_derived(interaction, jobs.edit(self.parent, prompt, negative), note=note)
 
 
 def queued_view(job_id: int) -> ui.View:

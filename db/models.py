@@ -247,3 +247,12 @@ class AuditEntry(Base):
     new_value: Mapped[str | None]
 
     __table_args__ = (Index("ix_audit_log_guild_id", "guild_id", "id"),)
+
+
+class AppState(Base):
+    """A named value kept between runs (e.g. the hash of the commands last synced to Discord)."""
+
+    __tablename__ = "app_state"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import sys
 import time
 from dataclasses import replace
@@ -89,20 +88,11 @@ def read_settings(args: argparse.Namespace) -> Settings:
 
 def build_request(args: argparse.Namespace, settings: Settings) -> GenerationRequest:
     gen = settings.generation
-    return GenerationRequest(
-        job_id=0,
-        prompt=args.prompt,
-        negative_prompt=gen.default_negative_prompt if args.negative is None else args.negative,
-        seed=random.randrange(2**32) if args.seed is None else args.seed,
-        steps=args.steps or gen.default_steps,
-        guidance=gen.default_guidance if args.guidance is None else args.guidance,
-        width=args.width or gen.default_width,
-        height=args.height or gen.default_height,
-        sampler=args.sampler or gen.default_sampler,
-        count=args.count,
-        init_image=args.init_image.read_bytes() if args.init_image else None,
-        strength=gen.default_strength if args.strength is None else args.strength,
-    )
+    return GenerationRequest(0, gen.params(
+        args.prompt, seed=args.seed, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
+        size=(args.width or gen.default_width, args.height or gen.default_height), sampler=args.sampler,
+        count=args.count, init_image=args.init_image.read_bytes() if args.init_image else None,
+        strength=args.strength))
 
 
 def output_paths(out: Path, count: int) -> list[Path]:

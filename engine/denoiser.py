@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.lora import strip_lora_tags
-from engine.prompts import (ChunkedPrompt, EmbeddingLibrary, chunk_prompt, chunks_needed, emphasize,
-                            embeddings_injected)
+from engine.prompt_syntax import ChunkedPrompt, chunk_prompt, chunks_needed, strip_lora_tags
+from engine.prompts import EmbeddingLibrary, emphasize, embeddings_injected
 from engine.samplers import rows
 from engine.schedules import ModelSchedule, sigma_to_t
 

@@ -20,6 +20,11 @@ from PIL import Image, PngImagePlugin
 
 from engine.types import SAMPLER_NAMES, GenerationRequest
 
+#: zlib's level for the PNGs we write (``engine.png_compress_level``). Measured on this project's
+#: CPU machine for a smooth 512x512 image: 21 ms at level 1, 69 ms at Pillow's default 6, for a
+#: file 16% larger (452 against 388 KiB); a grainy image gains less (58 against 66 ms).
+PNG_COMPRESS_LEVEL = 1
+
 # One "Key: value" field of the last line; values with commas are JSON-quoted (as AUTOMATIC1111 does).
 _FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
@@ -36,33 +41,37 @@ def _quote(value: str) -> str:
 def infotext(request: GenerationRequest, seed: int, model_name: str) -> str:
     """AUTOMATIC1111 infotext for one image of ``request`` (made with ``seed``)."""
     fields: dict[str, str] = {
-        "Steps": str(request.steps),
-        "Sampler": SAMPLER_NAMES.get(request.sampler, request.sampler),
-        "CFG scale": _number(request.guidance),
+        "Steps": str(request.params.steps),
+        "Sampler": SAMPLER_NAMES.get(request.params.sampler, request.params.sampler),
+        "CFG scale": _number(request.params.guidance),
         "Seed": str(seed),
-        "Size": f"{request.width}x{request.height}",
+        "Size": f"{request.params.width}x{request.params.height}",
         "Model": _quote(model_name),
     }
     if request.is_img2img:
-        fields["Denoising strength"] = _number(request.strength)
-    if request.variation_seed is not None and request.variation_strength > 0:
-        fields["Variation seed"] = str(request.variation_seed + (seed - request.seed))
-        fields["Variation seed strength"] = _number(request.variation_strength)
+        fields["Denoising strength"] = _number(request.params.strength)
+    if request.params.variation_seed is not None and request.params.variation_strength > 0:
+        fields["Variation seed"] = str(request.params.variation_seed + (seed - request.params.seed))
+        fields["Variation seed strength"] = _number(request.params.variation_strength)
     fields["Job id"] = str(request.job_id)
-    lines = [request.prompt]
-    if request.negative_prompt:
-        lines.append(f"Negative prompt: {request.negative_prompt}")
+    lines = [request.params.prompt]
+    if request.params.negative_prompt:
+        lines.append(f"Negative prompt: {request.params.negative_prompt}")
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
     return "\n".join(lines)
 
 
-def encode_png(image: Image.Image, infotext: str, job_id: int) -> bytes:
-    """PNG bytes carrying ``infotext`` in ``parameters`` and ``job_id`` in its own chunk."""
+def encode_png(image: Image.Image, infotext: str, job_id: int, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """PNG bytes carrying ``infotext`` in ``parameters`` and ``job_id`` in its own chunk.
+
+    ``compress_level`` is zlib's, 0-9 (``engine.png_compress_level``); the pixels are the same at
+    every level, only the file's size and the time to write it change.
+    """
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext)
     info.add_text("job_id", str(job_id))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
     return buffer.getvalue()
 
 

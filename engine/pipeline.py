@@ -28,8 +28,9 @@ from torch import Tensor
 from engine.batch import Batch
 from engine.denoiser import Conditioning, Denoiser, PromptEncoder
 from engine.errors import GenerationError
-from engine.lora import LoraLibrary, lora_key
-from engine.metadata import encode_png, infotext
+from engine.lora import LoraLibrary
+from engine.metadata import PNG_COMPRESS_LEVEL, encode_png, infotext
+from engine.prompt_syntax import lora_key
 from engine.samplers import SAMPLERS, Sampler
 from engine.schedules import ModelSchedule, job_sigmas
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult
@@ -122,7 +123,7 @@ class Pipeline:
         return self.model.info.family
 
     def latent_size(self, request: GenerationRequest) -> tuple[int, int]:
-        return request.height // self.latent_scale, request.width // self.latent_scale
+        return request.params.height // self.latent_scale, request.params.width // self.latent_scale
 
     # ------------------------------------------------------------------ preparing a job
 
@@ -136,7 +137,7 @@ class Pipeline:
         return self.img2img(request) if request.is_img2img else self.txt2img(request)
 
     def use_loras(self, request: GenerationRequest) -> None:
-        self.loras.activate(lora_key(request.prompt))
+        self.loras.activate(lora_key(request.params.prompt))
         self.prompts.variant = self.loras.active  # encodings made under another set are not reused
 
     def txt2img(self, request: GenerationRequest) -> PreparedJob:
@@ -146,7 +147,7 @@ class Pipeline:
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._conditioning(request)
         # 3. The sampler's sigmas, from the highest noise level down to 0.
-        sigmas = job_sigmas(self.schedule, sampler.discretization, request.steps).float()
+        sigmas = job_sigmas(self.schedule, sampler.discretization, request.params.steps).float()
         # 4. Initial noise per image seed (mixed with the variation seed's), scaled to sigmas[0].
         seeds, generators, noise = self._initial_noise(request)
         latents = noise.to(self.device) * sigmas[0].item()
@@ -156,11 +157,11 @@ class Pipeline:
         """A job that starts from the member's image, noised according to ``strength``."""
         # 1. Check inputs, and decode the init image now so a bad upload fails before any work.
         sampler = self._check(request)
-        image = fit_image(request.init_image, request.width, request.height)
+        image = fit_image(request.params.init_image, request.params.width, request.params.height)
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._conditioning(request)
         # 3. The tail of the sampler's sigmas: strength 1 starts at full noise, 0.3 near the end.
-        sigmas = job_sigmas(self.schedule, sampler.discretization, request.steps, request.strength).float()
+        sigmas = job_sigmas(self.schedule, sampler.discretization, request.params.steps, request.params.strength).float()
         # 4. The image into latent space (VAE mean: deterministic), repeated per image.
         init_latents = self.encode_image(image).expand(len(cond.guidance), -1, -1, -1)
         # 5. Noise per image seed added at the start noise level.
@@ -169,31 +170,31 @@ class Pipeline:
         return PreparedJob(request, sampler, sigmas, seeds, generators, latents, cond)
 
     def _check(self, request: GenerationRequest) -> Sampler:
-        if request.sampler not in SAMPLERS:
-            raise GenerationError(f"Unknown sampler {request.sampler!r}; use one of {', '.join(SAMPLERS)}.")
-        if request.width % self.latent_scale or request.height % self.latent_scale:
+        if request.params.sampler not in SAMPLERS:
+            raise GenerationError(f"Unknown sampler {request.params.sampler!r}; use one of {', '.join(SAMPLERS)}.")
+        if request.params.width % self.latent_scale or request.params.height % self.latent_scale:
             raise GenerationError(
-                f"Size {request.width}x{request.height} is not a multiple of {self.latent_scale}; pick a listed size."
+                f"Size {request.params.width}x{request.params.height} is not a multiple of {self.latent_scale}; pick a listed size."
             )
-        return SAMPLERS[request.sampler]
+        return SAMPLERS[request.params.sampler]
 
     def _conditioning(self, request: GenerationRequest) -> Conditioning:
         return self.prompts.conditioning(
-            request.prompt, request.negative_prompt, rows=request.count, guidance=request.guidance,
-            width=request.width, height=request.height,
+            request.params.prompt, request.params.negative_prompt, rows=request.params.count, guidance=request.params.guidance,
+            width=request.params.width, height=request.params.height,
         )
 
     def _initial_noise(self, request: GenerationRequest) -> tuple[list[int], list[torch.Generator], Tensor]:
         """Per image: a generator seeded ``seed + i``, its first draw as noise (AUTOMATIC1111's way)."""
         h, w = self.latent_size(request)
         shape = (self.latent_channels, h, w)
-        seeds = [request.seed + i for i in range(request.count)]
+        seeds = [request.params.seed + i for i in range(request.params.count)]
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         noises = [torch.randn(shape, generator=g) for g in generators]
-        if request.variation_seed is not None and request.variation_strength > 0:
+        if request.params.variation_seed is not None and request.params.variation_strength > 0:
             noises = [
-                slerp(request.variation_strength, noise,
-                      torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.variation_seed + i)))
+                slerp(request.params.variation_strength, noise,
+                      torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.params.variation_seed + i)))
                 for i, noise in enumerate(noises)
             ]
         return seeds, generators, torch.stack(noises)
@@ -212,29 +213,36 @@ class Pipeline:
 
     @torch.inference_mode()
     def decode(self, latents: Tensor, chunk_size: int = DECODE_CHUNK) -> list[Image.Image | None]:
-        """Scaled latents [n, C, h, w] -> n RGB images, decoded in chunks.
+        """Scaled latents [n, C, h, w] -> n RGB images (None: invalid even in float32), in chunks."""
+        return to_images(*self.decode_pixels(latents, chunk_size))
+
+    @torch.inference_mode()
+    def decode_pixels(self, latents: Tensor, chunk_size: int = DECODE_CHUNK) -> tuple[Tensor, Tensor]:
+        """Scaled latents [n, C, h, w] -> float32 pixels [n, 3, H, W] in [-1, 1] on the device, and
+        [n] bool, True for an image that is invalid; decoded in chunks.
 
         A float16/bfloat16 VAE can overflow into NaN/inf, or into black once clamped: such images
-        are decoded again by a float32 copy of the VAE. An image still NaN/inf after that is None.
-        A float32 image that is black is kept: at full precision it is what the model made.
+        are decoded again by a float32 copy of the VAE (a host sync, to know which). An image still
+        NaN/inf after that is invalid. A float32 image that is black is kept: at full precision it is
+        what the model made. Turning pixels into images is :func:`to_images`' work (off the engine
+        thread, in the worker).
         """
-        images = []
+        decoded, invalid = [], []
         for chunk in latents.split(chunk_size):
             pixels = self._vae_decode(self.model.vae, chunk)
             bad = ~torch.isfinite(pixels).flatten(1).all(1)
             if self.vae_dtype != torch.float32:
                 black = pixels.flatten(1).amax(1) <= BLACK
                 bad |= black & (chunk.flatten(1).std(1) > FLAT_LATENTS)
-            retry = [i for i, invalid in enumerate(bad.tolist()) if invalid]  # host sync: after the steps
-            if retry and self.vae_dtype != torch.float32:
-                log.warning("%d image(s) invalid from the %s VAE; decoding them again in float32",
-                            len(retry), str(self.vae_dtype).removeprefix("torch."))
-                pixels[retry] = self._vae_decode(self.float32_vae(), chunk[retry])
-                bad = ~torch.isfinite(pixels).flatten(1).all(1)
-            pixels = ((pixels.nan_to_num() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
-            images += [None if invalid else Image.fromarray(p.permute(1, 2, 0).numpy())
-                       for p, invalid in zip(pixels, bad.tolist())]
-        return images
+                retry = [i for i, invalid_image in enumerate(bad.tolist()) if invalid_image]
+                if retry:
+                    log.warning("%d image(s) invalid from the %s VAE; decoding them again in float32",
+                                len(retry), str(self.vae_dtype).removeprefix("torch."))
+                    pixels[retry] = self._vae_decode(self.float32_vae(), chunk[retry])
+                    bad = ~torch.isfinite(pixels).flatten(1).all(1)
+            decoded.append(pixels)
+            invalid.append(bad)
+        return torch.cat(decoded), torch.cat(invalid)
 
     def _vae_decode(self, vae, latents: Tensor) -> Tensor:
         """Scaled latents -> float32 pixels in [-1, 1] (NaN/inf passed through, for the caller to see)."""
@@ -251,12 +259,13 @@ class Pipeline:
                 self._vae_fp32 = copy.deepcopy(self.model.vae).to(torch.float32).requires_grad_(False)
         return self._vae_fp32
 
-    def finish(self, job: PreparedJob, images: list[Image.Image]) -> GenerationResult:
-        """PNG bytes with AUTOMATIC1111 parameters for each decoded image."""
+    def finish(self, job: PreparedJob, images: list[Image.Image],
+               compress_level: int = PNG_COMPRESS_LEVEL) -> GenerationResult:
+        """PNG bytes with AUTOMATIC1111 parameters for each decoded image (any thread)."""
         request, name = job.request, self.model.info.name
         texts = [infotext(request, seed, name) for seed in job.seeds]
         generated = [
-            GeneratedImage(png=encode_png(image, text, request.job_id), seed=seed)
+            GeneratedImage(png=encode_png(image, text, request.job_id, compress_level), seed=seed)
             for image, text, seed in zip(images, texts, job.seeds)
         ]
         return GenerationResult(request.job_id, generated, texts[0], seconds=time.monotonic() - job.started)
@@ -278,6 +287,13 @@ class Pipeline:
         return self.finish(job, images)
 
 
+def to_images(pixels: Tensor, invalid: Tensor) -> list[Image.Image | None]:
+    """What :meth:`Pipeline.decode_pixels` gave -> RGB images, None where invalid: the uint8
+    conversion and the copy to the host (the worker runs it off the engine thread)."""
+    data = ((pixels.nan_to_num() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
+    return [None if bad else Image.fromarray(p.permute(1, 2, 0).numpy()) for p, bad in zip(data, invalid.tolist())]
+
+
 def nan_error(job: PreparedJob) -> GenerationError:
     return GenerationError(
         f"Job {job.request.job_id} produced invalid numbers (NaN); try a lower guidance scale or another sampler."
@@ -292,8 +308,8 @@ def decode_error(job: PreparedJob) -> GenerationError:
 
 
 def out_of_memory_error(request: GenerationRequest) -> GenerationError:
-    size = f"{request.width}x{request.height}"
-    what = f"a {size} image" if request.count == 1 else f"{request.count} images of {size}"
+    size = f"{request.params.width}x{request.params.height}"
+    what = f"a {size} image" if request.params.count == 1 else f"{request.params.count} images of {size}"
     return GenerationError(f"Out of GPU memory for {what}: try a smaller size or fewer images.")
 
 

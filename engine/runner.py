@@ -26,6 +26,7 @@ from db.settings import QueueSettings
 from engine.errors import GenerationError, JobCancelled
 from engine.models import ModelPool, ModelTurns
 from engine.settings import Settings
+from engine.params import params_from_job
 from engine.types import GenerationRequest, Progress
 from engine.worker import EngineWorker
 
@@ -45,23 +46,7 @@ def worker_identity(name: str) -> tuple[str, str]:
 
 def request_from_job(job: Job) -> GenerationRequest:
     """The engine's view of a stored job."""
-    return GenerationRequest(
-        job_id=job.id,
-        prompt=job.prompt,
-        negative_prompt=job.negative_prompt or "",
-        seed=job.seed,
-        steps=job.steps,
-        guidance=job.guidance,
-        width=job.width,
-        height=job.height,
-        sampler=job.sampler,
-        count=job.count,
-        init_image=job.init_image,
-        strength=job.strength if job.init_image is not None else 0.75,
-        variation_seed=job.variation_seed,
-        variation_strength=job.variation_strength or 0.0,
-        model=job.model,
-    )
+    return GenerationRequest(job.id, params_from_job(job))
 
 
 class QueueRunner:

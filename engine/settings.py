@@ -7,13 +7,25 @@ The bot's own sections are parsed in ``bot/config.py``; ``python -m engine`` rea
 
 from __future__ import annotations
 
+import secrets
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from db.settings import QueueSettings
-from engine.types import SAMPLER_NAMES
+from engine.params import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_HEIGHT,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    DEFAULT_WIDTH,
+    SAMPLER_NAMES,
+    SEED_MAX,
+    GenerationParams,
+    parse_size,
+)
 
 
 class ConfigError(ValueError):
@@ -55,27 +67,59 @@ class EngineSettings:
     # "off", or a torch.compile mode for the UNet ("default", "reduce-overhead": CUDA graphs,
     # "max-autotune"...): one graph per image size and power-of-two row count, each compiled on first use.
     compile: str = "off"
+    # zlib level of the result PNGs, 0 (none) to 9 (smallest); encoded off the engine thread, but
+    # each level up costs CPU per image for a smaller file. The pixels are the same at every level.
+    png_compress_level: int = 1
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    default_steps: int = 25
+    default_steps: int = DEFAULT_STEPS
     max_steps: int = 50
-    default_width: int = 512
-    default_height: int = 512
+    default_width: int = DEFAULT_WIDTH
+    default_height: int = DEFAULT_HEIGHT
     max_width: int = 1024
     max_height: int = 1024
     sizes: tuple[str, ...] = ("512x512", "512x768", "768x512", "768x768")
     # Offered instead of ``sizes`` when the default model is SDXL; the first is then the default
     # size, and max_width/max_height are raised to fit them (see :meth:`for_family`).
     sdxl_sizes: tuple[str, ...] = ("1024x1024", "1152x896", "896x1152", "1216x832", "832x1216")
-    default_guidance: float = 7.0
+    default_guidance: float = DEFAULT_GUIDANCE
     max_guidance: float = 20.0
-    default_sampler: str = "euler_a"
+    default_sampler: str = DEFAULT_SAMPLER
     samplers: tuple[str, ...] = tuple(SAMPLER_NAMES)
     default_negative_prompt: str = ""
     max_count: int = 4
-    default_strength: float = 0.75
+    default_strength: float = DEFAULT_STRENGTH
+
+    @property
+    def size_pairs(self) -> tuple[tuple[int, int], ...]:
+        """``sizes`` as ``(width, height)`` (checked when the file was read)."""
+        return tuple(parse_size(size) for size in self.sizes)  # type: ignore[misc]
+
+    def params(self, prompt: str, *, seed: int | None = None, negative_prompt: str | None = None,
+               steps: int | None = None, guidance: float | None = None, size: tuple[int, int] | None = None,
+               sampler: str | None = None, count: int | None = None, init_image: bytes | None = None,
+               strength: float | None = None, model: str | None = None) -> GenerationParams:
+        """A job's parameters, with this configuration's defaults for what was left out (None).
+
+        The one place where configured defaults are filled in: the bot's admission applies the
+        member's defaults and the server's limits first, ``python -m engine generate`` its flags.
+        """
+        width, height = size or (self.default_width, self.default_height)
+        return GenerationParams(
+            prompt=prompt,
+            seed=secrets.randbelow(SEED_MAX + 1) if seed is None else seed,
+            negative_prompt=self.default_negative_prompt if negative_prompt is None else negative_prompt,
+            steps=steps or self.default_steps,
+            guidance=self.default_guidance if guidance is None else guidance,
+            width=width, height=height,
+            sampler=sampler or self.default_sampler,
+            count=count or 1,
+            init_image=init_image,
+            strength=self.default_strength if strength is None else strength,
+            model=model,
+        )
 
     def for_family(self, family: str) -> GenerationSettings:
         """These settings for a default model of ``family``: unchanged except for ``"sdxl"``, where
@@ -235,6 +279,8 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
     check(engine.overtake_window >= 0, "engine.overtake_window", engine.overtake_window,
           "seconds, 0 (strict arrival order) or more")
     check(engine.compile in COMPILE_MODES, "engine.compile", engine.compile, f"one of {', '.join(COMPILE_MODES)}")
+    check(0 <= engine.png_compress_level <= 9, "engine.png_compress_level", engine.png_compress_level,
+          "0 (fastest, largest files) to 9 (smallest, slowest)")
 
     check(1 <= gen.max_steps <= 500, "generation.max_steps", gen.max_steps, "1 to 500")
     check(1 <= gen.default_steps <= gen.max_steps, "generation.default_steps", gen.default_steps,
@@ -279,17 +325,6 @@ def parse_queue_section(raw: dict[str, Any]) -> QueueSettings:
     check(1 <= queue.max_attempts <= 20, "queue.max_attempts", queue.max_attempts, "1 to 20")
     check(5 <= queue.lease_seconds <= 3600, "queue.lease_seconds", queue.lease_seconds, "5 to 3600 seconds")
     return queue
-
-
-def parse_size(size: str) -> tuple[int, int] | tuple[None, None]:
-    """``"512x768"`` -> ``(512, 768)``; anything else -> ``(None, None)``."""
-    try:
-        w, h = (int(part) for part in size.lower().split("x"))
-    except ValueError:
-        return None, None
-    if w <= 0 or h <= 0 or w % 8 or h % 8:
-        return None, None
-    return w, h
 
 
 def load_settings(path: str | Path = "config.toml") -> Settings:

@@ -8,50 +8,31 @@ them without touching torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-#: Sampler ids we accept, mapped to the names AUTOMATIC1111 writes in its infotext.
-SAMPLER_NAMES: dict[str, str] = {
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "ddim": "DDIM",
-}
+from engine.params import SAMPLER_NAMES, GenerationParams
+
+__all__ = ["SAMPLER_NAMES", "Family", "GeneratedImage", "GenerationParams", "GenerationRequest",
+           "GenerationResult", "ModelInfo", "Progress"]
 
 Family = Literal["sd1", "sd2", "sdxl"]
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One job as the engine sees it. Inputs are already checked at the Discord boundary.
-
-    ``count`` images are made with seeds ``seed, seed + 1, ...`` (as AUTOMATIC1111 does).
-    ``init_image`` (encoded PNG/JPEG/WebP bytes) turns the job into img2img with ``strength``.
-    ``variation_seed``/``variation_strength`` mix the initial noise of ``seed`` with that of
-    ``variation_seed`` (AUTOMATIC1111's "variation seed", slerp of the two noises).
-    ``<lora:NAME:WEIGHT>`` tags in ``prompt`` apply LoRA files (:mod:`engine.lora`).
-    """
+    """One job as the engine sees it: its id and its parameters (checked at the Discord boundary)."""
 
     job_id: int
-    prompt: str
-    seed: int
-    negative_prompt: str = ""
-    steps: int = 25
-    guidance: float = 7.0
-    width: int = 512
-    height: int = 512
-    sampler: str = "euler_a"
-    count: int = 1
-    init_image: bytes | None = None
-    strength: float = 0.75
-    variation_seed: int | None = None
-    variation_strength: float = 0.0
-    #: The configured model's name (``[models.<name>]``, or the default's display name); None: the default.
-    model: str | None = None
+    params: GenerationParams
+
+    @classmethod
+    def of(cls, job_id: int, **params: Any) -> GenerationRequest:
+        """``GenerationRequest.of(3, prompt="a fox", seed=1, steps=4)``: for tools and tests."""
+        return cls(job_id, GenerationParams(**params))
 
     @property
     def is_img2img(self) -> bool:
-        return self.init_image is not None
+        return self.params.is_img2img
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from PIL import Image
 from sqlalchemy import Engine
 
 from bot.client import SDBot
+from bot.wiring import BotApp, build_bot, open_queue
 from bot.config import Config, DiscordSettings, QueueSettings
 from db.queue import Queue
 from db.session import make_engine, upgrade
@@ -45,20 +46,19 @@ def bot_config(model_source: str, db_url: str, guild_id: int, **discord_override
 def new_queue(db_path: Path, config: Config) -> tuple[Engine, Queue]:
     engine = make_engine(f"sqlite:///{db_path}")
     upgrade(engine)
-    queue = Queue(engine, pending_limit=config.queue.pending_limit, max_attempts=config.queue.max_attempts,
-                  lease_seconds=config.queue.lease_seconds)
-    return engine, queue
+    return engine, open_queue(engine, config)
+
+
+def make_app(config: Config, queue: Queue, worker, **kwargs) -> BotApp:
+    """The real bot, built by the production wiring, with a runner over ``worker`` (None: a bot
+    without a local engine)."""
+    kwargs.setdefault("allowed_hosts", EMULATOR_HOSTS)
+    return build_bot(config, queue, worker, worker_name="test-worker", poll_interval=0.1,
+                     guild_ready_timeout=0.1, **kwargs)
 
 
 def make_bot(config: Config, queue: Queue, worker, **kwargs) -> SDBot:
-    """The real bot, with a runner over ``worker`` (None: a bot without a local engine)."""
-    runner = None
-    if worker is not None:
-        from engine.runner import QueueRunner
-
-        runner = QueueRunner(queue, worker, worker_id="test-worker", poll_interval=0.1)
-    kwargs.setdefault("allowed_hosts", EMULATOR_HOSTS)
-    return SDBot(config, queue, runner, guild_ready_timeout=0.1, **kwargs)
+    return make_app(config, queue, worker, **kwargs).bot
 
 
 @contextlib.asynccontextmanager

@@ -403,7 +403,7 @@ async def test_checks_one_after_another_share_one_budget():
     deferred = []
 
     class Bot:
-        async def defer(self, interaction):
+        async def defer(self, interaction, **_):
             deferred.append(interaction)
 
     def interaction():
@@ -427,14 +427,14 @@ async def test_a_slow_check_acknowledges_first_and_still_refuses_privately(setup
     removes it and is told ephemerally: nothing public is left, nothing is queued."""
     import time
 
-    from bot import commands
+    from bot import service
     from bot.inputs import BadInput
 
     def slow_refusal(prompt, negative, lora_dir):
         time.sleep(PREPARE_BUDGET + 0.5)
         raise BadInput("The prompt is 9999 tokens long.")
 
-    monkeypatch.setattr(commands, "check_prompt_text", slow_refusal)
+    monkeypatch.setattr(service, "check_prompt_text", slow_refusal)
     emu, config, queue = setup
     async with bot_running(emu, config, queue, None):
         ix = await emu.slash(emu.alice, "imagine", {"prompt": "a cat"})

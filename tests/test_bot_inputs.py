@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bot.commands import Bounded, OneOf, Text, generation_fields
+from bot.transformers import Bounded, OneOf, Text
 from bot.inputs import BadInput, check_prompt, clean_text, enlarge, fit_size, load_init_image
 from bot_harness import png
 from engine.settings import GenerationSettings
@@ -76,14 +76,13 @@ def test_choice_and_text_options(value):
         assert out == clean_text(value) and 0 < len(out) <= 20
 
 
-def test_generation_fields_fill_defaults_and_draw_a_seed():
-    fields = generation_fields(GEN, prompt="p", negative="", seed=None, steps=None, guidance=None, size=None,
-                               sampler=None, count=1)
-    assert (fields["width"], fields["height"], fields["steps"]) == (512, 512, GEN.default_steps)
-    assert 0 <= fields["seed"] < 2**32
-    fields = generation_fields(GEN, prompt="p", negative="n", seed=0, steps=3, guidance=0.0, size="768x512",
-                               sampler="ddim", count=2)
-    assert (fields["seed"], fields["guidance"], fields["width"], fields["height"]) == (0, 0.0, 768, 512)
+def test_configured_defaults_fill_what_was_left_out_and_a_seed_is_drawn():
+    params = GEN.params("p", negative_prompt="")
+    assert (params.width, params.height, params.steps) == (512, 512, GEN.default_steps)
+    assert 0 <= params.seed < 2**32
+    params = GEN.params("p", negative_prompt="n", seed=0, steps=3, guidance=0.0, size=(768, 512), sampler="ddim",
+                        count=2)
+    assert (params.seed, params.guidance, params.width, params.height) == (0, 0.0, 768, 512)
 
 
 def load(data: bytes, size=None, formats=("PNG", "JPEG", "WEBP", "GIF")):

@@ -14,6 +14,7 @@ from engine.errors import GenerationError
 from engine.lora import lora_key, parse_lora_key, strip_lora_tags
 from engine.settings import EngineSettings, GenerationSettings
 from engine.types import GenerationRequest
+from tolerance import assert_same_image
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def pipeline(lora_model):
 
 
 def request(prompt: str, job_id: int = 1, **kw) -> GenerationRequest:
-    return GenerationRequest(job_id=job_id, prompt=prompt, seed=7, steps=3, guidance=5.0, width=64, height=64,
+    return GenerationRequest.of(job_id=job_id, prompt=prompt, seed=7, steps=3, guidance=5.0, width=64, height=64,
                              sampler="euler", **kw)
 
 
@@ -140,7 +141,7 @@ def test_jobs_with_different_lora_sets_are_not_batched_together(lora_model, pipe
     step = worker._step
 
     def watch(batch):  # which LoRA sets share each step
-        batches.append({lora_key(e.job.request.prompt) for e in batch.entries})
+        batches.append({lora_key(e.job.request.params.prompt) for e in batch.entries})
         step(batch)
 
     worker._step = watch
@@ -154,5 +155,5 @@ def test_jobs_with_different_lora_sets_are_not_batched_together(lora_model, pipe
     finally:
         worker.stop()
     for got, expected in zip(results, alone):
-        assert np.array_equal(pixels(got), expected)
+        assert_same_image(pixels(got), expected)
     assert all(len(sets) == 1 for sets in batches)

@@ -13,7 +13,7 @@ from engine.types import GenerationRequest
 def make_request(**fields) -> GenerationRequest:
     defaults = dict(job_id=42, prompt="a red fox, snow", negative_prompt="blurry", seed=1, steps=25,
                     guidance=7.0, width=512, height=768, sampler="euler_a")
-    return GenerationRequest(**(defaults | fields))
+    return GenerationRequest.of(**(defaults | fields))
 
 
 def test_infotext_is_automatic1111s_format():

@@ -131,7 +131,7 @@ def test_turns_give_an_unloaded_model_its_fair_turn():
 
 def test_batch_key_is_the_model_and_the_lora_set():
     def request(prompt, model=None):
-        return GenerationRequest(job_id=1, prompt=prompt, seed=1, model=model)
+        return GenerationRequest.of(job_id=1, prompt=prompt, seed=1, model=model)
 
     assert batch_key(request("a cat"), "base") == batch_key(request("a dog", "base"), "base")
     assert batch_key(request("a cat"), "base") != batch_key(request("a cat", "xl"), "base")
@@ -176,11 +176,11 @@ def test_a_job_for_an_unknown_model_fails_with_the_names(load_tiny):
     worker = EngineWorker(pool, EngineSettings(max_batch=2), GenerationSettings(max_width=256, max_height=256))
     worker.start()
     try:
-        request = GenerationRequest(job_id=9, prompt="x", seed=1, steps=2, width=64, height=64, model="gone")
+        request = GenerationRequest.of(job_id=9, prompt="x", seed=1, steps=2, width=64, height=64, model="gone")
         with pytest.raises(GenerationError, match="No model named 'gone'"):
             worker.generate_blocking(request)
         # The worker goes on with the default model afterwards.
-        ok = worker.generate_blocking(GenerationRequest(job_id=10, prompt="x", seed=1, steps=2, width=64, height=64))
+        ok = worker.generate_blocking(GenerationRequest.of(job_id=10, prompt="x", seed=1, steps=2, width=64, height=64))
         assert ok.images
     finally:
         worker.stop()

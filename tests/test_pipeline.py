@@ -16,6 +16,7 @@ from engine.metadata import read_parameters
 from engine.pipeline import Pipeline, fit_image
 from engine.samplers import SAMPLERS
 from engine.types import GenerationRequest
+from tolerance import assert_same_image
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def pipeline(tiny_model) -> Pipeline:
 def make_request(**fields) -> GenerationRequest:
     defaults = dict(job_id=1, prompt="a red fox", negative_prompt="blurry", seed=7, steps=4,
                     guidance=6.0, width=64, height=48, sampler="euler_a")
-    return GenerationRequest(**(defaults | fields))
+    return GenerationRequest.of(**(defaults | fields))
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -67,8 +68,7 @@ def test_count_makes_one_image_per_seed(pipeline):
     assert [image.seed for image in result.images] == [20, 21]
     assert read_parameters(result.images[1].png)["Seed"] == "21"
     single = pipeline.generate(make_request(seed=21))
-    diff = np.abs(pixels(result.images[1].png) - pixels(single.images[0].png))
-    assert diff.max() <= 2  # the same image as seed 21 alone, within float tolerance
+    assert_same_image(result.images[1].png, single.images[0].png)  # the same image as seed 21 alone
 
 
 def test_variation_seed_mixes_noise(pipeline):
@@ -121,9 +121,9 @@ def test_euler_matches_the_diffusers_pipeline(tiny_model, pipeline):
     )
     reference.set_progress_bar_config(disable=True)
     ours = make_request(sampler="euler", steps=10, width=64, height=64)  # 10 steps: integer timesteps
-    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(ours.seed))
-    theirs = reference(ours.prompt, negative_prompt=ours.negative_prompt, num_inference_steps=10,
-                       guidance_scale=ours.guidance, height=64, width=64, latents=noise, output_type="np").images[0]
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(ours.params.seed))
+    theirs = reference(ours.params.prompt, negative_prompt=ours.params.negative_prompt, num_inference_steps=10,
+                       guidance_scale=ours.params.guidance, height=64, width=64, latents=noise, output_type="np").images[0]
     mine = pixels(pipeline.generate(ours).images[0].png)
     assert np.abs(mine - np.round(theirs * 255)).max() <= 2
 

@@ -13,6 +13,7 @@ from engine.prompts import chunk_prompt, chunks_needed, count_tokens, parse_prom
 from engine.tokenizer import clip_tokenizer
 from engine.types import GenerationRequest
 from engine_harness import denoise_alone
+from tolerance import assert_same_latents
 
 # ---------------------------------------------------------------------------- parsing
 
@@ -223,11 +224,11 @@ def test_rows_of_different_lengths_attend_only_to_their_own_tokens(tiny_model):
 def test_jobs_with_different_chunk_counts_share_a_batch_and_match_running_alone(tiny_model):
     pipeline = Pipeline(tiny_model)
     requests = [
-        GenerationRequest(job_id=1, prompt="a red fox", negative_prompt="blurry", seed=1, steps=4,
+        GenerationRequest.of(job_id=1, prompt="a red fox", negative_prompt="blurry", seed=1, steps=4,
                           width=64, height=64, sampler="euler"),
-        GenerationRequest(job_id=2, prompt=words(160), negative_prompt="blurry", seed=2, steps=4,
+        GenerationRequest.of(job_id=2, prompt=words(160), negative_prompt="blurry", seed=2, steps=4,
                           width=64, height=64, sampler="euler", count=2),
-        GenerationRequest(job_id=3, prompt="a (red:1.3) fox BREAK snow", negative_prompt=words(90), seed=3,
+        GenerationRequest.of(job_id=3, prompt="a (red:1.3) fox BREAK snow", negative_prompt=words(90), seed=3,
                           steps=4, width=64, height=64, sampler="euler"),
     ]
     alone = denoise_alone(pipeline, requests)
@@ -241,7 +242,7 @@ def test_jobs_with_different_chunk_counts_share_a_batch_and_match_running_alone(
         for entry in [e for e in batch.entries if e.done]:
             together[entry.job.request.job_id] = batch.remove(entry.job)
     for job_id, latents in alone.items():
-        torch.testing.assert_close(together[job_id], latents, rtol=1e-4, atol=1e-4)
+        assert_same_latents(together[job_id], latents)
 
 
 def test_equal_lengths_need_no_mask(tiny_model):

@@ -1,0 +1,74 @@
+"""/imagine and /img2img: check the options, admit the job, queue it.
+
+Option types carry this configuration's limits, which discord.py reads from the annotations
+when a command is defined: hence the cog class is made by :func:`generate_cog` from the
+:class:`~bot.transformers.Options`. (No ``from __future__ import annotations`` here: discord.py
+needs the annotations as objects.)
+"""
+
+import discord
+from discord import app_commands
+from discord.app_commands import Transform
+from discord.ext import commands
+
+from bot.inputs import check_attachment_meta
+from bot.policy import Asked
+from bot.service import JobService
+from bot.transformers import Options
+from db.models import JobKind
+from engine.params import SAMPLER_NAMES, SEED_MAX
+
+
+def generate_cog(service: JobService, o: Options) -> commands.Cog:
+    config = service.config
+    gen = config.generation
+    described = dict(
+        prompt="What to draw",
+        negative="What to keep out of the image",
+        seed=f"Seed for the noise (0 to {SEED_MAX}); random when left out",
+        steps=f"Denoising steps (default {gen.default_steps})",
+        guidance=f"How closely to follow the prompt (default {gen.default_guidance:g})",
+        size=f"Width x height (default {gen.default_width}x{gen.default_height})",
+        sampler=f"Sampler (default {SAMPLER_NAMES[gen.default_sampler]})",
+        count="Images to make (default 1)",
+        model=f"Model (default {config.model.display_name}); LoRA: <lora:name:0.8> in the prompt",
+    )
+
+    class Generate(commands.Cog, name="generate"):
+        """Making images from a prompt, or from an uploaded image and a prompt."""
+
+        def __init__(self, service: JobService) -> None:
+            self.service = service
+
+        @app_commands.command(name="imagine", description="Make images from a text prompt")
+        @app_commands.describe(**described)
+        async def imagine(self, interaction: discord.Interaction, prompt: Transform[str, o.prompt],
+                          negative: Transform[str, o.negative] = None, seed: Transform[int, o.seed] = None,
+                          steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
+                          size: Transform[str, o.size] = None, sampler: Transform[str, o.sampler] = None,
+                          count: Transform[int, o.count] = None, model: Transform[str, o.model] = None) -> None:
+            asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model)
+            await self.service.guarded(interaction, self.service.submit_command(interaction, JobKind.txt2img, asked))
+
+        @app_commands.command(name="img2img", description="Make images from an uploaded image and a prompt")
+        @app_commands.describe(image="A PNG, JPEG or WebP image",
+                               strength=f"How much to change the image (default {gen.default_strength:g})",
+                               **described)
+        async def img2img(self, interaction: discord.Interaction, image: discord.Attachment,
+                          prompt: Transform[str, o.prompt], strength: Transform[float, o.strength] = None,
+                          negative: Transform[str, o.negative] = None, seed: Transform[int, o.seed] = None,
+                          steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
+                          size: Transform[str, o.size] = None, sampler: Transform[str, o.sampler] = None,
+                          count: Transform[int, o.count] = None, model: Transform[str, o.model] = None) -> None:
+            asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model, strength)
+            await self.service.guarded(interaction, self._img2img(interaction, image, asked))
+
+        async def _img2img(self, interaction: discord.Interaction, image: discord.Attachment, asked: Asked) -> None:
+            """The upload's name, type, size and host are checked before it is downloaded."""
+            dc = config.discord
+            check_attachment_meta(filename=image.filename, content_type=image.content_type, size=image.size,
+                                  url=image.url, allowed_types=dc.allowed_image_types,
+                                  max_bytes=dc.max_attachment_bytes, allowed_hosts=self.service.allowed_hosts)
+            await self.service.submit_command(interaction, JobKind.img2img, asked, image)
+
+    return Generate(service)

@@ -1,0 +1,69 @@
+"""/help: every command with its options and limits, read from the registered commands."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import render
+from bot.service import JobService
+from bot.views import describe_buttons
+
+
+def iter_commands(items: Iterable[app_commands.Command | app_commands.Group]) -> Iterator[app_commands.Command]:
+    """Every command, with groups opened into their subcommands."""
+    for item in items:
+        if isinstance(item, app_commands.Group):
+            yield from iter_commands(item.commands)
+        else:
+            yield item
+
+
+def number(value: float) -> str:
+    """Every digit of a whole number ("4294967295", not "4.29497e+09"); floats as typed."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def limits_of(p: app_commands.Parameter, service: JobService) -> list[str]:
+    limits = []
+    if p.choices:
+        limits.append("one of " + ", ".join(str(c.value) for c in p.choices))
+    elif p.type is discord.AppCommandOptionType.string and p.max_value:
+        limits.append(f"up to {number(p.max_value)} characters")
+    elif p.min_value is not None and p.max_value is not None and p.name != "job":
+        limits.append(f"{number(p.min_value)} to {number(p.max_value)}")
+    if p.type is discord.AppCommandOptionType.attachment:
+        dc = service.config.discord
+        limits.append(", ".join(t.removeprefix("image/").upper() for t in dc.allowed_image_types)
+                      + f", up to {dc.max_attachment_bytes / 1048576:.1f} MiB")
+    return limits
+
+
+def help_text(commands_: Iterable[app_commands.Command | app_commands.Group], service: JobService) -> str:
+    """Every command with its options and limits (each range said once, from the definitions)."""
+    lines = ["**Commands**"]
+    for command in iter_commands(commands_):
+        lines.append(f"`/{command.qualified_name}`: {command.description}")
+        for p in [] if command.parent else command.parameters:  # subcommands: one line, to fit
+            limits = limits_of(p, service)
+            extra = f" ({'; '.join(limits)})" if limits else ""
+            optional = "" if p.required else " *optional*"
+            lines.append(f"  • `{p.name}`{optional}: {p.description}{extra}")
+    lines += ["", "**Buttons on results**", describe_buttons(),
+              "", f"You can have {service.config.queue.pending_limit} jobs waiting at a time."]
+    return render.clip("\n".join(lines), 4096)
+
+
+class HelpCog(commands.Cog, name="help"):
+    def __init__(self, service: JobService, bot: commands.Bot) -> None:
+        self.service, self.bot = service, bot
+
+    @app_commands.command(name="help", description="What the bot can do, and its limits")
+    async def help(self, interaction: discord.Interaction) -> None:
+        tree = self.bot.tree  # registered per server (copied there) or globally
+        text = help_text(tree.get_commands(guild=interaction.guild) or tree.get_commands(), self.service)
+        await interaction.response.send_message(embed=discord.Embed(title="Stable Diffusion bot", description=text),
+                                                ephemeral=True)

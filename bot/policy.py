@@ -1,0 +1,172 @@
+"""The rules a new job must pass, and the defaults it takes: pure functions of plain values.
+
+:func:`resolve` turns what a member asked (:class:`Asked`, None where an option was left out)
+into the job's :class:`~engine.params.GenerationParams`: the member's defaults where still
+allowed, then the server's default model and limits, then the configured defaults
+(``GenerationSettings.params``, the one place those are filled in). :func:`gate` refuses, with
+a :class:`~bot.inputs.BadInput` that says what to do, what the server or the queue does not
+take. The service (:mod:`bot.service`) reads the database once and calls these.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import discord
+
+from bot import render
+from bot.inputs import BadInput
+from db.community import DAY, Admission, MemberDefaults, ServerPolicy
+from engine.params import GenerationParams, size_text
+from engine.settings import GenerationSettings
+
+
+@dataclass(frozen=True)
+class Asked:
+    """The options of /imagine or /img2img as the member gave them; None: left out."""
+
+    prompt: str
+    negative: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    size: tuple[int, int] | None = None
+    sampler: str | None = None
+    count: int | None = None
+    model: str | None = None
+    strength: float | None = None
+
+
+@dataclass(frozen=True)
+class Asker:
+    """Who asks, and where: enough to apply a server's rules."""
+
+    guild_id: int | None
+    user_id: int
+    channel_id: int | None
+    channel: Any  # the channel object when cached (for its NSFW flag), else None
+
+    @classmethod
+    def of(cls, interaction: discord.Interaction) -> Asker:
+        return cls(interaction.guild_id, interaction.user.id, interaction.channel_id, interaction.channel)
+
+
+def nsfw_match(prompt: str, words: tuple[str, ...]) -> str | None:
+    """The first listed word or phrase that occurs in ``prompt`` as a whole word, or None."""
+    for word in words:
+        if re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE):
+            return word
+    return None
+
+
+def resolve(asked: Asked, mine: MemberDefaults, policy: ServerPolicy, gen: GenerationSettings,
+            model_names: tuple[str, ...], *, img2img: bool = False) -> GenerationParams:
+    """The job's parameters: what was asked, else the member's default (if the configuration
+    still allows it), else the configured default narrowed to the server's limits. An img2img
+    job without a size keeps the configured default here; the upload's shape replaces it."""
+    steps = asked.steps
+    if steps is None:
+        default = mine.steps if mine.steps and mine.steps <= gen.max_steps else gen.default_steps
+        steps = min(default, policy.max_steps or default)
+    guidance = asked.guidance
+    if guidance is None and mine.guidance is not None and mine.guidance <= gen.max_guidance:
+        guidance = mine.guidance
+    sampler = asked.sampler or (mine.sampler if mine.sampler in gen.samplers else None)
+    size = asked.size or (None if img2img else default_size(mine, policy, gen))
+    model = asked.model
+    if model is None and policy.default_model in model_names:
+        model = policy.default_model  # the server's choice when the member made none
+    return gen.params(asked.prompt, seed=asked.seed, negative_prompt=asked.negative or mine.negative_prompt or None,
+                      steps=steps, guidance=guidance, size=size, sampler=sampler, count=asked.count,
+                      strength=asked.strength, model=model)
+
+
+def default_size(mine: MemberDefaults, policy: ServerPolicy, gen: GenerationSettings) -> tuple[int, int] | None:
+    """The member's size if allowed, else the configured default (None), else the largest that fits."""
+    def fits(size: tuple[int, int]) -> bool:
+        return (policy.max_width is None or size[0] <= policy.max_width) and (
+            policy.max_height is None or size[1] <= policy.max_height)
+
+    if mine.width and size_text(mine.width, mine.height) in gen.sizes and fits((mine.width, mine.height)):
+        return mine.width, mine.height
+    if fits((gen.default_width, gen.default_height)):
+        return None
+    fitting = [size for size in gen.size_pairs if fits(size)]
+    return max(fitting, key=lambda s: s[0] * s[1]) if fitting else None
+
+
+def max_size(policy: ServerPolicy, gen: GenerationSettings) -> tuple[int, int]:
+    """The largest width and height a job may have on this server."""
+    return min(gen.max_width, policy.max_width or gen.max_width), min(gen.max_height, policy.max_height or gen.max_height)
+
+
+def gate(asker: Asker, seen: Admission, params: GenerationParams, *, pending_limit: int, now: datetime) -> None:
+    """Every rule a new job must pass: the server's (in a server) and the queue's pending limit;
+    raises BadInput saying which and what to do. ``seen``: the service's one database read."""
+    if asker.guild_id is not None:
+        _server_gate(asker, seen, params, now)
+    if seen.pending >= pending_limit:
+        raise BadInput(f"You already have {seen.pending} jobs waiting (limit {pending_limit}). "
+                       "Wait for one to finish or /cancel one.")
+
+
+def _server_gate(asker: Asker, seen: Admission, params: GenerationParams, now: datetime) -> None:
+    policy = seen.policy
+    if seen.barred:
+        raise BadInput("You have been barred from using this bot on this server. "
+                       "Ask the server's managers if you think this is a mistake.")
+    if not channel_allowed(asker, policy):
+        where = ", ".join(f"<#{c}>" for c in policy.allowed_channel_ids)
+        raise BadInput(f"On this server I make images only in {where}. Try there.")
+    if policy.paused:
+        raise BadInput("The server's managers have paused the image queue for now; "
+                       "no new jobs are taken. Try again later.")
+    word = nsfw_match(params.prompt, policy.nsfw_words)
+    if word is not None and not is_nsfw_channel(asker):
+        raise BadInput(f"“{render.escape(word)}” is on this server's NSFW list: prompts with it are "
+                       "allowed only in age-restricted channels.")
+    if policy.max_steps is not None and params.steps > policy.max_steps:
+        raise BadInput(f"This server allows at most {policy.max_steps} steps (you asked for {params.steps}).")
+    if policy.max_count is not None and params.count > policy.max_count:
+        raise BadInput(f"This server allows at most {policy.max_count} images per job "
+                       f"(you asked for {params.count}).")
+    if (policy.max_width is not None and params.width > policy.max_width
+            or policy.max_height is not None and params.height > policy.max_height):
+        raise BadInput(f"This server allows images up to {policy.max_width}x{policy.max_height} "
+                       f"(this one is {params.width}x{params.height}); pick a smaller size.")
+    if policy.pending_limit is not None and seen.pending >= policy.pending_limit:
+        raise BadInput(f"You already have {seen.pending} jobs waiting (this server's limit is "
+                       f"{policy.pending_limit}). Wait for one to finish or /cancel one.")
+    usage = seen.usage
+    if policy.daily_limit is not None and usage.count >= policy.daily_limit:
+        # The window slides: one more job is allowed when the oldest one in it is 24 hours old.
+        again = (usage.first_at or now) + DAY
+        raise BadInput(f"You have reached this server's limit of {policy.daily_limit} jobs in 24 hours. "
+                       f"You can make another {when(again)}.")
+    if policy.cooldown_seconds and usage.last_at is not None:
+        again = usage.last_at + timedelta(seconds=policy.cooldown_seconds)
+        if again > now:
+            wait = (again - now).total_seconds()
+            raise BadInput(f"This server has a {policy.cooldown_seconds}-second cooldown between jobs. "
+                           f"Try again in {wait:.0f} s, {when(again)}.")
+
+
+def channel_allowed(asker: Asker, policy: ServerPolicy) -> bool:
+    if not policy.allowed_channel_ids:
+        return True
+    parent = getattr(asker.channel, "parent_id", None)  # a thread counts as its channel
+    return asker.channel_id in policy.allowed_channel_ids or parent in policy.allowed_channel_ids
+
+
+def is_nsfw_channel(asker: Asker) -> bool:
+    is_nsfw = getattr(asker.channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
+
+
+def when(moment: datetime) -> str:
+    """A time every member sees in their own timezone: "in 5 minutes (14:05)"."""
+    ts = int(moment.timestamp()) + 1
+    return f"<t:{ts}:R> (<t:{ts}:T>)"

@@ -1,0 +1,313 @@
+"""What the cogs share: admitting a job, queueing it for whoever asked, cancelling, looking up.
+
+The cogs (:mod:`bot.cogs`) hold the commands, buttons and listeners; every flow that two of
+them need lives here, below them, and is given to each cog's constructor. No cog imports
+another cog or the client.
+
+A job is in the database before the interaction is acknowledged (:meth:`JobService.submit`
+enqueues, then defers): a crash in between leaves a job that runs and is posted, never a
+"thinking…" message with nothing behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Any, TypeVar
+
+import aiohttp
+import discord
+
+from bot import policy, render
+from bot.acks import PendingAcks
+from bot.checks import manages_messages_in, mark_received, within_deadline
+from bot.config import Config
+from bot.delivery import Delivery, token_expiry
+from bot.inputs import PILLOW_FORMATS, BadInput, check_prompt_text, load_init_image
+from bot.jobs import NewJob
+from bot.policy import Asked, Asker
+from db.community import DAY, Admission, Community
+from db.errors import QueueError
+from db.models import Job, JobKind, ResultImage
+from db.queue import Queue
+from engine.params import GenerationParams, job_columns
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REROLL_EMOJI = "🔁"
+#: Threads for the checks an interaction waits on (SQLite and PostgreSQL serve reads side by side).
+CHECK_THREADS = 2
+OUR_FAULT = "Something went wrong on our side; it has been logged."
+#: Seconds the record of an interaction acknowledged before its job may delay the acknowledgement.
+RECORD_BUDGET = 0.5
+
+
+class JobService:
+    """Admission, queueing and cancelling of jobs, for every cog."""
+
+    def __init__(self, config: Config, queue: Queue, community: Community, runner: Any | None,
+                 delivery: Delivery, acks: PendingAcks, *, clock: Callable[[], datetime],
+                 allowed_hosts: frozenset[str]) -> None:
+        self.config = config
+        self.acks = acks
+        self.queue = queue
+        self.community = community
+        self.runner = runner
+        self.delivery = delivery
+        self.clock = clock
+        self.allowed_hosts = allowed_hosts
+        self._checks = concurrent.futures.ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="sdbot-checks")
+        self._http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        self._checks.shutdown(wait=False, cancel_futures=True)
+
+    # -- answering interactions -------------------------------------------------------------------
+
+    async def guarded(self, interaction: discord.Interaction, action: Coroutine[Any, Any, None]) -> None:
+        """Run what a command or button does; members see refusals, we see the bugs."""
+        mark_received(interaction)
+        try:
+            await action
+        except (BadInput, QueueError) as e:
+            await self.tell(interaction, str(e))
+        except Exception:  # noqa: BLE001 - one failed action must not go unanswered
+            log.exception("interaction %s failed", interaction.id)
+            await self.tell(interaction, OUR_FAULT)
+
+    async def tell(self, interaction: discord.Interaction, text: str) -> None:
+        """An ephemeral reply, whether or not the interaction was answered already."""
+        try:
+            if not interaction.response.is_done():
+                await interaction.response.send_message(text, ephemeral=True)
+                return
+            if interaction.extras.get("thinking"):  # replace our public "thinking…" message
+                await interaction.delete_original_response()
+                interaction.extras["thinking"] = False
+            await interaction.followup.send(text, ephemeral=True)
+        except discord.HTTPException as e:
+            log.info("could not tell interaction %s: %s (%s)", interaction.id, text, e)
+        finally:
+            await self._answered(interaction)
+
+    async def reply(self, interaction: discord.Interaction, text: str) -> None:
+        """An ephemeral answer that mentions nobody."""
+        await interaction.response.send_message(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+
+    async def defer(self, interaction: discord.Interaction, *, job_pending: bool = False) -> None:
+        """Acknowledge now with a public "thinking…" message that becomes the job's status.
+
+        ``job_pending``: no job is stored yet (the checks are still running), so the interaction
+        is recorded first (:mod:`bot.acks`), and answered after a restart if the bot dies
+        before its job is. The record waits at most :data:`RECORD_BUDGET`: the deadline comes first.
+        """
+        if interaction.response.is_done():
+            return
+        if job_pending and not interaction.extras.get("ack_recorded"):
+            record = asyncio.ensure_future(asyncio.to_thread(self.acks.record, interaction, self.clock()))
+            interaction.extras["ack_recorded"] = True
+            try:
+                await asyncio.wait_for(asyncio.shield(record), RECORD_BUDGET)
+            except TimeoutError:
+                log.warning("interaction %s: acknowledged before its record was written", interaction.id)
+        response = await interaction.response.defer(thinking=True)
+        interaction.extras["thinking"] = True
+        interaction.extras["message_id"] = getattr(response, "message_id", None)
+
+    async def run_check(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` (a database read, a token count) on the bot's checking threads.
+
+        An interaction waits on these, under Discord's 3-second deadline, so they do not queue
+        behind the background work (delivery, the runner, writes) in asyncio's shared pool.
+        """
+        return await asyncio.get_running_loop().run_in_executor(self._checks, functools.partial(function, *args))
+
+    # -- admission --------------------------------------------------------------------------------
+
+    async def admission(self, asker: Asker) -> Admission:
+        """The member's defaults, the server's policy and the member's standing: one read."""
+        return await self.run_check(self.community.admission, asker.guild_id, asker.user_id, self.clock() - DAY)
+
+    def gate(self, asker: Asker, seen: Admission, params: GenerationParams) -> None:
+        policy.gate(asker, seen, params, pending_limit=self.config.queue.pending_limit, now=self.clock())
+
+    async def admit(self, interaction: discord.Interaction, asked: Asked,
+                    image: discord.Attachment | None = None) -> tuple[GenerationParams, str | None]:
+        """The parameters of a new /imagine or /img2img job and a note on long prompts; refuses,
+        with BadInput, what the server, the queue's pending limit or the engine would not take.
+        Within Discord's deadline: acknowledges first when the checks take long."""
+        return await within_deadline(self, interaction, self._admit(interaction, asked, image))
+
+    async def _admit(self, interaction: discord.Interaction, asked: Asked,
+                     image: discord.Attachment | None) -> tuple[GenerationParams, str | None]:
+        gen, asker = self.config.generation, Asker.of(interaction)
+        seen = await self.admission(asker)
+        params = policy.resolve(asked, seen.defaults, seen.policy, gen, self.config.model_names,
+                                img2img=image is not None)
+        if image is not None:  # the upload's shape, within this server's size limit
+            dc = self.config.discord
+            data = await self.download(image.url, dc.max_attachment_bytes)
+            max_width, max_height = policy.max_size(seen.policy, gen)
+            init = await asyncio.to_thread(
+                load_init_image, data, size=asked.size, max_width=max_width, max_height=max_height,
+                target_area=gen.default_width * gen.default_height,
+                formats=tuple(PILLOW_FORMATS[t] for t in dc.allowed_image_types))
+            params = params.but(init_image=init.png, width=init.width, height=init.height)
+        self.gate(asker, seen, params)
+        note = await self.run_check(check_prompt_text, params.prompt, params.negative_prompt,
+                                    self.config.model_settings(params.model).lora_dir)
+        return params, note
+
+    async def admit_derived(self, interaction: discord.Interaction, new: NewJob) -> NewJob:
+        """The server's policy and the pending limit for a job made by a button or the Edit form."""
+        asker = Asker.of(interaction)
+
+        async def check() -> None:
+            self.gate(asker, await self.admission(asker), new.params)
+
+        await within_deadline(self, interaction, check())
+        return new
+
+    # -- queueing ---------------------------------------------------------------------------------
+
+    async def submit(self, interaction: discord.Interaction, new: NewJob, note: str | None = None) -> Job:
+        """Queue a job for whoever used the command or pressed the button, then acknowledge and
+        answer with its number, place in line and a Cancel button. The job is stored first, so
+        an acknowledged interaction always has its job."""
+        job = await asyncio.to_thread(
+            self.queue.enqueue, **job_columns(new.params), kind=new.kind, parent_id=new.parent_id,
+            requester_id=interaction.user.id, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+            interaction_token=interaction.token, interaction_app_id=interaction.application_id,
+            interaction_expires_at=token_expiry(self.clock()), status_channel_id=interaction.channel_id)
+        await self.defer(interaction)
+        interaction.extras["thinking"] = False  # from now on the message is the job's
+        await self._answered(interaction)
+        message_id = interaction.extras.get("message_id") or (await interaction.original_response()).id
+        await asyncio.to_thread(self.queue.set_status_message, job.id, interaction.channel_id, message_id)
+        job.status_message_id = message_id
+        await self._announce(job, note)
+        return job
+
+    async def _answered(self, interaction: discord.Interaction) -> None:
+        """The interaction has its job or its answer: a restart need not answer it."""
+        if interaction.extras.pop("ack_recorded", False):
+            await asyncio.to_thread(self.acks.forget, interaction.id)
+
+    async def submit_command(self, interaction: discord.Interaction, kind: JobKind, asked: Asked,
+                             image: discord.Attachment | None = None) -> Job:
+        """/imagine and /img2img: admit, then queue."""
+        params, note = await self.admit(interaction, asked, image)
+        return await self.submit(interaction, NewJob(kind, params), note=note)
+
+    async def submit_derived(self, interaction: discord.Interaction, new: NewJob, note: str | None = None) -> Job:
+        """A reroll, variation, upscale or edit: admit, then queue."""
+        return await self.submit(interaction, await self.admit_derived(interaction, new), note=note)
+
+    async def submit_for_reaction(self, payload: discord.RawReactionActionEvent, new: NewJob,
+                                  channel: discord.abc.Messageable, cached_channel: Any) -> Job | None:
+        """Queue a job for a member who reacted; its status is a new message in the channel.
+        A refusal has no private reply to go to: it is logged and nothing happens."""
+        asker = Asker(payload.guild_id, payload.user_id, payload.channel_id, cached_channel)
+        try:
+            self.gate(asker, await self.admission(asker), new.params)
+        except BadInput as e:
+            log.info("reaction reroll by %s refused: %s", payload.user_id, e)
+            return None
+        status = await channel.send(f"{REROLL_EMOJI} <@{payload.user_id}> is rerolling job #{new.parent_id}…")
+        try:
+            job = await asyncio.to_thread(
+                self.queue.enqueue, **job_columns(new.params), kind=new.kind, parent_id=new.parent_id,
+                requester_id=payload.user_id, guild_id=payload.guild_id, channel_id=payload.channel_id,
+                status_message_id=status.id, status_channel_id=payload.channel_id)
+        except QueueError as e:
+            await status.edit(content=f"{REROLL_EMOJI} <@{payload.user_id}>: {render.escape(str(e))}")
+            return None
+        await self._announce(job, None)
+        return job
+
+    async def _announce(self, job: Job, note: str | None) -> None:
+        position = await asyncio.to_thread(self.queue.position, job.id)
+        try:
+            await self.delivery.show_queued(job, position, note or "")
+        except discord.HTTPException as e:  # the job is queued; its status will be shown later
+            log.info("job %s: could not show its place in line (%s)", job.id, e)
+        self.delivery.wake()
+        if self.runner is not None:
+            self.runner.wake()
+
+    def wake_workers(self) -> None:
+        """Jobs may start now (a server resumed): wake this process's runner and the others."""
+        self.queue.notify_new_job()
+        if self.runner is not None:
+            self.runner.wake()
+
+    # -- lookups and cancelling -------------------------------------------------------------------
+
+    async def get_job(self, job_id: int) -> Job | None:
+        return await self.run_check(self.queue.get, job_id)
+
+    async def job_here(self, interaction: discord.Interaction, job_id: int) -> Job:
+        """Job ``job_id`` if it belongs to this server (other servers' prompts stay private)."""
+        job = await self.get_job(job_id)
+        if job is None or job.guild_id != interaction.guild_id:
+            raise BadInput(f"There is no job #{job_id} on this server.")
+        return job
+
+    async def get_image(self, job_id: int, index: int) -> ResultImage:
+        images = await self.run_check(self.queue.images, job_id)
+        for image in images:
+            if image.index == index:
+                return image
+        raise BadInput(f"Job #{job_id} has no image {index + 1}.")
+
+    async def show_info(self, interaction: discord.Interaction, job: Job) -> None:
+        position = await self.run_check(self.queue.position, job.id)
+        await interaction.response.send_message(render.info_text(job, self.config.model.display_name, position),
+                                                ephemeral=True)
+
+    async def latest_pending(self, user_id: int) -> Job:
+        pending = await self.run_check(self.queue.pending_for, user_id)
+        if not pending:
+            raise BadInput("You have no jobs waiting.")
+        return pending[-1]
+
+    async def cancel(self, interaction: discord.Interaction, job: Job) -> None:
+        """Cancel for the requester or a member with Manage Messages in the job's channel (the
+        queue checks who may)."""
+        moderator = manages_messages_in(interaction, job.channel_id)
+        cancelled = await asyncio.to_thread(self.queue.cancel, job.id, interaction.user.id, moderator=moderator)
+        self.stopped([job.id])
+        await interaction.response.send_message(f"Cancelled {render.job_title(cancelled)}.", ephemeral=True)
+
+    def stopped(self, job_ids: list[int]) -> None:
+        """Jobs were cancelled in the database: stop them in the engine, update their messages."""
+        for job_id in job_ids:
+            if self.runner is not None:
+                self.runner.cancel(job_id)
+            self.delivery.on_finished(job_id)
+
+    async def download(self, url: str, max_bytes: int) -> bytes:
+        """An attachment's bytes, refusing more than ``max_bytes`` whatever its declared size."""
+        assert self._http is not None, "start() has not run"
+        try:
+            async with self._http.get(url, allow_redirects=False) as response:
+                if response.status != 200:
+                    raise BadInput("The attachment could not be downloaded; upload it again.")
+                data = bytearray()
+                async for chunk in response.content.iter_chunked(65536):
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise BadInput(f"The image is larger than {max_bytes / 1048576:.1f} MiB.")
+                return bytes(data)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            raise BadInput("The attachment could not be downloaded; upload it again.") from None

@@ -1,0 +1,82 @@
+"""Texts of /settings, /server and /stats: pure functions from stored settings to messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot import render
+from bot.config import Config
+from db.community import MemberDefaults, ServerPolicy, ServerStats
+from engine.params import SAMPLER_NAMES
+from engine.settings import GenerationSettings
+
+
+def member_settings_text(mine: MemberDefaults, gen: GenerationSettings) -> str:
+    def shown(value: Any, default: str) -> str:
+        return f"**{value}**" if value not in (None, "") else f"{default} *(bot default)*"
+
+    size = f"{mine.width}x{mine.height}" if mine.width else None
+    return "\n".join([
+        "**Your defaults** (used when you leave an option out)",
+        f"negative: {shown(render.escape(mine.negative_prompt or ''), repr(gen.default_negative_prompt or 'none'))}",
+        f"steps: {shown(mine.steps, str(gen.default_steps))}",
+        f"size: {shown(size, f'{gen.default_width}x{gen.default_height}')}",
+        f"sampler: {shown(SAMPLER_NAMES.get(mine.sampler or '', mine.sampler), SAMPLER_NAMES[gen.default_sampler])}",
+        f"guidance: {shown(mine.guidance, f'{gen.default_guidance:g}')}",
+        f"private results: **{'yes' if mine.private_results else 'no'}**",
+    ])
+
+
+def server_settings_text(policy: ServerPolicy, barred: list[int], config: Config) -> str:
+    gen, queue = config.generation, config.queue
+
+    def limit(value: Any, configured: Any) -> str:
+        return f"**{value}**" if value is not None else f"{configured} *(bot limit)*"
+
+    size = f"{policy.max_width}x{policy.max_height}" if policy.max_width else None
+    channels = ", ".join(f"<#{c}>" for c in policy.allowed_channel_ids) or "every channel"
+    lines = [
+        f"**Server settings**{' — ⏸️ queue paused' if policy.paused else ''}",
+        f"channels: {channels}",
+        f"max steps: {limit(policy.max_steps, gen.max_steps)}; max size: "
+        f"{limit(size, f'{gen.max_width}x{gen.max_height}')}; max count: {limit(policy.max_count, gen.max_count)}",
+        f"jobs waiting per member: {limit(policy.pending_limit, queue.pending_limit)}; "
+        f"per 24 hours: {limit(policy.daily_limit, 'no limit')}; "
+        f"cooldown: **{policy.cooldown_seconds} s**",
+        f"NSFW words (only in age-restricted channels): "
+        f"{render.escape(', '.join(policy.nsfw_words)) or 'none'}",
+        f"default model: {limit(policy.default_model, config.model.display_name)}",
+        f"barred members: {', '.join(f'<@{u}>' for u in barred) or 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def stats_text(stats: ServerStats, member_name: Any) -> str:
+    def seconds(value: float | None) -> str:
+        return "no finished jobs yet" if value is None else f"{value:.1f} s"
+
+    status = ", ".join(f"{n} {name}" for name, n in sorted(stats.week_by_status.items()))
+    top = "\n".join(f"{i}. {member_name(user_id)}: {n}" for i, (user_id, n) in enumerate(stats.top_members, 1))
+    return "\n".join([
+        f"**Jobs today:** {stats.jobs_today} · **this week:** {stats.jobs_week}"
+        + (f" ({status})" if status else ""),
+        f"**Average wait:** {seconds(stats.avg_wait_seconds)} · "
+        f"**average generation:** {seconds(stats.avg_generation_seconds)}",
+        f"**Queue now:** {stats.queued_here} waiting and {stats.running_here} running here; "
+        f"{stats.queued_everywhere} waiting on all servers",
+        "**Top members this week:**",
+        top or "nobody yet",
+        "*Days and weeks are in UTC; weeks start on Monday.*",
+    ])
+
+
+def audit_text(entries: list[Any]) -> str:
+    if not entries:
+        return "No changes have been made yet."
+    lines = []
+    for e in entries:
+        ts = int(e.created_at.timestamp())
+        target = f" <@{e.target_id}>" if e.target_id else ""
+        change = f"{render.escape(e.old_value or '—')} → {render.escape(e.new_value or '—')}"
+        lines.append(f"<t:{ts}:f> <@{e.actor_id}> **{e.action}**{target}: {render.excerpt(change, 120)}")
+    return render.clip("\n".join(lines), 1900)

@@ -1,0 +1,116 @@
+"""The one place the bot's application is put together, for ``python -m bot`` and for the tests.
+
+config → database → queue → community → engine worker (or none) → runner → job events →
+client (which makes the delivery loop and the job service it hands to the cogs). The tests call
+:func:`build_bot` with their own tiny-model worker; ``python -m bot`` calls :func:`open_database`,
+:func:`load_engine` and then the same :func:`build_bot`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+
+from bot.client import JobEvents, SDBot, utcnow
+from bot.config import Config
+from db.community import Community
+from db.models import JobStatus
+from db.queue import Queue
+from db.session import make_engine, upgrade
+from ops import Health, Metrics, OpsServer, database_reachable, queue_counts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BotApp:
+    """Everything a running bot is made of (the tests reach into it)."""
+
+    config: Config
+    queue: Queue
+    community: Community
+    runner: Any | None
+    bot: SDBot
+    ops: OpsServer  # started by ``run`` when ``[ops] enabled``
+
+
+def open_queue(db: Engine, config: Config) -> Queue:
+    return Queue(db, pending_limit=config.queue.pending_limit, max_attempts=config.queue.max_attempts,
+                 lease_seconds=config.queue.lease_seconds)
+
+
+def open_database(config: Config) -> tuple[Engine, Queue]:
+    """Create or upgrade the database (slow: call it in a thread) and open the queue."""
+    db = make_engine(config.queue.database_url)
+    upgrade(db)
+    return db, open_queue(db, config)
+
+
+def load_engine(config: Config) -> tuple[Any, str]:
+    """Load the default model and make the engine worker (slow: call it in a thread); returns
+    the worker and the loaded model's family (``"sdxl"`` picks SDXL's sizes for the commands).
+    Raises ModelLoadError, or ConfigError for a device this machine lacks."""
+    from engine.models import ModelPool
+    from engine.worker import EngineWorker
+
+    worker = EngineWorker(ModelPool.configured((config.model, *config.models), config.engine), config.engine,
+                          config.generation)
+    return worker, worker.pipeline.model.info.family  # loads the default model now: a bad one stops the start
+
+
+def build_bot(config: Config, queue: Queue, worker: Any | None = None, *, worker_name: str = "bot",
+              model_family: str | None = None, poll_interval: float = 1.0, **client_options: Any) -> BotApp:
+    """The bot over ``queue``, with a queue runner feeding ``worker`` (None: GPU workers run in
+    other processes). The worker is started by the caller; its jobs left running by this
+    worker's previous run are put back in line here."""
+    community = Community(queue.engine, clock=client_options.get("clock", utcnow))
+    metrics = Metrics(queue_counts=lambda: queue_counts(queue.engine),
+                      database_up=lambda: database_reachable(queue.engine),
+                      discord_connected=lambda: bot.connected)  # read at scrape time, once the bot exists
+    events = JobEvents(on_finished=functools.partial(record_finished, metrics, queue))
+    runner = None
+    if worker is not None:
+        from engine.models import ModelTurns
+        from engine.runner import QueueRunner, worker_identity
+
+        worker_id, prefix = worker_identity(worker_name)
+        recovered = queue.recover_all_running(worker_prefix=prefix)
+        if recovered:
+            log.info("%d job(s) left running by a previous run were recovered", recovered)
+        runner = QueueRunner(queue, worker, worker_id=worker_id, max_in_flight=config.engine.max_batch,
+                             poll_interval=poll_interval, heartbeat_interval=config.queue.lease_seconds / 4,
+                             listen=config.queue.database_url.startswith("postgresql"),
+                             turns=ModelTurns.for_pool(worker.models, config.engine),
+                             on_progress=events.progress, on_finished=events.finished)
+    bot = SDBot(config, queue, community, runner, events=events, model_family=model_family, **client_options)
+    health = Health()
+    health.add_check("database", lambda: database_reachable(queue.engine))
+    health.add_task("delivery", lambda: bot.task("delivery"))
+    if runner is not None:
+        health.add_task("queue-runner", lambda: bot.task("queue-runner"))
+    ops = OpsServer(config.ops, metrics=metrics, health=health)
+    return BotApp(config=config, queue=queue, community=community, runner=runner, bot=bot, ops=ops)
+
+
+def record_finished(metrics: Metrics, queue: Queue, job_id: int) -> None:
+    """Count a job this process finished, with its times (read from its row, in a thread)."""
+    def record() -> None:
+        job = queue.get(job_id)
+        if job is None or not job.status.finished:
+            return
+        queued = (job.started_at - job.created_at).total_seconds() if job.started_at else None
+        generation = (job.finished_at - job.started_at).total_seconds() if job.started_at and job.finished_at else None
+        images = len(queue.images(job_id)) if job.status is JobStatus.done else 0
+        metrics.job_finished(job.status, queued, generation, images)
+
+    asyncio.get_running_loop().run_in_executor(None, record).add_done_callback(_log_failure)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("could not record a finished job's metrics", exc_info=future.exception())

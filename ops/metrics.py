@@ -1,0 +1,180 @@
+"""Prometheus metrics of one bot or worker process, in a registry of their own.
+
+Counters and histograms are pushed by the process as jobs end (:meth:`Metrics.job_finished`);
+the queue depth, the database, Discord and the GPU are read when Prometheus scrapes, from the
+callables the process passes in. Each ``Metrics`` owns its ``CollectorRegistry`` (never
+prometheus_client's global one), so several of them, in tests or in one process, never clash.
+
+torch is never imported here: the GPU series appear only where the engine has already imported
+torch and put work on CUDA (a ``--no-engine`` bot must stay free of torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from db.models import FINISHED, JobStatus
+
+log = logging.getLogger("ops")
+
+#: Seconds over which ``sdbot_images_per_second`` averages.
+IMAGES_WINDOW = 60.0
+# A job waits from seconds (an idle GPU) to an hour (a busy evening); generation takes about a
+# second (a small image on a fast GPU) to minutes (SDXL, many steps, a CPU).
+QUEUED_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+GENERATION_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 300, 600)
+
+
+class Metrics:
+    """The series of one process; give it what it reads at scrape time, tell it what happens.
+
+    ``queue_counts() -> {status: jobs}`` (see :func:`ops.queries.queue_counts`),
+    ``database_up() -> bool`` and ``discord_connected() -> bool`` are called on a scrape
+    thread, never on the event loop, and may block; a series whose callable is None is left
+    out (a worker has no Discord). ``clock`` (monotonic seconds) is for tests.
+    """
+
+    def __init__(self, *, queue_counts: Callable[[], Mapping[str, int]] | None = None,
+                 database_up: Callable[[], bool] | None = None,
+                 discord_connected: Callable[[], bool] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.registry = CollectorRegistry()
+        self._clock = clock
+        self._recent_images: deque[tuple[float, int]] = deque()  # (when, images) of the last minute
+        self._recent_lock = threading.Lock()
+        r = self.registry
+        self._finished = Counter("sdbot_jobs_finished", "Jobs that ended here, by outcome", ["status"], registry=r)
+        for status in sorted(s.value for s in FINISHED):
+            self._finished.labels(status)  # 0 from the start, so rate() has a first point
+        self._queued = Histogram("sdbot_job_queued_seconds", "Seconds a job waited in line before it started",
+                                 buckets=QUEUED_BUCKETS, registry=r)
+        self._generation = Histogram("sdbot_job_generation_seconds", "Seconds from a job's start to its images",
+                                     buckets=GENERATION_BUCKETS, registry=r)
+        self._images = Counter("sdbot_images_generated", "Images generated here (images/s: rate() of this)",
+                               registry=r)
+        self._batch_rows = Gauge("sdbot_batch_rows", "Images being denoised together in the running batch",
+                                 registry=r)
+        r.register(_ScrapeTimeSeries(self, queue_counts, database_up, discord_connected))
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
+
+    # -- what the process tells us ----------------------------------------------------------
+
+    def job_finished(self, status: JobStatus | str, queued_seconds: float | None,
+                     generation_seconds: float | None, images: int = 0) -> None:
+        """A job ended (``done``, ``failed`` or ``cancelled``). Times are None where unknown:
+        a job failed or cancelled before it started has no generation time."""
+        status = JobStatus(status)
+        if not status.finished:
+            raise ValueError(f"job_finished: {status.value} is not an end state (one of done, failed, cancelled)")
+        self._finished.labels(status.value).inc()
+        if queued_seconds is not None:
+            self._queued.observe(max(0.0, queued_seconds))
+        if generation_seconds is not None:
+            self._generation.observe(max(0.0, generation_seconds))
+        if images > 0:
+            self._images.inc(images)
+            with self._recent_lock:
+                self._recent_images.append((self._clock(), images))
+                self._forget_old_images()  # here too: nobody may be scraping
+
+    def set_batch_rows(self, rows: int) -> None:
+        """The rows (images) of the running batch now; 0 when the engine is idle."""
+        self._batch_rows.set(rows)
+
+    # -- read at scrape time ----------------------------------------------------------------
+
+    def images_per_second(self) -> float:
+        """Images generated in the last ``IMAGES_WINDOW`` seconds, per second."""
+        with self._recent_lock:
+            self._forget_old_images()
+            return sum(n for _, n in self._recent_images) / IMAGES_WINDOW
+
+    def _forget_old_images(self) -> None:
+        horizon = self._clock() - IMAGES_WINDOW
+        while self._recent_images and self._recent_images[0][0] < horizon:
+            self._recent_images.popleft()
+
+
+class _ScrapeTimeSeries:
+    """The gauges whose values are read when Prometheus asks (a collector of the registry)."""
+
+    def __init__(self, metrics: Metrics, queue_counts: Callable[[], Mapping[str, int]] | None,
+                 database_up: Callable[[], bool] | None, discord_connected: Callable[[], bool] | None) -> None:
+        self._metrics = metrics
+        self._queue_counts = queue_counts
+        self._database_up = database_up
+        self._discord_connected = discord_connected
+        self._queue_failing = False  # logged once when counting starts failing, once when it works again
+
+    def describe(self) -> list[Metric]:
+        # Names only, so the registry can refuse a clash without calling the callables.
+        names = ["sdbot_images_per_second", "sdbot_queue_jobs", "sdbot_database_up", "sdbot_discord_connected",
+                 "sdbot_gpu_memory_allocated_bytes", "sdbot_gpu_memory_reserved_bytes"]
+        return [GaugeMetricFamily(name, "") for name in names]
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("sdbot_images_per_second",
+                                f"Images generated here over the last {IMAGES_WINDOW:.0f} s, per second",
+                                value=self._metrics.images_per_second())
+        if self._queue_counts is not None:
+            yield from self._queue_depth()
+        if self._database_up is not None:
+            yield _flag("sdbot_database_up", "1 when the database answers", self._database_up)
+        if self._discord_connected is not None:
+            yield _flag("sdbot_discord_connected", "1 when the bot is connected to Discord's gateway",
+                        self._discord_connected)
+        yield from _gpu_memory()
+
+    def _queue_depth(self) -> Iterator[Metric]:
+        try:
+            counts = dict(self._queue_counts())
+        except Exception as e:  # the database is down: the other series still go out
+            if not self._queue_failing:
+                log.warning("ops: cannot count the queue's jobs (%s); sdbot_queue_jobs is left out until it can", e)
+            self._queue_failing = True
+            return
+        if self._queue_failing:
+            log.info("ops: counting the queue's jobs again")
+        self._queue_failing = False
+        family = GaugeMetricFamily("sdbot_queue_jobs", "Jobs in the database by status", labels=["status"])
+        for status in sorted({s.value for s in JobStatus} | counts.keys()):
+            family.add_metric([status], counts.get(status, 0))
+        yield family
+
+
+def _flag(name: str, documentation: str, read: Callable[[], bool]) -> Metric:
+    try:
+        up = bool(read())
+    except Exception:
+        log.debug("ops: %s check raised", name, exc_info=True)
+        up = False
+    return GaugeMetricFamily(name, documentation, value=1.0 if up else 0.0)
+
+
+def _gpu_memory() -> Iterator[Metric]:
+    """CUDA memory of this process, per device, from torch's allocator.
+
+    Only once torch is imported and CUDA initialised by the engine: asking earlier would load
+    torch into a process without one, or open a CUDA context (hundreds of MB) on every GPU.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    allocated = GaugeMetricFamily("sdbot_gpu_memory_allocated_bytes", "GPU memory held by tensors",
+                                  labels=["device"])
+    reserved = GaugeMetricFamily("sdbot_gpu_memory_reserved_bytes",
+                                 "GPU memory reserved by torch's caching allocator", labels=["device"])
+    for index in range(torch.cuda.device_count()):
+        device = f"cuda:{index}"
+        allocated.add_metric([device], torch.cuda.memory_allocated(index))
+        reserved.add_metric([device], torch.cuda.memory_reserved(index))
+    yield allocated
+    yield reserved
