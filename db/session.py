@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import URL
+from sqlalchemy.orm import sessionmaker
 
 DEFAULT_URL = "sqlite:///data/sdbot.sqlite3"
 BUSY_TIMEOUT_MS = 30_000
@@ -140,6 +141,15 @@ class _WriterTurns:
         if self._holder is not None and self._holder is _raw(connection):
             self._holder = None
             self._lock.release()
+
+
+def session_makers(engine: Engine) -> tuple[sessionmaker, sessionmaker]:
+    """``(write, read)`` session factories over ``engine``, returning detached snapshots
+    (``expire_on_commit=False``), safe to read in any thread. Reads need no write lock: on SQLite
+    (WAL) a deferred BEGIN reads a snapshot."""
+    write = sessionmaker(engine, expire_on_commit=False)
+    read = sessionmaker(engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False)
+    return write, read
 
 
 def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> None:

@@ -1,0 +1,17 @@
+"""The job queue (see :mod:`db.queue.core`); the names callers import, from one place."""
+
+from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded, QueueError
+from db.queue.core import Queue
+from db.queue.order import fair_order
+from db.queue.wakeup import NOTIFY_CHANNEL
+
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "AlreadyFinished",
+    "JobNotFound",
+    "NotYours",
+    "PendingLimitExceeded",
+    "Queue",
+    "QueueError",
+    "fair_order",
+]
