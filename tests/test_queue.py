@@ -77,14 +77,19 @@ def test_fair_order_without_database() -> None:
 # -- claiming -----------------------------------------------------------------------------
 
 
-def test_claim_counts_attempt_and_leases(queue: Queue, clock: FakeClock) -> None:
+def test_claim_leases_and_the_start_counts_the_attempt(queue: Queue, clock: FakeClock) -> None:
     (job_id,) = enqueue(queue, ALICE, steps=30, kind=JobKind.img2img, init_image=b"png")
     job = queue.claim("w1")
     assert job.id == job_id and job.status is JobStatus.running
-    assert job.attempts == 1 and job.worker_id == "w1"
+    assert job.attempts == 0 and job.started_at is None and job.worker_id == "w1"
     assert job.lease_until == clock.now + queue.lease
     assert (job.steps, job.kind, job.init_image) == (30, JobKind.img2img, b"png")
     assert queue.claim("w2") is None
+    assert not queue.mark_started(job_id, "w2")  # not theirs
+    assert queue.mark_started(job_id, "w1")
+    assert not queue.mark_started(job_id, "w1")  # a repeated write counts once
+    started = queue.get(job_id)
+    assert started.attempts == 1 and started.started_at == clock.now
 
 
 def test_claim_only_matching_size_and_model(queue: Queue) -> None:
@@ -144,11 +149,13 @@ def test_heartbeat_keeps_the_lease(queue: Queue, clock: FakeClock) -> None:
 def test_expired_lease_is_taken_over(queue: Queue, clock: FakeClock) -> None:
     enqueue(queue, ALICE)
     job = queue.claim("w1")
+    queue.mark_started(job.id, "w1")
     clock.advance(61)
     assert queue.recover() == 1
     assert queue.get(job.id).status is JobStatus.queued
     again = queue.claim("w2")
-    assert again.id == job.id and again.attempts == 2
+    assert again.id == job.id and again.attempts == 1  # w1's attempt; w2's counts when it starts
+    assert queue.mark_started(job.id, "w2") and queue.get(job.id).attempts == 2
     # The first worker comes back: it has lost the job.
     assert not queue.heartbeat(job.id, "w1")
     assert not queue.complete(job.id, "w1", [(b"late", 1)])
@@ -168,7 +175,8 @@ def test_fails_with_reason_after_max_attempts(queue: Queue, clock: FakeClock) ->
     enqueue(queue, ALICE)
     for attempt in range(1, 4):
         job = queue.claim(f"w{attempt}")
-        assert job.attempts == attempt
+        assert queue.mark_started(job.id, f"w{attempt}")
+        assert queue.get(job.id).attempts == attempt
         clock.advance(61)
     assert queue.recover() == 1
     job = queue.get(job.id)
@@ -177,10 +185,54 @@ def test_fails_with_reason_after_max_attempts(queue: Queue, clock: FakeClock) ->
 
 
 def test_release_gives_job_back_without_counting(queue: Queue) -> None:
-    enqueue(queue, ALICE)
-    job = queue.claim("w1")
-    assert queue.release(job.id, "w1")
-    assert queue.claim("w2").attempts == 1
+    enqueue(queue, ALICE, 2)
+    started = queue.claim("w1")
+    queue.mark_started(started.id, "w1")
+    waiting = queue.claim("w1")  # claimed for the batch, never started
+    assert queue.release(started.id, "w1") and queue.release(waiting.id, "w1")
+    assert [queue.get(j.id).attempts for j in (started, waiting)] == [0, 0]
+
+
+def test_a_job_claimed_and_recovered_without_starting_never_fails_for_attempts(queue: Queue,
+                                                                              clock: FakeClock) -> None:
+    """Issue 10 §3: jobs a runner claimed for its batch but never started (it died while they
+    waited behind others) use no attempt, however often that happens."""
+    (job_id,) = enqueue(queue, ALICE)
+    for n in range(queue.max_attempts * 3):
+        assert queue.claim(f"w{n}").id == job_id
+        clock.advance(61)
+        assert queue.recover() == 1
+        assert queue.get(job_id).status is JobStatus.queued and queue.get(job_id).attempts == 0
+    job = queue.claim("last")
+    assert queue.mark_started(job.id, "last") and queue.complete(job.id, "last", [(b"png", 1)])
+    assert queue.get(job_id).status is JobStatus.done and queue.get(job_id).attempts == 1
+
+
+def test_a_claimer_keeps_its_own_running_jobs_past_their_lease(queue: Queue, clock: FakeClock) -> None:
+    """After a database outage longer than the lease, the runner's next claim must not take its
+    own running jobs away from itself (their heartbeats could not renew them meanwhile)."""
+    enqueue(queue, ALICE, 2)
+    running = queue.claim("w1")
+    clock.advance(61)
+    assert queue.claim("w1", keep=[running.id]).id != running.id
+    assert queue.get(running.id).status is JobStatus.running
+    assert queue.heartbeat(running.id, "w1")  # the first heartbeat after the outage renews it
+    clock.advance(61)
+    assert queue.recover(keep=[running.id]) == 1  # only the other one, whose holder was not told to keep
+    assert queue.get(running.id).status is JobStatus.running
+
+
+def test_finishing_again_after_a_lost_answer_stores_nothing_twice(queue: Queue) -> None:
+    """A complete/fail whose commit went through but whose answer was lost (the database went
+    away) is retried by the runner: the retry says True and stores nothing more."""
+    done, failed = enqueue(queue, ALICE, 2)
+    for job_id in (done, failed):
+        queue.claim("w1")
+    assert queue.complete(done, "w1", [(b"png", 1)]) and queue.complete(done, "w1", [(b"png", 1)])
+    assert [i.png for i in queue.images(done)] == [b"png"]
+    assert queue.fail(failed, "w1", "bad") and queue.fail(failed, "w1", "bad")
+    assert not queue.complete(failed, "w1", [(b"png", 1)])  # failed is not done
+    assert not queue.complete(done, "w2", []) and queue.images(failed) == []
 
 
 def test_restart_recovers_only_its_own_host(queue: Queue) -> None:
@@ -201,7 +253,8 @@ upgrade(engine)
 queue = Queue(engine, pending_limit=5)
 for i in range(3):
     queue.enqueue(requester_id=101, prompt=f"job {i}")
-queue.claim("crashing-worker")
+job = queue.claim("crashing-worker")
+queue.mark_started(job.id, "crashing-worker")
 os.kill(os.getpid(), signal.SIGKILL)  # no clean shutdown, as in a crash
 """
 
@@ -216,7 +269,7 @@ def test_new_process_sees_queued_and_running_jobs(db_url: str) -> None:
     assert [j.status for j in jobs] == [JobStatus.running, JobStatus.queued, JobStatus.queued]
     assert queue.recover_all_running() == 1
     first = queue.claim("new-worker")
-    assert first.id == jobs[0].id and first.attempts == 2  # the crashed attempt counted
+    assert first.id == jobs[0].id and first.attempts == 1  # the crashed attempt counted
     assert drain(queue) == [j.id for j in jobs[1:]]
     engine.dispose()
 

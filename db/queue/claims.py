@@ -15,7 +15,7 @@ from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, Member, ResultImage
@@ -23,6 +23,9 @@ from db.queue.base import NO_UPDATE_SYNC, QueueBase
 from db.queue.order import server_not_paused
 
 log = logging.getLogger(__name__)
+
+#: pg_advisory_xact_lock key that claims take turns on (db.session's migration lock is another).
+CLAIM_LOCK = 0x5D_B0_C1
 
 
 class ClaimsAndLeases(QueueBase):
@@ -36,13 +39,16 @@ class ClaimsAndLeases(QueueBase):
         height: int | None = None,
         model: str | None = None,
         unassigned: bool = True,
+        keep: Collection[int] = (),
     ) -> Job | None:
         """Take the next job in fair order (optionally only of one size / model), or None.
 
-        One transaction: expired leases are recovered first, then the job is marked running
-        for ``worker_id`` with a fresh lease and its attempt counted.
+        One transaction: expired leases are recovered first (except those of ``keep``, see
+        :meth:`claim_many`), then the job is marked running for ``worker_id`` with a fresh lease.
+        Its attempt is counted when the engine starts it (:meth:`mark_started`), not here.
         """
-        jobs = self.claim_many(worker_id, 1, width=width, height=height, model=model, unassigned=unassigned)
+        jobs = self.claim_many(worker_id, 1, width=width, height=height, model=model, unassigned=unassigned,
+                               keep=keep)
         return jobs[0] if jobs else None
 
     def claim_many(
@@ -54,16 +60,25 @@ class ClaimsAndLeases(QueueBase):
         height: int | None = None,
         model: str | None = None,
         unassigned: bool = True,
+        keep: Collection[int] = (),
     ) -> list[Job]:
         """Claim up to ``n`` jobs in fair order in one transaction (for a batching worker).
 
         ``model``: take jobs for that model, and, with ``unassigned``, jobs for no model in
-        particular (``Job.model`` None: the default model).
+        particular (``Job.model`` None: the default model). ``keep``: the claimer's own jobs that
+        it is still running; their leases are not recovered even if they ran out (a database
+        outage kept the heartbeats from renewing them), so the claimer does not take them from itself.
         """
         now = self.clock()
         claimed: list[Job] = []
         with self._write.begin() as session:
-            self._recover_expired(session, now)
+            if self._postgres:
+                # Claims take turns across processes: each reads the fair order only once the
+                # claim before it has committed. Without this, a claimer that skips the row another
+                # is locking takes that member's next job, and one member gets served twice in a
+                # round (up to 38 jobs apart over 3,200 claims by 8 processes; BENCHMARKS.md).
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK})
+            self._recover_expired(session, now, keep)
             # Claiming serves a member and sends them to the back, so a batch goes in rounds:
             # each round takes the best waiting job of members not yet served in it.
             served_this_round: set[int] = set()
@@ -116,10 +131,9 @@ class ClaimsAndLeases(QueueBase):
         if job is None:
             return None
         job.status = JobStatus.running
-        job.attempts += 1
         job.worker_id = worker_id
         job.lease_until = now + self.lease
-        job.started_at = now
+        job.started_at = None  # set by mark_started, when the engine takes it up
         session.flush()
         return job
 
@@ -163,6 +177,23 @@ class ClaimsAndLeases(QueueBase):
         """
         return self._update_running(job_id, worker_id, {"lease_until": self.clock() + self.lease})
 
+    def mark_started(self, job_id: int, worker_id: str) -> bool:
+        """The engine has begun the job (its first denoising step): count the attempt, once.
+
+        A job that waited behind others for a place in the batch and was then handed back or
+        recovered has used no attempt. False when the job is not ours any more, or already
+        marked (so a retried write never counts twice).
+        """
+        with self._write.begin() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.running,
+                       Job.started_at.is_(None))
+                .values(attempts=Job.attempts + 1, started_at=self.clock()),
+                execution_options=NO_UPDATE_SYNC,
+            )
+            return result.rowcount == 1
+
     def is_cancelled(self, job_id: int) -> bool:
         with self._read.begin() as session:
             status = session.scalar(select(Job.status).where(Job.id == job_id))
@@ -171,12 +202,14 @@ class ClaimsAndLeases(QueueBase):
     def complete(self, job_id: int, worker_id: str, images: list[tuple[bytes, int]]) -> bool:
         """Store the result images ``(png, seed)`` and mark the job done.
 
-        False (and nothing stored) when the job is no longer this worker's.
+        False (and nothing stored) when the job is no longer this worker's. Safe to repeat when
+        the database went away before saying whether the first try committed: a job this worker
+        already finished this way answers True and stores nothing again.
         """
         now = self.clock()
         with self._write.begin() as session:
             if not self._finish(session, job_id, worker_id, JobStatus.done, now, None):
-                return False
+                return self._finished_by(session, job_id, worker_id, JobStatus.done)
             session.add_all(
                 ResultImage(job_id=job_id, index=i, png=png, seed=seed)
                 for i, (png, seed) in enumerate(images)
@@ -184,10 +217,20 @@ class ClaimsAndLeases(QueueBase):
         return True
 
     def fail(self, job_id: int, worker_id: str, error: str) -> bool:
-        """Mark the job failed with ``error`` (shown to the member). False if not ours."""
+        """Mark the job failed with ``error`` (shown to the member). False if not ours.
+
+        Safe to repeat, as :meth:`complete` is."""
         now = self.clock()
         with self._write.begin() as session:
-            return self._finish(session, job_id, worker_id, JobStatus.failed, now, error)
+            return (self._finish(session, job_id, worker_id, JobStatus.failed, now, error)
+                    or self._finished_by(session, job_id, worker_id, JobStatus.failed))
+
+    @staticmethod
+    def _finished_by(session: Session, job_id: int, worker_id: str, status: JobStatus) -> bool:
+        # _finish keeps worker_id, so a finished job still says who finished it.
+        found = session.scalar(select(func.count()).select_from(Job).where(
+            Job.id == job_id, Job.worker_id == worker_id, Job.status == status))
+        return found == 1
 
     def release(self, job_id: int, worker_id: str) -> bool:
         """Give a job back unfinished (worker shutting down); the attempt is not counted."""
@@ -196,7 +239,7 @@ class ClaimsAndLeases(QueueBase):
             worker_id,
             {
                 "status": JobStatus.queued,
-                "attempts": Job.attempts - 1,
+                "attempts": case((Job.started_at.is_not(None), Job.attempts - 1), else_=Job.attempts),
                 "worker_id": None,
                 "lease_until": None,
                 "started_at": None,
@@ -239,10 +282,11 @@ class ClaimsAndLeases(QueueBase):
 
     # -- recovery -------------------------------------------------------------------------
 
-    def recover(self) -> int:
-        """Queue again (or fail, after max_attempts) running jobs whose lease ran out."""
+    def recover(self, keep: Collection[int] = ()) -> int:
+        """Queue again (or fail, after max_attempts) running jobs whose lease ran out, except
+        ``keep`` (the caller's own jobs that it is still running)."""
         with self._write.begin() as session:
-            return self._recover_expired(session, self.clock())
+            return self._recover_expired(session, self.clock(), keep)
 
     def recover_all_running(self, worker_prefix: str | None = None) -> int:
         """After a restart: queue again at once the running jobs an earlier process left.
@@ -259,12 +303,11 @@ class ClaimsAndLeases(QueueBase):
             ids = session.scalars(query.with_for_update(skip_locked=True)).all()
             return self._requeue(session, list(ids), now)
 
-    def _recover_expired(self, session: Session, now: datetime) -> int:
-        ids = session.scalars(
-            select(Job.id)
-            .where(Job.status == JobStatus.running, Job.lease_until < now)
-            .with_for_update(skip_locked=True)
-        ).all()
+    def _recover_expired(self, session: Session, now: datetime, keep: Collection[int] = ()) -> int:
+        query = select(Job.id).where(Job.status == JobStatus.running, Job.lease_until < now)
+        if keep:
+            query = query.where(Job.id.not_in(list(keep)))
+        ids = session.scalars(query.with_for_update(skip_locked=True)).all()
         return self._requeue(session, list(ids), now)
 
     def _requeue(self, session: Session, ids: list[int], now: datetime) -> int:
