@@ -121,7 +121,9 @@ class Job(Base):
     worker_id: Mapped[str | None] = mapped_column(String(200))
     lease_until: Mapped[datetime | None]
     created_at: Mapped[datetime]
-    started_at: Mapped[datetime | None]  # the engine began it (its first step); None while it waits
+    started_at: Mapped[datetime | None]  # claimed by a worker
+    # The engine took this attempt up (its first step); None while it waits for a place in the batch.
+    engine_started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None]
 

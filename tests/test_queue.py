@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pytest
 from db_fixtures import FakeClock
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded
-from db.models import JobKind, JobStatus
+from db.community import Community
+from db.models import Job, JobKind, JobStatus, Member
 from db.queue import Queue, fair_order
 from db.session import make_engine, upgrade, write_turn_taken
 
@@ -67,6 +69,34 @@ def test_position_is_the_order_claims_take(queue: Queue) -> None:
     assert queue.position(ids[0]) is None and queue.position(10_000) is None
 
 
+def test_position_does_not_count_jobs_of_paused_servers(queue: Queue, db_engine: Engine) -> None:
+    """Issue 14: jobs of a paused server do not run, so a member is not told a place behind them."""
+    paused = enqueue(queue, ALICE, 2, guild_id=1) + enqueue(queue, BOB, 1, guild_id=1)
+    (mine,) = enqueue(queue, CAROL, guild_id=2)
+    assert queue.position(mine) == 3  # behind Alice's and Bob's first jobs
+    Community(db_engine).update_server(1, actor_id=9, paused=True)
+    assert queue.position(mine) == 1
+    assert drain(queue) == [mine]  # as claims take them
+    assert all(queue.position(j) is not None for j in paused)
+
+
+def test_position_agrees_with_fair_order_on_random_lines(db_engine: Engine, clock: FakeClock) -> None:
+    """The set-based place in line equals the place in :func:`fair_order` of all waiting jobs."""
+    queue = Queue(db_engine, pending_limit=100, clock=clock)
+    rng = random.Random(7)
+    ids = [i for _ in range(40) for i in enqueue(queue, rng.choice([ALICE, BOB, CAROL, 404, 505]))]
+    for _ in range(6):  # some members served, in some order, so their ranks differ
+        queue.claim("w1")
+    waiting = [j for j in ids if queue.get(j).status is JobStatus.queued]
+    with queue._read.begin() as session:
+        rows = session.execute(
+            select(Job.id, Job.requester_id, Member.last_served_at)
+            .outerjoin(Member, Member.user_id == Job.requester_id).where(Job.status == JobStatus.queued)
+        ).all()
+    expected = fair_order(tuple(row) for row in rows)
+    assert [queue.position(j) for j in expected] == list(range(1, len(waiting) + 1))
+
+
 def test_fair_order_without_database() -> None:
     assert fair_order([]) == []
     # Bob was never served, Alice was: Bob first even though Alice's job is older.
@@ -81,7 +111,7 @@ def test_claim_leases_and_the_start_counts_the_attempt(queue: Queue, clock: Fake
     (job_id,) = enqueue(queue, ALICE, steps=30, kind=JobKind.img2img, init_image=b"png")
     job = queue.claim("w1")
     assert job.id == job_id and job.status is JobStatus.running
-    assert job.attempts == 0 and job.started_at is None and job.worker_id == "w1"
+    assert job.attempts == 0 and job.engine_started_at is None and job.worker_id == "w1"
     assert job.lease_until == clock.now + queue.lease
     assert (job.steps, job.kind, job.init_image) == (30, JobKind.img2img, b"png")
     assert queue.claim("w2") is None
@@ -89,7 +119,7 @@ def test_claim_leases_and_the_start_counts_the_attempt(queue: Queue, clock: Fake
     assert queue.mark_started(job_id, "w1")
     assert not queue.mark_started(job_id, "w1")  # a repeated write counts once
     started = queue.get(job_id)
-    assert started.attempts == 1 and started.started_at == clock.now
+    assert started.attempts == 1 and started.engine_started_at == clock.now
 
 
 def test_claim_only_matching_size_and_model(queue: Queue) -> None:

@@ -1,6 +1,6 @@
 """The job queue (see :mod:`db.queue.core`); the names callers import, from one place."""
 
-from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded, QueueError
+from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded, QueueError, StorageFull
 from db.queue.core import Queue
 from db.queue.order import fair_order
 from db.queue.wakeup import NOTIFY_CHANNEL
@@ -13,5 +13,6 @@ __all__ = [
     "PendingLimitExceeded",
     "Queue",
     "QueueError",
+    "StorageFull",
     "fair_order",
 ]

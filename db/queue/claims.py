@@ -133,7 +133,8 @@ class ClaimsAndLeases(QueueBase):
         job.status = JobStatus.running
         job.worker_id = worker_id
         job.lease_until = now + self.lease
-        job.started_at = None  # set by mark_started, when the engine takes it up
+        job.started_at = now
+        job.engine_started_at = None  # set by mark_started, when the engine takes it up
         session.flush()
         return job
 
@@ -188,8 +189,8 @@ class ClaimsAndLeases(QueueBase):
             result = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.running,
-                       Job.started_at.is_(None))
-                .values(attempts=Job.attempts + 1, started_at=self.clock()),
+                       Job.engine_started_at.is_(None))
+                .values(attempts=Job.attempts + 1, engine_started_at=self.clock()),
                 execution_options=NO_UPDATE_SYNC,
             )
             return result.rowcount == 1
@@ -239,10 +240,11 @@ class ClaimsAndLeases(QueueBase):
             worker_id,
             {
                 "status": JobStatus.queued,
-                "attempts": case((Job.started_at.is_not(None), Job.attempts - 1), else_=Job.attempts),
+                "attempts": case((Job.engine_started_at.is_not(None), Job.attempts - 1), else_=Job.attempts),
                 "worker_id": None,
                 "lease_until": None,
                 "started_at": None,
+                "engine_started_at": None,
             },
         )
         if released:
@@ -331,7 +333,8 @@ class ClaimsAndLeases(QueueBase):
         queued = session.execute(
             update(Job)
             .where(*running)
-            .values(status=JobStatus.queued, worker_id=None, lease_until=None, started_at=None),
+            .values(status=JobStatus.queued, worker_id=None, lease_until=None, started_at=None,
+                    engine_started_at=None),
             execution_options=NO_UPDATE_SYNC,
         ).rowcount
         log.warning(

@@ -12,20 +12,27 @@ Every method runs its own short transaction and returns detached snapshots
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import Any
 
 from sqlalchemy import func, select
 
-from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded
+from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded, StorageFull
+from db.faults import describe, is_storage_full
 from db.models import FINISHED, PENDING, Job, JobStatus, Member, ResultImage
 from db.queue.claims import ClaimsAndLeases
 from db.queue.deliveries import Deliveries
-from db.queue.order import fair_order
+from db.queue.order import place_in_line
+
+
+log = logging.getLogger(__name__)
 
 
 class Queue(ClaimsAndLeases, Deliveries):
     """The job queue over one database (SQLite or PostgreSQL); see the module docstring."""
+
+    _storage_full = False  # said in the log since the last enqueue that went through
 
     # -- enqueue --------------------------------------------------------------------------
 
@@ -33,8 +40,25 @@ class Queue(ClaimsAndLeases, Deliveries):
         """Queue a job (Job's columns as keywords; a random seed when none is given).
 
         Raises PendingLimitExceeded when the member already has ``pending_limit`` jobs
-        queued or running.
+        queued or running, and StorageFull when the database's disk is full (logged once, at
+        error level, until an enqueue succeeds again: not once per command).
         """
+        try:
+            job = self._enqueue(fields)
+        except Exception as error:
+            if not is_storage_full(error):
+                raise
+            if not self._storage_full:
+                self._storage_full = True
+                log.error("the database's storage is full (%s): new jobs are refused until there is room",
+                          describe(error))
+            raise StorageFull() from error
+        if self._storage_full:
+            self._storage_full = False
+            log.warning("the database's storage has room again: jobs are queued again")
+        return job
+
+    def _enqueue(self, fields: dict[str, Any]) -> Job:
         requester_id = fields["requester_id"]
         fields.setdefault("seed", secrets.randbelow(2**32))
         fields.update(status=JobStatus.queued, attempts=0, created_at=self.clock())
@@ -87,17 +111,10 @@ class Queue(ClaimsAndLeases, Deliveries):
         return job
 
     def position(self, job_id: int) -> int | None:
-        """1-based place in line in fair order; None when the job is not queued."""
+        """1-based place in line in fair order, not counting jobs of paused servers (they wait
+        outside the line); None when the job is not queued."""
         with self._read.begin() as session:
-            status = session.scalar(select(Job.status).where(Job.id == job_id))
-            if status is not JobStatus.queued:
-                return None
-            waiting = session.execute(
-                select(Job.id, Job.requester_id, Member.last_served_at)
-                .outerjoin(Member, Member.user_id == Job.requester_id)
-                .where(Job.status == JobStatus.queued)
-            ).all()
-        return fair_order(tuple(row) for row in waiting).index(job_id) + 1
+            return place_in_line(session, job_id)
 
     def get(self, job_id: int) -> Job | None:
         with self._read.begin() as session:

@@ -11,9 +11,10 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy.orm import Session
 
-from db.models import Job, ServerSettings
+from db.models import Job, JobStatus, Member, ServerSettings
 
 
 def fair_order(waiting: Iterable[tuple[int, int, datetime | None]]) -> list[int]:
@@ -45,3 +46,42 @@ def server_not_paused() -> Any:
 def _member_rank(last_served_at: datetime | None, first_job_id: int) -> tuple[bool, datetime, int]:
     never = datetime.min.replace(tzinfo=timezone.utc)
     return (last_served_at is not None, last_served_at or never, first_job_id)
+
+
+def place_in_line(session: Session, job_id: int) -> int | None:
+    """1-based place of a queued job in fair order (as :func:`fair_order` would number it among
+    the jobs that can run), in two queries whatever the length of the line; None when not queued.
+
+    Round-robin puts the job, the member's ``k``-th waiting (0-based), in round ``k``: before it
+    come the member's own ``k`` earlier jobs and, of every other member, ``min(n, k + 1)`` jobs
+    when that member ranks ahead, else ``min(n, k)`` (``n``: their waiting jobs).
+    """
+    target = session.execute(
+        select(Job.status, Job.requester_id, Member.last_served_at)
+        .outerjoin(Member, Member.user_id == Job.requester_id)
+        .where(Job.id == job_id)
+    ).first()
+    if target is None or target.status is not JobStatus.queued:
+        return None
+    waiting = (Job.status == JobStatus.queued, server_not_paused())
+    mine = select(func.count(), func.min(Job.id)).where(*waiting, Job.requester_id == target.requester_id)
+    earlier, first = session.execute(mine.where(Job.id < job_id)).one()
+    k, first = earlier, min(first or job_id, job_id)  # the job counts even if its own server is paused
+    served = target.last_served_at
+    others = (
+        select(Job.requester_id, func.count().label("n"), func.min(Job.id).label("first"),
+               func.max(Member.last_served_at).label("served"))
+        .outerjoin(Member, Member.user_id == Job.requester_id)
+        .where(*waiting, Job.requester_id != target.requester_id)
+        .group_by(Job.requester_id)
+        .subquery()
+    )
+    if served is None:  # never served: only other never-served members with older jobs rank ahead
+        ahead = and_(others.c.served.is_(None), others.c.first < first)
+    else:
+        ahead = or_(others.c.served.is_(None), others.c.served < served,
+                    and_(others.c.served == served, others.c.first < first))
+    taken = case((ahead, case((others.c.n < k + 1, others.c.n), else_=k + 1)),
+                 else_=case((others.c.n < k, others.c.n), else_=k))
+    before = session.scalar(select(func.coalesce(func.sum(taken), 0)))
+    return k + int(before) + 1
