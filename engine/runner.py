@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from db.faults import Backoff, DatabaseHealth, is_database_fault
+from db.faults import Backoff, DatabaseHealth, is_database_fault, until_reachable
 from db.models import Job
 from db.queue import Queue
 from db.session import make_engine, upgrade
@@ -311,16 +311,19 @@ def run_worker_process(settings: Settings, queue_settings: QueueSettings, *, nam
     """``python -m engine worker``: serve the shared queue from this machine until a signal.
 
     Results go to the database; the bot (which may run on a machine without a GPU) posts them.
-    Jobs running here when the signal comes are given back to the queue unfinished.
+    Jobs running here when the signal comes are given back to the queue unfinished. A database
+    that is not there yet (a server still starting) is waited for; one that cannot be written
+    (read-only SQLite file) raises :class:`~db.errors.StorageError`, whose message says what to do.
     """
     db = make_engine(queue_settings.database_url)
-    upgrade(db)
+    health = DatabaseHealth(log)
+    until_reachable(lambda: upgrade(db), health)
     queue = Queue(db, pending_limit=queue_settings.pending_limit, max_attempts=queue_settings.max_attempts,
                   lease_seconds=queue_settings.lease_seconds)
     pool = ModelPool.configured(settings.all_models, settings.engine)
     worker = EngineWorker(pool, settings.engine, settings.generation)  # loads the default model
     worker_id, prefix = worker_identity(name)
-    recovered = queue.recover_all_running(worker_prefix=prefix)
+    recovered = until_reachable(lambda: queue.recover_all_running(worker_prefix=prefix), health)
     if recovered:
         log.info("%d job(s) left running by this worker's previous run were put back in line", recovered)
     runner = QueueRunner(queue, worker, worker_id=worker_id, max_in_flight=settings.engine.max_batch,

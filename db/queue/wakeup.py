@@ -12,6 +12,8 @@ import psycopg
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.faults import describe
+
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "sdbot_new_job"
@@ -54,6 +56,7 @@ class WakeUp:
     _wakeup: Wakeup
     _seen: int
     _listener: Any
+    _listen_lost = False  # said so in the log; said again only once it was back
 
     def notify_new_job(self) -> None:
         """Wake workers waiting in :meth:`wait_for_jobs` (this process; any, on PostgreSQL)."""
@@ -78,23 +81,31 @@ class WakeUp:
         try:
             listener = self._listen()
             woken = any(True for _ in listener.notifies(timeout=timeout, stop_after=1))
-        except (psycopg.Error, OSError):
-            log.warning("LISTEN connection failed; falling back to polling", exc_info=True)
+        except (psycopg.Error, OSError) as error:
+            if not self._listen_lost:  # once per outage, not at every try to listen again
+                self._listen_lost = True
+                log.warning("LISTEN connection failed (%s); polling until it is back", describe(error))
             self.close()
             self._wakeup.wait(self._seen, timeout)
             return False
+        if self._listen_lost:
+            self._listen_lost = False
+            log.info("LISTEN connection back")
         return woken
 
     def _listen(self) -> Any:
         if self._listener is None or self._listener.closed:
             url = self.engine.url.set(drivername="postgresql")
             conninfo = url.render_as_string(hide_password=False)
-            self._listener = psycopg.connect(conninfo, autocommit=True)
+            self._listener = psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
             self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
         return self._listener
 
     def close(self) -> None:
         """Close the LISTEN connection, if any (the engine belongs to the caller)."""
         if self._listener is not None:
-            self._listener.close()
+            try:
+                self._listener.close()
+            except (psycopg.Error, OSError):  # a connection the server already dropped
+                pass
             self._listener = None
