@@ -66,13 +66,14 @@ def test_two_workers_one_killed_mid_job_every_job_done_once(pg_url, tiny_sd_fold
     config = write_config(tmp_path / "config.toml", tiny_sd_folder, pg_url)
     doomed, survivor = start_worker(config, "doomed"), None
     try:
-        def doomed_is_running_a_job() -> bool:
+        def started_by_doomed() -> list[int]:  # in the engine, so its attempt counts
             assert doomed.poll() is None, doomed.stdout.read()
-            return any((queue.get(j.id).worker_id or "").split("/")[-1].startswith("doomed#") for j in jobs)
+            return [j.id for j in jobs if (job := queue.get(j.id)).status is JobStatus.running
+                    and job.engine_started_at is not None
+                    and (job.worker_id or "").split("/")[-1].startswith("doomed#")]
 
-        wait_for(doomed_is_running_a_job, 120, "the first worker to claim a job")
-        taken = [j.id for j in jobs if (queue.get(j.id).worker_id or "").split("/")[-1].startswith("doomed#")
-                 and queue.get(j.id).status is JobStatus.running]
+        wait_for(started_by_doomed, 120, "the first worker to start a job")
+        taken = started_by_doomed()
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(10)
 
