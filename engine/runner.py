@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from db.faults import Backoff, DatabaseHealth, is_database_fault, until_reachable
 from db.models import Job
-from db.queue import Queue
+from db.queue import Queue, woken_within
 from db.session import make_engine, upgrade
 from db.settings import QueueSettings
 from engine.errors import GenerationError, JobCancelled
@@ -154,13 +154,7 @@ class QueueRunner:
                 except Exception:  # a bug must not stop the queue: say so, wait, go on
                     log.exception("queue runner: claiming failed; trying again")
                     await asyncio.sleep(backoff.next())
-                self._wake.clear()
-                try:
-                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel.
-                    async with asyncio.timeout(self.poll_interval):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+                await woken_within(self._wake, self.poll_interval)
         finally:
             if listener is not None:
                 listener.cancel()
@@ -278,7 +272,12 @@ class QueueRunner:
         database is away the renewal waits for it: the lease is renewed the moment it is back."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            if not await self._db(self.queue.heartbeat, job_id, self.worker_id):
+            try:
+                ours = await self._db(self.queue.heartbeat, job_id, self.worker_id)
+            except Exception:  # a bug in one renewal must not leave the lease to run out
+                log.exception("job %s: heartbeat failed; trying again at the next one", job_id)
+                continue
+            if not ours:
                 self.worker.cancel(job_id)
                 return
 

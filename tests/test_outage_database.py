@@ -175,6 +175,47 @@ def test_runner_waits_out_a_sqlite_write_lock_held_past_the_busy_timeout(tmp_pat
     db.dispose()
 
 
+class FlakyQueue(Queue):
+    """A real queue whose first claims and heartbeats fail with a bug (not a database fault)."""
+
+    failures = 2
+
+    def claim(self, *args, **kwargs):
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("a bug in claim")
+        return super().claim(*args, **kwargs)
+
+    def heartbeat(self, job_id: int, worker_id: str) -> bool:
+        if self.failures > -2:
+            self.failures -= 1
+            raise RuntimeError("a bug in heartbeat")
+        return super().heartbeat(job_id, worker_id)
+
+
+def test_the_runner_survives_exceptions_that_are_not_the_databases(tmp_path: Path, caplog) -> None:
+    db = make_engine(f"sqlite:///{tmp_path / 'queue.sqlite3'}")
+    upgrade(db)
+    queue = FlakyQueue(db, pending_limit=100)
+    job = queue.enqueue(requester_id=1, seed=1, steps=100, **JOB).id
+    runner = QueueRunner(queue, StepEngine(), worker_id="w1", poll_interval=0.1, heartbeat_interval=0.05)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(runner.run())
+        try:
+            await until(lambda: queue.get(job).status.finished, "the job, after the failed claims")
+            assert not task.done()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert_done_once(queue, [job])
+    logged = [r for r in caplog.records if r.name == "engine.runner" and r.exc_info]
+    assert {str(r.exc_info[1]) for r in logged} == {"a bug in claim", "a bug in heartbeat"}
+    db.dispose()
+
+
 # -- a real worker process ------------------------------------------------------------------------
 
 

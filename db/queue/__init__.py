@@ -3,7 +3,7 @@
 from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded, QueueError, StorageFull
 from db.queue.core import Queue
 from db.queue.order import fair_order
-from db.queue.wakeup import NOTIFY_CHANNEL
+from db.queue.wakeup import NOTIFY_CHANNEL, woken_within
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -15,4 +15,5 @@ __all__ = [
     "QueueError",
     "StorageFull",
     "fair_order",
+    "woken_within",
 ]

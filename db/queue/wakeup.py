@@ -4,6 +4,7 @@ processes, on PostgreSQL, LISTEN/NOTIFY (a NOTIFY is delivered when its transact
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from typing import Any
@@ -17,6 +18,21 @@ from db.faults import describe
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "sdbot_new_job"
+
+
+async def woken_within(wake: asyncio.Event, timeout: float) -> bool:
+    """Clear ``wake``, then wait until it is set again or ``timeout`` seconds pass; True if woken.
+
+    The loop of every poller that can also be woken early (the queue runner, delivery).
+    ``asyncio.timeout``, not ``wait_for``: on 3.11 ``wait_for`` can swallow a cancel.
+    """
+    wake.clear()
+    try:
+        async with asyncio.timeout(timeout):
+            await wake.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 class Wakeup:
