@@ -105,7 +105,7 @@ def test_runner_rides_out_a_postgresql_restart(pg_cluster: PgCluster, caplog) ->
     engine = StepEngine()
     runner = QueueRunner(queue, engine, worker_id="w1", max_in_flight=2, poll_interval=0.2,
                          heartbeat_interval=0.5, listen=True)
-    before = [queue.enqueue(requester_id=m, seed=m, steps=100, **JOB).id for m in (1, 2, 3, 4)]
+    before = [queue.enqueue(requester_id=m, seed=m, steps=250, **JOB).id for m in (1, 2, 3, 4)]
 
     async def scenario() -> list[int]:
         task = asyncio.create_task(runner.run())
