@@ -258,7 +258,7 @@ def test_worker_process_rides_out_a_postgresql_restart(pg_cluster: PgCluster, ti
     worker = start_worker(write_config(tmp_path / "config.toml", tiny_sd_folder, pg_cluster.url), log)
 
     def wait(condition, what: str) -> None:
-        asyncio.run(until(lambda: worker.poll() is None and condition() or _exited(worker, log), what))
+        wait_on(worker, log, condition, what)
 
     try:
         wait(lambda: any(queue.get(j).engine_started_at for j in before), "the worker to start a job")
@@ -284,6 +284,38 @@ def test_worker_process_rides_out_a_postgresql_restart(pg_cluster: PgCluster, ti
             worker.wait()
         queue.close()
         db.dispose()
+
+
+@pytest.mark.slow
+def test_worker_waits_for_a_database_that_is_not_up_yet(pg_cluster: PgCluster, tiny_sd_folder,  # noqa: F811
+                                                        tmp_path: Path) -> None:
+    pg_cluster.stop()
+    log = tmp_path / "worker.log"
+    worker = start_worker(write_config(tmp_path / "config.toml", tiny_sd_folder, pg_cluster.url), log)
+    db = queue = None
+    try:
+        wait_on(worker, log, lambda: "database unreachable" in log.read_text(), "the worker to wait for the database")
+        pg_cluster.start()
+        wait_on(worker, log, lambda: " serving " in log.read_text(), "the worker to migrate and start serving")
+        db = make_engine(pg_cluster.url)
+        queue = Queue(db, pending_limit=100)
+        job = queue.enqueue(requester_id=1, seed=1, steps=3, **JOB).id
+        wait_on(worker, log, lambda: queue.get(job).status.finished, "the job")
+        assert_done_once(queue, [job])
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, log.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        if queue is not None:
+            queue.close()
+            db.dispose()
+
+
+def wait_on(worker: subprocess.Popen, log: Path, condition, what: str) -> None:
+    """Wait for ``condition()`` while the worker process runs; its log if it exits meanwhile."""
+    asyncio.run(until(lambda: worker.poll() is None and condition() or _exited(worker, log), what))
 
 
 def _exited(worker: subprocess.Popen, log: Path) -> bool:
