@@ -1,11 +1,13 @@
 """Claims and leases: a claim is one transaction that gives the worker a lease on the jobs it
 takes; the worker renews it with :meth:`~ClaimsAndLeases.heartbeat`. A job whose lease ran out (its
 worker died) is queued again by :meth:`~ClaimsAndLeases.recover` and by every claim, or failed with
-a reason once it has used ``max_attempts``. Only the worker holding the job can complete or fail it.
+a reason once it has used ``max_attempts``. An attempt counts when the engine starts the job
+(:meth:`~ClaimsAndLeases.mark_started`), not when a runner claims it for a place in its batch.
+Only the worker holding the job can complete or fail it, and may repeat either safely.
 
-Two claimers never get the same job: on SQLite every write transaction starts with
-``BEGIN IMMEDIATE`` (see :mod:`db.session`), on PostgreSQL the claim locks its row with
-``SELECT ... FOR UPDATE SKIP LOCKED``.
+Two claimers never get the same job, and take the fair order in turn: on SQLite every write
+transaction starts with ``BEGIN IMMEDIATE`` (see :mod:`db.session`); on PostgreSQL claims take
+turns on an advisory lock, and the claim locks its row with ``SELECT ... FOR UPDATE SKIP LOCKED``.
 """
 
 from __future__ import annotations
