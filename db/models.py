@@ -118,11 +118,13 @@ class Job(Base):
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)
-    attempts: Mapped[int] = mapped_column(default=0)  # counted when claimed
+    attempts: Mapped[int] = mapped_column(default=0)  # counted when the engine starts it
     worker_id: Mapped[str | None] = mapped_column(String(200))
     lease_until: Mapped[datetime | None]
     created_at: Mapped[datetime]
-    started_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]  # claimed by a worker
+    # The engine took this attempt up (its first step); None while it waits for a place in the batch.
+    engine_started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None]
 

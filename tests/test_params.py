@@ -10,7 +10,7 @@ from engine.settings import GenerationSettings
 #: Columns of ``jobs`` that are not generation parameters (who, where, queue and delivery state).
 BOOKKEEPING = {
     "id", "requester_id", "guild_id", "channel_id", "kind", "parent_id", "status", "attempts", "worker_id",
-    "lease_until", "created_at", "started_at", "finished_at", "error", "interaction_token",
+    "lease_until", "created_at", "started_at", "engine_started_at", "finished_at", "error", "interaction_token",
     "interaction_app_id", "interaction_expires_at", "status_message_id", "status_channel_id", "posted_at",
 }
 
