@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from bot.client import JobEvents, SDBot, utcnow
 from bot.config import Config
 from db.community import Community
+from db.faults import DatabaseHealth, until_reachable
 from db.models import JobStatus
 from db.queue import Queue
 from db.session import make_engine, upgrade
@@ -48,7 +49,7 @@ def open_queue(db: Engine, config: Config) -> Queue:
 def open_database(config: Config) -> tuple[Engine, Queue]:
     """Create or upgrade the database (slow: call it in a thread) and open the queue."""
     db = make_engine(config.queue.database_url)
-    upgrade(db)
+    until_reachable(lambda: upgrade(db), DatabaseHealth())  # a database still starting is waited for
     return db, open_queue(db, config)
 
 
