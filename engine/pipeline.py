@@ -253,8 +253,8 @@ class Pipeline:
 
     def finish(self, job: PreparedJob, images: list[Image.Image]) -> GenerationResult:
         """PNG bytes with AUTOMATIC1111 parameters for each decoded image."""
-        request, name = job.request, self.model.info.name
-        texts = [infotext(request, seed, name) for seed in job.seeds]
+        request, info = job.request, self.model.info
+        texts = [infotext(request, seed, info.name, info.file_hash) for seed in job.seeds]
         generated = [
             GeneratedImage(png=encode_png(image, text, request.job_id), seed=seed)
             for image, text, seed in zip(images, texts, job.seeds)
