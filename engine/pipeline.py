@@ -75,13 +75,23 @@ class PreparedJob:
 
 
 def slerp(t: float, a: Tensor, b: Tensor) -> Tensor:
-    """Spherical interpolation between two noises: a mix that still looks like unit noise."""
-    a_unit, b_unit = a / a.norm(), b / b.norm()
-    dot = (a_unit * b_unit).sum().clamp(-1, 1)
-    if dot.abs() > 0.9995:  # nearly parallel: the sphere is flat here
-        return (1 - t) * a + t * b
-    omega = dot.acos()
-    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    """AUTOMATIC1111's variation-seed mix of two ``(C, H, W)`` noises (``modules/rng.py``).
+
+    A1111 interpolates on the sphere per vector along dim 1 (the latent's height): each
+    (channel, column) of ``a`` and ``b`` is mixed with its own angle, which keeps the mix unit
+    noise column by column. Only this formula gives A1111's image for a seed, variation seed and
+    strength, so we keep its details: when the columns are almost parallel on average it mixes
+    linearly, with the weights the other way round (``t`` on ``a``), which only happens when the
+    two noises are nearly the same and the weights then hardly matter.
+    """
+    a_unit, b_unit = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    dot = (a_unit * b_unit).sum(1)  # [C, W]: one cosine per column
+    if dot.mean() > 0.9995:
+        return t * a + (1 - t) * b
+    omega = dot.clamp(-1, 1).acos()
+    sin_omega = omega.sin()
+    return ((torch.sin((1 - t) * omega) / sin_omega).unsqueeze(1) * a
+            + (torch.sin(t * omega) / sin_omega).unsqueeze(1) * b)
 
 
 def fit_image(data: bytes, width: int, height: int) -> Image.Image:
