@@ -53,7 +53,7 @@ class PreparedJob:
 
     request: GenerationRequest
     sampler: Sampler
-    sigmas: Tensor  # [steps + 1] float32 on the CPU, start noise level down to 0 (DDIM: to timestep 1)
+    sigmas: Tensor  # [total_steps + 1] float32 on the CPU, start noise level down to 0 (DDIM: to timestep 1)
     seeds: list[int]
     generators: list[torch.Generator]  # one per image, for ancestral noise after the initial noise
     latents: Tensor  # [count, C, h, w] float32 on the device, at noise level sigmas[0]
@@ -156,11 +156,11 @@ class Pipeline:
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._conditioning(request)
         # 3. The sampler's sigmas, from the highest noise level down.
-        schedule = job_schedule(self.schedule, sampler.discretization, request.params.steps)
+        plan = job_schedule(self.schedule, sampler.discretization, request.params.steps)
         # 4. Initial noise per image seed (mixed with the variation seed's), scaled for sigmas[0].
         seeds, generators, noise = self._initial_noise(request)
-        latents = schedule.start_latents(noise.to(self.device))
-        return PreparedJob(request, sampler, schedule.sigmas.float(), seeds, generators, latents, cond)
+        latents = plan.start_latents(noise.to(self.device))
+        return PreparedJob(request, sampler, plan.sigmas.float(), seeds, generators, latents, cond)
 
     def img2img(self, request: GenerationRequest) -> PreparedJob:
         """A job that starts from the member's image, noised according to ``strength``."""
@@ -170,13 +170,13 @@ class Pipeline:
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._conditioning(request)
         # 3. The tail of the sampler's sigmas: strength 1 starts at full noise, 0.3 near the end.
-        schedule = job_schedule(self.schedule, sampler.discretization, request.params.steps, request.params.strength)
+        plan = job_schedule(self.schedule, sampler.discretization, request.params.steps, request.params.strength)
         # 4. The image into latent space (VAE mean: deterministic), repeated per image.
         init_latents = self.encode_image(image).expand(len(cond.guidance), -1, -1, -1)
         # 5. Noise per image seed added at the start noise level.
         seeds, generators, noise = self._initial_noise(request)
-        latents = schedule.start_latents(noise.to(self.device), init=init_latents)
-        return PreparedJob(request, sampler, schedule.sigmas.float(), seeds, generators, latents, cond)
+        latents = plan.start_latents(noise.to(self.device), init=init_latents)
+        return PreparedJob(request, sampler, plan.sigmas.float(), seeds, generators, latents, cond)
 
     def _check(self, request: GenerationRequest) -> Sampler:
         if request.params.sampler not in SAMPLERS:
