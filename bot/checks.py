@@ -31,7 +31,7 @@ PREPARE_BUDGET = 1.5
 class Defers(Protocol):
     """What can acknowledge an interaction with a "thinking…" message (the job service)."""
 
-    async def defer(self, interaction: discord.Interaction) -> None: ...
+    async def defer(self, interaction: discord.Interaction, *, job_pending: bool = False) -> None: ...
 
 
 class NotAllowed(BadInput, app_commands.CheckFailure):
@@ -99,7 +99,7 @@ async def within_deadline(service: Defers, interaction: discord.Interaction, wor
     except TimeoutError:
         pass
     try:
-        await service.defer(interaction)
+        await service.defer(interaction, job_pending=True)
     except BaseException:
         task.cancel()  # nobody will wait for it
         raise

@@ -20,6 +20,7 @@ from typing import Any
 import discord
 from discord.ext import commands
 
+from bot.acks import PendingAcks
 from bot.cogs import all_cogs
 from bot.config import Config
 from bot.delivery import Delivery
@@ -30,6 +31,7 @@ from bot.transformers import Options
 from db.community import Community
 from db.queue import Queue
 from db.state import StateStore
+from db.styles import Styles
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,8 @@ class JobEvents:
 class SDBot(commands.Bot):
     """A Stable Diffusion bot for one or more Discord servers."""
 
-    def __init__(self, config: Config, queue: Queue, community: Community, runner: Any | None = None, *,
+    def __init__(self, config: Config, queue: Queue, community: Community, styles: Styles,
+                 runner: Any | None = None, *,
                  events: JobEvents | None = None, allowed_hosts: frozenset[str] = DISCORD_CDN_HOSTS,
                  clock: Callable[[], datetime] = utcnow, model_family: str | None = None, force_sync: bool = False,
                  **options: Any) -> None:
@@ -91,11 +94,13 @@ class SDBot(commands.Bot):
         self.clock = clock
         self.force_sync = force_sync
         self.delivery = Delivery(self, queue, interval=config.discord.progress_interval,
-                                 model_name=config.model.display_name, clock=clock)
+                                 model_name=config.model.display_name, clock=clock, community=community)
         if events is not None:
             events.connect(self.delivery)
-        self.service = JobService(config, queue, community, runner, self.delivery, clock=clock,
-                                  allowed_hosts=allowed_hosts)
+        self.state = StateStore(queue.engine)
+        self.service = JobService(config, queue, community, styles, runner, self.delivery,
+                                  PendingAcks(self.state, queue.engine),
+                                  clock=clock, allowed_hosts=allowed_hosts)
         self.fatal: BaseException | None = None  # why a background task gave up, for the exit status
         self._tasks: list[asyncio.Task] = []
         limit_pillow()
@@ -108,12 +113,12 @@ class SDBot(commands.Bot):
         for cog in all_cogs(self.service, Options.of(self.config), self):
             await self.add_cog(cog)
         self.tree.on_error = self.on_app_command_error
-        await sync_commands(self.tree, StateStore(self.queue.engine), self.config.discord.guild_ids,
-                            force=self.force_sync)
+        await sync_commands(self.tree, self.state, self.config.discord.guild_ids, force=self.force_sync)
         # Jobs queued for a model that has left config.toml since would wait for ever: they fail
         # now, with a reason that delivery posts to their members.
         await asyncio.to_thread(self.queue.fail_unknown_models, self.config.model_names)
         await self.service.start()
+        await self.service.acks.answer_stranded(self, self.clock())
         self.start_task(self.delivery.run, "delivery")
         if self.runner is not None:
             self.start_task(self.runner.run, "queue-runner")

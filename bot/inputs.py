@@ -18,6 +18,17 @@ import numpy as np
 from discord import app_commands
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from engine.errors import GenerationError
+from engine.prompt_syntax import (
+    CHUNK_LENGTH,
+    PromptSyntaxError,
+    chunks_needed,
+    count_tokens,
+    find_lora,
+    lora_key,
+    parse_lora_key,
+)
+
 log = logging.getLogger(__name__)
 
 #: Hosts attachments are downloaded from; anything else is refused (no fetching of arbitrary URLs).
@@ -92,13 +103,14 @@ def check_prompt_tokens(prompt: str, negative: str = "") -> str | None:
     are counted by their name's tokens, so the count can be a little off for them). The first
     call builds the tokenizer (about a second): call it from a thread.
     """
-    from engine.prompts import CHUNK_LENGTH, chunks_needed, count_tokens  # imports torch: not at start-up
-
     notes = []
     for name, text in (("prompt", prompt), ("negative prompt", negative)):
         if not text:
             continue
-        tokens = count_tokens(text)
+        try:
+            tokens = count_tokens(text)
+        except PromptSyntaxError as e:  # (a:1.2.3): say what to write instead
+            raise BadInput(f"In the {name}: {e}") from None
         chunks = chunks_needed(tokens)
         if chunks > MAX_PROMPT_CHUNKS:
             raise BadInput(f"The {name} is {tokens} tokens long ({chunks} chunks of {CHUNK_LENGTH}); the limit is "
@@ -115,9 +127,6 @@ def check_loras(prompt: str, lora_dir: str) -> None:
     """Refuse now what the engine would fail the job for: a malformed ``<lora:NAME:WEIGHT>`` tag,
     or a NAME with no file in the model's LoRA folder (``lora_dir``), with what there is. When the
     folder is configured but not on this machine (GPU workers elsewhere), only they can tell."""
-    from engine.errors import GenerationError
-    from engine.lora import find_lora, lora_key, parse_lora_key  # imports torch: not at start-up
-
     key = lora_key(prompt)
     if not key:
         return
@@ -140,8 +149,6 @@ def check_prompt_text(prompt: str, negative: str, lora_dir: str) -> str | None:
 def warm_up_token_counter() -> None:
     """Build the tokenizer :func:`check_prompt_tokens` counts with (about a second, and torch's
     import if not done yet), so that no member's command waits on it."""
-    from engine.prompts import count_tokens
-
     count_tokens("warm up")
 
 

@@ -23,6 +23,7 @@ import aiohttp
 import discord
 
 from bot import policy, render
+from bot.acks import PendingAcks
 from bot.checks import manages_messages_in, mark_received, within_deadline
 from bot.config import Config
 from bot.delivery import Delivery, token_expiry
@@ -33,6 +34,7 @@ from db.community import DAY, Admission, Community
 from db.errors import QueueError
 from db.models import Job, JobKind, ResultImage
 from db.queue import Queue
+from db.styles import Styles, StyleText
 from engine.params import GenerationParams, job_columns
 
 log = logging.getLogger(__name__)
@@ -42,14 +44,19 @@ REROLL_EMOJI = "🔁"
 #: Threads for the checks an interaction waits on (SQLite and PostgreSQL serve reads side by side).
 CHECK_THREADS = 2
 OUR_FAULT = "Something went wrong on our side; it has been logged."
+#: Seconds the record of an interaction acknowledged before its job may delay the acknowledgement.
+RECORD_BUDGET = 0.5
 
 
 class JobService:
     """Admission, queueing and cancelling of jobs, for every cog."""
 
-    def __init__(self, config: Config, queue: Queue, community: Community, runner: Any | None,
-                 delivery: Delivery, *, clock: Callable[[], datetime], allowed_hosts: frozenset[str]) -> None:
+    def __init__(self, config: Config, queue: Queue, community: Community, styles: Styles, runner: Any | None,
+                 delivery: Delivery, acks: PendingAcks, *, clock: Callable[[], datetime],
+                 allowed_hosts: frozenset[str]) -> None:
         self.config = config
+        self.styles = styles
+        self.acks = acks
         self.queue = queue
         self.community = community
         self.runner = runner
@@ -92,15 +99,29 @@ class JobService:
             await interaction.followup.send(text, ephemeral=True)
         except discord.HTTPException as e:
             log.info("could not tell interaction %s: %s (%s)", interaction.id, text, e)
+        finally:
+            await self._answered(interaction)
 
     async def reply(self, interaction: discord.Interaction, text: str) -> None:
         """An ephemeral answer that mentions nobody."""
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
-    async def defer(self, interaction: discord.Interaction) -> None:
-        """Acknowledge now with a public "thinking…" message that becomes the job's status."""
+    async def defer(self, interaction: discord.Interaction, *, job_pending: bool = False) -> None:
+        """Acknowledge now with a public "thinking…" message that becomes the job's status.
+
+        ``job_pending``: no job is stored yet (the checks are still running), so the interaction
+        is recorded first (:mod:`bot.acks`), and answered after a restart if the bot dies
+        before its job is. The record waits at most :data:`RECORD_BUDGET`: the deadline comes first.
+        """
         if interaction.response.is_done():
             return
+        if job_pending and not interaction.extras.get("ack_recorded"):
+            record = asyncio.ensure_future(asyncio.to_thread(self.acks.record, interaction, self.clock()))
+            interaction.extras["ack_recorded"] = True
+            try:
+                await asyncio.wait_for(asyncio.shield(record), RECORD_BUDGET)
+            except TimeoutError:
+                log.warning("interaction %s: acknowledged before its record was written", interaction.id)
         response = await interaction.response.defer(thinking=True)
         interaction.extras["thinking"] = True
         interaction.extras["message_id"] = getattr(response, "message_id", None)
@@ -134,7 +155,9 @@ class JobService:
         gen, asker = self.config.generation, Asker.of(interaction)
         seen = await self.admission(asker)
         params = policy.resolve(asked, seen.defaults, seen.policy, gen, self.config.model_names,
-                                img2img=image is not None)
+                                img2img=image is not None,
+                                model_clip_skip=lambda model: self.config.model_settings(model).clip_skip)
+        params = await self._styled(asker, asked.style, params)
         if image is not None:  # the upload's shape, within this server's size limit
             dc = self.config.discord
             data = await self.download(image.url, dc.max_attachment_bytes)
@@ -148,6 +171,28 @@ class JobService:
         note = await self.run_check(check_prompt_text, params.prompt, params.negative_prompt,
                                     self.config.model_settings(params.model).lora_dir)
         return params, note
+
+    async def _styled(self, asker: Asker, name: str | None, params: GenerationParams) -> GenerationParams:
+        """``params`` with the named style (else the member's default style here) applied."""
+        if asker.guild_id is None:
+            if name is not None:
+                raise BadInput("Styles belong to a server; use them there.")
+            return params
+        style = await self.run_check(self._style_for, asker.guild_id, asker.user_id, name)
+        if style is None:
+            return params
+        prompt, negative = style.apply(params.prompt, params.negative_prompt)
+        return params.but(prompt=prompt, negative_prompt=negative)
+
+    def _style_for(self, guild_id: int, user_id: int, name: str | None) -> StyleText | None:
+        chosen = name or self.styles.member_default(guild_id, user_id)
+        if chosen is None:
+            return None
+        style = self.styles.get(guild_id, chosen)
+        if style is None and name is not None:
+            known = ", ".join(self.styles.names(guild_id)[:25]) or "none yet (`/server style add`)"
+            raise BadInput(f"This server has no style called `{render.escape(name)}`; styles: {known}.")
+        return style  # a default style removed since is simply not applied
 
     async def admit_derived(self, interaction: discord.Interaction, new: NewJob) -> NewJob:
         """The server's policy and the pending limit for a job made by a button or the Edit form."""
@@ -172,11 +217,17 @@ class JobService:
             interaction_expires_at=token_expiry(self.clock()), status_channel_id=interaction.channel_id)
         await self.defer(interaction)
         interaction.extras["thinking"] = False  # from now on the message is the job's
+        await self._answered(interaction)
         message_id = interaction.extras.get("message_id") or (await interaction.original_response()).id
         await asyncio.to_thread(self.queue.set_status_message, job.id, interaction.channel_id, message_id)
         job.status_message_id = message_id
         await self._announce(job, note)
         return job
+
+    async def _answered(self, interaction: discord.Interaction) -> None:
+        """The interaction has its job or its answer: a restart need not answer it."""
+        if interaction.extras.pop("ack_recorded", False):
+            await asyncio.to_thread(self.acks.forget, interaction.id)
 
     async def submit_command(self, interaction: discord.Interaction, kind: JobKind, asked: Asked,
                              image: discord.Attachment | None = None) -> Job:

@@ -22,6 +22,7 @@ from db.community import Community
 from db.models import JobStatus
 from db.queue import Queue
 from db.session import make_engine, upgrade
+from db.styles import Styles
 from ops import Health, Metrics, OpsServer, database_reachable, queue_counts
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,9 @@ def build_bot(config: Config, queue: Queue, worker: Any | None = None, *, worker
                              listen=config.queue.database_url.startswith("postgresql"),
                              turns=ModelTurns.for_pool(worker.models, config.engine),
                              on_progress=events.progress, on_finished=events.finished)
-    bot = SDBot(config, queue, community, runner, events=events, model_family=model_family, **client_options)
+    styles = Styles(queue.engine, clock=client_options.get("clock", utcnow))
+    bot = SDBot(config, queue, community, styles, runner, events=events, model_family=model_family,
+                **client_options)
     health = Health()
     health.add_check("database", lambda: database_reachable(queue.engine))
     health.add_task("delivery", lambda: bot.task("delivery"))

@@ -114,6 +114,7 @@ class Job(Base):
     variation_seed: Mapped[int | None] = mapped_column(BigInteger)
     variation_strength: Mapped[float] = mapped_column(Float, default=0.0)
     model: Mapped[str | None] = mapped_column(String(200))  # None: any worker may take it
+    clip_skip: Mapped[int] = mapped_column(default=1, server_default="1")
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)
@@ -183,6 +184,7 @@ class Member(Base):
 
 # Stats and daily limits read a server's jobs by time.
 Index("ix_jobs_guild_created", Job.guild_id, Job.created_at)
+Index("ix_jobs_interaction_token", Job.interaction_token)  # answering interactions stranded by a crash
 
 
 class MemberSettings(Base):
@@ -256,3 +258,25 @@ class AppState(Base):
 
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[str]
+
+
+class Style(Base):
+    """A server's named prompt template, as AUTOMATIC1111's styles.csv: ``{prompt}`` marks where
+    the member's prompt goes (without it, the style is appended after a comma)."""
+
+    __tablename__ = "styles"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    prompt: Mapped[str] = mapped_column(default="")
+    negative_prompt: Mapped[str] = mapped_column(default="")
+
+
+class MemberStyle(Base):
+    """The style a member uses on a server when they name none."""
+
+    __tablename__ = "member_styles"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    style: Mapped[str] = mapped_column(String(100))

@@ -151,5 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def generate_main() -> int:
+    """The ``sdbot-generate`` console script: ``python -m engine generate`` with this process's arguments."""
+    return main(["generate", *sys.argv[1:]])
+
+
+def worker_main() -> int:
+    """The ``sdbot-worker`` console script: ``python -m engine worker`` with this process's arguments."""
+    return main(["worker", *sys.argv[1:]])
+
+
 if __name__ == "__main__":
     sys.exit(main())

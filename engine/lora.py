@@ -3,7 +3,8 @@
 ``NAME`` is a file stem in the model's ``lora_dir`` (``NAME.safetensors``), looked up by name
 only: no paths, no ``..``. ``WEIGHT`` defaults to 1. The tags are taken out of the text before
 it is encoded (:func:`strip_lora_tags`); a tag in the negative prompt is removed but not applied,
-as in AUTOMATIC1111.
+as in AUTOMATIC1111. Reading and checking tags is torch-free, in :mod:`engine.prompt_syntax` (the
+bot checks them there); this module applies them.
 
 Loading is diffusers' and peft's: ``lora_state_dict`` converts kohya / A1111 files (``lora_unet_*``,
 ``lora_te_*``, SDXL's ``lora_te1_*``/``lora_te2_*``) and diffusers-format files, and each LoRA
@@ -17,108 +18,47 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
-import re
 import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from engine.errors import GenerationError
+from engine.prompt_syntax import (
+    LORA_NAME,
+    LORA_SUFFIX,
+    LORA_TAG,
+    MAX_LORA_WEIGHT,
+    LoraKey,
+    LoraUse,
+    available_loras,
+    check_lora_name,
+    find_lora,
+    lora_key,
+    parse_lora_key,
+    strip_lora_tags,
+)
 
 if TYPE_CHECKING:
     from engine.loading import LoadedModel
 
+# The tag parsing names, kept importable from here, and this module's own.
+__all__ = ["KEEP_LOADED", "LORA_NAME", "LORA_SUFFIX", "LORA_TAG", "MAX_LORA_WEIGHT", "MAX_WEIGHT", "SUFFIX",
+           "LoraKey", "LoraLibrary", "LoraUse", "available_loras", "check_lora_name", "find_lora", "lora_key",
+           "parse_lora_key", "strip_lora_tags"]
+
 log = logging.getLogger(__name__)
 
-#: ``<lora:name>`` or ``<lora:name:weight>`` (A1111 also reads ``<lora:name:te:unet>``; we refuse it clearly).
-LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
-#: A LoRA name: a file stem, no path separators; ``..`` is refused separately.
-LORA_NAME = re.compile(r"[\w][\w .+\-()\[\]]*", re.UNICODE)
-SUFFIX = ".safetensors"
 #: Adapters kept loaded on the model after their set went out of use (least recently used leave).
 KEEP_LOADED = 8
-MAX_WEIGHT = 10.0
 _ADAPTER_IDS = itertools.count(1)  # peft adapter names, unique in the process
 _LIBRARIES: weakref.WeakKeyDictionary[torch.nn.Module, LoraLibrary] = weakref.WeakKeyDictionary()
-
-#: A prompt's LoRA set: ``(name, weight text)`` pairs sorted by name, hashable for batch keys.
-LoraKey = tuple[tuple[str, str], ...]
-
-
-def lora_key(prompt: str) -> LoraKey:
-    """The LoRA tags of a prompt, as written, sorted: cheap and never raises (checked later)."""
-    tags = []
-    for body in LORA_TAG.findall(prompt):
-        name, _, weight = body.partition(":")
-        tags.append((name.strip(), weight.strip()))
-    return tuple(sorted(tags))
-
-
-def strip_lora_tags(prompt: str) -> str:
-    """The prompt without its ``<lora:...>`` tags (what the text encoder sees)."""
-    if "<" not in prompt:
-        return prompt
-    return LORA_TAG.sub("", prompt)
-
-
-@dataclass(frozen=True)
-class LoraUse:
-    name: str
-    weight: float
-
-
-def parse_lora_key(key: LoraKey) -> tuple[LoraUse, ...]:
-    """Check names and weights; the same name twice adds up its weights."""
-    weights: dict[str, float] = {}
-    for name, weight_text in key:
-        check_lora_name(name)
-        if not weight_text:
-            weight = 1.0
-        else:
-            try:
-                weight = float(weight_text)
-            except ValueError:
-                raise GenerationError(
-                    f"<lora:{name}:{weight_text}>: the weight must be a number such as 0.8 "
-                    "(separate text-encoder and UNet weights are not supported)."
-                ) from None
-        if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
-            raise GenerationError(f"<lora:{name}:{weight_text}>: the weight must be from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}.")
-        weights[name] = weights.get(name, 0.0) + weight
-    return tuple(LoraUse(name, weight) for name, weight in weights.items())
-
-
-def check_lora_name(name: str) -> None:
-    if not name or ".." in name or "/" in name or "\\" in name or not LORA_NAME.fullmatch(name):
-        raise GenerationError(
-            f"<lora:{name[:60]}>: a LoRA is named by its file name only (letters, digits, spaces, "
-            "_ - . + and brackets; no folders), e.g. <lora:add_detail:0.8>."
-        )
-
-
-def available_loras(folder: Path | None) -> list[str]:
-    """The LoRA names in ``folder`` (none when it is not set or not there)."""
-    if folder is None or not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.iterdir() if p.suffix == SUFFIX and p.is_file())
-
-
-def find_lora(folder: Path | None, name: str) -> Path:
-    """``folder/NAME.safetensors``; GenerationError listing what there is when it is not there."""
-    path = None if folder is None else folder / f"{name}{SUFFIX}"
-    if path is None or not path.is_file():
-        names = available_loras(folder)
-        listed = ", ".join(names[:30]) + (", ..." if len(names) > 30 else "") if names else "none"
-        if folder is None:
-            listed += " (this model has no LoRA folder configured)"
-        raise GenerationError(f"No LoRA named {name!r}; available: {listed}.")
-    return path
+# The names the tag parsing had here before it moved to engine.prompt_syntax.
+SUFFIX, MAX_WEIGHT = LORA_SUFFIX, MAX_LORA_WEIGHT
 
 
 class LoraLibrary:

@@ -30,6 +30,11 @@ from PIL import Image, PngImagePlugin
 
 from engine.types import GenerationRequest
 
+#: zlib's level for the PNGs we write (``engine.png_compress_level``). Measured on this project's
+#: CPU machine for a smooth 512x512 image: 21 ms at level 1, 69 ms at Pillow's default 6, for a
+#: file 16% larger (452 against 388 KiB); a grainy image gains less (58 against 66 ms).
+PNG_COMPRESS_LEVEL = 1
+
 # One "Key: value" field of the last line; values with commas are JSON-quoted (as AUTOMATIC1111 does).
 _FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
@@ -80,6 +85,8 @@ def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash:
         fields["Variation seed strength"] = _number(request.params.variation_strength)
     if request.is_img2img:
         fields["Denoising strength"] = _number(request.params.strength)
+    if request.params.clip_skip > 1:  # A1111 writes it only when it is not the default
+        fields["Clip skip"] = str(request.params.clip_skip)
     fields["RNG"] = RNG_SOURCE
     fields["Job id"] = str(request.job_id)
     lines = [request.params.prompt]
@@ -89,13 +96,17 @@ def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash:
     return "\n".join(lines)
 
 
-def encode_png(image: Image.Image, infotext: str, job_id: int) -> bytes:
-    """PNG bytes carrying ``infotext`` in ``parameters`` and ``job_id`` in its own chunk."""
+def encode_png(image: Image.Image, infotext: str, job_id: int, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """PNG bytes carrying ``infotext`` in ``parameters`` and ``job_id`` in its own chunk.
+
+    ``compress_level`` is zlib's, 0-9 (``engine.png_compress_level``); the pixels are the same at
+    every level, only the file's size and the time to write it change.
+    """
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext)
     info.add_text("job_id", str(job_id))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
     return buffer.getvalue()
 
 

@@ -17,7 +17,6 @@ The worker's batches never mix models or LoRA sets: :func:`batch_key` says which
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from collections import OrderedDict
@@ -28,7 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.errors import GenerationError, ModelLoadError
-from engine.lora import lora_key
+from engine.prompt_syntax import lora_key
+from engine.memory import free_memory
 
 if TYPE_CHECKING:
     from engine.loading import LoadedModel
@@ -117,7 +117,7 @@ class ModelPool:
                 # As many models stay loaded as memory allows: the least recently used leaves
                 # and the load is tried again, until this model is the only one.
                 others = len(self.loaded())
-                self._make_room(others - 1) if others else self._free_memory()
+                self._make_room(others - 1) if others else free_memory()
                 if not others:
                     raise ModelLoadError(f"Not enough GPU memory to load model {name!r} even alone; "
                                          "use a smaller model or engine.dtype = \"float16\".") from None
@@ -139,16 +139,10 @@ class ModelPool:
                 dropped.append(self._pipelines.popitem(last=False)[0])
         if dropped:
             log.info("unloading model(s) %s to make room", ", ".join(dropped))
-            self._free_memory()
+            free_memory()  # pipelines hold reference cycles (modules, hooks)
 
     def unload_all(self) -> None:
         self._make_room(0)
-
-    @staticmethod
-    def _free_memory() -> None:
-        gc.collect()  # pipelines hold reference cycles (modules, hooks)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 @dataclass

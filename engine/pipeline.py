@@ -28,8 +28,9 @@ from torch import Tensor
 from engine.batch import Batch
 from engine.denoiser import Conditioning, Denoiser, PromptEncoder
 from engine.errors import GenerationError
-from engine.lora import LoraLibrary, lora_key
-from engine.metadata import encode_png, infotext
+from engine.lora import LoraLibrary
+from engine.metadata import PNG_COMPRESS_LEVEL, encode_png, infotext
+from engine.prompt_syntax import lora_key
 from engine.samplers import SAMPLERS, Sampler
 from engine.schedules import ModelSchedule, job_schedule
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult
@@ -190,7 +191,7 @@ class Pipeline:
     def _conditioning(self, request: GenerationRequest) -> Conditioning:
         return self.prompts.conditioning(
             request.params.prompt, request.params.negative_prompt, rows=request.params.count, guidance=request.params.guidance,
-            width=request.params.width, height=request.params.height,
+            width=request.params.width, height=request.params.height, clip_skip=request.params.clip_skip,
         )
 
     def _initial_noise(self, request: GenerationRequest) -> tuple[list[int], list[torch.Generator], Tensor]:
@@ -222,29 +223,36 @@ class Pipeline:
 
     @torch.inference_mode()
     def decode(self, latents: Tensor, chunk_size: int = DECODE_CHUNK) -> list[Image.Image | None]:
-        """Scaled latents [n, C, h, w] -> n RGB images, decoded in chunks.
+        """Scaled latents [n, C, h, w] -> n RGB images (None: invalid even in float32), in chunks."""
+        return to_images(*self.decode_pixels(latents, chunk_size))
+
+    @torch.inference_mode()
+    def decode_pixels(self, latents: Tensor, chunk_size: int = DECODE_CHUNK) -> tuple[Tensor, Tensor]:
+        """Scaled latents [n, C, h, w] -> float32 pixels [n, 3, H, W] in [-1, 1] on the device, and
+        [n] bool, True for an image that is invalid; decoded in chunks.
 
         A float16/bfloat16 VAE can overflow into NaN/inf, or into black once clamped: such images
-        are decoded again by a float32 copy of the VAE. An image still NaN/inf after that is None.
-        A float32 image that is black is kept: at full precision it is what the model made.
+        are decoded again by a float32 copy of the VAE (a host sync, to know which). An image still
+        NaN/inf after that is invalid. A float32 image that is black is kept: at full precision it is
+        what the model made. Turning pixels into images is :func:`to_images`' work (off the engine
+        thread, in the worker).
         """
-        images = []
+        decoded, invalid = [], []
         for chunk in latents.split(chunk_size):
             pixels = self._vae_decode(self.model.vae, chunk)
             bad = ~torch.isfinite(pixels).flatten(1).all(1)
             if self.vae_dtype != torch.float32:
                 black = pixels.flatten(1).amax(1) <= BLACK
                 bad |= black & (chunk.flatten(1).std(1) > FLAT_LATENTS)
-            retry = [i for i, invalid in enumerate(bad.tolist()) if invalid]  # host sync: after the steps
-            if retry and self.vae_dtype != torch.float32:
-                log.warning("%d image(s) invalid from the %s VAE; decoding them again in float32",
-                            len(retry), str(self.vae_dtype).removeprefix("torch."))
-                pixels[retry] = self._vae_decode(self.float32_vae(), chunk[retry])
-                bad = ~torch.isfinite(pixels).flatten(1).all(1)
-            pixels = ((pixels.nan_to_num() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
-            images += [None if invalid else Image.fromarray(p.permute(1, 2, 0).numpy())
-                       for p, invalid in zip(pixels, bad.tolist())]
-        return images
+                retry = [i for i, invalid_image in enumerate(bad.tolist()) if invalid_image]
+                if retry:
+                    log.warning("%d image(s) invalid from the %s VAE; decoding them again in float32",
+                                len(retry), str(self.vae_dtype).removeprefix("torch."))
+                    pixels[retry] = self._vae_decode(self.float32_vae(), chunk[retry])
+                    bad = ~torch.isfinite(pixels).flatten(1).all(1)
+            decoded.append(pixels)
+            invalid.append(bad)
+        return torch.cat(decoded), torch.cat(invalid)
 
     def _vae_decode(self, vae, latents: Tensor) -> Tensor:
         """Scaled latents -> float32 pixels in [-1, 1] (NaN/inf passed through, for the caller to see)."""
@@ -261,12 +269,13 @@ class Pipeline:
                 self._vae_fp32 = copy.deepcopy(self.model.vae).to(torch.float32).requires_grad_(False)
         return self._vae_fp32
 
-    def finish(self, job: PreparedJob, images: list[Image.Image]) -> GenerationResult:
-        """PNG bytes with AUTOMATIC1111 parameters for each decoded image."""
+    def finish(self, job: PreparedJob, images: list[Image.Image],
+               compress_level: int = PNG_COMPRESS_LEVEL) -> GenerationResult:
+        """PNG bytes with AUTOMATIC1111 parameters for each decoded image (any thread)."""
         request, info = job.request, self.model.info
         texts = [infotext(request, seed, info.name, info.file_hash) for seed in job.seeds]
         generated = [
-            GeneratedImage(png=encode_png(image, text, request.job_id), seed=seed)
+            GeneratedImage(png=encode_png(image, text, request.job_id, compress_level), seed=seed)
             for image, text, seed in zip(images, texts, job.seeds)
         ]
         return GenerationResult(request.job_id, generated, texts[0], seconds=time.monotonic() - job.started)
@@ -286,6 +295,13 @@ class Pipeline:
         if None in images:
             raise decode_error(job)
         return self.finish(job, images)
+
+
+def to_images(pixels: Tensor, invalid: Tensor) -> list[Image.Image | None]:
+    """What :meth:`Pipeline.decode_pixels` gave -> RGB images, None where invalid: the uint8
+    conversion and the copy to the host (the worker runs it off the engine thread)."""
+    data = ((pixels.nan_to_num() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
+    return [None if bad else Image.fromarray(p.permute(1, 2, 0).numpy()) for p, bad in zip(data, invalid.tolist())]
 
 
 def nan_error(job: PreparedJob) -> GenerationError:

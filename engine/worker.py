@@ -1,15 +1,13 @@
 """The engine worker: one thread owns the model and the device, and keeps a running batch.
 
-Continuous batching (issue 4): between two denoising steps the thread admits waiting jobs that
-can share the batch (same image size) up to ``max_batch`` rows, in arrival order, and retires the
-jobs that just took their last step (one batched VAE decode). A batch holds one model and one
-LoRA set (:func:`engine.models.batch_key`); jobs behind one that cannot join (another size, say)
-may join in its place for up to ``engine.overtake_window`` seconds, then the batch drains and it
-goes next. The worker switches model or LoRA set only between batches, loading models on demand
-through a :class:`~engine.models.ModelPool`. Jobs in a batch may differ in everything else:
-prompt, seed, steps, sampler, guidance, txt2img or img2img. A job's pixels do not depend on what
-shared its batch: its noise comes from its own seeds and every per-row quantity is computed row
-by row.
+Continuous batching (issue 4): between two denoising steps the thread admits the waiting jobs
+that :func:`engine.admission.admissions` lets join (same size, model and LoRA set, within the row
+limit, with the overtake window), and retires the jobs that just took their last step (one
+batched VAE decode; their PNGs are made off this thread, :mod:`engine.finishing`). It switches
+model or LoRA set only between batches, loading models on demand through a
+:class:`~engine.models.ModelPool`. Jobs in a batch may differ in everything else (prompt, seed,
+steps, sampler, guidance, txt2img or img2img), and a job's pixels do not depend on what shared
+its batch: its noise comes from its own seeds and every per-row quantity is computed row by row.
 
 asyncio code awaits :meth:`EngineWorker.generate`; results and progress reach the event loop
 thread-safely (``loop.call_soon_threadsafe`` and ``asyncio.wrap_future``). Cancelling takes a job
@@ -18,9 +16,9 @@ out at the next step boundary; a fault in one job (a NaN, a bad init image) fail
 Faults of the device do not stop the thread (issue 5):
 
 - Out of GPU memory in a step: the step left the batch as it was, so the worker frees memory,
-  parks the newer half of the rows (their state kept) and goes on with the older ones. That size
-  gets a lower row limit, which doubles back towards ``max_batch`` after calm steps. Only a job
-  that does not fit even alone fails, with a message saying what to ask for instead.
+  parks the newer jobs (their state kept) and goes on with the older ones, under the lowered row
+  limit of :class:`engine.memory.OutOfMemoryGovernor`. Only a job that does not fit even alone
+  fails, with a message saying what to ask for instead.
 - NaN or black images from a float16/bfloat16 VAE are decoded again in float32
   (:meth:`Pipeline.decode`).
 - ``engine.job_timeout``: a job running longer fails at the next step boundary, read from a
@@ -32,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import gc
 import itertools
 import logging
 import math
@@ -40,21 +37,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from engine.admission import Running, Waiting, admissions, over_limits, resumptions
 from engine.batch import Batch, Entry, Parked
+from engine.memory import OutOfMemoryGovernor, free_memory, jobs_to_keep
 from engine.models import ModelPool, batch_key
 from engine.errors import EngineError, GenerationError, JobCancelled
-from engine.pipeline import DECODE_CHUNK, Pipeline, decode_error, nan_error, out_of_memory_error, timeout_error
-from engine.preview import preview_png
+from engine.finishing import Finisher, ProgressSink, Ticket, decode_finished
+from engine.pipeline import Pipeline, nan_error, out_of_memory_error, timeout_error
 from engine.types import GenerationRequest, GenerationResult, Progress
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from engine.loading import LoadedModel
     from engine.settings import EngineSettings, GenerationSettings
 
@@ -62,35 +58,6 @@ log = logging.getLogger(__name__)
 
 #: Look for NaN/inf in the running batch every this many steps: each look is one host sync.
 NAN_CHECK_EVERY = 8
-#: After running out of GPU memory, lowered row limits double back every this many good steps.
-OOM_CALM_STEPS = 50
-
-ProgressSink = Callable[[Progress], None]
-
-
-@dataclass(eq=False)
-class Ticket:
-    """A submitted request and where its result and progress go."""
-
-    request: GenerationRequest
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    notify: ProgressSink | None = None  # already thread-safe for its receiver
-    cancelled: bool = False
-    deadline: float = math.inf  # on the worker's clock, set when the worker starts the job
-    arrived: float = 0.0  # on the worker's clock, when it was submitted
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.request.params.width, self.request.params.height
-
-    def settle(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
-        try:
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)
-        except concurrent.futures.InvalidStateError:
-            pass  # the awaiting side gave up (its task was cancelled) before we finished
 
 
 class EngineWorker:
@@ -111,10 +78,10 @@ class EngineWorker:
         self._admitting: list[Ticket] = []  # taken from the queue, being prepared
         self._active: dict[int, Ticket] = {}  # id(PreparedJob) -> its ticket
         # The worker thread's own: jobs parked after an out-of-memory (they go before any waiting
-        # job), and lowered row limits per image size, with the good steps since the last one.
+        # job), and the row limits per image size that memory allows.
         self._parked: list[Parked] = []
-        self._row_limits: dict[tuple[int, int], int] = {}
-        self._calm_steps = 0
+        self.memory = OutOfMemoryGovernor(settings.max_batch)
+        self.finisher = Finisher(settings.png_compress_level)  # PNGs and previews, off this thread
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._steps = itertools.count(1)
@@ -135,6 +102,7 @@ class EngineWorker:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.finisher.close()  # results being encoded are delivered
         self._cancel_waiting()
 
     async def generate(self, request: GenerationRequest,
@@ -154,7 +122,8 @@ class EngineWorker:
 
     def generate_blocking(self, request: GenerationRequest,
                           on_progress: ProgressSink | None = None) -> GenerationResult:
-        """Run one job from a plain thread (the CLI); ``on_progress`` runs on the worker thread."""
+        """Run one job from a plain thread (the CLI); ``on_progress`` runs on the worker thread, or
+        on an encoding thread for a progress with a preview (one at a time, in order)."""
         return self._submit(request, on_progress).result()
 
     def cancel(self, job_id: int) -> bool:
@@ -172,7 +141,7 @@ class EngineWorker:
 
     def _submit(self, request: GenerationRequest, notify: ProgressSink | None) -> concurrent.futures.Future:
         ticket = Ticket(request, notify=notify)
-        problem = self._over_limits(request)
+        problem = over_limits(request.params, self.gen)
         if problem:
             ticket.settle(error=GenerationError(problem))
             return ticket.future
@@ -184,17 +153,6 @@ class EngineWorker:
                 self._waiting.append(ticket)
                 self._lock.notify_all()
         return ticket.future
-
-    def _over_limits(self, request: GenerationRequest) -> str | None:
-        """The boundary checks requests; this only guards the device against a request that slipped by."""
-        gen = self.gen
-        if not 1 <= request.params.steps <= gen.max_steps:
-            return f"steps must be 1 to {gen.max_steps}"
-        if request.params.width > gen.max_width or request.params.height > gen.max_height:
-            return f"size must be at most {gen.max_width}x{gen.max_height}"
-        if not 1 <= request.params.count <= gen.max_count:
-            return f"count must be 1 to {gen.max_count}"
-        return None
 
     # ------------------------------------------------------------------ the thread
 
@@ -224,39 +182,33 @@ class EngineWorker:
                 self._lock.wait()
             if self._stopping:
                 return None
-            rows = batch.rows
-            size = self._batch_size(batch)
-            key = self._key(batch.entries[0].job.request) if batch.entries else None
-            taken: list[Ticket] = []
-            waiting = [] if self._parked else list(self._waiting)  # parked jobs are older: none overtakes them
-            now = self.clock()
-            for ticket in waiting:
-                size = size or ticket.size
-                key = key or self._key(ticket.request)
-                # A batch has one image size, one model and one LoRA set. Jobs behind one that
-                # cannot join may take its place for a while (mixed sizes would otherwise run one
-                # job at a time); once it has waited overtake_window, nothing more joins, the
-                # batch drains and it goes next. Full: the rest keep their order.
-                if ticket.size != size or self._key(ticket.request) != key:
-                    if now - ticket.arrived >= self.settings.overtake_window:
-                        break
-                    continue
-                if rows and rows + ticket.request.params.count > self._row_limit(size):
-                    break
+            waiting = list(self._waiting)
+            chosen = admissions(
+                [Waiting(t.size, self._key(t.request), t.request.params.count, t.arrived) for t in waiting],
+                self._running(batch), max_batch=self.settings.max_batch, lowered=self.memory.lowered,
+                overtake_window=self.settings.overtake_window, now=self.clock(),
+            )
+            taken = [waiting[i] for i in chosen]
+            for ticket in taken:
                 self._waiting.remove(ticket)
-                taken.append(ticket)
-                rows += ticket.request.params.count
             self._admitting = list(taken)
             return taken
 
+    def _running(self, batch: Batch) -> Running:
+        if not batch.entries:
+            return Running(parked=len(self._parked))
+        return Running(batch.rows, self._batch_size(batch), self._key(batch.entries[0].job.request),
+                       len(self._parked))
+
     def _resume_parked(self, batch: Batch) -> None:
         """Parked jobs rejoin, oldest first, as the row limit allows (always, into an empty batch)."""
-        while self._parked:
-            parked = self._parked[0]
-            rows = parked.entry.job.rows
-            if batch.entries and batch.rows + rows > self._row_limit(self._batch_size(batch)):
-                return
-            batch.resume(self._parked.pop(0))
+        if not self._parked:
+            return
+        size = self._parked[0].entry.job.request.params.size
+        count = resumptions([p.entry.job.rows for p in self._parked], batch.rows, self.memory.limit(size))
+        for parked in self._parked[:count]:
+            batch.resume(parked)
+        del self._parked[:count]
 
     def _key(self, request: GenerationRequest) -> Hashable:
         return batch_key(request, self.models.default)
@@ -283,9 +235,6 @@ class EngineWorker:
             pipeline.denoiser.compile(functools.partial(torch.compile, mode=self.settings.compile, dynamic=False))
         return pipeline
 
-    def _row_limit(self, size: tuple[int, int]) -> int:
-        return min(self.settings.max_batch, self._row_limits.get(size, self.settings.max_batch))
-
     def _batch_size(self, batch: Batch) -> tuple[int, int] | None:
         if not batch.entries:
             return None
@@ -311,9 +260,9 @@ class EngineWorker:
             log.exception("preparing job %s failed", ticket.request.job_id)
             job, error = None, GenerationError(f"Preparing the job failed ({type(e).__name__}: {e}).")
         if out_of_memory:
-            self._free_memory()
+            free_memory()
             if batch.entries:
-                self._row_limits[ticket.size] = max(1, batch.rows)  # nothing more joins until some leave
+                self.memory.preparing_failed(ticket.size, batch.rows)
                 return False
         with self._lock:
             self._admitting.remove(ticket)
@@ -367,7 +316,7 @@ class EngineWorker:
         if denoised is None:
             self._out_of_memory(batch)
             return
-        self._calm_down()
+        self.memory.step_succeeded()
         self._report_progress(batch, denoised)
         if next(self._steps) % NAN_CHECK_EVERY == 0:
             for entry in batch.nonfinite_entries():
@@ -382,39 +331,21 @@ class EngineWorker:
         The newer jobs are parked with their state and rejoin as the lowered limit allows; a job
         alone in the batch cannot be made smaller, so it fails with a message saying so.
         """
-        self._free_memory()
+        free_memory()
         size, rows = self._batch_size(batch), batch.rows
-        self._row_limits[size] = limit = max(1, rows // 2)
-        self._calm_steps = 0
+        limit = self.memory.step_failed(size, rows)
         if len(batch.entries) == 1:
             entry = batch.entries[0]
             log.warning("out of GPU memory for job %s alone (%d rows of %dx%d)",
                         entry.job.request.job_id, rows, *size)
             self._retire(batch, entry, error=out_of_memory_error(entry.job.request))
             return
-        keep, kept_rows = 1, batch.entries[0].job.rows
-        while keep < len(batch.entries) and kept_rows + batch.entries[keep].job.rows <= limit:
-            kept_rows += batch.entries[keep].job.rows
-            keep += 1
+        keep = jobs_to_keep([entry.job.rows for entry in batch.entries], limit)
+        kept_rows = sum(entry.job.rows for entry in batch.entries[:keep])
         parking = batch.entries[keep:]
         log.warning("out of GPU memory at %d rows of %dx%d; going on with %d, parking jobs %s", rows, *size,
                     kept_rows, [entry.job.request.job_id for entry in parking])
         self._parked[:0] = [batch.park(entry.job) for entry in parking]
-
-    def _calm_down(self) -> None:
-        """After enough good steps, lowered row limits double back towards max_batch."""
-        if not self._row_limits:
-            return
-        self._calm_steps += 1
-        if self._calm_steps % OOM_CALM_STEPS == 0:
-            self._row_limits = {size: limit * 2 for size, limit in self._row_limits.items()
-                                if limit * 2 < self.settings.max_batch}
-
-    def _free_memory(self) -> None:
-        """Give the allocator back what a failed call left (its tensors are unreachable by now)."""
-        gc.collect()  # tracebacks and frames in reference cycles can hold activations
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def _report_progress(self, batch: Batch, denoised: torch.Tensor) -> None:
         every = self.settings.preview_every
@@ -425,70 +356,31 @@ class EngineWorker:
             total = entry.job.total_steps
             preview = None
             if every and entry.step % every == 0 and entry.step < total:
-                preview = preview_png(denoised[rows.start], self.pipeline.family)
-            self._notify(ticket, Progress(ticket.request.job_id, entry.step, total, preview))
-
-    def _notify(self, ticket: Ticket, progress: Progress) -> None:
-        try:
-            ticket.notify(progress)
-        except Exception:  # a closed loop or a faulty callback must not stop other members' jobs
-            log.exception("progress callback for job %s failed", progress.job_id)
+                preview = denoised[rows.start]  # its PNG is made in the finisher's pool
+            self.finisher.progress(ticket, Progress(ticket.request.job_id, entry.step, total), preview,
+                                   self.pipeline.family)
 
     def _finish(self, batch: Batch, finished: list[Entry]) -> None:
-        """Retire finished jobs: one NaN check and one VAE decode for all of them together."""
-        latents = {id(entry.job): batch.remove(entry.job) for entry in finished}
-        stacked = torch.cat(list(latents.values()))
-        finite_rows = torch.isfinite(stacked).flatten(1).all(1).tolist()
-        good, start = [], 0
-        for entry in finished:
-            rows = entry.job.rows
-            if all(finite_rows[start:start + rows]):
-                good.append(entry)
-            else:
-                self._settle(entry, error=nan_error(entry.job))
-            start += rows
-        if not good:
-            return
-        try:
-            images = self._decode(torch.cat([latents[id(entry.job)] for entry in good]))
-        except Exception as e:
-            log.exception("VAE decode failed")
-            for entry in good:
-                self._settle(entry, error=GenerationError(f"Decoding the image failed ({type(e).__name__})."))
-            return
-        for entry in good:
-            if images is None:
-                self._settle(entry, error=out_of_memory_error(entry.job.request))
+        """Retire finished jobs: one NaN check and one VAE decode for all of them together; their
+        images are converted and encoded in the finisher's pool while the next step runs."""
+        decoded = decode_finished(self.pipeline, [(entry, batch.remove(entry.job)) for entry in finished])
+        for entry, outcome in decoded:
+            if isinstance(outcome, EngineError):
+                self._settle(entry, error=outcome)
                 continue
-            mine, images = images[: entry.job.rows], images[entry.job.rows :]
-            if None in mine:
-                self._settle(entry, error=decode_error(entry.job))
-                continue
-            try:
-                self._settle(entry, result=self.pipeline.finish(entry.job, mine))
-            except Exception as e:
-                log.exception("finishing job %s failed", entry.job.request.job_id)
-                self._settle(entry, error=GenerationError(f"Saving the image failed ({type(e).__name__})."))
-
-    def _decode(self, latents: torch.Tensor) -> list[Image.Image | None] | None:
-        """Decode, one image at a time after running out of memory; None if even that does not fit."""
-        for chunk_size in (DECODE_CHUNK, 1):
-            try:
-                return self.pipeline.decode(latents, chunk_size)
-            except torch.OutOfMemoryError:
-                log.warning("out of GPU memory decoding %d image(s), %d at a time", len(latents), chunk_size)
-            self._free_memory()
-        return None
+            with self._lock:
+                ticket = self._active.pop(id(entry.job))
+            self.finisher.result(ticket, self.pipeline, entry.job, outcome)
 
     def _retire(self, batch: Batch, entry: Entry, *, error: BaseException) -> None:
         batch.remove(entry.job)
         self._settle(entry, error=error)
 
-    def _settle(self, entry: Entry, *, result: GenerationResult | None = None,
-                error: BaseException | None = None) -> None:
+    def _settle(self, entry: Entry, *, error: BaseException) -> None:
+        """Fail a job that leaves the batch (after its pending progress, if any)."""
         with self._lock:
             ticket = self._active.pop(id(entry.job))
-        ticket.settle(result=result, error=error)
+        self.finisher.fail(ticket, error)
 
     def _shut_down(self, batch: Batch) -> None:
         """Whatever is left when the thread ends gets an answer, never silence."""

@@ -12,13 +12,14 @@ the gateway to its ``/gateway``. Everything else is ``python -m bot`` itself, so
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from processes import EXIT_BUDGET, START_BUDGET, Logged, start_logged, until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,51 +82,49 @@ class BotProcess:
         if no_engine:
             self.args.append("--no-engine")
         self.log_path = log_path
-        self.process: subprocess.Popen | None = None
+        self.child: Logged | None = None
         self.starts = 0
 
-    async def start(self, timeout: float = 60.0) -> None:
-        """Start the bot and wait until it is connected to the emulator's gateway."""
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return None if self.child is None else self.child.process
+
+    async def start(self, timeout: float = START_BUDGET) -> None:
+        """Start the bot and wait until the emulator has seen it identify on the gateway."""
         assert self.process is None or self.process.poll() is not None, "the bot is running already"
-        env = {**os.environ, "EMULATOR_URL": self.emulator.base_url, "DISCORD_TOKEN": self.emulator.token,
-               "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         self.starts += 1
-        with self.log_path.open("a") as log:
-            log.write(f"\n===== start {self.starts} =====\n")
-            log.flush()
-            self.process = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self.emulator.connected:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the bot exited with {self.process.returncode}:\n{self.log()}")
-            if loop.time() > deadline:
-                raise AssertionError(f"the bot did not connect within {timeout} s:\n{self.log()}")
-            await asyncio.sleep(0.05)
+        self.child = start_logged(f"bot (start {self.starts})", self.args, self.log_path, cwd=ROOT, env={
+            "EMULATOR_URL": self.emulator.base_url, "DISCORD_TOKEN": self.emulator.token,
+            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        await until(lambda: self.emulator.connected, "the bot to connect to the emulator's gateway",
+                    budget=timeout, watched=[self.child])
 
     async def kill(self) -> None:
         """SIGKILL: no clean-up of any kind runs; wait until the emulator has seen it go."""
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
-        while self.process.poll() is None:
-            await asyncio.sleep(0.02)
-        await self.emulator.wait_for(lambda: not self.emulator.connected, 10, "the gateway to close")
+        await until(lambda: self.process.poll() is not None and not self.emulator.connected,
+                    "the killed bot's gateway connection to close")
 
     async def stop(self) -> int | None:
         """SIGTERM (what an operator does), then the exit status; kill -9 if it hangs."""
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
         self.process.send_signal(signal.SIGTERM)
-        for _ in range(300):
-            if self.process.poll() is not None:
-                return self.process.returncode
-            await asyncio.sleep(0.1)
-        self.process.kill()
-        self.process.wait()
-        return None
+        try:
+            await until(lambda: self.process.poll() is not None, "the bot to exit", budget=EXIT_BUDGET)
+        except AssertionError:
+            self.child.kill()
+            return None
+        return self.process.returncode
+
+    @property
+    def watched(self) -> list[Logged]:
+        """The bot, for ``until(..., watched=bot.watched)``: a wait fails at once if it exits."""
+        return [] if self.child is None else [self.child]
 
     def log(self) -> str:
-        return self.log_path.read_text()[-8000:] if self.log_path.exists() else ""
+        return self.child.tail() if self.child else ""
 
 
 if __name__ == "__main__":

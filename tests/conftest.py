@@ -1,14 +1,14 @@
 
 # --- db fixtures (helper "db"): SQLite + PostgreSQL databases and queues, see tests/db_fixtures.py ---
-from db_fixtures import clock, db_engine, db_url, pg_admin_url, pg_url, queue  # noqa: E402,F401
+from db_fixtures import clock, db_engine, db_url, pg_admin_url, pg_url, queue  # noqa: F401
 # --- end db fixtures ---
 
 # --- tiny model fixtures (helper "loading"): random SD1/SD2/SDXL models, see tests/tinymodel.py ---
-import os  # noqa: E402
+import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/huggingface_hub are imported
 
-import pytest  # noqa: E402
+import pytest
 
 # torch/diffusers are imported inside the fixtures, so test runs that need no model stay fast.
 

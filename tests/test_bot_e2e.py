@@ -3,7 +3,6 @@ emulator, the engine on the tiny model, and a temporary SQLite queue."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 
 import pytest
@@ -135,8 +134,14 @@ async def test_single_image_vary_edit_and_reaction(setup):
         job = queue.get(job_of(rerolled))
         assert job.requester_id == emu.bob.id and job.parent_id == parent
         await emu._add_reaction(emu.bot_user, first, "🔁")
-        await asyncio.sleep(0.5)
-        assert sum(queue.get(job_of(m)).kind.value == "reroll" for m in results(emu)) == 1
+        # Sync point instead of a pause: Alice's 🔁 comes after the bot's own, so by the time her
+        # reroll is posted one for the bot's reaction would have been queued (and, never served
+        # before, made first).
+        seen = {m.id for m in results(emu)}
+        await emu.react(emu.alice, first, "🔁")
+        await wait_result(emu, lambda m: m.id not in seen and queue.get(job_of(m)).requester_id == emu.alice.id)
+        assert sum(queue.get(job_of(m)).kind.value == "reroll" for m in results(emu)) == 2
+        assert queue.pending_for(emu.bot_user.id) == []
 
 
 async def test_buttons_and_reactions_work_after_a_restart(setup):

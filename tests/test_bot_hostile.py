@@ -403,7 +403,7 @@ async def test_checks_one_after_another_share_one_budget():
     deferred = []
 
     class Bot:
-        async def defer(self, interaction):
+        async def defer(self, interaction, **_):
             deferred.append(interaction)
 
     def interaction():

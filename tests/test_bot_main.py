@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from processes import START_BUDGET
+
+pytestmark = pytest.mark.slow  # each test starts `python -m bot`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,7 +24,7 @@ def run_bot(tmp_path: Path, config: str | None, token: str | None) -> subprocess
     if token is not None:
         env["DISCORD_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "bot", "--config", str(path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=START_BUDGET)
 
 
 def config_text(tmp_path: Path, source: str) -> str:

@@ -255,3 +255,45 @@ def test_the_run_loop_of_the_tests_is_the_production_wiring():
     harness = (ROOT / "tests" / "bot_harness.py").read_text()
     main = (ROOT / "bot" / "__main__.py").read_text()
     assert "build_bot(" in harness and "build_bot(" in main and "SDBot(" not in harness + main
+
+
+# -- a bot without an engine -----------------------------------------------------------------------
+
+NO_ENGINE = r'''
+import asyncio, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from bot_harness import bot_config, bot_running, new_queue
+from discord_emulator import Emulator, patch_discord
+from pathlib import Path
+
+async def main():
+    async with Emulator() as emu:
+        with patch_discord(emu):
+            config = bot_config("unused-model", f"sqlite:///{sys.argv[2]}/bot.sqlite3", emu.guild.id)
+            engine, queue = new_queue(Path(sys.argv[2]) / "bot.sqlite3", config)
+            async with bot_running(emu, config, queue, None):
+                ix = await emu.slash(emu.alice, "imagine", {"prompt": "a (red:1.2) fox <lora:x:0.5> BREAK snow"})
+                await ix.wait_response()
+                ix = await emu.slash(emu.alice, "imagine", {"prompt": "(a:1.2.3)"})
+                print("REFUSAL", (await ix.wait_response(lambda m: m.ephemeral)).content)
+            loaded = sorted(m for m in ("torch", "diffusers") if m in sys.modules)
+            print("LOADED", loaded)
+            import resource
+            print("RSS_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+
+asyncio.run(main())
+'''
+
+
+@pytest.mark.slow
+def test_a_bot_without_an_engine_never_imports_torch_or_diffusers(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_engine.py"
+    script.write_text(NO_ENGINE)
+    out = subprocess.run([sys.executable, str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LOADED []" in out.stdout, out.stdout
+    assert "REFUSAL" in out.stdout and "1.2.3" in out.stdout

@@ -31,6 +31,7 @@ def test_upgrade_twice_is_harmless(db_engine: Engine) -> None:
     assert {"jobs", "result_images", "posted_messages", "members", "alembic_version"} <= tables
 
 
+@pytest.mark.slow  # starts a Python process
 def test_processes_starting_at_once_migrate_in_turn(db_url: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     script = "import sys; from db.session import upgrade; upgrade(sys.argv[1])"
@@ -77,6 +78,7 @@ def test_plain_postgresql_url_means_psycopg3() -> None:
     assert normalize_url("sqlite:///x.db").drivername == "sqlite"
 
 
+@pytest.mark.slow  # starts a Python process
 def test_db_imports_neither_bot_nor_engine() -> None:
     script = (
         "import sys, db.queue, db.session, db.models, db.errors, db.community; "

@@ -25,6 +25,7 @@ from engine.settings import EngineSettings, GenerationSettings
 from engine.types import GenerationRequest, Progress
 from engine.worker import EngineWorker
 from engine_harness import sqlite_queue  # noqa: F401 - sqlite_queue is a fixture
+from tolerance import assert_same_image, assert_same_latents
 
 
 def make_request(job_id: int, **fields) -> GenerationRequest:
@@ -119,7 +120,7 @@ def run_all(worker: EngineWorker, requests: list[GenerationRequest],
 def assert_same_images(result, reference) -> None:
     assert [image.seed for image in result.images] == [image.seed for image in reference.images]
     for image, expected in zip(result.images, reference.images):
-        assert np.abs(pixels(image.png) - pixels(expected.png)).max() <= 2
+        assert_same_image(image.png, expected.png)
 
 
 # ---------------------------------------------------------------------------- out of GPU memory
@@ -177,7 +178,7 @@ def test_a_parked_job_resumes_where_it_stopped(tiny_model):
         for entry in [e for e in batch.entries if e.done]:
             together[entry.job.request.job_id] = batch.remove(entry.job)
     for job_id, latents in alone.items():
-        torch.testing.assert_close(together[job_id], latents, rtol=1e-4, atol=1e-4)
+        assert_same_latents(together[job_id], latents)
 
 
 def test_out_of_memory_retries_with_fewer_rows_and_every_job_gets_its_own_image(make_worker):

@@ -14,6 +14,7 @@ from engine.errors import GenerationError
 from engine.lora import lora_key, parse_lora_key, strip_lora_tags
 from engine.settings import EngineSettings, GenerationSettings
 from engine.types import GenerationRequest
+from tolerance import assert_same_image
 
 
 @pytest.fixture(scope="module")
@@ -154,5 +155,5 @@ def test_jobs_with_different_lora_sets_are_not_batched_together(lora_model, pipe
     finally:
         worker.stop()
     for got, expected in zip(results, alone):
-        assert np.array_equal(pixels(got), expected)
+        assert_same_image(pixels(got), expected)
     assert all(len(sets) == 1 for sets in batches)

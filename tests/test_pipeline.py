@@ -16,6 +16,7 @@ from engine.metadata import read_parameters
 from engine.pipeline import Pipeline, fit_image
 from engine.samplers import SAMPLERS
 from engine.types import GenerationRequest
+from tolerance import assert_same_image
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,7 @@ def test_count_makes_one_image_per_seed(pipeline):
     assert [image.seed for image in result.images] == [20, 21]
     assert read_parameters(result.images[1].png)["Seed"] == "21"
     single = pipeline.generate(make_request(seed=21))
-    diff = np.abs(pixels(result.images[1].png) - pixels(single.images[0].png))
-    assert diff.max() <= 2  # the same image as seed 21 alone, within float tolerance
+    assert_same_image(result.images[1].png, single.images[0].png)  # the same image as seed 21 alone
 
 
 def test_variation_seed_mixes_noise(pipeline):

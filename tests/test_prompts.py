@@ -13,6 +13,7 @@ from engine.prompts import chunk_prompt, chunks_needed, count_tokens, parse_prom
 from engine.tokenizer import clip_tokenizer
 from engine.types import GenerationRequest
 from engine_harness import denoise_alone
+from tolerance import assert_same_latents
 
 # ---------------------------------------------------------------------------- parsing
 
@@ -241,7 +242,7 @@ def test_jobs_with_different_chunk_counts_share_a_batch_and_match_running_alone(
         for entry in [e for e in batch.entries if e.done]:
             together[entry.job.request.job_id] = batch.remove(entry.job)
     for job_id, latents in alone.items():
-        torch.testing.assert_close(together[job_id], latents, rtol=1e-4, atol=1e-4)
+        assert_same_latents(together[job_id], latents)
 
 
 def test_equal_lengths_need_no_mask(tiny_model):

@@ -18,6 +18,7 @@ from engine.settings import EngineSettings, GenerationSettings
 from engine.types import GenerationRequest, Progress
 from engine.worker import EngineWorker
 from engine_harness import denoise_alone
+from tolerance import assert_same_image, assert_same_latents
 
 
 def make_request(job_id: int, **fields) -> GenerationRequest:
@@ -78,7 +79,7 @@ def test_a_job_denoises_the_same_alone_and_in_a_shared_batch(tiny_model, init_pn
         for entry in [e for e in batch.entries if e.done]:
             together[entry.job.request.job_id] = batch.remove(entry.job)
     for job_id, latents in alone.items():
-        torch.testing.assert_close(together[job_id], latents, rtol=1e-4, atol=1e-4)
+        assert_same_latents(together[job_id], latents)
 
 
 def test_worker_batches_jobs_and_images_match_single_runs(make_worker, init_png):
@@ -98,7 +99,7 @@ def test_worker_batches_jobs_and_images_match_single_runs(make_worker, init_png)
         reference = single[result.job_id]
         assert [image.seed for image in result.images] == [image.seed for image in reference.images]
         for image, expected in zip(result.images, reference.images):
-            assert np.abs(pixels(image.png) - pixels(expected.png)).max() <= 2
+            assert_same_image(image.png, expected.png)
 
 
 def progress_log(worker: EngineWorker, requests: list[GenerationRequest]) -> list[Progress]:
@@ -209,7 +210,7 @@ def test_a_compiled_unet_sees_padded_batches_and_changes_no_image(family_model, 
         compiled.stop()
     assert unet_rows == [8, 8, 4, 2]  # 3 rows padded to 4, then 2, then 1 (prompt and negative each)
     for result, reference in zip(got, expected):
-        assert np.abs(pixels(result.images[0].png) - pixels(reference.images[0].png)).max() <= 2
+        assert_same_image(result.images[0].png, reference.images[0].png)
 
 
 def test_progress_arrives_on_the_event_loop_thread_with_previews(make_worker):
@@ -296,7 +297,7 @@ def test_a_nan_fails_only_its_own_job(make_worker):
 
     bad, good = asyncio.run(run())
     assert isinstance(bad, GenerationError) and "NaN" in str(bad)
-    assert np.abs(pixels(good.images[0].png) - pixels(expected.images[0].png)).max() <= 2
+    assert_same_image(good.images[0].png, expected.images[0].png)
 
 
 def test_stop_cancels_waiting_jobs(make_worker):

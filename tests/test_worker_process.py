@@ -6,11 +6,8 @@ its job is taken over when the lease runs out and every job ends done exactly on
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,9 @@ import pytest
 from db.models import JobStatus
 from db.queue import Queue
 from db.session import make_engine, upgrade
+from processes import BUDGET, START_BUDGET, Logged, start_logged, wait_for
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = dict(prompt="a lighthouse", steps=12, guidance=5.0, width=64, height=64, sampler="euler", channel_id=1)
@@ -44,18 +44,10 @@ lease_seconds = 5
     return path
 
 
-def start_worker(config: Path, name: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--config", str(config), "--name", name],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+def start_worker(config: Path, name: str) -> Logged:
+    """``python -m engine worker``, its output in a log beside the config (shown when a wait fails)."""
+    return start_logged(name, [sys.executable, "-m", "engine", "worker", "--config", str(config), "--name", name],
+                        config.with_name(f"{name}.log"), cwd=ROOT, env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
 
 
 def test_two_workers_one_killed_mid_job_every_job_done_once(pg_url, tiny_sd_folder, tmp_path):
@@ -66,18 +58,17 @@ def test_two_workers_one_killed_mid_job_every_job_done_once(pg_url, tiny_sd_fold
     config = write_config(tmp_path / "config.toml", tiny_sd_folder, pg_url)
     doomed, survivor = start_worker(config, "doomed"), None
     try:
-        def doomed_is_running_a_job() -> bool:
-            assert doomed.poll() is None, doomed.stdout.read()
-            return any((queue.get(j.id).worker_id or "").split("/")[-1].startswith("doomed#") for j in jobs)
+        def running_on_doomed() -> list[int]:
+            return [j.id for j in jobs if (queue.get(j.id).worker_id or "").split("/")[-1].startswith("doomed#")
+                    and queue.get(j.id).status is JobStatus.running]
 
-        wait_for(doomed_is_running_a_job, 120, "the first worker to claim a job")
-        taken = [j.id for j in jobs if (queue.get(j.id).worker_id or "").split("/")[-1].startswith("doomed#")
-                 and queue.get(j.id).status is JobStatus.running]
-        doomed.send_signal(signal.SIGKILL)
-        doomed.wait(10)
+        wait_for(running_on_doomed, "the first worker to run a job", budget=START_BUDGET, watched=[doomed])
+        doomed.kill()
+        taken = running_on_doomed()  # after the kill: the jobs it can no longer finish
 
         survivor = start_worker(config, "survivor")
-        wait_for(lambda: all(queue.get(j.id).status.finished for j in jobs), 240, "every job to finish")
+        wait_for(lambda: all(queue.get(j.id).status.finished for j in jobs), "every job to finish",
+                 budget=START_BUDGET + BUDGET, watched=[survivor])
 
         for job in jobs:
             stored = queue.get(job.id)
@@ -85,13 +76,12 @@ def test_two_workers_one_killed_mid_job_every_job_done_once(pg_url, tiny_sd_fold
             assert [image.seed for image in queue.images(job.id)] == [job.seed]
         assert taken and all(queue.get(i).attempts == 2 for i in taken)
 
-        survivor.send_signal(signal.SIGTERM)
-        assert survivor.wait(30) == 0, survivor.stdout.read()
+        survivor.process.send_signal(signal.SIGTERM)
+        assert survivor.exit_status() == 0, survivor.tail()
     finally:
-        for process in (doomed, survivor):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
+        for child in (doomed, survivor):
+            if child is not None:
+                child.kill()
         queue.close()
         db.dispose()
 
@@ -104,14 +94,13 @@ def test_a_worker_stopped_by_sigterm_gives_its_job_back(tiny_sd_folder, tmp_path
     job = queue.enqueue(requester_id=1, seed=1, **{**JOB, "steps": 500})
     worker = start_worker(write_config(tmp_path / "config.toml", tiny_sd_folder, url), "w")
     try:
-        wait_for(lambda: queue.get(job.id).status is JobStatus.running, 120, "the worker to claim the job")
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(30) == 0
+        wait_for(lambda: queue.get(job.id).status is JobStatus.running, "the worker to claim the job",
+                 budget=START_BUDGET, watched=[worker])
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.exit_status() == 0, worker.tail()
         stored = queue.get(job.id)
         assert stored.status is JobStatus.queued and stored.attempts == 0
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+        worker.kill()
         queue.close()
         db.dispose()

@@ -1,0 +1,84 @@
+"""No acknowledged command without a job: the job is stored before the acknowledgement, and an
+interaction acknowledged early (slow checks) is recorded and answered after a crash."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import bot.service
+from bot.acks import RESTARTED
+from bot_harness import bot_config, bot_running, new_queue
+from db.state import StateStore
+from discord_emulator import Emulator
+from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def setup(tmp_path, emulator: Emulator):
+    config = bot_config("unused-model", f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
+    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
+    yield emulator, config, queue
+    engine.dispose()
+
+
+async def test_the_job_is_stored_before_the_interaction_is_acknowledged(setup, monkeypatch):
+    emu, config, queue = setup
+    acknowledged_at_enqueue = []
+    real = type(queue).enqueue
+
+    def enqueue(self, **fields):
+        acknowledged_at_enqueue.append(any(c.path.endswith("/callback") for c in emu.calls))
+        return real(self, **fields)
+
+    monkeypatch.setattr(type(queue), "enqueue", enqueue)
+    # The first count of prompt tokens builds the tokenizer (seconds): that is the slow path below.
+    monkeypatch.setattr(bot.service, "check_prompt_text", lambda prompt, negative, lora_dir: None)
+    async with bot_running(emu, config, queue, None):
+        ix = await emu.slash(emu.alice, "imagine", {"prompt": "a lighthouse"})
+        await ix.wait_response(lambda m: "queued" in m.content)
+    assert acknowledged_at_enqueue == [False]
+    assert len(queue.pending_for(emu.alice.id)) == 1
+
+
+async def test_an_interaction_acknowledged_before_its_job_is_answered_after_a_crash(setup, monkeypatch):
+    emu, config, queue = setup
+    release = threading.Event()
+
+    def stuck_check(prompt, negative, lora_dir):
+        release.wait(600)  # the check outlives the bot: it "crashes" while the member waits
+        return None
+
+    monkeypatch.setattr(bot.service, "check_prompt_text", stuck_check)
+    try:
+        async with bot_running(emu, config, queue, None):
+            ix = await emu.slash(emu.alice, "imagine", {"prompt": "a lighthouse"})
+            assert await ix.wait_ack() == 5  # "thinking…", with no job yet
+            state = StateStore(queue.engine)
+            await emu.wait_for(lambda: state.with_prefix("ack:"), what="the interaction recorded", timeout=120)
+        assert queue.pending_for(emu.alice.id) == []
+        async with bot_running(emu, config, queue, None):
+            await emu.wait_for(lambda: ix.original is not None and ix.original.content == RESTARTED,
+                               what="the stranded interaction answered", timeout=120)
+        assert state.with_prefix("ack:") == {}
+    finally:
+        release.set()
+
+
+async def test_a_slow_check_that_queues_leaves_no_record(setup, monkeypatch):
+    emu, config, queue = setup
+    from bot.checks import PREPARE_BUDGET
+
+    def slow_check(prompt, negative, lora_dir):
+        threading.Event().wait(PREPARE_BUDGET + 0.5)
+        return None
+
+    monkeypatch.setattr(bot.service, "check_prompt_text", slow_check)
+    async with bot_running(emu, config, queue, None):
+        ix = await emu.slash(emu.alice, "imagine", {"prompt": "a lighthouse"})
+        await ix.wait_response(lambda m: "queued" in m.content)
+        await emu.wait_for(lambda: StateStore(queue.engine).with_prefix("ack:") == {}, what="the record forgotten", timeout=120)
+    assert len(queue.pending_for(emu.alice.id)) == 1
