@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from engine.denoiser import Conditioning, Denoiser
+from engine.inpaint import LatentBlend
 from engine.samplers import Sampler
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class Batch:
         self.step_index: Tensor | None = None  # [rows] long, on the device
         self.sigma_table: Tensor | None = None  # [rows, longest schedule], zero-padded
         self.cond: Conditioning | None = None
+        self.blend: LatentBlend | None = None  # masked rows' kept areas; None when no row has a mask
         self.groups: list[SamplerGroup] = []
 
     @property
@@ -127,7 +129,7 @@ class Batch:
         self.entries.remove(entry)
         if not self.entries:
             self.x = self.old_denoised = self.old_sigma = self.step_index = None
-            self.sigma_table, self.cond, self.groups = None, None, []
+            self.sigma_table, self.cond, self.groups, self.blend = None, None, [], None
             return entry, state
         # An index list, not a boolean mask: masking on a GPU waits for the device (nonzero).
         kept = [i for i in range(self.x.shape[0]) if not rows.start <= i < rows.stop]
@@ -150,6 +152,8 @@ class Batch:
             indices.extend(range(rows.start, rows.stop))
         self.sigma_table = to_device(table, device)
         self.cond = Conditioning.cat([entry.job.cond for entry in self.entries])
+        self.blend = LatentBlend.cat([(entry.job.blend, entry.job.rows) for entry in self.entries],
+                                     tuple(self.x.shape[1:]), device)
         whole = len(by_sampler) == 1
         self.groups = [
             SamplerGroup(sampler, entries, None if whole else to_device(torch.tensor(indices), device))
@@ -177,6 +181,8 @@ class Batch:
         rewind = [(g, g.get_state()) for g in generators]  # CPU generators: no device sync
         try:
             x_next = self._advance(denoised, sigma, sigma_next)
+            if self.blend is not None:  # masked rows: outside the mask, the init image at sigma_next
+                x_next = self.blend(x_next, sigma_next)
         except BaseException:
             for g, state in rewind:
                 g.set_state(state)
