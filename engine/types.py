@@ -70,4 +70,6 @@ class ModelInfo:
     prediction_type: str  # "epsilon" or "v_prediction"
     default_size: int  # 512 for SD1, 768 for SD2-v, 1024 for SDXL
     latent_scale: int  # pixels per latent cell (8 for real checkpoints)
+    #: An inpainting checkpoint (9-channel UNet): best for masked jobs, and runs every other job too.
+    inpainting: bool = False
     extra: dict = field(default_factory=dict)
