@@ -7,6 +7,7 @@ alone, among other jobs, and parked mid-run then resumed (what running out of me
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import numpy as np
@@ -14,11 +15,12 @@ import pytest
 from PIL import Image
 
 from engine.batch import Batch
-from engine.errors import GenerationError
+from engine.errors import GenerationError, JobCancelled
 from engine.masks import feather_reach
 from engine.metadata import read_parameters
 from engine.pipeline import Pipeline
 from engine.types import GenerationRequest
+from test_engine_faults import assert_same_images, make_worker, run_all  # noqa: F401 - make_worker is a fixture
 from tolerance import assert_same_image, image_array
 
 WIDTH, HEIGHT = 64, 48
@@ -163,3 +165,33 @@ def test_a_masked_job_gives_the_same_image_alone_among_others_and_after_parking(
     together = run_together(pipeline, [masked, *others], park_after)
     for request in [masked, *others]:
         assert_same_image(together[request.job_id], pipeline.generate(request).images[0].png)
+
+
+# ---------------------------------------------------------------------------- in the worker
+
+
+def test_masked_jobs_survive_out_of_memory_and_cancelling_like_any_other(make_worker, pipeline):
+    masked = masked_request(1, steps=30, count=2)
+    joining = {2: [masked_request(2, steps=5, seed=21, inpaint_full_res=True)],
+               3: [GenerationRequest.of(job_id=3, prompt="a boat", seed=3, steps=6, width=WIDTH, height=HEIGHT)]}
+    reference = {request.job_id: pipeline.generate(request) for request in [masked, *joining[2], *joining[3]]}
+
+    worker = make_worker(fits_rows=3)
+    results, _ = run_all(worker, [masked], joining)
+    assert worker.pipeline.denoiser.refused  # a masked job was parked at least once
+    for job_id, result in results.items():
+        assert not isinstance(result, BaseException), result
+        assert_same_images(result, reference[job_id])
+
+    cancelled = masked_request(4, steps=400)
+    after = masked_request(5, seed=8)
+
+    async def cancel_one():
+        task = asyncio.ensure_future(worker.generate(cancelled))
+        await asyncio.sleep(0.05)  # waiting or under way: either way it is taken out
+        worker.cancel(4)
+        with pytest.raises(JobCancelled):
+            await asyncio.wait_for(task, 120)
+        return await asyncio.wait_for(worker.generate(after), 120)
+
+    assert_same_images(asyncio.run(cancel_one()), pipeline.generate(after))
