@@ -21,7 +21,8 @@ single file with a ``v_pred`` tensor is a v-prediction model (as ComfyUI and For
 SD 2.x comes in two kinds that have the same tensor names: 768-v (``v_prediction``) and 512-base
 (``epsilon``). Nothing in the file tells them apart, so a single SD2 file follows the shipped
 SD 2.1 768-v config (``v_prediction``, 768 px) unless ``prediction_type="epsilon"`` is passed
-(then the default size is 512). Folders and hub models carry their own scheduler config.
+(then the default size is 512); an SD 2.x *inpainting* file (9 channels) is taken as the 512 px
+epsilon model that Stability released. Folders and hub models carry their own scheduler config.
 
 All tokenizers are the CLIP tokenizer (:mod:`engine.tokenizer`), checked to have 49,408 tokens.
 Every failure we can name is raised as :class:`~engine.errors.ModelLoadError` with the path and
@@ -216,6 +217,9 @@ def _load_single_file(path: Path, family: str, dtype: torch.dtype,
     scheduler_config = _scheduler_config(config_dir)
     if "v_pred" in header:  # a marker tensor that v-prediction SDXL fine-tunes carry
         scheduler_config = scheduler_config | {"prediction_type": "v_prediction"}
+    elif shipped and detected == "sd2" and channels == INPAINT_CHANNELS:
+        # SD 2.x inpainting was trained at 512 px with epsilon, unlike the shipped 768-v config.
+        scheduler_config = scheduler_config | {"prediction_type": "epsilon"}
     return _Parts(detected, pipe.unet, pipe.vae, encoders, tokenizers, scheduler_config, config_dir, shipped)
 
 

@@ -179,3 +179,20 @@ def test_an_sdxl_file_with_a_v_pred_key_is_v_prediction(models_dir):
     save_file(load_file(path) | {"v_pred": torch.tensor([])}, path)
     assert load(path).info.prediction_type == "v_prediction"
     assert load(path, prediction_type="epsilon").info.prediction_type == "epsilon"  # an explicit setting wins
+
+
+def test_an_sd2_inpainting_file_with_the_shipped_config_is_the_512_epsilon_model(models_dir, monkeypatch):
+    # The shipped SD2 config is 768-v; Stability's SD 2 inpainting model is 512 px epsilon. A
+    # shipped-config folder that fits the tiny model stands in for engine/data.
+    path = save_single_file(models_dir / "sd2_inpainting.safetensors", "sd2", in_channels=9)
+    data = models_dir / "data"
+    shutil.copytree(path.with_suffix(""), data / "sd2")
+    shutil.rmtree(path.with_suffix(""))
+    for folder in (data / "sd2" / "unet", data / "sd2" / "scheduler"):  # as the shipped one: plain, 768-v
+        config = next(folder.glob("*.json"))
+        changes = {"in_channels": 4, "sample_size": 96} if folder.name == "unet" else {"prediction_type": "v_prediction"}
+        config.write_text(json.dumps(json.loads(config.read_text()) | changes))
+    monkeypatch.setattr("engine.loading.DATA_DIR", data)
+    model = load(path)
+    assert (model.info.inpainting, model.info.prediction_type, model.info.default_size) == (True, "epsilon", 512)
+    assert load(path, prediction_type="v_prediction").info.prediction_type == "v_prediction"
