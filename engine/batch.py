@@ -4,6 +4,8 @@ Every image of every job is a row of ``x``. Jobs join and leave between steps; m
 rebuild the per-row tables (conditioning, sigma schedules, sampler groups) once, so a step itself
 is one denoiser call plus each sampler's arithmetic on its rows, with no host<->device sync:
 the rows' sigmas are read on the device from a table by a step counter kept on the device.
+Masked rows (:mod:`engine.inpaint`) add a per-row blend to that rebuild: after each step their
+kept area is set back to the init image's latents at the row's next sigma.
 
 A step that raises (out of GPU memory, say) leaves the batch as it was, so the worker can park
 some jobs (:meth:`Batch.park`, their rows and step kept) and retry with fewer rows.

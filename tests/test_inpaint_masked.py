@@ -54,7 +54,7 @@ def outside(size: tuple[int, int], box: tuple[int, int, int, int], reach: int) -
 
 
 def masked_request(job_id: int = 1, **fields) -> GenerationRequest:
-    defaults = dict(prompt="a red fox", negative_prompt="blurry", seed=7, steps=6, guidance=6.0,
+    defaults = dict(prompt="a red fox", negative_prompt="blurry", seed=7, steps=4, guidance=6.0,
                     width=WIDTH, height=HEIGHT, sampler="euler_a", init_image=png(init_image()),
                     mask=png(rectangle_mask((WIDTH, HEIGHT), HOLE)), strength=1.0)
     return GenerationRequest.of(job_id=job_id, **(defaults | fields))
