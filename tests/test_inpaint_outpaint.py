@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -114,3 +116,23 @@ def test_a_zoomed_out_canvas_outpaints_and_keeps_the_image(tiny_model):
     reach = feather_reach(4)
     inner = out[top + reach:bottom - reach, left + reach:right - reach]
     assert np.array_equal(inner, image_array(image)[reach:-reach, reach:-reach])
+
+
+@pytest.mark.slow
+def test_masks_and_canvases_are_made_without_torch():
+    # The bot prepares zoom and pan canvases and checks masks without loading the engine.
+    code = """
+import io, sys
+from PIL import Image
+from engine.masks import blur_mask, crop_region, read_mask
+from engine.outpaint import zoom_out
+canvas = zoom_out(Image.new("RGB", (64, 48), (9, 9, 9)), 1.5, 512 * 512)
+buffer = io.BytesIO()
+canvas.mask.save(buffer, format="PNG")
+mask = blur_mask(read_mask(buffer.getvalue(), canvas.image.size), 4)
+assert crop_region(mask, 8, 64, 64) is not None
+print(sorted(name for name in ("torch", "diffusers") if name in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
