@@ -25,6 +25,9 @@ DEFAULT_SAMPLER = "euler_a"
 DEFAULT_STRENGTH = 0.75
 DEFAULT_MASK_BLUR = 4
 DEFAULT_INPAINT_PADDING = 32
+#: AUTOMATIC1111's slider ranges: a wider blur only costs time (its kernel grows with it).
+MAX_MASK_BLUR = 64
+MAX_INPAINT_PADDING = 256
 
 #: What the masked area starts from (AUTOMATIC1111's "Masked content"): the init image as it is,
 #: its surroundings' colours, the seed's noise, or zero latents.

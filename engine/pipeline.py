@@ -34,7 +34,7 @@ from engine.inpaint import Inpainter, LatentBlend
 from engine.lora import LoraLibrary
 from engine.masks import InpaintPlan, open_image, plan_inpaint
 from engine.metadata import PNG_COMPRESS_LEVEL, encode_png, infotext
-from engine.params import MASKED_CONTENT
+from engine.params import MASKED_CONTENT, MAX_INPAINT_PADDING, MAX_MASK_BLUR
 from engine.prompt_syntax import lora_key
 from engine.samplers import SAMPLERS, Sampler
 from engine.schedules import ModelSchedule, job_sigmas
@@ -202,6 +202,9 @@ class Pipeline:
             )
         if request.params.is_masked and not request.params.is_img2img:
             raise GenerationError("A mask needs the image it applies to: attach an init image as well.")
+        if not (0 <= request.params.mask_blur <= MAX_MASK_BLUR and 0 <= request.params.inpaint_padding <= MAX_INPAINT_PADDING):
+            raise GenerationError(f"Mask blur must be 0 to {MAX_MASK_BLUR} pixels and the masked area padding "
+                                  f"0 to {MAX_INPAINT_PADDING}.")
         if request.params.masked_content not in MASKED_CONTENT:
             raise GenerationError(f"Unknown masked content {request.params.masked_content!r}; "
                                   f"use one of {', '.join(MASKED_CONTENT)}.")

@@ -128,6 +128,8 @@ def test_masked_jobs_write_automatic1111_inpainting_fields(pipeline):
     (dict(mask=png(Image.new("L", (WIDTH, HEIGHT), 0))), "The mask selects nothing"),
     (dict(mask=b"not an image"), "The mask could not be read"),
     (dict(masked_content="smudge"), "Unknown masked content 'smudge'"),
+    (dict(mask_blur=-1), "Mask blur must be 0 to 64 pixels"),
+    (dict(inpaint_padding=1000, inpaint_full_res=True), "masked area padding 0 to 256"),
 ])
 def test_bad_masks_are_refused_with_what_to_do(pipeline, fields, message):
     with pytest.raises(GenerationError, match=message):
