@@ -89,10 +89,18 @@ def blur_mask(mask: Image.Image, radius: int) -> Image.Image:
 
     It reaches at most ``feather_reach(radius)`` pixels (along each axis) past the binary mask.
     """
-    if radius <= 0:
+    box = mask.getbbox()
+    if radius <= 0 or box is None:
         return mask.copy()
-    blurred = gaussian_blur(np.asarray(mask, dtype=np.float64), radius)
-    return Image.fromarray(np.clip(np.rint(blurred), 0, 255).astype(np.uint8), "L")
+    # Only the mask's surroundings can change: blur the box grown by twice the reach, so every
+    # pixel the feather reaches sees all it depends on (and zeros mirrored at the cut).
+    reach = 2 * feather_reach(radius)
+    x1, y1 = max(box[0] - reach, 0), max(box[1] - reach, 0)
+    x2, y2 = min(box[2] + reach, mask.width), min(box[3] + reach, mask.height)
+    blurred = gaussian_blur(np.asarray(mask.crop((x1, y1, x2, y2)), dtype=np.float64), radius)
+    out = mask.copy()
+    out.paste(Image.fromarray(np.clip(np.rint(blurred), 0, 255).astype(np.uint8), "L"), (x1, y1))
+    return out
 
 
 def feather_reach(radius: int) -> int:
@@ -164,21 +172,26 @@ class InpaintPlan:
     image: Image.Image  # RGB at the job's size: what is encoded (after "fill", if asked)
     mask: Image.Image  # L at the job's size: the feathered mask (the latent mask is made from it)
     canvas: Image.Image  # RGB at the result's size: the init image the result is composited over
-    alpha: np.ndarray  # float [canvas h, w] in [0, 1]: 1 = generated pixel, 0 = canvas pixel
+    alpha: np.ndarray  # float32 [canvas h, w] in [0, 1]: 1 = generated pixel, 0 = canvas pixel
     box: Box | None  # "only masked": where the job's image goes on the canvas
 
     def paste(self, generated: Image.Image) -> Image.Image:
         """The finished image: ``generated`` put back and blended over the canvas by ``alpha``."""
-        canvas = np.asarray(self.canvas, dtype=np.float64)
         if self.box is None:
-            placed = np.asarray(generated.convert("RGB"), dtype=np.float64)
+            placed = generated.convert("RGB")
         else:
             x1, y1, x2, y2 = self.box
-            patch = generated.convert("RGB").resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS)
-            placed = canvas.copy()
-            placed[y1:y2, x1:x2] = np.asarray(patch, dtype=np.float64)
-        out = canvas + (placed - canvas) * self.alpha[..., None]
-        return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+            placed = self.canvas.copy()
+            placed.paste(generated.convert("RGB").resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS), (x1, y1))
+        # Only where the alpha is above 0 is anything blended: the rest is the canvas as it is.
+        rows, cols = np.nonzero(self.alpha.any(axis=1))[0], np.nonzero(self.alpha.any(axis=0))[0]
+        out = np.array(self.canvas)
+        if rows.size:
+            area = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+            canvas = out[area].astype(np.float32)
+            blended = canvas + (np.asarray(placed)[area] - canvas) * self.alpha[area][..., None]
+            out[area] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        return Image.fromarray(out, "RGB")
 
 
 def plan_inpaint(params: GenerationParams) -> InpaintPlan:
@@ -194,14 +207,14 @@ def plan_inpaint(params: GenerationParams) -> InpaintPlan:
         box = crop_region(feathered, params.inpaint_padding, *size)
         image = init.crop(box).resize(size, Image.Resampling.LANCZOS)
         job_mask = feathered.crop(box).resize(size, Image.Resampling.LANCZOS)
-        canvas, alpha = init, np.asarray(feathered, dtype=np.float64) / 255
+        canvas, alpha = init, np.asarray(feathered, dtype=np.float32) / 255
     else:
         box = None
         image = ImageOps.fit(init, size, Image.Resampling.LANCZOS, centering=(0.5, 0.5))
         job_mask = ImageOps.fit(feathered, size, Image.Resampling.LANCZOS, centering=(0.5, 0.5))
         # As AUTOMATIC1111: the blend mask is the feather doubled, so the masked area itself is
         # fully generated and the feather fades out past its edge.
-        canvas, alpha = image, np.clip(np.asarray(job_mask, dtype=np.float64) * 2 / 255, 0, 1)
+        canvas, alpha = image, np.clip(np.asarray(job_mask, dtype=np.float32) * 2 / 255, 0, 1)
     if params.masked_content == "fill":
         image = fill_masked(image, job_mask)
     return InpaintPlan(image=image, mask=job_mask, canvas=canvas, alpha=alpha, box=box)

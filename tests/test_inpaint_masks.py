@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import GenerationError
-from engine.masks import blur_mask, crop_region, feather_reach, fill_masked, read_mask
+from engine.masks import blur_mask, crop_region, feather_reach, fill_masked, gaussian_blur, read_mask
 
 
 def png(image: Image.Image) -> bytes:
@@ -71,3 +71,10 @@ def test_fill_spreads_the_surrounding_colours_and_keeps_the_rest():
     assert np.array_equal(filled[kept], np.asarray(image).astype(int)[kept])
     assert filled[16, 18, 0] > 150 > filled[16, 18, 2]  # near the red side: red
     assert filled[16, 45, 2] > 150 > filled[16, 45, 0]  # near the blue side: blue
+
+
+@pytest.mark.parametrize("box", [(40, 30, 60, 50), (0, 0, 12, 90), (100, 70, 120, 100)])
+def test_blurring_only_around_the_mask_gives_the_whole_image_blur(box):
+    mask = box_mask((120, 100), box)
+    whole = np.clip(np.rint(gaussian_blur(np.asarray(mask, dtype=np.float64), 5)), 0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(blur_mask(mask, 5)), whole)
