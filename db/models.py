@@ -115,6 +115,11 @@ class Job(Base):
     variation_strength: Mapped[float] = mapped_column(Float, default=0.0)
     model: Mapped[str | None] = mapped_column(String(200))  # None: any worker may take it
     clip_skip: Mapped[int] = mapped_column(default=1, server_default="1")
+    mask: Mapped[bytes | None]  # PNG, white = repaint (inpainting, zoom, pan)
+    mask_blur: Mapped[int] = mapped_column(default=4)
+    inpaint_full_res: Mapped[bool] = mapped_column(Boolean, default=False)
+    inpaint_padding: Mapped[int] = mapped_column(default=32)
+    masked_content: Mapped[str] = mapped_column(String(16), default="original")
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)

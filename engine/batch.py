@@ -4,6 +4,8 @@ Every image of every job is a row of ``x``. Jobs join and leave between steps; m
 rebuild the per-row tables (conditioning, sigma schedules, sampler groups) once, so a step itself
 is one denoiser call plus each sampler's arithmetic on its rows, with no host<->device sync:
 the rows' sigmas are read on the device from a table by a step counter kept on the device.
+Masked rows (:mod:`engine.inpaint`) add a per-row blend to that rebuild: after each step their
+kept area is set back to the init image's latents at the row's next sigma.
 
 A step that raises (out of GPU memory, say) leaves the batch as it was, so the worker can park
 some jobs (:meth:`Batch.park`, their rows and step kept) and retry with fewer rows.
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from engine.denoiser import Conditioning, Denoiser
+from engine.inpaint import LatentBlend
 from engine.samplers import Sampler
 from engine.schedules import latents_to_decode
 
@@ -75,6 +78,7 @@ class Batch:
         self.step_index: Tensor | None = None  # [rows] long, on the device
         self.sigma_table: Tensor | None = None  # [rows, longest schedule], zero-padded
         self.cond: Conditioning | None = None
+        self.blend: LatentBlend | None = None  # masked rows' kept areas; None when no row has a mask
         self.groups: list[SamplerGroup] = []
 
     @property
@@ -128,7 +132,7 @@ class Batch:
         self.entries.remove(entry)
         if not self.entries:
             self.x = self.old_denoised = self.old_sigma = self.step_index = None
-            self.sigma_table, self.cond, self.groups = None, None, []
+            self.sigma_table, self.cond, self.groups, self.blend = None, None, [], None
             return entry, state
         # An index list, not a boolean mask: masking on a GPU waits for the device (nonzero).
         kept = [i for i in range(self.x.shape[0]) if not rows.start <= i < rows.stop]
@@ -151,6 +155,8 @@ class Batch:
             indices.extend(range(rows.start, rows.stop))
         self.sigma_table = to_device(table, device)
         self.cond = Conditioning.cat([entry.job.cond for entry in self.entries])
+        self.blend = LatentBlend.cat([(entry.job.blend, entry.job.rows) for entry in self.entries],
+                                     tuple(self.x.shape[1:]), device)
         whole = len(by_sampler) == 1
         self.groups = [
             SamplerGroup(sampler, entries, None if whole else to_device(torch.tensor(indices), device))
@@ -178,6 +184,8 @@ class Batch:
         rewind = [(g, g.get_state()) for g in generators]  # CPU generators: no device sync
         try:
             x_next = self._advance(denoised, sigma, sigma_next)
+            if self.blend is not None:  # masked rows: outside the mask, the init image at sigma_next
+                x_next = self.blend(x_next, sigma_next)
         except BaseException:
             for g, state in rewind:
                 g.set_state(state)

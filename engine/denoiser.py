@@ -48,6 +48,9 @@ class Conditioning:
     added: dict[str, Tensor] | None = None  # SDXL: text_embeds [2 * rows, P], time_ids [2 * rows, 6]
     #: [2 * rows, tokens] bool, True where a row has a token; None when no row is padded.
     mask: Tensor | None = None
+    #: An inpainting UNet's extra input channels, [rows, 1 + C, h, w] (the mask, then the masked
+    #: image's latents; see engine.inpaint); None for a plain UNet.
+    image: Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -71,11 +74,13 @@ class Conditioning:
         first_masks, second_masks = zip(*(part.halves(part.mask) if part.mask is not None else (None, None)
                                           for part in parts))
         embeds, mask = padded([*firsts, *seconds], [*first_masks, *second_masks])
+        image = None if parts[0].image is None else torch.cat([part.image for part in parts])
         return Conditioning(
             embeds=embeds,
             guidance=torch.cat([part.guidance for part in parts]),
             added=added,
             mask=mask,
+            image=image,
         )
 
 
@@ -236,6 +241,8 @@ class Denoiser:
         c_in = rows(1 / (sigma**2 + 1).sqrt())
         t = sigma_to_t(sigma, self.log_sigmas)
         model_in = (x * c_in).to(self.dtype)
+        if cond.image is not None:  # an inpainting UNet: latents, mask, masked image latents
+            model_in = torch.cat([model_in, cond.image.to(self.dtype)], dim=1)
         inputs = dict(sample=torch.cat([model_in, model_in]), timestep=torch.cat([t, t]),
                       encoder_hidden_states=cond.embeds,
                       encoder_attention_mask=cond.mask,  # None unless rows differ in chunk count

@@ -11,10 +11,18 @@
    models), else the one we ship in ``engine/data/<family>`` (SD 1.5, SD 2.1 768-v, SDXL base 1.0);
 3. a Hugging Face Hub id (``owner/name``), downloaded into the hub cache with progress bars.
 
+The UNet's first convolution tells what kind of checkpoint it is (:func:`check_unet_channels`):
+4 input channels is a plain model, 9 an inpainting model (latents, mask, masked image; see
+:mod:`engine.inpaint`), read from the folder's UNet config or the single file's header (a single
+file's UNet is then built with that many channels, whatever the config folder says). Checkpoints
+the engine cannot run are refused by name: InstructPix2Pix (8 channels) and SDXL refiners. A
+single file with a ``v_pred`` tensor is a v-prediction model (as ComfyUI and Forge read it).
+
 SD 2.x comes in two kinds that have the same tensor names: 768-v (``v_prediction``) and 512-base
 (``epsilon``). Nothing in the file tells them apart, so a single SD2 file follows the shipped
 SD 2.1 768-v config (``v_prediction``, 768 px) unless ``prediction_type="epsilon"`` is passed
-(then the default size is 512). Folders and hub models carry their own scheduler config.
+(then the default size is 512); an SD 2.x *inpainting* file (9 channels) is taken as the 512 px
+epsilon model that Stability released. Folders and hub models carry their own scheduler config.
 
 All tokenizers are the CLIP tokenizer (:mod:`engine.tokenizer`), checked to have 49,408 tokens.
 Every failure we can name is raised as :class:`~engine.errors.ModelLoadError` with the path and
@@ -48,6 +56,7 @@ from transformers.utils import logging as transformers_logging
 
 from engine.errors import ModelLoadError
 from engine.hashes import HashCache, shared_cache
+from engine.inpaint import INPAINT_CHANNELS, PLAIN_CHANNELS
 from engine.settings import EngineSettings, ModelSettings, resolve_device
 from engine.tokenizer import EOS, VOCAB_SIZE, clip_tokenizer
 from engine.types import ModelInfo
@@ -63,6 +72,15 @@ UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 PAD_TOKENS = {"sd1": [EOS], "sd2": ["!"], "sdxl": [EOS, "!"]}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+#: The UNet's first convolution (LDM layout): its input channels tell plain from inpainting.
+CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
+#: What other UNet input widths are, for the refusal message.
+OTHER_CHANNELS = {8: "an InstructPix2Pix (image editing) checkpoint: its UNet takes the image to edit as 4 extra "
+                     "input channels"}
+#: SDXL refiners have only the second (open_clip bigG) text encoder, as embedder 0.
+REFINER_PREFIX = "conditioner.embedders.0.model."
+REFINER_MESSAGE = ("an SDXL refiner: it only finishes images that an SDXL base model has begun, and the engine "
+                   "does not run refiners; use an SDXL base checkpoint instead.")
 
 
 @dataclass
@@ -142,7 +160,10 @@ def _load_folder(folder: Path, family: str, dtype: torch.dtype) -> _Parts:
     """A diffusers folder: each component from its subfolder."""
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"{folder}: not a diffusers model folder (no model_index.json).")
+    if (folder / "text_encoder_2").is_dir() and not (folder / "text_encoder").is_dir():
+        raise ModelLoadError(f"{folder}: {REFINER_MESSAGE}")
     detected = _folder_family(folder)
+    check_unet_channels(folder, _read_json(folder / "unet" / "config.json").get("in_channels", PLAIN_CHANNELS))
     _check_family(folder, family, detected)
     encoder_names = ["text_encoder", "text_encoder_2"][: 2 if detected == "sdxl" else 1]
     with _load_errors(folder):
@@ -174,8 +195,10 @@ def _load_single_file(path: Path, family: str, dtype: torch.dtype,
     if path.suffix != ".safetensors":
         raise ModelLoadError(f"{path}: only .safetensors checkpoints are supported (pickled .ckpt/.pt "
                              "files can run code when loaded); download the .safetensors version.")
-    detected = detect_family(path)
+    header = read_safetensors_header(path)
+    detected = detect_family(path, header)
     _check_family(path, family, detected)
+    channels = check_unet_channels(path, header[CONV_IN_KEY]["shape"][1] if CONV_IN_KEY in header else PLAIN_CHANNELS)
     sidecar = path.with_suffix("")
     shipped = not (sidecar / "model_index.json").is_file()
     config_dir = DATA_DIR / detected if shipped else sidecar
@@ -187,11 +210,21 @@ def _load_single_file(path: Path, family: str, dtype: torch.dtype,
         hint += (f" (a checkpoint of another shape needs its own diffusers-layout config folder "
                  f"next to it, named {sidecar.name})")
     with _load_errors(path, hint):
+        if channels != _read_json(config_dir / "unet" / "config.json").get("in_channels", PLAIN_CHANNELS):
+            # An inpainting file next to a plain model's config (the shipped ones are plain).
+            extra["unet"] = UNet2DConditionModel.from_single_file(
+                str(path), config=str(config_dir), subfolder="unet", in_channels=channels,
+                torch_dtype=dtype, local_files_only=True)
         pipe = pipeline_class.from_single_file(str(path), config=str(config_dir), torch_dtype=dtype,
                                                local_files_only=True, **extra)
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if detected == "sdxl" else [])
-    return _Parts(detected, pipe.unet, pipe.vae, encoders, tokenizers,
-                  _scheduler_config(config_dir), config_dir, shipped)
+    scheduler_config = _scheduler_config(config_dir)
+    if "v_pred" in header:  # a marker tensor that v-prediction SDXL fine-tunes carry
+        scheduler_config = scheduler_config | {"prediction_type": "v_prediction"}
+    elif shipped and detected == "sd2" and channels == INPAINT_CHANNELS:
+        # SD 2.x inpainting was trained at 512 px with epsilon, unlike the shipped 768-v config.
+        scheduler_config = scheduler_config | {"prediction_type": "epsilon"}
+    return _Parts(detected, pipe.unet, pipe.vae, encoders, tokenizers, scheduler_config, config_dir, shipped)
 
 
 def _download(repo_id: str) -> Path:
@@ -208,9 +241,11 @@ def _download(repo_id: str) -> Path:
 
 # ---------------------------------------------------------------------------- checks
 
-def detect_family(path: str | Path) -> str:
+def detect_family(path: str | Path, header: dict | None = None) -> str:
     """``sd1``/``sd2``/``sdxl`` from a single file's tensor names (header only, no weights read)."""
-    keys = read_safetensors_keys(path)
+    keys = list(header if header is not None else read_safetensors_header(path))
+    if any(k.startswith(REFINER_PREFIX) for k in keys) and not any(k.startswith("conditioner.embedders.1.") for k in keys):
+        raise ModelLoadError(f"{path}: {REFINER_MESSAGE}")
     family = next((fam for prefix, fam in FAMILY_PREFIXES if any(k.startswith(prefix) for k in keys)), None)
     missing = [what for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE"))
                if not any(k.startswith(prefix) for k in keys)]
@@ -223,8 +258,23 @@ def detect_family(path: str | Path) -> str:
     return family
 
 
+def check_unet_channels(where: Path, channels: int) -> int:
+    """The UNet's input channels if the engine can run it (4 or 9), else a ModelLoadError saying what it is."""
+    if channels in (PLAIN_CHANNELS, INPAINT_CHANNELS):
+        return channels
+    what = OTHER_CHANNELS.get(channels, f"a model whose UNet takes {channels} input channels")
+    raise ModelLoadError(f"{where}: {what}. The engine runs plain Stable Diffusion checkpoints (4 channels) and "
+                         "inpainting checkpoints (9 channels) only.")
+
+
 def read_safetensors_keys(path: str | Path) -> list[str]:
-    """Tensor names from a ``.safetensors`` header, checking that the file is complete.
+    """Tensor names from a ``.safetensors`` header, checking that the file is complete."""
+    return list(read_safetensors_header(path))
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, dict]:
+    """Tensor name -> ``{"dtype", "shape", "data_offsets"}`` from a ``.safetensors`` header,
+    checking that the file is complete.
 
     Layout: 8-byte little-endian header length, JSON header, then the tensor bytes; the header's
     largest ``data_offsets`` end must fit in the file, or the download was cut short.
@@ -247,7 +297,7 @@ def read_safetensors_keys(path: str | Path) -> list[str]:
     if 8 + header_len + data_end > size:
         raise ModelLoadError(f"{path}: truncated: the header expects {8 + header_len + data_end:,} bytes "
                              f"but the file has {size:,}; download it again.")
-    return list(header)
+    return header
 
 
 def _check_family(where: Path, wanted: str, detected: str) -> None:
@@ -352,6 +402,7 @@ def _assemble(parts: _Parts, source: str, name: str, device: torch.device, dtype
     info = ModelInfo(name=name or Path(source.rstrip("/")).stem or source, family=parts.family,
                      prediction_type=prediction_type, default_size=default_size,
                      latent_scale=latent_scale, file_hash=parts.file_hash,
+                     inpainting=parts.unet.config.in_channels == INPAINT_CHANNELS,
                      extra={"source": source, "config": str(parts.config_dir)})
     return LoadedModel(info=info, unet=parts.unet, vae=parts.vae, text_encoders=parts.text_encoders,
                        tokenizers=parts.tokenizers,

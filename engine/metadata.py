@@ -80,6 +80,8 @@ def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash:
     if model_hash:
         fields["Model hash"] = model_hash
     fields["Model"] = _quote(model_name)
+    if request.params.is_masked:
+        fields |= inpainting_fields(request.params)
     if request.params.variation_seed is not None and request.params.variation_strength > 0:
         fields["Variation seed"] = str(request.params.variation_seed + (seed - request.params.seed))
         fields["Variation seed strength"] = _number(request.params.variation_strength)
@@ -94,6 +96,20 @@ def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash:
         lines.append(f"Negative prompt: {request.params.negative_prompt}")
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+def inpainting_fields(params) -> dict[str, str]:
+    """AUTOMATIC1111's fields for a masked job, with its keys and its habit of leaving defaults out
+    (``StableDiffusionProcessingImg2Img.init``): no blur, "Whole picture" and "original" are unwritten."""
+    fields = {}
+    if params.mask_blur > 0:
+        fields["Mask blur"] = str(params.mask_blur)
+    if params.inpaint_full_res:
+        fields["Inpaint area"] = "Only masked"
+        fields["Masked area padding"] = str(params.inpaint_padding)
+    if params.masked_content != "original":
+        fields["Masked content"] = params.masked_content
+    return fields
 
 
 def encode_png(image: Image.Image, infotext: str, job_id: int, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:

@@ -23,6 +23,15 @@ DEFAULT_WIDTH = 512
 DEFAULT_HEIGHT = 512
 DEFAULT_SAMPLER = "euler_a"
 DEFAULT_STRENGTH = 0.75
+DEFAULT_MASK_BLUR = 4
+DEFAULT_INPAINT_PADDING = 32
+#: AUTOMATIC1111's slider ranges: a wider blur only costs time (its kernel grows with it).
+MAX_MASK_BLUR = 64
+MAX_INPAINT_PADDING = 256
+
+#: What the masked area starts from (AUTOMATIC1111's "Masked content"): the init image as it is,
+#: its surroundings' colours, the seed's noise, or zero latents.
+MASKED_CONTENT = ("original", "fill", "latent noise", "latent nothing")
 
 #: Sampler ids we accept, mapped to the names AUTOMATIC1111 writes in its infotext.
 SAMPLER_NAMES: dict[str, str] = {
@@ -59,6 +68,12 @@ class GenerationParams:
     ``variation_seed``/``variation_strength`` mix the initial noise of ``seed`` with that of
     ``variation_seed`` (AUTOMATIC1111's "variation seed"). ``<lora:NAME:WEIGHT>`` tags in
     ``prompt`` apply LoRA files. ``model``: a configured model's name; None: the default.
+
+    ``mask`` (PNG bytes, white or transparent = repaint; needs ``init_image``) makes the job an
+    inpainting job: only the masked area changes, feathered by ``mask_blur`` pixels.
+    ``inpaint_full_res`` ("only masked") generates just the masked area plus ``inpaint_padding``
+    pixels at the job's size and pastes it back into the init image at its own size.
+    ``masked_content``: one of :data:`MASKED_CONTENT`. See :mod:`engine.masks`.
     """
 
     prompt: str
@@ -77,10 +92,19 @@ class GenerationParams:
     model: str | None = None
     #: CLIP skip (AUTOMATIC1111's "Clip skip"): 1 reads the text encoder's last layer, 2 the one before.
     clip_skip: int = 1
+    mask: bytes | None = None
+    mask_blur: int = DEFAULT_MASK_BLUR
+    inpaint_full_res: bool = False
+    inpaint_padding: int = DEFAULT_INPAINT_PADDING
+    masked_content: str = "original"
 
     @property
     def is_img2img(self) -> bool:
         return self.init_image is not None
+
+    @property
+    def is_masked(self) -> bool:
+        return self.mask is not None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -122,4 +146,4 @@ def params_from_job(job: HasParamColumns) -> GenerationParams:
 
 
 #: Parameters whose None is a value of its own (not "use the default").
-_NULLABLE = frozenset({"init_image", "variation_seed", "model"})
+_NULLABLE = frozenset({"init_image", "variation_seed", "model", "mask"})

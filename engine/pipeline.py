@@ -1,10 +1,12 @@
-"""txt2img and img2img: from a request to latents ready to denoise, and from latents to PNGs.
+"""txt2img, img2img and inpainting: from a request to latents ready to denoise, and from latents to PNGs.
 
 A job is prepared (:meth:`Pipeline.txt2img` / :meth:`Pipeline.img2img`), denoised in a
 :class:`~engine.batch.Batch` (alone, or among other members' jobs in the worker), then finished
 (:meth:`Pipeline.decode`, with a float32 retry for a low-precision VAE's NaN or black images, and
 :meth:`Pipeline.finish` for PNG metadata). :meth:`Pipeline.generate` runs all three for one job
-without a thread, which is what tests and the one-at-a-time benchmark use.
+without a thread, which is what tests and the one-at-a-time benchmark use. A masked img2img job
+(``GenerationParams.mask``) is laid out in pixels by :mod:`engine.masks` and in latents by
+:mod:`engine.inpaint`; its decoded images are pasted back over the init image in :meth:`finish`.
 
 Randomness comes only from the request's seeds: image ``i`` of a job has its own CPU
 ``torch.Generator`` seeded with ``seed + i``, which draws the initial noise and then any
@@ -14,7 +16,7 @@ ancestral noise, so an image never depends on the device's RNG or on what shared
 from __future__ import annotations
 
 import copy
-import io
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,14 +24,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from engine.batch import Batch
 from engine.denoiser import Conditioning, Denoiser, PromptEncoder
 from engine.errors import GenerationError
+from engine.inpaint import Inpainter, LatentBlend
 from engine.lora import LoraLibrary
+from engine.masks import InpaintPlan, open_image, plan_inpaint
 from engine.metadata import PNG_COMPRESS_LEVEL, encode_png, infotext
+from engine.params import MASKED_CONTENT, MAX_INPAINT_PADDING, MAX_MASK_BLUR
 from engine.prompt_syntax import lora_key
 from engine.samplers import SAMPLERS, Sampler
 from engine.schedules import ModelSchedule, job_schedule
@@ -60,6 +65,8 @@ class PreparedJob:
     latents: Tensor  # [count, C, h, w] float32 on the device, at noise level sigmas[0]
     cond: Conditioning
     started: float = field(default_factory=time.monotonic)
+    blend: LatentBlend | None = None  # a masked job on a 4-channel UNet: what stays outside the mask
+    plan: InpaintPlan | None = None  # a masked job: how its images are pasted back over the init image
 
     @property
     def rows(self) -> int:
@@ -97,13 +104,7 @@ def slerp(t: float, a: Tensor, b: Tensor) -> Tensor:
 
 def fit_image(data: bytes, width: int, height: int) -> Image.Image:
     """Decode an uploaded image, upright and RGB, resized and center-cropped to width x height."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        image = ImageOps.exif_transpose(image).convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
-        raise GenerationError(
-            f"The init image could not be read ({e}); attach a PNG, JPEG or WebP image."
-        ) from e
+    image = open_image(data).convert("RGB")
     return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS, centering=(0.5, 0.5))
 
 
@@ -118,7 +119,8 @@ class Pipeline:
         self.prompts = PromptEncoder(model.text_encoders, model.tokenizers, model.device, model.dtype,
                                      embeddings_dir=model.embeddings_dir)
         self.loras = LoraLibrary.of(model)
-        self.latent_channels = model.unet.config.in_channels
+        # An inpainting UNet takes 9 channels in (latents, mask, masked image) and gives 4 out.
+        self.latent_channels = model.unet.config.out_channels
         self.latent_scale = model.info.latent_scale
         # The SD/SDXL VAEs overflow in float16 (diffusers marks them force_upcast): decode in float32.
         self.vae_dtype = torch.float32 if (model.dtype == torch.float16 and model.vae.config.force_upcast) else model.dtype
@@ -127,6 +129,8 @@ class Pipeline:
         self._vae_fp32 = None  # made on the first image the low-precision VAE gets wrong
         if self.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)
+        self.inpainter = Inpainter(self.encode_image, model.unet.config.in_channels, self.latent_scale,
+                                   self.device, self.dtype)
 
     @property
     def family(self) -> str:
@@ -155,7 +159,7 @@ class Pipeline:
         # 1. Check what the Discord boundary cannot know: the model's latent grid.
         sampler = self._check(request)
         # 2. Encode prompt and negative prompt (cached per prompt).
-        cond = self._conditioning(request)
+        cond = self._unmasked_conditioning(request)
         # 3. The sampler's sigmas, from the highest noise level down.
         plan = job_schedule(self.schedule, sampler.discretization, request.params.steps)
         # 4. Initial noise per image seed (mixed with the variation seed's), scaled for sigmas[0].
@@ -165,11 +169,13 @@ class Pipeline:
 
     def img2img(self, request: GenerationRequest) -> PreparedJob:
         """A job that starts from the member's image, noised according to ``strength``."""
-        # 1. Check inputs, and decode the init image now so a bad upload fails before any work.
+        # 1. Check inputs, and decode the init image (and mask) now so a bad upload fails before any work.
         sampler = self._check(request)
+        if request.params.is_masked:
+            return self.inpaint(request, sampler)
         image = fit_image(request.params.init_image, request.params.width, request.params.height)
         # 2. Encode prompt and negative prompt (cached per prompt).
-        cond = self._conditioning(request)
+        cond = self._unmasked_conditioning(request)
         # 3. The tail of the sampler's sigmas: strength 1 starts at full noise, 0.3 near the end.
         plan = job_schedule(self.schedule, sampler.discretization, request.params.steps, request.params.strength)
         # 4. The image into latent space (VAE mean: deterministic), repeated per image.
@@ -179,6 +185,25 @@ class Pipeline:
         latents = plan.start_latents(noise.to(self.device), init=init_latents)
         return PreparedJob(request, sampler, plan.sigmas.float(), seeds, generators, latents, cond)
 
+    def inpaint(self, request: GenerationRequest, sampler: Sampler) -> PreparedJob:
+        """An img2img job that repaints only its mask's area (see :mod:`engine.masks`)."""
+        # 1. Lay the job out in pixels: feathered mask, "only masked" crop, masked content "fill".
+        plan = plan_inpaint(request.params)
+        # 2. Encode prompt and negative prompt (cached per prompt).
+        cond = self._conditioning(request)
+        # 3. The tail of the sampler's sigmas, as for any img2img job.
+        schedule = job_schedule(self.schedule, sampler.discretization, request.params.steps, request.params.strength)
+        sigmas = schedule.sigmas.float()
+        # 4. Noise per image seed; it also noises the kept area at every step.
+        seeds, generators, noise = self._initial_noise(request)
+        noise = noise.to(self.device)
+        # 5. Init latents with the masked content, and the mask as a blend or as UNet input channels.
+        start = self.inpainter.start(plan, request.params.masked_content, noise)
+        if start.image_conditioning is not None:
+            cond = dataclasses.replace(cond, image=start.image_conditioning)
+        latents = schedule.start_latents(noise, init=start.init_latents)
+        return PreparedJob(request, sampler, sigmas, seeds, generators, latents, cond, blend=start.blend, plan=plan)
+
     def _check(self, request: GenerationRequest) -> Sampler:
         if request.params.sampler not in SAMPLERS:
             raise GenerationError(f"Unknown sampler {request.params.sampler!r}; use one of {', '.join(SAMPLERS)}.")
@@ -186,7 +211,21 @@ class Pipeline:
             raise GenerationError(
                 f"Size {request.params.width}x{request.params.height} is not a multiple of {self.latent_scale}; pick a listed size."
             )
+        if request.params.is_masked and not request.params.is_img2img:
+            raise GenerationError("A mask needs the image it applies to: attach an init image as well.")
+        if not (0 <= request.params.mask_blur <= MAX_MASK_BLUR and 0 <= request.params.inpaint_padding <= MAX_INPAINT_PADDING):
+            raise GenerationError(f"Mask blur must be 0 to {MAX_MASK_BLUR} pixels and the masked area padding "
+                                  f"0 to {MAX_INPAINT_PADDING}.")
+        if request.params.masked_content not in MASKED_CONTENT:
+            raise GenerationError(f"Unknown masked content {request.params.masked_content!r}; "
+                                  f"use one of {', '.join(MASKED_CONTENT)}.")
         return SAMPLERS[request.params.sampler]
+
+    def _unmasked_conditioning(self, request: GenerationRequest) -> Conditioning:
+        """The prompts' conditioning, plus "paint everywhere" for an inpainting UNet."""
+        cond = self._conditioning(request)
+        image = self.inpainter.unmasked_conditioning(request.params.count, request.params.width, request.params.height)
+        return cond if image is None else dataclasses.replace(cond, image=image)
 
     def _conditioning(self, request: GenerationRequest) -> Conditioning:
         return self.prompts.conditioning(
@@ -273,6 +312,8 @@ class Pipeline:
                compress_level: int = PNG_COMPRESS_LEVEL) -> GenerationResult:
         """PNG bytes with AUTOMATIC1111 parameters for each decoded image (any thread)."""
         request, info = job.request, self.model.info
+        if job.plan is not None:
+            images = [job.plan.paste(image) for image in images]
         texts = [infotext(request, seed, info.name, info.file_hash) for seed in job.seeds]
         generated = [
             GeneratedImage(png=encode_png(image, text, request.job_id, compress_level), seed=seed)

@@ -73,4 +73,6 @@ class ModelInfo:
     #: AUTOMATIC1111's short hash of a single-file checkpoint (``engine.hashes``); None for a
     #: diffusers folder or a hub id, which have no one file to hash.
     file_hash: str | None = None
+    #: An inpainting checkpoint (9-channel UNet): best for masked jobs, and runs every other job too.
+    inpainting: bool = False
     extra: dict = field(default_factory=dict)

@@ -6,7 +6,9 @@ scheduler), SDXL's two text encoders of different widths plus the ``text_time`` 
 4-block VAE so that one latent cell is 8x8 pixels as in the real checkpoints. All tokenizers are
 the real 49,408-token CLIP tokenizer.
 
-They can be written two ways:
+``in_channels=9`` makes the UNet an inpainting one (latents, mask, masked image latents, as
+``stable-diffusion-inpainting``), ``in_channels=8`` an InstructPix2Pix-shaped one (which the
+engine refuses); the rest of the model is the same. They can be written two ways:
 
 * :func:`save_diffusers_folder` -- ``save_pretrained`` layout (``model_index.json`` + subfolders);
 * :func:`save_single_file` -- one ``.safetensors`` in the original LDM/SGM key layout, the way
@@ -45,10 +47,10 @@ def _text_encoder(width: int, act: str, with_projection: bool = False):
     return cls(config).eval()
 
 
-def _unet(family: str) -> UNet2DConditionModel:
+def _unet(family: str, in_channels: int = 4) -> UNet2DConditionModel:
     # One resnet per level (real models have two) halves the time per step; the LDM mapping is
     # driven by layers_per_block either way.
-    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    common = dict(sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
                   block_out_channels=(32, 64), norm_num_groups=32)
     if family == "sdxl":
         return UNet2DConditionModel(
@@ -80,13 +82,13 @@ def _scheduler(family: str) -> EulerDiscreteScheduler:
         prediction_type="v_prediction" if family == "sd2" else "epsilon")
 
 
-def build_tiny_components(family: str = "sd1", seed: int = 0) -> dict:
+def build_tiny_components(family: str = "sd1", seed: int = 0, in_channels: int = 4) -> dict:
     """Random-weight components keyed like a diffusers pipeline's (``unet``, ``vae``, ...)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
     torch.manual_seed(seed)
     act = "quick_gelu" if family != "sd2" else "gelu"
-    components = {"unet": _unet(family).eval(), "vae": _vae(family).eval(),
+    components = {"unet": _unet(family, in_channels).eval(), "vae": _vae(family).eval(),
                   "text_encoder": _text_encoder(TEXT_WIDTH, act),
                   "tokenizer": clip_tokenizer(EOS if family != "sd2" else "!"),
                   "scheduler": _scheduler(family)}
@@ -103,20 +105,20 @@ def _pipeline(family: str, components: dict):
                                    requires_safety_checker=False)
 
 
-def save_diffusers_folder(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
+def save_diffusers_folder(path: str | Path, family: str = "sd1", seed: int = 0, in_channels: int = 4) -> Path:
     """Write a tiny model as a diffusers folder (``save_pretrained``) and return its path."""
-    _pipeline(family, build_tiny_components(family, seed)).save_pretrained(path)
+    _pipeline(family, build_tiny_components(family, seed, in_channels)).save_pretrained(path)
     return Path(path)
 
 
-def save_single_file(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
+def save_single_file(path: str | Path, family: str = "sd1", seed: int = 0, in_channels: int = 4) -> Path:
     """Write a tiny model as one LDM-layout ``.safetensors`` plus its config folder beside it.
 
     The config folder is ``path`` without the suffix (``tiny.safetensors`` -> ``tiny/``) and
     holds no weights, only what diffusers' single-file loader needs to build the components.
     """
     path = Path(path)
-    components = build_tiny_components(family, seed)
+    components = build_tiny_components(family, seed, in_channels)
     save_file(to_ldm_state_dict(family, components), path)
     pipe = _pipeline(family, components)
     config_dir = path.with_suffix("")
