@@ -100,7 +100,7 @@ class StatusMessages:
     async def _adopt(self, job_id: int) -> None:
         try:
             job = await asyncio.to_thread(self.queue.get, job_id)
-            if job is not None and job.status_message_id and job_id not in self._status:
+            if job is not None and self._reachable(job) and job_id not in self._status:
                 self._status[job_id] = _Status(job)
         finally:
             self._adopting.discard(job_id)
@@ -130,7 +130,7 @@ class StatusMessages:
             self._finished[job.id] = None
             if len(self._finished) > RECENTLY_FINISHED:
                 self._finished.pop(next(iter(self._finished)))
-            if job.status_message_id is None:
+            if not self._reachable(job):
                 return
             try:
                 await self._edit(status, content=text, view=None, attachments=[], embed=None)
@@ -191,13 +191,25 @@ class StatusMessages:
             status.shown = text
             status.last_edit = time.monotonic()
 
+    def _token_valid(self, job: Job) -> bool:
+        return bool(job.interaction_token and job.interaction_expires_at and self.clock() < job.interaction_expires_at)
+
+    def _reachable(self, job: Job) -> bool:
+        """Whether the job has a status message we can edit: recorded, or the interaction's own
+        (a crash between storing the job and recording its message leaves only the token)."""
+        return job.status_message_id is not None or self._token_valid(job)
+
     async def _edit(self, status: _Status, **kwargs: Any) -> None:
         """Edit a job's status message: through the interaction while its token is valid (that
         needs no channel permission), else as a channel message."""
         job = status.job
-        if job.interaction_token and job.interaction_expires_at and self.clock() < job.interaction_expires_at:
+        if self._token_valid(job):
             webhook = discord.Webhook.partial(job.interaction_app_id, job.interaction_token, client=self.bot)
-            await webhook.edit_message("@original", **kwargs)  # type: ignore[arg-type]
+            message = await webhook.edit_message("@original", **kwargs)  # type: ignore[arg-type]
+            if job.status_message_id is None and message is not None:  # record it, for after the token
+                await asyncio.to_thread(self.queue.set_status_message, job.id, job.status_channel_id or message.channel.id,
+                                        message.id)
+                job.status_message_id = message.id
             return
         if job.status_message_id is None or job.status_channel_id is None:
             return
