@@ -12,6 +12,8 @@ Every function here is pure and runs on the CPU once per job, not once per step.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -92,8 +94,66 @@ def job_sigmas(schedule: ModelSchedule, discretization: str, steps: int, strengt
     ``int(strength * steps)`` steps are skipped from the noisy end, so the init image keeps
     ``1 - strength`` of its structure and the job runs ``int(strength * steps) + 1`` steps.
     """
-    sigmas = DISCRETIZATIONS[discretization](schedule, steps)
+    return img2img_tail(DISCRETIZATIONS[discretization](schedule, steps), steps, strength)
+
+
+def img2img_tail(sigmas: torch.Tensor, steps: int, strength: float | None) -> torch.Tensor:
+    """The part of a full schedule that an img2img job of ``strength`` walks (all of it for txt2img)."""
     if strength is None:
         return sigmas
     denoise_steps = int(min(strength, 0.999) * steps)
     return sigmas[steps - denoise_steps - 1 :]
+
+
+# ---------------------------------------------------------------------------- schedule types
+# A member picks a schedule type apart from the sampler, as in AUTOMATIC1111 since v1.9
+# (its modules/sd_schedulers.py). "automatic" is the sampler's own choice.
+
+def exponential_sigmas(schedule: ModelSchedule, steps: int) -> torch.Tensor:
+    """Evenly spaced in log-sigma from sigma_max to sigma_min (k-diffusion's get_sigmas_exponential)."""
+    log_sigmas = torch.linspace(math.log(schedule.sigma_max), math.log(schedule.sigma_min), steps, dtype=torch.float64)
+    return append_zero(log_sigmas.exp())
+
+
+def sgm_uniform_sigmas(schedule: ModelSchedule, steps: int) -> torch.Tensor:
+    """Stability AI's (SGM) uniform timesteps: ``steps + 1`` evenly from the top, the last (t = 0) left out."""
+    start = schedule.sigma_to_t(torch.tensor(schedule.sigma_max, dtype=torch.float64))
+    end = schedule.sigma_to_t(torch.tensor(schedule.sigma_min, dtype=torch.float64))
+    t = torch.linspace(float(start), float(end), steps + 1, dtype=torch.float64)[:-1]
+    return append_zero(schedule.t_to_sigma(t))
+
+
+def simple_sigmas(schedule: ModelSchedule, steps: int) -> torch.Tensor:
+    """Every (1000 / steps)-th training level from the top, without interpolation (ComfyUI's "simple")."""
+    stride = len(schedule.sigmas) / steps
+    picked = [schedule.sigmas[-(1 + int(i * stride))] for i in range(steps)]
+    return append_zero(torch.stack(picked))
+
+
+#: Schedule ids -> the function that makes them; "automatic" (the sampler's own) is resolved first.
+SCHEDULES = {
+    "uniform": normal_sigmas,
+    "karras": karras_sigmas,
+    "exponential": exponential_sigmas,
+    "sgm_uniform": sgm_uniform_sigmas,
+    "simple": simple_sigmas,
+}
+
+
+def member_sigmas(schedule: ModelSchedule, discretization: str, schedule_type: str, steps: int,
+                  strength: float | None = None, discard_penultimate: bool = False) -> torch.Tensor:
+    """The sigmas one job walks for a sampler (its automatic ``discretization``) and a schedule type.
+
+    ``discard_penultimate``: make ``steps + 1`` levels and drop the one before 0, as AUTOMATIC1111
+    does for DPM2, DPM2 a and DPM++ 3M SDE (their last real step would otherwise be tiny). DDIM
+    keeps its own timesteps whatever the schedule type, as AUTOMATIC1111's timestep samplers do.
+    """
+    if schedule_type == "automatic" or discretization == "ddim":
+        schedule_type = discretization
+    make = DISCRETIZATIONS.get(schedule_type) or SCHEDULES[schedule_type]
+    if discard_penultimate:
+        sigmas = make(schedule, steps + 1)
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    else:
+        sigmas = make(schedule, steps)
+    return img2img_tail(sigmas, steps, strength)
