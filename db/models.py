@@ -114,6 +114,7 @@ class Job(Base):
     variation_seed: Mapped[int | None] = mapped_column(BigInteger)
     variation_strength: Mapped[float] = mapped_column(Float, default=0.0)
     model: Mapped[str | None] = mapped_column(String(200))  # None: any worker may take it
+    schedule: Mapped[str] = mapped_column(String(32), default="automatic")  # the schedule type
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)

@@ -30,6 +30,28 @@ SAMPLER_NAMES: dict[str, str] = {
     "euler_a": "Euler a",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "ddim": "DDIM",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "heun": "Heun",
+    "lms": "LMS",
+    "dpm2": "DPM2",
+    "dpm2_a": "DPM2 a",
+    "lcm": "LCM",
+}
+
+DEFAULT_SCHEDULE = "automatic"
+#: Schedule type ids we accept, mapped to AUTOMATIC1111's ``Schedule type`` labels (its
+#: modules/sd_schedulers.py). "automatic" is the sampler's own: Karras for DPM++ 2M, DPM++ SDE,
+#: DPM2 and DPM2 a, Exponential for the multistep SDE samplers, Uniform for the others.
+SCHEDULE_NAMES: dict[str, str] = {
+    "automatic": "Automatic",
+    "uniform": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
 }
 
 SEED_MAX = 2**32 - 1
@@ -75,6 +97,7 @@ class GenerationParams:
     variation_seed: int | None = None
     variation_strength: float = 0.0
     model: str | None = None
+    schedule: str = DEFAULT_SCHEDULE  # a key of SCHEDULE_NAMES
 
     @property
     def is_img2img(self) -> bool:
@@ -87,6 +110,10 @@ class GenerationParams:
     @property
     def sampler_label(self) -> str:
         return SAMPLER_NAMES.get(self.sampler, self.sampler)
+
+    @property
+    def schedule_label(self) -> str:
+        return SCHEDULE_NAMES.get(self.schedule, self.schedule)
 
     def but(self, **changes: Any) -> GenerationParams:
         """A copy with ``changes`` (a reroll's new seed, an upscale's new size...)."""

@@ -32,7 +32,9 @@ from engine.lora import LoraLibrary
 from engine.metadata import PNG_COMPRESS_LEVEL, encode_png, infotext
 from engine.prompt_syntax import lora_key
 from engine.samplers import SAMPLERS, Sampler
-from engine.schedules import ModelSchedule, job_sigmas
+from engine.schedules import SCHEDULES, ModelSchedule, member_sigmas
+from engine.sde import BrownianNoise, brownian_noises
+from engine.stages import Plan
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
@@ -60,6 +62,14 @@ class PreparedJob:
     latents: Tensor  # [count, C, h, w] float32 on the device, at noise level sigmas[0]
     cond: Conditioning
     started: float = field(default_factory=time.monotonic)
+    plan: Plan | None = None  # the sampler's engine steps over ``sigmas`` (made from them when None)
+    brownian: list[BrownianNoise] = field(default_factory=list)  # per image, for the SDE samplers
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            self.plan = self.sampler.plan(self.sigmas)
+        if self.sampler.brownian and not self.brownian:
+            self.brownian = brownian_noises(self.seeds, tuple(self.latents.shape[1:]), self.sigmas)
 
     @property
     def rows(self) -> int:
@@ -67,7 +77,22 @@ class PreparedJob:
 
     @property
     def total_steps(self) -> int:
+        """The member's steps (progress counts these)."""
         return len(self.sigmas) - 1
+
+    @property
+    def engine_steps(self) -> int:
+        """UNet calls: twice the steps but one for a second-order sampler."""
+        return self.plan.engine_steps
+
+    def step_noise(self, engine_step: int) -> Tensor:
+        """Fresh noise per image for one engine step, as its plan says (zeros where it draws none)."""
+        interval = self.plan.noise[engine_step]
+        if interval is None:
+            return torch.zeros(self.rows, *self.latents.shape[1:])
+        if self.sampler.brownian:
+            return torch.stack([noise(*interval) for noise in self.brownian])
+        return self.ancestral_noise()
 
     def ancestral_noise(self) -> Tensor:
         """One fresh standard-normal latent per image, each from that image's generator."""
@@ -147,7 +172,7 @@ class Pipeline:
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._conditioning(request)
         # 3. The sampler's sigmas, from the highest noise level down to 0.
-        sigmas = job_sigmas(self.schedule, sampler.discretization, request.params.steps).float()
+        sigmas = self._sigmas(request, sampler)
         # 4. Initial noise per image seed (mixed with the variation seed's), scaled to sigmas[0].
         seeds, generators, noise = self._initial_noise(request)
         latents = noise.to(self.device) * sigmas[0].item()
@@ -161,7 +186,7 @@ class Pipeline:
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._conditioning(request)
         # 3. The tail of the sampler's sigmas: strength 1 starts at full noise, 0.3 near the end.
-        sigmas = job_sigmas(self.schedule, sampler.discretization, request.params.steps, request.params.strength).float()
+        sigmas = self._sigmas(request, sampler, request.params.strength)
         # 4. The image into latent space (VAE mean: deterministic), repeated per image.
         init_latents = self.encode_image(image).expand(len(cond.guidance), -1, -1, -1)
         # 5. Noise per image seed added at the start noise level.
@@ -176,7 +201,16 @@ class Pipeline:
             raise GenerationError(
                 f"Size {request.params.width}x{request.params.height} is not a multiple of {self.latent_scale}; pick a listed size."
             )
+        if request.params.schedule != "automatic" and request.params.schedule not in SCHEDULES:
+            raise GenerationError(
+                f"Unknown schedule type {request.params.schedule!r}; use automatic or one of {', '.join(SCHEDULES)}."
+            )
         return SAMPLERS[request.params.sampler]
+
+    def _sigmas(self, request: GenerationRequest, sampler: Sampler, strength: float | None = None) -> Tensor:
+        """The job's sigmas for its sampler and schedule type, float32 on the CPU."""
+        return member_sigmas(self.schedule, sampler.discretization, request.params.schedule, request.params.steps,
+                             strength, discard_penultimate=sampler.discard_penultimate).float()
 
     def _conditioning(self, request: GenerationRequest) -> Conditioning:
         return self.prompts.conditioning(

@@ -19,7 +19,7 @@ def unusual_params() -> GenerationParams:
     """A value whose every field differs from the type's default, so a dropped field shows."""
     values = dict(prompt="a fox <lora:x:0.5>", seed=123, negative_prompt="blurry", steps=9, guidance=3.5,
                   width=640, height=384, sampler="ddim", count=3, init_image=b"png", strength=0.3,
-                  variation_seed=77, variation_strength=0.25, model="other")
+                  variation_seed=77, variation_strength=0.25, model="other", schedule="karras")
     assert set(values) == set(PARAM_NAMES), "add the new parameter to unusual_params"
     params = GenerationParams(**values)
     defaults = GenerationParams(prompt="", seed=0)
