@@ -232,6 +232,19 @@ def test_progress_arrives_on_the_event_loop_thread_with_previews(make_worker):
     assert result.images
 
 
+def test_progress_of_a_second_order_sampler_counts_the_members_steps(make_worker):
+    """Heun makes two UNet calls a step (one for the last): progress still goes 1..steps, once each."""
+    worker = make_worker()
+    seen: list[tuple[int, int]] = []
+
+    async def run():
+        worker.start()
+        return await worker.generate(make_request(1, steps=4, sampler="heun"), lambda p: seen.append((p.step, p.total)))
+
+    assert asyncio.run(run()).images
+    assert seen == [(i, 4) for i in range(1, 5)]
+
+
 def test_cancel_before_the_job_starts(make_worker):
     worker = make_worker()
 
