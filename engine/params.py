@@ -53,6 +53,13 @@ SCHEDULE_NAMES: dict[str, str] = {
     "sgm_uniform": "SGM Uniform",
     "simple": "Simple",
 }
+#: What "automatic" is for each sampler (engine.samplers' ``discretization``, kept equal by a test),
+#: torch-free for the infotext; None for DDIM, which has its own timesteps whatever the choice.
+AUTOMATIC_SCHEDULES: dict[str, str | None] = {
+    "euler": "uniform", "euler_a": "uniform", "dpmpp_2m_karras": "karras", "ddim": None,
+    "dpmpp_2m": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_sde": "karras", "dpmpp_3m_sde": "exponential",
+    "heun": "uniform", "lms": "uniform", "dpm2": "karras", "dpm2_a": "karras", "lcm": "uniform",
+}
 
 SEED_MAX = 2**32 - 1
 
@@ -112,7 +119,17 @@ class GenerationParams:
         return SAMPLER_NAMES.get(self.sampler, self.sampler)
 
     @property
-    def schedule_label(self) -> str:
+    def schedule_label(self) -> str | None:
+        """AUTOMATIC1111's ``Schedule type`` for this job, or None where it writes none.
+
+        As AUTOMATIC1111 does: "automatic" is written as what it resolves to (DPM++ 2M: Karras),
+        except where that is the model's own uniform spacing; DDIM has no schedule type.
+        """
+        automatic = AUTOMATIC_SCHEDULES.get(self.sampler)
+        if automatic is None and self.sampler in AUTOMATIC_SCHEDULES:
+            return None
+        if self.schedule == DEFAULT_SCHEDULE:
+            return None if automatic == "uniform" else SCHEDULE_NAMES.get(automatic)
         return SCHEDULE_NAMES.get(self.schedule, self.schedule)
 
     def but(self, **changes: Any) -> GenerationParams:

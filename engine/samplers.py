@@ -17,6 +17,17 @@ after k-diffusion (Crowson), a sampler here is a function of the rows' own state
 
 The worker applies each sampler to the rows that use it, so rows of different jobs advance in
 the same UNet call. A :class:`Sampler` in :data:`SAMPLERS` pairs a step with its discretization.
+
+That is also why k-diffusion's own ``sample_*`` loops cannot be called here: each owns a whole
+batch for a whole schedule and calls the model itself, where our rows of different jobs, at
+different steps, share one UNet call per engine step. Its samplers are rewritten per row, and
+``tests/test_kdiffusion_samplers.py`` checks each against its loop to float precision.
+
+Samplers with more history (LMS, DPM++ 3M SDE) or two model evaluations per step (Heun, DPM2,
+DPM2 a, DPM++ SDE) take one more argument, ``state``: a dict of per-row tensors that the batch
+keeps with the rows, and return ``(x_next, updated state)`` (:class:`StagedStepFn`). A two-
+evaluation step is two engine steps, laid out per job by its plan (engine.stages); the SDE
+samplers' noise comes from each image's Brownian tree (engine.sde).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 from engine.errors import GenerationError
+from engine.params import AUTOMATIC_SCHEDULES, SCHEDULE_NAMES, GenerationParams
 from engine.pipeline import Pipeline
 from engine.samplers import SAMPLERS
 from engine.schedules import SCHEDULES, ModelSchedule, member_sigmas
@@ -97,3 +98,21 @@ def test_an_unknown_schedule_type_is_a_clear_error(tiny_model):
     request = GenerationRequest.of(1, prompt="a fox", seed=1, steps=2, width=64, height=64, schedule="beta")
     with pytest.raises(GenerationError, match="Unknown schedule type 'beta'; use automatic or one of"):
         Pipeline(tiny_model).prepare(request)
+
+
+def test_the_infotexts_automatic_schedules_are_the_samplers():
+    """engine.params keeps a torch-free copy of each sampler's automatic schedule for the infotext."""
+    assert AUTOMATIC_SCHEDULES.keys() == SAMPLERS.keys()
+    for name, sampler in SAMPLERS.items():
+        expected = None if sampler.discretization == "ddim" else sampler.discretization.replace("normal", "uniform")
+        assert AUTOMATIC_SCHEDULES[name] == expected, name
+    assert set(SCHEDULE_NAMES) == {"automatic", *SCHEDULES}
+
+
+@pytest.mark.parametrize(("sampler", "schedule", "label"), [
+    ("dpmpp_2m", "automatic", "Karras"), ("dpmpp_2m_sde", "automatic", "Exponential"), ("euler", "automatic", None),
+    ("euler", "uniform", "Uniform"), ("heun", "sgm_uniform", "SGM Uniform"), ("lms", "simple", "Simple"),
+    ("ddim", "karras", None),
+])
+def test_schedule_type_label_as_automatic1111_writes_it(sampler, schedule, label):
+    assert GenerationParams(prompt="", seed=0, sampler=sampler, schedule=schedule).schedule_label == label
