@@ -13,6 +13,10 @@ import torch
 import torchsde
 from torch import Tensor
 
+#: torchsde's default resolution, as k-diffusion uses it; the tree rounds its ends to these digits.
+TREE_TOL = 1e-6
+TREE_DIGITS = 6
+
 
 class BrownianNoise:
     """Standard-normal noise for sigma intervals of one image, as k-diffusion's BrownianTreeNoiseSampler."""
@@ -20,18 +24,20 @@ class BrownianNoise:
     def __init__(self, seed: int, shape: tuple[int, ...], sigma_min: float, sigma_max: float) -> None:
         self.seed, self.shape = seed, shape
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self._low, self._high = round(sigma_min, TREE_DIGITS), round(sigma_max, TREE_DIGITS)
         self._tree: torchsde.BrownianTree | None = None  # built on first use: jobs that never draw pay nothing
 
     def tree(self) -> torchsde.BrownianTree:
         if self._tree is None:
-            self._tree = torchsde.BrownianTree(self.sigma_min, torch.zeros(self.shape), self.sigma_max, entropy=self.seed)
+            self._tree = torchsde.BrownianTree(self.sigma_min, torch.zeros(self.shape), self.sigma_max,
+                                               entropy=self.seed, tol=TREE_TOL)
         return self._tree
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
         """W(sigma_next) - W(sigma), scaled to unit variance."""
-        # Clamped as torchsde would clamp them, without its warning: a level recomputed through
-        # exp(log(sigma)) can land a rounding outside the tree's range.
-        low, high = (min(max(v, self.sigma_min), self.sigma_max) for v in sorted((sigma, sigma_next)))
+        # Clamped to the tree's rounded ends as torchsde would clamp them, without its warning: the
+        # job's own sigma_max (or a level recomputed through exp(log(sigma))) can lie just outside.
+        low, high = (min(max(v, self._low), self._high) for v in sorted((sigma, sigma_next)))
         w = self.tree()(low, high)
         if sigma > sigma_next:  # sampling walks down in sigma: the increment the other way round
             w = -w
