@@ -39,6 +39,7 @@ SAMPLER_NAMES: dict[str, str] = {
     "dpm2": "DPM2",
     "dpm2_a": "DPM2 a",
     "lcm": "LCM",
+    "unipc": "UniPC",
 }
 
 DEFAULT_SCHEDULE = "automatic"
@@ -59,6 +60,7 @@ AUTOMATIC_SCHEDULES: dict[str, str | None] = {
     "euler": "uniform", "euler_a": "uniform", "dpmpp_2m_karras": "karras", "ddim": None,
     "dpmpp_2m": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_sde": "karras", "dpmpp_3m_sde": "exponential",
     "heun": "uniform", "lms": "uniform", "dpm2": "karras", "dpm2_a": "karras", "lcm": "uniform",
+    "unipc": "uniform",
 }
 
 SEED_MAX = 2**32 - 1

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from engine.stages import (COEFFS, EVAL, FROM, MID, STAGE, TO, Plan, dpm2_ancestral_plan, dpm2_plan,
-                           dpmpp_sde_plan, heun_plan, lms_plan, one_stage_plan)
+                           dpmpp_sde_plan, heun_plan, lms_plan, one_stage_plan, unipc_plan)
 
 
 class StepFn(Protocol):
@@ -235,6 +235,22 @@ def lms_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *, 
     return x + change, {"d1": d, "d2": d1, "d3": d2}
 
 
+def unipc_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *, old_denoised: Tensor,
+               old_sigma: Tensor, noise: Tensor | None, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """UniPC, multistep predictor-corrector, order 3, B(h) = h (Zhao et al. 2023): the corrector
+    refines the previous step with this step's denoised image (no extra UNet call), then the
+    predictor moves on; the weights are the plan's (engine.stages.unipc_coefficients)."""
+    c, d2, d3 = state["coeffs"], state["denoised_2"], state["denoised_3"]
+
+    def w(j: int) -> Tensor:
+        return rows(c[:, j])
+
+    corrected = (w(0) * x + w(1) * state["last_sample"] + w(2) * denoised + w(3) * old_denoised
+                 + w(4) * d2 + w(5) * d3)
+    x_next = w(6) * corrected + w(7) * denoised + w(8) * old_denoised + w(9) * d2
+    return x_next, {"last_sample": corrected, "denoised_2": old_denoised, "denoised_3": d2}
+
+
 def lcm_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *,
              old_denoised: Tensor, old_sigma: Tensor, noise: Tensor | None) -> Tensor:
     """Latent Consistency Model sampling (Luo et al. 2023): jump to the denoised image, renoise to sigma_next."""
@@ -286,6 +302,8 @@ SAMPLERS: dict[str, Sampler] = {
     "dpm2_a": Sampler("dpm2_a", dpm2_ancestral_step, "karras", ancestral=True, plan=dpm2_ancestral_plan,
                       latent_state=("x_start",), discard_penultimate=True, stateful=True),
     "lcm": Sampler("lcm", lcm_step, "normal", ancestral=True, plan=_UNTIL_LAST),
+    "unipc": Sampler("unipc", unipc_step, "normal", plan=unipc_plan,
+                     latent_state=("last_sample", "denoised_2", "denoised_3"), stateful=True),
 }
 
 def initial_state(sampler: Sampler, x: Tensor) -> dict[str, Tensor]:

@@ -21,10 +21,12 @@ import torch
 from torch import Tensor
 
 #: Columns of :attr:`Plan.table`: the sigma the model is evaluated at, the member step's start and
-#: end, the stage-1 evaluation sigma (both stages carry it), the stage (0 or 1), LMS coefficients.
+#: end, the stage-1 evaluation sigma (both stages carry it), the stage (0 or 1), and the step's
+#: coefficients for a multistep sampler (LMS uses 4, UniPC 10).
 EVAL, FROM, TO, MID, STAGE = range(5)
-COEFFS = slice(5, 9)
-COLUMNS = 9
+N_COEFFS = 10
+COEFFS = slice(5, 5 + N_COEFFS)
+COLUMNS = 5 + N_COEFFS
 LMS_ORDER = 4
 
 
@@ -41,8 +43,9 @@ class Plan:
         return self.table.shape[0]
 
 
-def _row(eval_sigma, sigma, sigma_next, mid, stage: int, coeffs=(0.0, 0.0, 0.0, 0.0)) -> list[float]:
-    return [float(eval_sigma), float(sigma), float(sigma_next), float(mid), float(stage), *map(float, coeffs)]
+def _row(eval_sigma, sigma, sigma_next, mid, stage: int, coeffs=()) -> list[float]:
+    coeffs = [float(c) for c in coeffs] + [0.0] * (N_COEFFS - len(coeffs))
+    return [float(eval_sigma), float(sigma), float(sigma_next), float(mid), float(stage), *coeffs]
 
 
 def _plan(rows: list[list[float]], noise: list, completes: list[bool]) -> Plan:
@@ -55,7 +58,7 @@ def one_stage_plan(sigmas: Tensor, noise: str = "none", coeffs: list | None = No
     rows, intervals = [], []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        rows.append(_row(sigma, sigma, sigma_next, sigma_next, 0, coeffs[i] if coeffs else (0.0,) * LMS_ORDER))
+        rows.append(_row(sigma, sigma, sigma_next, sigma_next, 0, coeffs[i] if coeffs else ()))
         wanted = noise == "every" or (noise == "until_last" and sigma_next > 0)
         intervals.append((float(sigma), float(sigma_next)) if wanted else None)
     return _plan(rows, intervals, [True] * len(rows))
@@ -148,3 +151,66 @@ def lms_coefficients(sigmas: Tensor, order: int = LMS_ORDER) -> list[list[float]
 
 def lms_plan(sigmas: Tensor) -> Plan:
     return one_stage_plan(sigmas, coeffs=lms_coefficients(sigmas))
+
+
+# ---------------------------------------------------------------------------- UniPC
+
+UNIPC_ORDER = 3  # AUTOMATIC1111's defaults: order 3, variant bh1, lower order on the final steps
+
+
+def _unipc_weights(lambdas: np.ndarray, k: int, order: int, variant: str) -> tuple[float, float, float, np.ndarray, np.ndarray]:
+    """UniPC's B(h) update from step k to k + 1 (Zhao et al. 2023, as diffusers'
+    UniPCMultistepScheduler computes it): h*phi_1, B(h), the ratios r_i of the earlier steps, and
+    the solutions rho of the predictor (order - 1 weights) and of the corrector (order weights)."""
+    h = lambdas[k + 1] - lambdas[k]
+    hh = -h  # data prediction
+    h_phi_1 = np.expm1(hh)
+    b_h = hh if variant == "bh1" else np.expm1(hh)
+    rks = np.array([(lambdas[k - i] - lambdas[k]) / h for i in range(1, order)] + [1.0])
+    h_phi_k, factorial, b = h_phi_1 / hh - 1, 1, []
+    for i in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    big_r, b = np.stack([rks ** (i - 1) for i in range(1, order + 1)]), np.array(b)
+    rhos_p = np.array([0.5]) if order == 2 else np.linalg.solve(big_r[:-1, :-1], b[:-1]) if order > 2 else np.zeros(0)
+    rhos_c = np.array([0.5]) if order == 1 else np.linalg.solve(big_r, b)
+    return h_phi_1, b_h, rks[:-1], rhos_p, rhos_c
+
+
+def unipc_coefficients(sigmas: Tensor, order: int = UNIPC_ORDER, variant: str = "bh1") -> list[list[float]]:
+    """Per step k, UniPC as two linear combinations (the corrector, then the predictor):
+
+    corrected = c0 x + c1 x_last + c2 D_k + c3 D_(k-1) + c4 D_(k-2) + c5 D_(k-3)
+    x_next = c6 corrected + c7 D_k + c8 D_(k-1) + c9 D_(k-2)
+
+    where x is the point the model was evaluated at, x_last the previous step's corrected point and
+    D the denoised images. In k-diffusion's variables (x / alpha) the VP formulas lose their alphas:
+    lambda = -log(sigma). All of it depends only on the job's sigmas, so it is made here once.
+    """
+    s = sigmas.double().numpy()
+    n = len(s) - 1
+    lambdas = -np.log(np.where(s > 0, s, np.nan))
+    orders = [min(order, n - k, k + 1) for k in range(n)]  # warm-up, and lower order at the end
+    out = []
+    for k in range(n):
+        corrector = [1.0, 0, 0, 0, 0, 0]
+        if k > 0:  # corrects the previous predictor with D_k, at the previous step's order
+            c = orders[k - 1]
+            h_phi_1, b_h, rks, _, rhos_c = _unipc_weights(lambdas, k - 1, c, variant)
+            corrector = [0.0, s[k] / s[k - 1], -b_h * rhos_c[-1],
+                         -h_phi_1 + b_h * (sum(rhos_c[i] / rks[i] for i in range(c - 1)) + rhos_c[-1])]
+            corrector += [-b_h * rhos_c[i] / rks[i] for i in range(c - 1)] + [0.0] * (3 - c)
+        if s[k + 1] == 0:  # the last step lands on the denoised image
+            predictor = [0.0, 1.0, 0.0, 0.0]
+        else:
+            p = orders[k]
+            h_phi_1, b_h, rks, rhos_p, _ = _unipc_weights(lambdas, k, p, variant)
+            predictor = [s[k + 1] / s[k], -h_phi_1 + b_h * sum(rhos_p[i] / rks[i] for i in range(p - 1))]
+            predictor += [-b_h * rhos_p[i] / rks[i] for i in range(p - 1)] + [0.0] * (3 - p)
+        out.append([float(v) for v in corrector + predictor])
+    return out
+
+
+def unipc_plan(sigmas: Tensor) -> Plan:
+    return one_stage_plan(sigmas, coeffs=unipc_coefficients(sigmas))

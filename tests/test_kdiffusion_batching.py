@@ -83,6 +83,7 @@ def mixed_jobs(init_png: bytes | None = None) -> list[GenerationRequest]:
         make_request(8, sampler="lcm", steps=4),
         make_request(9, sampler="euler_a", steps=5),
         make_request(10, sampler="dpmpp_2m_sde", steps=6, init_image=init_png, strength=0.6),
+        make_request(11, sampler="unipc", steps=5, schedule="karras"),
     ]
 
 
@@ -147,5 +148,5 @@ def test_brownian_noise_is_per_image_seed(pipeline):
 def test_every_sampler_has_its_automatic1111_label():
     assert set(SAMPLER_NAMES) == set(SAMPLERS)
     assert [SAMPLER_NAMES[name] for name in ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde", "heun", "lms", "dpm2",
-                                             "dpm2_a", "lcm")] == [
-        "DPM++ 2M SDE", "DPM++ SDE", "DPM++ 3M SDE", "Heun", "LMS", "DPM2", "DPM2 a", "LCM"]
+                                             "dpm2_a", "unipc", "lcm")] == [
+        "DPM++ 2M SDE", "DPM++ SDE", "DPM++ 3M SDE", "Heun", "LMS", "DPM2", "DPM2 a", "UniPC", "LCM"]

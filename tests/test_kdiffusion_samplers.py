@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler
+from diffusers import EulerDiscreteScheduler, UniPCMultistepScheduler
 
 from engine.samplers import SAMPLERS, sample
 from engine.schedules import ModelSchedule, member_sigmas
@@ -109,3 +109,25 @@ def test_lcm_matches_automatic1111s_formula(schedule):
         if sigmas[i + 1] > 0:
             x = x + sigmas[i + 1] * noise()
     torch.testing.assert_close(ours("lcm", sigmas), x, **TOLERANCE)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 8, 20])
+def test_unipc_matches_diffusers_unipc_multistep(steps):
+    """k-diffusion has no UniPC; diffusers' UniPCMultistepScheduler (the UniPC authors' B(h) form,
+    here with AUTOMATIC1111's defaults: order 3, bh1, lower order at the end, data prediction) runs
+    on VP latents alpha * x over the same sigmas, fed the toy denoiser's noise prediction. Its bh1
+    step to sigma 0 is NaN (B(h) is infinite there), so the reference ends at sigma_min; our step to 0
+    lands on the denoised image, as every order-1 UniPC step to 0 does."""
+    reference = UniPCMultistepScheduler(**SD_BETAS, solver_order=3, solver_type="bh1", lower_order_final=True,
+                                        predict_x0=True, timestep_spacing="linspace", final_sigmas_type="sigma_min")
+    reference.set_timesteps(steps)
+    sigmas = reference.sigmas.float()  # k-diffusion sigmas of its timesteps, then 0
+    x = start(sigmas)
+    vp = x / (1 + sigmas[0] ** 2) ** 0.5
+    for i, t in enumerate(reference.timesteps):
+        sigma = sigmas[i]
+        x_k = vp * (1 + sigma**2) ** 0.5
+        eps = (x_k - toy_denoiser(x_k, sigma.expand(len(SEEDS)))) / sigma
+        vp = reference.step(eps, t, vp).prev_sample
+    ended = vp * (1 + sigmas[-1] ** 2) ** 0.5  # back from VP latents at sigma_min
+    torch.testing.assert_close(sample(toy_denoiser, x, sigmas, SAMPLERS["unipc"]), ended, **TOLERANCE)

@@ -14,6 +14,7 @@ from diffusers import EulerDiscreteScheduler
 
 from engine.samplers import SAMPLERS, sample
 from engine.schedules import ModelSchedule, ddim_sigmas, job_sigmas, karras_sigmas, normal_sigmas
+from engine.stages import N_COEFFS
 from tolerance import assert_same_latents
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
@@ -140,7 +141,7 @@ def test_a_stateful_step_is_row_wise(schedule, name):
     state = {name: torch.randn(4, 4, 2, 2, generator=g) for name in sampler.latent_state}
     state |= {name: torch.tensor([0.0, 0.0, 2.0, 0.9]) for name in sampler.row_state}
     state |= {"sigma_from": torch.tensor([14.6, 3.5, 1.4, 0.5]), "sigma_mid": torch.tensor([11.0, 2.4, 1.1, 0.0]),
-              "stage": torch.tensor([0.0, 1.0, 0.0, 0.0]), "coeffs": torch.rand(4, 4, generator=g)}
+              "stage": torch.tensor([0.0, 1.0, 0.0, 0.0]), "coeffs": torch.rand(4, N_COEFFS, generator=g)}
     kwargs = dict(old_denoised=old_denoised, old_sigma=old_sigma, noise=noise)
     together, updates = sampler.step(x, denoised, sigma, sigma_next, **kwargs, state=state)
     for i in range(4):
