@@ -55,11 +55,12 @@ SCHEDULE_NAMES: dict[str, str] = {
     "simple": "Simple",
 }
 #: What "automatic" is for each sampler (engine.samplers' ``discretization``, kept equal by a test),
-#: torch-free for the infotext; None for DDIM, which has its own timesteps whatever the choice.
+#: torch-free for the infotext; None for DDIM, which has its own timesteps whatever the choice;
+#: "lcm" is LCM's own levels, for which AUTOMATIC1111 writes no schedule type.
 AUTOMATIC_SCHEDULES: dict[str, str | None] = {
     "euler": "uniform", "euler_a": "uniform", "dpmpp_2m_karras": "karras", "ddim": None,
     "dpmpp_2m": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_sde": "karras", "dpmpp_3m_sde": "exponential",
-    "heun": "uniform", "lms": "uniform", "dpm2": "karras", "dpm2_a": "karras", "lcm": "uniform",
+    "heun": "uniform", "lms": "uniform", "dpm2": "karras", "dpm2_a": "karras", "lcm": "lcm",
     "unipc": "uniform",
 }
 
@@ -131,7 +132,7 @@ class GenerationParams:
         if automatic is None and self.sampler in AUTOMATIC_SCHEDULES:
             return None
         if self.schedule == DEFAULT_SCHEDULE:
-            return None if automatic == "uniform" else SCHEDULE_NAMES.get(automatic)
+            return SCHEDULE_NAMES.get(automatic) if automatic not in ("uniform", "lcm") else None
         return SCHEDULE_NAMES.get(self.schedule, self.schedule)
 
     def but(self, **changes: Any) -> GenerationParams:

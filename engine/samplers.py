@@ -301,7 +301,7 @@ SAMPLERS: dict[str, Sampler] = {
                     stateful=True),
     "dpm2_a": Sampler("dpm2_a", dpm2_ancestral_step, "karras", ancestral=True, plan=dpm2_ancestral_plan,
                       latent_state=("x_start",), discard_penultimate=True, stateful=True),
-    "lcm": Sampler("lcm", lcm_step, "normal", ancestral=True, plan=_UNTIL_LAST),
+    "lcm": Sampler("lcm", lcm_step, "lcm", ancestral=True, plan=_UNTIL_LAST),
     "unipc": Sampler("unipc", unipc_step, "normal", plan=unipc_plan,
                      latent_state=("last_sample", "denoised_2", "denoised_3"), stateful=True),
 }

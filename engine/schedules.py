@@ -130,6 +130,16 @@ def simple_sigmas(schedule: ModelSchedule, steps: int) -> torch.Tensor:
     return append_zero(torch.stack(picked))
 
 
+def lcm_sigmas(schedule: ModelSchedule, steps: int, original_steps: int = 50) -> torch.Tensor:
+    """AUTOMATIC1111's LCM levels: the 50 training levels an LCM was distilled on (timesteps 19, 39,
+    ..., 999), walked evenly from the top one to the bottom one, log-sigma interpolated between them."""
+    skip = len(schedule.sigmas) // original_steps
+    log_sigmas = schedule.log_sigmas[skip - 1 :: skip]
+    position = torch.linspace(len(log_sigmas) - 1, 0, steps, dtype=torch.float64)
+    low, high, w = position.floor().long(), position.ceil().long(), position.frac()
+    return append_zero(((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp())
+
+
 #: Schedule ids -> the function that makes them; "automatic" (the sampler's own) is resolved first.
 SCHEDULES = {
     "uniform": normal_sigmas,
@@ -138,6 +148,10 @@ SCHEDULES = {
     "sgm_uniform": sgm_uniform_sigmas,
     "simple": simple_sigmas,
 }
+
+
+#: Automatic schedules of a sampler's own, not offered as a schedule type (AUTOMATIC1111 neither).
+SAMPLER_OWN = {"lcm": lcm_sigmas}
 
 
 def member_sigmas(schedule: ModelSchedule, discretization: str, schedule_type: str, steps: int,
@@ -150,7 +164,7 @@ def member_sigmas(schedule: ModelSchedule, discretization: str, schedule_type: s
     """
     if schedule_type == "automatic" or discretization == "ddim":
         schedule_type = discretization
-    make = DISCRETIZATIONS.get(schedule_type) or SCHEDULES[schedule_type]
+    make = DISCRETIZATIONS.get(schedule_type) or SCHEDULES.get(schedule_type) or SAMPLER_OWN[schedule_type]
     if discard_penultimate:
         sigmas = make(schedule, steps + 1)
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])

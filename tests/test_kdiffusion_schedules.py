@@ -75,6 +75,20 @@ def test_automatic_is_each_samplers_own_schedule(schedule, inner_model):
         torch.testing.assert_close(ours, reference, **CLOSE, msg=name)
 
 
+def test_lcm_automatic_schedule_is_automatic1111s(schedule, alphas_cumprod):
+    """AUTOMATIC1111's LCMCompVisDenoiser: the 50 levels at timesteps 19, 39, ..., 999 in a
+    DiscreteSchedule, walked from t = 999 to t = 19 (its timestep <-> index mapping undone here)."""
+    valid = torch.zeros(50)
+    for x in range(50):
+        valid[49 - x] = alphas_cumprod[999 - x * 20]
+    lcm = external.DiscreteSchedule(((1 - valid) / valid) ** 0.5, quantize=False)
+    for steps in (1, 4, 8):
+        index = (torch.linspace(999, 19, steps) - 19) / 20  # its t_to_sigma's clamp((t - 19) / 20)
+        reference = K.append_zero(lcm.t_to_sigma(index))
+        ours = member_sigmas(schedule, SAMPLERS["lcm"].discretization, "automatic", steps).float()
+        torch.testing.assert_close(ours, reference, **CLOSE)
+
+
 @pytest.mark.parametrize("name", ["dpm2", "dpm2_a", "dpmpp_3m_sde"])
 def test_discard_next_to_last_sigma(schedule, name):
     """AUTOMATIC1111 makes steps + 1 levels and drops the one before 0 for these samplers."""
@@ -104,7 +118,7 @@ def test_the_infotexts_automatic_schedules_are_the_samplers():
     """engine.params keeps a torch-free copy of each sampler's automatic schedule for the infotext."""
     assert AUTOMATIC_SCHEDULES.keys() == SAMPLERS.keys()
     for name, sampler in SAMPLERS.items():
-        expected = None if sampler.discretization == "ddim" else sampler.discretization.replace("normal", "uniform")
+        expected = {"ddim": None, "normal": "uniform"}.get(sampler.discretization, sampler.discretization)
         assert AUTOMATIC_SCHEDULES[name] == expected, name
     assert set(SCHEDULE_NAMES) == {"automatic", *SCHEDULES}
 
@@ -112,7 +126,7 @@ def test_the_infotexts_automatic_schedules_are_the_samplers():
 @pytest.mark.parametrize(("sampler", "schedule", "label"), [
     ("dpmpp_2m", "automatic", "Karras"), ("dpmpp_2m_sde", "automatic", "Exponential"), ("euler", "automatic", None),
     ("euler", "uniform", "Uniform"), ("heun", "sgm_uniform", "SGM Uniform"), ("lms", "simple", "Simple"),
-    ("ddim", "karras", None),
+    ("ddim", "karras", None), ("lcm", "automatic", None), ("lcm", "karras", "Karras"),
 ])
 def test_schedule_type_label_as_automatic1111_writes_it(sampler, schedule, label):
     assert GenerationParams(prompt="", seed=0, sampler=sampler, schedule=schedule).schedule_label == label
