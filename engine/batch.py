@@ -189,7 +189,7 @@ class Batch:
     def sigmas(self) -> tuple[Tensor, Tensor]:
         """Every row's sigma to evaluate the model at, and the sigma its current step goes to."""
         columns = self.columns()
-        return columns[:, EVAL], columns[:, TO]
+        return columns[:, EVAL].contiguous(), columns[:, TO].contiguous()
 
     def step(self) -> Tensor:
         """Advance every row by one step of its own sampler; returns the rows' denoised latents.
@@ -199,7 +199,7 @@ class Batch:
         same noise.
         """
         columns = self.columns()
-        sigma, sigma_next = columns[:, EVAL], columns[:, TO]
+        sigma, sigma_next = columns[:, EVAL].contiguous(), columns[:, TO].contiguous()
         denoised = self.denoiser(self.x, sigma, self.cond)
         generators = [g for group in self.groups if group.sampler.ancestral
                       for entry in group.entries for g in entry.job.generators]

@@ -82,7 +82,7 @@ class PreparedJob:
 
     @property
     def engine_steps(self) -> int:
-        """UNet calls: twice the steps but one for a second-order sampler."""
+        """UNet calls: the steps, or twice the steps less one for a second-order sampler."""
         return self.plan.engine_steps
 
     def step_noise(self, engine_step: int) -> Tensor:
