@@ -266,7 +266,7 @@ class Sampler:
 
     name: str
     step: StepFn | StagedStepFn
-    discretization: str  # its "automatic" schedule: a key of engine.schedules.DISCRETIZATIONS or SCHEDULES
+    discretization: str  # its "automatic" schedule: a key of engine.schedules' DISCRETIZATIONS, SCHEDULES or SAMPLER_OWN
     ancestral: bool = False  # fresh noise from each image's generator, where its plan says
     brownian: bool = False  # fresh noise from each image's Brownian tree (engine.sde), where its plan says
     plan: Callable[[Tensor], Plan] = one_stage_plan
@@ -290,11 +290,13 @@ SAMPLERS: dict[str, Sampler] = {
     "ddim": Sampler("ddim", ddim_step, "ddim"),
     # AUTOMATIC1111's automatic schedule for each (modules/sd_samplers_kdiffusion.py).
     "dpmpp_2m": Sampler("dpmpp_2m", dpmpp_2m_step, "karras"),
-    "dpmpp_2m_sde": Sampler("dpmpp_2m_sde", dpmpp_2m_sde_step, "exponential", brownian=True, plan=_UNTIL_LAST, stateful=True),
+    "dpmpp_2m_sde": Sampler("dpmpp_2m_sde", dpmpp_2m_sde_step, "exponential", brownian=True, plan=_UNTIL_LAST,
+                            stateful=True),
     "dpmpp_sde": Sampler("dpmpp_sde", dpmpp_sde_step, "karras", brownian=True, plan=dpmpp_sde_plan, stateful=True,
                          latent_state=("x_start", "denoised_start")),
     "dpmpp_3m_sde": Sampler("dpmpp_3m_sde", dpmpp_3m_sde_step, "exponential", brownian=True, plan=_UNTIL_LAST,
-                            latent_state=("older_denoised",), row_state=("older_sigma",), discard_penultimate=True, stateful=True),
+                            latent_state=("older_denoised",), row_state=("older_sigma",), discard_penultimate=True,
+                            stateful=True),
     "heun": Sampler("heun", heun_step, "normal", plan=heun_plan, latent_state=("x_start", "d_start"), stateful=True),
     "lms": Sampler("lms", lms_step, "normal", plan=lms_plan, latent_state=("d1", "d2", "d3"), stateful=True),
     "dpm2": Sampler("dpm2", dpm2_step, "karras", plan=dpm2_plan, latent_state=("x_start",), discard_penultimate=True,
@@ -305,6 +307,7 @@ SAMPLERS: dict[str, Sampler] = {
     "unipc": Sampler("unipc", unipc_step, "normal", plan=unipc_plan,
                      latent_state=("last_sample", "denoised_2", "denoised_3"), stateful=True),
 }
+
 
 def initial_state(sampler: Sampler, x: Tensor) -> dict[str, Tensor]:
     """A row's sampler history before its first step: zeros."""

@@ -158,7 +158,8 @@ def lms_plan(sigmas: Tensor) -> Plan:
 UNIPC_ORDER = 3  # AUTOMATIC1111's defaults: order 3, variant bh1, lower order on the final steps
 
 
-def _unipc_weights(lambdas: np.ndarray, k: int, order: int, variant: str) -> tuple[float, float, float, np.ndarray, np.ndarray]:
+def _unipc_weights(lambdas: np.ndarray, k: int, order: int,
+                   variant: str) -> tuple[float, float, np.ndarray, np.ndarray, np.ndarray]:
     """UniPC's B(h) update from step k to k + 1 (Zhao et al. 2023, as diffusers'
     UniPCMultistepScheduler computes it): h*phi_1, B(h), the ratios r_i of the earlier steps, and
     the solutions rho of the predictor (order - 1 weights) and of the corrector (order weights)."""
