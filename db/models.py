@@ -120,6 +120,7 @@ class Job(Base):
     inpaint_full_res: Mapped[bool] = mapped_column(Boolean, default=False)
     inpaint_padding: Mapped[int] = mapped_column(default=32)
     masked_content: Mapped[str] = mapped_column(String(16), default="original")
+    schedule: Mapped[str] = mapped_column(String(32), default="automatic")  # the schedule type
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)

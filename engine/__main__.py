@@ -28,6 +28,7 @@ from engine.errors import EngineError
 from engine.settings import (ConfigError, EngineSettings, GenerationSettings, ModelSettings, Settings,
                              load_settings, parse_engine_sections, parse_queue_section, read_toml,
                              resolve_device)
+from engine.params import SCHEDULE_NAMES
 from engine.types import SAMPLER_NAMES, GenerationRequest, Progress
 
 
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=multiple_of_8, default=None)
     gen.add_argument("--height", type=multiple_of_8, default=None)
     gen.add_argument("--sampler", choices=list(SAMPLER_NAMES), default=None)
+    gen.add_argument("--schedule", choices=list(SCHEDULE_NAMES), default=None,
+                     help="schedule type (automatic: the sampler's own)")
     gen.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
     gen.add_argument("--strength", type=unit_interval, default=None, help="img2img: 0 keeps the image, 1 ignores it")
     gen.add_argument("--count", type=positive_int, default=1, help="images, with seeds seed, seed+1, ...")
@@ -93,7 +96,7 @@ def build_request(args: argparse.Namespace, settings: Settings) -> GenerationReq
         args.prompt, seed=args.seed, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
         size=(args.width or gen.default_width, args.height or gen.default_height), sampler=args.sampler,
         count=args.count, init_image=args.init_image.read_bytes() if args.init_image else None,
-        strength=args.strength))
+        strength=args.strength, schedule=args.schedule))
 
 
 def output_paths(out: Path, count: int) -> list[Path]:

@@ -9,6 +9,11 @@ kept area is set back to the init image's latents at the row's next sigma.
 
 A step that raises (out of GPU memory, say) leaves the batch as it was, so the worker can park
 some jobs (:meth:`Batch.park`, their rows and step kept) and retry with fewer rows.
+
+A job's engine steps follow its plan (engine.stages): a second-order sampler's member step is two
+engine steps, so :attr:`Entry.step` counts the member's steps (progress) and
+:attr:`Entry.engine_step` the UNet calls. Samplers with history keep it per row in
+:attr:`Batch.state`, which moves with the rows like ``x``.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from torch import Tensor
 
 from engine.denoiser import Conditioning, Denoiser
 from engine.inpaint import LatentBlend
-from engine.samplers import Sampler
+from engine.samplers import Sampler, initial_state, plan_state
 from engine.schedules import latents_to_decode
+from engine.stages import COLUMNS, EVAL, TO
 
 if TYPE_CHECKING:
     from engine.pipeline import PreparedJob
@@ -33,11 +39,12 @@ class Entry:
     """A job inside the batch and how far it has come."""
 
     job: PreparedJob
-    step: int = 0
+    step: int = 0  # the member's steps done (what progress shows)
+    engine_step: int = 0  # UNet calls done: more than ``step`` for a second-order sampler
 
     @property
     def done(self) -> bool:
-        return self.step >= self.job.total_steps
+        return self.engine_step >= self.job.engine_steps
 
 
 #: The per-row state a job carries from step to step (besides its Entry's step count).
@@ -76,7 +83,8 @@ class Batch:
         self.old_denoised: Tensor | None = None
         self.old_sigma: Tensor | None = None
         self.step_index: Tensor | None = None  # [rows] long, on the device
-        self.sigma_table: Tensor | None = None  # [rows, longest schedule], zero-padded
+        self.plan_table: Tensor | None = None  # [rows, longest plan, COLUMNS], zero-padded
+        self.state: dict[str, Tensor] = {}  # samplers' per-row history, by name (zeros for other rows)
         self.cond: Conditioning | None = None
         self.blend: LatentBlend | None = None  # masked rows' kept areas; None when no row has a mask
         self.groups: list[SamplerGroup] = []
@@ -106,6 +114,7 @@ class Batch:
             "old_denoised": torch.zeros_like(latents),
             "old_sigma": torch.zeros(rows, device=device),
             "step_index": torch.zeros(rows, device=device, dtype=torch.long),
+            **initial_state(job.sampler, latents),
         })
 
     def remove(self, job: PreparedJob) -> Tensor:
@@ -120,40 +129,54 @@ class Batch:
         self._append(parked.entry, parked.state)
 
     def _append(self, entry: Entry, state: dict[str, Tensor]) -> None:
+        old_rows = 0 if self.x is None else self.x.shape[0]
         self.entries.append(entry)
         for name in ROW_STATE:
             current = getattr(self, name)
             setattr(self, name, state[name] if current is None else torch.cat([current, state[name]]))
+        self._append_sampler_state(state, old_rows)
         self._rebuild()
+
+    def _append_sampler_state(self, state: dict[str, Tensor], old_rows: int) -> None:
+        """Samplers' history: the union of every member's, zeros where a row's sampler keeps none."""
+        names = set(self.state) | (set(state) - set(ROW_STATE))
+        new_rows = self.x.shape[0] - old_rows
+        for name in names:
+            like = self.state[name] if name in self.state else state[name]
+            current = self.state.get(name, like.new_zeros((old_rows, *like.shape[1:])))
+            joining = state.get(name, like.new_zeros((new_rows, *like.shape[1:])))
+            self.state[name] = torch.cat([current, joining])
 
     def _take(self, job: PreparedJob) -> tuple[Entry, dict[str, Tensor]]:
         (entry, rows), = [(e, s) for e, s in self.offsets() if e.job is job]
         state = {name: getattr(self, name)[rows] for name in ROW_STATE}
+        state |= {name: self.state[name][rows] for name in entry.job.sampler.state}
         self.entries.remove(entry)
         if not self.entries:
             self.x = self.old_denoised = self.old_sigma = self.step_index = None
-            self.sigma_table, self.cond, self.groups, self.blend = None, None, [], None
+            self.plan_table, self.cond, self.groups, self.state, self.blend = None, None, [], {}, None
             return entry, state
         # An index list, not a boolean mask: masking on a GPU waits for the device (nonzero).
         kept = [i for i in range(self.x.shape[0]) if not rows.start <= i < rows.stop]
         keep = to_device(torch.tensor(kept), self.x.device)
         for name in ROW_STATE:
             setattr(self, name, getattr(self, name).index_select(0, keep))
+        self.state = {name: value.index_select(0, keep) for name, value in self.state.items()}
         self._rebuild()
         return entry, state
 
     def _rebuild(self) -> None:
         """Per-row tables for the current members (once per change, not per step)."""
         device = self.x.device
-        longest = max(len(entry.job.sigmas) for entry in self.entries)
-        table = torch.zeros(self.rows, longest)
+        longest = max(entry.job.engine_steps for entry in self.entries)
+        table = torch.zeros(self.rows, longest, COLUMNS)
         by_sampler: dict[str, tuple[Sampler, list[Entry], list[int]]] = {}
         for entry, rows in self.offsets():
-            table[rows, : len(entry.job.sigmas)] = entry.job.sigmas
+            table[rows, : entry.job.engine_steps] = entry.job.plan.table
             sampler, entries, indices = by_sampler.setdefault(entry.job.sampler.name, (entry.job.sampler, [], []))
             entries.append(entry)
             indices.extend(range(rows.start, rows.stop))
-        self.sigma_table = to_device(table, device)
+        self.plan_table = to_device(table, device)
         self.cond = Conditioning.cat([entry.job.cond for entry in self.entries])
         self.blend = LatentBlend.cat([(entry.job.blend, entry.job.rows) for entry in self.entries],
                                      tuple(self.x.shape[1:]), device)
@@ -165,10 +188,15 @@ class Batch:
 
     # ------------------------------------------------------------------ one step
 
+    def columns(self) -> Tensor:
+        """Every row's plan entry for its current engine step, ``[rows, COLUMNS]``, read on the device."""
+        here = self.step_index.view(-1, 1, 1).expand(-1, 1, COLUMNS)
+        return self.plan_table.gather(1, here)[:, 0]
+
     def sigmas(self) -> tuple[Tensor, Tensor]:
-        """Every row's current and next sigma, read on the device."""
-        here = self.step_index[:, None]
-        return self.sigma_table.gather(1, here)[:, 0], self.sigma_table.gather(1, here + 1)[:, 0]
+        """Every row's sigma to evaluate the model at, and the sigma its current step goes to."""
+        columns = self.columns()
+        return columns[:, EVAL].contiguous(), columns[:, TO].contiguous()
 
     def step(self) -> Tensor:
         """Advance every row by one step of its own sampler; returns the rows' denoised latents.
@@ -177,41 +205,54 @@ class Batch:
         the ancestral generators are rewound if a later part fails, so a retried step draws the
         same noise.
         """
-        sigma, sigma_next = self.sigmas()
+        columns = self.columns()
+        sigma, sigma_next = columns[:, EVAL].contiguous(), columns[:, TO].contiguous()
         denoised = self.denoiser(self.x, sigma, self.cond)
         generators = [g for group in self.groups if group.sampler.ancestral
                       for entry in group.entries for g in entry.job.generators]
         rewind = [(g, g.get_state()) for g in generators]  # CPU generators: no device sync
         try:
-            x_next = self._advance(denoised, sigma, sigma_next)
+            x_next, state = self._advance(denoised, sigma, sigma_next, columns)
             if self.blend is not None:  # masked rows: outside the mask, the init image at sigma_next
                 x_next = self.blend(x_next, sigma_next)
         except BaseException:
-            for g, state in rewind:
-                g.set_state(state)
+            for g, generator_state in rewind:
+                g.set_state(generator_state)
             raise
-        self.x, self.old_denoised, self.old_sigma = x_next, denoised, sigma
+        self.x, self.old_denoised, self.old_sigma, self.state = x_next, denoised, sigma, state
         self.step_index = self.step_index + 1
         for entry in self.entries:
-            entry.step += 1
+            entry.step += entry.job.plan.completes[entry.engine_step]
+            entry.engine_step += 1
         return denoised
 
-    def _advance(self, denoised: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    def _advance(self, denoised: Tensor, sigma: Tensor, sigma_next: Tensor,
+                 columns: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         x_next = self.x if len(self.groups) == 1 else torch.empty_like(self.x)
+        state = dict(self.state)  # the updated history replaces the old only once every group is done
         for group in self.groups:
             noise = None
-            if group.sampler.ancestral:
-                noise = to_device(torch.cat([entry.job.ancestral_noise() for entry in group.entries]), self.x.device)
+            if group.sampler.ancestral or group.sampler.brownian:
+                noise = to_device(torch.cat([entry.job.step_noise(entry.engine_step) for entry in group.entries]),
+                                  self.x.device)
             pick = (lambda t: t) if group.index is None else (lambda t, i=group.index: t[i])
-            advanced = group.sampler.step(
-                pick(self.x), pick(denoised), pick(sigma), pick(sigma_next),
-                old_denoised=pick(self.old_denoised), old_sigma=pick(self.old_sigma), noise=noise,
-            )
+            kwargs = dict(old_denoised=pick(self.old_denoised), old_sigma=pick(self.old_sigma), noise=noise)
+            if group.sampler.stateful:
+                history = {name: pick(self.state[name]) for name in group.sampler.state}
+                advanced, updates = group.sampler.step(pick(self.x), pick(denoised), pick(sigma), pick(sigma_next),
+                                                       **kwargs, state=history | plan_state(pick(columns)))
+                for name, value in updates.items():
+                    if group.index is None:
+                        state[name] = value
+                    else:
+                        state[name] = state[name].index_copy(0, group.index, value)
+            else:
+                advanced = group.sampler.step(pick(self.x), pick(denoised), pick(sigma), pick(sigma_next), **kwargs)
             if group.index is None:
                 x_next = advanced
             else:
                 x_next[group.index] = advanced
-        return x_next
+        return x_next, state
 
     def nonfinite_entries(self) -> list[Entry]:
         """Jobs with a NaN/inf in their rows (one host sync: call every few steps, not every step)."""

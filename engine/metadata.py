@@ -28,6 +28,7 @@ import re
 
 from PIL import Image, PngImagePlugin
 
+from engine.params import SCHEDULE_NAMES
 from engine.types import GenerationRequest
 
 #: zlib's level for the PNGs we write (``engine.png_compress_level``). Measured on this project's
@@ -48,6 +49,16 @@ INFOTEXT_SAMPLERS: dict[str, tuple[str, str]] = {
     "euler_a": ("Euler a", "Automatic"),
     "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
     "ddim": ("DDIM", "Automatic"),
+    "dpmpp_2m": ("DPM++ 2M", "Automatic"),
+    "dpmpp_2m_sde": ("DPM++ 2M SDE", "Automatic"),
+    "dpmpp_sde": ("DPM++ SDE", "Automatic"),
+    "dpmpp_3m_sde": ("DPM++ 3M SDE", "Automatic"),
+    "heun": ("Heun", "Automatic"),
+    "lms": ("LMS", "Automatic"),
+    "dpm2": ("DPM2", "Automatic"),
+    "dpm2_a": ("DPM2 a", "Automatic"),
+    "lcm": ("LCM", "Automatic"),
+    "unipc": ("UniPC", "Automatic"),
 }
 
 #: Our noise is A1111's "CPU" noise source (see the module docstring).
@@ -69,6 +80,8 @@ def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash:
     ``model_hash``: the checkpoint file's short hash, None for a model that is not one file.
     """
     sampler, schedule_type = INFOTEXT_SAMPLERS.get(request.params.sampler, (request.params.sampler, "Automatic"))
+    if request.params.schedule != "automatic":  # a schedule type the member chose
+        schedule_type = SCHEDULE_NAMES.get(request.params.schedule, request.params.schedule)
     fields: dict[str, str] = {
         "Steps": str(request.params.steps),
         "Sampler": sampler,

@@ -39,6 +39,38 @@ SAMPLER_NAMES: dict[str, str] = {
     "euler_a": "Euler a",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "ddim": "DDIM",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "heun": "Heun",
+    "lms": "LMS",
+    "dpm2": "DPM2",
+    "dpm2_a": "DPM2 a",
+    "lcm": "LCM",
+    "unipc": "UniPC",
+}
+
+DEFAULT_SCHEDULE = "automatic"
+#: Schedule type ids we accept, mapped to AUTOMATIC1111's ``Schedule type`` labels (its
+#: modules/sd_schedulers.py). "automatic" is the sampler's own: Karras for DPM++ 2M, DPM++ SDE,
+#: DPM2 and DPM2 a, Exponential for the multistep SDE samplers, Uniform for the others.
+SCHEDULE_NAMES: dict[str, str] = {
+    "automatic": "Automatic",
+    "uniform": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+}
+#: What "automatic" is for each sampler (engine.samplers' ``discretization``, kept equal by a test),
+#: torch-free for the infotext; None for DDIM, which has its own timesteps whatever the choice;
+#: "lcm" is LCM's own levels, for which AUTOMATIC1111 writes no schedule type.
+AUTOMATIC_SCHEDULES: dict[str, str | None] = {
+    "euler": "uniform", "euler_a": "uniform", "dpmpp_2m_karras": "karras", "ddim": None,
+    "dpmpp_2m": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_sde": "karras", "dpmpp_3m_sde": "exponential",
+    "heun": "uniform", "lms": "uniform", "dpm2": "karras", "dpm2_a": "karras", "lcm": "lcm",
+    "unipc": "uniform",
 }
 
 SEED_MAX = 2**32 - 1
@@ -97,6 +129,7 @@ class GenerationParams:
     inpaint_full_res: bool = False
     inpaint_padding: int = DEFAULT_INPAINT_PADDING
     masked_content: str = "original"
+    schedule: str = DEFAULT_SCHEDULE  # a key of SCHEDULE_NAMES
 
     @property
     def is_img2img(self) -> bool:
@@ -113,6 +146,20 @@ class GenerationParams:
     @property
     def sampler_label(self) -> str:
         return SAMPLER_NAMES.get(self.sampler, self.sampler)
+
+    @property
+    def schedule_label(self) -> str | None:
+        """AUTOMATIC1111's ``Schedule type`` for this job, or None where it writes none.
+
+        As AUTOMATIC1111 does: "automatic" is written as what it resolves to (DPM++ 2M: Karras),
+        except where that is the model's own uniform spacing; DDIM has no schedule type.
+        """
+        automatic = AUTOMATIC_SCHEDULES.get(self.sampler)
+        if automatic is None and self.sampler in AUTOMATIC_SCHEDULES:
+            return None
+        if self.schedule == DEFAULT_SCHEDULE:
+            return SCHEDULE_NAMES.get(automatic) if automatic not in ("uniform", "lcm") else None
+        return SCHEDULE_NAMES.get(self.schedule, self.schedule)
 
     def but(self, **changes: Any) -> GenerationParams:
         """A copy with ``changes`` (a reroll's new seed, an upscale's new size...)."""

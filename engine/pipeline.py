@@ -37,7 +37,9 @@ from engine.metadata import PNG_COMPRESS_LEVEL, encode_png, infotext
 from engine.params import MASKED_CONTENT, MAX_INPAINT_PADDING, MAX_MASK_BLUR
 from engine.prompt_syntax import lora_key
 from engine.samplers import SAMPLERS, Sampler
-from engine.schedules import ModelSchedule, job_schedule
+from engine.schedules import SCHEDULES, JobSchedule, ModelSchedule, job_schedule
+from engine.sde import BrownianNoise, brownian_noises
+from engine.stages import Plan
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
@@ -66,7 +68,15 @@ class PreparedJob:
     cond: Conditioning
     started: float = field(default_factory=time.monotonic)
     blend: LatentBlend | None = None  # a masked job on a 4-channel UNet: what stays outside the mask
-    plan: InpaintPlan | None = None  # a masked job: how its images are pasted back over the init image
+    inpaint_plan: InpaintPlan | None = None  # a masked job: how its images are pasted back over the init image
+    plan: Plan | None = None  # the sampler's engine steps over ``sigmas`` (made from them when None)
+    brownian: list[BrownianNoise] = field(default_factory=list)  # per image, for the SDE samplers
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            self.plan = self.sampler.plan(self.sigmas)
+        if self.sampler.brownian and not self.brownian:
+            self.brownian = brownian_noises(self.seeds, tuple(self.latents.shape[1:]), self.sigmas)
 
     @property
     def rows(self) -> int:
@@ -74,7 +84,22 @@ class PreparedJob:
 
     @property
     def total_steps(self) -> int:
+        """The member's steps (progress counts these)."""
         return len(self.sigmas) - 1
+
+    @property
+    def engine_steps(self) -> int:
+        """UNet calls: the steps, or twice the steps less one for a second-order sampler."""
+        return self.plan.engine_steps
+
+    def step_noise(self, engine_step: int) -> Tensor:
+        """Fresh noise per image for one engine step, as its plan says (zeros where it draws none)."""
+        interval = self.plan.noise[engine_step]
+        if interval is None:
+            return torch.zeros(self.rows, *self.latents.shape[1:])
+        if self.sampler.brownian:
+            return torch.stack([noise(*interval) for noise in self.brownian])
+        return self.ancestral_noise()
 
     def ancestral_noise(self) -> Tensor:
         """One fresh standard-normal latent per image, each from that image's generator."""
@@ -160,8 +185,8 @@ class Pipeline:
         sampler = self._check(request)
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._unmasked_conditioning(request)
-        # 3. The sampler's sigmas, from the highest noise level down.
-        plan = job_schedule(self.schedule, sampler.discretization, request.params.steps)
+        # 3. The sampler's sigmas for the job's schedule type, from the highest noise level down.
+        plan = self._schedule(request, sampler)
         # 4. Initial noise per image seed (mixed with the variation seed's), scaled for sigmas[0].
         seeds, generators, noise = self._initial_noise(request)
         latents = plan.start_latents(noise.to(self.device))
@@ -177,7 +202,7 @@ class Pipeline:
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._unmasked_conditioning(request)
         # 3. The tail of the sampler's sigmas: strength 1 starts at full noise, 0.3 near the end.
-        plan = job_schedule(self.schedule, sampler.discretization, request.params.steps, request.params.strength)
+        plan = self._schedule(request, sampler, request.params.strength)
         # 4. The image into latent space (VAE mean: deterministic), repeated per image.
         init_latents = self.encode_image(image).expand(len(cond.guidance), -1, -1, -1)
         # 5. Noise per image seed added at the start noise level.
@@ -188,21 +213,22 @@ class Pipeline:
     def inpaint(self, request: GenerationRequest, sampler: Sampler) -> PreparedJob:
         """An img2img job that repaints only its mask's area (see :mod:`engine.masks`)."""
         # 1. Lay the job out in pixels: feathered mask, "only masked" crop, masked content "fill".
-        plan = plan_inpaint(request.params)
+        layout = plan_inpaint(request.params)
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._conditioning(request)
         # 3. The tail of the sampler's sigmas, as for any img2img job.
-        schedule = job_schedule(self.schedule, sampler.discretization, request.params.steps, request.params.strength)
+        schedule = self._schedule(request, sampler, request.params.strength)
         sigmas = schedule.sigmas.float()
         # 4. Noise per image seed; it also noises the kept area at every step.
         seeds, generators, noise = self._initial_noise(request)
         noise = noise.to(self.device)
         # 5. Init latents with the masked content, and the mask as a blend or as UNet input channels.
-        start = self.inpainter.start(plan, request.params.masked_content, noise)
+        start = self.inpainter.start(layout, request.params.masked_content, noise)
         if start.image_conditioning is not None:
             cond = dataclasses.replace(cond, image=start.image_conditioning)
         latents = schedule.start_latents(noise, init=start.init_latents)
-        return PreparedJob(request, sampler, sigmas, seeds, generators, latents, cond, blend=start.blend, plan=plan)
+        return PreparedJob(request, sampler, sigmas, seeds, generators, latents, cond, blend=start.blend,
+                           inpaint_plan=layout)
 
     def _check(self, request: GenerationRequest) -> Sampler:
         if request.params.sampler not in SAMPLERS:
@@ -219,7 +245,16 @@ class Pipeline:
         if request.params.masked_content not in MASKED_CONTENT:
             raise GenerationError(f"Unknown masked content {request.params.masked_content!r}; "
                                   f"use one of {', '.join(MASKED_CONTENT)}.")
+        if request.params.schedule != "automatic" and request.params.schedule not in SCHEDULES:
+            raise GenerationError(
+                f"Unknown schedule type {request.params.schedule!r}; use automatic or one of {', '.join(SCHEDULES)}."
+            )
         return SAMPLERS[request.params.sampler]
+
+    def _schedule(self, request: GenerationRequest, sampler: Sampler, strength: float | None = None) -> JobSchedule:
+        """The job's schedule for its sampler and schedule type (DDIM: A1111's own timesteps)."""
+        return job_schedule(self.schedule, sampler.discretization, request.params.steps, strength,
+                            schedule_type=request.params.schedule, discard_penultimate=sampler.discard_penultimate)
 
     def _unmasked_conditioning(self, request: GenerationRequest) -> Conditioning:
         """The prompts' conditioning, plus "paint everywhere" for an inpainting UNet."""
@@ -312,8 +347,8 @@ class Pipeline:
                compress_level: int = PNG_COMPRESS_LEVEL) -> GenerationResult:
         """PNG bytes with AUTOMATIC1111 parameters for each decoded image (any thread)."""
         request, info = job.request, self.model.info
-        if job.plan is not None:
-            images = [job.plan.paste(image) for image in images]
+        if job.inpaint_plan is not None:
+            images = [job.inpaint_plan.paste(image) for image in images]
         texts = [infotext(request, seed, info.name, info.file_hash) for seed in job.seeds]
         generated = [
             GeneratedImage(png=encode_png(image, text, request.job_id, compress_level), seed=seed)

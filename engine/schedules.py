@@ -147,21 +147,20 @@ def latents_to_decode(latents: Tensor, last_sigma: float) -> Tensor:
     return latents if last_sigma == 0 else latents / math.sqrt(1 + last_sigma**2)
 
 
-def job_schedule(schedule: ModelSchedule, discretization: str, steps: int,
-                 strength: float | None = None) -> JobSchedule:
+def job_schedule(schedule: ModelSchedule, discretization: str, steps: int, strength: float | None = None, *,
+                 schedule_type: str = "automatic", discard_penultimate: bool = False) -> JobSchedule:
     """The schedule one job walks, from its start noise level down.
 
     img2img (``strength`` given) starts part-way down the full schedule, as AUTOMATIC1111 does:
     ``int(strength * steps)`` steps are skipped from the noisy end, so the init image keeps
     ``1 - strength`` of its structure and the job runs ``int(strength * steps) + 1`` steps.
     A1111's DDIM keeps ``int(strength * steps)`` grid points, noises the image to the next one up
-    and evaluates the ones kept (one step fewer).
+    and evaluates the ones kept (one step fewer). ``schedule_type`` and ``discard_penultimate``:
+    see :func:`member_sigmas` (DDIM keeps its own timesteps).
     """
-    sigmas = DISCRETIZATIONS[discretization](schedule, steps)
     if discretization in UNET_SCALE_START:
-        return _ddim_schedule(schedule, sigmas, steps, strength)
-    if strength is not None:
-        sigmas = sigmas[steps - int(min(strength, 0.999) * steps) - 1:]
+        return _ddim_schedule(schedule, DISCRETIZATIONS[discretization](schedule, steps), steps, strength)
+    sigmas = member_sigmas(schedule, discretization, schedule_type, steps, strength, discard_penultimate)
     return JobSchedule(discretization, sigmas, float(sigmas[0]))
 
 
@@ -183,3 +182,79 @@ def _ddim_schedule(schedule: ModelSchedule, grid: Tensor, steps: int, strength: 
 def job_sigmas(schedule: ModelSchedule, discretization: str, steps: int, strength: float | None = None) -> torch.Tensor:
     """The sigmas of :func:`job_schedule` alone."""
     return job_schedule(schedule, discretization, steps, strength).sigmas
+
+
+def img2img_tail(sigmas: torch.Tensor, steps: int, strength: float | None) -> torch.Tensor:
+    """The part of a full schedule that an img2img job of ``strength`` walks (all of it for txt2img)."""
+    if strength is None:
+        return sigmas
+    denoise_steps = int(min(strength, 0.999) * steps)
+    return sigmas[steps - denoise_steps - 1 :]
+
+
+# ---------------------------------------------------------------------------- schedule types
+# A member picks a schedule type apart from the sampler, as in AUTOMATIC1111 since v1.9
+# (its modules/sd_schedulers.py). "automatic" is the sampler's own choice.
+
+def exponential_sigmas(schedule: ModelSchedule, steps: int) -> torch.Tensor:
+    """Evenly spaced in log-sigma from sigma_max to sigma_min (k-diffusion's get_sigmas_exponential)."""
+    log_sigmas = torch.linspace(math.log(schedule.sigma_max), math.log(schedule.sigma_min), steps, dtype=torch.float64)
+    return append_zero(log_sigmas.exp())
+
+
+def sgm_uniform_sigmas(schedule: ModelSchedule, steps: int) -> torch.Tensor:
+    """Stability AI's (SGM) uniform timesteps: ``steps + 1`` evenly from the top, the last (t = 0) left out."""
+    start = schedule.sigma_to_t(torch.tensor(schedule.sigma_max, dtype=torch.float64))
+    end = schedule.sigma_to_t(torch.tensor(schedule.sigma_min, dtype=torch.float64))
+    t = torch.linspace(float(start), float(end), steps + 1, dtype=torch.float64)[:-1]
+    return append_zero(schedule.t_to_sigma(t))
+
+
+def simple_sigmas(schedule: ModelSchedule, steps: int) -> torch.Tensor:
+    """Every (1000 / steps)-th training level from the top, without interpolation (ComfyUI's "simple")."""
+    stride = len(schedule.sigmas) / steps
+    picked = [schedule.sigmas[-(1 + int(i * stride))] for i in range(steps)]
+    return append_zero(torch.stack(picked))
+
+
+def lcm_sigmas(schedule: ModelSchedule, steps: int, original_steps: int = 50) -> torch.Tensor:
+    """AUTOMATIC1111's LCM levels: the 50 training levels an LCM was distilled on (timesteps 19, 39,
+    ..., 999), walked evenly from the top one to the bottom one, log-sigma interpolated between them."""
+    skip = len(schedule.sigmas) // original_steps
+    log_sigmas = schedule.log_sigmas[skip - 1 :: skip]
+    position = torch.linspace(len(log_sigmas) - 1, 0, steps, dtype=torch.float64)
+    low, high, w = position.floor().long(), position.ceil().long(), position.frac()
+    return append_zero(((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp())
+
+
+#: Schedule ids -> the function that makes them; "automatic" (the sampler's own) is resolved first.
+SCHEDULES = {
+    "uniform": normal_sigmas,
+    "karras": karras_sigmas,
+    "exponential": exponential_sigmas,
+    "sgm_uniform": sgm_uniform_sigmas,
+    "simple": simple_sigmas,
+}
+
+
+#: Automatic schedules of a sampler's own, not offered as a schedule type (AUTOMATIC1111 neither).
+SAMPLER_OWN = {"lcm": lcm_sigmas}
+
+
+def member_sigmas(schedule: ModelSchedule, discretization: str, schedule_type: str, steps: int,
+                  strength: float | None = None, discard_penultimate: bool = False) -> torch.Tensor:
+    """The sigmas one job walks for a sampler (its automatic ``discretization``) and a schedule type.
+
+    ``discard_penultimate``: make ``steps + 1`` levels and drop the one before 0, as AUTOMATIC1111
+    does for DPM2, DPM2 a and DPM++ 3M SDE (their last real step would otherwise be tiny). DDIM
+    keeps its own timesteps whatever the schedule type, as AUTOMATIC1111's timestep samplers do.
+    """
+    if schedule_type == "automatic" or discretization == "ddim":
+        schedule_type = discretization
+    make = DISCRETIZATIONS.get(schedule_type) or SCHEDULES.get(schedule_type) or SAMPLER_OWN[schedule_type]
+    if discard_penultimate:
+        sigmas = make(schedule, steps + 1)
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    else:
+        sigmas = make(schedule, steps)
+    return img2img_tail(sigmas, steps, strength)

@@ -18,10 +18,12 @@ from engine.params import (
     DEFAULT_GUIDANCE,
     DEFAULT_HEIGHT,
     DEFAULT_SAMPLER,
+    DEFAULT_SCHEDULE,
     DEFAULT_STEPS,
     DEFAULT_STRENGTH,
     DEFAULT_WIDTH,
     SAMPLER_NAMES,
+    SCHEDULE_NAMES,
     SEED_MAX,
     GenerationParams,
     parse_size,
@@ -89,6 +91,8 @@ class GenerationSettings:
     max_guidance: float = 20.0
     default_sampler: str = DEFAULT_SAMPLER
     samplers: tuple[str, ...] = tuple(SAMPLER_NAMES)
+    default_schedule: str = DEFAULT_SCHEDULE
+    schedules: tuple[str, ...] = tuple(SCHEDULE_NAMES)
     default_negative_prompt: str = ""
     max_count: int = 4
     default_strength: float = DEFAULT_STRENGTH
@@ -102,7 +106,7 @@ class GenerationSettings:
                steps: int | None = None, guidance: float | None = None, size: tuple[int, int] | None = None,
                sampler: str | None = None, count: int | None = None, init_image: bytes | None = None,
                strength: float | None = None, model: str | None = None,
-               clip_skip: int | None = None) -> GenerationParams:
+               clip_skip: int | None = None, schedule: str | None = None) -> GenerationParams:
         """A job's parameters, with this configuration's defaults for what was left out (None).
 
         The one place where configured defaults are filled in: the bot's admission applies the
@@ -122,6 +126,7 @@ class GenerationSettings:
             strength=self.default_strength if strength is None else strength,
             model=model,
             clip_skip=clip_skip or 1,
+            schedule=schedule or self.default_schedule,
         )
 
     def for_family(self, family: str) -> GenerationSettings:
@@ -315,6 +320,11 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
     check(len(gen.samplers) > 0, "generation.samplers", [], "at least one sampler")
     check(gen.default_sampler in gen.samplers, "generation.default_sampler", gen.default_sampler,
           f"one of generation.samplers ({', '.join(gen.samplers)})")
+    for name in gen.schedules:
+        check(name in SCHEDULE_NAMES, "generation.schedules", name, f"schedule types are {', '.join(SCHEDULE_NAMES)}")
+    check(len(gen.schedules) > 0, "generation.schedules", [], "at least one schedule type, such as \"automatic\"")
+    check(gen.default_schedule in gen.schedules, "generation.default_schedule", gen.default_schedule,
+          f"one of generation.schedules ({', '.join(gen.schedules)})")
     check(1 <= gen.max_count <= 4, "generation.max_count", gen.max_count, "1 to 4")
     check(0 < gen.default_strength <= 1, "generation.default_strength", gen.default_strength, "above 0, at most 1")
     return Settings(model=model, engine=engine, generation=gen, models=models)

@@ -351,8 +351,8 @@ class EngineWorker:
         every = self.settings.preview_every
         for entry, rows in batch.offsets():
             ticket = self._active[id(entry.job)]
-            if ticket.notify is None:
-                continue
+            if ticket.notify is None or not entry.job.plan.completes[entry.engine_step - 1]:
+                continue  # a second-order sampler's first stage is half a step: nothing to report
             total = entry.job.total_steps
             preview = None
             if every and entry.step % every == 0 and entry.step < total:

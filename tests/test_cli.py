@@ -21,6 +21,16 @@ def test_generate_from_a_single_file_checkpoint(tiny_sd_single_file, tmp_path, c
     assert "Sampler: DPM++ 2M, Schedule type: Karras" in capsys.readouterr().out
 
 
+def test_generate_with_a_second_order_sde_sampler_and_a_schedule_type(tiny_sd_folder, tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    code = main(["generate", "--model", str(tiny_sd_folder), "--config", str(tmp_path / "absent.toml"),
+                 "--prompt", "a red fox", "--seed", "7", "--steps", "3", "--width", "64", "--height", "64",
+                 "--sampler", "dpmpp_sde", "--schedule", "sgm_uniform", "--out", str(out)])
+    assert code == 0
+    assert Image.open(out).size == (64, 64)
+    assert "Sampler: DPM++ SDE" in capsys.readouterr().out
+
+
 def test_img2img_from_a_diffusers_folder(tiny_sd_folder, tmp_path):
     init = tmp_path / "init.png"
     Image.new("RGB", (100, 80), (200, 30, 30)).save(init)

@@ -101,7 +101,7 @@ def imported_modules(folders: list[str]) -> dict[str, str]:
 def our_modules() -> set[str]:
     """Our packages, and the helper modules the tests and benchmarks import from their folders."""
     helpers = {p.stem for folder in ("tests", "bench") for p in (ROOT / folder).glob("*.py")}
-    return {*PACKAGES, "discord_emulator", *helpers}
+    return {*PACKAGES, "discord_emulator", "kdiffusion_ref", *helpers}
 
 
 def undeclared(folders: list[str], declared: set[str]) -> dict[str, str]:

@@ -20,7 +20,8 @@ def unusual_params() -> GenerationParams:
     values = dict(prompt="a fox <lora:x:0.5>", seed=123, negative_prompt="blurry", steps=9, guidance=3.5,
                   width=640, height=384, sampler="ddim", count=3, init_image=b"png", strength=0.3,
                   variation_seed=77, variation_strength=0.25, model="other", clip_skip=2, mask=b"mask png",
-                  mask_blur=9, inpaint_full_res=True, inpaint_padding=8, masked_content="fill")
+                  mask_blur=9, inpaint_full_res=True, inpaint_padding=8, masked_content="fill",
+                  schedule="karras")
     assert set(values) == set(PARAM_NAMES), "add the new parameter to unusual_params"
     params = GenerationParams(**values)
     defaults = GenerationParams(prompt="", seed=0)

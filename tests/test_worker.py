@@ -232,6 +232,40 @@ def test_progress_arrives_on_the_event_loop_thread_with_previews(make_worker):
     assert result.images
 
 
+def test_sde_jobs_make_the_same_images_alone_and_batched(make_worker):
+    """Brownian-tree noise is per image seed: what shares the batch (another SDE job at another
+    step, a second-order sampler at another stage) changes nothing in a job's images."""
+    jobs = [make_request(1, sampler="dpmpp_sde", steps=3, count=2), make_request(2, sampler="dpmpp_2m_sde", steps=4),
+            make_request(3, sampler="dpmpp_3m_sde", steps=5, schedule="karras"), make_request(4, sampler="heun")]
+    alone = make_worker(max_batch=1)
+    alone.start()
+    single = {request.job_id: alone.generate_blocking(request) for request in jobs}
+
+    async def together():
+        worker = make_worker(max_batch=8)
+        tasks = [asyncio.ensure_future(worker.generate(request)) for request in jobs]
+        await asyncio.sleep(0)  # every job is waiting before the thread starts: one batch
+        worker.start()
+        return await asyncio.gather(*tasks)
+
+    for result in asyncio.run(together()):
+        for image, reference in zip(result.images, single[result.job_id].images, strict=True):
+            assert_same_image(image.png, reference.png)
+
+
+def test_progress_of_a_second_order_sampler_counts_the_members_steps(make_worker):
+    """Heun makes two UNet calls a step (one for the last): progress still goes 1..steps, once each."""
+    worker = make_worker()
+    seen: list[tuple[int, int]] = []
+
+    async def run():
+        worker.start()
+        return await worker.generate(make_request(1, steps=4, sampler="heun"), lambda p: seen.append((p.step, p.total)))
+
+    assert asyncio.run(run()).images
+    assert seen == [(i, 4) for i in range(1, 5)]
+
+
 def test_cancel_before_the_job_starts(make_worker):
     worker = make_worker()
 

@@ -1,7 +1,7 @@
 """Masked jobs: the mask and AUTOMATIC1111's inpainting options on ``jobs``.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-01
 
 Rows stored before this revision get the defaults (blur 4, whole picture, padding 32, original
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
