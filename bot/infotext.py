@@ -18,12 +18,13 @@ from bot.config import Config
 from bot.inputs import BadInput, clean_text
 from bot.policy import Asked
 from engine.metadata import parse_infotext
-from engine.params import SAMPLER_NAMES, SEED_MAX, parse_size
+from engine.params import SAMPLER_NAMES, SCHEDULE_NAMES, SEED_MAX, parse_size
 
 #: Fields shown by "Image info", in this order, when present.
 SHOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Model hash",
          "Denoising strength", "Variation seed", "Variation seed strength", "Clip skip", "RNG")
 _BY_LABEL = {label.lower(): sampler for sampler, label in SAMPLER_NAMES.items()}
+_SCHEDULE_BY_LABEL = {label.lower(): schedule for schedule, label in SCHEDULE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -117,4 +118,12 @@ def settings_from(fields: dict[str, str], config: Config) -> tuple[Asked, list[s
     if model and model not in config.model_names:
         notes.append(f"model {model} is not configured here; {config.model.display_name} is used")
     chosen_model = model if model in config.model_names else None
-    return Asked(prompt, negative, seed, steps, guidance, size, sampler, 1, chosen_model), notes
+    clip_skip = _number(fields.get("Clip skip"), int)
+    if clip_skip is not None and not 1 <= clip_skip <= 12:
+        notes.append(f"clip skip {clip_skip} → the model's default")
+        clip_skip = None
+    schedule = _SCHEDULE_BY_LABEL.get((fields.get("Schedule type") or "").strip().lower())
+    if schedule in (None, "automatic") or sampler == "dpmpp_2m_karras" or schedule not in gen.schedules:
+        schedule = None  # automatic, folded into the sampler's name, or not offered here
+    return Asked(prompt, negative, seed, steps, guidance, size, sampler, 1, chosen_model, clip_skip=clip_skip,
+                 schedule=schedule), notes

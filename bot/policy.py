@@ -41,6 +41,7 @@ class Asked:
     strength: float | None = None
     style: str | None = None  # a server style's name (None: the member's default style, if any)
     clip_skip: int | None = None  # None: the model's own default (``clip_skip`` in its config table)
+    schedule: str | None = None  # a schedule type (None: the configured default, "automatic" unless set)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def resolve(asked: Asked, mine: MemberDefaults, policy: ServerPolicy, gen: Gener
         model = policy.default_model  # the server's choice when the member made none
     return gen.params(asked.prompt, seed=asked.seed, negative_prompt=asked.negative or mine.negative_prompt or None,
                       steps=steps, guidance=guidance, size=size, sampler=sampler, count=asked.count,
-                      strength=asked.strength, model=model, clip_skip=asked.clip_skip or model_clip_skip(model))
+                      strength=asked.strength, model=model, clip_skip=asked.clip_skip or model_clip_skip(model),
+                      schedule=asked.schedule)
 
 
 def default_size(mine: MemberDefaults, policy: ServerPolicy, gen: GenerationSettings) -> tuple[int, int] | None:

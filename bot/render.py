@@ -16,6 +16,7 @@ import discord
 from PIL import Image, PngImagePlugin
 
 from db.models import Job, JobKind, JobStatus, ResultImage
+from engine.params import SCHEDULE_NAMES
 from engine.types import SAMPLER_NAMES
 
 #: Discord's limits on uploads: per file (default, without boosts) and per request.
@@ -88,6 +89,8 @@ def parameter_lines(job: Job, model_name: str) -> list[tuple[str, str]]:
     ]
     if job.init_image is not None:
         pairs.append(("Strength", f"{job.strength:g}"))
+    if job.schedule and job.schedule != "automatic":
+        pairs.append(("Schedule", SCHEDULE_NAMES.get(job.schedule, job.schedule)))
     if (job.clip_skip or 1) > 1:
         pairs.append(("Clip skip", str(job.clip_skip)))
     if job.variation_seed is not None and job.variation_strength:

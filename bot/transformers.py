@@ -17,7 +17,7 @@ from discord.app_commands import Choice
 
 from bot.config import Config
 from bot.inputs import BadInput, check_prompt
-from engine.params import SAMPLER_NAMES, SEED_MAX, parse_size
+from engine.params import SAMPLER_NAMES, SCHEDULE_NAMES, SEED_MAX, parse_size
 
 #: Discord's largest integer option value (a JSON number must stay exact in JavaScript).
 DISCORD_INT_MAX = 2**53 - 1
@@ -157,6 +157,7 @@ class Options:
     job: Bounded
     style: StyleName
     clip_skip: Bounded
+    schedule: OneOf
 
     @classmethod
     def of(cls, config: Config) -> Options:
@@ -175,4 +176,5 @@ class Options:
             job=Bounded("job", int, 1, DISCORD_INT_MAX),
             style=StyleName(),
             clip_skip=Bounded("clip_skip", int, 1, 12),
+            schedule=OneOf("schedule", {s: SCHEDULE_NAMES[s] for s in gen.schedules}),
         )

@@ -14,7 +14,7 @@ from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 pytestmark = pytest.mark.asyncio
 
 A1111_TEXT = ("a castle on a hill, (golden hour:1.2)\nNegative prompt: blurry, lowres\n"
-              "Steps: 99, Sampler: DPM++ 2M SDE, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, "
+              "Steps: 99, Sampler: Restart, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, "
               "Size: 64x128, Model hash: abcdef1234, Model: someoneElses, Version: v1.10.1")
 
 
@@ -45,7 +45,7 @@ async def test_image_info_reads_another_tools_png(setup):
         reply = await ix.wait_response(lambda m: m.ephemeral)
     assert "a castle on a hill" in reply.content and "blurry, lowres" in reply.content
     assert "**Steps:** 99" in reply.content and "**Seed:** 1234" in reply.content
-    assert "**Sampler:** DPM++ 2M SDE" in reply.content
+    assert "**Sampler:** Restart" in reply.content
 
 
 @pytest.mark.parametrize("attachment, expected", [
@@ -74,7 +74,7 @@ async def test_use_these_settings_queues_them_within_the_servers_limits(setup):
     assert (job.prompt, job.negative_prompt, job.seed, job.guidance) == (
         "a castle on a hill, (golden hour:1.2)", "blurry, lowres", 1234, 6.5)
     assert (job.steps, job.sampler, job.width, job.height) == (8, config.generation.default_sampler, 64, 128)
-    assert "steps 99 → 8" in status.content and "DPM++ 2M SDE is not offered" in status.content
+    assert "steps 99 → 8" in status.content and "Restart is not offered" in status.content
     assert "someoneElses is not configured" in status.content
 
 

@@ -38,7 +38,7 @@ def test_infotext_writes_clip_skip_only_past_the_default():
 
 
 @pytest.mark.asyncio
-async def test_clip_skip_option_and_the_models_default(tmp_path):
+async def test_clip_skip_and_schedule_options_and_the_models_default(tmp_path):
     from bot_harness import bot_config, bot_running, new_queue
     from discord_emulator import Emulator, patch_discord
 
@@ -48,8 +48,9 @@ async def test_clip_skip_option_and_the_models_default(tmp_path):
             config = replace(config, model=replace(config.model, clip_skip=2))
             engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
             async with bot_running(emu, config, queue, None):
-                for options in ({}, {"clip_skip": 1}, {"clip_skip": 13}):
+                for options in ({}, {"clip_skip": 1, "schedule": "karras"}, {"clip_skip": 13}, {"schedule": "nope"}):
                     ix = await emu.slash(emu.alice, "imagine", {"prompt": "a fox", **options})
                     await ix.wait_response()
             engine.dispose()
-    assert [job.clip_skip for job in queue.pending_for(emu.alice.id)] == [2, 1]
+    jobs = queue.pending_for(emu.alice.id)
+    assert [(job.clip_skip, job.schedule) for job in jobs] == [(2, "automatic"), (1, "karras")]

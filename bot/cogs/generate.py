@@ -34,6 +34,7 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
         model=f"Model (default {config.model.display_name}); LoRA: <lora:name:0.8> in the prompt",
         style="One of this server's styles (prompt templates); default: yours, set with /settings",
         clip_skip="CLIP skip, as in AUTOMATIC1111 (default: the model's; anime models often want 2)",
+        schedule=f"Schedule type, apart from the sampler as in AUTOMATIC1111 (default {gen.default_schedule})",
     )
 
     class Generate(commands.Cog, name="generate"):
@@ -49,9 +50,10 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
                           steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
                           size: Transform[str, o.size] = None, sampler: Transform[str, o.sampler] = None,
                           count: Transform[int, o.count] = None, model: Transform[str, o.model] = None,
-                          style: Transform[str, o.style] = None, clip_skip: Transform[int, o.clip_skip] = None) -> None:
+                          style: Transform[str, o.style] = None, clip_skip: Transform[int, o.clip_skip] = None,
+                          schedule: Transform[str, o.schedule] = None) -> None:
             asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model, style=style,
-                          clip_skip=clip_skip)
+                          clip_skip=clip_skip, schedule=schedule)
             await self.service.guarded(interaction, self.service.submit_command(interaction, JobKind.txt2img, asked))
 
         @app_commands.command(name="img2img", description="Make images from an uploaded image and a prompt")
@@ -64,9 +66,10 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
                           steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
                           size: Transform[str, o.size] = None, sampler: Transform[str, o.sampler] = None,
                           count: Transform[int, o.count] = None, model: Transform[str, o.model] = None,
-                          style: Transform[str, o.style] = None, clip_skip: Transform[int, o.clip_skip] = None) -> None:
+                          style: Transform[str, o.style] = None, clip_skip: Transform[int, o.clip_skip] = None,
+                          schedule: Transform[str, o.schedule] = None) -> None:
             asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model, strength, style,
-                          clip_skip)
+                          clip_skip, schedule)
             await self.service.guarded(interaction, self._img2img(interaction, image, asked))
 
         async def _img2img(self, interaction: discord.Interaction, image: discord.Attachment, asked: Asked) -> None:
