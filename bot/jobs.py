@@ -7,11 +7,15 @@ random seeds and, for an upscale, resizing the image (call that one off the even
 
 from __future__ import annotations
 
+import io
 import secrets
 from dataclasses import dataclass
 
+from PIL import Image
+
 from bot.inputs import enlarge
 from db.models import Job, JobKind, ResultImage
+from engine import outpaint
 from engine.params import SEED_MAX, GenerationParams, params_from_job
 from engine.settings import GenerationSettings
 
@@ -63,6 +67,58 @@ def upscale(parent: Job, image: ResultImage, gen: GenerationSettings) -> NewJob 
     params = _replay(parent).but(seed=image.seed, count=1, width=big.width, height=big.height,
                                  init_image=big.png, strength=UPSCALE_STRENGTH)
     return NewJob(JobKind.upscale, params, parent.id)
+
+
+#: Vary (Region): how much the chosen cells change (the rest stays exactly as it was).
+REGION_STRENGTH = 0.9
+
+
+def region(parent: Job, image: ResultImage, mask_png: bytes, prompt: str) -> NewJob:
+    """Repaint the masked cells of one image with ``prompt``; the rest of the image stays."""
+    params = _replay(parent).but(prompt=prompt, seed=new_seed(), count=1, init_image=image.png, mask=mask_png,
+                                 strength=REGION_STRENGTH)
+    return NewJob(JobKind.region, params, parent.id)
+
+
+#: Zoom Out, Pan and Make Square repaint only the new part of the canvas, from scratch.
+OUTPAINT_STRENGTH = 1.0
+
+
+def _outpaint(parent: Job, kind: JobKind, canvas: Image.Image, mask: Image.Image) -> NewJob:
+    params = _replay(parent).but(seed=new_seed(), count=1, width=canvas.width, height=canvas.height,
+                                 init_image=_png(canvas), mask=_png(mask), strength=OUTPAINT_STRENGTH,
+                                 masked_content="fill")
+    return NewJob(kind, params, parent.id)
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _image(result: ResultImage) -> Image.Image:
+    with Image.open(io.BytesIO(result.png)) as image:
+        return image.convert("RGB")
+
+
+def zoom_out(parent: Job, image: ResultImage, factor: float, gen: GenerationSettings) -> NewJob:
+    """The image in the middle of a canvas ``factor`` times as large (kept within the size limits),
+    the new border drawn. Decodes and encodes PNGs: run it in a thread."""
+    canvas, mask = outpaint.zoom_out(_image(image), factor, max_size=(gen.max_width, gen.max_height))
+    return _outpaint(parent, JobKind.zoom, canvas, mask)
+
+
+def pan(parent: Job, image: ResultImage, side: str, gen: GenerationSettings) -> NewJob:
+    """The canvas extended by half its size towards ``side`` (left, right, up, down)."""
+    canvas, mask = outpaint.pan(_image(image), side, max_size=(gen.max_width, gen.max_height))
+    return _outpaint(parent, JobKind.pan, canvas, mask)
+
+
+def make_square(parent: Job, image: ResultImage, gen: GenerationSettings) -> NewJob:
+    """A non-square image filled out to a square."""
+    canvas, mask = outpaint.make_square(_image(image), max_size=(gen.max_width, gen.max_height))
+    return _outpaint(parent, JobKind.square, canvas, mask)
 
 
 def edit(parent: Job, prompt: str, negative_prompt: str) -> NewJob:

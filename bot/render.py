@@ -30,6 +30,10 @@ _KIND_LABEL = {
     JobKind.variation: "variation of",
     JobKind.upscale: "upscale of",
     JobKind.edit: "edit of",
+    JobKind.region: "region of",
+    JobKind.zoom: "zoom out of",
+    JobKind.pan: "pan of",
+    JobKind.square: "square of",
 }
 
 

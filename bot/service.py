@@ -29,6 +29,7 @@ from bot.config import Config
 from bot.delivery import Delivery, token_expiry
 from bot.inputs import PILLOW_FORMATS, BadInput, check_prompt_text, load_init_image
 from bot.jobs import NewJob
+from bot.masks import load_mask
 from bot.policy import Asked, Asker
 from db.community import DAY, Admission, Community
 from db.errors import QueueError
@@ -143,15 +144,15 @@ class JobService:
     def gate(self, asker: Asker, seen: Admission, params: GenerationParams) -> None:
         policy.gate(asker, seen, params, pending_limit=self.config.queue.pending_limit, now=self.clock())
 
-    async def admit(self, interaction: discord.Interaction, asked: Asked,
-                    image: discord.Attachment | None = None) -> tuple[GenerationParams, str | None]:
+    async def admit(self, interaction: discord.Interaction, asked: Asked, image: discord.Attachment | None = None,
+                    mask: discord.Attachment | None = None) -> tuple[GenerationParams, str | None]:
         """The parameters of a new /imagine or /img2img job and a note on long prompts; refuses,
         with BadInput, what the server, the queue's pending limit or the engine would not take.
         Within Discord's deadline: acknowledges first when the checks take long."""
-        return await within_deadline(self, interaction, self._admit(interaction, asked, image))
+        return await within_deadline(self, interaction, self._admit(interaction, asked, image, mask))
 
-    async def _admit(self, interaction: discord.Interaction, asked: Asked,
-                     image: discord.Attachment | None) -> tuple[GenerationParams, str | None]:
+    async def _admit(self, interaction: discord.Interaction, asked: Asked, image: discord.Attachment | None,
+                     mask: discord.Attachment | None) -> tuple[GenerationParams, str | None]:
         gen, asker = self.config.generation, Asker.of(interaction)
         seen = await self.admission(asker)
         params = policy.resolve(asked, seen.defaults, seen.policy, gen, self.config.model_names,
@@ -167,6 +168,10 @@ class JobService:
                 target_area=gen.default_width * gen.default_height,
                 formats=tuple(PILLOW_FORMATS[t] for t in dc.allowed_image_types))
             params = params.but(init_image=init.png, width=init.width, height=init.height)
+            if mask is not None:  # resized to the image; white (or transparent) means change
+                mask_png = await asyncio.to_thread(load_mask, await self.download(mask.url, dc.max_attachment_bytes),
+                                                   (init.width, init.height))
+                params = params.but(mask=mask_png)
         self.gate(asker, seen, params)
         note = await self.run_check(check_prompt_text, params.prompt, params.negative_prompt,
                                     self.config.model_settings(params.model).lora_dir)
@@ -230,9 +235,9 @@ class JobService:
             await asyncio.to_thread(self.acks.forget, interaction.id)
 
     async def submit_command(self, interaction: discord.Interaction, kind: JobKind, asked: Asked,
-                             image: discord.Attachment | None = None) -> Job:
-        """/imagine and /img2img: admit, then queue."""
-        params, note = await self.admit(interaction, asked, image)
+                             image: discord.Attachment | None = None, mask: discord.Attachment | None = None) -> Job:
+        """/imagine, /img2img and /inpaint: admit, then queue."""
+        params, note = await self.admit(interaction, asked, image, mask)
         return await self.submit(interaction, NewJob(kind, params), note=note)
 
     async def submit_derived(self, interaction: discord.Interaction, new: NewJob, note: str | None = None) -> Job:

@@ -79,6 +79,11 @@ class JobKind(enum.Enum):
     variation = "variation"
     upscale = "upscale"
     edit = "edit"
+    inpaint = "inpaint"  # /inpaint: an upload and its mask
+    region = "region"  # Vary (Region): cells of a result
+    zoom = "zoom"  # Zoom Out 1.5x / 2x
+    pan = "pan"  # Pan left, right, up, down
+    square = "square"  # Make Square
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:

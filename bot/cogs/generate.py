@@ -72,12 +72,30 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
                           clip_skip, schedule)
             await self.service.guarded(interaction, self._img2img(interaction, image, asked))
 
-        async def _img2img(self, interaction: discord.Interaction, image: discord.Attachment, asked: Asked) -> None:
-            """The upload's name, type, size and host are checked before it is downloaded."""
+        @app_commands.command(name="inpaint", description="Change part of an uploaded image: white in the mask changes")
+        @app_commands.describe(image="A PNG, JPEG or WebP image",
+                               mask="A PNG: white (or transparent) where the image should change, black where not",
+                               strength=f"How much the masked part changes (default {gen.default_strength:g})",
+                               **{k: v for k, v in described.items() if k != "size"})
+        async def inpaint(self, interaction: discord.Interaction, image: discord.Attachment, mask: discord.Attachment,
+                          prompt: Transform[str, o.prompt], strength: Transform[float, o.strength] = None,
+                          negative: Transform[str, o.negative] = None, seed: Transform[int, o.seed] = None,
+                          steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
+                          sampler: Transform[str, o.sampler] = None, count: Transform[int, o.count] = None,
+                          model: Transform[str, o.model] = None, style: Transform[str, o.style] = None) -> None:
+            asked = Asked(prompt, negative, seed, steps, guidance, None, sampler, count, model, strength, style)
+            await self.service.guarded(interaction, self._img2img(interaction, image, asked, mask))
+
+        async def _img2img(self, interaction: discord.Interaction, image: discord.Attachment, asked: Asked,
+                           mask: discord.Attachment | None = None) -> None:
+            """The uploads' names, types, sizes and hosts are checked before they are downloaded."""
             dc = config.discord
-            check_attachment_meta(filename=image.filename, content_type=image.content_type, size=image.size,
-                                  url=image.url, allowed_types=dc.allowed_image_types,
-                                  max_bytes=dc.max_attachment_bytes, allowed_hosts=self.service.allowed_hosts)
-            await self.service.submit_command(interaction, JobKind.img2img, asked, image)
+            for upload, types in ((image, dc.allowed_image_types), (mask, ("image/png", "image/webp"))):
+                if upload is not None:
+                    check_attachment_meta(filename=upload.filename, content_type=upload.content_type,
+                                          size=upload.size, url=upload.url, allowed_types=types,
+                                          max_bytes=dc.max_attachment_bytes, allowed_hosts=self.service.allowed_hosts)
+            kind = JobKind.img2img if mask is None else JobKind.inpaint
+            await self.service.submit_command(interaction, kind, asked, image, mask)
 
     return Generate(service)

@@ -11,7 +11,7 @@ from discord.ext import commands
 
 from bot import render
 from bot.service import JobService
-from bot.views import describe_buttons
+from bot.layout import describe_buttons
 
 
 def iter_commands(items: Iterable[Any]) -> Iterator[app_commands.Command]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import discord
 from discord import ui
 
-from bot import render, views
+from bot import layout, render
 from bot.policy import nsfw_match
 from bot.inputs import BadInput
 from db.community import Community
@@ -84,8 +84,8 @@ class ResultPoster:
             images = await asyncio.to_thread(self.queue.images, job.id)
             spoiler = await self._needs_spoiler(job, channel_id)
             parts = await asyncio.to_thread(render.result_message, job, images, self.model_name, spoiler=spoiler)
-            return parts, views.result_view(job, len(images))
-        return render.failure_message(job), views.result_view(job, 0)
+            return parts, layout.result_view(job, len(images))
+        return render.failure_message(job), layout.result_view(job, 0)
 
     async def show_again(self, interaction: discord.Interaction, job: Job, *, ephemeral: bool = False) -> None:
         """Post a finished job's result again (images, embed, buttons) as the answer to

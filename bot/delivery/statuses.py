@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot import render, views
+from bot import layout, render
 from bot.delivery.errors import permanent
 from bot.delivery.tasks import BackgroundTasks
 from db.models import Job
@@ -114,7 +114,7 @@ class StatusMessages:
         async with status.lock:
             if status.finished or status.progress is not None:
                 return  # the job has already moved on; don't show an old state
-            await self._edit(status, content=text, view=views.queued_view(job.id))
+            await self._edit(status, content=text, view=layout.queued_view(job.id))
             status.shown = text
             status.last_edit = time.monotonic()
 
@@ -162,14 +162,14 @@ class StatusMessages:
             return  # running or finished: progress or delivery will show it
         text = render.queued_text(status.job, position)
         if text != status.shown:
-            await self._guarded_edit(status, text, content=text, view=views.queued_view(status.job.id))
+            await self._guarded_edit(status, text, content=text, view=layout.queued_view(status.job.id))
 
     async def _show_progress(self, status: _Status) -> None:
         progress = status.progress
         text = render.running_text(status.job, progress.step, progress.total)
         if text == status.shown:
             return
-        kwargs: dict[str, Any] = dict(content=text, view=views.queued_view(status.job.id))
+        kwargs: dict[str, Any] = dict(content=text, view=layout.queued_view(status.job.id))
         if progress.preview:
             kwargs["attachments"] = [discord.File(io.BytesIO(progress.preview), filename="preview.png")]
             kwargs["embed"] = discord.Embed().set_image(url="attachment://preview.png")
