@@ -80,15 +80,25 @@ def region(parent: Job, image: ResultImage, mask_png: bytes, prompt: str) -> New
     return NewJob(JobKind.region, params, parent.id)
 
 
-#: Zoom Out, Pan and Make Square repaint only the new part of the canvas, from scratch.
+#: Zoom Out, Pan and Make Square repaint only the new part of the canvas (pre-filled with the
+#: image's edge colours and noise by engine.outpaint), from scratch.
 OUTPAINT_STRENGTH = 1.0
 
 
-def _outpaint(parent: Job, kind: JobKind, canvas: Image.Image, mask: Image.Image) -> NewJob:
+def _outpaint(parent: Job, kind: JobKind, canvas: Image.Image, mask: Image.Image, gen: GenerationSettings) -> NewJob:
+    canvas, mask = _within(canvas, mask, gen.max_width, gen.max_height)
     params = _replay(parent).but(seed=new_seed(), count=1, width=canvas.width, height=canvas.height,
-                                 init_image=_png(canvas), mask=_png(mask), strength=OUTPAINT_STRENGTH,
-                                 masked_content="fill")
+                                 init_image=_png(canvas), mask=_png(mask), strength=OUTPAINT_STRENGTH)
     return NewJob(kind, params, parent.id)
+
+
+def _within(canvas: Image.Image, mask: Image.Image, max_width: int, max_height: int) -> tuple[Image.Image, Image.Image]:
+    """The canvas (and its mask) scaled down, if need be, to the largest width and height allowed."""
+    scale = min(1.0, max_width / canvas.width, max_height / canvas.height)
+    if scale == 1.0:
+        return canvas, mask
+    size = (max(64, int(canvas.width * scale) // 8 * 8), max(64, int(canvas.height * scale) // 8 * 8))
+    return canvas.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.NEAREST)
 
 
 def _png(image: Image.Image) -> bytes:
@@ -105,20 +115,20 @@ def _image(result: ResultImage) -> Image.Image:
 def zoom_out(parent: Job, image: ResultImage, factor: float, gen: GenerationSettings) -> NewJob:
     """The image in the middle of a canvas ``factor`` times as large (kept within the size limits),
     the new border drawn. Decodes and encodes PNGs: run it in a thread."""
-    canvas, mask = outpaint.zoom_out(_image(image), factor, max_size=(gen.max_width, gen.max_height))
-    return _outpaint(parent, JobKind.zoom, canvas, mask)
+    canvas, mask = outpaint.zoom_out(_image(image), factor, max_pixels=gen.max_width * gen.max_height, seed=image.seed)
+    return _outpaint(parent, JobKind.zoom, canvas, mask, gen)
 
 
 def pan(parent: Job, image: ResultImage, side: str, gen: GenerationSettings) -> NewJob:
     """The canvas extended by half its size towards ``side`` (left, right, up, down)."""
-    canvas, mask = outpaint.pan(_image(image), side, max_size=(gen.max_width, gen.max_height))
-    return _outpaint(parent, JobKind.pan, canvas, mask)
+    canvas, mask = outpaint.pan(_image(image), side, max_pixels=gen.max_width * gen.max_height, seed=image.seed)
+    return _outpaint(parent, JobKind.pan, canvas, mask, gen)
 
 
 def make_square(parent: Job, image: ResultImage, gen: GenerationSettings) -> NewJob:
     """A non-square image filled out to a square."""
-    canvas, mask = outpaint.make_square(_image(image), max_size=(gen.max_width, gen.max_height))
-    return _outpaint(parent, JobKind.square, canvas, mask)
+    canvas, mask = outpaint.make_square(_image(image), max_pixels=gen.max_width * gen.max_height, seed=image.seed)
+    return _outpaint(parent, JobKind.square, canvas, mask, gen)
 
 
 def edit(parent: Job, prompt: str, negative_prompt: str) -> NewJob:

@@ -82,8 +82,11 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
                           negative: Transform[str, o.negative] = None, seed: Transform[int, o.seed] = None,
                           steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
                           sampler: Transform[str, o.sampler] = None, count: Transform[int, o.count] = None,
-                          model: Transform[str, o.model] = None, style: Transform[str, o.style] = None) -> None:
-            asked = Asked(prompt, negative, seed, steps, guidance, None, sampler, count, model, strength, style)
+                          model: Transform[str, o.model] = None, style: Transform[str, o.style] = None,
+                          clip_skip: Transform[int, o.clip_skip] = None, schedule: Transform[str, o.schedule] = None
+                          ) -> None:
+            asked = Asked(prompt, negative, seed, steps, guidance, None, sampler, count, model, strength, style,
+                          clip_skip, schedule)
             await self.service.guarded(interaction, self._img2img(interaction, image, asked, mask))
 
         async def _img2img(self, interaction: discord.Interaction, image: discord.Attachment, asked: Asked,
