@@ -92,6 +92,8 @@ def build_bot(config: Config, queue: Queue, worker: Any | None = None, *, worker
     styles = Styles(queue.engine, clock=client_options.get("clock", utcnow))
     bot = SDBot(config, queue, community, styles, runner, events=events, model_family=model_family,
                 **client_options)
+    if worker is not None:
+        metrics.read_batch_rows(lambda: worker.batch_rows)
     health = Health()
     health.add_check("database", lambda: database_reachable(queue.engine))
     health.add_task("delivery", lambda: bot.task("delivery"))

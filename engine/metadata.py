@@ -104,6 +104,8 @@ def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash:
         fields["Clip skip"] = str(request.params.clip_skip)
     fields["RNG"] = RNG_SOURCE
     fields["Job id"] = str(request.job_id)
+    if request.parent_id is not None:  # the image an edit, zoom, pan or reroll was made from
+        fields["Parent job id"] = str(request.parent_id)
     lines = [request.params.prompt]
     if request.params.negative_prompt:
         lines.append(f"Negative prompt: {request.params.negative_prompt}")

@@ -65,7 +65,7 @@ def worker_identity(name: str) -> tuple[str, str]:
 
 def request_from_job(job: Job) -> GenerationRequest:
     """The engine's view of a stored job."""
-    return GenerationRequest(job.id, params_from_job(job))
+    return GenerationRequest(job.id, params_from_job(job), parent_id=job.parent_id)
 
 
 class QueueRunner:

@@ -24,6 +24,8 @@ class GenerationRequest:
 
     job_id: int
     params: GenerationParams
+    #: The job this one was made from (a reroll, variation, upscale or edit of it), for the PNG.
+    parent_id: int | None = None
 
     @classmethod
     def of(cls, job_id: int, **params: Any) -> GenerationRequest:

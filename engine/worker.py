@@ -84,6 +84,7 @@ class EngineWorker:
         self.finisher = Finisher(settings.png_compress_level)  # PNGs and previews, off this thread
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.batch_rows = 0  # rows of the running batch (images denoised together), for the metrics
         self._steps = itertools.count(1)
 
     # ------------------------------------------------------------------ API (any thread)
@@ -166,6 +167,7 @@ class EngineWorker:
                             self._put_back(admitted[i:])
                             break
                     self._drop_stopped(batch)
+                    self.batch_rows = batch.rows if batch.entries else 0  # read by the ops metrics
                     if batch.entries:
                         self._step(batch)
         except BaseException:

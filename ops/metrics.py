@@ -89,6 +89,10 @@ class Metrics:
         """The rows (images) of the running batch now; 0 when the engine is idle."""
         self._batch_rows.set(rows)
 
+    def read_batch_rows(self, rows: Callable[[], int]) -> None:
+        """Read the running batch's rows from ``rows()`` at every scrape instead."""
+        self._batch_rows.set_function(rows)
+
     # -- read at scrape time ----------------------------------------------------------------
 
     def images_per_second(self) -> float:

@@ -46,7 +46,7 @@ async def test_healthz_and_metrics_follow_the_bot(setup):
             status, text = await get(f"{app_ops.url}/metrics")
             assert 'sdbot_jobs_finished_total{status="done"} 1.0' in text
             assert "sdbot_discord_connected 1.0" in text and "sdbot_database_up 1.0" in text
-            assert "sdbot_images_generated_total 1.0" in text
+            assert "sdbot_images_generated_total 1.0" in text and "sdbot_batch_rows 0.0" in text
             bot.task("queue-runner").cancel()  # a task that is not running fails the check
             await asyncio.sleep(0)
             status, body = await get(f"{app_ops.url}/healthz")

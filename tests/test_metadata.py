@@ -64,3 +64,13 @@ def test_a_png_without_parameters_reads_as_empty_prompt():
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buffer, "PNG")
     assert read_parameters(buffer.getvalue()) == {"Prompt": "", "Negative prompt": ""}
+
+
+def test_an_edit_names_the_job_it_was_made_from():
+    from engine.metadata import infotext, parse_infotext
+    from engine.types import GenerationRequest
+
+    made = GenerationRequest.of(9, prompt="a fox", seed=1)
+    edit = GenerationRequest(10, made.params, parent_id=9)
+    assert parse_infotext(infotext(edit, 1, "m"))["Parent job id"] == "9"
+    assert "Parent job id" not in parse_infotext(infotext(made, 1, "m"))
