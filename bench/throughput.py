@@ -153,7 +153,7 @@ def run_diffusers(pipe, request: GenerationRequest, device: torch.device) -> byt
                  guidance_scale=request.params.guidance, width=request.params.width, height=request.params.height,
                  generator=torch.Generator("cpu").manual_seed(request.params.seed)).images[0]
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=EngineSettings().png_compress_level)  # as the engine does
     return buffer.getvalue()
 
 

@@ -50,7 +50,13 @@ async def run(config: Config, *, engine: bool = True, sync: bool = False) -> int
     from bot.wiring import build_bot, load_engine, open_database
     from ops import OpsServerError
 
-    db, queue = await asyncio.to_thread(open_database, config)
+    from db.errors import StorageError
+
+    try:
+        db, queue = await asyncio.to_thread(open_database, config)
+    except StorageError as e:  # a read-only database file or folder: one line, what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     worker = family = None
     if engine:
         from engine.errors import ModelLoadError

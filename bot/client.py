@@ -31,6 +31,7 @@ from bot.transformers import Options
 from db.community import Community
 from db.queue import Queue
 from db.state import StateStore
+from db.styles import Styles
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class JobEvents:
 class SDBot(commands.Bot):
     """A Stable Diffusion bot for one or more Discord servers."""
 
-    def __init__(self, config: Config, queue: Queue, community: Community, runner: Any | None = None, *,
+    def __init__(self, config: Config, queue: Queue, community: Community, styles: Styles,
+                 runner: Any | None = None, *,
                  events: JobEvents | None = None, allowed_hosts: frozenset[str] = DISCORD_CDN_HOSTS,
                  clock: Callable[[], datetime] = utcnow, model_family: str | None = None, force_sync: bool = False,
                  **options: Any) -> None:
@@ -92,11 +94,12 @@ class SDBot(commands.Bot):
         self.clock = clock
         self.force_sync = force_sync
         self.delivery = Delivery(self, queue, interval=config.discord.progress_interval,
-                                 model_name=config.model.display_name, clock=clock)
+                                 model_name=config.model.display_name, clock=clock, community=community)
         if events is not None:
             events.connect(self.delivery)
         self.state = StateStore(queue.engine)
-        self.service = JobService(config, queue, community, runner, self.delivery, PendingAcks(self.state, queue.engine),
+        self.service = JobService(config, queue, community, styles, runner, self.delivery,
+                                  PendingAcks(self.state, queue.engine),
                                   clock=clock, allowed_hosts=allowed_hosts)
         self.fatal: BaseException | None = None  # why a background task gave up, for the exit status
         self._tasks: list[asyncio.Task] = []

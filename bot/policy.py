@@ -11,6 +11,7 @@ take. The service (:mod:`bot.service`) reads the database once and calls these.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -38,6 +39,8 @@ class Asked:
     count: int | None = None
     model: str | None = None
     strength: float | None = None
+    style: str | None = None  # a server style's name (None: the member's default style, if any)
+    clip_skip: int | None = None  # None: the model's own default (``clip_skip`` in its config table)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,8 @@ def nsfw_match(prompt: str, words: tuple[str, ...]) -> str | None:
 
 
 def resolve(asked: Asked, mine: MemberDefaults, policy: ServerPolicy, gen: GenerationSettings,
-            model_names: tuple[str, ...], *, img2img: bool = False) -> GenerationParams:
+            model_names: tuple[str, ...], *, img2img: bool = False,
+            model_clip_skip: Callable[[str | None], int] = lambda model: 1) -> GenerationParams:
     """The job's parameters: what was asked, else the member's default (if the configuration
     still allows it), else the configured default narrowed to the server's limits. An img2img
     job without a size keeps the configured default here; the upload's shape replaces it."""
@@ -81,7 +85,7 @@ def resolve(asked: Asked, mine: MemberDefaults, policy: ServerPolicy, gen: Gener
         model = policy.default_model  # the server's choice when the member made none
     return gen.params(asked.prompt, seed=asked.seed, negative_prompt=asked.negative or mine.negative_prompt or None,
                       steps=steps, guidance=guidance, size=size, sampler=sampler, count=asked.count,
-                      strength=asked.strength, model=model)
+                      strength=asked.strength, model=model, clip_skip=asked.clip_skip or model_clip_skip(model))
 
 
 def default_size(mine: MemberDefaults, policy: ServerPolicy, gen: GenerationSettings) -> tuple[int, int] | None:

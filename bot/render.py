@@ -88,6 +88,8 @@ def parameter_lines(job: Job, model_name: str) -> list[tuple[str, str]]:
     ]
     if job.init_image is not None:
         pairs.append(("Strength", f"{job.strength:g}"))
+    if (job.clip_skip or 1) > 1:
+        pairs.append(("Clip skip", str(job.clip_skip)))
     if job.variation_seed is not None and job.variation_strength:
         pairs.append(("Variation", f"seed {job.variation_seed}, strength {job.variation_strength:g}"))
     return pairs

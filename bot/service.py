@@ -34,6 +34,7 @@ from db.community import DAY, Admission, Community
 from db.errors import QueueError
 from db.models import Job, JobKind, ResultImage
 from db.queue import Queue
+from db.styles import Styles, StyleText
 from engine.params import GenerationParams, job_columns
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,11 @@ RECORD_BUDGET = 0.5
 class JobService:
     """Admission, queueing and cancelling of jobs, for every cog."""
 
-    def __init__(self, config: Config, queue: Queue, community: Community, runner: Any | None,
+    def __init__(self, config: Config, queue: Queue, community: Community, styles: Styles, runner: Any | None,
                  delivery: Delivery, acks: PendingAcks, *, clock: Callable[[], datetime],
                  allowed_hosts: frozenset[str]) -> None:
         self.config = config
+        self.styles = styles
         self.acks = acks
         self.queue = queue
         self.community = community
@@ -153,7 +155,9 @@ class JobService:
         gen, asker = self.config.generation, Asker.of(interaction)
         seen = await self.admission(asker)
         params = policy.resolve(asked, seen.defaults, seen.policy, gen, self.config.model_names,
-                                img2img=image is not None)
+                                img2img=image is not None,
+                                model_clip_skip=lambda model: self.config.model_settings(model).clip_skip)
+        params = await self._styled(asker, asked.style, params)
         if image is not None:  # the upload's shape, within this server's size limit
             dc = self.config.discord
             data = await self.download(image.url, dc.max_attachment_bytes)
@@ -167,6 +171,28 @@ class JobService:
         note = await self.run_check(check_prompt_text, params.prompt, params.negative_prompt,
                                     self.config.model_settings(params.model).lora_dir)
         return params, note
+
+    async def _styled(self, asker: Asker, name: str | None, params: GenerationParams) -> GenerationParams:
+        """``params`` with the named style (else the member's default style here) applied."""
+        if asker.guild_id is None:
+            if name is not None:
+                raise BadInput("Styles belong to a server; use them there.")
+            return params
+        style = await self.run_check(self._style_for, asker.guild_id, asker.user_id, name)
+        if style is None:
+            return params
+        prompt, negative = style.apply(params.prompt, params.negative_prompt)
+        return params.but(prompt=prompt, negative_prompt=negative)
+
+    def _style_for(self, guild_id: int, user_id: int, name: str | None) -> StyleText | None:
+        chosen = name or self.styles.member_default(guild_id, user_id)
+        if chosen is None:
+            return None
+        style = self.styles.get(guild_id, chosen)
+        if style is None and name is not None:
+            known = ", ".join(self.styles.names(guild_id)[:25]) or "none yet (`/server style add`)"
+            raise BadInput(f"This server has no style called `{render.escape(name)}`; styles: {known}.")
+        return style  # a default style removed since is simply not applied
 
     async def admit_derived(self, interaction: discord.Interaction, new: NewJob) -> NewJob:
         """The server's policy and the pending limit for a job made by a button or the Edit form."""

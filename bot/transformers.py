@@ -118,6 +118,28 @@ class ModelName(app_commands.Transformer):
         return value
 
 
+class StyleName(app_commands.Transformer):
+    """A server style's name, offered by autocomplete from the server's styles; whether it exists
+    is checked when the job is admitted (styles change while the bot runs)."""
+
+    async def autocomplete(self, interaction: discord.Interaction, value: Any) -> list[Choice[str]]:
+        if interaction.guild_id is None:
+            return []
+        service = interaction.client.service  # type: ignore[attr-defined]
+        names = await service.run_check(service.styles.names, interaction.guild_id)
+        typed = str(value or "").lower()
+        return [Choice(name=name, value=name) for name in names if typed in name.lower()][:25]
+
+    @property
+    def max_value(self) -> int:  # for strings, discord.py sends it as max_length
+        return 100
+
+    async def transform(self, interaction: discord.Interaction, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise BadInput("`style` must be the name of one of this server's styles.")
+        return value.strip()
+
+
 @dataclass(frozen=True)
 class Options:
     """Every option type the commands use, with the limits of this configuration."""
@@ -133,6 +155,8 @@ class Options:
     sampler: OneOf
     model: ModelName
     job: Bounded
+    style: StyleName
+    clip_skip: Bounded
 
     @classmethod
     def of(cls, config: Config) -> Options:
@@ -149,4 +173,6 @@ class Options:
             sampler=OneOf("sampler", {s: SAMPLER_NAMES[s] for s in gen.samplers}),
             model=ModelName(config.model_names),
             job=Bounded("job", int, 1, DISCORD_INT_MAX),
+            style=StyleName(),
+            clip_skip=Bounded("clip_skip", int, 1, 12),
         )

@@ -9,7 +9,8 @@ pressed); Cancel and Delete are for the requester or members with Manage Message
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+import re
+from typing import TYPE_CHECKING, Any, Self
 
 import discord
 from discord import ButtonStyle, ui
@@ -40,6 +41,15 @@ class _JobButton(ui.DynamicItem[ui.Button], template=r"sd:(?P<action>[a-z]+):(?P
         super().__init__(ui.Button(label=label, emoji=emoji, style=style, custom_id=custom_id), row=row)
         self.job_id = job_id
 
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: ui.Button, match: re.Match[str]) -> Self:
+        """discord.py makes the button of a pressed ``custom_id`` (after any restart) with this."""
+        return cls.from_match(match)
+
+    @classmethod
+    def from_match(cls, match: re.Match[str]) -> Self:
+        return cls(int(match["job"]))
+
     async def callback(self, interaction: discord.Interaction) -> None:
         service = _service(interaction)
         await service.guarded(interaction, self.run(interaction, service))
@@ -60,10 +70,6 @@ class Cancel(_JobButton, template=r"sd:cancel:(?P<job>\d+)"):
     def __init__(self, job_id: int) -> None:
         super().__init__(job_id, label="Cancel", emoji="✖️", style=ButtonStyle.danger)
 
-    @classmethod
-    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206 (discord.py's signature)
-        return cls(int(match["job"]))
-
     async def run(self, interaction: discord.Interaction, service: JobService) -> None:
         await service.cancel(interaction, await self.job(service))
 
@@ -73,10 +79,6 @@ class Reroll(_JobButton, template=r"sd:reroll:(?P<job>\d+)"):
 
     def __init__(self, job_id: int, row: int | None = None) -> None:
         super().__init__(job_id, label="Reroll", emoji="🔁", row=row)
-
-    @classmethod
-    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
-        return cls(int(match["job"]))
 
     async def run(self, interaction: discord.Interaction, service: JobService) -> None:
         await service.submit_derived(interaction, jobs.reroll(await self.job(service)))
@@ -91,7 +93,7 @@ class Vary(_JobButton, template=r"sd:vary:(?P<job>\d+):(?P<index>\d):(?P<level>s
         self.index, self.level = index, level
 
     @classmethod
-    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
+    def from_match(cls, match: re.Match[str]) -> Self:
         return cls(int(match["job"]), int(match["index"]), match["level"], grid=False)
 
     async def run(self, interaction: discord.Interaction, service: JobService) -> None:
@@ -109,7 +111,7 @@ class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)"):
         self.index = index
 
     @classmethod
-    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
+    def from_match(cls, match: re.Match[str]) -> Self:
         return cls(int(match["job"]), int(match["index"]), grid=False)
 
     async def run(self, interaction: discord.Interaction, service: JobService) -> None:
@@ -129,10 +131,6 @@ class Edit(_JobButton, template=r"sd:edit:(?P<job>\d+)"):
     def __init__(self, job_id: int, row: int | None = None) -> None:
         super().__init__(job_id, label="Edit", emoji="✏️", row=row)
 
-    @classmethod
-    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
-        return cls(int(match["job"]))
-
     async def run(self, interaction: discord.Interaction, service: JobService) -> None:
         parent = await self.job(service)
         await interaction.response.send_modal(EditModal(parent, service.config.discord.max_prompt_chars))
@@ -144,10 +142,6 @@ class Info(_JobButton, template=r"sd:info:(?P<job>\d+)"):
     def __init__(self, job_id: int, row: int | None = None) -> None:
         super().__init__(job_id, label="Info", emoji="ℹ️", row=row)
 
-    @classmethod
-    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
-        return cls(int(match["job"]))
-
     async def run(self, interaction: discord.Interaction, service: JobService) -> None:
         await service.show_info(interaction, await self.job(service))
 
@@ -157,10 +151,6 @@ class Delete(_JobButton, template=r"sd:del:(?P<job>\d+)"):
 
     def __init__(self, job_id: int, row: int | None = None) -> None:
         super().__init__(job_id, label="Delete", emoji="🗑️", style=ButtonStyle.danger, row=row)
-
-    @classmethod
-    async def from_custom_id(cls, interaction, item, match):  # noqa: ANN001, ANN206
-        return cls(int(match["job"]))
 
     async def run(self, interaction: discord.Interaction, service: JobService) -> None:
         job = await self.job(service)

@@ -19,9 +19,11 @@ from sqlalchemy import Engine
 from bot.client import JobEvents, SDBot, utcnow
 from bot.config import Config
 from db.community import Community
+from db.faults import DatabaseHealth, until_reachable
 from db.models import JobStatus
 from db.queue import Queue
 from db.session import make_engine, upgrade
+from db.styles import Styles
 from ops import Health, Metrics, OpsServer, database_reachable, queue_counts
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def open_queue(db: Engine, config: Config) -> Queue:
 def open_database(config: Config) -> tuple[Engine, Queue]:
     """Create or upgrade the database (slow: call it in a thread) and open the queue."""
     db = make_engine(config.queue.database_url)
-    upgrade(db)
+    until_reachable(lambda: upgrade(db), DatabaseHealth())  # a database still starting is waited for
     return db, open_queue(db, config)
 
 
@@ -87,7 +89,9 @@ def build_bot(config: Config, queue: Queue, worker: Any | None = None, *, worker
                              listen=config.queue.database_url.startswith("postgresql"),
                              turns=ModelTurns.for_pool(worker.models, config.engine),
                              on_progress=events.progress, on_finished=events.finished)
-    bot = SDBot(config, queue, community, runner, events=events, model_family=model_family, **client_options)
+    styles = Styles(queue.engine, clock=client_options.get("clock", utcnow))
+    bot = SDBot(config, queue, community, styles, runner, events=events, model_family=model_family,
+                **client_options)
     health = Health()
     health.add_check("database", lambda: database_reachable(queue.engine))
     health.add_task("delivery", lambda: bot.task("delivery"))

@@ -13,15 +13,26 @@ Values are checked at the Discord boundary (``bot.community``); this module trus
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
-from datetime import datetime, timedelta, timezone
+from dataclasses import fields, replace
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
+from db.clock import utcnow
+from db.community_values import (
+    DAY,
+    Admission,
+    MemberDefaults,
+    ServerPolicy,
+    ServerStats,
+    Usage,
+    day_start,
+    week_start,
+)
 from db.models import (
     PENDING,
     AuditEntry,
@@ -31,8 +42,10 @@ from db.models import (
     MemberSettings,
     ServerSettings,
 )
+from db.session import session_makers
 
 __all__ = [
+    "DAY",
     "Admission",
     "Community",
     "MemberDefaults",
@@ -44,100 +57,12 @@ __all__ = [
 ]
 
 _NO_UPDATE_SYNC = {"synchronize_session": False}
-#: How far back a member's daily limit looks: any 24 hours, not the calendar day.
-DAY = timedelta(hours=24)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def day_start(now: datetime) -> datetime:
-    """00:00 UTC of ``now``'s day: where "today" starts in /stats."""
-    return now.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-
-
-def week_start(now: datetime) -> datetime:
-    """Monday 00:00 UTC of ``now``'s week: where "this week" starts in /stats."""
-    return day_start(now) - timedelta(days=now.astimezone(timezone.utc).weekday())
-
-
-@dataclass(frozen=True)
-class MemberDefaults:
-    """What a member chose with /settings; None: the server's or the bot's default."""
-
-    negative_prompt: str | None = None
-    steps: int | None = None
-    width: int | None = None
-    height: int | None = None
-    sampler: str | None = None
-    guidance: float | None = None
-    private_results: bool = False
-
-
-@dataclass(frozen=True)
-class ServerPolicy:
-    """A server's rules, from /server; None or empty: no narrower than the configuration."""
-
-    allowed_channel_ids: tuple[int, ...] = ()
-    max_steps: int | None = None
-    max_width: int | None = None
-    max_height: int | None = None
-    max_count: int | None = None
-    pending_limit: int | None = None
-    daily_limit: int | None = None
-    cooldown_seconds: int = 0
-    nsfw_words: tuple[str, ...] = ()
-    default_model: str | None = None
-    paused: bool = False
-
-
 MEMBER_FIELDS = frozenset(f.name for f in fields(MemberDefaults))
 SERVER_FIELDS = frozenset(f.name for f in fields(ServerPolicy))
 _LIST_FIELDS = frozenset({"allowed_channel_ids", "nsfw_words"})
 _SERVER_ROW_DEFAULTS = {
     "allowed_channel_ids": [], "nsfw_words": [], "cooldown_seconds": 0, "paused": False,
 }
-
-
-@dataclass(frozen=True)
-class Usage:
-    """A member's jobs on one server since some time (failed jobs do not count)."""
-
-    count: int
-    first_at: datetime | None
-    last_at: datetime | None
-
-
-@dataclass(frozen=True)
-class Admission:
-    """Everything a member's new job is checked against, read in one transaction.
-
-    ``pending`` counts the member's queued and running jobs on every server (the queue's limit);
-    ``usage`` is on this server since the time asked for, and only read when the server has a
-    daily limit or a cooldown (otherwise zero).
-    """
-
-    defaults: MemberDefaults
-    policy: ServerPolicy
-    barred: bool
-    pending: int
-    usage: Usage
-
-
-@dataclass(frozen=True)
-class ServerStats:
-    """One server's numbers for /stats. Averages are over this week's finished jobs."""
-
-    jobs_today: int
-    jobs_week: int
-    week_by_status: dict[str, int]
-    top_members: list[tuple[int, int]]  # (user id, jobs this week), most first
-    avg_wait_seconds: float | None  # queued -> started
-    avg_generation_seconds: float | None  # started -> finished
-    queued_here: int
-    running_here: int
-    queued_everywhere: int  # the workers are shared: this server waits behind all of it
 
 
 def _show(value: Any) -> str | None:
@@ -156,10 +81,7 @@ class Community:
         self.engine = engine
         self.clock = clock
         self._postgres = engine.dialect.name == "postgresql"
-        self._write = sessionmaker(engine, expire_on_commit=False)
-        self._read = sessionmaker(
-            engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False
-        )
+        self._write, self._read = session_makers(engine)
 
     def _insert_missing(self, session: Session, model: type, key: dict[str, int],
                         defaults: dict[str, Any]) -> None:

@@ -1,4 +1,8 @@
-"""What the queue refuses, and why. Each docstring is the default message a member sees."""
+"""What the queue refuses, and why. Each docstring is the default message a member sees.
+
+:class:`StorageError` is the operator's: the database cannot be written at all (read-only file
+or folder), said in one line at start-up, naming the path and what to do.
+"""
 
 from __future__ import annotations
 
@@ -32,3 +36,11 @@ class AlreadyFinished(QueueError):
 
 class JobNotFound(QueueError):
     """There is no job with that id. Check the number and try again."""
+
+
+class StorageFull(QueueError):
+    """The bot's storage is full, so your job was not queued; the server's owner has been told."""
+
+
+class StorageError(Exception):
+    """The database cannot be written; the message names it and says what to do."""

@@ -114,14 +114,17 @@ class Job(Base):
     variation_seed: Mapped[int | None] = mapped_column(BigInteger)
     variation_strength: Mapped[float] = mapped_column(Float, default=0.0)
     model: Mapped[str | None] = mapped_column(String(200))  # None: any worker may take it
+    clip_skip: Mapped[int] = mapped_column(default=1, server_default="1")
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)
-    attempts: Mapped[int] = mapped_column(default=0)  # counted when claimed
+    attempts: Mapped[int] = mapped_column(default=0)  # counted when the engine starts it
     worker_id: Mapped[str | None] = mapped_column(String(200))
     lease_until: Mapped[datetime | None]
     created_at: Mapped[datetime]
-    started_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]  # claimed by a worker
+    # The engine took this attempt up (its first step); None while it waits for a place in the batch.
+    engine_started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None]
 
@@ -183,6 +186,7 @@ class Member(Base):
 
 # Stats and daily limits read a server's jobs by time.
 Index("ix_jobs_guild_created", Job.guild_id, Job.created_at)
+Index("ix_jobs_interaction_token", Job.interaction_token)  # answering interactions stranded by a crash
 
 
 class MemberSettings(Base):
@@ -256,3 +260,25 @@ class AppState(Base):
 
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[str]
+
+
+class Style(Base):
+    """A server's named prompt template, as AUTOMATIC1111's styles.csv: ``{prompt}`` marks where
+    the member's prompt goes (without it, the style is appended after a comma)."""
+
+    __tablename__ = "styles"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    prompt: Mapped[str] = mapped_column(default="")
+    negative_prompt: Mapped[str] = mapped_column(default="")
+
+
+class MemberStyle(Base):
+    """The style a member uses on a server when they name none."""
+
+    __tablename__ = "member_styles"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    style: Mapped[str] = mapped_column(String(100))

@@ -17,13 +17,18 @@ The busy timeout still orders writers of different processes.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
+from sqlalchemy.orm import sessionmaker
+
+from db.errors import StorageError
 
 DEFAULT_URL = "sqlite:///data/sdbot.sqlite3"
 BUSY_TIMEOUT_MS = 30_000
@@ -41,19 +46,30 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
-def make_engine(url: str | URL = DEFAULT_URL, **kwargs: Any) -> Engine:
-    """An Engine for ``url`` (SQLite file or ``postgresql+psycopg://``), set up for the queue."""
+def make_engine(url: str | URL = DEFAULT_URL, *, busy_timeout: float = BUSY_TIMEOUT_MS / 1000,
+                **kwargs: Any) -> Engine:
+    """An Engine for ``url`` (SQLite file or ``postgresql+psycopg://``), set up for the queue.
+
+    ``busy_timeout``: seconds a SQLite writer waits for another's write lock before the statement
+    fails with "database is locked" (which the queue runner waits out). PostgreSQL connections are
+    pinged when taken from the pool, so a restarted server costs at most one failed call, and a
+    connection attempt gives up after 10 s instead of hanging on an unreachable host.
+    """
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(parsed, **kwargs)
+        return _sqlite_engine(parsed, busy_timeout, **kwargs)
     kwargs.setdefault("pool_pre_ping", True)
+    kwargs["connect_args"] = {"connect_timeout": 10, **kwargs.get("connect_args", {})}
     return create_engine(parsed, **kwargs)
 
 
-def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:
+def _sqlite_engine(url: URL, busy_timeout: float, **kwargs: Any) -> Engine:
     if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    connect_args = {"timeout": BUSY_TIMEOUT_MS / 1000, **kwargs.pop("connect_args", {})}
+        try:
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(_unwritable(Path(url.database), error)) from None
+    connect_args = {"timeout": busy_timeout, **kwargs.pop("connect_args", {})}
     engine = create_engine(url, connect_args=connect_args, **kwargs)
 
     @event.listens_for(engine, "connect")
@@ -62,13 +78,13 @@ def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
         finally:
             cursor.close()
 
-    turns = _TURNS[engine] = _WriterTurns(engine)
+    turns = _TURNS[engine] = _WriterTurns(engine, busy_timeout)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
@@ -102,8 +118,9 @@ class _WriterTurns:
     past it the writer goes on to SQLite's own locking, which reports a lock that is still held.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, busy_timeout: float) -> None:
         self._lock = threading.Lock()
+        self._busy_timeout = busy_timeout
         self._holder: Any = None
         dialect = engine.dialect
         commit, rollback = dialect.do_commit, dialect.do_rollback
@@ -133,7 +150,7 @@ class _WriterTurns:
         return self._lock.locked()
 
     def take(self, connection: Any) -> None:
-        if self._lock.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+        if self._lock.acquire(timeout=self._busy_timeout):
             self._holder = _raw(connection)
 
     def give_back(self, connection: Any) -> None:
@@ -142,12 +159,61 @@ class _WriterTurns:
             self._lock.release()
 
 
+def session_makers(engine: Engine) -> tuple[sessionmaker, sessionmaker]:
+    """``(write, read)`` session factories over ``engine``, returning detached snapshots
+    (``expire_on_commit=False``), safe to read in any thread. Reads need no write lock: on SQLite
+    (WAL) a deferred BEGIN reads a snapshot."""
+    write = sessionmaker(engine, expire_on_commit=False)
+    read = sessionmaker(engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False)
+    return write, read
+
+
+def check_writable(engine: Engine) -> None:
+    """Raise :class:`StorageError` when a SQLite database cannot be written (read-only file or
+    folder), with one line naming the path and what to do; nothing for PostgreSQL, whose faults
+    are waited out. One short write transaction that changes nothing."""
+    path = _sqlite_file(engine)
+    if path is None:
+        return
+    try:
+        with engine.begin() as connection:
+            version = connection.exec_driver_sql("PRAGMA user_version").scalar()
+            connection.exec_driver_sql(f"PRAGMA user_version = {int(version)}")  # a write, same value
+    except sa_exc.OperationalError as error:
+        message = str(error.orig).lower()
+        if any(word in message for word in ("readonly", "read-only", "unable to open", "disk i/o")):
+            raise StorageError(_unwritable(path, error.orig)) from None
+        raise
+
+
+def _sqlite_file(engine: Engine) -> Path | None:
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).absolute()
+
+
+def _unwritable(path: Path, error: BaseException) -> str:
+    """What to tell the operator: which of the file and its folder is read-only, and the fix."""
+    advice = "make it and its folder writable by this user (or set queue.database_url)"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"the database file {path} is read-only; {advice}"
+    if not os.access(path.parent if path.parent.exists() else path.parent.parent, os.W_OK):
+        return f"the database folder {path.parent} is read-only; make it writable by this user, as SQLite " \
+               f"writes its journal next to {path.name} (or set queue.database_url)"
+    return f"the database file {path} cannot be written ({error}); {advice}"
+
+
 def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
-    """Bring the schema up to ``revision`` (alembic ``upgrade head``), creating it if empty."""
+    """Bring the schema up to ``revision`` (alembic ``upgrade head``), creating it if empty.
+
+    Raises :class:`StorageError` (one line, for the operator) when a SQLite file cannot be written.
+    """
     from alembic import command  # imported here: only start-up and tests migrate
     from alembic.config import Config
 
     engine = engine_or_url if isinstance(engine_or_url, Engine) else make_engine(engine_or_url)
+    check_writable(engine)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:

@@ -23,6 +23,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from db.errors import StorageError
 from engine.errors import EngineError
 from engine.settings import (ConfigError, EngineSettings, GenerationSettings, ModelSettings, Settings,
                              load_settings, parse_engine_sections, parse_queue_section, read_toml,
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return serve(args) if args.command == "worker" else generate(args)
-    except (ConfigError, EngineError, OSError) as e:
+    except (ConfigError, EngineError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

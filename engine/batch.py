@@ -19,6 +19,7 @@ from torch import Tensor
 
 from engine.denoiser import Conditioning, Denoiser
 from engine.samplers import Sampler
+from engine.schedules import latents_to_decode
 
 if TYPE_CHECKING:
     from engine.pipeline import PreparedJob
@@ -104,8 +105,8 @@ class Batch:
         })
 
     def remove(self, job: PreparedJob) -> Tensor:
-        """Take a job's rows out of the batch and return its latents."""
-        return self._take(job)[1]["x"]
+        """Take a job's rows out of the batch and return its latents, as the VAE decodes them."""
+        return latents_to_decode(self._take(job)[1]["x"], float(job.sigmas[-1]))
 
     def park(self, job: PreparedJob) -> Parked:
         """Take a job out mid-run; :meth:`resume` puts it back at the same step."""

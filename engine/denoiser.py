@@ -97,6 +97,11 @@ def padded(embeds: list[Tensor], masks: list[Tensor | None]) -> tuple[Tensor, Te
     return torch.cat(grown), torch.cat(grown_masks)
 
 
+def final_layer_norm(encoder) -> torch.nn.Module:
+    """The text encoder's last layer norm (transformers 5 keeps it on the model itself)."""
+    return getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
+
+
 class PromptEncoder:
     """Text encoder(s) and tokenizer(s), with an LRU cache of encoded prompts.
 
@@ -117,20 +122,22 @@ class PromptEncoder:
         self._cache: OrderedDict[tuple[Hashable, str], PromptEmbedding] = OrderedDict()
         self.variant: Hashable = ()  # what else, besides the prompt, the encoding depends on
         widths = [encoder.get_input_embeddings().embedding_dim for encoder in text_encoders]
+        # SD 2.x's OpenCLIP encoder (1024 wide) is already cut at its penultimate layer.
+        self.family_clip_skips = widths[0] != 1024
         self.embeddings = EmbeddingLibrary(embeddings_dir, tokenizers[0], widths)
 
     @property
     def is_sdxl(self) -> bool:
         return len(self.text_encoders) == 2
 
-    def __call__(self, prompt: str) -> PromptEmbedding:
+    def __call__(self, prompt: str, clip_skip: int = 1) -> PromptEmbedding:
         if self.embeddings.refresh():
             self._cache.clear()  # encodings made with the old set of embeddings
-        key = (self.variant, prompt)
+        key = (self.variant, clip_skip, prompt)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        embedding = self._encode(prompt)
+        embedding = self._encode(prompt, clip_skip)
         self._cache[key] = embedding
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -148,7 +155,10 @@ class PromptEncoder:
         return chunks_needed(self.count_tokens(prompt))
 
     @torch.inference_mode()
-    def _encode(self, prompt: str) -> PromptEmbedding:
+    def _encode(self, prompt: str, clip_skip: int = 1) -> PromptEmbedding:
+        """``clip_skip`` N > 1 (SD 1.x, as AUTOMATIC1111): the hidden state N layers from the end,
+        through the encoder's final layer norm. SDXL already reads the penultimate layer, and
+        AUTOMATIC1111 leaves clip skip out for SDXL and SD 2.x by default; so do we."""
         prompt_chunks = self.chunked(prompt)
         chunks = prompt_chunks.chunks
         hiddens, pooled = [], None
@@ -157,9 +167,12 @@ class PromptEncoder:
             ids = torch.tensor([chunk.input_ids(tokenizer.bos_token_id, tokenizer.eos_token_id,
                                                 tokenizer.pad_token_id) for chunk in chunks], device=self.device)
             fixes = [[(offset, embedding.vectors[index]) for offset, embedding in chunk.fixes] for chunk in chunks]
+            skip = clip_skip > 1 and not self.is_sdxl and self.family_clip_skips
             with embeddings_injected(encoder, fixes):
-                out = encoder(ids, output_hidden_states=self.is_sdxl)
-            if self.is_sdxl:
+                out = encoder(ids, output_hidden_states=self.is_sdxl or skip)
+            if skip:
+                hidden = final_layer_norm(encoder)(out.hidden_states[-clip_skip])
+            elif self.is_sdxl:
                 # SDXL reads both encoders' penultimate layers side by side, and the second
                 # encoder's projected pooled output of the first chunk (as A1111) as an extra embedding.
                 hidden = out.hidden_states[-2]
@@ -174,9 +187,9 @@ class PromptEncoder:
         return PromptEmbedding(hidden=hidden, pooled=None if pooled is None else pooled.to(self.dtype))
 
     def conditioning(self, prompt: str, negative_prompt: str, *, rows: int, guidance: float,
-                     width: int, height: int) -> Conditioning:
+                     width: int, height: int, clip_skip: int = 1) -> Conditioning:
         """One job's conditioning: ``rows`` images with the same prompts and guidance."""
-        positive, negative = self(prompt), self(negative_prompt)
+        positive, negative = self(prompt, clip_skip), self(negative_prompt, clip_skip)
         rows_of = [positive.hidden[None]] * rows + [negative.hidden[None]] * rows
         embeds, mask = padded(rows_of, [None] * len(rows_of))
         added = None

@@ -47,6 +47,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from transformers.utils import logging as transformers_logging
 
 from engine.errors import ModelLoadError
+from engine.hashes import HashCache, shared_cache
 from engine.settings import EngineSettings, ModelSettings, resolve_device
 from engine.tokenizer import EOS, VOCAB_SIZE, clip_tokenizer
 from engine.types import ModelInfo
@@ -83,11 +84,12 @@ class LoadedModel:
 
 def load_model(source: str, *, device: torch.device | str, dtype: torch.dtype,
                family: str = "auto", name: str = "", progress: bool = True,
-               prediction_type: str | None = None) -> LoadedModel:
+               prediction_type: str | None = None, hashes: HashCache | None = None) -> LoadedModel:
     """Load ``source`` (folder, ``.safetensors`` or hub id); see the module docstring.
 
     ``family`` ("auto", "sd1", "sd2", "sdxl") must agree with what the checkpoint holds when
     given. ``prediction_type`` ("epsilon" / "v_prediction") overrides the scheduler config's.
+    A single file's A1111 model hash comes from ``hashes`` (default: the process's cache).
     """
     if family not in ("auto", *FAMILIES):
         raise ModelLoadError(f"model family {family!r} is unknown: use auto, sd1, sd2 or sdxl.")
@@ -99,6 +101,7 @@ def load_model(source: str, *, device: torch.device | str, dtype: torch.dtype,
             parts = _load_folder(path, family, dtype)
         elif path.is_file():
             parts = _load_single_file(path, family, dtype, prediction_type)
+            parts.file_hash = (hashes or shared_cache()).short_hash(path)
         elif HUB_ID.fullmatch(source) and not source.endswith(".safetensors"):
             parts = _load_folder(_download(source), family, dtype)
         else:
@@ -132,6 +135,7 @@ class _Parts:
     scheduler_config: dict
     config_dir: Path
     shipped_config: bool = False
+    file_hash: str | None = None
 
 
 def _load_folder(folder: Path, family: str, dtype: torch.dtype) -> _Parts:
@@ -347,7 +351,7 @@ def _assemble(parts: _Parts, source: str, name: str, device: torch.device, dtype
         default_size = 512  # an SD 2.x 512-base checkpoint, not the shipped 768-v one
     info = ModelInfo(name=name or Path(source.rstrip("/")).stem or source, family=parts.family,
                      prediction_type=prediction_type, default_size=default_size,
-                     latent_scale=latent_scale,
+                     latent_scale=latent_scale, file_hash=parts.file_hash,
                      extra={"source": source, "config": str(parts.config_dir)})
     return LoadedModel(info=info, unet=parts.unet, vae=parts.vae, text_encoders=parts.text_encoders,
                        tokenizers=parts.tokenizers,

@@ -5,9 +5,19 @@ settings because of one ``tEXt`` chunk named ``parameters``::
 
     a red fox
     Negative prompt: blurry
-    Steps: 25, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model: sd15, Job id: 3
+    Steps: 25, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 512x512,
+    Model hash: 6ce0161689, Model: sd15, RNG: CPU, Job id: 3
 
 We write that, plus a ``job_id`` chunk of our own so a posted image leads back to its job.
+
+The fields are the ones AUTOMATIC1111 (v1.9 and later) needs to make the same image again:
+
+- ``Sampler`` and ``Schedule type`` are two fields there (:data:`INFOTEXT_SAMPLERS`); "Automatic"
+  is what it writes for a sampler run on its default schedule.
+- ``RNG: CPU``: our initial and ancestral noise is drawn from CPU generators, which is A1111's
+  "CPU" noise source; a missing field reads there as its default GPU noise, a different image.
+- ``Model hash``: A1111's short hash of a single-file checkpoint (:mod:`engine.hashes`); left out
+  for a diffusers folder or a hub id, which A1111 has no hash for.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import re
 
 from PIL import Image, PngImagePlugin
 
-from engine.types import SAMPLER_NAMES, GenerationRequest
+from engine.types import GenerationRequest
 
 #: zlib's level for the PNGs we write (``engine.png_compress_level``). Measured on this project's
 #: CPU machine for a smooth 512x512 image: 21 ms at level 1, 69 ms at Pillow's default 6, for a
@@ -27,6 +37,21 @@ PNG_COMPRESS_LEVEL = 1
 
 # One "Key: value" field of the last line; values with commas are JSON-quoted (as AUTOMATIC1111 does).
 _FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+#: Our sampler id -> (``Sampler``, ``Schedule type``) as AUTOMATIC1111 >= 1.9 writes them. A
+#: sampler whose A1111 default schedule is the one we run says "Automatic", as A1111 itself does
+#: for its defaults (Euler, Euler a and DDIM have none of their own; DPM++ 2M defaults to Karras,
+#: and A1111 writes the resolved schedule then).
+INFOTEXT_SAMPLERS: dict[str, tuple[str, str]] = {
+    "euler": ("Euler", "Automatic"),
+    "euler_a": ("Euler a", "Automatic"),
+    "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
+    "ddim": ("DDIM", "Automatic"),
+}
+
+#: Our noise is A1111's "CPU" noise source (see the module docstring).
+RNG_SOURCE = "CPU"
 
 
 def _number(value: float) -> str:
@@ -38,21 +63,31 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
 
 
-def infotext(request: GenerationRequest, seed: int, model_name: str) -> str:
-    """AUTOMATIC1111 infotext for one image of ``request`` (made with ``seed``)."""
+def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash: str | None = None) -> str:
+    """AUTOMATIC1111 infotext for one image of ``request`` (made with ``seed``), fields in A1111's order.
+
+    ``model_hash``: the checkpoint file's short hash, None for a model that is not one file.
+    """
+    sampler, schedule_type = INFOTEXT_SAMPLERS.get(request.params.sampler, (request.params.sampler, "Automatic"))
     fields: dict[str, str] = {
         "Steps": str(request.params.steps),
-        "Sampler": SAMPLER_NAMES.get(request.params.sampler, request.params.sampler),
+        "Sampler": sampler,
+        "Schedule type": schedule_type,
         "CFG scale": _number(request.params.guidance),
         "Seed": str(seed),
         "Size": f"{request.params.width}x{request.params.height}",
-        "Model": _quote(model_name),
     }
-    if request.is_img2img:
-        fields["Denoising strength"] = _number(request.params.strength)
+    if model_hash:
+        fields["Model hash"] = model_hash
+    fields["Model"] = _quote(model_name)
     if request.params.variation_seed is not None and request.params.variation_strength > 0:
         fields["Variation seed"] = str(request.params.variation_seed + (seed - request.params.seed))
         fields["Variation seed strength"] = _number(request.params.variation_strength)
+    if request.is_img2img:
+        fields["Denoising strength"] = _number(request.params.strength)
+    if request.params.clip_skip > 1:  # A1111 writes it only when it is not the default
+        fields["Clip skip"] = str(request.params.clip_skip)
+    fields["RNG"] = RNG_SOURCE
     fields["Job id"] = str(request.job_id)
     lines = [request.params.prompt]
     if request.params.negative_prompt:

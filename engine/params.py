@@ -75,6 +75,8 @@ class GenerationParams:
     variation_seed: int | None = None
     variation_strength: float = 0.0
     model: str | None = None
+    #: CLIP skip (AUTOMATIC1111's "Clip skip"): 1 reads the text encoder's last layer, 2 the one before.
+    clip_skip: int = 1
 
     @property
     def is_img2img(self) -> bool:

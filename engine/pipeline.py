@@ -32,7 +32,7 @@ from engine.lora import LoraLibrary
 from engine.metadata import PNG_COMPRESS_LEVEL, encode_png, infotext
 from engine.prompt_syntax import lora_key
 from engine.samplers import SAMPLERS, Sampler
-from engine.schedules import ModelSchedule, job_sigmas
+from engine.schedules import ModelSchedule, job_schedule
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class PreparedJob:
 
     request: GenerationRequest
     sampler: Sampler
-    sigmas: Tensor  # [steps + 1] float32 on the CPU, start noise level down to 0
+    sigmas: Tensor  # [total_steps + 1] float32 on the CPU, start noise level down to 0 (DDIM: to timestep 1)
     seeds: list[int]
     generators: list[torch.Generator]  # one per image, for ancestral noise after the initial noise
     latents: Tensor  # [count, C, h, w] float32 on the device, at noise level sigmas[0]
@@ -76,13 +76,23 @@ class PreparedJob:
 
 
 def slerp(t: float, a: Tensor, b: Tensor) -> Tensor:
-    """Spherical interpolation between two noises: a mix that still looks like unit noise."""
-    a_unit, b_unit = a / a.norm(), b / b.norm()
-    dot = (a_unit * b_unit).sum().clamp(-1, 1)
-    if dot.abs() > 0.9995:  # nearly parallel: the sphere is flat here
-        return (1 - t) * a + t * b
-    omega = dot.acos()
-    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    """AUTOMATIC1111's variation-seed mix of two ``(C, H, W)`` noises (``modules/rng.py``).
+
+    A1111 interpolates on the sphere per vector along dim 1 (the latent's height): each
+    (channel, column) of ``a`` and ``b`` is mixed with its own angle, which keeps the mix unit
+    noise column by column. Only this formula gives A1111's image for a seed, variation seed and
+    strength, so we keep its details: when the columns are almost parallel on average it mixes
+    linearly, with the weights the other way round (``t`` on ``a``), which only happens when the
+    two noises are nearly the same and the weights then hardly matter.
+    """
+    a_unit, b_unit = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    dot = (a_unit * b_unit).sum(1)  # [C, W]: one cosine per column
+    if dot.mean() > 0.9995:
+        return t * a + (1 - t) * b
+    omega = dot.clamp(-1, 1).acos()
+    sin_omega = omega.sin()
+    return ((torch.sin((1 - t) * omega) / sin_omega).unsqueeze(1) * a
+            + (torch.sin(t * omega) / sin_omega).unsqueeze(1) * b)
 
 
 def fit_image(data: bytes, width: int, height: int) -> Image.Image:
@@ -146,12 +156,12 @@ class Pipeline:
         sampler = self._check(request)
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._conditioning(request)
-        # 3. The sampler's sigmas, from the highest noise level down to 0.
-        sigmas = job_sigmas(self.schedule, sampler.discretization, request.params.steps).float()
-        # 4. Initial noise per image seed (mixed with the variation seed's), scaled to sigmas[0].
+        # 3. The sampler's sigmas, from the highest noise level down.
+        plan = job_schedule(self.schedule, sampler.discretization, request.params.steps)
+        # 4. Initial noise per image seed (mixed with the variation seed's), scaled for sigmas[0].
         seeds, generators, noise = self._initial_noise(request)
-        latents = noise.to(self.device) * sigmas[0].item()
-        return PreparedJob(request, sampler, sigmas, seeds, generators, latents, cond)
+        latents = plan.start_latents(noise.to(self.device))
+        return PreparedJob(request, sampler, plan.sigmas.float(), seeds, generators, latents, cond)
 
     def img2img(self, request: GenerationRequest) -> PreparedJob:
         """A job that starts from the member's image, noised according to ``strength``."""
@@ -161,13 +171,13 @@ class Pipeline:
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._conditioning(request)
         # 3. The tail of the sampler's sigmas: strength 1 starts at full noise, 0.3 near the end.
-        sigmas = job_sigmas(self.schedule, sampler.discretization, request.params.steps, request.params.strength).float()
+        plan = job_schedule(self.schedule, sampler.discretization, request.params.steps, request.params.strength)
         # 4. The image into latent space (VAE mean: deterministic), repeated per image.
         init_latents = self.encode_image(image).expand(len(cond.guidance), -1, -1, -1)
         # 5. Noise per image seed added at the start noise level.
         seeds, generators, noise = self._initial_noise(request)
-        latents = init_latents + noise.to(self.device) * sigmas[0].item()
-        return PreparedJob(request, sampler, sigmas, seeds, generators, latents, cond)
+        latents = plan.start_latents(noise.to(self.device), init=init_latents)
+        return PreparedJob(request, sampler, plan.sigmas.float(), seeds, generators, latents, cond)
 
     def _check(self, request: GenerationRequest) -> Sampler:
         if request.params.sampler not in SAMPLERS:
@@ -181,7 +191,7 @@ class Pipeline:
     def _conditioning(self, request: GenerationRequest) -> Conditioning:
         return self.prompts.conditioning(
             request.params.prompt, request.params.negative_prompt, rows=request.params.count, guidance=request.params.guidance,
-            width=request.params.width, height=request.params.height,
+            width=request.params.width, height=request.params.height, clip_skip=request.params.clip_skip,
         )
 
     def _initial_noise(self, request: GenerationRequest) -> tuple[list[int], list[torch.Generator], Tensor]:
@@ -262,8 +272,8 @@ class Pipeline:
     def finish(self, job: PreparedJob, images: list[Image.Image],
                compress_level: int = PNG_COMPRESS_LEVEL) -> GenerationResult:
         """PNG bytes with AUTOMATIC1111 parameters for each decoded image (any thread)."""
-        request, name = job.request, self.model.info.name
-        texts = [infotext(request, seed, name) for seed in job.seeds]
+        request, info = job.request, self.model.info
+        texts = [infotext(request, seed, info.name, info.file_hash) for seed in job.seeds]
         generated = [
             GeneratedImage(png=encode_png(image, text, request.job_id, compress_level), seed=seed)
             for image, text, seed in zip(images, texts, job.seeds)

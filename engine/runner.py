@@ -6,6 +6,13 @@ each row into a ``GenerationRequest``, keeps the job's lease alive with heartbea
 runs, and stores the result (or the reason it failed). It never talks to Discord: whoever
 posts results (the bot, in this or another process) finds them in the database, and is woken
 in-process through ``on_finished``. This is also what a standalone GPU worker process runs.
+
+A database outage of any length, or a SQLite write lock held past the busy timeout, is waited out
+(:mod:`db.faults`): every queue call is retried with backoff until the database answers, so the
+main loop, the listener and the heartbeats go on, a result finished meanwhile is stored once it is
+back (the queue's complete/fail are safe to repeat), and running jobs keep their leases (the
+runner's own claims never take them from it). :attr:`QueueRunner.database_reachable` and
+:attr:`QueueRunner.stats` are the health view for operators.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
+from db.faults import Backoff, DatabaseHealth, is_database_fault, until_reachable
 from db.models import Job
-from db.queue import Queue
+from db.queue import Queue, woken_within
 from db.session import make_engine, upgrade
 from db.settings import QueueSettings
 from engine.errors import GenerationError, JobCancelled
@@ -31,6 +40,16 @@ from engine.types import GenerationRequest, Progress
 from engine.worker import EngineWorker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class RunnerStats:
+    """What a runner has finished since it started (for /metrics)."""
+
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    images_done: int = 0
 
 
 def worker_identity(name: str) -> tuple[str, str]:
@@ -80,6 +99,14 @@ class QueueRunner:
         self.turns = turns
         self._tasks: dict[int, asyncio.Task] = {}
         self._wake = asyncio.Event()
+        self._health = DatabaseHealth(log)
+        self._marking: set[asyncio.Task] = set()  # mark_started writes in flight (held: tasks are weak)
+        self.stats = RunnerStats()
+
+    @property
+    def database_reachable(self) -> bool:
+        """False from a failed queue call until the next one that succeeds."""
+        return self._health.reachable
 
     def wake(self) -> None:
         """A job was enqueued or finished: look at the queue now rather than at the next poll."""
@@ -102,47 +129,71 @@ class QueueRunner:
         listener = None
         if self.listen:
             listener = asyncio.create_task(self._listen(), name="queue-listener")
-            listener.add_done_callback(_log_failure)
+            listener.add_done_callback(log_failure)
+        backoff = Backoff()
         try:
             while True:
-                await self._claim_while_room()
-                self._wake.clear()
                 try:
-                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel.
-                    async with asyncio.timeout(self.poll_interval):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+                    await self._claim_while_room()
+                    backoff.reset()
+                except Exception:  # a bug must not stop the queue: say so, wait, go on
+                    log.exception("queue runner: claiming failed; trying again")
+                    await asyncio.sleep(backoff.next())
+                await woken_within(self._wake, self.poll_interval)
         finally:
             if listener is not None:
                 listener.cancel()
             await self._shutdown()
 
     async def _listen(self) -> None:
+        backoff = Backoff()
         while True:
-            if await asyncio.to_thread(self.queue.wait_for_jobs, max(self.poll_interval, 5.0)):
-                self._wake.set()
+            try:
+                if await asyncio.to_thread(self.queue.wait_for_jobs, max(self.poll_interval, 5.0)):
+                    self._wake.set()
+                backoff.reset()
+            except Exception:  # polling goes on meanwhile; the listener must not die
+                log.exception("queue listener failed; listening again")
+                await asyncio.sleep(backoff.next())
+
+    async def _db(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` in a thread, retried with backoff for as long as the database is away."""
+        backoff = Backoff()
+        while True:
+            try:
+                result = await asyncio.to_thread(call, *args)
+            except Exception as error:
+                if not is_database_fault(error):
+                    raise
+                self._health.failed(error)
+                await asyncio.sleep(backoff.next())
+                continue
+            self._health.succeeded()
+            return result
 
     async def _claim_while_room(self) -> None:
         while len(self._tasks) < self.max_in_flight:
-            job = await asyncio.to_thread(self._claim_next)
+            job = await self._db(self._claim_next, frozenset(self._tasks))
             if job is None:
                 return
             task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
             self._tasks[job.id] = task
             task.add_done_callback(self._job_done)
 
-    def _claim_next(self) -> Job | None:
-        """The next job in fair order, for the model whose turn it is (runs in a thread)."""
+    def _claim_next(self, running: frozenset[int]) -> Job | None:
+        """The next job in fair order, for the model whose turn it is (runs in a thread).
+
+        ``running``: our jobs in the engine, whose leases are ours even if an outage let them run out.
+        """
         if self.turns is None:
-            return self.queue.claim(self.worker_id)
+            return self.queue.claim(self.worker_id, keep=running)
         # claim() recovers expired leases itself, but with turns we only claim when a model has
         # waiting jobs: recover first, or a dead worker's jobs would never count as waiting.
-        self.queue.recover()
+        self.queue.recover(keep=running)
         model = self.turns.choose(self.queue.waiting_models(), self.worker.loaded_models(), time.monotonic())
         if model is None:
             return None
-        return self.queue.claim(self.worker_id, model=model, unassigned=model == self.turns.default)
+        return self.queue.claim(self.worker_id, model=model, unassigned=model == self.turns.default, keep=running)
 
     def _job_done(self, task: asyncio.Task) -> None:
         job_id = int(task.get_name().removeprefix("job-"))
@@ -153,7 +204,7 @@ class QueueRunner:
 
     async def _run_job(self, job: Job) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(job.id), name=f"heartbeat-{job.id}")
-        heartbeat.add_done_callback(_log_failure)
+        heartbeat.add_done_callback(log_failure)
         try:
             stored = await self._generate_and_store(job)
         finally:
@@ -164,12 +215,19 @@ class QueueRunner:
     async def _generate_and_store(self, job: Job) -> bool:
         """Run one job; True when its outcome (images or failure) was written by us."""
         request = request_from_job(job)
-        progress = None
-        if self.on_progress is not None:
-            callback = self.on_progress
+        started = False
 
-            def progress(p: Progress) -> None:
-                callback(job.id, p)
+        def progress(p: Progress) -> None:  # on the event loop's thread
+            nonlocal started
+            if not started:  # the engine has begun it: now the attempt counts (one write, off the loop)
+                started = True
+                task = asyncio.create_task(self._db(self.queue.mark_started, job.id, self.worker_id),
+                                           name=f"started-{job.id}")
+                self._marking.add(task)
+                task.add_done_callback(self._marking.discard)
+                task.add_done_callback(log_failure)
+            if self.on_progress is not None:
+                self.on_progress(job.id, p)
 
         try:
             result = await self.worker.generate(request, on_progress=progress)
@@ -177,20 +235,34 @@ class QueueRunner:
             # Cancelled by its member (the queue says so already) or our lease was taken over.
             return True
         except GenerationError as e:
-            return await asyncio.to_thread(self.queue.fail, job.id, self.worker_id, str(e))
+            return await self._fail(job.id, str(e))
         except Exception as e:  # a bug must fail this job, never the runner
             log.exception("job %s: unexpected engine error", job.id)
-            return await asyncio.to_thread(
-                self.queue.fail, job.id, self.worker_id, f"internal error in the engine ({type(e).__name__})"
-            )
+            return await self._fail(job.id, f"internal error in the engine ({type(e).__name__})")
         images = [(image.png, image.seed) for image in result.images]
-        return await asyncio.to_thread(self.queue.complete, job.id, self.worker_id, images)
+        stored = await self._db(self.queue.complete, job.id, self.worker_id, images)
+        if stored:
+            self.stats.jobs_done += 1
+            self.stats.images_done += len(images)
+        return stored
+
+    async def _fail(self, job_id: int, error: str) -> bool:
+        stored = await self._db(self.queue.fail, job_id, self.worker_id, error)
+        if stored:
+            self.stats.jobs_failed += 1
+        return stored
 
     async def _heartbeat(self, job_id: int) -> None:
-        """Renew the lease; when it is lost (cancelled, or taken over) stop the job."""
+        """Renew the lease; when it is lost (cancelled, or taken over) stop the job. While the
+        database is away the renewal waits for it: the lease is renewed the moment it is back."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            if not await asyncio.to_thread(self.queue.heartbeat, job_id, self.worker_id):
+            try:
+                ours = await self._db(self.queue.heartbeat, job_id, self.worker_id)
+            except Exception:  # a bug in one renewal must not leave the lease to run out
+                log.exception("job %s: heartbeat failed; trying again at the next one", job_id)
+                continue
+            if not ours:
                 self.worker.cancel(job_id)
                 return
 
@@ -199,14 +271,22 @@ class QueueRunner:
         job_ids, tasks = list(self._tasks), list(self._tasks.values())
         for job_id in job_ids:
             self.worker.cancel(job_id)
-        for task in tasks:
+        # A start still being recorded either lands before the release (which un-counts it) or
+        # after it (and matches nothing: the job is no longer ours).
+        marking = list(self._marking)
+        for task in tasks + marking:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *marking, return_exceptions=True)
         for job_id in job_ids:
-            await asyncio.to_thread(self.queue.release, job_id, self.worker_id)
+            try:
+                await asyncio.to_thread(self.queue.release, job_id, self.worker_id)
+            except Exception as error:  # no waiting on the way out: the lease hands it back
+                log.warning("job %s: could not give it back (%s); it goes back in line when its lease "
+                            "runs out", job_id, error)
 
 
-def _log_failure(task: asyncio.Task) -> None:
+def log_failure(task: asyncio.Task) -> None:
+    """Done-callback for background tasks: a task that died says so, with its traceback."""
     if not task.cancelled() and task.exception() is not None:
         log.error("%s failed", task.get_name(), exc_info=task.exception())
 
@@ -215,16 +295,19 @@ def run_worker_process(settings: Settings, queue_settings: QueueSettings, *, nam
     """``python -m engine worker``: serve the shared queue from this machine until a signal.
 
     Results go to the database; the bot (which may run on a machine without a GPU) posts them.
-    Jobs running here when the signal comes are given back to the queue unfinished.
+    Jobs running here when the signal comes are given back to the queue unfinished. A database
+    that is not there yet (a server still starting) is waited for; one that cannot be written
+    (read-only SQLite file) raises :class:`~db.errors.StorageError`, whose message says what to do.
     """
     db = make_engine(queue_settings.database_url)
-    upgrade(db)
+    health = DatabaseHealth(log)
+    until_reachable(lambda: upgrade(db), health)
     queue = Queue(db, pending_limit=queue_settings.pending_limit, max_attempts=queue_settings.max_attempts,
                   lease_seconds=queue_settings.lease_seconds)
     pool = ModelPool.configured(settings.all_models, settings.engine)
     worker = EngineWorker(pool, settings.engine, settings.generation)  # loads the default model
     worker_id, prefix = worker_identity(name)
-    recovered = queue.recover_all_running(worker_prefix=prefix)
+    recovered = until_reachable(lambda: queue.recover_all_running(worker_prefix=prefix), health)
     if recovered:
         log.info("%d job(s) left running by this worker's previous run were put back in line", recovered)
     runner = QueueRunner(queue, worker, worker_id=worker_id, max_in_flight=settings.engine.max_batch,

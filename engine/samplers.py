@@ -86,7 +86,9 @@ def ddim_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *,
               old_denoised: Tensor, old_sigma: Tensor, noise: Tensor | None) -> Tensor:
     """DDIM with eta 0 (Song et al. 2021, eq. 12), written in sigma-scaled latents."""
     # In k-diffusion's variables x_t / sqrt(alpha_t) the DDIM update keeps the predicted noise
-    # and swaps the noise level: x_prev = x0 + sigma_prev * eps.
+    # and swaps the noise level: x_prev = x0 + sigma_prev * eps. This is A1111's update
+    # (sqrt(a_prev) * pred_x0 + sqrt(1 - a_prev) * e_t) divided by sqrt(a_prev); its timestep
+    # grid and start/end scaling are the schedule's (engine.schedules.ddim_sigmas, JobSchedule).
     eps = (x - denoised) / rows(sigma)
     return denoised + rows(sigma_next) * eps
 
@@ -114,6 +116,8 @@ def sample(denoiser: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tens
     """Run one sampler over a whole schedule (all rows at the same step): a reference loop.
 
     The worker does the same per row; this is for tests and for reading what a step does.
+    Returns the latents at the last sigma (``engine.schedules.latents_to_decode`` makes them
+    what the VAE decodes).
     """
     old_denoised, old_sigma = torch.zeros_like(x), x.new_zeros(x.shape[0])
     for i in range(len(sigmas) - 1):

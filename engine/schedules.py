@@ -8,11 +8,20 @@ log-sigma the way k-diffusion's ``DiscreteSchedule`` does, so any discretization
 checkpoint.
 
 Every function here is pure and runs on the CPU once per job, not once per step.
+
+DDIM is AUTOMATIC1111's (v1.6 and later, ``modules/sd_samplers_timesteps*.py``), so that a
+pasted infotext makes the same image there: it walks its own grid of training timesteps, stops at
+timestep 1 rather than at sigma 0, and starts and ends in the UNet's scale of the latents
+(:class:`JobSchedule`), where the k-diffusion samplers start at ``noise * sigma_max`` and end clean.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+from torch import Tensor
 
 
 class ModelSchedule:
@@ -74,26 +83,103 @@ def karras_sigmas(schedule: ModelSchedule, steps: int, rho: float = 7.0) -> torc
     return append_zero((max_inv + ramp * (min_inv - max_inv)) ** rho)
 
 
-def ddim_sigmas(schedule: ModelSchedule, steps: int) -> torch.Tensor:
-    """DDIM's "uniform" timesteps as latent-diffusion spaces them: every (1000 // steps)-th, plus one."""
-    num_train = len(schedule.sigmas)
+def ddim_timesteps(num_train: int, steps: int) -> torch.Tensor:
+    """A1111's DDIM grid, ascending: every ``num_train // steps``-th timestep plus one, at most the last.
+
+    For 20 steps: 1, 51, ..., 951. When ``steps`` does not divide ``num_train`` the grid has one
+    more point (30 steps: 31 timesteps, 1 to 991), as A1111's ``range`` gives.
+    """
     stride = max(num_train // steps, 1)
-    t = (torch.arange(0, num_train, stride, dtype=torch.float64)[:steps] + 1).clamp(max=num_train - 1)
-    return append_zero(schedule.t_to_sigma(t.flip(0)))
+    return (torch.arange(0, num_train, stride) + 1).clamp(max=num_train - 1)
+
+
+def ddim_sigmas(schedule: ModelSchedule, steps: int) -> torch.Tensor:
+    """A1111's DDIM levels from the top of its grid down to timestep 1 (not to sigma 0).
+
+    Each step evaluates the model at one grid point and moves to the next one down, so the last
+    step lands on timestep 1 and A1111 decodes the latents there (:func:`latents_to_decode`):
+    for 20 steps it evaluates 951, 901, ..., 51, nineteen model calls.
+    """
+    t = ddim_timesteps(len(schedule.sigmas), steps)
+    return schedule.sigmas[t.flip(0)]
 
 
 DISCRETIZATIONS = {"normal": normal_sigmas, "karras": karras_sigmas, "ddim": ddim_sigmas}
+#: Discretizations whose sampler (A1111's timestep samplers) makes its first latents in the UNet's scale.
+UNET_SCALE_START = frozenset({"ddim"})
 
 
-def job_sigmas(schedule: ModelSchedule, discretization: str, steps: int, strength: float | None = None) -> torch.Tensor:
-    """The sigmas one job walks, from its start noise level down to 0.
+@dataclass(frozen=True)
+class JobSchedule:
+    """The sigmas one job walks, and how its first latents are made from noise and an init image."""
+
+    discretization: str
+    #: The sigma of each step, then the one the last step lands on (float64, CPU).
+    sigmas: Tensor
+    #: The noise level the init image is noised to: ``sigmas[0]``, except for A1111's DDIM img2img,
+    #: which noises to the grid point above the first one it evaluates (and A1111 keeps it so).
+    noise_sigma: float
+
+    def start_latents(self, noise: Tensor, init: Tensor | None = None) -> Tensor:
+        """The first latents, read by the denoiser at ``sigmas[0]`` (k-diffusion's scale).
+
+        k-diffusion samplers: ``init + noise * sigma`` (no init: pure noise at sigma_max).
+        A1111's DDIM works on the UNet's input ``x * sqrt(alpha_bar)`` instead: unit noise, or the init
+        image noised as ``init * sqrt(a) + noise * sqrt(1 - a)`` at ``noise_sigma``; that is turned
+        into our scale at the level it is first evaluated at.
+        """
+        if self.discretization not in UNET_SCALE_START:
+            return noise * self.noise_sigma if init is None else init + noise * self.noise_sigma
+        if init is None:
+            unet_latents = noise
+        else:
+            level = math.sqrt(1 + self.noise_sigma**2)  # 1 / sqrt(alpha_bar) at noise_sigma
+            unet_latents = init / level + noise * (self.noise_sigma / level)
+        return unet_latents * math.sqrt(1 + float(self.sigmas[0]) ** 2)
+
+
+def latents_to_decode(latents: Tensor, last_sigma: float) -> Tensor:
+    """What the VAE decodes: the latents in the UNet's scale at the last sigma.
+
+    At sigma 0 (every k-diffusion schedule) that is the latents themselves. A1111's DDIM stops at
+    timestep 1 and decodes ``x * sqrt(alpha_bar)`` there, still holding that step's bit of noise.
+    """
+    return latents if last_sigma == 0 else latents / math.sqrt(1 + last_sigma**2)
+
+
+def job_schedule(schedule: ModelSchedule, discretization: str, steps: int,
+                 strength: float | None = None) -> JobSchedule:
+    """The schedule one job walks, from its start noise level down.
 
     img2img (``strength`` given) starts part-way down the full schedule, as AUTOMATIC1111 does:
     ``int(strength * steps)`` steps are skipped from the noisy end, so the init image keeps
     ``1 - strength`` of its structure and the job runs ``int(strength * steps) + 1`` steps.
+    A1111's DDIM keeps ``int(strength * steps)`` grid points, noises the image to the next one up
+    and evaluates the ones kept (one step fewer).
     """
     sigmas = DISCRETIZATIONS[discretization](schedule, steps)
+    if discretization in UNET_SCALE_START:
+        return _ddim_schedule(schedule, sigmas, steps, strength)
+    if strength is not None:
+        sigmas = sigmas[steps - int(min(strength, 0.999) * steps) - 1:]
+    return JobSchedule(discretization, sigmas, float(sigmas[0]))
+
+
+def _ddim_schedule(schedule: ModelSchedule, grid: Tensor, steps: int, strength: float | None) -> JobSchedule:
     if strength is None:
-        return sigmas
-    denoise_steps = int(min(strength, 0.999) * steps)
-    return sigmas[steps - denoise_steps - 1 :]
+        sigmas, noise_sigma = grid, float(grid[0])
+    else:
+        kept = int(min(strength, 0.999) * steps)
+        sigmas = grid[len(grid) - kept:]
+        noise_sigma = float(grid[len(grid) - kept - 1])
+    if len(sigmas) < 2:
+        # A1111 calls the model zero times here (1 step, or strength * steps under 2) and decodes
+        # the noise itself; a job always takes a step, from where its latents are to timestep 1.
+        start = schedule.sigmas[-1] if strength is None else noise_sigma
+        sigmas, noise_sigma = torch.stack([torch.as_tensor(start, dtype=grid.dtype), schedule.sigmas[1]]), float(start)
+    return JobSchedule("ddim", sigmas, noise_sigma)
+
+
+def job_sigmas(schedule: ModelSchedule, discretization: str, steps: int, strength: float | None = None) -> torch.Tensor:
+    """The sigmas of :func:`job_schedule` alone."""
+    return job_schedule(schedule, discretization, steps, strength).sigmas

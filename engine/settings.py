@@ -40,6 +40,7 @@ class ModelSettings:
     prediction_type: str = "auto"
     embeddings_dir: str = ""  # textual-inversion embeddings, found in prompts by file name
     lora_dir: str = ""  # LoRA files, used in prompts as <lora:NAME:WEIGHT>
+    clip_skip: int = 1  # the model's default CLIP skip (anime models want 2); a member may choose another
 
     @property
     def display_name(self) -> str:
@@ -100,7 +101,8 @@ class GenerationSettings:
     def params(self, prompt: str, *, seed: int | None = None, negative_prompt: str | None = None,
                steps: int | None = None, guidance: float | None = None, size: tuple[int, int] | None = None,
                sampler: str | None = None, count: int | None = None, init_image: bytes | None = None,
-               strength: float | None = None, model: str | None = None) -> GenerationParams:
+               strength: float | None = None, model: str | None = None,
+               clip_skip: int | None = None) -> GenerationParams:
         """A job's parameters, with this configuration's defaults for what was left out (None).
 
         The one place where configured defaults are filled in: the bot's admission applies the
@@ -119,6 +121,7 @@ class GenerationSettings:
             init_image=init_image,
             strength=self.default_strength if strength is None else strength,
             model=model,
+            clip_skip=clip_skip or 1,
         )
 
     def for_family(self, family: str) -> GenerationSettings:
@@ -256,6 +259,8 @@ def _check_model(key: str, model: ModelSettings) -> None:
     check(model.family in FAMILIES, f"{key}.family", model.family, f"one of {', '.join(FAMILIES)}")
     check(model.prediction_type in PREDICTION_TYPES, f"{key}.prediction_type", model.prediction_type,
           f"one of {', '.join(PREDICTION_TYPES)}")
+    check(isinstance(model.clip_skip, int) and 1 <= model.clip_skip <= 12, f"{key}.clip_skip", model.clip_skip,
+          "1 to 12 (1: the text encoder's last layer; anime models often want 2)")
     for folder in ("embeddings_dir", "lora_dir"):
         value = getattr(model, folder)
         check(not value or not Path(value).expanduser().is_file(), f"{key}.{folder}", value,

@@ -70,4 +70,7 @@ class ModelInfo:
     prediction_type: str  # "epsilon" or "v_prediction"
     default_size: int  # 512 for SD1, 768 for SD2-v, 1024 for SDXL
     latent_scale: int  # pixels per latent cell (8 for real checkpoints)
+    #: AUTOMATIC1111's short hash of a single-file checkpoint (``engine.hashes``); None for a
+    #: diffusers folder or a hub id, which have no one file to hash.
+    file_hash: str | None = None
     extra: dict = field(default_factory=dict)

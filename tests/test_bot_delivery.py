@@ -1,5 +1,6 @@
 """Delivery end to end: progress edits, exactly-once posting through Discord faults (429, lost
-answers, a deleted channel, missing permissions), and the expired interaction token."""
+answers, a deleted channel, missing permissions: see also test_delivery_permissions.py), and the
+expired interaction token."""
 
 from __future__ import annotations
 
@@ -67,14 +68,16 @@ async def test_deleted_channel_stops_the_attempts(setup):
         assert "could not post" in ix.original.content
 
 
-async def test_missing_permission_is_told_on_the_status_message(setup):
+async def test_missing_permission_sends_the_result_by_dm_and_says_so_on_the_status(setup):
     emu, config, queue, worker = setup
     emu.revoke_permissions(emu.general)
     async with bot_running(emu, config, queue, worker):
         ix = await emu.slash(emu.alice, "imagine", {"prompt": "no rights"})
         await ix.wait_ack()
-        await emu.wait_for(lambda: "could not post" in ix.original.content and queue.get(1).posted_at,
-                           timeout=60, what="failure shown and recorded")
+        await emu.wait_for(lambda: "direct message" in ix.original.content and queue.get(1).posted_at,
+                           timeout=60, what="the DM shown and recorded")
+        (dm,) = emu.dm_messages(emu.alice)
+        assert dm.attachments and "could not post in #general" in dm.content
     assert queue.undelivered() == [] and results(emu) == []
 
 

@@ -18,7 +18,7 @@ def test_generate_from_a_single_file_checkpoint(tiny_sd_single_file, tmp_path, c
     assert Image.open(first).size == (64, 48)
     assert read_parameters(first.read_bytes())["Seed"] == "7"
     assert read_parameters(second.read_bytes())["Seed"] == "8"
-    assert "Sampler: DPM++ 2M Karras" in capsys.readouterr().out
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in capsys.readouterr().out
 
 
 def test_img2img_from_a_diffusers_folder(tiny_sd_folder, tmp_path):

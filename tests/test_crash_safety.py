@@ -115,8 +115,9 @@ async def test_bot_killed_while_jobs_run_and_wait(emulator: Emulator, tiny_sd_fo
                 await imagine(emu, queue, emu.bob, seed=1): emu.bob,
                 await imagine(emu, queue, emu.mod, seed=2): emu.mod}
 
-        def long_job_running() -> bool:
-            return queue.get(long).status is JobStatus.running
+        def long_job_running() -> bool:  # in the engine, so the kill costs it an attempt
+            job = queue.get(long)
+            return job.status is JobStatus.running and job.engine_started_at is not None
 
         for _ in range(2):  # the first attempt, then the retry
             await until(long_job_running, "the long job to run", watched=bot.watched)
@@ -231,6 +232,7 @@ async def test_bot_and_two_workers_on_postgresql_one_worker_killed(emulator: Emu
 
         def doomed_jobs() -> list[int]:
             return [j for j in jobs if queue.get(j).status is JobStatus.running
+                    and queue.get(j).engine_started_at is not None
                     and "/doomed#" in (queue.get(j).worker_id or "")]
 
         await until(doomed_jobs, "the doomed worker to run a job", watched=[workers["doomed"], *bot.watched])

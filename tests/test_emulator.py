@@ -15,7 +15,7 @@ import discord
 import pytest
 from discord import app_commands, ui
 from discord.ext import commands
-from discord_emulator import Emulator, fixtures, running
+from discord_emulator import ATTACH_FILES, EMBED_LINKS, SEND_MESSAGES, VIEW_CHANNEL, Emulator, fixtures, running
 from discord_emulator.records import compute_pings
 from PIL import Image
 
@@ -248,6 +248,43 @@ async def test_sync_rejects_what_discord_rejects(emulator: Emulator) -> None:
         async with running(bot, emulator):
             pass
     assert error.value.code == 50035 and "at most 25 choices" in error.value.text
+
+
+@pytest.mark.asyncio
+async def test_channel_permissions_are_enforced_as_discord_does(emulator: Emulator) -> None:
+    """Missing Send Messages or (for uploads) Attach Files: 403 50013; no View Channel: 403 50001;
+    no Embed Links: the embeds are dropped without an error. The bot's cache sees the overwrites,
+    and the guild's owner (all permissions) comes with GUILD_CREATE."""
+    bot = TinyBot(emulator.guild.id)
+    art = emulator.add_channel("art")
+    async with running(bot, emulator):
+        guild = bot.get_guild(emulator.guild.id)
+        assert guild.owner_id == emulator.owner.id
+        await emulator.set_permissions(emulator.general, emulator.bot_user, deny=ATTACH_FILES)
+        await emulator.set_permissions(art, emulator.bot_user, deny=EMBED_LINKS)
+        await emulator.set_permissions(emulator.nsfw_channel, emulator.bot_user, deny=VIEW_CHANNEL)
+        await emulator.wait_for(lambda: not bot.get_channel(art.id).permissions_for(guild.me).embed_links,
+                                what="the overwrites in the bot's cache")
+        assert not bot.get_channel(emulator.general.id).permissions_for(guild.me).attach_files
+
+        general = bot.get_channel(emulator.general.id)
+        with pytest.raises(discord.Forbidden) as denied:
+            await general.send("x", file=discord.File(io.BytesIO(png_bytes()), "x.png"))
+        assert denied.value.code == 50013
+        await general.send("text only is fine")
+        with pytest.raises(discord.Forbidden) as hidden:
+            await bot.http.send_message(emulator.nsfw_channel.id, params=_params("hello"))
+        assert hidden.value.code == 50001
+        posted = await bot.get_channel(art.id).send("no embeds here", embed=discord.Embed(title="dropped"))
+        assert posted.embeds == [] and emulator.messages[posted.id].embeds == []
+
+        await emulator.set_permissions(art, emulator.bot_user, deny=SEND_MESSAGES)
+        with pytest.raises(discord.Forbidden) as muted:
+            await bot.http.send_message(art.id, params=_params("hello"))
+        assert muted.value.code == 50013
+        owner_dm = await bot.create_dm(discord.Object(guild.owner_id))
+        await owner_dm.send("the owner can be told")
+        assert emulator.dm_messages(emulator.owner)[0].content == "the owner can be told"
 
 
 def test_mentions_without_allowed_mentions_ping_everyone() -> None:

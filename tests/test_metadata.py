@@ -20,7 +20,8 @@ def test_infotext_is_automatic1111s_format():
     assert infotext(make_request(), 1, "sd15") == (
         "a red fox, snow\n"
         "Negative prompt: blurry\n"
-        "Steps: 25, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x768, Model: sd15, Job id: 42"
+        "Steps: 25, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 512x768, "
+        "Model: sd15, RNG: CPU, Job id: 42"
     )
 
 
@@ -29,18 +30,19 @@ def test_img2img_and_variation_fields():
                                  guidance=7.5, negative_prompt=""), 2, "sd15")
     assert "Negative prompt" not in text
     assert text.endswith(
-        "CFG scale: 7.5, Seed: 2, Size: 512x768, Model: sd15, Denoising strength: 0.75, "
-        "Variation seed: 10, Variation seed strength: 0.25, Job id: 42"
+        "CFG scale: 7.5, Seed: 2, Size: 512x768, Model: sd15, "
+        "Variation seed: 10, Variation seed strength: 0.25, Denoising strength: 0.75, RNG: CPU, Job id: 42"
     )
 
 
 def test_png_round_trip():
     request = make_request(prompt="a fox\non two lines", sampler="dpmpp_2m_karras")
-    png = encode_png(Image.new("RGB", (8, 8)), infotext(request, 5, "my model, v2"), request.job_id)
+    png = encode_png(Image.new("RGB", (8, 8)), infotext(request, 5, "my model, v2", "6ce0161689"), request.job_id)
     params = read_parameters(png)
     assert params["Prompt"] == "a fox\non two lines"
     assert params["Negative prompt"] == "blurry"
-    assert params["Sampler"] == "DPM++ 2M Karras"
+    assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras"
+    assert params["Model hash"] == "6ce0161689" and params["RNG"] == "CPU"
     assert params["Seed"] == "5" and params["Steps"] == "25" and params["Size"] == "512x768"
     assert params["Model"] == "my model, v2"  # quoted because of the comma, unquoted when read
     assert params["job_id"] == "42" and params["Job id"] == "42"

@@ -10,7 +10,7 @@ from engine.settings import GenerationSettings
 #: Columns of ``jobs`` that are not generation parameters (who, where, queue and delivery state).
 BOOKKEEPING = {
     "id", "requester_id", "guild_id", "channel_id", "kind", "parent_id", "status", "attempts", "worker_id",
-    "lease_until", "created_at", "started_at", "finished_at", "error", "interaction_token",
+    "lease_until", "created_at", "started_at", "engine_started_at", "finished_at", "error", "interaction_token",
     "interaction_app_id", "interaction_expires_at", "status_message_id", "status_channel_id", "posted_at",
 }
 
@@ -19,7 +19,7 @@ def unusual_params() -> GenerationParams:
     """A value whose every field differs from the type's default, so a dropped field shows."""
     values = dict(prompt="a fox <lora:x:0.5>", seed=123, negative_prompt="blurry", steps=9, guidance=3.5,
                   width=640, height=384, sampler="ddim", count=3, init_image=b"png", strength=0.3,
-                  variation_seed=77, variation_strength=0.25, model="other")
+                  variation_seed=77, variation_strength=0.25, model="other", clip_skip=2)
     assert set(values) == set(PARAM_NAMES), "add the new parameter to unusual_params"
     params = GenerationParams(**values)
     defaults = GenerationParams(prompt="", seed=0)

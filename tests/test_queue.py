@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
+import random
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from db_fixtures import FakeClock
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded
-from db.models import JobKind, JobStatus
+from db.community import Community
+from db.models import Job, JobKind, JobStatus, Member
 from db.queue import Queue, fair_order
 from db.session import make_engine, upgrade, write_turn_taken
 
 ALICE, BOB, CAROL = 101, 202, 303
-REPO = Path(__file__).resolve().parents[1]
 
 
 def enqueue(queue: Queue, member: int, n: int = 1, **fields) -> list[int]:
@@ -67,6 +64,34 @@ def test_position_is_the_order_claims_take(queue: Queue) -> None:
     assert queue.position(ids[0]) is None and queue.position(10_000) is None
 
 
+def test_position_does_not_count_jobs_of_paused_servers(queue: Queue, db_engine: Engine) -> None:
+    """Issue 14: jobs of a paused server do not run, so a member is not told a place behind them."""
+    paused = enqueue(queue, ALICE, 2, guild_id=1) + enqueue(queue, BOB, 1, guild_id=1)
+    (mine,) = enqueue(queue, CAROL, guild_id=2)
+    assert queue.position(mine) == 3  # behind Alice's and Bob's first jobs
+    Community(db_engine).update_server(1, actor_id=9, paused=True)
+    assert queue.position(mine) == 1
+    assert drain(queue) == [mine]  # as claims take them
+    assert all(queue.position(j) is not None for j in paused)
+
+
+def test_position_agrees_with_fair_order_on_random_lines(db_engine: Engine, clock: FakeClock) -> None:
+    """The set-based place in line equals the place in :func:`fair_order` of all waiting jobs."""
+    queue = Queue(db_engine, pending_limit=100, clock=clock)
+    rng = random.Random(7)
+    ids = [i for _ in range(40) for i in enqueue(queue, rng.choice([ALICE, BOB, CAROL, 404, 505]))]
+    for _ in range(6):  # some members served, in some order, so their ranks differ
+        queue.claim("w1")
+    waiting = [j for j in ids if queue.get(j).status is JobStatus.queued]
+    with queue._read.begin() as session:
+        rows = session.execute(
+            select(Job.id, Job.requester_id, Member.last_served_at)
+            .outerjoin(Member, Member.user_id == Job.requester_id).where(Job.status == JobStatus.queued)
+        ).all()
+    expected = fair_order(tuple(row) for row in rows)
+    assert [queue.position(j) for j in expected] == list(range(1, len(waiting) + 1))
+
+
 def test_fair_order_without_database() -> None:
     assert fair_order([]) == []
     # Bob was never served, Alice was: Bob first even though Alice's job is older.
@@ -77,14 +102,19 @@ def test_fair_order_without_database() -> None:
 # -- claiming -----------------------------------------------------------------------------
 
 
-def test_claim_counts_attempt_and_leases(queue: Queue, clock: FakeClock) -> None:
+def test_claim_leases_and_the_start_counts_the_attempt(queue: Queue, clock: FakeClock) -> None:
     (job_id,) = enqueue(queue, ALICE, steps=30, kind=JobKind.img2img, init_image=b"png")
     job = queue.claim("w1")
     assert job.id == job_id and job.status is JobStatus.running
-    assert job.attempts == 1 and job.worker_id == "w1"
+    assert job.attempts == 0 and job.engine_started_at is None and job.worker_id == "w1"
     assert job.lease_until == clock.now + queue.lease
     assert (job.steps, job.kind, job.init_image) == (30, JobKind.img2img, b"png")
     assert queue.claim("w2") is None
+    assert not queue.mark_started(job_id, "w2")  # not theirs
+    assert queue.mark_started(job_id, "w1")
+    assert not queue.mark_started(job_id, "w1")  # a repeated write counts once
+    started = queue.get(job_id)
+    assert started.attempts == 1 and started.engine_started_at == clock.now
 
 
 def test_claim_only_matching_size_and_model(queue: Queue) -> None:
@@ -126,100 +156,6 @@ def test_threads_claiming_at_once_never_share_a_job(db_url: str, queue: Queue) -
         t.join()
     everything = [i for got in claimed for i in got]
     assert sorted(everything) == sorted(ids)  # every job once, none twice
-
-
-# -- leases, attempts, restarts -----------------------------------------------------------
-
-
-def test_heartbeat_keeps_the_lease(queue: Queue, clock: FakeClock) -> None:
-    enqueue(queue, ALICE)
-    job = queue.claim("w1")
-    clock.advance(50)
-    assert queue.heartbeat(job.id, "w1")
-    clock.advance(50)
-    assert queue.recover() == 0
-    assert queue.get(job.id).status is JobStatus.running
-
-
-def test_expired_lease_is_taken_over(queue: Queue, clock: FakeClock) -> None:
-    enqueue(queue, ALICE)
-    job = queue.claim("w1")
-    clock.advance(61)
-    assert queue.recover() == 1
-    assert queue.get(job.id).status is JobStatus.queued
-    again = queue.claim("w2")
-    assert again.id == job.id and again.attempts == 2
-    # The first worker comes back: it has lost the job.
-    assert not queue.heartbeat(job.id, "w1")
-    assert not queue.complete(job.id, "w1", [(b"late", 1)])
-    assert not queue.fail(job.id, "w1", "late")
-    assert queue.complete(job.id, "w2", [(b"png", 7)])
-    assert [(i.png, i.seed) for i in queue.images(job.id)] == [(b"png", 7)]
-
-
-def test_claim_itself_recovers_expired_leases(queue: Queue, clock: FakeClock) -> None:
-    enqueue(queue, ALICE)
-    job = queue.claim("w1")
-    clock.advance(61)
-    assert queue.claim("w2").id == job.id
-
-
-def test_fails_with_reason_after_max_attempts(queue: Queue, clock: FakeClock) -> None:
-    enqueue(queue, ALICE)
-    for attempt in range(1, 4):
-        job = queue.claim(f"w{attempt}")
-        assert job.attempts == attempt
-        clock.advance(61)
-    assert queue.recover() == 1
-    job = queue.get(job.id)
-    assert job.status is JobStatus.failed and "3 attempts" in job.error
-    assert queue.claim("w9") is None
-
-
-def test_release_gives_job_back_without_counting(queue: Queue) -> None:
-    enqueue(queue, ALICE)
-    job = queue.claim("w1")
-    assert queue.release(job.id, "w1")
-    assert queue.claim("w2").attempts == 1
-
-
-def test_restart_recovers_only_its_own_host(queue: Queue) -> None:
-    enqueue(queue, ALICE, 2)
-    mine = queue.claim("host_a-123")
-    theirs = queue.claim("hostXa-9")  # "_" must not match any character
-    assert queue.recover_all_running(worker_prefix="host_a-") == 1
-    assert queue.get(mine.id).status is JobStatus.queued
-    assert queue.get(theirs.id).status is JobStatus.running
-
-
-_CRASHING_PROCESS = """
-import os, signal, sys
-from db.session import make_engine, upgrade
-from db.queue import Queue
-engine = make_engine(sys.argv[1])
-upgrade(engine)
-queue = Queue(engine, pending_limit=5)
-for i in range(3):
-    queue.enqueue(requester_id=101, prompt=f"job {i}")
-queue.claim("crashing-worker")
-os.kill(os.getpid(), signal.SIGKILL)  # no clean shutdown, as in a crash
-"""
-
-
-@pytest.mark.slow  # starts a Python process
-def test_new_process_sees_queued_and_running_jobs(db_url: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", _CRASHING_PROCESS, db_url], env=env, timeout=120)
-    assert done.returncode == -signal.SIGKILL
-    engine = make_engine(db_url)
-    queue = Queue(engine, pending_limit=5)
-    jobs = queue.pending_for(ALICE)
-    assert [j.status for j in jobs] == [JobStatus.running, JobStatus.queued, JobStatus.queued]
-    assert queue.recover_all_running() == 1
-    first = queue.claim("new-worker")
-    assert first.id == jobs[0].id and first.attempts == 2  # the crashed attempt counted
-    assert drain(queue) == [j.id for j in jobs[1:]]
-    engine.dispose()
 
 
 # -- pending limit ------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 from engine.samplers import SAMPLERS, sample
-from engine.schedules import ModelSchedule, ddim_sigmas, job_sigmas, karras_sigmas, normal_sigmas
+from engine.schedules import (ModelSchedule, ddim_sigmas, job_schedule, job_sigmas, karras_sigmas,
+                              latents_to_decode, normal_sigmas)
 from tolerance import assert_same_latents
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
@@ -43,11 +44,10 @@ def test_normal_sigmas_match_diffusers_linspace(schedule):
     torch.testing.assert_close(normal_sigmas(schedule, 10).float(), reference.sigmas.float(), rtol=1e-5, atol=1e-6)
 
 
-def test_ddim_timesteps_are_latent_diffusions_uniform_spacing(schedule):
+def test_ddim_timesteps_are_a1111s_grid_down_to_timestep_1(schedule):
     sigmas = ddim_sigmas(schedule, 10)
-    assert sigmas[-1] == 0
-    t = schedule.sigma_to_t(sigmas[:-1])
-    torch.testing.assert_close(t, torch.arange(901, 0, -100, dtype=torch.float64))
+    t = schedule.sigma_to_t(sigmas)
+    torch.testing.assert_close(t, torch.arange(901, 0, -100, dtype=torch.float64))  # ends at 1, not sigma 0
 
 
 def test_sigma_timestep_round_trip(schedule):
@@ -58,7 +58,8 @@ def test_sigma_timestep_round_trip(schedule):
 @pytest.mark.parametrize("discretization", ["normal", "karras", "ddim"])
 def test_schedules_descend_to_zero(schedule, discretization):
     sigmas = job_sigmas(schedule, discretization, 7)
-    assert len(sigmas) == 8 and sigmas[-1] == 0
+    # A1111's DDIM grid for 7 steps: 1, 143, ..., 995 (8 points, 7 steps), ending at timestep 1.
+    assert len(sigmas) == 8 and sigmas[-1] == (schedule.sigmas[1] if discretization == "ddim" else 0)
     assert (sigmas[:-1] > sigmas[1:]).all()
 
 
@@ -75,12 +76,15 @@ def test_img2img_starts_part_way_down(schedule):
 def run_sampler(schedule, name: str, steps: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample 4096 scalar rows; returns (samples, the exact ODE solution from the same start)."""
     sampler = SAMPLERS[name]
-    sigmas = job_sigmas(schedule, sampler.discretization, steps).float()
+    plan = job_schedule(schedule, sampler.discretization, steps)
+    sigmas = plan.sigmas.float()
     generator = torch.Generator().manual_seed(seed)
-    x_start = torch.randn(4096, 1, 1, 1, generator=generator) * sigmas[0]
+    x_start = plan.start_latents(torch.randn(4096, 1, 1, 1, generator=generator)).float()
     out = sample(gaussian_denoiser, x_start, sigmas, sampler,
                  noise=lambda: torch.randn(4096, 1, 1, 1, generator=generator))
-    return out, x_start * DATA_STD / (DATA_STD**2 + sigmas[0] ** 2).sqrt()
+    # The ODE carries x_start at sigmas[0] to sigmas[-1] (0, or DDIM's timestep 1) by this factor.
+    exact = x_start * ((DATA_STD**2 + sigmas[-1] ** 2) / (DATA_STD**2 + sigmas[0] ** 2)).sqrt()
+    return latents_to_decode(out, float(sigmas[-1])), latents_to_decode(exact, float(sigmas[-1]))
 
 
 def max_error(schedule, name: str, steps: int) -> float:

@@ -58,13 +58,14 @@ def test_two_workers_one_killed_mid_job_every_job_done_once(pg_url, tiny_sd_fold
     config = write_config(tmp_path / "config.toml", tiny_sd_folder, pg_url)
     doomed, survivor = start_worker(config, "doomed"), None
     try:
-        def running_on_doomed() -> list[int]:
-            return [j.id for j in jobs if (queue.get(j.id).worker_id or "").split("/")[-1].startswith("doomed#")
-                    and queue.get(j.id).status is JobStatus.running]
+        def started_by_doomed() -> list[int]:  # in the engine, so its attempt counts
+            return [j.id for j in jobs if (job := queue.get(j.id)).status is JobStatus.running
+                    and job.engine_started_at is not None
+                    and (job.worker_id or "").split("/")[-1].startswith("doomed#")]
 
-        wait_for(running_on_doomed, "the first worker to run a job", budget=START_BUDGET, watched=[doomed])
+        wait_for(started_by_doomed, "the first worker to start a job", budget=START_BUDGET, watched=[doomed])
         doomed.kill()
-        taken = running_on_doomed()  # after the kill: the jobs it can no longer finish
+        taken = started_by_doomed()  # after the kill: the jobs it can no longer finish
 
         survivor = start_worker(config, "survivor")
         wait_for(lambda: all(queue.get(j.id).status.finished for j in jobs), "every job to finish",

@@ -15,6 +15,7 @@ from bot.transformers import Options
 def all_cogs(service: JobService, options: Options, bot: commands.Bot) -> list[commands.Cog]:
     from bot.cogs.generate import generate_cog
     from bot.cogs.help import HelpCog
+    from bot.cogs.image_info import ImageInfoCog
     from bot.cogs.jobs import jobs_cog
     from bot.cogs.results import ResultsCog
     from bot.cogs.server import server_cog
@@ -23,4 +24,4 @@ def all_cogs(service: JobService, options: Options, bot: commands.Bot) -> list[c
 
     return [generate_cog(service, options), jobs_cog(service, options), ResultsCog(service, bot),
             settings_cog(service, options), server_cog(service, options), StatsCog(service),
-            HelpCog(service, bot)]
+            HelpCog(service, bot), ImageInfoCog(service, bot)]

@@ -32,6 +32,8 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
         sampler=f"Sampler (default {SAMPLER_NAMES[gen.default_sampler]})",
         count="Images to make (default 1)",
         model=f"Model (default {config.model.display_name}); LoRA: <lora:name:0.8> in the prompt",
+        style="One of this server's styles (prompt templates); default: yours, set with /settings",
+        clip_skip="CLIP skip, as in AUTOMATIC1111 (default: the model's; anime models often want 2)",
     )
 
     class Generate(commands.Cog, name="generate"):
@@ -46,8 +48,10 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
                           negative: Transform[str, o.negative] = None, seed: Transform[int, o.seed] = None,
                           steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
                           size: Transform[str, o.size] = None, sampler: Transform[str, o.sampler] = None,
-                          count: Transform[int, o.count] = None, model: Transform[str, o.model] = None) -> None:
-            asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model)
+                          count: Transform[int, o.count] = None, model: Transform[str, o.model] = None,
+                          style: Transform[str, o.style] = None, clip_skip: Transform[int, o.clip_skip] = None) -> None:
+            asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model, style=style,
+                          clip_skip=clip_skip)
             await self.service.guarded(interaction, self.service.submit_command(interaction, JobKind.txt2img, asked))
 
         @app_commands.command(name="img2img", description="Make images from an uploaded image and a prompt")
@@ -59,8 +63,10 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
                           negative: Transform[str, o.negative] = None, seed: Transform[int, o.seed] = None,
                           steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
                           size: Transform[str, o.size] = None, sampler: Transform[str, o.sampler] = None,
-                          count: Transform[int, o.count] = None, model: Transform[str, o.model] = None) -> None:
-            asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model, strength)
+                          count: Transform[int, o.count] = None, model: Transform[str, o.model] = None,
+                          style: Transform[str, o.style] = None, clip_skip: Transform[int, o.clip_skip] = None) -> None:
+            asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model, strength, style,
+                          clip_skip)
             await self.service.guarded(interaction, self._img2img(interaction, image, asked))
 
         async def _img2img(self, interaction: discord.Interaction, image: discord.Attachment, asked: Asked) -> None:

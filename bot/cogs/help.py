@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -13,12 +14,12 @@ from bot.service import JobService
 from bot.views import describe_buttons
 
 
-def iter_commands(items: Iterable[app_commands.Command | app_commands.Group]) -> Iterator[app_commands.Command]:
-    """Every command, with groups opened into their subcommands."""
+def iter_commands(items: Iterable[Any]) -> Iterator[app_commands.Command]:
+    """Every slash command, with groups opened into their subcommands (context menus left out)."""
     for item in items:
         if isinstance(item, app_commands.Group):
             yield from iter_commands(item.commands)
-        else:
+        elif isinstance(item, app_commands.Command):
             yield item
 
 
@@ -42,8 +43,9 @@ def limits_of(p: app_commands.Parameter, service: JobService) -> list[str]:
     return limits
 
 
-def help_text(commands_: Iterable[app_commands.Command | app_commands.Group], service: JobService) -> str:
+def help_text(commands_: Iterable[Any], service: JobService) -> str:
     """Every command with its options and limits (each range said once, from the definitions)."""
+    commands_ = list(commands_)
     lines = ["**Commands**"]
     for command in iter_commands(commands_):
         lines.append(f"`/{command.qualified_name}`: {command.description}")
@@ -52,6 +54,10 @@ def help_text(commands_: Iterable[app_commands.Command | app_commands.Group], se
             extra = f" ({'; '.join(limits)})" if limits else ""
             optional = "" if p.required else " *optional*"
             lines.append(f"  • `{p.name}`{optional}: {p.description}{extra}")
+    menus = [item.name for item in commands_ if isinstance(item, app_commands.ContextMenu)]
+    if menus:
+        lines += ["", "**On any message** (right-click → Apps): " + ", ".join(f"**{m}**" for m in menus)
+                  + ": the AUTOMATIC1111 parameters of an attached PNG, or a new job with them"]
     lines += ["", "**Buttons on results**", describe_buttons(),
               "", f"You can have {service.config.queue.pending_limit} jobs waiting at a time."]
     return render.clip("\n".join(lines), 4096)

@@ -6,6 +6,7 @@ from discord.app_commands import Transform
 from discord.ext import commands
 
 from bot import render
+from bot.inputs import BadInput
 from bot.service import JobService
 from bot.transformers import Options
 
@@ -58,8 +59,14 @@ def jobs_cog(service: JobService, o: Options) -> commands.Cog:
             await self.service.guarded(interaction, self._show(interaction, job))
 
         async def _show(self, interaction: discord.Interaction, job_id: int) -> None:
+            """Any member may bring back a result of this server; a private one only its requester,
+            and only to themselves."""
             job = await self.service.job_here(interaction, job_id)
-            await self.service.delivery.show_again(interaction, job)
+            defaults = await self.service.run_check(self.service.community.member_defaults, job.requester_id)
+            private = defaults.private_results
+            if private and interaction.user.id != job.requester_id:
+                raise BadInput(f"Job #{job.id}'s results are private to the member who made it.")
+            await self.service.delivery.show_again(interaction, job, ephemeral=private)
 
     return Jobs(service)
 

@@ -15,11 +15,15 @@ from discord.ext import commands
 
 from bot import render
 from bot.checks import require_manage_server
-from bot.inputs import BadInput
+from bot.inputs import BadInput, check_attachment_meta
 from bot.service import JobService
 from bot.texts import audit_text, server_settings_text
-from bot.transformers import Bounded, ModelName, OneOf, Options
+from bot.transformers import Bounded, ModelName, OneOf, Options, Text
 from db.community import ServerPolicy
+from db.styles import StyleError, StyleText, parse_styles_csv
+
+#: The largest styles.csv accepted (A1111 users' files are a few KiB to a few hundred).
+MAX_CSV_BYTES = 1024 * 1024
 
 
 def server_cog(service: JobService, o: Options) -> commands.Cog:
@@ -27,6 +31,8 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
     gen, queue_settings = config.generation, config.queue
     MaxSize = OneOf("max_size", {"any": "any", **{size: size for size in gen.sizes}})
     Model = ModelName(config.model_names, option="name")
+    StylePrompt = Text("prompt", config.discord.max_prompt_chars, True, label="style's prompt")
+    StyleNegative = Text("negative", config.discord.max_prompt_chars, False, label="style's negative prompt")
 
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.guild_only()
@@ -161,6 +167,57 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
                                               interaction.user.id)
             await self.service.reply(interaction,
                                      f"{member.mention} {'may use the bot again' if removed else 'was not barred'}.")
+
+        style = app_commands.Group(name="style", description="Named prompt templates members pick with `style`")
+
+        @style.command(name="add", description="Add or replace a style ({prompt} marks where the member's prompt goes)")
+        @app_commands.describe(name="The style's name", prompt="Its prompt, e.g. `{prompt}, watercolor, soft light`",
+                               negative="Its negative prompt (added to the member's)")
+        async def style_add(self, interaction: discord.Interaction, name: app_commands.Range[str, 1, 100],
+                            prompt: Transform[str, StylePrompt], negative: Transform[str, StyleNegative] = None) -> None:
+            try:
+                count = await asyncio.to_thread(self.service.styles.put, interaction.guild_id, interaction.user.id,
+                                                [StyleText(name.strip(), prompt, negative or "")])
+            except StyleError as e:
+                raise BadInput(str(e)) from None
+            await self.service.reply(interaction, f"Saved style **{render.escape(name.strip())}** "
+                                                  f"({count} style(s) on this server).")
+
+        @style.command(name="remove", description="Remove a style")
+        @app_commands.describe(name="The style to remove")
+        async def style_remove(self, interaction: discord.Interaction, name: Transform[str, o.style]) -> None:
+            removed = await asyncio.to_thread(self.service.styles.remove, interaction.guild_id, interaction.user.id,
+                                              name)
+            if not removed:
+                raise BadInput(f"There is no style called `{render.escape(name)}`.")
+            await self.service.reply(interaction, f"Removed style **{render.escape(name)}**.")
+
+        @style.command(name="list", description="This server's styles")
+        async def style_list(self, interaction: discord.Interaction) -> None:
+            styles = await self.service.run_check(self.service.styles.all, interaction.guild_id)
+            lines = [f"**{render.escape(s.name)}**: {render.excerpt(s.prompt, 80)}"
+                     + (f" · negative: {render.excerpt(s.negative_prompt, 40)}" if s.negative_prompt else "")
+                     for s in styles]
+            await self.service.reply(interaction, render.clip("\n".join(lines) or "No styles yet: "
+                                                              "`/server style add` or `/server style import`.", 2000))
+
+        @style.command(name="import", description="Import an AUTOMATIC1111 styles.csv (name, prompt, negative_prompt)")
+        @app_commands.describe(file="styles.csv from AUTOMATIC1111 or Forge")
+        async def style_import(self, interaction: discord.Interaction, file: discord.Attachment) -> None:
+            kind = (file.content_type or "").split(";")[0]
+            if not file.filename.lower().endswith(".csv") and kind not in ("text/csv", "text/plain"):
+                raise BadInput("Send the styles.csv file (CSV text with the columns name, prompt, negative_prompt).")
+            check_attachment_meta(filename=file.filename, content_type="text/csv", size=file.size, url=file.url,
+                                  allowed_types=("text/csv",), max_bytes=MAX_CSV_BYTES,
+                                  allowed_hosts=self.service.allowed_hosts)
+            data = await self.service.download(file.url, MAX_CSV_BYTES)
+            try:
+                styles = parse_styles_csv(data)
+                count = await asyncio.to_thread(self.service.styles.put, interaction.guild_id, interaction.user.id,
+                                                styles)
+            except StyleError as e:
+                raise BadInput(str(e)) from None
+            await self.service.reply(interaction, f"Imported {len(styles)} style(s); this server has {count}.")
 
         @app_commands.command(name="log", description="Who changed which setting, and when")
         async def log(self, interaction: discord.Interaction) -> None:

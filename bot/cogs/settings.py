@@ -15,7 +15,7 @@ from bot.transformers import OneOf, Options, Text
 from db.community import MemberDefaults
 
 #: Options of /settings set, in the order /settings show lists them.
-MEMBER_OPTIONS = ("negative", "steps", "size", "sampler", "guidance", "private")
+MEMBER_OPTIONS = ("negative", "steps", "size", "sampler", "guidance", "private", "style")
 
 
 def settings_cog(service: JobService, o: Options) -> commands.Cog:
@@ -36,17 +36,25 @@ def settings_cog(service: JobService, o: Options) -> commands.Cog:
 
         async def _show(self, interaction: discord.Interaction) -> None:
             mine = await self.service.run_check(self.community.member_defaults, interaction.user.id)
-            await self.service.reply(interaction, member_settings_text(mine, gen))
+            await self.service.reply(interaction, member_settings_text(mine, gen) + await self._style_line(interaction))
+
+        async def _style_line(self, interaction: discord.Interaction) -> str:
+            if interaction.guild_id is None:
+                return ""
+            style = await self.service.run_check(self.service.styles.member_default, interaction.guild_id,
+                                                 interaction.user.id)
+            return f"\nstyle on this server: **{style}**" if style else "\nstyle on this server: none"
 
         @app_commands.command(name="set", description="Set defaults used when you leave an option out")
         @app_commands.describe(negative="Your default negative prompt", steps=f"Steps (1 to {gen.max_steps})",
                                size="Width x height", sampler="Sampler",
                                guidance=f"Guidance (0 to {gen.max_guidance:g})",
-                               private="Whether your results should be private")
+                               private="Whether your results should be private",
+                               style="Your style on this server (one of its styles)")
         async def set_(self, interaction: discord.Interaction, negative: Transform[str, Negative] = None,
                        steps: Transform[int, o.steps] = None, size: Transform[str, o.size] = None,
                        sampler: Transform[str, o.sampler] = None, guidance: Transform[float, o.guidance] = None,
-                       private: bool = None) -> None:
+                       private: bool = None, style: Transform[str, o.style] = None) -> None:
             changes: dict[str, Any] = {}
             if negative:
                 changes["negative_prompt"] = negative
@@ -56,14 +64,25 @@ def settings_cog(service: JobService, o: Options) -> commands.Cog:
                                 ("private_results", private)):
                 if value is not None:
                     changes[name] = value
-            await self.service.guarded(interaction, self._set(interaction, changes))
+            await self.service.guarded(interaction, self._set(interaction, changes, style))
 
-        async def _set(self, interaction: discord.Interaction, changes: dict[str, Any]) -> None:
-            if not changes:
+        async def _set(self, interaction: discord.Interaction, changes: dict[str, Any], style: str | None) -> None:
+            if not changes and style is None:
                 raise BadInput("Give at least one option to set, e.g. `/settings set steps:30`. "
                                "`/settings show` lists your defaults.")
-            mine = await asyncio.to_thread(self.community.set_member_defaults, interaction.user.id, **changes)
-            await self.service.reply(interaction, "Saved.\n" + member_settings_text(mine, gen))
+            if style is not None:
+                if interaction.guild_id is None:
+                    raise BadInput("Styles belong to a server; set your style there.")
+                styles = self.service.styles
+                if await self.service.run_check(styles.get, interaction.guild_id, style) is None:
+                    raise BadInput(f"This server has no style called `{style}`; `/server style list` shows them.")
+                await asyncio.to_thread(styles.set_member_default, interaction.guild_id, interaction.user.id, style)
+            if changes:
+                mine = await asyncio.to_thread(self.community.set_member_defaults, interaction.user.id, **changes)
+            else:
+                mine = await self.service.run_check(self.community.member_defaults, interaction.user.id)
+            await self.service.reply(interaction, "Saved.\n" + member_settings_text(mine, gen)
+                                     + await self._style_line(interaction))
 
         @app_commands.command(name="reset", description="Go back to the bot's defaults (all, or one setting)")
         @app_commands.describe(setting="Which default to forget (all when left out)")
@@ -72,15 +91,20 @@ def settings_cog(service: JobService, o: Options) -> commands.Cog:
 
         async def _reset(self, interaction: discord.Interaction, setting: str) -> None:
             user_id = interaction.user.id
+            if setting in ("all", "style") and interaction.guild_id is not None:
+                await asyncio.to_thread(self.service.styles.set_member_default, interaction.guild_id, user_id, None)
             if setting == "all":
                 await asyncio.to_thread(self.community.reset_member_defaults, user_id)
                 mine = MemberDefaults()
+            elif setting == "style":
+                mine = await self.service.run_check(self.community.member_defaults, user_id)
             else:
                 columns = {"negative": ["negative_prompt"], "size": ["width", "height"],
                            "private": ["private_results"]}.get(setting, [setting])
                 cleared = {c: (False if c == "private_results" else None) for c in columns}
                 mine = await asyncio.to_thread(self.community.set_member_defaults, user_id, **cleared)
-            await self.service.reply(interaction, "Reset.\n" + member_settings_text(mine, gen))
+            await self.service.reply(interaction, "Reset.\n" + member_settings_text(mine, gen)
+                                     + await self._style_line(interaction))
 
     return Settings(service)
 

@@ -81,10 +81,14 @@ class Guild:
     name: str
     roles: dict[str, Role] = field(default_factory=dict)  # "everyone", "moderator", "manager"
     channels: list[Channel] = field(default_factory=list)
+    owner_id: int | None = None   # the member who owns the server (sent as GUILD_CREATE's owner_id)
 
     def permissions_of(self, user: User, channel: Channel | None = None) -> int:
         """The member's permissions, in ``channel`` when given: Discord's order of overwrites
-        (@everyone's, then the member's roles' together, then the member's own)."""
+        (@everyone's, then the member's roles' together, then the member's own). The owner
+        has every permission, whatever the overwrites."""
+        if user.id == self.owner_id:
+            return ALL_PERMISSIONS
         perms = self.roles["everyone"].permissions
         for name in user.role_names:
             perms |= self.roles[name].permissions
@@ -119,7 +123,9 @@ class Channel:
     guild: Guild | None         # None for a DM channel
     nsfw: bool = False
     deleted: bool = False       # set by Emulator.delete_channel: REST answers 404 10003
-    bot_allowed: bool = True    # cleared by Emulator.revoke_permissions: REST answers 403 50013
+    # cleared by Emulator.revoke_permissions: every write answers 403 50013, whatever the bot's
+    # cached permissions say (a change the bot was not told about)
+    bot_allowed: bool = True
     recipient: User | None = None   # the member, for a DM channel (Emulator.dm_channel)
     # role or member id -> (allow, deny) permission bits (Emulator.set_permissions)
     overwrites: dict[int, tuple[int, int]] = field(default_factory=dict)

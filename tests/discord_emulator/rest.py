@@ -20,8 +20,12 @@ from aiohttp import web
 
 from .records import (
     ALL_PERMISSIONS,
+    ATTACH_FILES,
+    EMBED_LINKS,
     EPHEMERAL,
     LOADING,
+    SEND_MESSAGES,
+    VIEW_CHANNEL,
     Attachment,
     Channel,
     Guild,
@@ -231,6 +235,8 @@ class RestRoutes:
 
     def _new_attachment(self, filename: str, data: bytes, content_type: str | None,
                         description: str | None = None) -> Attachment:
+        if content_type in (None, "application/octet-stream"):
+            content_type = None  # Discord works the type out itself (discord.py uploads say octet-stream)
         attachment = self.attachment(filename, data, content_type)
         attachment.description = description
         return attachment
@@ -365,8 +371,9 @@ class RestRoutes:
         problems = [p for command in commands for p in _command_problems(command, "/")]
         if problems:
             raise ApiError(400, 50035, "Invalid Form Body: " + "; ".join(problems))
-        commands = [{**c, "id": str(snowflake()), "application_id": str(self.app_id), "version": str(snowflake())}
-                    for c in commands]
+        # Discord answers with every field; context menus have an empty description.
+        commands = [{"description": "", **c, "id": str(snowflake()), "application_id": str(self.app_id),
+                     "version": str(snowflake())} for c in commands]
         scope = self._scope(request)
         if scope is not None:
             for command in commands:
@@ -493,16 +500,37 @@ class RestRoutes:
 
     # ---------------------------------------------------------------- REST: channels and messages
 
+    def bot_permissions(self, channel: Channel) -> int:
+        """What the bot may do in `channel`: @everyone's permissions and the overwrites (the bot
+        holds no roles); everything in a DM channel."""
+        if channel.guild is None:
+            return ALL_PERMISSIONS
+        return channel.guild.permissions_of(self.bot_user, channel)
+
     def _channel(self, request: web.Request, *, writing: bool = False) -> Channel:
+        """The channel of the route; without View Channel there, Discord answers 50001 Missing Access."""
         channel_id = int(request.match_info["channel_id"])
         channel = next((c for g in self.guilds for c in g.channels if c.id == channel_id), None)
         if channel is None:
             channel = next((c for c in self.dm_channels.values() if c.id == channel_id), None)
         if channel is None or channel.deleted:
             raise ApiError(404, 10003, "Unknown Channel")
+        if not self.bot_permissions(channel) & VIEW_CHANNEL:
+            raise ApiError(403, 50001, "Missing Access")
         if writing and not channel.bot_allowed:
             raise ApiError(403, 50013, "Missing Permissions")
         return channel
+
+    def _allowed_post(self, channel: Channel, payload: dict, files: dict) -> dict:
+        """Discord's permission rules for a new channel message: Send Messages, and Attach Files
+        for uploads (403 50013 without them); without Embed Links the embeds are dropped silently.
+        Returns the payload as Discord would keep it."""
+        perms = self.bot_permissions(channel)
+        if not perms & SEND_MESSAGES or (files and not perms & ATTACH_FILES):
+            raise ApiError(403, 50013, "Missing Permissions")
+        if payload.get("embeds") and not perms & EMBED_LINKS:
+            payload = {**payload, "embeds": []}
+        return payload
 
     def _message(self, request: web.Request, channel: Channel) -> Message:
         message = self.messages.get(int(request.match_info["message_id"]))
@@ -527,6 +555,7 @@ class RestRoutes:
         if channel.recipient is not None and channel.recipient.id in self.dms_blocked:
             raise ApiError(403, 50007, "Cannot send messages to this user")
         payload, files = await self._body(request)
+        payload = self._allowed_post(channel, payload, files)
         nonce, now = payload.get("nonce"), asyncio.get_running_loop().time()
         if nonce is not None and payload.get("enforce_nonce"):
             # Discord returns the message already made with this nonce instead of a second one.

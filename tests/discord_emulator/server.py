@@ -5,7 +5,9 @@ different permissions, and the REST routes a bot uses while answering commands. 
 members through the actor methods (`slash`, `click`, `submit_modal`, `react`) and read what the
 bot did from the records (`messages`, `interaction.original`, `message.edits`, pings...).
 Faults (429, 5xx, deleted channels, missing permissions) are injected with `fail_next`,
-`delete_channel` and `revoke_permissions`. The wire facts come from shared/DISCORD.md.
+`delete_channel`, `set_permissions` (overwrites, which the REST routes enforce as Discord does:
+see `RestRoutes._create_message`) and `revoke_permissions`. The wire facts come from
+shared/DISCORD.md.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Any, TypeVar
 from aiohttp import WSMsgType, web
 
 from .records import (
-    ALL_PERMISSIONS,
     MANAGE_GUILD,
     MANAGE_MESSAGES,
     MEMBER_PERMISSIONS,
@@ -87,11 +88,16 @@ class Emulator(RestRoutes):
         self.bob = self.add_user("bob")
         self.mod = self.add_user("mod", roles=("moderator",))          # Manage Messages
         self.admin = self.add_user("admin", roles=("manager",))        # Manage Server
+        self.owner = self.add_user("owner")                            # owns every guild: all permissions
+        for guild in self.guilds:
+            guild.owner_id = self.owner.id
 
     # ---------------------------------------------------------------- world set-up (before the bot connects)
 
     def add_guild(self, name: str) -> Guild:
-        guild = Guild(snowflake(), name)
+        """A guild owned by `self.owner` (every user is a member of every guild)."""
+        owner = getattr(self, "owner", None)   # not made yet for the first guild
+        guild = Guild(snowflake(), name, owner_id=owner.id if owner is not None else None)
         guild.roles = {"everyone": Role(guild.id, "@everyone", MEMBER_PERMISSIONS),
                        "moderator": Role(snowflake(), "Moderator", MANAGE_MESSAGES),
                        "manager": Role(snowflake(), "Server Manager", MANAGE_GUILD)}
@@ -245,12 +251,14 @@ class Emulator(RestRoutes):
         await self._dispatch("CHANNEL_DELETE", channel.payload())
 
     async def set_permissions(self, channel: Channel, target: Role | User, *, allow: int = 0, deny: int = 0) -> None:
-        """A permission overwrite on `channel` for a role or a member (CHANNEL_UPDATE tells the bot)."""
+        """A permission overwrite on `channel` for a role or a member (CHANNEL_UPDATE tells the bot).
+        `target` may be `self.bot_user`: the REST routes then refuse what the bot may not do there."""
         channel.overwrites[target.id] = (allow, deny)
         await self._dispatch("CHANNEL_UPDATE", channel.payload())
 
     def revoke_permissions(self, channel: Channel, revoked: bool = True) -> None:
-        """The bot may no longer post in `channel` (403 50013), or may again with revoked=False."""
+        """The bot may no longer post in `channel` (403 50013), or may again with revoked=False.
+        Nothing tells the bot: its cached permissions still allow everything there."""
         channel.bot_allowed = not revoked
 
     def block_dms(self, user: User, blocked: bool = True) -> None:
@@ -313,6 +321,31 @@ class Emulator(RestRoutes):
             raise ValueError(f"/{name}: a Discord client cannot omit required options {missing}")
         if resolved:
             data["resolved"] = resolved
+        return await self._interact(2, user, channel, data)
+
+    def post(self, user: User, content: str = "", *, channel: Channel | None = None,
+             attachments: tuple[Attachment, ...] = ()) -> Message:
+        """A message `user` posts (the bot asks for no message intent, so no event is sent)."""
+        channel = channel or self.general
+        message = Message(snowflake(), channel, user, content, attachments=list(attachments),
+                          created_at=asyncio.get_running_loop().time())
+        self.messages[message.id] = message
+        return message
+
+    async def message_command(self, user: User, name: str, message: Message) -> Interaction:
+        """`user` picks Apps → `name` on `message` (a message context menu, command type 3)."""
+        channel = message.channel
+        for scope in (channel.guild.id if channel.guild else None, None):
+            command = next((c for c in self.commands.get(scope, []) if c["name"] == name and c.get("type") == 3),
+                           None)
+            if command is not None:
+                break
+        else:
+            raise LookupError(f"no message command {name!r} is synced; synced: {self.command_names()}")
+        data = {"id": command["id"], "name": name, "type": 3, "target_id": str(message.id),
+                "resolved": {"messages": {str(message.id): message.payload()}}}
+        if scope is not None:
+            data["guild_id"] = str(scope)
         return await self._interact(2, user, channel, data)
 
     async def click(self, user: User, message: Message, custom_id: str, *,
@@ -461,7 +494,8 @@ class Emulator(RestRoutes):
     def _guild_payload(self, guild: Guild) -> dict:
         members = [self.bot_user, *self.users.values()]
         return {
-            "id": str(guild.id), "name": guild.name, "unavailable": False, "owner_id": str(self.app_id + 1),
+            "id": str(guild.id), "name": guild.name, "unavailable": False,
+            "owner_id": str(guild.owner_id or self.app_id + 1),
             "member_count": len(members), "large": False, "icon": None, "features": [],
             "roles": [role.payload(i) for i, role in enumerate(guild.roles.values())],
             "channels": [c.payload() for c in guild.channels if not c.deleted],
@@ -483,7 +517,7 @@ class Emulator(RestRoutes):
         payload = {
             "id": str(ix.id), "application_id": str(self.app_id), "type": kind, "token": ix.token, "version": 1,
             "channel_id": str(channel.id), "channel": channel.payload(),
-            "app_permissions": str(ALL_PERMISSIONS), "locale": "en-US",
+            "app_permissions": str(self.bot_permissions(channel)), "locale": "en-US",
             "entitlements": [], "attachment_size_limit": self.attachment_size_limit, "data": data,
         }
         if guild is not None:
