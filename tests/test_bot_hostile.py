@@ -188,7 +188,10 @@ async def send_and_settle(emu: Emulator, who: str, name: str, options: dict, upl
                 return message
         return None
     message = await emu.wait_for(settled, timeout=15, what=f"an answer to /{name} {options}")
-    await asyncio.sleep(0.05)  # anything else it was going to send (a second answer) arrives now
+    # Sync point: discord.py runs each command in a task of this name; once none is left, anything
+    # else the bot was going to send for this one (a second answer) has been sent.
+    await emu.wait_for(lambda: not any(t.get_name() == "CommandTree-invoker" for t in asyncio.all_tasks()),
+                       timeout=120, what=f"the bot to finish /{name}")
     accepted = not message.ephemeral and re.search(r"Job #\d+", message.content) is not None
     callbacks = [c for c in emu.calls if c.method == "POST" and c.path.startswith(f"/interactions/{ix.id}/")]
     return ix, accepted, callbacks

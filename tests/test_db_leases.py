@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from db_fixtures import FakeClock
 from test_queue import ALICE, drain, enqueue
 
@@ -146,6 +148,7 @@ os.kill(os.getpid(), signal.SIGKILL)  # no clean shutdown, as in a crash
 """
 
 
+@pytest.mark.slow  # starts a Python process
 def test_new_process_sees_queued_and_running_jobs(db_url: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", _CRASHING_PROCESS, db_url], env=env, timeout=120)
