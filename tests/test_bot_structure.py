@@ -98,11 +98,14 @@ async def test_help_says_each_range_once_with_every_digit(setup):
     emu, config, queue = setup
     async with bot_running(emu, config, queue, None):
         message = await (await emu.slash(emu.alice, "help")).wait_response()
-    text = message.embeds[0]["description"]
+    text = "\n".join(e["description"] for e in message.embeds)
     seed_line = next(line for line in text.splitlines() if "`seed`" in line)
     assert "4294967295" in seed_line and "e+09" not in text
     steps_line = next(line for line in text.splitlines() if "`steps`" in line)
-    assert steps_line.count("1 to 8") == 1
+    assert steps_line.count("1 to 8") == 1 and text.count("1 to 8") == 1
+    assert text.rstrip().endswith("jobs waiting at a time.")  # nothing was cut to fit the embeds
+    assert all(len(e["description"]) <= 4096 for e in message.embeds)
+    assert sum(len(e["description"]) + len(e.get("title") or "") for e in message.embeds) <= 6000
 
 
 # -- bugs at the boundary ----------------------------------------------------------------------------

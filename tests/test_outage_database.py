@@ -47,15 +47,15 @@ class StepEngine:
         self._cancelled: set[int] = set()
 
     async def generate(self, request: GenerationRequest, on_progress=None) -> GenerationResult:
-        for step in range(1, request.steps + 1):
+        for step in range(1, request.params.steps + 1):
             await asyncio.sleep(self.step_seconds)
             if request.job_id in self._cancelled:
                 raise JobCancelled()
             if on_progress is not None:
-                on_progress(Progress(request.job_id, step, request.steps))
+                on_progress(Progress(request.job_id, step, request.params.steps))
         self.made[request.job_id] += 1
-        images = [GeneratedImage(png=f"png {request.job_id}/{i}".encode(), seed=request.seed + i)
-                  for i in range(request.count)]
+        images = [GeneratedImage(png=f"png {request.job_id}/{i}".encode(), seed=request.params.seed + i)
+                  for i in range(request.params.count)]
         return GenerationResult(request.job_id, images, "")
 
     def cancel(self, job_id: int) -> None:

@@ -23,6 +23,9 @@ def iter_commands(items: Iterable[Any]) -> Iterator[app_commands.Command]:
             yield item
 
 
+TITLE = "Stable Diffusion bot"
+
+
 def number(value: float) -> str:
     """Every digit of a whole number ("4294967295", not "4.29497e+09"); floats as typed."""
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
@@ -43,24 +46,43 @@ def limits_of(p: app_commands.Parameter, service: JobService) -> list[str]:
     return limits
 
 
-def help_text(commands_: Iterable[Any], service: JobService) -> str:
-    """Every command with its options and limits (each range said once, from the definitions)."""
+def help_pages(commands_: Iterable[Any], service: JobService) -> list[str]:
+    """/help's embeds: every command with its options; each option once with its limits (from the
+    definitions, so /help never disagrees with what Discord is told); the menus and buttons."""
     commands_ = list(commands_)
-    lines = ["**Commands**"]
+    lines, options = ["**Commands**"], {}
     for command in iter_commands(commands_):
-        lines.append(f"`/{command.qualified_name}`: {command.description}")
-        for p in [] if command.parent else command.parameters:  # subcommands: one line, to fit
-            limits = limits_of(p, service)
-            extra = f" ({'; '.join(limits)})" if limits else ""
-            optional = "" if p.required else " *optional*"
-            lines.append(f"  • `{p.name}`{optional}: {p.description}{extra}")
+        params = [] if command.parent else command.parameters  # subcommands: one line, to fit
+        shown = " ".join(p.name if p.required else f"[{p.name}]" for p in params)
+        lines.append(f"`/{command.qualified_name}{' ' + shown if shown else ''}`: {command.description}")
+        for p in params:
+            options.setdefault(p.name, p)
+    pages = ["\n".join(lines)]
+    lines = ["**Options**"]
+    for name, p in options.items():
+        limits = limits_of(p, service)
+        lines.append(f"`{name}`: {p.description}" + (f" ({'; '.join(limits)})" if limits else ""))
+    pages.append("\n".join(lines))
+    lines = []
     menus = [item.name for item in commands_ if isinstance(item, app_commands.ContextMenu)]
     if menus:
         lines += ["", "**On any message** (right-click → Apps): " + ", ".join(f"**{m}**" for m in menus)
                   + ": the AUTOMATIC1111 parameters of an attached PNG, or a new job with them"]
     lines += ["", "**Buttons on results**", describe_buttons(),
               "", f"You can have {service.config.queue.pending_limit} jobs waiting at a time."]
-    return render.clip("\n".join(lines), 4096)
+    pages.append("\n".join(lines).strip())
+    # Discord: 4096 characters an embed, 6000 in all the embeds of a message.
+    budget = 6000 - len(TITLE)
+    out = []
+    for page in pages:
+        page = render.clip(page, min(4096, budget))
+        budget -= len(page)
+        out.append(page)
+    return out
+
+
+def help_text(commands_: Iterable[Any], service: JobService) -> str:
+    return "\n\n".join(help_pages(commands_, service))
 
 
 class HelpCog(commands.Cog, name="help"):
@@ -70,6 +92,6 @@ class HelpCog(commands.Cog, name="help"):
     @app_commands.command(name="help", description="What the bot can do, and its limits")
     async def help(self, interaction: discord.Interaction) -> None:
         tree = self.bot.tree  # registered per server (copied there) or globally
-        text = help_text(tree.get_commands(guild=interaction.guild) or tree.get_commands(), self.service)
-        await interaction.response.send_message(embed=discord.Embed(title="Stable Diffusion bot", description=text),
-                                                ephemeral=True)
+        pages = help_pages(tree.get_commands(guild=interaction.guild) or tree.get_commands(), self.service)
+        embeds = [discord.Embed(title=TITLE if i == 0 else None, description=page) for i, page in enumerate(pages)]
+        await interaction.response.send_message(embeds=embeds, ephemeral=True)
