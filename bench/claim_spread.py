@@ -42,8 +42,11 @@ def fill(url: str, members: int, jobs: int) -> None:
         for table in (PostedMessage, ResultImage, Job, Member):
             connection.execute(delete(table))
         now = utcnow()
-        rows = [dict(requester_id=1000 + m, prompt=f"job {i}", seed=i, status=JobStatus.queued, attempts=0,
-                     created_at=now) for i in range(jobs) for m in range(members)]
+        rows = [
+            dict(requester_id=1000 + m, prompt=f"job {i}", seed=i, status=JobStatus.queued, attempts=0, created_at=now)
+            for i in range(jobs)
+            for m in range(members)
+        ]
         connection.execute(insert(Job), rows)
     engine.dispose()
 
@@ -76,10 +79,14 @@ def measure(url: str, *, processes: int, claims: int, members: int, jobs: int, g
     fill(url, members, jobs)
     go.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    code = "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]); " \
-           "from claim_spread import claimer; claimer(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))"
-    children = [subprocess.Popen([sys.executable, "-c", code, url, str(claims), str(go), str(Path(__file__).parent)],
-                                 env=env) for _ in range(processes)]
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]); "
+        "from claim_spread import claimer; claimer(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))"
+    )
+    children = [
+        subprocess.Popen([sys.executable, "-c", code, url, str(claims), str(go), str(Path(__file__).parent)], env=env)
+        for _ in range(processes)
+    ]
     time.sleep(1.0)  # let them connect; not needed for correctness, only so that they start together
     go.touch()
     for child in children:
@@ -99,12 +106,15 @@ def main() -> int:
     args = parser.parse_args()
     go = Path(f"/tmp/claim_spread_go_{os.getpid()}")
     started = time.monotonic()
-    counts = measure(args.url, processes=args.processes, claims=args.claims, members=args.members,
-                     jobs=args.jobs, go=go)
+    counts = measure(
+        args.url, processes=args.processes, claims=args.claims, members=args.members, jobs=args.jobs, go=go
+    )
     go.unlink(missing_ok=True)
     spread = max(counts.values()) - min(counts.values())
-    print(f"{args.processes} processes x {args.claims} claims over {args.members} members: "
-          f"served {sorted(counts.values())}, spread {spread} ({time.monotonic() - started:.1f} s)")
+    print(
+        f"{args.processes} processes x {args.claims} claims over {args.members} members: "
+        f"served {sorted(counts.values())}, spread {spread} ({time.monotonic() - started:.1f} s)"
+    )
     return 0 if spread <= args.max_spread else 1
 
 

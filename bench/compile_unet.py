@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
-
 from throughput import DEFAULT_SIZE, build_components, sync  # noqa: E402
 
 
@@ -37,9 +36,10 @@ def call_inputs(unet, rows: int, size: int, device: torch.device, dtype: torch.d
     states = torch.randn(n, 77, unet.config.cross_attention_dim, generator=generator).to(device, dtype)
     kwargs: dict = dict(encoder_hidden_states=states, return_dict=False)
     if unet.config.addition_embed_type == "text_time":
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(n, 1280).to(device, dtype),
-                                       "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * n,
-                                                                device=device, dtype=dtype)}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(n, 1280).to(device, dtype),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * n, device=device, dtype=dtype),
+        }
     return (sample, timesteps), kwargs
 
 
@@ -61,8 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--unet", choices=["tiny", "sd15", "sdxl"], default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                        help="default: float32 on the CPU, float16 on a GPU")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="default: float32 on the CPU, float16 on a GPU",
+    )
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="batch sizes (rows) to time")
     parser.add_argument("--mode", default="default", help="torch.compile mode (default, reduce-overhead, ...)")
     parser.add_argument("--size", type=int, default=None, help="image width = height (default: 128/512/1024)")
@@ -76,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
     compiled = torch.compile(unet, mode=args.mode, dynamic=False)
-    print(f"device={device} dtype={dtype} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"unet={args.unet} size={size}x{size} mode={args.mode}")
+    print(
+        f"device={device} dtype={dtype} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"unet={args.unet} size={size}x{size} mode={args.mode}"
+    )
     for rows in args.rows:
         call_args, kwargs = call_inputs(unet, rows, size, device, dtype)
         eager = per_call(unet, call_args, kwargs, device, args.repeats)
@@ -87,8 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         sync(device)
         compile_s = time.perf_counter() - start
         fast = per_call(compiled, call_args, kwargs, device, args.repeats)
-        print(f"rows={rows:3d} (UNet batch {2 * rows:3d}): eager {eager * 1000:8.2f} ms, compiled "
-              f"{fast * 1000:8.2f} ms per call -> {eager / fast:.2f}x; compile took {compile_s:.1f} s")
+        print(
+            f"rows={rows:3d} (UNet batch {2 * rows:3d}): eager {eager * 1000:8.2f} ms, compiled "
+            f"{fast * 1000:8.2f} ms per call -> {eager / fast:.2f}x; compile took {compile_s:.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -50,10 +50,9 @@ lease_seconds = 5
 
 
 def pg_restart(code: Path, model: str) -> None:
-    from pg_cluster import PgCluster, _free_port
-
     from db.queue import Queue
     from db.session import make_engine, upgrade
+    from pg_cluster import PgCluster, _free_port
 
     root = Path(tempfile.mkdtemp(prefix="sdbot-pg-"))
     if os.geteuid() == 0:
@@ -68,9 +67,13 @@ def pg_restart(code: Path, model: str) -> None:
     config = root / "config.toml"
     config.write_text(CONFIG.format(model=model, url=cluster.url))
     with (root / "worker.log").open("w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "engine", "worker", "--config", str(config)], cwd=code,
-                                  env={**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1"},
-                                  stdout=log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "engine", "worker", "--config", str(config)],
+            cwd=code,
+            env={**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         while not any(queue.get(j).status.name == "running" for j in jobs):
             time.sleep(0.1)
@@ -82,8 +85,11 @@ def pg_restart(code: Path, model: str) -> None:
         while time.monotonic() < deadline and not all(queue.get(j).status.finished for j in jobs):
             time.sleep(0.5)
         print(f"worker exit status: {worker.poll()}; jobs: {[queue.get(j).status.name for j in jobs]}")
-        lines = [line for line in (root / "worker.log").read_text().splitlines()
-                 if " ERROR " in line or " WARNING " in line or line.startswith("sqlalchemy.exc")]
+        lines = [
+            line
+            for line in (root / "worker.log").read_text().splitlines()
+            if " ERROR " in line or " WARNING " in line or line.startswith("sqlalchemy.exc")
+        ]
         print("worker log, errors and warnings:", *lines[-6:], sep="\n  ")
     finally:
         if worker.poll() is None:
@@ -125,8 +131,10 @@ def sqlite_lock() -> None:
                 break
             await asyncio.sleep(0.1)
         died = task.done() and not task.cancelled()
-        print(f"runner running: {not task.done()}; job after the lock: {queue.get(job).status.name}"
-              + (f"; the runner died of {task.exception()!r}"[:160] if died else ""))
+        print(
+            f"runner running: {not task.done()}; job after the lock: {queue.get(job).status.name}"
+            + (f"; the runner died of {task.exception()!r}"[:160] if died else "")
+        )
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 

@@ -28,12 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
 
+from sqlalchemy import func, select  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
 from bot_process import BotProcess, write_config  # noqa: E402
 from db.models import Job  # noqa: E402
 from db.session import make_engine, upgrade  # noqa: E402
 from discord_emulator import Emulator  # noqa: E402
-from sqlalchemy import func, select  # noqa: E402
-from sqlalchemy.orm import Session  # noqa: E402
 
 #: What a restarted bot says to an interaction it acknowledged before its job was stored.
 RESTARTED = "restarted before your job was queued"
@@ -68,8 +69,9 @@ async def main(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     async with Emulator() as emu:
         members = [emu.add_user(f"member{i}") for i in range(8)]
-        config = write_config(tmp / "config.toml", emu.guild.id, tmp / "unused-model", database_url,
-                              pending_limit=10_000)
+        config = write_config(
+            tmp / "config.toml", emu.guild.id, tmp / "unused-model", database_url, pending_limit=10_000
+        )
         db = make_engine(database_url)
         upgrade(db)
         bot = BotProcess(emu, config, tmp / "bot.log", no_engine=True)
@@ -79,15 +81,21 @@ async def main(args: argparse.Namespace) -> int:
         tokens = jobs_by_token(db)
         acked = [ix for ix in interactions if ix.response_type is not None]
         with_job = [ix for ix in interactions if tokens.get(ix.token)]
-        answered = [ix for ix in acked if not tokens.get(ix.token) and any(
-            RESTARTED in (m.content or "") for m in ix.messages)]
-        lost = [ix for ix in acked if not tokens.get(ix.token) and ix not in answered
-                and not any(m.ephemeral for m in ix.messages)]  # an ephemeral answer is a refusal
+        answered = [
+            ix for ix in acked if not tokens.get(ix.token) and any(RESTARTED in (m.content or "") for m in ix.messages)
+        ]
+        lost = [
+            ix
+            for ix in acked
+            if not tokens.get(ix.token) and ix not in answered and not any(m.ephemeral for m in ix.messages)
+        ]  # an ephemeral answer is a refusal
         duplicated = [ix for ix in interactions if tokens.get(ix.token, 0) > 1]
         db.dispose()
-    print(f"code={ROOT} trials={args.trials} commands={len(interactions)} acknowledged={len(acked)} "
-          f"jobs={len(with_job)} answered-after-restart={len(answered)} lost={len(lost)} "
-          f"duplicated={len(duplicated)}")
+    print(
+        f"code={ROOT} trials={args.trials} commands={len(interactions)} acknowledged={len(acked)} "
+        f"jobs={len(with_job)} answered-after-restart={len(answered)} lost={len(lost)} "
+        f"duplicated={len(duplicated)}"
+    )
     return 1 if lost or duplicated else 0
 
 

@@ -45,8 +45,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--commands", type=int, default=1000)
     parser.add_argument("--members", type=int, default=200)
-    parser.add_argument("--rate", type=float, default=100,
-                        help="commands sent per second (0: all at once, as fast as the emulator sends)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=100,
+        help="commands sent per second (0: all at once, as fast as the emulator sends)",
+    )
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for every job to be posted")
     return parser.parse_args()
@@ -68,8 +72,15 @@ async def main(args: argparse.Namespace) -> int:
 
     async with Emulator() as emu:
         members = [emu.add_user(f"member{i}") for i in range(args.members)]
-        config = write_config(tmp / "config.toml", emu.guild.id, model_dir, database_url, max_batch=args.max_batch,
-                              pending_limit=max(3, per_member), progress_interval=1.0)
+        config = write_config(
+            tmp / "config.toml",
+            emu.guild.id,
+            model_dir,
+            database_url,
+            max_batch=args.max_batch,
+            pending_limit=max(3, per_member),
+            progress_interval=1.0,
+        )
         db = make_engine(database_url)
         upgrade(db)
         queue = Queue(db, pending_limit=max(3, per_member))  # read here; the bot writes
@@ -127,8 +138,11 @@ async def drive(emu: Emulator, queue: Queue, members, args: argparse.Namespace) 
     finished = time.monotonic() - started
 
     posts = collections.Counter(
-        embed["footer"]["text"] for m in emu.channel_messages(emu.general) for embed in m.embeds
-        if (embed.get("footer") or {}).get("text", "").startswith("Job #"))
+        embed["footer"]["text"]
+        for m in emu.channel_messages(emu.general)
+        for embed in m.embeds
+        if (embed.get("footer") or {}).get("text", "").startswith("Job #")
+    )
     stored = [queue.get(j) for j in job_ids]
     done = sum(1 for job in stored if job is not None and job.status is JobStatus.done)
     once = sum(1 for j in job_ids if posts[f"Job #{j}"] == 1)
@@ -136,17 +150,25 @@ async def drive(emu: Emulator, queue: Queue, members, args: argparse.Namespace) 
     pings = collections.Counter(user for m in emu.pings() for user in m.pinged_users)
     pinged_once = pings == collections.Counter(m.id for m in order)
 
-    print(f"commands={args.commands} members={args.members} rate={args.rate or 'burst'} "
-          f"max_batch={args.max_batch} size=64x64 steps=2 cores={os.cpu_count()} (bot in its own process)")
-    print(f"sent in {sent:.2f} s; all acknowledged after {acked_after:.2f} s: "
-          f"{len(latencies) / acked_after:.1f} commands/s acknowledged")
-    print(f"time to acknowledge: p50 {percentile(latencies, 50) * 1000:.0f} ms, "
-          f"p99 {percentile(latencies, 99) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "
-          f"(mean {statistics.fmean(latencies) * 1000:.0f} ms; Discord's deadline {DEADLINE * 1000:.0f} ms)")
+    print(
+        f"commands={args.commands} members={args.members} rate={args.rate or 'burst'} "
+        f"max_batch={args.max_batch} size=64x64 steps=2 cores={os.cpu_count()} (bot in its own process)"
+    )
+    print(
+        f"sent in {sent:.2f} s; all acknowledged after {acked_after:.2f} s: "
+        f"{len(latencies) / acked_after:.1f} commands/s acknowledged"
+    )
+    print(
+        f"time to acknowledge: p50 {percentile(latencies, 50) * 1000:.0f} ms, "
+        f"p99 {percentile(latencies, 99) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "
+        f"(mean {statistics.fmean(latencies) * 1000:.0f} ms; Discord's deadline {DEADLINE * 1000:.0f} ms)"
+    )
     print(f"not acknowledged within the deadline: {len(late)}; acknowledged but not deferred: {len(refused)}")
     print(f"every job finished and posted after {finished:.1f} s: {args.commands / finished:.1f} jobs/s")
-    print(f"jobs done: {done}/{args.commands}; posted exactly once: {once}; posted more than once: {twice}; "
-          f"pinged once per job: {pinged_once}")
+    print(
+        f"jobs done: {done}/{args.commands}; posted exactly once: {once}; posted more than once: {twice}; "
+        f"pinged once per job: {pinged_once}"
+    )
     ok = done == once == args.commands and not twice and not late and not refused and pinged_once
     print("OK" if ok else "FAILED")
     return 0 if ok else 1

@@ -38,6 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline  # noqa: E402
+from throughput import SCHEDULER, build_components, loaded_model  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
@@ -46,14 +47,22 @@ import engine.finishing  # noqa: E402
 from engine.settings import EngineSettings, GenerationSettings  # noqa: E402
 from engine.types import GenerationRequest  # noqa: E402
 from engine.worker import EngineWorker  # noqa: E402
-from throughput import SCHEDULER, build_components, loaded_model  # noqa: E402
 
 JOBS, STEPS, PREVIEW_EVERY, SIZE = 8, 20, 2, 64
 STEADY = range(3, STEPS - 1)  # UNet calls counted: after admission's, before finishing's
 SOURCES = (str(ROOT / "engine"), os.sep + "diffusers" + os.sep)
 #: Not kernels: views, and what only changes how a tensor is seen.
-NOT_KERNELS = {"lift_fresh", "detach", "detach_", "resolve_conj", "resolve_neg", "_local_scalar_dense",
-               "is_nonzero", "alias", "_to_copy_no_change"}
+NOT_KERNELS = {
+    "lift_fresh",
+    "detach",
+    "detach_",
+    "resolve_conj",
+    "resolve_neg",
+    "_local_scalar_dense",
+    "is_nonzero",
+    "alias",
+    "_to_copy_no_change",
+}
 FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "linspace", "randn", "rand", "randint")
 
 
@@ -61,7 +70,8 @@ def site() -> str:
     """The innermost frame in the engine's or diffusers' code."""
     for frame in reversed(traceback.extract_stack()[:-2]):
         if any(source in frame.filename for source in SOURCES):
-            return f"{frame.filename.split(os.sep + 'site-packages' + os.sep)[-1].removeprefix(str(ROOT) + os.sep)}:{frame.lineno}"
+            where = frame.filename.split(os.sep + "site-packages" + os.sep)[-1].removeprefix(str(ROOT) + os.sep)
+            return f"{where}:{frame.lineno}"
     return "?"
 
 
@@ -148,6 +158,7 @@ def patch_sync_points() -> None:
             if _name == "cpu":
                 TALLY.unmark(out)  # on the host now (on the CPU it is the same tensor)
             return out
+
         setattr(torch.Tensor, name, read)
 
     real_to = torch.Tensor.to
@@ -167,6 +178,7 @@ def patch_sync_points() -> None:
             tally.note("upload" if kwargs.get("non_blocking") else "sync")  # blocking: waits for the device
         tally.mark(out)
         return out
+
     torch.Tensor.to = to
 
     for name in FACTORIES:
@@ -179,6 +191,7 @@ def patch_sync_points() -> None:
                 TALLY.mark(out)
                 TALLY.note("sync" if _name == "tensor" else "kernel")  # torch.tensor copies host data up
             return out
+
         setattr(torch, name, factory)
 
     real_to_device = engine.batch.to_device
@@ -192,12 +205,24 @@ def patch_sync_points() -> None:
         TALLY.note("upload")
         TALLY.mark(out)
         return out
+
     engine.batch.to_device = to_device
 
 
 def requests() -> list[GenerationRequest]:
-    return [GenerationRequest.of(i, prompt=f"a photo of a fox, number {i}", seed=i, steps=STEPS, guidance=7.0,
-                                 width=SIZE, height=SIZE, sampler="euler_a") for i in range(1, JOBS + 1)]
+    return [
+        GenerationRequest.of(
+            i,
+            prompt=f"a photo of a fox, number {i}",
+            seed=i,
+            steps=STEPS,
+            guidance=7.0,
+            width=SIZE,
+            height=SIZE,
+            sampler="euler_a",
+        )
+        for i in range(1, JOBS + 1)
+    ]
 
 
 def count_engine(model) -> Tally:
@@ -234,8 +259,13 @@ def count_engine(model) -> Tally:
 
 def count_diffusers(components: dict) -> Tally:
     parts = {k: v for k, v in components.items() if k in ("unet", "vae", "text_encoder", "tokenizer")}
-    pipe = StableDiffusionPipeline(**parts, scheduler=EulerAncestralDiscreteScheduler(**SCHEDULER),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        **parts,
+        scheduler=EulerAncestralDiscreteScheduler(**SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     global TALLY
     tally = TALLY = Tally()
@@ -274,8 +304,10 @@ def main() -> None:
     torch.manual_seed(0)
     components = build_components("tiny")
     model = loaded_model(components, "tiny", torch.device("cpu"), torch.float32)
-    print(f"{JOBS} jobs of {SIZE}x{SIZE}, {STEPS} steps, euler_a, CFG 7; ours with previews every "
-          f"{PREVIEW_EVERY} steps; the tests' tiny SD1 UNet, CPU, torch {torch.__version__}")
+    print(
+        f"{JOBS} jobs of {SIZE}x{SIZE}, {STEPS} steps, euler_a, CFG 7; ours with previews every "
+        f"{PREVIEW_EVERY} steps; the tests' tiny SD1 UNet, CPU, torch {torch.__version__}"
+    )
     patch_sync_points()
     ours = report("our engine", count_engine(model))
     theirs = report("diffusers StableDiffusionPipeline", count_diffusers(components))

@@ -35,8 +35,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 import torch  # noqa: E402
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,  # noqa: E402
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from engine.loading import LoadedModel  # noqa: E402
@@ -45,24 +50,38 @@ from engine.tokenizer import EOS, clip_tokenizer  # noqa: E402
 from engine.types import GenerationRequest, ModelInfo  # noqa: E402
 from engine.worker import EngineWorker  # noqa: E402
 
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                 timestep_spacing="linspace")
+SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="linspace"
+)
 DEFAULT_SIZE = {"tiny": 128, "sd15": 512, "sdxl": 1024}
 
 
 # ---------------------------------------------------------------------------- models
 
+
 def text_encoder(width: int, layers: int, heads: int, act: str, projection: bool = False):
-    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_size=width,
-                            intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
-                            projection_dim=width, hidden_act=act)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        projection_dim=width,
+        hidden_act=act,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
 def full_size_vae(scaling_factor: float) -> AutoencoderKL:
-    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                         scaling_factor=scaling_factor).eval()
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        scaling_factor=scaling_factor,
+    ).eval()
 
 
 def build_components(unet: str) -> dict:
@@ -80,12 +99,18 @@ def build_components(unet: str) -> dict:
         }
     return {
         "unet": UNet2DConditionModel(
-            sample_size=128, block_out_channels=(320, 640, 1280),
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816).eval(),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ).eval(),
         "vae": full_size_vae(0.13025),
         "text_encoder": text_encoder(768, 12, 12, "quick_gelu"),
         "tokenizer": clip_tokenizer(EOS),
@@ -95,17 +120,27 @@ def build_components(unet: str) -> dict:
 
 
 def loaded_model(components: dict, unet: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    for name, module in components.items():
+    for module in components.values():
         if isinstance(module, torch.nn.Module):
             module.to(device, dtype)
     encoders = [components[k] for k in ("text_encoder", "text_encoder_2") if k in components]
     tokenizers = [components[k] for k in ("tokenizer", "tokenizer_2") if k in components]
     family = "sdxl" if unet == "sdxl" else "sd1"
     return LoadedModel(
-        info=ModelInfo(name=f"random-{unet}", family=family, prediction_type="epsilon",
-                       default_size=DEFAULT_SIZE[unet], latent_scale=8),
-        unet=components["unet"], vae=components["vae"], text_encoders=encoders, tokenizers=tokenizers,
-        alphas_cumprod=EulerDiscreteScheduler(**SCHEDULER).alphas_cumprod.double(), device=device, dtype=dtype,
+        info=ModelInfo(
+            name=f"random-{unet}",
+            family=family,
+            prediction_type="epsilon",
+            default_size=DEFAULT_SIZE[unet],
+            latent_scale=8,
+        ),
+        unet=components["unet"],
+        vae=components["vae"],
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        alphas_cumprod=EulerDiscreteScheduler(**SCHEDULER).alphas_cumprod.double(),
+        device=device,
+        dtype=dtype,
         vae_scaling_factor=components["vae"].config.scaling_factor,
     )
 
@@ -116,21 +151,30 @@ def diffusers_pipeline(components: dict, unet: str):
     if unet == "sdxl":
         pipe = StableDiffusionXLPipeline(**parts, scheduler=scheduler)
     else:
-        pipe = StableDiffusionPipeline(**parts, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            **parts, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 # ---------------------------------------------------------------------------- runs
 
+
 def jobs(n: int, members: int, args: argparse.Namespace) -> list[GenerationRequest]:
     """Job i comes from member i % M, each member with its own prompt, in size i % len(sizes)."""
     return [
-        GenerationRequest.of(job_id=i, prompt=f"member {i % members}: a lighthouse at dusk, style {i % members}",
-                          negative_prompt="blurry", seed=1000 + i, steps=args.steps, guidance=7.0,
-                          width=args.sizes[i % len(args.sizes)][0], height=args.sizes[i % len(args.sizes)][1],
-                          sampler="euler")
+        GenerationRequest.of(
+            job_id=i,
+            prompt=f"member {i % members}: a lighthouse at dusk, style {i % members}",
+            negative_prompt="blurry",
+            seed=1000 + i,
+            steps=args.steps,
+            guidance=7.0,
+            width=args.sizes[i % len(args.sizes)][0],
+            height=args.sizes[i % len(args.sizes)][1],
+            sampler="euler",
+        )
         for i in range(n)
     ]
 
@@ -142,6 +186,7 @@ def sync(device: torch.device) -> None:
 
 def run_engine(worker: EngineWorker, requests: list[GenerationRequest], device: torch.device) -> float:
     """Submit every job at once (as members would), wait for all; seconds taken."""
+
     async def all_jobs():
         await asyncio.gather(*(worker.generate(request) for request in requests))
 
@@ -149,9 +194,15 @@ def run_engine(worker: EngineWorker, requests: list[GenerationRequest], device: 
 
 
 def run_diffusers(pipe, request: GenerationRequest, device: torch.device) -> bytes:
-    image = pipe(request.params.prompt, negative_prompt=request.params.negative_prompt, num_inference_steps=request.params.steps,
-                 guidance_scale=request.params.guidance, width=request.params.width, height=request.params.height,
-                 generator=torch.Generator("cpu").manual_seed(request.params.seed)).images[0]
+    image = pipe(
+        request.params.prompt,
+        negative_prompt=request.params.negative_prompt,
+        num_inference_steps=request.params.steps,
+        guidance_scale=request.params.guidance,
+        width=request.params.width,
+        height=request.params.height,
+        generator=torch.Generator("cpu").manual_seed(request.params.seed),
+    ).images[0]
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=EngineSettings().png_compress_level)  # as the engine does
     return buffer.getvalue()
@@ -169,17 +220,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--unet", choices=["tiny", "sd15", "sdxl"], default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                        help="default: float32 on CPU, float16 on CUDA")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="default: float32 on CPU, float16 on CUDA",
+    )
     parser.add_argument("--jobs", type=int, default=16)
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=None, help="width = height (default: 128/512/1024)")
-    parser.add_argument("--sizes", nargs="+", default=None, metavar="WxH",
-                        help="sizes the jobs take in turn (instead of --size)")
+    parser.add_argument(
+        "--sizes", nargs="+", default=None, metavar="WxH", help="sizes the jobs take in turn (instead of --size)"
+    )
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--compile", default="off",
-                        help="also run (v): the batched engine with this engine.compile mode")
+    parser.add_argument(
+        "--compile", default="off", help="also run (v): the batched engine with this engine.compile mode"
+    )
     parser.add_argument("--latency-repeats", type=int, default=7)
     args = parser.parse_args(argv)
     side = args.size or DEFAULT_SIZE[args.unet]
@@ -192,15 +249,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     components = build_components(args.unet)
     model = loaded_model(components, args.unet, device, dtype)
-    limits = GenerationSettings(max_steps=max(args.steps, 50), max_width=max(w for w, _ in args.sizes),
-                                max_height=max(h for _, h in args.sizes))
+    limits = GenerationSettings(
+        max_steps=max(args.steps, 50), max_width=max(w for w, _ in args.sizes), max_height=max(h for _, h in args.sizes)
+    )
     batched = EngineWorker(model, EngineSettings(max_batch=args.max_batch, preview_every=0), limits)
-    compiled = EngineWorker(model, EngineSettings(max_batch=args.max_batch, preview_every=0, compile=args.compile),
-                            limits) if args.compile != "off" else None
+    compiled = (
+        EngineWorker(model, EngineSettings(max_batch=args.max_batch, preview_every=0, compile=args.compile), limits)
+        if args.compile != "off"
+        else None
+    )
     serial = EngineWorker(model, EngineSettings(max_batch=1, preview_every=0), limits)
     mixed = len(set(args.sizes)) > 1
-    strict = EngineWorker(model, EngineSettings(max_batch=args.max_batch, preview_every=0, overtake_window=0),
-                          limits)
+    strict = EngineWorker(model, EngineSettings(max_batch=args.max_batch, preview_every=0, overtake_window=0), limits)
     pipe = diffusers_pipeline(components, args.unet)
     requests = jobs(args.jobs, args.members, args)
     batched.start()
@@ -208,8 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     strict.start()
     try:
         # Warm-up: first calls allocate, pick kernels and fill the prompt cache of neither run's jobs.
-        warm = GenerationRequest.of(job_id=-1, prompt="warm-up", seed=0, steps=2, width=args.width,
-                                 height=args.height, sampler="euler")
+        warm = GenerationRequest.of(
+            job_id=-1, prompt="warm-up", seed=0, steps=2, width=args.width, height=args.height, sampler="euler"
+        )
         batched.generate_blocking(warm), serial.generate_blocking(warm), run_diffusers(pipe, warm, device)
         if mixed:
             strict.generate_blocking(warm)
@@ -240,12 +301,16 @@ def main(argv: list[str] | None = None) -> None:
 
     n = len(requests)
     ips = {"batched": n / t_batched, "serial": n / t_serial, "diffusers": n / t_diffusers}
-    print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"dtype={str(dtype).removeprefix('torch.')}, torch threads={torch.get_num_threads()}, "
-          f"load average before={load_before:.2f} after={os.getloadavg()[0]:.2f}")
+    print(
+        f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+        f"dtype={str(dtype).removeprefix('torch.')}, torch threads={torch.get_num_threads()}, "
+        f"load average before={load_before:.2f} after={os.getloadavg()[0]:.2f}"
+    )
     sizes = " ".join(f"{w}x{h}" for w, h in args.sizes)
-    print(f"unet={args.unet} size={sizes} steps={args.steps} sampler=euler "
-          f"jobs={n} members={args.members} max_batch={args.max_batch}")
+    print(
+        f"unet={args.unet} size={sizes} steps={args.steps} sampler=euler "
+        f"jobs={n} members={args.members} max_batch={args.max_batch}"
+    )
     print(f"(i)   engine, batched         {ips['batched']:8.3f} images/s  ({t_batched:.2f} s)")
     print(f"(ii)  engine, one at a time   {ips['serial']:8.3f} images/s  ({t_serial:.2f} s)")
     print(f"(iii) diffusers, one at a time{ips['diffusers']:8.3f} images/s  ({t_diffusers:.2f} s)")
@@ -253,13 +318,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ratio (i)/(iii)  = {ips['batched'] / ips['diffusers']:.2f}x")
     print(f"ratio (ii)/(iii) = {ips['serial'] / ips['diffusers']:.2f}x")
     if t_strict is not None:
-        print(f"(iv)  engine, batched in strict arrival order (overtake_window 0) {n / t_strict:8.3f} images/s "
-              f"({t_strict:.2f} s); ratio (i)/(iv) = {t_strict / t_batched:.2f}x")
+        print(
+            f"(iv)  engine, batched in strict arrival order (overtake_window 0) {n / t_strict:8.3f} images/s "
+            f"({t_strict:.2f} s); ratio (i)/(iv) = {t_strict / t_batched:.2f}x"
+        )
     if t_compiled is not None:
-        print(f"(v)   engine, batched, engine.compile={args.compile} {n / t_compiled:8.3f} images/s ({t_compiled:.2f} s, "
-              f"after a run that compiled); ratio (v)/(i) = {t_batched / t_compiled:.2f}x")
-    print(f"one job, idle engine: {ours_latency:.3f} s vs diffusers {theirs_latency:.3f} s "
-          f"-> latency ratio {ours_latency / theirs_latency:.2f} (<= 1.0 is no slower)")
+        print(
+            f"(v)   engine, batched, engine.compile={args.compile} {n / t_compiled:8.3f} images/s ({t_compiled:.2f} s, "
+            f"after a run that compiled); ratio (v)/(i) = {t_batched / t_compiled:.2f}x"
+        )
+    print(
+        f"one job, idle engine: {ours_latency:.3f} s vs diffusers {theirs_latency:.3f} s "
+        f"-> latency ratio {ours_latency / theirs_latency:.2f} (<= 1.0 is no slower)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,10 +27,12 @@ log = logging.getLogger("bot")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="config.toml", help="path to config.toml (default: %(default)s)")
-    parser.add_argument("--no-engine", action="store_true",
-                        help="do not load a model here; GPU worker processes serve the queue")
-    parser.add_argument("--sync", action="store_true",
-                        help="register the slash commands with Discord even if they have not changed")
+    parser.add_argument(
+        "--no-engine", action="store_true", help="do not load a model here; GPU worker processes serve the queue"
+    )
+    parser.add_argument(
+        "--sync", action="store_true", help="register the slash commands with Discord even if they have not changed"
+    )
     return parser.parse_args(argv)
 
 
@@ -48,9 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def run(config: Config, *, engine: bool = True, sync: bool = False) -> int:
     """Wire database, engine and client together (:mod:`bot.wiring`); return the exit status."""
     from bot.wiring import build_bot, load_engine, open_database
-    from ops import OpsServerError
-
     from db.errors import StorageError
+    from ops import OpsServerError
 
     try:
         db, queue = await asyncio.to_thread(open_database, config)
@@ -89,12 +90,17 @@ async def run(config: Config, *, engine: bool = True, sync: bool = False) -> int
                 client_task.result()  # raises LoginFailure and friends
             log.info("stopping: queued jobs stay in the database")
     except discord.LoginFailure:
-        print("error: Discord refused DISCORD_TOKEN; copy the bot token again from the developer portal "
-              "(Bot > Reset Token)", file=sys.stderr)
+        print(
+            "error: Discord refused DISCORD_TOKEN; copy the bot token again from the developer portal "
+            "(Bot > Reset Token)",
+            file=sys.stderr,
+        )
         return 2
     except discord.PrivilegedIntentsRequired:
-        print("error: Discord refused the intents; the bot needs no privileged intents, check its settings",
-              file=sys.stderr)
+        print(
+            "error: Discord refused the intents; the bot needs no privileged intents, check its settings",
+            file=sys.stderr,
+        )
         return 2
     except OpsServerError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -106,8 +112,11 @@ async def run(config: Config, *, engine: bool = True, sync: bool = False) -> int
         queue.close()
         db.dispose()
     if bot.fatal is not None:
-        print(f"error: a background task kept failing ({type(bot.fatal).__name__}: {bot.fatal}); "
-              "see the log above. Restart the bot (a service manager does it for you).", file=sys.stderr)
+        print(
+            f"error: a background task kept failing ({type(bot.fatal).__name__}: {bot.fatal}); "
+            "see the log above. Restart the bot (a service manager does it for you).",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -27,8 +27,7 @@ log = logging.getLogger(__name__)
 PREFIX = "ack:"
 #: Discord's interaction tokens last 15 minutes; a little less, to be sure an answer can land.
 TOKEN_LIFETIME = timedelta(minutes=14)
-RESTARTED = ("⚠️ The bot restarted before your job was queued, so nothing was queued. "
-             "Please run the command again.")
+RESTARTED = "⚠️ The bot restarted before your job was queued, so nothing was queued. Please run the command again."
 
 
 class PendingAcks:
@@ -43,8 +42,11 @@ class PendingAcks:
 
     def record(self, interaction: discord.Interaction, now: datetime) -> None:
         """Called in a thread, just before a "thinking…" acknowledgement with no job behind it."""
-        value = {"app_id": interaction.application_id, "token": interaction.token,
-                 "expires_at": (now + TOKEN_LIFETIME).isoformat()}
+        value = {
+            "app_id": interaction.application_id,
+            "token": interaction.token,
+            "expires_at": (now + TOKEN_LIFETIME).isoformat(),
+        }
         self.state.put(f"{PREFIX}{interaction.id}", json.dumps(value))
 
     def forget(self, interaction_id: int) -> None:

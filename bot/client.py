@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import discord
@@ -44,7 +44,7 @@ HEALTHY_SECONDS = 300.0
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class JobEvents:
@@ -73,18 +73,33 @@ class JobEvents:
 class SDBot(commands.Bot):
     """A Stable Diffusion bot for one or more Discord servers."""
 
-    def __init__(self, config: Config, queue: Queue, community: Community, styles: Styles,
-                 runner: Any | None = None, *,
-                 events: JobEvents | None = None, allowed_hosts: frozenset[str] = DISCORD_CDN_HOSTS,
-                 clock: Callable[[], datetime] = utcnow, model_family: str | None = None, force_sync: bool = False,
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        queue: Queue,
+        community: Community,
+        styles: Styles,
+        runner: Any | None = None,
+        *,
+        events: JobEvents | None = None,
+        allowed_hosts: frozenset[str] = DISCORD_CDN_HOSTS,
+        clock: Callable[[], datetime] = utcnow,
+        model_family: str | None = None,
+        force_sync: bool = False,
+        **options: Any,
+    ) -> None:
         """``model_family``: the loaded default model's family (None: ``model.family`` as configured,
         e.g. with ``--no-engine``); for ``"sdxl"`` the commands offer ``generation.sdxl_sizes``."""
         intents = discord.Intents.none()
         intents.guilds = True  # channels and permissions
         intents.guild_reactions = True  # 🔁 rerolls
-        super().__init__(command_prefix=commands.when_mentioned, intents=intents, help_command=None,
-                         allowed_mentions=discord.AllowedMentions.none(), **options)
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            help_command=None,
+            allowed_mentions=discord.AllowedMentions.none(),
+            **options,
+        )
         generation = config.generation.for_family(model_family or config.model.family)
         if generation is not config.generation:
             config = replace(config, generation=generation)
@@ -93,14 +108,28 @@ class SDBot(commands.Bot):
         self.runner = runner
         self.clock = clock
         self.force_sync = force_sync
-        self.delivery = Delivery(self, queue, interval=config.discord.progress_interval,
-                                 model_name=config.model.display_name, clock=clock, community=community)
+        self.delivery = Delivery(
+            self,
+            queue,
+            interval=config.discord.progress_interval,
+            model_name=config.model.display_name,
+            clock=clock,
+            community=community,
+        )
         if events is not None:
             events.connect(self.delivery)
         self.state = StateStore(queue.engine)
-        self.service = JobService(config, queue, community, styles, runner, self.delivery,
-                                  PendingAcks(self.state, queue.engine),
-                                  clock=clock, allowed_hosts=allowed_hosts)
+        self.service = JobService(
+            config,
+            queue,
+            community,
+            styles,
+            runner,
+            self.delivery,
+            PendingAcks(self.state, queue.engine),
+            clock=clock,
+            allowed_hosts=allowed_hosts,
+        )
         self.fatal: BaseException | None = None  # why a background task gave up, for the exit status
         self._tasks: list[asyncio.Task] = []
         limit_pillow()
@@ -177,8 +206,9 @@ class SDBot(commands.Bot):
 
     # -- errors -----------------------------------------------------------------------------
 
-    async def on_app_command_error(self, interaction: discord.Interaction,
-                                   error: discord.app_commands.AppCommandError) -> None:
+    async def on_app_command_error(
+        self, interaction: discord.Interaction, error: discord.app_commands.AppCommandError
+    ) -> None:
         if isinstance(error, discord.app_commands.CommandInvokeError):
             error = error.original
         if isinstance(error, BadInput):

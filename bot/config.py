@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ops.settings import OpsConfigError, OpsSettings, parse_ops
 from engine.settings import (
     ConfigError,
     EngineSettings,
@@ -25,6 +24,7 @@ from engine.settings import (
     read_toml,
     section,
 )
+from ops.settings import OpsConfigError, OpsSettings, parse_ops
 
 __all__ = ["Config", "ConfigError", "DiscordSettings", "QueueSettings", "load_config"]
 
@@ -60,13 +60,16 @@ class Config:
         return (default, *(m.display_name for m in self.models if m.display_name != default))
 
 
-def load_config(path: str | Path = "config.toml", env: Mapping[str, str] = os.environ,
-                *, require_token: bool = True) -> Config:
+def load_config(
+    path: str | Path = "config.toml", env: Mapping[str, str] = os.environ, *, require_token: bool = True
+) -> Config:
     """Read and check config.toml and the environment; raise ConfigError with one clear line."""
     raw = read_toml(path)
     if "token" in raw.get("discord", {}):
-        raise ConfigError("discord.token: the bot token is never read from the file; "
-                          "remove it and set the DISCORD_TOKEN environment variable")
+        raise ConfigError(
+            "discord.token: the bot token is never read from the file; "
+            "remove it and set the DISCORD_TOKEN environment variable"
+        )
     engine_part = parse_engine_sections(raw)
     queue = parse_queue_section(raw)
     discord: DiscordSettings = section(raw, "discord", DiscordSettings)
@@ -76,19 +79,47 @@ def load_config(path: str | Path = "config.toml", env: Mapping[str, str] = os.en
         raise ConfigError(str(e)) from None
 
     for gid in discord.guild_ids:
-        check(isinstance(gid, int) and gid > 0, "discord.guild_ids", gid, "server ids as numbers, e.g. [123456789012345678]")
-    check(0.5 <= discord.progress_interval <= 60, "discord.progress_interval", discord.progress_interval, "0.5 to 60 seconds")
-    check(1024 <= discord.max_attachment_bytes <= 100 * 1024 * 1024, "discord.max_attachment_bytes",
-          discord.max_attachment_bytes, "1024 to 104857600 bytes")
+        check(
+            isinstance(gid, int) and gid > 0,
+            "discord.guild_ids",
+            gid,
+            "server ids as numbers, e.g. [123456789012345678]",
+        )
+    check(
+        0.5 <= discord.progress_interval <= 60,
+        "discord.progress_interval",
+        discord.progress_interval,
+        "0.5 to 60 seconds",
+    )
+    check(
+        1024 <= discord.max_attachment_bytes <= 100 * 1024 * 1024,
+        "discord.max_attachment_bytes",
+        discord.max_attachment_bytes,
+        "1024 to 104857600 bytes",
+    )
     for kind in discord.allowed_image_types:
-        check(kind in ("image/png", "image/jpeg", "image/webp", "image/gif"), "discord.allowed_image_types", kind,
-              "image/png, image/jpeg, image/webp or image/gif")
+        check(
+            kind in ("image/png", "image/jpeg", "image/webp", "image/gif"),
+            "discord.allowed_image_types",
+            kind,
+            "image/png, image/jpeg, image/webp or image/gif",
+        )
     check(10 <= discord.max_prompt_chars <= 6000, "discord.max_prompt_chars", discord.max_prompt_chars, "10 to 6000")
 
     token = env.get("DISCORD_TOKEN", "").strip()
     if require_token and not token:
-        raise ConfigError("DISCORD_TOKEN is not set: create a bot in the Discord developer portal "
-                          "(see README, 'Create the Discord application') and run "
-                          "`DISCORD_TOKEN=<your bot token> .venv/bin/python -m bot`")
-    return Config(model=engine_part.model, engine=engine_part.engine, generation=engine_part.generation,
-                  queue=queue, discord=discord, token=token, models=engine_part.models, ops=ops)
+        raise ConfigError(
+            "DISCORD_TOKEN is not set: create a bot in the Discord developer portal "
+            "(see README, 'Create the Discord application') and run "
+            "`DISCORD_TOKEN=<your bot token> .venv/bin/python -m bot`"
+        )
+    return Config(
+        model=engine_part.model,
+        engine=engine_part.engine,
+        generation=engine_part.generation,
+        queue=queue,
+        discord=discord,
+        token=token,
+        models=engine_part.models,
+        ops=ops,
+    )

@@ -21,8 +21,21 @@ from engine.metadata import parse_infotext
 from engine.params import SAMPLER_NAMES, SCHEDULE_NAMES, SEED_MAX, parse_size
 
 #: Fields shown by "Image info", in this order, when present.
-SHOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Model hash",
-         "Denoising strength", "Variation seed", "Variation seed strength", "Clip skip", "RNG")
+SHOWN = (
+    "Steps",
+    "Sampler",
+    "Schedule type",
+    "CFG scale",
+    "Seed",
+    "Size",
+    "Model",
+    "Model hash",
+    "Denoising strength",
+    "Variation seed",
+    "Variation seed strength",
+    "Clip skip",
+    "RNG",
+)
 _BY_LABEL = {label.lower(): sampler for sampler, label in SAMPLER_NAMES.items()}
 _SCHEDULE_BY_LABEL = {label.lower(): schedule for schedule, label in SCHEDULE_NAMES.items()}
 
@@ -112,8 +125,7 @@ def settings_from(fields: dict[str, str], config: Config) -> tuple[Asked, list[s
         if width is not None and f"{width}x{height}" in gen.sizes:
             size = (width, height)
         else:
-            notes.append(f"size {fields['Size']} is not offered here; "
-                         f"{gen.default_width}x{gen.default_height} is used")
+            notes.append(f"size {fields['Size']} is not offered here; {gen.default_width}x{gen.default_height} is used")
     model = fields.get("Model")
     if model and model not in config.model_names:
         notes.append(f"model {model} is not configured here; {config.model.display_name} is used")
@@ -125,5 +137,6 @@ def settings_from(fields: dict[str, str], config: Config) -> tuple[Asked, list[s
     schedule = _SCHEDULE_BY_LABEL.get((fields.get("Schedule type") or "").strip().lower())
     if schedule in (None, "automatic") or sampler == "dpmpp_2m_karras" or schedule not in gen.schedules:
         schedule = None  # automatic, folded into the sampler's name, or not offered here
-    return Asked(prompt, negative, seed, steps, guidance, size, sampler, 1, chosen_model, clip_skip=clip_skip,
-                 schedule=schedule), notes
+    return Asked(
+        prompt, negative, seed, steps, guidance, size, sampler, 1, chosen_model, clip_skip=clip_skip, schedule=schedule
+    ), notes

@@ -113,9 +113,11 @@ def check_prompt_tokens(prompt: str, negative: str = "") -> str | None:
             raise BadInput(f"In the {name}: {e}") from None
         chunks = chunks_needed(tokens)
         if chunks > MAX_PROMPT_CHUNKS:
-            raise BadInput(f"The {name} is {tokens} tokens long ({chunks} chunks of {CHUNK_LENGTH}); the limit is "
-                           f"{MAX_PROMPT_CHUNKS} chunks ({MAX_PROMPT_CHUNKS * CHUNK_LENGTH} tokens). Emoji and "
-                           "unusual characters take several tokens each.")
+            raise BadInput(
+                f"The {name} is {tokens} tokens long ({chunks} chunks of {CHUNK_LENGTH}); the limit is "
+                f"{MAX_PROMPT_CHUNKS} chunks ({MAX_PROMPT_CHUNKS * CHUNK_LENGTH} tokens). Emoji and "
+                "unusual characters take several tokens each."
+            )
         if chunks > 1:
             notes.append(f"the {name} is {tokens} tokens, read in {chunks} chunks of {CHUNK_LENGTH}")
     if not notes:
@@ -164,9 +166,16 @@ def clip_truncation_notice(tokenizer, prompt: str) -> str | None:
         return None
 
 
-def check_attachment_meta(*, filename: str, content_type: str | None, size: int, url: str,
-                          allowed_types: tuple[str, ...], max_bytes: int,
-                          allowed_hosts: frozenset[str]) -> None:
+def check_attachment_meta(
+    *,
+    filename: str,
+    content_type: str | None,
+    size: int,
+    url: str,
+    allowed_types: tuple[str, ...],
+    max_bytes: int,
+    allowed_hosts: frozenset[str],
+) -> None:
     """Checks made before anything is downloaded: type, declared size, and where it lives."""
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     names = ", ".join(t.removeprefix("image/").upper() for t in allowed_types)
@@ -176,15 +185,19 @@ def check_attachment_meta(*, filename: str, content_type: str | None, size: int,
     if size > max_bytes:
         raise BadInput(f"`{shown}` is {size / 1048576:.1f} MiB; the limit is {max_bytes / 1048576:.1f} MiB.")
     parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or parts.username is not None or parts.password is not None \
-            or (parts.hostname or "").lower() not in allowed_hosts:
+    if (
+        parts.scheme not in ("https", "http")
+        or parts.username is not None
+        or parts.password is not None
+        or (parts.hostname or "").lower() not in allowed_hosts
+    ):
         raise BadInput("Attachments are only accepted from Discord's own servers; upload the image to Discord.")
 
 
 def _shown_name(name: str, limit: int = 60) -> str:
     """A file name or type safe to echo inside `code`: visible characters, no backticks, short."""
     name = clean_text(name).replace("`", "'")
-    return name if len(name) <= limit else name[:limit - 1] + "…"
+    return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
 #: Pillow's name for each upload type: only these decoders ever see an upload's bytes, whatever
@@ -210,8 +223,15 @@ def fit_size(width: int, height: int, *, max_width: int, max_height: int, target
     return min(w, max_width // 8 * 8), min(h, max_height // 8 * 8)
 
 
-def load_init_image(data: bytes, *, size: tuple[int, int] | None, max_width: int, max_height: int,
-                    target_area: int, formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")) -> InitImage:
+def load_init_image(
+    data: bytes,
+    *,
+    size: tuple[int, int] | None,
+    max_width: int,
+    max_height: int,
+    target_area: int,
+    formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP"),
+) -> InitImage:
     """Decode an upload safely and normalise it to an RGB image the engine can use.
 
     Refuses non-images, corrupt or truncated files, decompression bombs and files in other
@@ -223,8 +243,10 @@ def load_init_image(data: bytes, *, size: tuple[int, int] | None, max_width: int
     try:
         image = Image.open(io.BytesIO(data), formats=list(formats))  # reads the header only
         if image.width * image.height > MAX_INPUT_PIXELS:
-            raise BadInput(f"The image is {image.width}x{image.height}; images up to "
-                           f"{MAX_INPUT_PIXELS // 1_000_000} megapixels are accepted.")
+            raise BadInput(
+                f"The image is {image.width}x{image.height}; images up to "
+                f"{MAX_INPUT_PIXELS // 1_000_000} megapixels are accepted."
+            )
         image.seek(0)  # first frame of an animation
         # A big JPEG is decoded at 1/2, 1/4 or 1/8 scale when that still covers the largest
         # size we make (either way round, as EXIF may rotate it): faster, and less memory.
@@ -236,16 +258,16 @@ def load_init_image(data: bytes, *, size: tuple[int, int] | None, max_width: int
     except BadInput:
         raise
     except Image.DecompressionBombError:
-        raise BadInput(f"The image is too large; images up to {MAX_INPUT_PIXELS // 1_000_000} "
-                       "megapixels are accepted.") from None
+        raise BadInput(
+            f"The image is too large; images up to {MAX_INPUT_PIXELS // 1_000_000} megapixels are accepted."
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise _unreadable(e) from None
-    except Exception as e:  # noqa: BLE001 - a hostile file can trip a decoder in odd ways
+    except Exception as e:
         log.warning("upload refused: the decoder failed unexpectedly", exc_info=True)
         raise _unreadable(e) from None
     if size is None:
-        size = fit_size(image.width, image.height, max_width=max_width, max_height=max_height,
-                        target_area=target_area)
+        size = fit_size(image.width, image.height, max_width=max_width, max_height=max_height, target_area=target_area)
         image = image.resize(size, Image.Resampling.LANCZOS)
     else:
         image = ImageOps.fit(image, size, Image.Resampling.LANCZOS)
@@ -255,8 +277,10 @@ def load_init_image(data: bytes, *, size: tuple[int, int] | None, max_width: int
 
 
 def _unreadable(error: Exception) -> BadInput:
-    return BadInput(f"That file could not be read as an image ({type(error).__name__}); "
-                    "it may be corrupt or truncated. Send a PNG, JPEG or WebP image.")
+    return BadInput(
+        f"That file could not be read as an image ({type(error).__name__}); "
+        "it may be corrupt or truncated. Send a PNG, JPEG or WebP image."
+    )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

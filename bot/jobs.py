@@ -53,8 +53,9 @@ def reroll(parent: Job) -> NewJob:
 
 def variation(parent: Job, image_seed: int, level: str) -> NewJob:
     """Noise mixed from the chosen image's seed and a new one (AUTOMATIC1111's variation seed)."""
-    params = _replay(parent).but(seed=image_seed, variation_seed=new_seed(),
-                                 variation_strength=VARIATION_STRENGTH[level])
+    params = _replay(parent).but(
+        seed=image_seed, variation_seed=new_seed(), variation_strength=VARIATION_STRENGTH[level]
+    )
     return NewJob(JobKind.variation, params, parent.id)
 
 
@@ -64,8 +65,9 @@ def upscale(parent: Job, image: ResultImage, gen: GenerationSettings) -> NewJob 
     big = enlarge(image.png, factor=UPSCALE_FACTOR, max_width=gen.max_width, max_height=gen.max_height)
     if big is None:
         return None
-    params = _replay(parent).but(seed=image.seed, count=1, width=big.width, height=big.height,
-                                 init_image=big.png, strength=UPSCALE_STRENGTH)
+    params = _replay(parent).but(
+        seed=image.seed, count=1, width=big.width, height=big.height, init_image=big.png, strength=UPSCALE_STRENGTH
+    )
     return NewJob(JobKind.upscale, params, parent.id)
 
 
@@ -75,8 +77,9 @@ REGION_STRENGTH = 0.9
 
 def region(parent: Job, image: ResultImage, mask_png: bytes, prompt: str) -> NewJob:
     """Repaint the masked cells of one image with ``prompt``; the rest of the image stays."""
-    params = _replay(parent).but(prompt=prompt, seed=new_seed(), count=1, init_image=image.png, mask=mask_png,
-                                 strength=REGION_STRENGTH)
+    params = _replay(parent).but(
+        prompt=prompt, seed=new_seed(), count=1, init_image=image.png, mask=mask_png, strength=REGION_STRENGTH
+    )
     return NewJob(JobKind.region, params, parent.id)
 
 
@@ -87,8 +90,15 @@ OUTPAINT_STRENGTH = 1.0
 
 def _outpaint(parent: Job, kind: JobKind, canvas: Image.Image, mask: Image.Image, gen: GenerationSettings) -> NewJob:
     canvas, mask = _within(canvas, mask, gen.max_width, gen.max_height)
-    params = _replay(parent).but(seed=new_seed(), count=1, width=canvas.width, height=canvas.height,
-                                 init_image=_png(canvas), mask=_png(mask), strength=OUTPAINT_STRENGTH)
+    params = _replay(parent).but(
+        seed=new_seed(),
+        count=1,
+        width=canvas.width,
+        height=canvas.height,
+        init_image=_png(canvas),
+        mask=_png(mask),
+        strength=OUTPAINT_STRENGTH,
+    )
     return NewJob(kind, params, parent.id)
 
 

@@ -34,9 +34,15 @@ def result_view(job: Job, image_count: int) -> ui.View:
             view.add_item(Upscale(job.id, i, grid=True, row=2))
         view.add_item(views_edit.PickImage(job.id, image_count, row=3))
         return view
-    for item in (Reroll(job.id, row=0), Vary(job.id, 0, "subtle", grid=False, row=0),
-                 Vary(job.id, 0, "strong", grid=False, row=0), Upscale(job.id, 0, grid=False, row=0),
-                 Edit(job.id, row=1), Info(job.id, row=1), Delete(job.id, row=1)):
+    for item in (
+        Reroll(job.id, row=0),
+        Vary(job.id, 0, "subtle", grid=False, row=0),
+        Vary(job.id, 0, "strong", grid=False, row=0),
+        Upscale(job.id, 0, grid=False, row=0),
+        Edit(job.id, row=1),
+        Info(job.id, row=1),
+        Delete(job.id, row=1),
+    ):
         view.add_item(item)
     views_edit.add_edit_buttons(view, job, 0, first_row=2)
     return view
@@ -44,16 +50,17 @@ def result_view(job: Job, image_count: int) -> ui.View:
 
 def describe_buttons() -> str:
     """One line per button, for /help."""
-    return "\n".join([
-        "🔁 **Reroll**: same settings, new seed. Adding a 🔁 reaction to a result does the same.",
-        f"**Vary (subtle/strong)**, **V1-V4**: variation seed at strength "
-        f"{jobs.VARIATION_STRENGTH['subtle']}/{jobs.VARIATION_STRENGTH['strong']}.",
-        f"⬆️ **Upscale**, **U1-U4**: {jobs.UPSCALE_FACTOR:g}x, refined by img2img at strength {jobs.UPSCALE_STRENGTH}.",
-        "✏️ **Edit**: change the prompts, keep the seed. ℹ️ **Info**: every parameter.",
-        "🗑️ **Delete** and ✖️ **Cancel**: the requester or members with Manage Messages.",
-        "🖌️ **Vary (Region)**: pick squares of the image and a prompt; only they change. "
-        "🔍 **Zoom Out 1.5x/2x**, ⬅️➡️⬆️⬇️ **Pan**, ⏹️ **Make Square**: a bigger canvas, its new part drawn to match.",
-        "Anyone may press Reroll, Vary, Upscale, Edit and the editing buttons; the new job is theirs.",
-    ])
-
-
+    return "\n".join(
+        [
+            "🔁 **Reroll**: same settings, new seed. Adding a 🔁 reaction to a result does the same.",
+            f"**Vary (subtle/strong)**, **V1-V4**: variation seed at strength "
+            f"{jobs.VARIATION_STRENGTH['subtle']}/{jobs.VARIATION_STRENGTH['strong']}.",
+            f"⬆️ **Upscale**, **U1-U4**: {jobs.UPSCALE_FACTOR:g}x, refined by img2img at strength "
+            f"{jobs.UPSCALE_STRENGTH}.",
+            "✏️ **Edit**: change the prompts, keep the seed. ℹ️ **Info**: every parameter.",
+            "🗑️ **Delete** and ✖️ **Cancel**: the requester or members with Manage Messages.",
+            "🖌️ **Vary (Region)**: pick squares of the image and a prompt; only they change. "
+            "🔍 **Zoom Out 1.5x/2x**, ⬅️➡️⬆️⬇️ **Pan**, ⏹️ **Make Square**: a bigger canvas, its new part drawn to match.",
+            "Anyone may press Reroll, Vary, Upscale, Edit and the editing buttons; the new job is theirs.",
+        ]
+    )

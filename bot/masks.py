@@ -34,11 +34,14 @@ def check_coverage(mask: Image.Image) -> None:
     total = mask.width * mask.height
     selected = sum(histogram[128:]) / total
     if selected < MIN_SHARE:
-        raise BadInput("The mask selects nothing to change: paint the area to change white (or make it "
-                       "transparent) and the rest black.")
+        raise BadInput(
+            "The mask selects nothing to change: paint the area to change white (or make it "
+            "transparent) and the rest black."
+        )
     if selected > 1 - MIN_SHARE:
-        raise BadInput("The mask selects the whole image: to make a new image use /imagine, or leave the "
-                       "part to keep black.")
+        raise BadInput(
+            "The mask selects the whole image: to make a new image use /imagine, or leave the part to keep black."
+        )
 
 
 def load_mask(data: bytes, size: tuple[int, int], *, formats: tuple[str, ...] = ("PNG", "WEBP")) -> bytes:
@@ -47,8 +50,10 @@ def load_mask(data: bytes, size: tuple[int, int], *, formats: tuple[str, ...] = 
     try:
         image = Image.open(io.BytesIO(data), formats=list(formats))
         if image.width * image.height > MAX_INPUT_PIXELS:
-            raise BadInput(f"The mask is {image.width}x{image.height}; masks up to "
-                           f"{MAX_INPUT_PIXELS // 1_000_000} megapixels are accepted.")
+            raise BadInput(
+                f"The mask is {image.width}x{image.height}; masks up to "
+                f"{MAX_INPUT_PIXELS // 1_000_000} megapixels are accepted."
+            )
         image.seek(0)
         image.load()
         image = ImageOps.exif_transpose(image)
@@ -78,8 +83,10 @@ def cells_mask(size: tuple[int, int], cells: Iterable[int], grid: int = GRID) ->
     draw = ImageDraw.Draw(mask)
     for cell in cells:
         row, col = divmod(cell - 1, grid)
-        draw.rectangle((col * width // grid, row * height // grid,
-                        (col + 1) * width // grid - 1, (row + 1) * height // grid - 1), fill=255)
+        draw.rectangle(
+            (col * width // grid, row * height // grid, (col + 1) * width // grid - 1, (row + 1) * height // grid - 1),
+            fill=255,
+        )
     check_coverage(mask)
     return _png(mask)
 

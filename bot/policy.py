@@ -66,9 +66,16 @@ def nsfw_match(prompt: str, words: tuple[str, ...]) -> str | None:
     return None
 
 
-def resolve(asked: Asked, mine: MemberDefaults, policy: ServerPolicy, gen: GenerationSettings,
-            model_names: tuple[str, ...], *, img2img: bool = False,
-            model_clip_skip: Callable[[str | None], int] = lambda model: 1) -> GenerationParams:
+def resolve(
+    asked: Asked,
+    mine: MemberDefaults,
+    policy: ServerPolicy,
+    gen: GenerationSettings,
+    model_names: tuple[str, ...],
+    *,
+    img2img: bool = False,
+    model_clip_skip: Callable[[str | None], int] = lambda model: 1,
+) -> GenerationParams:
     """The job's parameters: what was asked, else the member's default (if the configuration
     still allows it), else the configured default narrowed to the server's limits. An img2img
     job without a size keeps the configured default here; the upload's shape replaces it."""
@@ -84,17 +91,29 @@ def resolve(asked: Asked, mine: MemberDefaults, policy: ServerPolicy, gen: Gener
     model = asked.model
     if model is None and policy.default_model in model_names:
         model = policy.default_model  # the server's choice when the member made none
-    return gen.params(asked.prompt, seed=asked.seed, negative_prompt=asked.negative or mine.negative_prompt or None,
-                      steps=steps, guidance=guidance, size=size, sampler=sampler, count=asked.count,
-                      strength=asked.strength, model=model, clip_skip=asked.clip_skip or model_clip_skip(model),
-                      schedule=asked.schedule)
+    return gen.params(
+        asked.prompt,
+        seed=asked.seed,
+        negative_prompt=asked.negative or mine.negative_prompt or None,
+        steps=steps,
+        guidance=guidance,
+        size=size,
+        sampler=sampler,
+        count=asked.count,
+        strength=asked.strength,
+        model=model,
+        clip_skip=asked.clip_skip or model_clip_skip(model),
+        schedule=asked.schedule,
+    )
 
 
 def default_size(mine: MemberDefaults, policy: ServerPolicy, gen: GenerationSettings) -> tuple[int, int] | None:
     """The member's size if allowed, else the configured default (None), else the largest that fits."""
+
     def fits(size: tuple[int, int]) -> bool:
         return (policy.max_width is None or size[0] <= policy.max_width) and (
-            policy.max_height is None or size[1] <= policy.max_height)
+            policy.max_height is None or size[1] <= policy.max_height
+        )
 
     if mine.width and size_text(mine.width, mine.height) in gen.sizes and fits((mine.width, mine.height)):
         return mine.width, mine.height
@@ -106,7 +125,9 @@ def default_size(mine: MemberDefaults, policy: ServerPolicy, gen: GenerationSett
 
 def max_size(policy: ServerPolicy, gen: GenerationSettings) -> tuple[int, int]:
     """The largest width and height a job may have on this server."""
-    return min(gen.max_width, policy.max_width or gen.max_width), min(gen.max_height, policy.max_height or gen.max_height)
+    return min(gen.max_width, policy.max_width or gen.max_width), min(
+        gen.max_height, policy.max_height or gen.max_height
+    )
 
 
 def gate(asker: Asker, seen: Admission, params: GenerationParams, *, pending_limit: int, now: datetime) -> None:
@@ -115,49 +136,67 @@ def gate(asker: Asker, seen: Admission, params: GenerationParams, *, pending_lim
     if asker.guild_id is not None:
         _server_gate(asker, seen, params, now)
     if seen.pending >= pending_limit:
-        raise BadInput(f"You already have {seen.pending} jobs waiting (limit {pending_limit}). "
-                       "Wait for one to finish or /cancel one.")
+        raise BadInput(
+            f"You already have {seen.pending} jobs waiting (limit {pending_limit}). "
+            "Wait for one to finish or /cancel one."
+        )
 
 
 def _server_gate(asker: Asker, seen: Admission, params: GenerationParams, now: datetime) -> None:
     policy = seen.policy
     if seen.barred:
-        raise BadInput("You have been barred from using this bot on this server. "
-                       "Ask the server's managers if you think this is a mistake.")
+        raise BadInput(
+            "You have been barred from using this bot on this server. "
+            "Ask the server's managers if you think this is a mistake."
+        )
     if not channel_allowed(asker, policy):
         where = ", ".join(f"<#{c}>" for c in policy.allowed_channel_ids)
         raise BadInput(f"On this server I make images only in {where}. Try there.")
     if policy.paused:
-        raise BadInput("The server's managers have paused the image queue for now; "
-                       "no new jobs are taken. Try again later.")
+        raise BadInput(
+            "The server's managers have paused the image queue for now; no new jobs are taken. Try again later."
+        )
     word = nsfw_match(params.prompt, policy.nsfw_words)
     if word is not None and not is_nsfw_channel(asker):
-        raise BadInput(f"“{render.escape(word)}” is on this server's NSFW list: prompts with it are "
-                       "allowed only in age-restricted channels.")
+        raise BadInput(
+            f"“{render.escape(word)}” is on this server's NSFW list: prompts with it are "
+            "allowed only in age-restricted channels."
+        )
     if policy.max_steps is not None and params.steps > policy.max_steps:
         raise BadInput(f"This server allows at most {policy.max_steps} steps (you asked for {params.steps}).")
     if policy.max_count is not None and params.count > policy.max_count:
-        raise BadInput(f"This server allows at most {policy.max_count} images per job "
-                       f"(you asked for {params.count}).")
-    if (policy.max_width is not None and params.width > policy.max_width
-            or policy.max_height is not None and params.height > policy.max_height):
-        raise BadInput(f"This server allows images up to {policy.max_width}x{policy.max_height} "
-                       f"(this one is {params.width}x{params.height}); pick a smaller size.")
+        raise BadInput(f"This server allows at most {policy.max_count} images per job (you asked for {params.count}).")
+    if (
+        policy.max_width is not None
+        and params.width > policy.max_width
+        or policy.max_height is not None
+        and params.height > policy.max_height
+    ):
+        raise BadInput(
+            f"This server allows images up to {policy.max_width}x{policy.max_height} "
+            f"(this one is {params.width}x{params.height}); pick a smaller size."
+        )
     if policy.pending_limit is not None and seen.pending >= policy.pending_limit:
-        raise BadInput(f"You already have {seen.pending} jobs waiting (this server's limit is "
-                       f"{policy.pending_limit}). Wait for one to finish or /cancel one.")
+        raise BadInput(
+            f"You already have {seen.pending} jobs waiting (this server's limit is "
+            f"{policy.pending_limit}). Wait for one to finish or /cancel one."
+        )
     usage = seen.usage
     if policy.daily_limit is not None and usage.count >= policy.daily_limit:
         # The window slides: one more job is allowed when the oldest one in it is 24 hours old.
         again = (usage.first_at or now) + DAY
-        raise BadInput(f"You have reached this server's limit of {policy.daily_limit} jobs in 24 hours. "
-                       f"You can make another {when(again)}.")
+        raise BadInput(
+            f"You have reached this server's limit of {policy.daily_limit} jobs in 24 hours. "
+            f"You can make another {when(again)}."
+        )
     if policy.cooldown_seconds and usage.last_at is not None:
         again = usage.last_at + timedelta(seconds=policy.cooldown_seconds)
         if again > now:
             wait = (again - now).total_seconds()
-            raise BadInput(f"This server has a {policy.cooldown_seconds}-second cooldown between jobs. "
-                           f"Try again in {wait:.0f} s, {when(again)}.")
+            raise BadInput(
+                f"This server has a {policy.cooldown_seconds}-second cooldown between jobs. "
+                f"Try again in {wait:.0f} s, {when(again)}."
+            )
 
 
 def channel_allowed(asker: Asker, policy: ServerPolicy) -> bool:

@@ -109,8 +109,7 @@ def info_text(job: Job, model_name: str, position: int | None = None) -> str:
         status += f", place {position} in line"
     if job.error:
         status += f": {escape(job.error)}"
-    lines = [f"**{job_title(job)}** by <@{job.requester_id}>: {status}",
-             f"**Prompt:** {escape(job.prompt)}"]
+    lines = [f"**{job_title(job)}** by <@{job.requester_id}>: {status}", f"**Prompt:** {escape(job.prompt)}"]
     if job.negative_prompt:
         lines.append(f"**Negative:** {escape(job.negative_prompt)}")
     lines += [f"**{name}:** {value}" for name, value in parameter_lines(job, model_name)]
@@ -125,8 +124,7 @@ class ResultMessage:
     files: list[discord.File] = field(default_factory=list)
 
 
-def result_message(job: Job, images: Sequence[ResultImage], model_name: str, *,
-                   spoiler: bool = False) -> ResultMessage:
+def result_message(job: Job, images: Sequence[ResultImage], model_name: str, *, spoiler: bool = False) -> ResultMessage:
     """The message that shows a finished job: mention, embed with the parameters, PNG files
     (behind spoiler tags, and not shown in the embed, when ``spoiler``)."""
     files = result_files(job, images, spoiler=spoiler)

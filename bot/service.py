@@ -52,9 +52,19 @@ RECORD_BUDGET = 0.5
 class JobService:
     """Admission, queueing and cancelling of jobs, for every cog."""
 
-    def __init__(self, config: Config, queue: Queue, community: Community, styles: Styles, runner: Any | None,
-                 delivery: Delivery, acks: PendingAcks, *, clock: Callable[[], datetime],
-                 allowed_hosts: frozenset[str]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        queue: Queue,
+        community: Community,
+        styles: Styles,
+        runner: Any | None,
+        delivery: Delivery,
+        acks: PendingAcks,
+        *,
+        clock: Callable[[], datetime],
+        allowed_hosts: frozenset[str],
+    ) -> None:
         self.config = config
         self.styles = styles
         self.acks = acks
@@ -84,7 +94,7 @@ class JobService:
             await action
         except (BadInput, QueueError) as e:
             await self.tell(interaction, str(e))
-        except Exception:  # noqa: BLE001 - one failed action must not go unanswered
+        except Exception:
             log.exception("interaction %s failed", interaction.id)
             await self.tell(interaction, OUR_FAULT)
 
@@ -144,37 +154,60 @@ class JobService:
     def gate(self, asker: Asker, seen: Admission, params: GenerationParams) -> None:
         policy.gate(asker, seen, params, pending_limit=self.config.queue.pending_limit, now=self.clock())
 
-    async def admit(self, interaction: discord.Interaction, asked: Asked, image: discord.Attachment | None = None,
-                    mask: discord.Attachment | None = None) -> tuple[GenerationParams, str | None]:
+    async def admit(
+        self,
+        interaction: discord.Interaction,
+        asked: Asked,
+        image: discord.Attachment | None = None,
+        mask: discord.Attachment | None = None,
+    ) -> tuple[GenerationParams, str | None]:
         """The parameters of a new /imagine or /img2img job and a note on long prompts; refuses,
         with BadInput, what the server, the queue's pending limit or the engine would not take.
         Within Discord's deadline: acknowledges first when the checks take long."""
         return await within_deadline(self, interaction, self._admit(interaction, asked, image, mask))
 
-    async def _admit(self, interaction: discord.Interaction, asked: Asked, image: discord.Attachment | None,
-                     mask: discord.Attachment | None) -> tuple[GenerationParams, str | None]:
+    async def _admit(
+        self,
+        interaction: discord.Interaction,
+        asked: Asked,
+        image: discord.Attachment | None,
+        mask: discord.Attachment | None,
+    ) -> tuple[GenerationParams, str | None]:
         gen, asker = self.config.generation, Asker.of(interaction)
         seen = await self.admission(asker)
-        params = policy.resolve(asked, seen.defaults, seen.policy, gen, self.config.model_names,
-                                img2img=image is not None,
-                                model_clip_skip=lambda model: self.config.model_settings(model).clip_skip)
+        params = policy.resolve(
+            asked,
+            seen.defaults,
+            seen.policy,
+            gen,
+            self.config.model_names,
+            img2img=image is not None,
+            model_clip_skip=lambda model: self.config.model_settings(model).clip_skip,
+        )
         params = await self._styled(asker, asked.style, params)
         if image is not None:  # the upload's shape, within this server's size limit
             dc = self.config.discord
             data = await self.download(image.url, dc.max_attachment_bytes)
             max_width, max_height = policy.max_size(seen.policy, gen)
             init = await asyncio.to_thread(
-                load_init_image, data, size=asked.size, max_width=max_width, max_height=max_height,
+                load_init_image,
+                data,
+                size=asked.size,
+                max_width=max_width,
+                max_height=max_height,
                 target_area=gen.default_width * gen.default_height,
-                formats=tuple(PILLOW_FORMATS[t] for t in dc.allowed_image_types))
+                formats=tuple(PILLOW_FORMATS[t] for t in dc.allowed_image_types),
+            )
             params = params.but(init_image=init.png, width=init.width, height=init.height)
             if mask is not None:  # resized to the image; white (or transparent) means change
-                mask_png = await asyncio.to_thread(load_mask, await self.download(mask.url, dc.max_attachment_bytes),
-                                                   (init.width, init.height))
+                mask_png = await asyncio.to_thread(
+                    load_mask, await self.download(mask.url, dc.max_attachment_bytes), (init.width, init.height)
+                )
                 params = params.but(mask=mask_png)
         self.gate(asker, seen, params)
-        note = await self.run_check(check_prompt_text, params.prompt, params.negative_prompt,
-                                    self.config.model_settings(params.model).lora_dir)
+        note = await self.run_check(
+            check_prompt_text, params.prompt, params.negative_prompt, self.config.model_settings(params.model).lora_dir
+        )
         return params, note
 
     async def _styled(self, asker: Asker, name: str | None, params: GenerationParams) -> GenerationParams:
@@ -216,10 +249,18 @@ class JobService:
         answer with its number, place in line and a Cancel button. The job is stored first, so
         an acknowledged interaction always has its job."""
         job = await asyncio.to_thread(
-            self.queue.enqueue, **job_columns(new.params), kind=new.kind, parent_id=new.parent_id,
-            requester_id=interaction.user.id, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
-            interaction_token=interaction.token, interaction_app_id=interaction.application_id,
-            interaction_expires_at=token_expiry(self.clock()), status_channel_id=interaction.channel_id)
+            self.queue.enqueue,
+            **job_columns(new.params),
+            kind=new.kind,
+            parent_id=new.parent_id,
+            requester_id=interaction.user.id,
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id,
+            interaction_token=interaction.token,
+            interaction_app_id=interaction.application_id,
+            interaction_expires_at=token_expiry(self.clock()),
+            status_channel_id=interaction.channel_id,
+        )
         await self.defer(interaction)
         interaction.extras["thinking"] = False  # from now on the message is the job's
         await self._answered(interaction)
@@ -234,8 +275,14 @@ class JobService:
         if interaction.extras.pop("ack_recorded", False):
             await asyncio.to_thread(self.acks.forget, interaction.id)
 
-    async def submit_command(self, interaction: discord.Interaction, kind: JobKind, asked: Asked,
-                             image: discord.Attachment | None = None, mask: discord.Attachment | None = None) -> Job:
+    async def submit_command(
+        self,
+        interaction: discord.Interaction,
+        kind: JobKind,
+        asked: Asked,
+        image: discord.Attachment | None = None,
+        mask: discord.Attachment | None = None,
+    ) -> Job:
         """/imagine, /img2img and /inpaint: admit, then queue."""
         params, note = await self.admit(interaction, asked, image, mask)
         return await self.submit(interaction, NewJob(kind, params), note=note)
@@ -244,8 +291,13 @@ class JobService:
         """A reroll, variation, upscale or edit: admit, then queue."""
         return await self.submit(interaction, await self.admit_derived(interaction, new), note=note)
 
-    async def submit_for_reaction(self, payload: discord.RawReactionActionEvent, new: NewJob,
-                                  channel: discord.abc.Messageable, cached_channel: Any) -> Job | None:
+    async def submit_for_reaction(
+        self,
+        payload: discord.RawReactionActionEvent,
+        new: NewJob,
+        channel: discord.abc.Messageable,
+        cached_channel: Any,
+    ) -> Job | None:
         """Queue a job for a member who reacted; its status is a new message in the channel.
         A refusal has no private reply to go to: it is logged and nothing happens."""
         asker = Asker(payload.guild_id, payload.user_id, payload.channel_id, cached_channel)
@@ -257,9 +309,16 @@ class JobService:
         status = await channel.send(f"{REROLL_EMOJI} <@{payload.user_id}> is rerolling job #{new.parent_id}…")
         try:
             job = await asyncio.to_thread(
-                self.queue.enqueue, **job_columns(new.params), kind=new.kind, parent_id=new.parent_id,
-                requester_id=payload.user_id, guild_id=payload.guild_id, channel_id=payload.channel_id,
-                status_message_id=status.id, status_channel_id=payload.channel_id)
+                self.queue.enqueue,
+                **job_columns(new.params),
+                kind=new.kind,
+                parent_id=new.parent_id,
+                requester_id=payload.user_id,
+                guild_id=payload.guild_id,
+                channel_id=payload.channel_id,
+                status_message_id=status.id,
+                status_channel_id=payload.channel_id,
+            )
         except QueueError as e:
             await status.edit(content=f"{REROLL_EMOJI} <@{payload.user_id}>: {render.escape(str(e))}")
             return None
@@ -303,8 +362,9 @@ class JobService:
 
     async def show_info(self, interaction: discord.Interaction, job: Job) -> None:
         position = await self.run_check(self.queue.position, job.id)
-        await interaction.response.send_message(render.info_text(job, self.config.model.display_name, position),
-                                                ephemeral=True)
+        await interaction.response.send_message(
+            render.info_text(job, self.config.model.display_name, position), ephemeral=True
+        )
 
     async def latest_pending(self, user_id: int) -> Job:
         pending = await self.run_check(self.queue.pending_for, user_id)
@@ -340,5 +400,5 @@ class JobService:
                     if len(data) > max_bytes:
                         raise BadInput(f"The image is larger than {max_bytes / 1048576:.1f} MiB.")
                 return bytes(data)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             raise BadInput("The attachment could not be downloaded; upload it again.") from None

@@ -27,8 +27,9 @@ def payload_hash(tree: app_commands.CommandTree, guild: discord.abc.Snowflake | 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-async def sync_commands(tree: app_commands.CommandTree, state: StateStore, guild_ids: tuple[int, ...], *,
-                        force: bool = False) -> list[str]:
+async def sync_commands(
+    tree: app_commands.CommandTree, state: StateStore, guild_ids: tuple[int, ...], *, force: bool = False
+) -> list[str]:
     """Sync the scopes whose commands changed (all with ``force``); returns the scopes synced."""
     synced = []
     scopes: list[discord.Object | None] = [discord.Object(g) for g in guild_ids] or [None]

@@ -16,15 +16,19 @@ def member_settings_text(mine: MemberDefaults, gen: GenerationSettings) -> str:
         return f"**{value}**" if value not in (None, "") else f"{default} *(bot default)*"
 
     size = f"{mine.width}x{mine.height}" if mine.width else None
-    return "\n".join([
-        "**Your defaults** (used when you leave an option out)",
-        f"negative: {shown(render.escape(mine.negative_prompt or ''), repr(gen.default_negative_prompt or 'none'))}",
-        f"steps: {shown(mine.steps, str(gen.default_steps))}",
-        f"size: {shown(size, f'{gen.default_width}x{gen.default_height}')}",
-        f"sampler: {shown(SAMPLER_NAMES.get(mine.sampler or '', mine.sampler), SAMPLER_NAMES[gen.default_sampler])}",
-        f"guidance: {shown(mine.guidance, f'{gen.default_guidance:g}')}",
-        f"private results: **{'yes' if mine.private_results else 'no'}**",
-    ])
+    return "\n".join(
+        [
+            "**Your defaults** (used when you leave an option out)",
+            "negative: "
+            f"{shown(render.escape(mine.negative_prompt or ''), repr(gen.default_negative_prompt or 'none'))}",
+            f"steps: {shown(mine.steps, str(gen.default_steps))}",
+            f"size: {shown(size, f'{gen.default_width}x{gen.default_height}')}",
+            "sampler: "
+            f"{shown(SAMPLER_NAMES.get(mine.sampler or '', mine.sampler), SAMPLER_NAMES[gen.default_sampler])}",
+            f"guidance: {shown(mine.guidance, f'{gen.default_guidance:g}')}",
+            f"private results: **{'yes' if mine.private_results else 'no'}**",
+        ]
+    )
 
 
 def server_settings_text(policy: ServerPolicy, barred: list[int], config: Config) -> str:
@@ -43,8 +47,7 @@ def server_settings_text(policy: ServerPolicy, barred: list[int], config: Config
         f"jobs waiting per member: {limit(policy.pending_limit, queue.pending_limit)}; "
         f"per 24 hours: {limit(policy.daily_limit, 'no limit')}; "
         f"cooldown: **{policy.cooldown_seconds} s**",
-        f"NSFW words (only in age-restricted channels): "
-        f"{render.escape(', '.join(policy.nsfw_words)) or 'none'}",
+        f"NSFW words (only in age-restricted channels): {render.escape(', '.join(policy.nsfw_words)) or 'none'}",
         f"default model: {limit(policy.default_model, config.model.display_name)}",
         f"barred members: {', '.join(f'<@{u}>' for u in barred) or 'none'}",
     ]
@@ -57,17 +60,19 @@ def stats_text(stats: ServerStats, member_name: Any) -> str:
 
     status = ", ".join(f"{n} {name}" for name, n in sorted(stats.week_by_status.items()))
     top = "\n".join(f"{i}. {member_name(user_id)}: {n}" for i, (user_id, n) in enumerate(stats.top_members, 1))
-    return "\n".join([
-        f"**Jobs today:** {stats.jobs_today} · **this week:** {stats.jobs_week}"
-        + (f" ({status})" if status else ""),
-        f"**Average wait:** {seconds(stats.avg_wait_seconds)} · "
-        f"**average generation:** {seconds(stats.avg_generation_seconds)}",
-        f"**Queue now:** {stats.queued_here} waiting and {stats.running_here} running here; "
-        f"{stats.queued_everywhere} waiting on all servers",
-        "**Top members this week:**",
-        top or "nobody yet",
-        "*Days and weeks are in UTC; weeks start on Monday.*",
-    ])
+    return "\n".join(
+        [
+            f"**Jobs today:** {stats.jobs_today} · **this week:** {stats.jobs_week}"
+            + (f" ({status})" if status else ""),
+            f"**Average wait:** {seconds(stats.avg_wait_seconds)} · "
+            f"**average generation:** {seconds(stats.avg_generation_seconds)}",
+            f"**Queue now:** {stats.queued_here} waiting and {stats.running_here} running here; "
+            f"{stats.queued_everywhere} waiting on all servers",
+            "**Top members this week:**",
+            top or "nobody yet",
+            "*Days and weeks are in UTC; weeks start on Monday.*",
+        ]
+    )
 
 
 def audit_text(entries: list[Any]) -> str:

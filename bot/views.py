@@ -35,8 +35,15 @@ class _JobButton(ui.DynamicItem[ui.Button], template=r"sd:(?P<action>[a-z]+):(?P
 
     action: str = ""
 
-    def __init__(self, job_id: int, *extra: Any, label: str | None = None, emoji: str | None = None,
-                 style: ButtonStyle = ButtonStyle.secondary, row: int | None = None) -> None:
+    def __init__(
+        self,
+        job_id: int,
+        *extra: Any,
+        label: str | None = None,
+        emoji: str | None = None,
+        style: ButtonStyle = ButtonStyle.secondary,
+        row: int | None = None,
+    ) -> None:
         custom_id = ":".join(["sd", self.action, str(job_id), *map(str, extra)])
         super().__init__(ui.Button(label=label, emoji=emoji, style=style, custom_id=custom_id), row=row)
         self.job_id = job_id
@@ -106,8 +113,9 @@ class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)"):
     action = "up"
 
     def __init__(self, job_id: int, index: int, *, grid: bool, row: int | None = None) -> None:
-        super().__init__(job_id, index, label=f"U{index + 1}" if grid else "Upscale", emoji=None if grid else "⬆️",
-                         row=row)
+        super().__init__(
+            job_id, index, label=f"U{index + 1}" if grid else "Upscale", emoji=None if grid else "⬆️", row=row
+        )
         self.index = index
 
     @classmethod
@@ -121,7 +129,9 @@ class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)"):
         # Decoding, resizing and encoding take about half a second: in a thread, within the deadline.
         new = await within_deadline(service, interaction, asyncio.to_thread(jobs.upscale, parent, image, gen))
         if new is None:
-            raise BadInput(f"This image is already at the largest size allowed here ({gen.max_width}x{gen.max_height}).")
+            raise BadInput(
+                f"This image is already at the largest size allowed here ({gen.max_width}x{gen.max_height})."
+            )
         await service.submit_derived(interaction, new)
 
 
@@ -170,11 +180,16 @@ class EditModal(ui.Modal):
         super().__init__(title=f"Edit job #{parent.id}", timeout=900)
         limit = min(4000, max_chars)
         self.parent = parent
-        self.prompt = ui.TextInput(label="Prompt", style=discord.TextStyle.paragraph,
-                                   default=parent.prompt[:limit], max_length=limit)
-        self.negative = ui.TextInput(label="Negative prompt", style=discord.TextStyle.paragraph,
-                                     default=parent.negative_prompt[:limit] or None, required=False,
-                                     max_length=limit)
+        self.prompt = ui.TextInput(
+            label="Prompt", style=discord.TextStyle.paragraph, default=parent.prompt[:limit], max_length=limit
+        )
+        self.negative = ui.TextInput(
+            label="Negative prompt",
+            style=discord.TextStyle.paragraph,
+            default=parent.negative_prompt[:limit] or None,
+            required=False,
+            max_length=limit,
+        )
         self.add_item(self.prompt)
         self.add_item(self.negative)
 
@@ -188,6 +203,7 @@ class EditModal(ui.Modal):
         prompt = check_prompt(self.prompt.value, max_chars=limit)
         negative = check_prompt(self.negative.value, max_chars=limit, name="negative prompt", required=False)
         lora_dir = config.model_settings(self.parent.model).lora_dir
-        note = await within_deadline(service, interaction,
-                                     service.run_check(check_prompt_text, prompt, negative, lora_dir))
+        note = await within_deadline(
+            service, interaction, service.run_check(check_prompt_text, prompt, negative, lora_dir)
+        )
         await service.submit_derived(interaction, jobs.edit(self.parent, prompt, negative), note=note)

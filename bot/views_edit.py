@@ -15,7 +15,7 @@ import re
 from typing import TYPE_CHECKING, Self
 
 import discord
-from discord import ButtonStyle, ui
+from discord import ui
 
 from bot import jobs, masks
 from bot.checks import within_deadline
@@ -58,18 +58,30 @@ class Region(_ImageButton, template=r"sd:region:(?P<job>\d+):(?P<index>\d)"):
         view = ui.View(timeout=None)
         view.add_item(Cells(parent.id, self.index))
         await interaction.response.send_message(
-            "Pick the squares to change; then say what to put there.", ephemeral=True, view=view,
-            file=discord.File(io.BytesIO(overlay), filename=f"sd_{parent.id}_grid_{self.index + 1}.png"))
+            "Pick the squares to change; then say what to put there.",
+            ephemeral=True,
+            view=view,
+            file=discord.File(io.BytesIO(overlay), filename=f"sd_{parent.id}_grid_{self.index + 1}.png"),
+        )
 
 
 class Cells(ui.DynamicItem[ui.Select], template=r"sd:cells:(?P<job>\d+):(?P<index>\d)"):
     """The multi-select of grid cells under the Vary (Region) picture."""
 
     def __init__(self, job_id: int, index: int) -> None:
-        options = [discord.SelectOption(label=f"Square {cell}", value=str(cell))
-                   for cell in range(1, masks.GRID * masks.GRID + 1)]
-        super().__init__(ui.Select(custom_id=f"sd:cells:{job_id}:{index}", placeholder="Squares to change",
-                                   min_values=1, max_values=masks.GRID * masks.GRID - 1, options=options))
+        options = [
+            discord.SelectOption(label=f"Square {cell}", value=str(cell))
+            for cell in range(1, masks.GRID * masks.GRID + 1)
+        ]
+        super().__init__(
+            ui.Select(
+                custom_id=f"sd:cells:{job_id}:{index}",
+                placeholder="Squares to change",
+                min_values=1,
+                max_values=masks.GRID * masks.GRID - 1,
+                options=options,
+            )
+        )
         self.job_id, self.index = job_id, index
 
     @classmethod
@@ -88,8 +100,9 @@ class Cells(ui.DynamicItem[ui.Select], template=r"sd:cells:(?P<job>\d+):(?P<inde
         parent = await service.get_job(self.job_id)
         if parent is None:
             raise BadInput(f"Job #{self.job_id} no longer exists.")
-        await interaction.response.send_modal(RegionModal(parent, self.index, cells,
-                                                          service.config.discord.max_prompt_chars))
+        await interaction.response.send_modal(
+            RegionModal(parent, self.index, cells, service.config.discord.max_prompt_chars)
+        )
 
 
 class RegionModal(ui.Modal):
@@ -99,8 +112,12 @@ class RegionModal(ui.Modal):
         super().__init__(title=f"Vary (Region) of job #{parent.id}", timeout=900)
         limit = min(4000, max_chars)
         self.parent, self.index, self.cells = parent, index, cells
-        self.prompt = ui.TextInput(label="Prompt for the chosen squares", style=discord.TextStyle.paragraph,
-                                   default=parent.prompt[:limit], max_length=limit)
+        self.prompt = ui.TextInput(
+            label="Prompt for the chosen squares",
+            style=discord.TextStyle.paragraph,
+            default=parent.prompt[:limit],
+            max_length=limit,
+        )
         self.add_item(self.prompt)
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
@@ -173,8 +190,10 @@ class PickImage(ui.DynamicItem[ui.Select], template=r"sd:pick:(?P<job>\d+)"):
 
     def __init__(self, job_id: int, count: int, row: int | None = None) -> None:
         options = [discord.SelectOption(label=f"Image {i + 1}", value=str(i)) for i in range(max(1, count))]
-        super().__init__(ui.Select(custom_id=f"sd:pick:{job_id}", placeholder="Edit image… (region, zoom, pan)",
-                                   options=options), row=row)
+        super().__init__(
+            ui.Select(custom_id=f"sd:pick:{job_id}", placeholder="Edit image… (region, zoom, pan)", options=options),
+            row=row,
+        )
         self.job_id = job_id
 
     @classmethod
@@ -191,8 +210,9 @@ class PickImage(ui.DynamicItem[ui.Select], template=r"sd:pick:(?P<job>\d+)"):
         job = await service.get_job(self.job_id)
         if job is None:
             raise BadInput(f"Job #{self.job_id} no longer exists.")
-        await interaction.response.send_message(f"Image {index + 1} of job #{job.id}:", ephemeral=True,
-                                                view=edit_view(job, index))
+        await interaction.response.send_message(
+            f"Image {index + 1} of job #{job.id}:", ephemeral=True, view=edit_view(job, index)
+        )
 
 
 def add_edit_buttons(view: ui.View, job: Job, index: int, first_row: int) -> None:

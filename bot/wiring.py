@@ -42,8 +42,12 @@ class BotApp:
 
 
 def open_queue(db: Engine, config: Config) -> Queue:
-    return Queue(db, pending_limit=config.queue.pending_limit, max_attempts=config.queue.max_attempts,
-                 lease_seconds=config.queue.lease_seconds)
+    return Queue(
+        db,
+        pending_limit=config.queue.pending_limit,
+        max_attempts=config.queue.max_attempts,
+        lease_seconds=config.queue.lease_seconds,
+    )
 
 
 def open_database(config: Config) -> tuple[Engine, Queue]:
@@ -60,20 +64,31 @@ def load_engine(config: Config) -> tuple[Any, str]:
     from engine.models import ModelPool
     from engine.worker import EngineWorker
 
-    worker = EngineWorker(ModelPool.configured((config.model, *config.models), config.engine), config.engine,
-                          config.generation)
+    worker = EngineWorker(
+        ModelPool.configured((config.model, *config.models), config.engine), config.engine, config.generation
+    )
     return worker, worker.pipeline.model.info.family  # loads the default model now: a bad one stops the start
 
 
-def build_bot(config: Config, queue: Queue, worker: Any | None = None, *, worker_name: str = "bot",
-              model_family: str | None = None, poll_interval: float = 1.0, **client_options: Any) -> BotApp:
+def build_bot(
+    config: Config,
+    queue: Queue,
+    worker: Any | None = None,
+    *,
+    worker_name: str = "bot",
+    model_family: str | None = None,
+    poll_interval: float = 1.0,
+    **client_options: Any,
+) -> BotApp:
     """The bot over ``queue``, with a queue runner feeding ``worker`` (None: GPU workers run in
     other processes). The worker is started by the caller; its jobs left running by this
     worker's previous run are put back in line here."""
     community = Community(queue.engine, clock=client_options.get("clock", utcnow))
-    metrics = Metrics(queue_counts=lambda: queue_counts(queue.engine),
-                      database_up=lambda: database_reachable(queue.engine),
-                      discord_connected=lambda: bot.connected)  # read at scrape time, once the bot exists
+    metrics = Metrics(
+        queue_counts=lambda: queue_counts(queue.engine),
+        database_up=lambda: database_reachable(queue.engine),
+        discord_connected=lambda: bot.connected,
+    )  # read at scrape time, once the bot exists
     events = JobEvents(on_finished=functools.partial(record_finished, metrics, queue))
     runner = None
     if worker is not None:
@@ -84,14 +99,20 @@ def build_bot(config: Config, queue: Queue, worker: Any | None = None, *, worker
         recovered = queue.recover_all_running(worker_prefix=prefix)
         if recovered:
             log.info("%d job(s) left running by a previous run were recovered", recovered)
-        runner = QueueRunner(queue, worker, worker_id=worker_id, max_in_flight=config.engine.max_batch,
-                             poll_interval=poll_interval, heartbeat_interval=config.queue.lease_seconds / 4,
-                             listen=config.queue.database_url.startswith("postgresql"),
-                             turns=ModelTurns.for_pool(worker.models, config.engine),
-                             on_progress=events.progress, on_finished=events.finished)
+        runner = QueueRunner(
+            queue,
+            worker,
+            worker_id=worker_id,
+            max_in_flight=config.engine.max_batch,
+            poll_interval=poll_interval,
+            heartbeat_interval=config.queue.lease_seconds / 4,
+            listen=config.queue.database_url.startswith("postgresql"),
+            turns=ModelTurns.for_pool(worker.models, config.engine),
+            on_progress=events.progress,
+            on_finished=events.finished,
+        )
     styles = Styles(queue.engine, clock=client_options.get("clock", utcnow))
-    bot = SDBot(config, queue, community, styles, runner, events=events, model_family=model_family,
-                **client_options)
+    bot = SDBot(config, queue, community, styles, runner, events=events, model_family=model_family, **client_options)
     if worker is not None:
         metrics.read_batch_rows(lambda: worker.batch_rows)
     health = Health()
@@ -105,6 +126,7 @@ def build_bot(config: Config, queue: Queue, worker: Any | None = None, *, worker
 
 def record_finished(metrics: Metrics, queue: Queue, job_id: int) -> None:
     """Count a job this process finished, with its times (read from its row, in a thread)."""
+
     def record() -> None:
         job = queue.get(job_id)
         if job is None or not job.status.finished:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, delete, func, select, update
@@ -61,7 +61,10 @@ MEMBER_FIELDS = frozenset(f.name for f in fields(MemberDefaults))
 SERVER_FIELDS = frozenset(f.name for f in fields(ServerPolicy))
 _LIST_FIELDS = frozenset({"allowed_channel_ids", "nsfw_words"})
 _SERVER_ROW_DEFAULTS = {
-    "allowed_channel_ids": [], "nsfw_words": [], "cooldown_seconds": 0, "paused": False,
+    "allowed_channel_ids": [],
+    "nsfw_words": [],
+    "cooldown_seconds": 0,
+    "paused": False,
 }
 
 
@@ -83,8 +86,7 @@ class Community:
         self._postgres = engine.dialect.name == "postgresql"
         self._write, self._read = session_makers(engine)
 
-    def _insert_missing(self, session: Session, model: type, key: dict[str, int],
-                        defaults: dict[str, Any]) -> None:
+    def _insert_missing(self, session: Session, model: type, key: dict[str, int], defaults: dict[str, Any]) -> None:
         """Create the row with ``defaults`` unless it exists (safe against a concurrent insert)."""
         insert = pg_insert if self._postgres else sqlite_insert
         session.execute(
@@ -112,8 +114,7 @@ class Community:
         if unknown:
             raise TypeError(f"not member settings: {sorted(unknown)}")
         with self._write.begin() as session:
-            self._insert_missing(session, MemberSettings, {"user_id": user_id},
-                                {"private_results": False})
+            self._insert_missing(session, MemberSettings, {"user_id": user_id}, {"private_results": False})
             row = session.get(MemberSettings, user_id, with_for_update=True)
             for name, value in changes.items():
                 setattr(row, name, value)
@@ -147,8 +148,7 @@ class Community:
                 if policy.daily_limit is not None or policy.cooldown_seconds:
                     usage = self._usage(session, guild_id, user_id, since)
             pending = session.scalar(
-                select(func.count()).select_from(Job)
-                .where(Job.requester_id == user_id, Job.status.in_(PENDING))
+                select(func.count()).select_from(Job).where(Job.requester_id == user_id, Job.status.in_(PENDING))
             )
         return Admission(defaults, policy, barred, pending, usage)
 
@@ -170,8 +170,7 @@ class Community:
             self._insert_missing(session, ServerSettings, key, _SERVER_ROW_DEFAULTS)
             row = session.get(ServerSettings, guild_id, with_for_update=True)
             before = self._policy(row)
-            after = replace(before, **{k: tuple(v) if k in _LIST_FIELDS else v
-                                       for k, v in changes.items()})
+            after = replace(before, **{k: tuple(v) if k in _LIST_FIELDS else v for k, v in changes.items()})
             for name in sorted(changes):
                 old, new = getattr(before, name), getattr(after, name)
                 if old == new:
@@ -200,9 +199,7 @@ class Community:
         """Let a barred member use the bot again; False when they were not barred."""
         with self._write.begin() as session:
             removed = session.execute(
-                delete(BarredMember).where(
-                    BarredMember.guild_id == guild_id, BarredMember.user_id == user_id
-                )
+                delete(BarredMember).where(BarredMember.guild_id == guild_id, BarredMember.user_id == user_id)
             ).rowcount
             if removed:
                 self._log(session, guild_id, actor_id, "unbar", "barred", None, user_id)
@@ -219,9 +216,7 @@ class Community:
     def barred(self, guild_id: int) -> list[int]:
         with self._read.begin() as session:
             query = (
-                select(BarredMember.user_id)
-                .where(BarredMember.guild_id == guild_id)
-                .order_by(BarredMember.barred_at)
+                select(BarredMember.user_id).where(BarredMember.guild_id == guild_id).order_by(BarredMember.barred_at)
             )
             return list(session.scalars(query))
 
@@ -257,24 +252,38 @@ class Community:
                 ),
                 execution_options=_NO_UPDATE_SYNC,
             )
-            self._log(session, guild_id, actor_id, "purge", None,
-                      f"{len(ids)} job(s): " + _show(ids), user_id, now=now)
+            self._log(session, guild_id, actor_id, "purge", None, f"{len(ids)} job(s): " + _show(ids), user_id, now=now)
         return ids
 
-    def _log(self, session: Session, guild_id: int, actor_id: int, action: str,
-             old: str | None, new: str | None, target_id: int | None = None, *,
-             now: datetime | None = None) -> None:
-        session.add(AuditEntry(guild_id=guild_id, actor_id=actor_id, created_at=now or self.clock(),
-                               action=action, target_id=target_id, old_value=old, new_value=new))
+    def _log(
+        self,
+        session: Session,
+        guild_id: int,
+        actor_id: int,
+        action: str,
+        old: str | None,
+        new: str | None,
+        target_id: int | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> None:
+        session.add(
+            AuditEntry(
+                guild_id=guild_id,
+                actor_id=actor_id,
+                created_at=now or self.clock(),
+                action=action,
+                target_id=target_id,
+                old_value=old,
+                new_value=new,
+            )
+        )
 
     def audit_log(self, guild_id: int, limit: int = 20) -> list[AuditEntry]:
         """The server's latest changes, newest first."""
         with self._read.begin() as session:
             query = (
-                select(AuditEntry)
-                .where(AuditEntry.guild_id == guild_id)
-                .order_by(AuditEntry.id.desc())
-                .limit(limit)
+                select(AuditEntry).where(AuditEntry.guild_id == guild_id).order_by(AuditEntry.id.desc()).limit(limit)
             )
             return list(session.scalars(query))
 
@@ -302,7 +311,7 @@ class Community:
             return value
         if isinstance(value, str):
             value = datetime.fromisoformat(value)
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
 
     def _seconds(self, start: ColumnElement, end: ColumnElement) -> ColumnElement:
         """``end - start`` in seconds, in this database's dialect."""
@@ -315,14 +324,10 @@ class Community:
         today, week = day_start(now), week_start(now)
         here = Job.guild_id == guild_id
         with self._read.begin() as session:
-            jobs_today = session.scalar(
-                select(func.count()).select_from(Job).where(here, Job.created_at >= today)
-            )
+            jobs_today = session.scalar(select(func.count()).select_from(Job).where(here, Job.created_at >= today))
             by_status = dict(
                 session.execute(
-                    select(Job.status, func.count())
-                    .where(here, Job.created_at >= week)
-                    .group_by(Job.status)
+                    select(Job.status, func.count()).where(here, Job.created_at >= week).group_by(Job.status)
                 ).all()
             )
             top = session.execute(
@@ -336,13 +341,17 @@ class Community:
                 select(
                     func.avg(self._seconds(Job.created_at, Job.started_at)),
                     func.avg(self._seconds(Job.started_at, Job.finished_at)),
-                ).where(here, Job.created_at >= week, Job.status == JobStatus.done,
-                        Job.started_at.is_not(None), Job.finished_at.is_not(None))
+                ).where(
+                    here,
+                    Job.created_at >= week,
+                    Job.status == JobStatus.done,
+                    Job.started_at.is_not(None),
+                    Job.finished_at.is_not(None),
+                )
             ).one()
             pending = dict(
                 session.execute(
-                    select(Job.status, func.count()).where(here, Job.status.in_(PENDING))
-                    .group_by(Job.status)
+                    select(Job.status, func.count()).where(here, Job.status.in_(PENDING)).group_by(Job.status)
                 ).all()
             )
             queued_everywhere = session.scalar(

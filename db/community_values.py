@@ -4,7 +4,7 @@ usage, admission and stats, each frozen, with the bot's defaults where nothing w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 #: How far back a member's daily limit looks: any 24 hours, not the calendar day.
 DAY = timedelta(hours=24)
@@ -12,12 +12,12 @@ DAY = timedelta(hours=24)
 
 def day_start(now: datetime) -> datetime:
     """00:00 UTC of ``now``'s day: where "today" starts in /stats."""
-    return now.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    return now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def week_start(now: datetime) -> datetime:
     """Monday 00:00 UTC of ``now``'s week: where "this week" starts in /stats."""
-    return day_start(now) - timedelta(days=now.astimezone(timezone.utc).weekday())
+    return day_start(now) - timedelta(days=now.astimezone(UTC).weekday())
 
 
 @dataclass(frozen=True)

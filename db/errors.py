@@ -21,8 +21,7 @@ class PendingLimitExceeded(QueueError):
         self.pending = pending
         self.limit = limit
         super().__init__(
-            f"You already have {pending} jobs waiting (limit {limit}). "
-            "Wait for one to finish or /cancel one."
+            f"You already have {pending} jobs waiting (limit {limit}). Wait for one to finish or /cancel one."
         )
 
 

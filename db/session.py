@@ -46,8 +46,7 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
-def make_engine(url: str | URL = DEFAULT_URL, *, busy_timeout: float = BUSY_TIMEOUT_MS / 1000,
-                **kwargs: Any) -> Engine:
+def make_engine(url: str | URL = DEFAULT_URL, *, busy_timeout: float = BUSY_TIMEOUT_MS / 1000, **kwargs: Any) -> Engine:
     """An Engine for ``url`` (SQLite file or ``postgresql+psycopg://``), set up for the queue.
 
     ``busy_timeout``: seconds a SQLite writer waits for another's write lock before the statement
@@ -199,8 +198,10 @@ def _unwritable(path: Path, error: BaseException) -> str:
     if path.exists() and not os.access(path, os.W_OK):
         return f"the database file {path} is read-only; {advice}"
     if not os.access(path.parent if path.parent.exists() else path.parent.parent, os.W_OK):
-        return f"the database folder {path.parent} is read-only; make it writable by this user, as SQLite " \
-               f"writes its journal next to {path.name} (or set queue.database_url)"
+        return (
+            f"the database folder {path.parent} is read-only; make it writable by this user, as SQLite "
+            f"writes its journal next to {path.name} (or set queue.database_url)"
+        )
     return f"the database file {path} cannot be written ({error}); {advice}"
 
 

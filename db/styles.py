@@ -7,7 +7,7 @@ import csv
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -68,12 +68,21 @@ def parse_styles_csv(data: bytes) -> list[StyleText]:
 class Styles:
     def __init__(self, engine: Engine, *, clock: Callable[[], datetime] | None = None) -> None:
         self._read = sessionmaker(engine, expire_on_commit=False)
-        self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.clock = clock or (lambda: datetime.now(UTC))
 
-    def _log(self, session: Session, guild_id: int, actor_id: int, action: str, old: str | None,
-             new: str | None) -> None:
-        session.add(AuditEntry(guild_id=guild_id, actor_id=actor_id, created_at=self.clock(), action=action,
-                               old_value=old, new_value=new))
+    def _log(
+        self, session: Session, guild_id: int, actor_id: int, action: str, old: str | None, new: str | None
+    ) -> None:
+        session.add(
+            AuditEntry(
+                guild_id=guild_id,
+                actor_id=actor_id,
+                created_at=self.clock(),
+                action=action,
+                old_value=old,
+                new_value=new,
+            )
+        )
 
     def names(self, guild_id: int) -> list[str]:
         with self._read() as session:
@@ -95,10 +104,19 @@ class Styles:
             for style in styles:
                 old = session.get(Style, (guild_id, style.name))
                 before = None if old is None else f"{old.prompt} | {old.negative_prompt}"
-                session.merge(Style(guild_id=guild_id, name=style.name, prompt=style.prompt,
-                                    negative_prompt=style.negative_prompt))
-                self._log(session, guild_id, actor_id, f"style {style.name}", before,
-                          f"{style.prompt} | {style.negative_prompt}")
+                session.merge(
+                    Style(
+                        guild_id=guild_id, name=style.name, prompt=style.prompt, negative_prompt=style.negative_prompt
+                    )
+                )
+                self._log(
+                    session,
+                    guild_id,
+                    actor_id,
+                    f"style {style.name}",
+                    before,
+                    f"{style.prompt} | {style.negative_prompt}",
+                )
             session.flush()
             count = session.scalar(select(func.count()).select_from(Style).where(Style.guild_id == guild_id)) or 0
             if count > MAX_STYLES:

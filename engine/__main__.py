@@ -25,10 +25,19 @@ from pathlib import Path
 
 from db.errors import StorageError
 from engine.errors import EngineError
-from engine.settings import (ConfigError, EngineSettings, GenerationSettings, ModelSettings, Settings,
-                             load_settings, parse_engine_sections, parse_queue_section, read_toml,
-                             resolve_device)
 from engine.params import SCHEDULE_NAMES
+from engine.settings import (
+    ConfigError,
+    EngineSettings,
+    GenerationSettings,
+    ModelSettings,
+    Settings,
+    load_settings,
+    parse_engine_sections,
+    parse_queue_section,
+    read_toml,
+    resolve_device,
+)
 from engine.types import SAMPLER_NAMES, GenerationRequest, Progress
 
 
@@ -65,26 +74,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=multiple_of_8, default=None)
     gen.add_argument("--height", type=multiple_of_8, default=None)
     gen.add_argument("--sampler", choices=list(SAMPLER_NAMES), default=None)
-    gen.add_argument("--schedule", choices=list(SCHEDULE_NAMES), default=None,
-                     help="schedule type (automatic: the sampler's own)")
+    gen.add_argument(
+        "--schedule", choices=list(SCHEDULE_NAMES), default=None, help="schedule type (automatic: the sampler's own)"
+    )
     gen.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
     gen.add_argument("--strength", type=unit_interval, default=None, help="img2img: 0 keeps the image, 1 ignores it")
     gen.add_argument("--count", type=positive_int, default=1, help="images, with seeds seed, seed+1, ...")
     gen.add_argument("--out", type=Path, default=Path("out.png"))
-    gen.add_argument("--config", type=Path, default=Path("config.toml"),
-                     help="config.toml to read (built-in defaults if it does not exist)")
+    gen.add_argument(
+        "--config",
+        type=Path,
+        default=Path("config.toml"),
+        help="config.toml to read (built-in defaults if it does not exist)",
+    )
     gen.add_argument("--model", default=None, help="model source, overriding model.source in the config")
 
     work = commands.add_parser("worker", help="serve the job queue named by queue.database_url from this GPU")
     work.add_argument("--config", type=Path, default=Path("config.toml"))
-    work.add_argument("--name", default="worker",
-                      help="this worker's name, unique on this machine (default: worker)")
+    work.add_argument("--name", default="worker", help="this worker's name, unique on this machine (default: worker)")
     work.add_argument("--model", default=None, help="model source, overriding model.source in the config")
     return parser
 
 
 def read_settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(args.config) if args.config.exists() else Settings(ModelSettings(), EngineSettings(), GenerationSettings())
+    settings = (
+        load_settings(args.config)
+        if args.config.exists()
+        else Settings(ModelSettings(), EngineSettings(), GenerationSettings())
+    )
     if args.model:
         settings = replace(settings, model=replace(settings.model, source=args.model, name=""))
     return settings
@@ -92,11 +109,22 @@ def read_settings(args: argparse.Namespace) -> Settings:
 
 def build_request(args: argparse.Namespace, settings: Settings) -> GenerationRequest:
     gen = settings.generation
-    return GenerationRequest(0, gen.params(
-        args.prompt, seed=args.seed, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
-        size=(args.width or gen.default_width, args.height or gen.default_height), sampler=args.sampler,
-        count=args.count, init_image=args.init_image.read_bytes() if args.init_image else None,
-        strength=args.strength, schedule=args.schedule))
+    return GenerationRequest(
+        0,
+        gen.params(
+            args.prompt,
+            seed=args.seed,
+            negative_prompt=args.negative,
+            steps=args.steps,
+            guidance=args.guidance,
+            size=(args.width or gen.default_width, args.height or gen.default_height),
+            sampler=args.sampler,
+            count=args.count,
+            init_image=args.init_image.read_bytes() if args.init_image else None,
+            strength=args.strength,
+            schedule=args.schedule,
+        ),
+    )
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
@@ -104,8 +132,12 @@ def output_paths(out: Path, count: int) -> list[Path]:
 
 
 def show_progress(progress: Progress) -> None:
-    print(f"\rstep {progress.step}/{progress.total}", end="" if progress.step < progress.total else "\n",
-          file=sys.stderr, flush=True)
+    print(
+        f"\rstep {progress.step}/{progress.total}",
+        end="" if progress.step < progress.total else "\n",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -124,7 +156,7 @@ def generate(args: argparse.Namespace) -> int:
         result = worker.generate_blocking(request, on_progress=show_progress)
     finally:
         worker.stop()
-    for path, image in zip(output_paths(args.out, len(result.images)), result.images):
+    for path, image in zip(output_paths(args.out, len(result.images)), result.images, strict=False):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(image.png)
         print(f"wrote {path} (seed {image.seed})", file=sys.stderr)
@@ -145,8 +177,10 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.command == "worker" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.command == "worker" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return serve(args) if args.command == "worker" else generate(args)

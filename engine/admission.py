@@ -55,8 +55,15 @@ def row_limit(size: Size, max_batch: int, lowered: Mapping[Size, int]) -> int:
     return min(max_batch, lowered.get(size, max_batch))
 
 
-def admissions(waiting: Sequence[Waiting], running: Running, *, max_batch: int,
-               lowered: Mapping[Size, int], overtake_window: float, now: float) -> list[int]:
+def admissions(
+    waiting: Sequence[Waiting],
+    running: Running,
+    *,
+    max_batch: int,
+    lowered: Mapping[Size, int],
+    overtake_window: float,
+    now: float,
+) -> list[int]:
     """Indices into ``waiting`` (arrival order) of the jobs that join the batch now, in order."""
     if running.parked:
         return []  # parked jobs are older: none overtakes them

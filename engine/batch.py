@@ -109,13 +109,16 @@ class Batch:
     def add(self, job: PreparedJob) -> None:
         latents = job.latents.float()
         rows, device = job.rows, latents.device
-        self._append(Entry(job), {
-            "x": latents,
-            "old_denoised": torch.zeros_like(latents),
-            "old_sigma": torch.zeros(rows, device=device),
-            "step_index": torch.zeros(rows, device=device, dtype=torch.long),
-            **initial_state(job.sampler, latents),
-        })
+        self._append(
+            Entry(job),
+            {
+                "x": latents,
+                "old_denoised": torch.zeros_like(latents),
+                "old_sigma": torch.zeros(rows, device=device),
+                "step_index": torch.zeros(rows, device=device, dtype=torch.long),
+                **initial_state(job.sampler, latents),
+            },
+        )
 
     def remove(self, job: PreparedJob) -> Tensor:
         """Take a job's rows out of the batch and return its latents, as the VAE decodes them."""
@@ -148,7 +151,7 @@ class Batch:
             self.state[name] = torch.cat([current, joining])
 
     def _take(self, job: PreparedJob) -> tuple[Entry, dict[str, Tensor]]:
-        (entry, rows), = [(e, s) for e, s in self.offsets() if e.job is job]
+        ((entry, rows),) = [(e, s) for e, s in self.offsets() if e.job is job]
         state = {name: getattr(self, name)[rows] for name in ROW_STATE}
         state |= {name: self.state[name][rows] for name in entry.job.sampler.state}
         self.entries.remove(entry)
@@ -178,8 +181,9 @@ class Batch:
             indices.extend(range(rows.start, rows.stop))
         self.plan_table = to_device(table, device)
         self.cond = Conditioning.cat([entry.job.cond for entry in self.entries])
-        self.blend = LatentBlend.cat([(entry.job.blend, entry.job.rows) for entry in self.entries],
-                                     tuple(self.x.shape[1:]), device)
+        self.blend = LatentBlend.cat(
+            [(entry.job.blend, entry.job.rows) for entry in self.entries], tuple(self.x.shape[1:]), device
+        )
         whole = len(by_sampler) == 1
         self.groups = [
             SamplerGroup(sampler, entries, None if whole else to_device(torch.tensor(indices), device))
@@ -208,8 +212,13 @@ class Batch:
         columns = self.columns()
         sigma, sigma_next = columns[:, EVAL].contiguous(), columns[:, TO].contiguous()
         denoised = self.denoiser(self.x, sigma, self.cond)
-        generators = [g for group in self.groups if group.sampler.ancestral
-                      for entry in group.entries for g in entry.job.generators]
+        generators = [
+            g
+            for group in self.groups
+            if group.sampler.ancestral
+            for entry in group.entries
+            for g in entry.job.generators
+        ]
         rewind = [(g, g.get_state()) for g in generators]  # CPU generators: no device sync
         try:
             x_next, state = self._advance(denoised, sigma, sigma_next, columns)
@@ -226,21 +235,29 @@ class Batch:
             entry.engine_step += 1
         return denoised
 
-    def _advance(self, denoised: Tensor, sigma: Tensor, sigma_next: Tensor,
-                 columns: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _advance(
+        self, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, columns: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         x_next = self.x if len(self.groups) == 1 else torch.empty_like(self.x)
         state = dict(self.state)  # the updated history replaces the old only once every group is done
         for group in self.groups:
             noise = None
             if group.sampler.ancestral or group.sampler.brownian:
-                noise = to_device(torch.cat([entry.job.step_noise(entry.engine_step) for entry in group.entries]),
-                                  self.x.device)
+                noise = to_device(
+                    torch.cat([entry.job.step_noise(entry.engine_step) for entry in group.entries]), self.x.device
+                )
             pick = (lambda t: t) if group.index is None else (lambda t, i=group.index: t[i])
             kwargs = dict(old_denoised=pick(self.old_denoised), old_sigma=pick(self.old_sigma), noise=noise)
             if group.sampler.stateful:
                 history = {name: pick(self.state[name]) for name in group.sampler.state}
-                advanced, updates = group.sampler.step(pick(self.x), pick(denoised), pick(sigma), pick(sigma_next),
-                                                       **kwargs, state=history | plan_state(pick(columns)))
+                advanced, updates = group.sampler.step(
+                    pick(self.x),
+                    pick(denoised),
+                    pick(sigma),
+                    pick(sigma_next),
+                    **kwargs,
+                    state=history | plan_state(pick(columns)),
+                )
                 for name, value in updates.items():
                     if group.index is None:
                         state[name] = value

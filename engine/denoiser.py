@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from engine.prompt_syntax import ChunkedPrompt, chunk_prompt, chunks_needed, strip_lora_tags
-from engine.prompts import EmbeddingLibrary, emphasize, embeddings_injected
+from engine.prompts import EmbeddingLibrary, embeddings_injected, emphasize
 from engine.samplers import rows
 from engine.schedules import ModelSchedule, sigma_to_t
 
@@ -64,15 +64,16 @@ class Conditioning:
         """Join several jobs' rows, keeping all prompts ahead of all negative prompts."""
 
         def join(get) -> Tensor:
-            firsts, seconds = zip(*(part.halves(get(part)) for part in parts))
+            firsts, seconds = zip(*(part.halves(get(part)) for part in parts), strict=False)
             return torch.cat([*firsts, *seconds])
 
         added = None
         if parts[0].added is not None:
             added = {key: join(lambda part, key=key: part.added[key]) for key in parts[0].added}
-        firsts, seconds = zip(*(part.halves(part.embeds) for part in parts))
-        first_masks, second_masks = zip(*(part.halves(part.mask) if part.mask is not None else (None, None)
-                                          for part in parts))
+        firsts, seconds = zip(*(part.halves(part.embeds) for part in parts), strict=False)
+        first_masks, second_masks = zip(
+            *(part.halves(part.mask) if part.mask is not None else (None, None) for part in parts), strict=False
+        )
         embeds, mask = padded([*firsts, *seconds], [*first_masks, *second_masks])
         image = None if parts[0].image is None else torch.cat([part.image for part in parts])
         return Conditioning(
@@ -94,7 +95,7 @@ def padded(embeds: list[Tensor], masks: list[Tensor | None]) -> tuple[Tensor, Te
     if all(e.shape[1] == longest for e in embeds) and all(m is None for m in masks):
         return torch.cat(embeds), None
     grown, grown_masks = [], []
-    for e, m in zip(embeds, masks):
+    for e, m in zip(embeds, masks, strict=False):
         if m is None:
             m = torch.ones(e.shape[:2], dtype=torch.bool, device=e.device)
         grown.append(torch.nn.functional.pad(e, (0, 0, 0, longest - e.shape[1])))
@@ -118,8 +119,15 @@ class PromptEncoder:
     of the cache key) to the LoRA set in use, since a LoRA changes the text encoder too.
     """
 
-    def __init__(self, text_encoders: list, tokenizers: list, device: torch.device, dtype: torch.dtype,
-                 cache_size: int = 64, embeddings_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        text_encoders: list,
+        tokenizers: list,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_size: int = 64,
+        embeddings_dir: str | Path | None = None,
+    ) -> None:
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers
         self.device, self.dtype = device, dtype
@@ -167,10 +175,15 @@ class PromptEncoder:
         prompt_chunks = self.chunked(prompt)
         chunks = prompt_chunks.chunks
         hiddens, pooled = [], None
-        for index, (tokenizer, encoder) in enumerate(zip(self.tokenizers, self.text_encoders)):
+        for index, (tokenizer, encoder) in enumerate(zip(self.tokenizers, self.text_encoders, strict=False)):
             # Every chunk is one row of a single encoder call: [chunks, 77].
-            ids = torch.tensor([chunk.input_ids(tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                                tokenizer.pad_token_id) for chunk in chunks], device=self.device)
+            ids = torch.tensor(
+                [
+                    chunk.input_ids(tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                    for chunk in chunks
+                ],
+                device=self.device,
+            )
             fixes = [[(offset, embedding.vectors[index]) for offset, embedding in chunk.fixes] for chunk in chunks]
             skip = clip_skip > 1 and not self.is_sdxl and self.family_clip_skips
             with embeddings_injected(encoder, fixes):
@@ -191,8 +204,17 @@ class PromptEncoder:
         hidden = torch.cat(hiddens, dim=-1).to(self.dtype)
         return PromptEmbedding(hidden=hidden, pooled=None if pooled is None else pooled.to(self.dtype))
 
-    def conditioning(self, prompt: str, negative_prompt: str, *, rows: int, guidance: float,
-                     width: int, height: int, clip_skip: int = 1) -> Conditioning:
+    def conditioning(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        *,
+        rows: int,
+        guidance: float,
+        width: int,
+        height: int,
+        clip_skip: int = 1,
+    ) -> Conditioning:
         """One job's conditioning: ``rows`` images with the same prompts and guidance."""
         positive, negative = self(prompt, clip_skip), self(negative_prompt, clip_skip)
         rows_of = [positive.hidden[None]] * rows + [negative.hidden[None]] * rows
@@ -243,10 +265,13 @@ class Denoiser:
         model_in = (x * c_in).to(self.dtype)
         if cond.image is not None:  # an inpainting UNet: latents, mask, masked image latents
             model_in = torch.cat([model_in, cond.image.to(self.dtype)], dim=1)
-        inputs = dict(sample=torch.cat([model_in, model_in]), timestep=torch.cat([t, t]),
-                      encoder_hidden_states=cond.embeds,
-                      encoder_attention_mask=cond.mask,  # None unless rows differ in chunk count
-                      added_cond_kwargs=cond.added)
+        inputs = dict(
+            sample=torch.cat([model_in, model_in]),
+            timestep=torch.cat([t, t]),
+            encoder_hidden_states=cond.embeds,
+            encoder_attention_mask=cond.mask,  # None unless rows differ in chunk count
+            added_cond_kwargs=cond.added,
+        )
         n = x.shape[0]
         bucket = n
         if self.compiled:
@@ -278,6 +303,7 @@ class Denoiser:
 
 def _take_rows(inputs: dict[str, Any], index: Tensor) -> dict[str, Any]:
     """The UNet's inputs with their rows (dim 0) picked by ``index``; None stays None."""
+
     def take(value: Any) -> Any:
         if isinstance(value, Tensor):
             return value.index_select(0, index)

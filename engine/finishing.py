@@ -79,7 +79,9 @@ Pixels = tuple[torch.Tensor, torch.Tensor]
 ENCODE_THREADS = 2
 
 
-def decode_finished(pipeline: Pipeline, finished: list[tuple[Entry, torch.Tensor]]) -> list[tuple[Entry, Pixels | EngineError]]:
+def decode_finished(
+    pipeline: Pipeline, finished: list[tuple[Entry, torch.Tensor]]
+) -> list[tuple[Entry, Pixels | EngineError]]:
     """Each finished job's decoded pixels, or the error it fails with (NaN latents, a failed VAE)."""
     stacked = torch.cat([latents for _, latents in finished])
     finite_rows = torch.isfinite(stacked).flatten(1).all(1).tolist()
@@ -87,7 +89,7 @@ def decode_finished(pipeline: Pipeline, finished: list[tuple[Entry, torch.Tensor
     good, start = [], 0
     for entry, latents in finished:
         rows = entry.job.rows
-        if all(finite_rows[start:start + rows]):
+        if all(finite_rows[start : start + rows]):
             good.append((entry, latents))
         else:
             outcomes.append((entry, nan_error(entry.job)))
@@ -139,11 +141,15 @@ class Finisher:
         if preview is None:
             self._deliver(ticket, None, lambda _: ticket.report(progress))
             return
-        self._deliver(ticket, lambda: preview_png(preview, family),
-                      lambda png: ticket.report(dataclasses.replace(progress, preview=png)))
+        self._deliver(
+            ticket,
+            lambda: preview_png(preview, family),
+            lambda png: ticket.report(dataclasses.replace(progress, preview=png)),
+        )
 
     def result(self, ticket: Ticket, pipeline: Pipeline, job: PreparedJob, pixels: Pixels) -> None:
         """Turn a finished job's pixels into its PNGs, then settle its ticket with them."""
+
         def encode() -> tuple[GenerationResult | None, EngineError | None]:
             try:
                 images = to_images(*pixels)

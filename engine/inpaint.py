@@ -44,8 +44,9 @@ class LatentBlend:
         return kept + self.mask * (x - kept)
 
     @staticmethod
-    def cat(parts: list[tuple[LatentBlend | None, int]], latent_shape: tuple[int, ...],
-            device: torch.device) -> LatentBlend | None:
+    def cat(
+        parts: list[tuple[LatentBlend | None, int]], latent_shape: tuple[int, ...], device: torch.device
+    ) -> LatentBlend | None:
         """The batch's blend from its jobs' (blend, rows); rows without one repaint everything.
         None when no job has a mask, so plain batches step exactly as before."""
         if all(blend is None for blend, _ in parts):
@@ -74,8 +75,14 @@ class MaskedStart:
 class Inpainter:
     """The latent side of masked jobs for one loaded model."""
 
-    def __init__(self, encode: Callable[[Image.Image], Tensor], unet_channels: int, latent_scale: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        encode: Callable[[Image.Image], Tensor],
+        unet_channels: int,
+        latent_scale: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.encode = encode  # RGB image -> [1, C, h, w] scaled latents (float32, on the device)
         self.conditioned = unet_channels == INPAINT_CHANNELS
         self.latent_scale = latent_scale
@@ -114,4 +121,3 @@ class Inpainter:
         w, h = mask.width // self.latent_scale, mask.height // self.latent_scale
         small = np.asarray(mask.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255
         return torch.from_numpy(np.round(small))[None, None].to(self.device)
-

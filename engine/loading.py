@@ -33,22 +33,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
-import logging
 
 # transformers warns on import that torchvision (which we do not need: no image processors) is
 # missing; every `python -m engine` / `python -m bot` run would print it. Silence that one module.
 logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
-import torch  # noqa: E402
-from diffusers import (AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import utils as hub_utils
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -64,9 +68,11 @@ from engine.types import ModelInfo
 DATA_DIR = Path(__file__).parent / "data"
 FAMILIES = ("sd1", "sd2", "sdxl")
 #: A tensor-name prefix that only that family's text encoder uses (checked in this order).
-FAMILY_PREFIXES = (("conditioner.embedders.1.model.", "sdxl"),
-                   ("cond_stage_model.model.", "sd2"),
-                   ("cond_stage_model.transformer.", "sd1"))
+FAMILY_PREFIXES = (
+    ("conditioner.embedders.1.model.", "sdxl"),
+    ("cond_stage_model.model.", "sd2"),
+    ("cond_stage_model.transformer.", "sd1"),
+)
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 #: Padding token per tokenizer: open_clip encoders (SD2, SDXL's second) pad with "!".
 PAD_TOKENS = {"sd1": [EOS], "sd2": ["!"], "sdxl": [EOS, "!"]}
@@ -75,12 +81,15 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 #: The UNet's first convolution (LDM layout): its input channels tell plain from inpainting.
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 #: What other UNet input widths are, for the refusal message.
-OTHER_CHANNELS = {8: "an InstructPix2Pix (image editing) checkpoint: its UNet takes the image to edit as 4 extra "
-                     "input channels"}
+OTHER_CHANNELS = {
+    8: "an InstructPix2Pix (image editing) checkpoint: its UNet takes the image to edit as 4 extra input channels"
+}
 #: SDXL refiners have only the second (open_clip bigG) text encoder, as embedder 0.
 REFINER_PREFIX = "conditioner.embedders.0.model."
-REFINER_MESSAGE = ("an SDXL refiner: it only finishes images that an SDXL base model has begun, and the engine "
-                   "does not run refiners; use an SDXL base checkpoint instead.")
+REFINER_MESSAGE = (
+    "an SDXL refiner: it only finishes images that an SDXL base model has begun, and the engine "
+    "does not run refiners; use an SDXL base checkpoint instead."
+)
 
 
 @dataclass
@@ -100,9 +109,17 @@ class LoadedModel:
     lora_dir: Path | None = None  # LoRA files for ``<lora:NAME:WEIGHT>`` in this model's prompts
 
 
-def load_model(source: str, *, device: torch.device | str, dtype: torch.dtype,
-               family: str = "auto", name: str = "", progress: bool = True,
-               prediction_type: str | None = None, hashes: HashCache | None = None) -> LoadedModel:
+def load_model(
+    source: str,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    family: str = "auto",
+    name: str = "",
+    progress: bool = True,
+    prediction_type: str | None = None,
+    hashes: HashCache | None = None,
+) -> LoadedModel:
     """Load ``source`` (folder, ``.safetensors`` or hub id); see the module docstring.
 
     ``family`` ("auto", "sd1", "sd2", "sdxl") must agree with what the checkpoint holds when
@@ -123,23 +140,32 @@ def load_model(source: str, *, device: torch.device | str, dtype: torch.dtype,
         elif HUB_ID.fullmatch(source) and not source.endswith(".safetensors"):
             parts = _load_folder(_download(source), family, dtype)
         else:
-            raise ModelLoadError(f"{source}: no such file or folder (expected a diffusers folder, "
-                                 "a .safetensors checkpoint or a Hugging Face Hub id owner/name).")
+            raise ModelLoadError(
+                f"{source}: no such file or folder (expected a diffusers folder, "
+                "a .safetensors checkpoint or a Hugging Face Hub id owner/name)."
+            )
     return _assemble(parts, source, name, torch.device(device), dtype, prediction_type)
 
 
 def load_configured_model(model: ModelSettings, engine: EngineSettings, *, progress: bool = True) -> LoadedModel:
     """Load a configured model (``[model]`` or ``[models.<name>]``) on ``[engine]``'s device and dtype."""
     device, dtype = resolve_device(engine)
-    loaded = load_model(model.source, device=device, dtype=dtype, family=model.family,
-                        name=model.display_name, progress=progress,
-                        prediction_type=None if model.prediction_type == "auto" else model.prediction_type)
+    loaded = load_model(
+        model.source,
+        device=device,
+        dtype=dtype,
+        family=model.family,
+        name=model.display_name,
+        progress=progress,
+        prediction_type=None if model.prediction_type == "auto" else model.prediction_type,
+    )
     loaded.embeddings_dir = Path(model.embeddings_dir).expanduser() if model.embeddings_dir else None
     loaded.lora_dir = Path(model.lora_dir).expanduser() if model.lora_dir else None
     return loaded
 
 
 # ---------------------------------------------------------------------------- sources
+
 
 @dataclass
 class _Parts:
@@ -169,32 +195,40 @@ def _load_folder(folder: Path, family: str, dtype: torch.dtype) -> _Parts:
     with _load_errors(folder):
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
-        encoders = [(CLIPTextModelWithProjection if sub.endswith("_2") else CLIPTextModel)
-                    .from_pretrained(folder, subfolder=sub, dtype=dtype) for sub in encoder_names]
-        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=sub.replace("text_encoder", "tokenizer"))
-                      for sub in encoder_names]
+        encoders = [
+            (CLIPTextModelWithProjection if sub.endswith("_2") else CLIPTextModel).from_pretrained(
+                folder, subfolder=sub, dtype=dtype
+            )
+            for sub in encoder_names
+        ]
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(folder, subfolder=sub.replace("text_encoder", "tokenizer"))
+            for sub in encoder_names
+        ]
     return _Parts(detected, unet, vae, encoders, tokenizers, _scheduler_config(folder), folder)
 
 
 def _folder_family(folder: Path) -> str:
     """SDXL has a second text encoder; SD2's open_clip encoder uses gelu where SD1's uses quick_gelu."""
-    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if not (folder / sub).is_dir()]
+    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / sub).is_dir()]
     if missing:
-        raise ModelLoadError(f"{folder}: missing subfolder(s) {', '.join(missing)}; expected a "
-                             "Stable Diffusion pipeline saved with save_pretrained.")
+        raise ModelLoadError(
+            f"{folder}: missing subfolder(s) {', '.join(missing)}; expected a "
+            "Stable Diffusion pipeline saved with save_pretrained."
+        )
     if (folder / "text_encoder_2").is_dir():
         return "sdxl"
     text_config = _read_json(folder / "text_encoder" / "config.json")
     return "sd2" if text_config.get("hidden_act") == "gelu" else "sd1"
 
 
-def _load_single_file(path: Path, family: str, dtype: torch.dtype,
-                      prediction_type: str | None) -> _Parts:
+def _load_single_file(path: Path, family: str, dtype: torch.dtype, prediction_type: str | None) -> _Parts:
     """An LDM-layout ``.safetensors``: detect the family, convert with a local config folder."""
     if path.suffix != ".safetensors":
-        raise ModelLoadError(f"{path}: only .safetensors checkpoints are supported (pickled .ckpt/.pt "
-                             "files can run code when loaded); download the .safetensors version.")
+        raise ModelLoadError(
+            f"{path}: only .safetensors checkpoints are supported (pickled .ckpt/.pt "
+            "files can run code when loaded); download the .safetensors version."
+        )
     header = read_safetensors_header(path)
     detected = detect_family(path, header)
     _check_family(path, family, detected)
@@ -207,16 +241,24 @@ def _load_single_file(path: Path, family: str, dtype: torch.dtype,
     extra = {"tokenizer": tokenizers[0]} | ({"tokenizer_2": tokenizers[1]} if detected == "sdxl" else {})
     hint = f"with the {detected} config in {config_dir}"
     if shipped:
-        hint += (f" (a checkpoint of another shape needs its own diffusers-layout config folder "
-                 f"next to it, named {sidecar.name})")
+        hint += (
+            f" (a checkpoint of another shape needs its own diffusers-layout config folder "
+            f"next to it, named {sidecar.name})"
+        )
     with _load_errors(path, hint):
         if channels != _read_json(config_dir / "unet" / "config.json").get("in_channels", PLAIN_CHANNELS):
             # An inpainting file next to a plain model's config (the shipped ones are plain).
             extra["unet"] = UNet2DConditionModel.from_single_file(
-                str(path), config=str(config_dir), subfolder="unet", in_channels=channels,
-                torch_dtype=dtype, local_files_only=True)
-        pipe = pipeline_class.from_single_file(str(path), config=str(config_dir), torch_dtype=dtype,
-                                               local_files_only=True, **extra)
+                str(path),
+                config=str(config_dir),
+                subfolder="unet",
+                in_channels=channels,
+                torch_dtype=dtype,
+                local_files_only=True,
+            )
+        pipe = pipeline_class.from_single_file(
+            str(path), config=str(config_dir), torch_dtype=dtype, local_files_only=True, **extra
+        )
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if detected == "sdxl" else [])
     scheduler_config = _scheduler_config(config_dir)
     if "v_pred" in header:  # a marker tensor that v-prediction SDXL fine-tunes carry
@@ -230,31 +272,42 @@ def _load_single_file(path: Path, family: str, dtype: torch.dtype,
 def _download(repo_id: str) -> Path:
     """Fetch a hub model's diffusers files (safetensors, no safety checker) into the hub cache."""
     try:
-        return Path(DiffusionPipeline.download(repo_id, use_safetensors=True, safety_checker=None,
-                                               feature_extractor=None, image_encoder=None))
+        return Path(
+            DiffusionPipeline.download(
+                repo_id, use_safetensors=True, safety_checker=None, feature_extractor=None, image_encoder=None
+            )
+        )
     except Exception as exc:  # hub errors come in many types; all mean "could not fetch"
         raise ModelLoadError(
             f"{repo_id}: could not fetch this model from the Hugging Face Hub ({type(exc).__name__}: "
             f"{exc}). If this machine is offline, download it elsewhere and set model.source to "
-            "the local folder or .safetensors file.") from exc
+            "the local folder or .safetensors file."
+        ) from exc
 
 
 # ---------------------------------------------------------------------------- checks
 
+
 def detect_family(path: str | Path, header: dict | None = None) -> str:
     """``sd1``/``sd2``/``sdxl`` from a single file's tensor names (header only, no weights read)."""
     keys = list(header if header is not None else read_safetensors_header(path))
-    if any(k.startswith(REFINER_PREFIX) for k in keys) and not any(k.startswith("conditioner.embedders.1.") for k in keys):
+    if any(k.startswith(REFINER_PREFIX) for k in keys) and not any(
+        k.startswith("conditioner.embedders.1.") for k in keys
+    ):
         raise ModelLoadError(f"{path}: {REFINER_MESSAGE}")
     family = next((fam for prefix, fam in FAMILY_PREFIXES if any(k.startswith(prefix) for k in keys)), None)
-    missing = [what for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE"))
-               if not any(k.startswith(prefix) for k in keys)]
+    missing = [
+        what
+        for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE"))
+        if not any(k.startswith(prefix) for k in keys)
+    ]
     if family is None or missing:
         lacking = ", ".join(missing + ([] if family else ["text encoder"]))
         raise ModelLoadError(
             f"{path}: not a full Stable Diffusion 1.x/2.x/XL checkpoint (no {lacking} tensors; "
             f"expected names starting with {UNET_PREFIX}, {VAE_PREFIX} and cond_stage_model. or "
-            "conditioner.embedders.). LoRA, VAE-only and other model types are not supported.")
+            "conditioner.embedders.). LoRA, VAE-only and other model types are not supported."
+        )
     return family
 
 
@@ -263,8 +316,10 @@ def check_unet_channels(where: Path, channels: int) -> int:
     if channels in (PLAIN_CHANNELS, INPAINT_CHANNELS):
         return channels
     what = OTHER_CHANNELS.get(channels, f"a model whose UNet takes {channels} input channels")
-    raise ModelLoadError(f"{where}: {what}. The engine runs plain Stable Diffusion checkpoints (4 channels) and "
-                         "inpainting checkpoints (9 channels) only.")
+    raise ModelLoadError(
+        f"{where}: {what}. The engine runs plain Stable Diffusion checkpoints (4 channels) and "
+        "inpainting checkpoints (9 channels) only."
+    )
 
 
 def read_safetensors_keys(path: str | Path) -> list[str]:
@@ -285,32 +340,37 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict]:
         head = f.read(8)
         header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
         if not 0 < header_len <= size - 8:
-            raise ModelLoadError(f"{path}: damaged or truncated .safetensors file (bad header length); "
-                                 "download it again.")
+            raise ModelLoadError(
+                f"{path}: damaged or truncated .safetensors file (bad header length); download it again."
+            )
         try:
             header = json.loads(f.read(header_len))
         except ValueError as exc:
-            raise ModelLoadError(f"{path}: damaged .safetensors header (not valid JSON); "
-                                 "download it again.") from exc
+            raise ModelLoadError(f"{path}: damaged .safetensors header (not valid JSON); download it again.") from exc
     header.pop("__metadata__", None)
     data_end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + header_len + data_end > size:
-        raise ModelLoadError(f"{path}: truncated: the header expects {8 + header_len + data_end:,} bytes "
-                             f"but the file has {size:,}; download it again.")
+        raise ModelLoadError(
+            f"{path}: truncated: the header expects {8 + header_len + data_end:,} bytes "
+            f"but the file has {size:,}; download it again."
+        )
     return header
 
 
 def _check_family(where: Path, wanted: str, detected: str) -> None:
     if wanted not in ("auto", detected):
-        raise ModelLoadError(f"{where}: configured as family {wanted} but it holds a {detected} model; "
-                             f"set family to {detected} or auto.")
+        raise ModelLoadError(
+            f"{where}: configured as family {wanted} but it holds a {detected} model; set family to {detected} or auto."
+        )
 
 
 def _check_tokenizer(tokenizer: CLIPTokenizer, where: Path) -> None:
     # A missing tokenizer folder raises nothing in transformers: it yields a 2-token tokenizer.
     if len(tokenizer) != VOCAB_SIZE:
-        raise ModelLoadError(f"{where}: tokenizer has {len(tokenizer)} tokens, expected the "
-                             f"{VOCAB_SIZE}-token CLIP vocabulary (is a tokenizer folder missing?).")
+        raise ModelLoadError(
+            f"{where}: tokenizer has {len(tokenizer)} tokens, expected the "
+            f"{VOCAB_SIZE}-token CLIP vocabulary (is a tokenizer folder missing?)."
+        )
 
 
 @contextlib.contextmanager
@@ -327,12 +387,21 @@ def _load_errors(where: Path, expected: str = "") -> Iterator[None]:
 
 #: (is shown, hide, show) for each library that draws progress bars while loading.
 _PROGRESS_SWITCHES = (
-    (lambda: not hub_utils.are_progress_bars_disabled(), hub_utils.disable_progress_bars,
-     hub_utils.enable_progress_bars),
-    (diffusers_logging.is_progress_bar_enabled, diffusers_logging.disable_progress_bar,
-     diffusers_logging.enable_progress_bar),
-    (transformers_logging.is_progress_bar_enabled, transformers_logging.disable_progress_bar,
-     transformers_logging.enable_progress_bar),
+    (
+        lambda: not hub_utils.are_progress_bars_disabled(),
+        hub_utils.disable_progress_bars,
+        hub_utils.enable_progress_bars,
+    ),
+    (
+        diffusers_logging.is_progress_bar_enabled,
+        diffusers_logging.disable_progress_bar,
+        diffusers_logging.enable_progress_bar,
+    ),
+    (
+        transformers_logging.is_progress_bar_enabled,
+        transformers_logging.disable_progress_bar,
+        transformers_logging.enable_progress_bar,
+    ),
 )
 
 
@@ -350,6 +419,7 @@ def progress_bars(enabled: bool) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------- assembly
+
 
 def _scheduler_config(folder: Path) -> dict:
     return _read_json(folder / "scheduler" / "scheduler_config.json")
@@ -375,23 +445,29 @@ def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
         betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
     elif schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine schedule
         alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        betas = torch.tensor([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999)
-                              for i in range(steps)], dtype=torch.float64)
+        betas = torch.tensor(
+            [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)],
+            dtype=torch.float64,
+        )
     else:
-        raise ModelLoadError(f"beta_schedule {schedule!r} is not supported "
-                             "(expected linear, scaled_linear or squaredcos_cap_v2).")
+        raise ModelLoadError(
+            f"beta_schedule {schedule!r} is not supported (expected linear, scaled_linear or squaredcos_cap_v2)."
+        )
     return torch.cumprod(1 - betas, dim=0)
 
 
-def _assemble(parts: _Parts, source: str, name: str, device: torch.device, dtype: torch.dtype,
-              prediction_type: str | None) -> LoadedModel:
+def _assemble(
+    parts: _Parts, source: str, name: str, device: torch.device, dtype: torch.dtype, prediction_type: str | None
+) -> LoadedModel:
     """Check the tokenizers, move everything to the device, and describe the model."""
     for tokenizer in parts.tokenizers:
         _check_tokenizer(tokenizer, parts.config_dir)
     prediction_type = prediction_type or parts.scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
-        raise ModelLoadError(f"{parts.config_dir}: scheduler prediction_type {prediction_type!r} "
-                             "is not supported (expected epsilon or v_prediction).")
+        raise ModelLoadError(
+            f"{parts.config_dir}: scheduler prediction_type {prediction_type!r} "
+            "is not supported (expected epsilon or v_prediction)."
+        )
     for module in (parts.unet, parts.vae, *parts.text_encoders):
         # Already in ``dtype`` (loaded with it, which keeps diffusers' fp32-only parts in fp32).
         module.to(device).eval().requires_grad_(False)
@@ -399,13 +475,24 @@ def _assemble(parts: _Parts, source: str, name: str, device: torch.device, dtype
     default_size = parts.unet.config.sample_size * latent_scale
     if parts.shipped_config and parts.family == "sd2" and prediction_type == "epsilon":
         default_size = 512  # an SD 2.x 512-base checkpoint, not the shipped 768-v one
-    info = ModelInfo(name=name or Path(source.rstrip("/")).stem or source, family=parts.family,
-                     prediction_type=prediction_type, default_size=default_size,
-                     latent_scale=latent_scale, file_hash=parts.file_hash,
-                     inpainting=parts.unet.config.in_channels == INPAINT_CHANNELS,
-                     extra={"source": source, "config": str(parts.config_dir)})
-    return LoadedModel(info=info, unet=parts.unet, vae=parts.vae, text_encoders=parts.text_encoders,
-                       tokenizers=parts.tokenizers,
-                       alphas_cumprod=alphas_cumprod_from_config(parts.scheduler_config),
-                       device=device, dtype=dtype,
-                       vae_scaling_factor=float(parts.vae.config.scaling_factor))
+    info = ModelInfo(
+        name=name or Path(source.rstrip("/")).stem or source,
+        family=parts.family,
+        prediction_type=prediction_type,
+        default_size=default_size,
+        latent_scale=latent_scale,
+        file_hash=parts.file_hash,
+        inpainting=parts.unet.config.in_channels == INPAINT_CHANNELS,
+        extra={"source": source, "config": str(parts.config_dir)},
+    )
+    return LoadedModel(
+        info=info,
+        unet=parts.unet,
+        vae=parts.vae,
+        text_encoders=parts.text_encoders,
+        tokenizers=parts.tokenizers,
+        alphas_cumprod=alphas_cumprod_from_config(parts.scheduler_config),
+        device=device,
+        dtype=dtype,
+        vae_scaling_factor=float(parts.vae.config.scaling_factor),
+    )

@@ -47,9 +47,24 @@ if TYPE_CHECKING:
     from engine.loading import LoadedModel
 
 # The tag parsing names, kept importable from here, and this module's own.
-__all__ = ["KEEP_LOADED", "LORA_NAME", "LORA_SUFFIX", "LORA_TAG", "MAX_LORA_WEIGHT", "MAX_WEIGHT", "SUFFIX",
-           "LoraKey", "LoraLibrary", "LoraUse", "available_loras", "check_lora_name", "find_lora", "lora_key",
-           "parse_lora_key", "strip_lora_tags"]
+__all__ = [
+    "KEEP_LOADED",
+    "LORA_NAME",
+    "LORA_SUFFIX",
+    "LORA_TAG",
+    "MAX_LORA_WEIGHT",
+    "MAX_WEIGHT",
+    "SUFFIX",
+    "LoraKey",
+    "LoraLibrary",
+    "LoraUse",
+    "available_loras",
+    "check_lora_name",
+    "find_lora",
+    "lora_key",
+    "parse_lora_key",
+    "strip_lora_tags",
+]
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +146,9 @@ class LoraLibrary:
                 f"is it made for a {self.model.info.family} model?"
             ) from e
         if not holders:
-            raise GenerationError(f"LoRA {name!r} changes nothing in model {self.model.info.name!r}; is it a LoRA file?")
+            raise GenerationError(
+                f"LoRA {name!r} changes nothing in model {self.model.info.name!r}; is it a LoRA file?"
+            )
         self._loaded[name] = (adapter, holders)
         log.info("loaded LoRA %s into %s", name, self.model.info.name)
 
@@ -184,12 +201,15 @@ def _load_adapter(model: LoadedModel, path: Path, adapter: str, holders: list[to
             holders.append(model.unet)  # before loading: a half-done load is cleaned up too
             model.unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas, adapter_name=adapter)
         prefixes = ["text_encoder", "text_encoder_2"][: len(model.text_encoders)]
-        for encoder, prefix in zip(model.text_encoders, prefixes):
+        for encoder, prefix in zip(model.text_encoders, prefixes, strict=False):
             if not any(name.startswith("text_model.") for name, _ in encoder.named_parameters()):
                 # transformers 5's CLIP text models dropped the ``text_model.`` level that
                 # diffusers' converted names still carry: unmatched, peft would leave the adapter
                 # at its random initial weights (only a load report says so).
-                state, alphas = _drop_level(state, f"{prefix}.text_model."), _drop_level(alphas, f"{prefix}.text_model.")
+                state, alphas = (
+                    _drop_level(state, f"{prefix}.text_model."),
+                    _drop_level(alphas, f"{prefix}.text_model."),
+                )
             if any(k.startswith(prefix + ".") for k in state):
                 holders.append(encoder)
                 loader.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix, adapter_name=adapter)
@@ -200,7 +220,7 @@ def _drop_level(tensors: dict | None, prefix: str) -> dict | None:
     if tensors is None:
         return None
     short = prefix.removesuffix("text_model.")
-    return {(short + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
+    return {(short + k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in tensors.items()}
 
 
 @contextlib.contextmanager

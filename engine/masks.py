@@ -109,7 +109,7 @@ def feather_reach(radius: int) -> int:
 
 
 def crop_region(mask: Image.Image, padding: int, width: int, height: int) -> Box | None:
-    """"Only masked": the box around the mask plus ``padding``, widened to ``width:height`` inside
+    """ "Only masked": the box around the mask plus ``padding``, widened to ``width:height`` inside
     the mask's image; None when the mask is empty."""
     box = mask.getbbox()
     if box is None:
@@ -157,8 +157,17 @@ def _push_pull(weighted: np.ndarray, weight: np.ndarray) -> np.ndarray:
     coarse_weighted = weighted_p.reshape((h + ph) // 2, 2, (w + pw) // 2, 2, 3).sum(axis=(1, 3))
     coarse_weight = weight_p.reshape((h + ph) // 2, 2, (w + pw) // 2, 2).sum(axis=(1, 3))
     coarse = _push_pull(coarse_weighted, coarse_weight)
-    up = np.stack([np.asarray(Image.fromarray(coarse[..., c].astype(np.float32), "F")
-                              .resize((w + pw, h + ph), Image.Resampling.BILINEAR)) for c in range(3)], axis=-1)
+    up = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(coarse[..., c].astype(np.float32), "F").resize(
+                    (w + pw, h + ph), Image.Resampling.BILINEAR
+                )
+            )
+            for c in range(3)
+        ],
+        axis=-1,
+    )
     up = up[:h, :w].astype(np.float64)
     here = weighted / np.maximum(weight, 1e-12)[..., None]
     known = np.clip(weight, 0, 1)[..., None]
@@ -187,7 +196,7 @@ class InpaintPlan:
         rows, cols = np.nonzero(self.alpha.any(axis=1))[0], np.nonzero(self.alpha.any(axis=0))[0]
         out = np.array(self.canvas)
         if rows.size:
-            area = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+            area = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
             canvas = out[area].astype(np.float32)
             blended = canvas + (np.asarray(placed)[area] - canvas) * self.alpha[area][..., None]
             out[area] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
@@ -200,8 +209,9 @@ def plan_inpaint(params: GenerationParams) -> InpaintPlan:
     init = open_image(params.init_image).convert("RGB")
     mask = read_mask(params.mask, init.size)
     if mask.getbbox() is None:
-        raise GenerationError("The mask selects nothing: paint the area to change in white (or leave it "
-                              "transparent) and the rest black.")
+        raise GenerationError(
+            "The mask selects nothing: paint the area to change in white (or leave it transparent) and the rest black."
+        )
     feathered = blur_mask(mask, params.mask_blur)
     if params.inpaint_full_res:
         box = crop_region(feathered, params.inpaint_padding, *size)

@@ -151,7 +151,7 @@ def parse_infotext(text: str) -> dict[str, str]:
     prompt, negative, in_negative = [], [], False
     for line in prompt_lines:
         if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[len("Negative prompt:"):].strip()
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
     result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
     for key, value in fields.items():

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.errors import GenerationError, ModelLoadError
-from engine.prompt_syntax import lora_key
 from engine.memory import free_memory
+from engine.prompt_syntax import lora_key
 
 if TYPE_CHECKING:
     from engine.loading import LoadedModel
@@ -51,8 +51,9 @@ class ModelPool:
     ``load`` turns a model's settings into a :class:`LoadedModel` (injectable for tests).
     """
 
-    def __init__(self, models: Sequence[ModelSettings], *, max_loaded: int = 1,
-                 load: Callable[[ModelSettings], LoadedModel]) -> None:
+    def __init__(
+        self, models: Sequence[ModelSettings], *, max_loaded: int = 1, load: Callable[[ModelSettings], LoadedModel]
+    ) -> None:
         if not models:
             raise ValueError("ModelPool needs at least one model")
         self.settings = {m.display_name: m for m in models}
@@ -63,13 +64,15 @@ class ModelPool:
         self._lock = threading.Lock()
 
     @classmethod
-    def configured(cls, models: Sequence[ModelSettings], engine: EngineSettings, *,
-                   progress: bool = True) -> ModelPool:
+    def configured(cls, models: Sequence[ModelSettings], engine: EngineSettings, *, progress: bool = True) -> ModelPool:
         """The models of config.toml, loaded on ``[engine]``'s device (with download progress bars)."""
         from engine.loading import load_configured_model
 
-        return cls(models, max_loaded=engine.max_loaded_models,
-                   load=lambda model: load_configured_model(model, engine, progress=progress))
+        return cls(
+            models,
+            max_loaded=engine.max_loaded_models,
+            load=lambda model: load_configured_model(model, engine, progress=progress),
+        )
 
     @classmethod
     def single(cls, model: LoadedModel) -> ModelPool:
@@ -77,8 +80,10 @@ class ModelPool:
         from engine.pipeline import Pipeline
         from engine.settings import ModelSettings
 
-        pool = cls([ModelSettings(source=model.info.extra.get("source", model.info.name), name=model.info.name)],
-                   load=lambda _: model)
+        pool = cls(
+            [ModelSettings(source=model.info.extra.get("source", model.info.name), name=model.info.name)],
+            load=lambda _: model,
+        )
         pool._pipelines[pool.default] = Pipeline(model)
         return pool
 
@@ -119,8 +124,10 @@ class ModelPool:
                 others = len(self.loaded())
                 self._make_room(others - 1) if others else free_memory()
                 if not others:
-                    raise ModelLoadError(f"Not enough GPU memory to load model {name!r} even alone; "
-                                         "use a smaller model or engine.dtype = \"float16\".") from None
+                    raise ModelLoadError(
+                        f"Not enough GPU memory to load model {name!r} even alone; "
+                        'use a smaller model or engine.dtype = "float16".'
+                    ) from None
         with self._lock:
             self._pipelines[name] = pipeline
         return pipeline

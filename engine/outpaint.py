@@ -78,15 +78,18 @@ def _on_grid(length: float) -> int:
     return max(GRID, math.ceil(length / GRID - 1e-9) * GRID)
 
 
-def _extend(image: Image.Image, size: tuple[float, float], anchor: tuple[float, float], max_pixels: int,
-            seed: int) -> Canvas:
+def _extend(
+    image: Image.Image, size: tuple[float, float], anchor: tuple[float, float], max_pixels: int, seed: int
+) -> Canvas:
     """``image`` placed at ``anchor`` on a canvas of ``size`` (scaled to the budget), the rest masked and filled."""
     image = image.convert("RGB")
     scale = canvas_scale(size, max_pixels)
     canvas_w, canvas_h = _on_grid(size[0] * scale), _on_grid(size[1] * scale)
     if scale < 1:
-        image = image.resize((min(round(image.width * scale), canvas_w), min(round(image.height * scale), canvas_h)),
-                             Image.Resampling.LANCZOS)
+        image = image.resize(
+            (min(round(image.width * scale), canvas_w), min(round(image.height * scale), canvas_h)),
+            Image.Resampling.LANCZOS,
+        )
     left = round((canvas_w - image.width) * anchor[0])
     top = round((canvas_h - image.height) * anchor[1])
     canvas = Image.new("RGB", (canvas_w, canvas_h), (127, 127, 127))

@@ -67,9 +67,19 @@ SCHEDULE_NAMES: dict[str, str] = {
 #: torch-free for the infotext; None for DDIM, which has its own timesteps whatever the choice;
 #: "lcm" is LCM's own levels, for which AUTOMATIC1111 writes no schedule type.
 AUTOMATIC_SCHEDULES: dict[str, str | None] = {
-    "euler": "uniform", "euler_a": "uniform", "dpmpp_2m_karras": "karras", "ddim": None,
-    "dpmpp_2m": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_sde": "karras", "dpmpp_3m_sde": "exponential",
-    "heun": "uniform", "lms": "uniform", "dpm2": "karras", "dpm2_a": "karras", "lcm": "lcm",
+    "euler": "uniform",
+    "euler_a": "uniform",
+    "dpmpp_2m_karras": "karras",
+    "ddim": None,
+    "dpmpp_2m": "karras",
+    "dpmpp_2m_sde": "exponential",
+    "dpmpp_sde": "karras",
+    "dpmpp_3m_sde": "exponential",
+    "heun": "uniform",
+    "lms": "uniform",
+    "dpm2": "karras",
+    "dpm2_a": "karras",
+    "lcm": "lcm",
     "unipc": "uniform",
 }
 

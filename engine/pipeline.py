@@ -123,8 +123,9 @@ def slerp(t: float, a: Tensor, b: Tensor) -> Tensor:
         return t * a + (1 - t) * b
     omega = dot.clamp(-1, 1).acos()
     sin_omega = omega.sin()
-    return ((torch.sin((1 - t) * omega) / sin_omega).unsqueeze(1) * a
-            + (torch.sin(t * omega) / sin_omega).unsqueeze(1) * b)
+    return (torch.sin((1 - t) * omega) / sin_omega).unsqueeze(1) * a + (torch.sin(t * omega) / sin_omega).unsqueeze(
+        1
+    ) * b
 
 
 def fit_image(data: bytes, width: int, height: int) -> Image.Image:
@@ -141,21 +142,25 @@ class Pipeline:
         self.device, self.dtype = model.device, model.dtype
         self.schedule = ModelSchedule(model.alphas_cumprod)
         self.denoiser = Denoiser(model.unet, self.schedule, model.info.prediction_type)
-        self.prompts = PromptEncoder(model.text_encoders, model.tokenizers, model.device, model.dtype,
-                                     embeddings_dir=model.embeddings_dir)
+        self.prompts = PromptEncoder(
+            model.text_encoders, model.tokenizers, model.device, model.dtype, embeddings_dir=model.embeddings_dir
+        )
         self.loras = LoraLibrary.of(model)
         # An inpainting UNet takes 9 channels in (latents, mask, masked image) and gives 4 out.
         self.latent_channels = model.unet.config.out_channels
         self.latent_scale = model.info.latent_scale
         # The SD/SDXL VAEs overflow in float16 (diffusers marks them force_upcast): decode in float32.
-        self.vae_dtype = torch.float32 if (model.dtype == torch.float16 and model.vae.config.force_upcast) else model.dtype
+        self.vae_dtype = (
+            torch.float32 if (model.dtype == torch.float16 and model.vae.config.force_upcast) else model.dtype
+        )
         if model.vae.dtype != self.vae_dtype:
             model.vae.to(self.vae_dtype)
         self._vae_fp32 = None  # made on the first image the low-precision VAE gets wrong
         if self.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)
-        self.inpainter = Inpainter(self.encode_image, model.unet.config.in_channels, self.latent_scale,
-                                   self.device, self.dtype)
+        self.inpainter = Inpainter(
+            self.encode_image, model.unet.config.in_channels, self.latent_scale, self.device, self.dtype
+        )
 
     @property
     def family(self) -> str:
@@ -227,24 +232,31 @@ class Pipeline:
         if start.image_conditioning is not None:
             cond = dataclasses.replace(cond, image=start.image_conditioning)
         latents = schedule.start_latents(noise, init=start.init_latents)
-        return PreparedJob(request, sampler, sigmas, seeds, generators, latents, cond, blend=start.blend,
-                           inpaint_plan=layout)
+        return PreparedJob(
+            request, sampler, sigmas, seeds, generators, latents, cond, blend=start.blend, inpaint_plan=layout
+        )
 
     def _check(self, request: GenerationRequest) -> Sampler:
         if request.params.sampler not in SAMPLERS:
             raise GenerationError(f"Unknown sampler {request.params.sampler!r}; use one of {', '.join(SAMPLERS)}.")
         if request.params.width % self.latent_scale or request.params.height % self.latent_scale:
             raise GenerationError(
-                f"Size {request.params.width}x{request.params.height} is not a multiple of {self.latent_scale}; pick a listed size."
+                f"Size {request.params.width}x{request.params.height} is not a multiple of {self.latent_scale}; "
+                "pick a listed size."
             )
         if request.params.is_masked and not request.params.is_img2img:
             raise GenerationError("A mask needs the image it applies to: attach an init image as well.")
-        if not (0 <= request.params.mask_blur <= MAX_MASK_BLUR and 0 <= request.params.inpaint_padding <= MAX_INPAINT_PADDING):
-            raise GenerationError(f"Mask blur must be 0 to {MAX_MASK_BLUR} pixels and the masked area padding "
-                                  f"0 to {MAX_INPAINT_PADDING}.")
+        if not (
+            0 <= request.params.mask_blur <= MAX_MASK_BLUR
+            and 0 <= request.params.inpaint_padding <= MAX_INPAINT_PADDING
+        ):
+            raise GenerationError(
+                f"Mask blur must be 0 to {MAX_MASK_BLUR} pixels and the masked area padding 0 to {MAX_INPAINT_PADDING}."
+            )
         if request.params.masked_content not in MASKED_CONTENT:
-            raise GenerationError(f"Unknown masked content {request.params.masked_content!r}; "
-                                  f"use one of {', '.join(MASKED_CONTENT)}.")
+            raise GenerationError(
+                f"Unknown masked content {request.params.masked_content!r}; use one of {', '.join(MASKED_CONTENT)}."
+            )
         if request.params.schedule != "automatic" and request.params.schedule not in SCHEDULES:
             raise GenerationError(
                 f"Unknown schedule type {request.params.schedule!r}; use automatic or one of {', '.join(SCHEDULES)}."
@@ -253,8 +265,14 @@ class Pipeline:
 
     def _schedule(self, request: GenerationRequest, sampler: Sampler, strength: float | None = None) -> JobSchedule:
         """The job's schedule for its sampler and schedule type (DDIM: A1111's own timesteps)."""
-        return job_schedule(self.schedule, sampler.discretization, request.params.steps, strength,
-                            schedule_type=request.params.schedule, discard_penultimate=sampler.discard_penultimate)
+        return job_schedule(
+            self.schedule,
+            sampler.discretization,
+            request.params.steps,
+            strength,
+            schedule_type=request.params.schedule,
+            discard_penultimate=sampler.discard_penultimate,
+        )
 
     def _unmasked_conditioning(self, request: GenerationRequest) -> Conditioning:
         """The prompts' conditioning, plus "paint everywhere" for an inpainting UNet."""
@@ -264,8 +282,13 @@ class Pipeline:
 
     def _conditioning(self, request: GenerationRequest) -> Conditioning:
         return self.prompts.conditioning(
-            request.params.prompt, request.params.negative_prompt, rows=request.params.count, guidance=request.params.guidance,
-            width=request.params.width, height=request.params.height, clip_skip=request.params.clip_skip,
+            request.params.prompt,
+            request.params.negative_prompt,
+            rows=request.params.count,
+            guidance=request.params.guidance,
+            width=request.params.width,
+            height=request.params.height,
+            clip_skip=request.params.clip_skip,
         )
 
     def _initial_noise(self, request: GenerationRequest) -> tuple[list[int], list[torch.Generator], Tensor]:
@@ -277,8 +300,11 @@ class Pipeline:
         noises = [torch.randn(shape, generator=g) for g in generators]
         if request.params.variation_seed is not None and request.params.variation_strength > 0:
             noises = [
-                slerp(request.params.variation_strength, noise,
-                      torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.params.variation_seed + i)))
+                slerp(
+                    request.params.variation_strength,
+                    noise,
+                    torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.params.variation_seed + i)),
+                )
                 for i, noise in enumerate(noises)
             ]
         return seeds, generators, torch.stack(noises)
@@ -320,8 +346,11 @@ class Pipeline:
                 bad |= black & (chunk.flatten(1).std(1) > FLAT_LATENTS)
                 retry = [i for i, invalid_image in enumerate(bad.tolist()) if invalid_image]
                 if retry:
-                    log.warning("%d image(s) invalid from the %s VAE; decoding them again in float32",
-                                len(retry), str(self.vae_dtype).removeprefix("torch."))
+                    log.warning(
+                        "%d image(s) invalid from the %s VAE; decoding them again in float32",
+                        len(retry),
+                        str(self.vae_dtype).removeprefix("torch."),
+                    )
                     pixels[retry] = self._vae_decode(self.float32_vae(), chunk[retry])
                     bad = ~torch.isfinite(pixels).flatten(1).all(1)
             decoded.append(pixels)
@@ -343,8 +372,9 @@ class Pipeline:
                 self._vae_fp32 = copy.deepcopy(self.model.vae).to(torch.float32).requires_grad_(False)
         return self._vae_fp32
 
-    def finish(self, job: PreparedJob, images: list[Image.Image],
-               compress_level: int = PNG_COMPRESS_LEVEL) -> GenerationResult:
+    def finish(
+        self, job: PreparedJob, images: list[Image.Image], compress_level: int = PNG_COMPRESS_LEVEL
+    ) -> GenerationResult:
         """PNG bytes with AUTOMATIC1111 parameters for each decoded image (any thread)."""
         request, info = job.request, self.model.info
         if job.inpaint_plan is not None:
@@ -352,7 +382,7 @@ class Pipeline:
         texts = [infotext(request, seed, info.name, info.file_hash) for seed in job.seeds]
         generated = [
             GeneratedImage(png=encode_png(image, text, request.job_id, compress_level), seed=seed)
-            for image, text, seed in zip(images, texts, job.seeds)
+            for image, text, seed in zip(images, texts, job.seeds, strict=False)
         ]
         return GenerationResult(request.job_id, generated, texts[0], seconds=time.monotonic() - job.started)
 
@@ -377,7 +407,10 @@ def to_images(pixels: Tensor, invalid: Tensor) -> list[Image.Image | None]:
     """What :meth:`Pipeline.decode_pixels` gave -> RGB images, None where invalid: the uint8
     conversion and the copy to the host (the worker runs it off the engine thread)."""
     data = ((pixels.nan_to_num() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
-    return [None if bad else Image.fromarray(p.permute(1, 2, 0).numpy()) for p, bad in zip(data, invalid.tolist())]
+    return [
+        None if bad else Image.fromarray(p.permute(1, 2, 0).numpy())
+        for p, bad in zip(data, invalid.tolist(), strict=False)
+    ]
 
 
 def nan_error(job: PreparedJob) -> GenerationError:
@@ -400,9 +433,7 @@ def out_of_memory_error(request: GenerationRequest) -> GenerationError:
 
 
 def timeout_error(request: GenerationRequest, limit: float) -> GenerationError:
-    return GenerationError(
-        f"Job {request.job_id} took longer than {limit:g} s; try fewer steps or a smaller size."
-    )
+    return GenerationError(f"Job {request.job_id} took longer than {limit:g} s; try fewer steps or a smaller size.")
 
 
 def check_finite(job: PreparedJob, latents: Tensor) -> None:

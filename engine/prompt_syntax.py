@@ -46,14 +46,17 @@ ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
 
 # One alternative per token kind, tried in this order at each position (as in A1111).
-_ATTENTION = re.compile(r"""
+_ATTENTION = re.compile(
+    r"""
 \\\(|\\\)|\\\[|\\]|\\\\|\\   # escapes, and a lone backslash
 |\(|\[                       # openers
 |:\s*([+-]?[.\d]+)\s*\)      # explicit weight and its closing parenthesis
 |\)|]                        # closers
 |[^\\()\[\]:]+               # plain text
 |:                           # a colon that is not a weight
-""", re.X)
+""",
+    re.X,
+)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
@@ -66,7 +69,7 @@ def _weight(text: str, match: re.Match, written: str) -> float:
         return float(written)
     except ValueError:
         start = text.rfind("(", 0, match.start())
-        shown = text[max(start, 0):match.end()][-60:]
+        shown = text[max(start, 0) : match.end()][-60:]
         raise PromptSyntaxError(
             f"“{shown}”: {written.strip()!r} is not a weight. Write one number after the colon, "
             f"such as (word:1.2), or \\( and \\) for brackets that are part of the text."
@@ -190,7 +193,7 @@ def chunk_prompt(prompt: str, tokenizer, embeddings: Embeddings | None = None) -
         chunks.append(chunk)
         chunk, last_comma = Chunk(), -1
 
-    for tokens, (text, weight) in zip(tokenized, segments):
+    for tokens, (text, weight) in zip(tokenized, segments, strict=False):
         if (text, weight) == BREAK:
             close_chunk()
             continue
@@ -199,8 +202,11 @@ def chunk_prompt(prompt: str, tokenizer, embeddings: Embeddings | None = None) -
             token = tokens[position]
             if token == comma:
                 last_comma = len(chunk.tokens)
-            elif (len(chunk.tokens) == CHUNK_LENGTH and last_comma != -1
-                  and len(chunk.tokens) - last_comma <= COMMA_BACKTRACK):
+            elif (
+                len(chunk.tokens) == CHUNK_LENGTH
+                and last_comma != -1
+                and len(chunk.tokens) - last_comma <= COMMA_BACKTRACK
+            ):
                 # Full, with a comma close behind: the words after it start the next chunk.
                 cut = last_comma + 1
                 moved_tokens, moved_weights = chunk.tokens[cut:], chunk.weights[cut:]
@@ -305,8 +311,9 @@ def parse_lora_key(key: LoraKey) -> tuple[LoraUse, ...]:
                     "(separate text-encoder and UNet weights are not supported)."
                 ) from None
         if not math.isfinite(weight) or abs(weight) > MAX_LORA_WEIGHT:
-            raise GenerationError(f"<lora:{name}:{weight_text}>: the weight must be from "
-                                  f"-{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}.")
+            raise GenerationError(
+                f"<lora:{name}:{weight_text}>: the weight must be from -{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}."
+            )
         weights[name] = weights.get(name, 0.0) + weight
     return tuple(LoraUse(name, weight) for name, weight in weights.items())
 

@@ -51,10 +51,26 @@ from engine.prompt_syntax import (
 )
 
 # The parsing and chunking names, kept importable from here, and this module's own.
-__all__ = ["BREAK", "CHUNK_LENGTH", "COMMA_BACKTRACK", "ROUND_MULTIPLIER", "SQUARE_MULTIPLIER", "Chunk",
-           "ChunkedPrompt", "PromptSyntaxError", "chunk_prompt", "chunks_needed", "count_tokens",
-           "parse_prompt_attention", "Embedding", "EmbeddingLibrary", "embedding_vectors", "emphasize",
-           "embeddings_injected", "read_embedding_file"]
+__all__ = [
+    "BREAK",
+    "CHUNK_LENGTH",
+    "COMMA_BACKTRACK",
+    "ROUND_MULTIPLIER",
+    "SQUARE_MULTIPLIER",
+    "Chunk",
+    "ChunkedPrompt",
+    "PromptSyntaxError",
+    "chunk_prompt",
+    "chunks_needed",
+    "count_tokens",
+    "parse_prompt_attention",
+    "Embedding",
+    "EmbeddingLibrary",
+    "embedding_vectors",
+    "emphasize",
+    "embeddings_injected",
+    "read_embedding_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +78,7 @@ EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
 # ---------------------------------------------------------------------------- embeddings
+
 
 @dataclass(frozen=True, eq=False)
 class Embedding:
@@ -182,6 +199,7 @@ class EmbeddingLibrary:
 
 
 # ---------------------------------------------------------------------------- encoding helpers
+
 
 def emphasize(hidden: Tensor, weights: Tensor) -> Tensor:
     """A1111's "original" emphasis, per chunk: scale each token by its weight, restore the mean.

@@ -34,8 +34,8 @@ from db.session import make_engine, upgrade
 from db.settings import QueueSettings
 from engine.errors import GenerationError, JobCancelled
 from engine.models import ModelPool, ModelTurns
-from engine.settings import Settings
 from engine.params import params_from_job
+from engine.settings import Settings
 from engine.types import GenerationRequest, Progress
 from engine.worker import EngineWorker
 
@@ -221,8 +221,9 @@ class QueueRunner:
             nonlocal started
             if not started:  # the engine has begun it: now the attempt counts (one write, off the loop)
                 started = True
-                task = asyncio.create_task(self._db(self.queue.mark_started, job.id, self.worker_id),
-                                           name=f"started-{job.id}")
+                task = asyncio.create_task(
+                    self._db(self.queue.mark_started, job.id, self.worker_id), name=f"started-{job.id}"
+                )
                 self._marking.add(task)
                 task.add_done_callback(self._marking.discard)
                 task.add_done_callback(log_failure)
@@ -280,9 +281,10 @@ class QueueRunner:
         for job_id in job_ids:
             try:
                 await asyncio.to_thread(self.queue.release, job_id, self.worker_id)
-            except Exception as error:  # no waiting on the way out: the lease hands it back
-                log.warning("job %s: could not give it back (%s); it goes back in line when its lease "
-                            "runs out", job_id, error)
+            except Exception as error:  # noqa: BLE001 - no waiting on the way out: the lease hands it back
+                log.warning(
+                    "job %s: could not give it back (%s); it goes back in line when its lease runs out", job_id, error
+                )
 
 
 def log_failure(task: asyncio.Task) -> None:
@@ -302,20 +304,31 @@ def run_worker_process(settings: Settings, queue_settings: QueueSettings, *, nam
     db = make_engine(queue_settings.database_url)
     health = DatabaseHealth(log)
     until_reachable(lambda: upgrade(db), health)
-    queue = Queue(db, pending_limit=queue_settings.pending_limit, max_attempts=queue_settings.max_attempts,
-                  lease_seconds=queue_settings.lease_seconds)
+    queue = Queue(
+        db,
+        pending_limit=queue_settings.pending_limit,
+        max_attempts=queue_settings.max_attempts,
+        lease_seconds=queue_settings.lease_seconds,
+    )
     pool = ModelPool.configured(settings.all_models, settings.engine)
     worker = EngineWorker(pool, settings.engine, settings.generation)  # loads the default model
     worker_id, prefix = worker_identity(name)
     recovered = until_reachable(lambda: queue.recover_all_running(worker_prefix=prefix), health)
     if recovered:
         log.info("%d job(s) left running by this worker's previous run were put back in line", recovered)
-    runner = QueueRunner(queue, worker, worker_id=worker_id, max_in_flight=settings.engine.max_batch,
-                         heartbeat_interval=queue_settings.lease_seconds / 4, listen=True,
-                         turns=ModelTurns.for_pool(pool, settings.engine))
+    runner = QueueRunner(
+        queue,
+        worker,
+        worker_id=worker_id,
+        max_in_flight=settings.engine.max_batch,
+        heartbeat_interval=queue_settings.lease_seconds / 4,
+        listen=True,
+        turns=ModelTurns.for_pool(pool, settings.engine),
+    )
     worker.start()
-    log.info("worker %s serving %s with %s", worker_id, db.url.render_as_string(hide_password=True),
-             ", ".join(pool.names))
+    log.info(
+        "worker %s serving %s with %s", worker_id, db.url.render_as_string(hide_password=True), ", ".join(pool.names)
+    )
     try:
         asyncio.run(_until_signal(runner.run()))
     finally:

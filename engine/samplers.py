@@ -32,20 +32,44 @@ samplers' noise comes from each image's Brownian tree (engine.sde).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from engine.stages import (COEFFS, EVAL, FROM, MID, STAGE, TO, Plan, dpm2_ancestral_plan, dpm2_plan,
-                           dpmpp_sde_plan, heun_plan, lms_plan, one_stage_plan, unipc_plan)
+from engine.stages import (
+    COEFFS,
+    EVAL,
+    FROM,
+    MID,
+    STAGE,
+    TO,
+    Plan,
+    dpm2_ancestral_plan,
+    dpm2_plan,
+    dpmpp_sde_plan,
+    heun_plan,
+    lms_plan,
+    one_stage_plan,
+    unipc_plan,
+)
 
 
 class StepFn(Protocol):
-    def __call__(self, x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *,
-                 old_denoised: Tensor, old_sigma: Tensor, noise: Tensor | None) -> Tensor: ...
+    def __call__(
+        self,
+        x: Tensor,
+        denoised: Tensor,
+        sigma: Tensor,
+        sigma_next: Tensor,
+        *,
+        old_denoised: Tensor,
+        old_sigma: Tensor,
+        noise: Tensor | None,
+    ) -> Tensor: ...
 
 
 def rows(sigma: Tensor) -> Tensor:
@@ -58,8 +82,16 @@ def to_d(x: Tensor, denoised: Tensor, sigma: Tensor) -> Tensor:
     return (x - denoised) / rows(sigma)
 
 
-def euler_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *,
-               old_denoised: Tensor, old_sigma: Tensor, noise: Tensor | None) -> Tensor:
+def euler_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     return x + to_d(x, denoised, sigma) * rows(sigma_next - sigma)
 
@@ -72,8 +104,16 @@ def ancestral_split(sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
     return down, up
 
 
-def euler_ancestral_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *,
-                         old_denoised: Tensor, old_sigma: Tensor, noise: Tensor | None) -> Tensor:
+def euler_ancestral_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+) -> Tensor:
     """Ancestral Euler (Crowson's k-diffusion, after Ho et al. 2020's ancestral sampling)."""
     assert noise is not None, "euler_a draws fresh noise every step"
     down, up = ancestral_split(sigma, sigma_next)
@@ -81,8 +121,16 @@ def euler_ancestral_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next:
     return x + noise * rows(up)  # up is 0 on a row's last step, so no noise is left behind
 
 
-def dpmpp_2m_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *,
-                  old_denoised: Tensor, old_sigma: Tensor, noise: Tensor | None) -> Tensor:
+def dpmpp_2m_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+) -> Tensor:
     """DPM-Solver++(2M), multistep second order (Lu et al. 2022, Algorithm 2)."""
     # In t = -log(sigma): x_next = (sigma_next / sigma) x + (1 - sigma_next / sigma) D, where D
     # extrapolates the denoised image linearly from the previous step when there is one. On a
@@ -97,8 +145,16 @@ def dpmpp_2m_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor
     return rows(ratio) * x + rows(1 - ratio) * extrapolated
 
 
-def ddim_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *,
-              old_denoised: Tensor, old_sigma: Tensor, noise: Tensor | None) -> Tensor:
+def ddim_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+) -> Tensor:
     """DDIM with eta 0 (Song et al. 2021, eq. 12), written in sigma-scaled latents."""
     # In k-diffusion's variables x_t / sqrt(alpha_t) the DDIM update keeps the predicted noise
     # and swaps the noise level: x_prev = x0 + sigma_prev * eps. This is A1111's update
@@ -118,29 +174,58 @@ def ddim_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *,
 
 
 class StagedStepFn(Protocol):
-    def __call__(self, x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *,
-                 old_denoised: Tensor, old_sigma: Tensor, noise: Tensor | None,
-                 state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]: ...
+    def __call__(
+        self,
+        x: Tensor,
+        denoised: Tensor,
+        sigma: Tensor,
+        sigma_next: Tensor,
+        *,
+        old_denoised: Tensor,
+        old_sigma: Tensor,
+        noise: Tensor | None,
+        state: dict[str, Tensor],
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
 
 
 def _first_stage(state: dict[str, Tensor]) -> Tensor:
     return rows(state["stage"] == 0)
 
 
-def heun_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *, old_denoised: Tensor,
-              old_sigma: Tensor, noise: Tensor | None, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def heun_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+    state: dict[str, Tensor],
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Heun's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1): an Euler trial
     step, then the average of the slopes at both ends; the last step (to sigma 0) is Euler's."""
     first, d = _first_stage(state), to_d(x, denoised, sigma)
     trial = x + d * rows(state["sigma_mid"] - sigma)  # sigma_mid is sigma_next here
     start, d_start = state["x_start"], state["d_start"]
     finished = start + (d_start + d) / 2 * rows(sigma_next - state["sigma_from"])
-    return torch.where(first, trial, finished), {"x_start": torch.where(first, x, start),
-                                                 "d_start": torch.where(first, d, d_start)}
+    return torch.where(first, trial, finished), {
+        "x_start": torch.where(first, x, start),
+        "d_start": torch.where(first, d, d_start),
+    }
 
 
-def dpm2_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *, old_denoised: Tensor,
-              old_sigma: Tensor, noise: Tensor | None, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def dpm2_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+    state: dict[str, Tensor],
+) -> tuple[Tensor, dict[str, Tensor]]:
     """DPM-Solver-2 in Karras's form (Lu et al. 2022; Crowson's k-diffusion): the slope at the
     log-midpoint of the step, taken from the start; the last step is Euler's."""
     first, d = _first_stage(state), to_d(x, denoised, sigma)
@@ -150,9 +235,17 @@ def dpm2_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *,
     return torch.where(first, trial, finished), {"x_start": torch.where(first, x, start)}
 
 
-def dpm2_ancestral_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *, old_denoised: Tensor,
-                        old_sigma: Tensor, noise: Tensor | None,
-                        state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def dpm2_ancestral_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+    state: dict[str, Tensor],
+) -> tuple[Tensor, dict[str, Tensor]]:
     """DPM2 to the ancestral step's sigma_down, then fresh noise up to sigma_next (k-diffusion)."""
     assert noise is not None, "dpm2_a draws fresh noise on its second stage"
     first, d = _first_stage(state), to_d(x, denoised, sigma)
@@ -163,9 +256,17 @@ def dpm2_ancestral_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: 
     return torch.where(first, trial, finished), {"x_start": torch.where(first, x, start)}
 
 
-def dpmpp_sde_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *, old_denoised: Tensor,
-                   old_sigma: Tensor, noise: Tensor | None,
-                   state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def dpmpp_sde_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+    state: dict[str, Tensor],
+) -> tuple[Tensor, dict[str, Tensor]]:
     """DPM-Solver++ (stochastic), r = 1/2 (Lu et al. 2022; Crowson's k-diffusion sample_dpmpp_sde)."""
     assert noise is not None, "dpmpp_sde draws Brownian noise on both stages"
     first, start, denoised_start = _first_stage(state), state["x_start"], state["denoised_start"]
@@ -179,14 +280,26 @@ def dpmpp_sde_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tenso
     # Stage 1: the whole step from the start with the half-way denoised image, plus its noise.
     down, up = ancestral_split(t.neg().exp(), sigma_next.log().neg().neg().exp())
     t_down = down.log().neg()
-    finished = rows(t_down.neg().exp() / t.neg().exp()) * start - rows((t - t_down).expm1()) * denoised + noise * rows(up)
-    return torch.where(first, trial, finished), {"x_start": torch.where(first, x, start),
-                                                 "denoised_start": torch.where(first, denoised, denoised_start)}
+    finished = (
+        rows(t_down.neg().exp() / t.neg().exp()) * start - rows((t - t_down).expm1()) * denoised + noise * rows(up)
+    )
+    return torch.where(first, trial, finished), {
+        "x_start": torch.where(first, x, start),
+        "denoised_start": torch.where(first, denoised, denoised_start),
+    }
 
 
-def dpmpp_2m_sde_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *, old_denoised: Tensor,
-                      old_sigma: Tensor, noise: Tensor | None,
-                      state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def dpmpp_2m_sde_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+    state: dict[str, Tensor],
+) -> tuple[Tensor, dict[str, Tensor]]:
     """DPM-Solver++(2M) SDE, midpoint variant, eta 1 (Lu et al. 2022; k-diffusion sample_dpmpp_2m_sde)."""
     assert noise is not None, "dpmpp_2m_sde draws Brownian noise every step"
     t, s = sigma.log().neg(), sigma_next.log().neg()
@@ -199,9 +312,17 @@ def dpmpp_2m_sde_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Te
     return torch.where(rows(sigma_next > 0), x_next, denoised), {}
 
 
-def dpmpp_3m_sde_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *, old_denoised: Tensor,
-                      old_sigma: Tensor, noise: Tensor | None,
-                      state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def dpmpp_3m_sde_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+    state: dict[str, Tensor],
+) -> tuple[Tensor, dict[str, Tensor]]:
     """DPM-Solver++(3M) SDE, eta 1 (Crowson's k-diffusion sample_dpmpp_3m_sde)."""
     assert noise is not None, "dpmpp_3m_sde draws Brownian noise every step"
     older_denoised, older_sigma = state["older_denoised"], state["older_sigma"]
@@ -223,12 +344,23 @@ def dpmpp_3m_sde_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Te
     second = x_next + rows(phi_2) * ((denoised - old_denoised) / rows(h_1 / h))
     x_next = torch.where(rows(older_sigma > 0), third, torch.where(rows(old_sigma > 0), second, x_next))
     x_next = x_next + noise * rows(sigma_next) * rows((-2 * h).expm1().neg().sqrt())
-    return torch.where(rows(sigma_next > 0), x_next, denoised), {"older_denoised": old_denoised,
-                                                                 "older_sigma": old_sigma}
+    return torch.where(rows(sigma_next > 0), x_next, denoised), {
+        "older_denoised": old_denoised,
+        "older_sigma": old_sigma,
+    }
 
 
-def lms_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *, old_denoised: Tensor,
-             old_sigma: Tensor, noise: Tensor | None, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def lms_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+    state: dict[str, Tensor],
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Linear multistep, order 4, on the probability-flow ODE (Crowson's k-diffusion sample_lms);
     the coefficients are the plan's (engine.stages.lms_coefficients), zero for missing history."""
     c = state["coeffs"]
@@ -237,8 +369,17 @@ def lms_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *, 
     return x + change, {"d1": d, "d2": d1, "d3": d2}
 
 
-def unipc_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *, old_denoised: Tensor,
-               old_sigma: Tensor, noise: Tensor | None, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def unipc_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+    state: dict[str, Tensor],
+) -> tuple[Tensor, dict[str, Tensor]]:
     """UniPC, multistep predictor-corrector, order 3, B(h) = h (Zhao et al. 2023): the corrector
     refines the previous step with this step's denoised image (no extra UNet call), then the
     predictor moves on; the weights are the plan's (engine.stages.unipc_coefficients)."""
@@ -247,14 +388,21 @@ def unipc_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *
     def w(j: int) -> Tensor:
         return rows(c[:, j])
 
-    corrected = (w(0) * x + w(1) * state["last_sample"] + w(2) * denoised + w(3) * old_denoised
-                 + w(4) * d2 + w(5) * d3)
+    corrected = w(0) * x + w(1) * state["last_sample"] + w(2) * denoised + w(3) * old_denoised + w(4) * d2 + w(5) * d3
     x_next = w(6) * corrected + w(7) * denoised + w(8) * old_denoised + w(9) * d2
     return x_next, {"last_sample": corrected, "denoised_2": old_denoised, "denoised_3": d2}
 
 
-def lcm_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *,
-             old_denoised: Tensor, old_sigma: Tensor, noise: Tensor | None) -> Tensor:
+def lcm_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+) -> Tensor:
     """Latent Consistency Model sampling (Luo et al. 2023): jump to the denoised image, renoise to sigma_next."""
     assert noise is not None, "lcm draws fresh noise each step"
     return denoised + noise * rows(sigma_next)  # the plan gives zeros on the last step
@@ -262,13 +410,16 @@ def lcm_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, *,
 
 # ---------------------------------------------------------------------------- the registry
 
+
 @dataclass(frozen=True)
 class Sampler:
     """A step function, the schedule it is run with by default, and what it needs per row."""
 
     name: str
     step: StepFn | StagedStepFn
-    discretization: str  # its "automatic" schedule: a key of engine.schedules' DISCRETIZATIONS, SCHEDULES or SAMPLER_OWN
+    discretization: (
+        str  # its "automatic" schedule: a key of engine.schedules' DISCRETIZATIONS, SCHEDULES or SAMPLER_OWN
+    )
     ancestral: bool = False  # fresh noise from each image's generator, where its plan says
     brownian: bool = False  # fresh noise from each image's Brownian tree (engine.sde), where its plan says
     plan: Callable[[Tensor], Plan] = one_stage_plan
@@ -292,22 +443,53 @@ SAMPLERS: dict[str, Sampler] = {
     "ddim": Sampler("ddim", ddim_step, "ddim"),
     # AUTOMATIC1111's automatic schedule for each (modules/sd_samplers_kdiffusion.py).
     "dpmpp_2m": Sampler("dpmpp_2m", dpmpp_2m_step, "karras"),
-    "dpmpp_2m_sde": Sampler("dpmpp_2m_sde", dpmpp_2m_sde_step, "exponential", brownian=True, plan=_UNTIL_LAST,
-                            stateful=True),
-    "dpmpp_sde": Sampler("dpmpp_sde", dpmpp_sde_step, "karras", brownian=True, plan=dpmpp_sde_plan, stateful=True,
-                         latent_state=("x_start", "denoised_start")),
-    "dpmpp_3m_sde": Sampler("dpmpp_3m_sde", dpmpp_3m_sde_step, "exponential", brownian=True, plan=_UNTIL_LAST,
-                            latent_state=("older_denoised",), row_state=("older_sigma",), discard_penultimate=True,
-                            stateful=True),
+    "dpmpp_2m_sde": Sampler(
+        "dpmpp_2m_sde", dpmpp_2m_sde_step, "exponential", brownian=True, plan=_UNTIL_LAST, stateful=True
+    ),
+    "dpmpp_sde": Sampler(
+        "dpmpp_sde",
+        dpmpp_sde_step,
+        "karras",
+        brownian=True,
+        plan=dpmpp_sde_plan,
+        stateful=True,
+        latent_state=("x_start", "denoised_start"),
+    ),
+    "dpmpp_3m_sde": Sampler(
+        "dpmpp_3m_sde",
+        dpmpp_3m_sde_step,
+        "exponential",
+        brownian=True,
+        plan=_UNTIL_LAST,
+        latent_state=("older_denoised",),
+        row_state=("older_sigma",),
+        discard_penultimate=True,
+        stateful=True,
+    ),
     "heun": Sampler("heun", heun_step, "normal", plan=heun_plan, latent_state=("x_start", "d_start"), stateful=True),
     "lms": Sampler("lms", lms_step, "normal", plan=lms_plan, latent_state=("d1", "d2", "d3"), stateful=True),
-    "dpm2": Sampler("dpm2", dpm2_step, "karras", plan=dpm2_plan, latent_state=("x_start",), discard_penultimate=True,
-                    stateful=True),
-    "dpm2_a": Sampler("dpm2_a", dpm2_ancestral_step, "karras", ancestral=True, plan=dpm2_ancestral_plan,
-                      latent_state=("x_start",), discard_penultimate=True, stateful=True),
+    "dpm2": Sampler(
+        "dpm2", dpm2_step, "karras", plan=dpm2_plan, latent_state=("x_start",), discard_penultimate=True, stateful=True
+    ),
+    "dpm2_a": Sampler(
+        "dpm2_a",
+        dpm2_ancestral_step,
+        "karras",
+        ancestral=True,
+        plan=dpm2_ancestral_plan,
+        latent_state=("x_start",),
+        discard_penultimate=True,
+        stateful=True,
+    ),
     "lcm": Sampler("lcm", lcm_step, "lcm", ancestral=True, plan=_UNTIL_LAST),
-    "unipc": Sampler("unipc", unipc_step, "normal", plan=unipc_plan,
-                     latent_state=("last_sample", "denoised_2", "denoised_3"), stateful=True),
+    "unipc": Sampler(
+        "unipc",
+        unipc_step,
+        "normal",
+        plan=unipc_plan,
+        latent_state=("last_sample", "denoised_2", "denoised_3"),
+        stateful=True,
+    ),
 }
 
 
@@ -319,12 +501,21 @@ def initial_state(sampler: Sampler, x: Tensor) -> dict[str, Tensor]:
 
 def plan_state(columns: Tensor) -> dict[str, Tensor]:
     """The plan's columns a stateful step reads, from the rows' ``[rows, COLUMNS]`` plan entries."""
-    return {"sigma_from": columns[:, FROM], "sigma_mid": columns[:, MID], "stage": columns[:, STAGE],
-            "coeffs": columns[:, COEFFS]}
+    return {
+        "sigma_from": columns[:, FROM],
+        "sigma_mid": columns[:, MID],
+        "stage": columns[:, STAGE],
+        "coeffs": columns[:, COEFFS],
+    }
 
 
-def sample(denoiser: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tensor, sampler: Sampler,
-           noise: Callable[[float, float], Tensor] | None = None) -> Tensor:
+def sample(
+    denoiser: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    sigmas: Tensor,
+    sampler: Sampler,
+    noise: Callable[[float, float], Tensor] | None = None,
+) -> Tensor:
     """Run one sampler over a whole schedule (all rows at the same step): a reference loop.
 
     The batch (engine.batch) does the same per row; this is for tests and for reading what a step
@@ -343,10 +534,20 @@ def sample(denoiser: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tens
         if (sampler.ancestral or sampler.brownian) and noise is not None:
             fresh = noise(*plan.noise[k]) if plan.noise[k] is not None else torch.zeros_like(x)
         if sampler.stateful:
-            x, updates = sampler.step(x, denoised, sigma, sigma_next, old_denoised=old_denoised,
-                                      old_sigma=old_sigma, noise=fresh, state=state | plan_state(columns))
+            x, updates = sampler.step(
+                x,
+                denoised,
+                sigma,
+                sigma_next,
+                old_denoised=old_denoised,
+                old_sigma=old_sigma,
+                noise=fresh,
+                state=state | plan_state(columns),
+            )
             state = state | updates
         else:
-            x = sampler.step(x, denoised, sigma, sigma_next, old_denoised=old_denoised, old_sigma=old_sigma, noise=fresh)
+            x = sampler.step(
+                x, denoised, sigma, sigma_next, old_denoised=old_denoised, old_sigma=old_sigma, noise=fresh
+            )
         old_denoised, old_sigma = denoised, sigma
     return x

@@ -147,8 +147,15 @@ def latents_to_decode(latents: Tensor, last_sigma: float) -> Tensor:
     return latents if last_sigma == 0 else latents / math.sqrt(1 + last_sigma**2)
 
 
-def job_schedule(schedule: ModelSchedule, discretization: str, steps: int, strength: float | None = None, *,
-                 schedule_type: str = "automatic", discard_penultimate: bool = False) -> JobSchedule:
+def job_schedule(
+    schedule: ModelSchedule,
+    discretization: str,
+    steps: int,
+    strength: float | None = None,
+    *,
+    schedule_type: str = "automatic",
+    discard_penultimate: bool = False,
+) -> JobSchedule:
     """The schedule one job walks, from its start noise level down.
 
     img2img (``strength`` given) starts part-way down the full schedule, as AUTOMATIC1111 does:
@@ -169,7 +176,7 @@ def _ddim_schedule(schedule: ModelSchedule, grid: Tensor, steps: int, strength: 
         sigmas, noise_sigma = grid, float(grid[0])
     else:
         kept = int(min(strength, 0.999) * steps)
-        sigmas = grid[len(grid) - kept:]
+        sigmas = grid[len(grid) - kept :]
         noise_sigma = float(grid[len(grid) - kept - 1])
     if len(sigmas) < 2:
         # A1111 calls the model zero times here (1 step, or strength * steps under 2) and decodes
@@ -195,6 +202,7 @@ def img2img_tail(sigmas: torch.Tensor, steps: int, strength: float | None) -> to
 # ---------------------------------------------------------------------------- schedule types
 # A member picks a schedule type apart from the sampler, as in AUTOMATIC1111 since v1.9
 # (its modules/sd_schedulers.py). "automatic" is the sampler's own choice.
+
 
 def exponential_sigmas(schedule: ModelSchedule, steps: int) -> torch.Tensor:
     """Evenly spaced in log-sigma from sigma_max to sigma_min (k-diffusion's get_sigmas_exponential)."""
@@ -241,8 +249,14 @@ SCHEDULES = {
 SAMPLER_OWN = {"lcm": lcm_sigmas}
 
 
-def member_sigmas(schedule: ModelSchedule, discretization: str, schedule_type: str, steps: int,
-                  strength: float | None = None, discard_penultimate: bool = False) -> torch.Tensor:
+def member_sigmas(
+    schedule: ModelSchedule,
+    discretization: str,
+    schedule_type: str,
+    steps: int,
+    strength: float | None = None,
+    discard_penultimate: bool = False,
+) -> torch.Tensor:
     """The sigmas one job walks for a sampler (its automatic ``discretization``) and a schedule type.
 
     ``discard_penultimate``: make ``steps + 1`` levels and drop the one before 0, as AUTOMATIC1111

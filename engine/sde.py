@@ -29,8 +29,9 @@ class BrownianNoise:
 
     def tree(self) -> torchsde.BrownianTree:
         if self._tree is None:
-            self._tree = torchsde.BrownianTree(self.sigma_min, torch.zeros(self.shape), self.sigma_max,
-                                               entropy=self.seed, tol=TREE_TOL)
+            self._tree = torchsde.BrownianTree(
+                self.sigma_min, torch.zeros(self.shape), self.sigma_max, entropy=self.seed, tol=TREE_TOL
+            )
         return self._tree
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:

@@ -102,11 +102,23 @@ class GenerationSettings:
         """``sizes`` as ``(width, height)`` (checked when the file was read)."""
         return tuple(parse_size(size) for size in self.sizes)  # type: ignore[misc]
 
-    def params(self, prompt: str, *, seed: int | None = None, negative_prompt: str | None = None,
-               steps: int | None = None, guidance: float | None = None, size: tuple[int, int] | None = None,
-               sampler: str | None = None, count: int | None = None, init_image: bytes | None = None,
-               strength: float | None = None, model: str | None = None,
-               clip_skip: int | None = None, schedule: str | None = None) -> GenerationParams:
+    def params(
+        self,
+        prompt: str,
+        *,
+        seed: int | None = None,
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        size: tuple[int, int] | None = None,
+        sampler: str | None = None,
+        count: int | None = None,
+        init_image: bytes | None = None,
+        strength: float | None = None,
+        model: str | None = None,
+        clip_skip: int | None = None,
+        schedule: str | None = None,
+    ) -> GenerationParams:
         """A job's parameters, with this configuration's defaults for what was left out (None).
 
         The one place where configured defaults are filled in: the bot's admission applies the
@@ -119,7 +131,8 @@ class GenerationSettings:
             negative_prompt=self.default_negative_prompt if negative_prompt is None else negative_prompt,
             steps=steps or self.default_steps,
             guidance=self.default_guidance if guidance is None else guidance,
-            width=width, height=height,
+            width=width,
+            height=height,
             sampler=sampler or self.default_sampler,
             count=count or 1,
             init_image=init_image,
@@ -137,9 +150,14 @@ class GenerationSettings:
             return self
         parsed = [parse_size(size) for size in self.sdxl_sizes]
         width, height = parsed[0]
-        return replace(self, sizes=self.sdxl_sizes, default_width=width, default_height=height,
-                       max_width=max(self.max_width, *(w for w, _ in parsed)),
-                       max_height=max(self.max_height, *(h for _, h in parsed)))
+        return replace(
+            self,
+            sizes=self.sdxl_sizes,
+            default_width=width,
+            default_height=height,
+            max_width=max(self.max_width, *(w for w, _ in parsed)),
+            max_height=max(self.max_height, *(h for _, h in parsed)),
+        )
 
 
 @dataclass(frozen=True)
@@ -235,13 +253,21 @@ def parse_models(raw: dict[str, Any]) -> tuple[ModelSettings, tuple[ModelSetting
     """
     tables = raw.get("models", {})
     if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
-        raise ConfigError("[models] must hold one table per model, e.g. [models.anime] with source = \"...\"")
+        raise ConfigError('[models] must hold one table per model, e.g. [models.anime] with source = "..."')
     named = []
     for name, table in tables.items():
-        check(0 < len(name) <= 100 and name.strip() == name and "\n" not in name, "models", name,
-              "model names are 1 to 100 characters, without leading or trailing spaces")
-        check("name" not in table, f"models.{name}.name", table.get("name"),
-              "the table's own name is the model's name; remove this key")
+        check(
+            0 < len(name) <= 100 and name.strip() == name and "\n" not in name,
+            "models",
+            name,
+            "model names are 1 to 100 characters, without leading or trailing spaces",
+        )
+        check(
+            "name" not in table,
+            f"models.{name}.name",
+            table.get("name"),
+            "the table's own name is the model's name; remove this key",
+        )
         model = section({f"models.{name}": table}, f"models.{name}", ModelSettings)
         named.append(replace(model, name=name))
     if "model" in raw or not named:
@@ -251,25 +277,45 @@ def parse_models(raw: dict[str, Any]) -> tuple[ModelSettings, tuple[ModelSetting
     seen: set[str] = set()
     for model in (default, *others):
         key = "model" if model is default and "model" in raw else f"models.{model.display_name}"
-        check(model.display_name not in seen, key, model.display_name,
-              "each model needs its own name (the default [model] is named by model.name or its file name)")
+        check(
+            model.display_name not in seen,
+            key,
+            model.display_name,
+            "each model needs its own name (the default [model] is named by model.name or its file name)",
+        )
         seen.add(model.display_name)
         _check_model(key, model)
     return default, tuple(others)
 
 
 def _check_model(key: str, model: ModelSettings) -> None:
-    check(bool(model.source.strip()), f"{key}.source", model.source,
-          "give a hub id, a diffusers folder or a .safetensors file")
+    check(
+        bool(model.source.strip()),
+        f"{key}.source",
+        model.source,
+        "give a hub id, a diffusers folder or a .safetensors file",
+    )
     check(model.family in FAMILIES, f"{key}.family", model.family, f"one of {', '.join(FAMILIES)}")
-    check(model.prediction_type in PREDICTION_TYPES, f"{key}.prediction_type", model.prediction_type,
-          f"one of {', '.join(PREDICTION_TYPES)}")
-    check(isinstance(model.clip_skip, int) and 1 <= model.clip_skip <= 12, f"{key}.clip_skip", model.clip_skip,
-          "1 to 12 (1: the text encoder's last layer; anime models often want 2)")
+    check(
+        model.prediction_type in PREDICTION_TYPES,
+        f"{key}.prediction_type",
+        model.prediction_type,
+        f"one of {', '.join(PREDICTION_TYPES)}",
+    )
+    check(
+        isinstance(model.clip_skip, int) and 1 <= model.clip_skip <= 12,
+        f"{key}.clip_skip",
+        model.clip_skip,
+        "1 to 12 (1: the text encoder's last layer; anime models often want 2)",
+    )
     for folder in ("embeddings_dir", "lora_dir"):
         value = getattr(model, folder)
-        check(not value or not Path(value).expanduser().is_file(), f"{key}.{folder}", value,
-              "a folder (or \"\" for none), not a file")
+        check(
+            not value or not Path(value).expanduser().is_file(),
+            f"{key}.{folder}",
+            value,
+            'a folder (or "" for none), not a file',
+        )
 
 
 def parse_engine_sections(raw: dict[str, Any]) -> Settings:
@@ -277,54 +323,93 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
     engine: EngineSettings = section(raw, "engine", EngineSettings)
     gen: GenerationSettings = section(raw, "generation", GenerationSettings)
 
-    check(engine.device in DEVICES or engine.device.startswith("cuda:"), "engine.device", engine.device,
-          "auto, cpu, cuda, cuda:N or mps")
+    check(
+        engine.device in DEVICES or engine.device.startswith("cuda:"),
+        "engine.device",
+        engine.device,
+        "auto, cpu, cuda, cuda:N or mps",
+    )
     check(engine.dtype in DTYPES, "engine.dtype", engine.dtype, f"one of {', '.join(DTYPES)}")
     check(1 <= engine.max_batch <= 256, "engine.max_batch", engine.max_batch, "1 to 256")
     check(engine.preview_every >= 0, "engine.preview_every", engine.preview_every, "0 (never) or more")
     check(engine.job_timeout >= 0, "engine.job_timeout", engine.job_timeout, "seconds, 0 (no limit) or more")
     check(1 <= engine.max_loaded_models <= 16, "engine.max_loaded_models", engine.max_loaded_models, "1 to 16")
-    check(engine.model_switch_after >= 0, "engine.model_switch_after", engine.model_switch_after,
-          "seconds, 0 or more")
-    check(engine.overtake_window >= 0, "engine.overtake_window", engine.overtake_window,
-          "seconds, 0 (strict arrival order) or more")
+    check(engine.model_switch_after >= 0, "engine.model_switch_after", engine.model_switch_after, "seconds, 0 or more")
+    check(
+        engine.overtake_window >= 0,
+        "engine.overtake_window",
+        engine.overtake_window,
+        "seconds, 0 (strict arrival order) or more",
+    )
     check(engine.compile in COMPILE_MODES, "engine.compile", engine.compile, f"one of {', '.join(COMPILE_MODES)}")
-    check(0 <= engine.png_compress_level <= 9, "engine.png_compress_level", engine.png_compress_level,
-          "0 (fastest, largest files) to 9 (smallest, slowest)")
+    check(
+        0 <= engine.png_compress_level <= 9,
+        "engine.png_compress_level",
+        engine.png_compress_level,
+        "0 (fastest, largest files) to 9 (smallest, slowest)",
+    )
 
     check(1 <= gen.max_steps <= 500, "generation.max_steps", gen.max_steps, "1 to 500")
-    check(1 <= gen.default_steps <= gen.max_steps, "generation.default_steps", gen.default_steps,
-          f"1 to generation.max_steps ({gen.max_steps})")
+    check(
+        1 <= gen.default_steps <= gen.max_steps,
+        "generation.default_steps",
+        gen.default_steps,
+        f"1 to generation.max_steps ({gen.max_steps})",
+    )
     for key in ("max_width", "max_height"):
         v = getattr(gen, key)
         check(64 <= v <= 4096 and v % 8 == 0, f"generation.{key}", v, "a multiple of 8 from 64 to 4096")
     for key, limit in (("default_width", gen.max_width), ("default_height", gen.max_height)):
         v = getattr(gen, key)
         check(8 <= v <= limit and v % 8 == 0, f"generation.{key}", v, f"a multiple of 8 up to {limit}")
-    check(len(gen.sizes) > 0, "generation.sizes", list(gen.sizes), "at least one size such as \"512x512\"")
+    check(len(gen.sizes) > 0, "generation.sizes", list(gen.sizes), 'at least one size such as "512x512"')
     for size in gen.sizes:
         w, h = parse_size(size)
-        check(w is not None and w <= gen.max_width and h <= gen.max_height, "generation.sizes", size,
-              f"WIDTHxHEIGHT, multiples of 8, within {gen.max_width}x{gen.max_height}")
-    check(0 < len(gen.sdxl_sizes) <= 25, "generation.sdxl_sizes", list(gen.sdxl_sizes),
-          "1 to 25 sizes such as \"1024x1024\" (the first is the SDXL default size)")
+        check(
+            w is not None and w <= gen.max_width and h <= gen.max_height,
+            "generation.sizes",
+            size,
+            f"WIDTHxHEIGHT, multiples of 8, within {gen.max_width}x{gen.max_height}",
+        )
+    check(
+        0 < len(gen.sdxl_sizes) <= 25,
+        "generation.sdxl_sizes",
+        list(gen.sdxl_sizes),
+        '1 to 25 sizes such as "1024x1024" (the first is the SDXL default size)',
+    )
     for size in gen.sdxl_sizes:
         w, h = parse_size(size) if isinstance(size, str) else (None, None)
-        check(w is not None and w <= 4096 and h <= 4096, "generation.sdxl_sizes", size,
-              "WIDTHxHEIGHT, multiples of 8, at most 4096x4096 (max_width/max_height are raised to fit)")
+        check(
+            w is not None and w <= 4096 and h <= 4096,
+            "generation.sdxl_sizes",
+            size,
+            "WIDTHxHEIGHT, multiples of 8, at most 4096x4096 (max_width/max_height are raised to fit)",
+        )
     check(0 < gen.max_guidance <= 50, "generation.max_guidance", gen.max_guidance, "above 0, at most 50")
-    check(0 <= gen.default_guidance <= gen.max_guidance, "generation.default_guidance", gen.default_guidance,
-          f"0 to generation.max_guidance ({gen.max_guidance})")
+    check(
+        0 <= gen.default_guidance <= gen.max_guidance,
+        "generation.default_guidance",
+        gen.default_guidance,
+        f"0 to generation.max_guidance ({gen.max_guidance})",
+    )
     for name in gen.samplers:
         check(name in SAMPLER_NAMES, "generation.samplers", name, f"samplers are {', '.join(SAMPLER_NAMES)}")
     check(len(gen.samplers) > 0, "generation.samplers", [], "at least one sampler")
-    check(gen.default_sampler in gen.samplers, "generation.default_sampler", gen.default_sampler,
-          f"one of generation.samplers ({', '.join(gen.samplers)})")
+    check(
+        gen.default_sampler in gen.samplers,
+        "generation.default_sampler",
+        gen.default_sampler,
+        f"one of generation.samplers ({', '.join(gen.samplers)})",
+    )
     for name in gen.schedules:
         check(name in SCHEDULE_NAMES, "generation.schedules", name, f"schedule types are {', '.join(SCHEDULE_NAMES)}")
-    check(len(gen.schedules) > 0, "generation.schedules", [], "at least one schedule type, such as \"automatic\"")
-    check(gen.default_schedule in gen.schedules, "generation.default_schedule", gen.default_schedule,
-          f"one of generation.schedules ({', '.join(gen.schedules)})")
+    check(len(gen.schedules) > 0, "generation.schedules", [], 'at least one schedule type, such as "automatic"')
+    check(
+        gen.default_schedule in gen.schedules,
+        "generation.default_schedule",
+        gen.default_schedule,
+        f"one of generation.schedules ({', '.join(gen.schedules)})",
+    )
     check(1 <= gen.max_count <= 4, "generation.max_count", gen.max_count, "1 to 4")
     check(0 < gen.default_strength <= 1, "generation.default_strength", gen.default_strength, "above 0, at most 1")
     return Settings(model=model, engine=engine, generation=gen, models=models)
@@ -333,9 +418,12 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
 def parse_queue_section(raw: dict[str, Any]) -> QueueSettings:
     """``[queue]``: read here so that a GPU worker process without the bot can use it too."""
     queue: QueueSettings = section(raw, "queue", QueueSettings)
-    check(queue.database_url.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql"),
-          "queue.database_url", queue.database_url,
-          "an SQLAlchemy URL: sqlite:///path/to/file.sqlite3 or postgresql+psycopg://user@host/db")
+    check(
+        queue.database_url.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql"),
+        "queue.database_url",
+        queue.database_url,
+        "an SQLAlchemy URL: sqlite:///path/to/file.sqlite3 or postgresql+psycopg://user@host/db",
+    )
     check(1 <= queue.pending_limit <= 100, "queue.pending_limit", queue.pending_limit, "1 to 100")
     check(1 <= queue.max_attempts <= 20, "queue.max_attempts", queue.max_attempts, "1 to 20")
     check(5 <= queue.lease_seconds <= 3600, "queue.lease_seconds", queue.lease_seconds, "5 to 3600 seconds")
@@ -361,7 +449,7 @@ def resolve_device(settings: EngineSettings):
     else:
         device = torch.device(settings.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"engine.device = {settings.device!r}: no CUDA GPU is visible; use \"auto\" or \"cpu\"")
+            raise ConfigError(f'engine.device = {settings.device!r}: no CUDA GPU is visible; use "auto" or "cpu"')
     if settings.dtype == "auto":
         if device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

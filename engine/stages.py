@@ -88,6 +88,7 @@ def two_stage_plan(sigmas: Tensor, mid_of, noise_of=None) -> Plan:
 
 # ---------------------------------------------------------------------------- the staged samplers' plans
 
+
 def ancestral_levels(sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
     """k-diffusion's get_ancestral_step (eta 1) on scalars: (sigma_down, sigma_up)."""
     sigma_up = torch.minimum(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
@@ -110,7 +111,8 @@ def dpm2_plan(sigmas: Tensor) -> Plan:
 def dpm2_ancestral_plan(sigmas: Tensor) -> Plan:
     # The step goes to sigma_down, then noise brings it to sigma_next; the midpoint is toward sigma_down.
     return two_stage_plan(
-        sigmas, lambda sigma, sigma_next: log_midpoint(sigma, ancestral_levels(sigma, sigma_next)[0]),
+        sigmas,
+        lambda sigma, sigma_next: log_midpoint(sigma, ancestral_levels(sigma, sigma_next)[0]),
         lambda sigma, sigma_next: (None, (float(sigma), float(sigma_next))),
     )
 
@@ -131,6 +133,7 @@ def dpmpp_sde_plan(sigmas: Tensor) -> Plan:
 
 
 # ---------------------------------------------------------------------------- LMS
+
 
 def lms_coefficients(sigmas: Tensor, order: int = LMS_ORDER) -> list[list[float]]:
     """Per step i, the weights of d_i, d_(i-1), ... in the linear multistep update (k-diffusion's
@@ -158,8 +161,9 @@ def lms_plan(sigmas: Tensor) -> Plan:
 UNIPC_ORDER = 3  # AUTOMATIC1111's defaults: order 3, variant bh1, lower order on the final steps
 
 
-def _unipc_weights(lambdas: np.ndarray, k: int, order: int,
-                   variant: str) -> tuple[float, float, np.ndarray, np.ndarray, np.ndarray]:
+def _unipc_weights(
+    lambdas: np.ndarray, k: int, order: int, variant: str
+) -> tuple[float, float, np.ndarray, np.ndarray, np.ndarray]:
     """UniPC's B(h) update from step k to k + 1 (Zhao et al. 2023, as diffusers'
     UniPCMultistepScheduler computes it): h*phi_1, B(h), the ratios r_i of the earlier steps, and
     the solutions rho of the predictor (order - 1 weights) and of the corrector (order weights)."""
@@ -199,8 +203,12 @@ def unipc_coefficients(sigmas: Tensor, order: int = UNIPC_ORDER, variant: str = 
         if k > 0:  # corrects the previous predictor with D_k, at the previous step's order
             c = orders[k - 1]
             h_phi_1, b_h, rks, _, rhos_c = _unipc_weights(lambdas, k - 1, c, variant)
-            corrector = [0.0, s[k] / s[k - 1], -b_h * rhos_c[-1],
-                         -h_phi_1 + b_h * (sum(rhos_c[i] / rks[i] for i in range(c - 1)) + rhos_c[-1])]
+            corrector = [
+                0.0,
+                s[k] / s[k - 1],
+                -b_h * rhos_c[-1],
+                -h_phi_1 + b_h * (sum(rhos_c[i] / rks[i] for i in range(c - 1)) + rhos_c[-1]),
+            ]
             corrector += [-b_h * rhos_c[i] / rks[i] for i in range(c - 1)] + [0.0] * (3 - c)
         if s[k + 1] == 0:  # the last step lands on the denoised image
             predictor = [0.0, 1.0, 0.0, 0.0]

@@ -26,8 +26,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 def _bytes_to_unicode() -> list[str]:
     """OpenAI's reversible byte -> printable character table, in vocabulary order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -54,5 +53,4 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def clip_tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
     """A fresh CLIP tokenizer (77 tokens); ``pad_token`` is ``"!"`` for open_clip encoders."""
     vocab, merges = clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token,
-                         model_max_length=MAX_LENGTH)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=MAX_LENGTH)

@@ -12,8 +12,16 @@ from typing import Any, Literal
 
 from engine.params import SAMPLER_NAMES, GenerationParams
 
-__all__ = ["SAMPLER_NAMES", "Family", "GeneratedImage", "GenerationParams", "GenerationRequest",
-           "GenerationResult", "ModelInfo", "Progress"]
+__all__ = [
+    "SAMPLER_NAMES",
+    "Family",
+    "GeneratedImage",
+    "GenerationParams",
+    "GenerationRequest",
+    "GenerationResult",
+    "ModelInfo",
+    "Progress",
+]
 
 Family = Literal["sd1", "sd2", "sdxl"]
 

@@ -43,10 +43,10 @@ import torch
 
 from engine.admission import Running, Waiting, admissions, over_limits, resumptions
 from engine.batch import Batch, Entry, Parked
-from engine.memory import OutOfMemoryGovernor, free_memory, jobs_to_keep
-from engine.models import ModelPool, batch_key
 from engine.errors import EngineError, GenerationError, JobCancelled
 from engine.finishing import Finisher, ProgressSink, Ticket, decode_finished
+from engine.memory import OutOfMemoryGovernor, free_memory, jobs_to_keep
+from engine.models import ModelPool, batch_key
 from engine.pipeline import Pipeline, nan_error, out_of_memory_error, timeout_error
 from engine.types import GenerationRequest, GenerationResult, Progress
 
@@ -63,8 +63,14 @@ NAN_CHECK_EVERY = 8
 class EngineWorker:
     """Runs generation requests on one thread, batching jobs of different members together."""
 
-    def __init__(self, model: LoadedModel | ModelPool, settings: EngineSettings, gen: GenerationSettings, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        model: LoadedModel | ModelPool,
+        settings: EngineSettings,
+        gen: GenerationSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """``model``: one loaded model, or a :class:`ModelPool` of several (its default is loaded now)."""
         self.settings, self.gen = settings, gen
         self.clock = clock
@@ -106,14 +112,15 @@ class EngineWorker:
         self.finisher.close()  # results being encoded are delivered
         self._cancel_waiting()
 
-    async def generate(self, request: GenerationRequest,
-                       on_progress: ProgressSink | None = None) -> GenerationResult:
+    async def generate(self, request: GenerationRequest, on_progress: ProgressSink | None = None) -> GenerationResult:
         """Await one job's images; ``on_progress`` runs on this event loop's thread."""
         loop = asyncio.get_running_loop()
         notify = None
         if on_progress is not None:
+
             def notify(progress: Progress) -> None:
                 loop.call_soon_threadsafe(on_progress, progress)
+
         future = self._submit(request, notify)
         try:
             return await asyncio.wrap_future(future)
@@ -121,8 +128,9 @@ class EngineWorker:
             self.cancel(request.job_id)
             raise
 
-    def generate_blocking(self, request: GenerationRequest,
-                          on_progress: ProgressSink | None = None) -> GenerationResult:
+    def generate_blocking(
+        self, request: GenerationRequest, on_progress: ProgressSink | None = None
+    ) -> GenerationResult:
         """Run one job from a plain thread (the CLI); ``on_progress`` runs on the worker thread, or
         on an encoding thread for a progress with a preview (one at a time, in order)."""
         return self._submit(request, on_progress).result()
@@ -187,8 +195,11 @@ class EngineWorker:
             waiting = list(self._waiting)
             chosen = admissions(
                 [Waiting(t.size, self._key(t.request), t.request.params.count, t.arrived) for t in waiting],
-                self._running(batch), max_batch=self.settings.max_batch, lowered=self.memory.lowered,
-                overtake_window=self.settings.overtake_window, now=self.clock(),
+                self._running(batch),
+                max_batch=self.settings.max_batch,
+                lowered=self.memory.lowered,
+                overtake_window=self.settings.overtake_window,
+                now=self.clock(),
             )
             taken = [waiting[i] for i in chosen]
             for ticket in taken:
@@ -199,8 +210,7 @@ class EngineWorker:
     def _running(self, batch: Batch) -> Running:
         if not batch.entries:
             return Running(parked=len(self._parked))
-        return Running(batch.rows, self._batch_size(batch), self._key(batch.entries[0].job.request),
-                       len(self._parked))
+        return Running(batch.rows, self._batch_size(batch), self._key(batch.entries[0].job.request), len(self._parked))
 
     def _resume_parked(self, batch: Batch) -> None:
         """Parked jobs rejoin, oldest first, as the row limit allows (always, into an empty batch)."""
@@ -298,8 +308,13 @@ class EngineWorker:
         if ticket.cancelled:
             return JobCancelled(f"Job {ticket.request.job_id} was cancelled.")
         if now > ticket.deadline:
-            log.warning("job %s passed the %g s time limit at step %d of %d", ticket.request.job_id,
-                        self.settings.job_timeout, entry.step, entry.job.total_steps)
+            log.warning(
+                "job %s passed the %g s time limit at step %d of %d",
+                ticket.request.job_id,
+                self.settings.job_timeout,
+                entry.step,
+                entry.job.total_steps,
+            )
             return timeout_error(ticket.request, self.settings.job_timeout)
         return None
 
@@ -338,15 +353,19 @@ class EngineWorker:
         limit = self.memory.step_failed(size, rows)
         if len(batch.entries) == 1:
             entry = batch.entries[0]
-            log.warning("out of GPU memory for job %s alone (%d rows of %dx%d)",
-                        entry.job.request.job_id, rows, *size)
+            log.warning("out of GPU memory for job %s alone (%d rows of %dx%d)", entry.job.request.job_id, rows, *size)
             self._retire(batch, entry, error=out_of_memory_error(entry.job.request))
             return
         keep = jobs_to_keep([entry.job.rows for entry in batch.entries], limit)
         kept_rows = sum(entry.job.rows for entry in batch.entries[:keep])
         parking = batch.entries[keep:]
-        log.warning("out of GPU memory at %d rows of %dx%d; going on with %d, parking jobs %s", rows, *size,
-                    kept_rows, [entry.job.request.job_id for entry in parking])
+        log.warning(
+            "out of GPU memory at %d rows of %dx%d; going on with %d, parking jobs %s",
+            rows,
+            *size,
+            kept_rows,
+            [entry.job.request.job_id for entry in parking],
+        )
         self._parked[:0] = [batch.park(entry.job) for entry in parking]
 
     def _report_progress(self, batch: Batch, denoised: torch.Tensor) -> None:
@@ -359,8 +378,9 @@ class EngineWorker:
             preview = None
             if every and entry.step % every == 0 and entry.step < total:
                 preview = denoised[rows.start]  # its PNG is made in the finisher's pool
-            self.finisher.progress(ticket, Progress(ticket.request.job_id, entry.step, total), preview,
-                                   self.pipeline.family)
+            self.finisher.progress(
+                ticket, Progress(ticket.request.job_id, entry.step, total), preview, self.pipeline.family
+            )
 
     def _finish(self, batch: Batch, finished: list[Entry]) -> None:
         """Retire finished jobs: one NaN check and one VAE decode for all of them together; their

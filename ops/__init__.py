@@ -14,5 +14,14 @@ from ops.queries import database_reachable, queue_counts
 from ops.server import OpsServer, OpsServerError
 from ops.settings import OpsConfigError, OpsSettings, parse_ops
 
-__all__ = ["Health", "Metrics", "OpsConfigError", "OpsServer", "OpsServerError", "OpsSettings",
-           "database_reachable", "parse_ops", "queue_counts"]
+__all__ = [
+    "Health",
+    "Metrics",
+    "OpsConfigError",
+    "OpsServer",
+    "OpsServerError",
+    "OpsSettings",
+    "database_reachable",
+    "parse_ops",
+    "queue_counts",
+]

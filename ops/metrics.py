@@ -42,10 +42,14 @@ class Metrics:
     out (a worker has no Discord). ``clock`` (monotonic seconds) is for tests.
     """
 
-    def __init__(self, *, queue_counts: Callable[[], Mapping[str, int]] | None = None,
-                 database_up: Callable[[], bool] | None = None,
-                 discord_connected: Callable[[], bool] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        queue_counts: Callable[[], Mapping[str, int]] | None = None,
+        database_up: Callable[[], bool] | None = None,
+        discord_connected: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.registry = CollectorRegistry()
         self._clock = clock
         self._recent_images: deque[tuple[float, int]] = deque()  # (when, images) of the last minute
@@ -54,21 +58,28 @@ class Metrics:
         self._finished = Counter("sdbot_jobs_finished", "Jobs that ended here, by outcome", ["status"], registry=r)
         for status in sorted(s.value for s in FINISHED):
             self._finished.labels(status)  # 0 from the start, so rate() has a first point
-        self._queued = Histogram("sdbot_job_queued_seconds", "Seconds a job waited in line before it started",
-                                 buckets=QUEUED_BUCKETS, registry=r)
-        self._generation = Histogram("sdbot_job_generation_seconds", "Seconds from a job's start to its images",
-                                     buckets=GENERATION_BUCKETS, registry=r)
-        self._images = Counter("sdbot_images_generated", "Images generated here (images/s: rate() of this)",
-                               registry=r)
-        self._batch_rows = Gauge("sdbot_batch_rows", "Images being denoised together in the running batch",
-                                 registry=r)
+        self._queued = Histogram(
+            "sdbot_job_queued_seconds",
+            "Seconds a job waited in line before it started",
+            buckets=QUEUED_BUCKETS,
+            registry=r,
+        )
+        self._generation = Histogram(
+            "sdbot_job_generation_seconds",
+            "Seconds from a job's start to its images",
+            buckets=GENERATION_BUCKETS,
+            registry=r,
+        )
+        self._images = Counter("sdbot_images_generated", "Images generated here (images/s: rate() of this)", registry=r)
+        self._batch_rows = Gauge("sdbot_batch_rows", "Images being denoised together in the running batch", registry=r)
         r.register(_ScrapeTimeSeries(self, queue_counts, database_up, discord_connected))
         ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
 
     # -- what the process tells us ----------------------------------------------------------
 
-    def job_finished(self, status: JobStatus | str, queued_seconds: float | None,
-                     generation_seconds: float | None, images: int = 0) -> None:
+    def job_finished(
+        self, status: JobStatus | str, queued_seconds: float | None, generation_seconds: float | None, images: int = 0
+    ) -> None:
         """A job ended (``done``, ``failed`` or ``cancelled``). Times are None where unknown:
         a job failed or cancelled before it started has no generation time."""
         status = JobStatus(status)
@@ -110,8 +121,13 @@ class Metrics:
 class _ScrapeTimeSeries:
     """The gauges whose values are read when Prometheus asks (a collector of the registry)."""
 
-    def __init__(self, metrics: Metrics, queue_counts: Callable[[], Mapping[str, int]] | None,
-                 database_up: Callable[[], bool] | None, discord_connected: Callable[[], bool] | None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        queue_counts: Callable[[], Mapping[str, int]] | None,
+        database_up: Callable[[], bool] | None,
+        discord_connected: Callable[[], bool] | None,
+    ) -> None:
         self._metrics = metrics
         self._queue_counts = queue_counts
         self._database_up = database_up
@@ -120,27 +136,36 @@ class _ScrapeTimeSeries:
 
     def describe(self) -> list[Metric]:
         # Names only, so the registry can refuse a clash without calling the callables.
-        names = ["sdbot_images_per_second", "sdbot_queue_jobs", "sdbot_database_up", "sdbot_discord_connected",
-                 "sdbot_gpu_memory_allocated_bytes", "sdbot_gpu_memory_reserved_bytes"]
+        names = [
+            "sdbot_images_per_second",
+            "sdbot_queue_jobs",
+            "sdbot_database_up",
+            "sdbot_discord_connected",
+            "sdbot_gpu_memory_allocated_bytes",
+            "sdbot_gpu_memory_reserved_bytes",
+        ]
         return [GaugeMetricFamily(name, "") for name in names]
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("sdbot_images_per_second",
-                                f"Images generated here over the last {IMAGES_WINDOW:.0f} s, per second",
-                                value=self._metrics.images_per_second())
+        yield GaugeMetricFamily(
+            "sdbot_images_per_second",
+            f"Images generated here over the last {IMAGES_WINDOW:.0f} s, per second",
+            value=self._metrics.images_per_second(),
+        )
         if self._queue_counts is not None:
             yield from self._queue_depth()
         if self._database_up is not None:
             yield _flag("sdbot_database_up", "1 when the database answers", self._database_up)
         if self._discord_connected is not None:
-            yield _flag("sdbot_discord_connected", "1 when the bot is connected to Discord's gateway",
-                        self._discord_connected)
+            yield _flag(
+                "sdbot_discord_connected", "1 when the bot is connected to Discord's gateway", self._discord_connected
+            )
         yield from _gpu_memory()
 
     def _queue_depth(self) -> Iterator[Metric]:
         try:
             counts = dict(self._queue_counts())
-        except Exception as e:  # the database is down: the other series still go out
+        except Exception as e:  # noqa: BLE001 - the database is down: the other series still go out
             if not self._queue_failing:
                 log.warning("ops: cannot count the queue's jobs (%s); sdbot_queue_jobs is left out until it can", e)
             self._queue_failing = True
@@ -172,10 +197,10 @@ def _gpu_memory() -> Iterator[Metric]:
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return
-    allocated = GaugeMetricFamily("sdbot_gpu_memory_allocated_bytes", "GPU memory held by tensors",
-                                  labels=["device"])
-    reserved = GaugeMetricFamily("sdbot_gpu_memory_reserved_bytes",
-                                 "GPU memory reserved by torch's caching allocator", labels=["device"])
+    allocated = GaugeMetricFamily("sdbot_gpu_memory_allocated_bytes", "GPU memory held by tensors", labels=["device"])
+    reserved = GaugeMetricFamily(
+        "sdbot_gpu_memory_reserved_bytes", "GPU memory reserved by torch's caching allocator", labels=["device"]
+    )
     for index in range(torch.cuda.device_count()):
         device = f"cuda:{index}"
         allocated.add_metric([device], torch.cuda.memory_allocated(index))

@@ -41,8 +41,7 @@ class OpsServer:
     always listens when started. ``port`` is the port bound (the system's pick for port 0).
     """
 
-    def __init__(self, settings: OpsSettings, *, metrics: Metrics | None = None,
-                 health: Health | None = None) -> None:
+    def __init__(self, settings: OpsSettings, *, metrics: Metrics | None = None, health: Health | None = None) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
         self.health = health if health is not None else Health()
@@ -69,9 +68,11 @@ class OpsServer:
             await web.TCPSite(runner, host, port).start()
         except OSError as e:
             await runner.cleanup()
-            raise OpsServerError(f"ops: cannot listen on {host}:{port} ({e.strerror or e}); "
-                                 "set ops.host/ops.port to a free address of this machine, "
-                                 "or ops.enabled = false") from e
+            raise OpsServerError(
+                f"ops: cannot listen on {host}:{port} ({e.strerror or e}); "
+                "set ops.host/ops.port to a free address of this machine, "
+                "or ops.enabled = false"
+            ) from e
         self._runner = runner
         self._threads = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="sdbot-ops")
         self.port = runner.addresses[0][1]

@@ -37,8 +37,12 @@ def parse_ops(table: Any) -> OpsSettings:
     _expect("ops.enabled", enabled, bool)
     _expect("ops.host", host, str)
     _expect("ops.port", port, int)
-    _check(bool(host) and host.strip() == host and " " not in host and "/" not in host, "ops.host", host,
-           "an address to listen on, e.g. \"127.0.0.1\" (this machine only) or \"0.0.0.0\" (every interface)")
+    _check(
+        bool(host) and host.strip() == host and " " not in host and "/" not in host,
+        "ops.host",
+        host,
+        'an address to listen on, e.g. "127.0.0.1" (this machine only) or "0.0.0.0" (every interface)',
+    )
     _check(1 <= port <= 65535, "ops.port", port, "1 to 65535 (to turn the endpoint off: ops.enabled = false)")
     return OpsSettings(enabled=enabled, host=host, port=port)
 

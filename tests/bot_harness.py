@@ -17,8 +17,8 @@ from PIL import Image
 from sqlalchemy import Engine
 
 from bot.client import SDBot
-from bot.wiring import BotApp, build_bot, open_queue
 from bot.config import Config, DiscordSettings, QueueSettings
+from bot.wiring import BotApp, build_bot, open_queue
 from db.queue import Queue
 from db.session import make_engine, upgrade
 from discord_emulator import Emulator, running
@@ -32,13 +32,24 @@ def bot_config(model_source: str, db_url: str, guild_id: int, **discord_override
     return Config(
         model=ModelSettings(source=model_source, name="tiny-sd1"),
         engine=EngineSettings(device="cpu", dtype="float32", max_batch=4, preview_every=1),
-        generation=GenerationSettings(default_steps=2, max_steps=8, default_width=64, default_height=64,
-                                      max_width=128, max_height=128, sizes=("64x64", "64x128", "128x64"),
-                                      default_guidance=5.0, max_guidance=15.0, max_count=4,
-                                      default_strength=0.6),
+        generation=GenerationSettings(
+            default_steps=2,
+            max_steps=8,
+            default_width=64,
+            default_height=64,
+            max_width=128,
+            max_height=128,
+            sizes=("64x64", "64x128", "128x64"),
+            default_guidance=5.0,
+            max_guidance=15.0,
+            max_count=4,
+            default_strength=0.6,
+        ),
         queue=QueueSettings(database_url=db_url, pending_limit=3, max_attempts=2, lease_seconds=60),
-        discord=replace(DiscordSettings(guild_ids=(guild_id,), progress_interval=0.2,
-                                        max_attachment_bytes=256 * 1024), **discord_overrides),
+        discord=replace(
+            DiscordSettings(guild_ids=(guild_id,), progress_interval=0.2, max_attachment_bytes=256 * 1024),
+            **discord_overrides,
+        ),
         token="emulator-token",
     )
 
@@ -53,8 +64,9 @@ def make_app(config: Config, queue: Queue, worker, **kwargs) -> BotApp:
     """The real bot, built by the production wiring, with a runner over ``worker`` (None: a bot
     without a local engine)."""
     kwargs.setdefault("allowed_hosts", EMULATOR_HOSTS)
-    return build_bot(config, queue, worker, worker_name="test-worker", poll_interval=0.1,
-                     guild_ready_timeout=0.1, **kwargs)
+    return build_bot(
+        config, queue, worker, worker_name="test-worker", poll_interval=0.1, guild_ready_timeout=0.1, **kwargs
+    )
 
 
 def make_bot(config: Config, queue: Queue, worker, **kwargs) -> SDBot:

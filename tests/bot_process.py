@@ -37,9 +37,18 @@ def main(argv: Sequence[str]) -> int:
     return bot_main(list(argv))
 
 
-def write_config(path: Path, guild_id: int, model: Path, database_url: str, *, max_batch: int = 1,
-                 pending_limit: int = 3, max_attempts: int = 3, lease_seconds: int = 5,
-                 progress_interval: float = 0.5) -> Path:
+def write_config(
+    path: Path,
+    guild_id: int,
+    model: Path,
+    database_url: str,
+    *,
+    max_batch: int = 1,
+    pending_limit: int = 3,
+    max_attempts: int = 3,
+    lease_seconds: int = 5,
+    progress_interval: float = 0.5,
+) -> Path:
     """A config.toml for a bot process on the tiny model: 64x64, 2 steps, no previews."""
     path.write_text(f"""
 [model]
@@ -93,18 +102,33 @@ class BotProcess:
         """Start the bot and wait until the emulator has seen it identify on the gateway."""
         assert self.process is None or self.process.poll() is not None, "the bot is running already"
         self.starts += 1
-        self.child = start_logged(f"bot (start {self.starts})", self.args, self.log_path, cwd=ROOT, env={
-            "EMULATOR_URL": self.emulator.base_url, "DISCORD_TOKEN": self.emulator.token,
-            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-        await until(lambda: self.emulator.connected, "the bot to connect to the emulator's gateway",
-                    budget=timeout, watched=[self.child])
+        self.child = start_logged(
+            f"bot (start {self.starts})",
+            self.args,
+            self.log_path,
+            cwd=ROOT,
+            env={
+                "EMULATOR_URL": self.emulator.base_url,
+                "DISCORD_TOKEN": self.emulator.token,
+                "HF_HUB_OFFLINE": "1",
+                "PYTHONUNBUFFERED": "1",
+            },
+        )
+        await until(
+            lambda: self.emulator.connected,
+            "the bot to connect to the emulator's gateway",
+            budget=timeout,
+            watched=[self.child],
+        )
 
     async def kill(self) -> None:
         """SIGKILL: no clean-up of any kind runs; wait until the emulator has seen it go."""
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
-        await until(lambda: self.process.poll() is not None and not self.emulator.connected,
-                    "the killed bot's gateway connection to close")
+        await until(
+            lambda: self.process.poll() is not None and not self.emulator.connected,
+            "the killed bot's gateway connection to close",
+        )
 
     async def stop(self) -> int | None:
         """SIGTERM (what an operator does), then the exit status; kill -9 if it hangs."""

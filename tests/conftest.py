@@ -1,10 +1,9 @@
-
 # --- db fixtures (helper "db"): SQLite + PostgreSQL databases and queues, see tests/db_fixtures.py ---
-from db_fixtures import clock, db_engine, db_url, pg_admin_url, pg_url, queue  # noqa: F401
 # --- end db fixtures ---
-
 # --- tiny model fixtures (helper "loading"): random SD1/SD2/SDXL models, see tests/tinymodel.py ---
 import os
+
+from db_fixtures import clock, db_engine, db_url, pg_admin_url, pg_url, queue  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/huggingface_hub are imported
 
@@ -58,8 +57,7 @@ def tiny_model(tiny_sd_folder):
 
     from engine.loading import load_model
 
-    return load_model(str(tiny_sd_folder), device="cpu", dtype=torch.float32, name="tiny-sd1",
-                      progress=False)
+    return load_model(str(tiny_sd_folder), device="cpu", dtype=torch.float32, name="tiny-sd1", progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +78,8 @@ def tiny_sdxl_model(tiny_sdxl_single_file):
     from engine.loading import load_model
 
     return load_model(str(tiny_sdxl_single_file), device="cpu", dtype=torch.float32, progress=False)
+
+
 # --- end tiny model fixtures ---
 
 # --- hypothesis: a fixed seed in CI, so a submission's CI run cannot fail on an example no

@@ -64,8 +64,10 @@ class PgCluster:
 def pg_cluster() -> Iterator[PgCluster]:
     """A started cluster of this test's own (database ``postgres``, user ``postgres``, trust)."""
     if not (BIN / "initdb").exists() or not (BIN / "pg_ctl").exists():
-        pytest.skip(f"PostgreSQL binaries not found in {BIN} (set SDBOT_TEST_PG_BIN): cannot start a "
-                    "server of the test's own to restart")
+        pytest.skip(
+            f"PostgreSQL binaries not found in {BIN} (set SDBOT_TEST_PG_BIN): cannot start a "
+            "server of the test's own to restart"
+        )
     root = Path(tempfile.mkdtemp(prefix="sdbot-pg-"))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")

@@ -39,8 +39,9 @@ def init_png() -> bytes:
 
 
 def make_request(**fields) -> GenerationRequest:
-    defaults = dict(prompt="a red fox", negative_prompt="blurry", seed=7, guidance=6.0, width=64, height=48,
-                    sampler="ddim")
+    defaults = dict(
+        prompt="a red fox", negative_prompt="blurry", seed=7, guidance=6.0, width=64, height=48, sampler="ddim"
+    )
     return GenerationRequest.of(1, **(defaults | fields))
 
 
@@ -48,8 +49,14 @@ def a1111_grid(steps: int) -> list[int]:
     return [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)]
 
 
-def a1111_ddim(pipeline: Pipeline, job, steps: int, noise: torch.Tensor, init: torch.Tensor | None = None,
-               strength: float | None = None) -> torch.Tensor:
+def a1111_ddim(
+    pipeline: Pipeline,
+    job,
+    steps: int,
+    noise: torch.Tensor,
+    init: torch.Tensor | None = None,
+    strength: float | None = None,
+) -> torch.Tensor:
     """A1111's DDIM (eta 0) from ``noise``: the latents it decodes."""
     alphas = pipeline.model.alphas_cumprod.double()
 

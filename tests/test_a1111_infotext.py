@@ -25,12 +25,43 @@ from engine.types import GenerationRequest
 A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
 #: ``modules/sd_samplers_kdiffusion.py`` and ``sd_samplers_timesteps.py`` labels (v1.9+).
-A1111_SAMPLERS = {"Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ 2M", "DPM++ SDE",
-                  "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM fast", "DPM adaptive", "Restart",
-                  "DDIM", "DDIM CFG++", "PLMS", "UniPC", "LCM"}
+A1111_SAMPLERS = {
+    "Euler a",
+    "Euler",
+    "LMS",
+    "Heun",
+    "DPM2",
+    "DPM2 a",
+    "DPM++ 2S a",
+    "DPM++ 2M",
+    "DPM++ SDE",
+    "DPM++ 2M SDE",
+    "DPM++ 2M SDE Heun",
+    "DPM++ 3M SDE",
+    "DPM fast",
+    "DPM adaptive",
+    "Restart",
+    "DDIM",
+    "DDIM CFG++",
+    "PLMS",
+    "UniPC",
+    "LCM",
+}
 #: ``modules/sd_schedulers.py`` labels.
-A1111_SCHEDULE_TYPES = {"Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
-                        "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"}
+A1111_SCHEDULE_TYPES = {
+    "Automatic",
+    "Uniform",
+    "Karras",
+    "Exponential",
+    "Polyexponential",
+    "SGM Uniform",
+    "KL Optimal",
+    "Align Your Steps",
+    "Simple",
+    "Normal",
+    "DDIM",
+    "Beta",
+}
 
 
 def a1111_parse(text: str) -> dict[str, str]:
@@ -59,21 +90,36 @@ def a1111_parse(text: str) -> dict[str, str]:
 
 
 def make_request(**fields) -> GenerationRequest:
-    defaults = dict(job_id=7, prompt="a castle, at dusk", negative_prompt="lowres", seed=123, steps=20,
-                    guidance=7.0, width=512, height=768, sampler="euler_a")
+    defaults = dict(
+        job_id=7,
+        prompt="a castle, at dusk",
+        negative_prompt="lowres",
+        seed=123,
+        steps=20,
+        guidance=7.0,
+        width=512,
+        height=768,
+        sampler="euler_a",
+    )
     return GenerationRequest.of(**(defaults | fields))
 
 
 # ---------------------------------------------------------------------------- fields
 
+
 def test_a1111_reads_our_noise_as_its_cpu_rng():
     assert a1111_parse(infotext(make_request(), 123, "sd15"))["RNG"] == "CPU"
 
 
-@pytest.mark.parametrize(("sampler", "label", "schedule_type"), [
-    ("euler_a", "Euler a", "Automatic"), ("euler", "Euler", "Automatic"),
-    ("dpmpp_2m_karras", "DPM++ 2M", "Karras"), ("ddim", "DDIM", "Automatic"),
-])
+@pytest.mark.parametrize(
+    ("sampler", "label", "schedule_type"),
+    [
+        ("euler_a", "Euler a", "Automatic"),
+        ("euler", "Euler", "Automatic"),
+        ("dpmpp_2m_karras", "DPM++ 2M", "Karras"),
+        ("ddim", "DDIM", "Automatic"),
+    ],
+)
 def test_sampler_and_schedule_type_as_a1111_writes_them(sampler, label, schedule_type):
     text = infotext(make_request(sampler=sampler), 123, "sd15")
     assert f"Sampler: {label}, Schedule type: {schedule_type}, CFG scale: 7," in text
@@ -88,16 +134,36 @@ def test_every_sampler_we_offer_has_a1111_labels():
 
 
 def test_every_field_reads_back_in_a1111_as_written():
-    request = make_request(init_image=b"png", strength=0.6, variation_seed=5, variation_strength=0.3,
-                           guidance=6.5, sampler="dpmpp_2m_karras")
+    request = make_request(
+        init_image=b"png",
+        strength=0.6,
+        variation_seed=5,
+        variation_strength=0.3,
+        guidance=6.5,
+        sampler="dpmpp_2m_karras",
+    )
     text = infotext(request, 124, "my model, v2", "6ce0161689")
     parsed = a1111_parse(text)
     assert parsed["Prompt"] == "a castle, at dusk" and parsed["Negative prompt"] == "lowres"
-    assert parsed | {
-        "Steps": "20", "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "6.5", "Seed": "124",
-        "Size-1": "512", "Size-2": "768", "Model hash": "6ce0161689", "Model": "my model, v2",
-        "Variation seed": "6", "Variation seed strength": "0.3", "Denoising strength": "0.6", "RNG": "CPU",
-    } == parsed
+    assert (
+        parsed
+        | {
+            "Steps": "20",
+            "Sampler": "DPM++ 2M",
+            "Schedule type": "Karras",
+            "CFG scale": "6.5",
+            "Seed": "124",
+            "Size-1": "512",
+            "Size-2": "768",
+            "Model hash": "6ce0161689",
+            "Model": "my model, v2",
+            "Variation seed": "6",
+            "Variation seed strength": "0.3",
+            "Denoising strength": "0.6",
+            "RNG": "CPU",
+        }
+        == parsed
+    )
     # A1111's field order (create_infotext), so a diff against one of its own infotexts is clean.
     keys = [key for key, _ in A1111_PARAM.findall(text.split("\n")[-1])]
     assert keys[:7] == ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash"]
@@ -108,6 +174,7 @@ def test_no_model_hash_field_without_a_file():
 
 
 # ---------------------------------------------------------------------------- model hash
+
 
 @pytest.fixture
 def checkpoint(tmp_path):
@@ -157,8 +224,13 @@ def test_a_single_file_checkpoint_puts_its_hash_in_every_png(tiny_sd_single_file
     from engine.loading import load_model
     from engine.pipeline import Pipeline
 
-    model = load_model(str(tiny_sd_single_file), device="cpu", dtype=torch.float32, progress=False,
-                       hashes=HashCache(tmp_path / "hashes.json"))
+    model = load_model(
+        str(tiny_sd_single_file),
+        device="cpu",
+        dtype=torch.float32,
+        progress=False,
+        hashes=HashCache(tmp_path / "hashes.json"),
+    )
     expected = hashlib.sha256(tiny_sd_single_file.read_bytes()).hexdigest()[:10]
     assert model.info.file_hash == expected
     request = make_request(steps=2, width=64, height=64)

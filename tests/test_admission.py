@@ -22,7 +22,10 @@ def job(size=SQUARE, key=PLAIN, rows=1, arrived=0.0) -> Waiting:
     return Waiting(size, key, rows, arrived)
 
 
-def admit(waiting, running=Running(), *, max_batch=8, lowered=None, window=10.0, now=0.0) -> list[int]:
+IDLE = Running()
+
+
+def admit(waiting, running=IDLE, *, max_batch=8, lowered=None, window=10.0, now=0.0) -> list[int]:
     return admissions(waiting, running, max_batch=max_batch, lowered=lowered or {}, overtake_window=window, now=now)
 
 
@@ -60,7 +63,9 @@ def test_a_lowered_limit_for_a_size_caps_that_size_only():
     lowered = {SQUARE: 2}
     assert admit([job(), job(), job()], Running(rows=1, size=SQUARE, key=PLAIN), lowered=lowered) == [0]
     assert admit([job(TALL)] * 3, lowered=lowered) == [0, 1, 2]
-    assert row_limit(SQUARE, 8, lowered) == 2 and row_limit(SQUARE, 1, lowered) == 1 and row_limit(TALL, 8, lowered) == 8
+    assert (
+        row_limit(SQUARE, 8, lowered) == 2 and row_limit(SQUARE, 1, lowered) == 1 and row_limit(TALL, 8, lowered) == 8
+    )
 
 
 def test_no_waiting_job_overtakes_a_parked_one():

@@ -61,8 +61,11 @@ async def test_an_interaction_acknowledged_before_its_job_is_answered_after_a_cr
             await emu.wait_for(lambda: state.with_prefix("ack:"), what="the interaction recorded", timeout=120)
         assert queue.pending_for(emu.alice.id) == []
         async with bot_running(emu, config, queue, None):
-            await emu.wait_for(lambda: ix.original is not None and ix.original.content == RESTARTED,
-                               what="the stranded interaction answered", timeout=120)
+            await emu.wait_for(
+                lambda: ix.original is not None and ix.original.content == RESTARTED,
+                what="the stranded interaction answered",
+                timeout=120,
+            )
         assert state.with_prefix("ack:") == {}
     finally:
         release.set()
@@ -80,5 +83,7 @@ async def test_a_slow_check_that_queues_leaves_no_record(setup, monkeypatch):
     async with bot_running(emu, config, queue, None):
         ix = await emu.slash(emu.alice, "imagine", {"prompt": "a lighthouse"})
         await ix.wait_response(lambda m: "queued" in m.content)
-        await emu.wait_for(lambda: StateStore(queue.engine).with_prefix("ack:") == {}, what="the record forgotten", timeout=120)
+        await emu.wait_for(
+            lambda: StateStore(queue.engine).with_prefix("ack:") == {}, what="the record forgotten", timeout=120
+        )
     assert len(queue.pending_for(emu.alice.id)) == 1

@@ -31,18 +31,21 @@ async def ephemeral_reply(ix) -> str:
     return message.content
 
 
-@pytest.mark.parametrize("options, expected", [
-    ({"steps": 999}, "`steps` must be a whole number from 1 to 8"),
-    ({"steps": 0}, "`steps`"),
-    ({"guidance": 99.5}, "`guidance` must be a number from 0 to 15"),
-    ({"count": 5}, "`count`"),
-    ({"seed": -1}, "`seed`"),
-    ({"seed": 2**40}, "`seed`"),
-    ({"size": "13x7"}, "`size` must be one of: 64x64, 64x128, 128x64"),
-    ({"sampler": "plms"}, "`sampler` must be one of"),
-    ({"prompt": "\u200b\u202e\u2066 \x00"}, "The prompt is empty"),
-    ({"prompt": "x" * 1001}, "the limit is 1000"),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"steps": 999}, "`steps` must be a whole number from 1 to 8"),
+        ({"steps": 0}, "`steps`"),
+        ({"guidance": 99.5}, "`guidance` must be a number from 0 to 15"),
+        ({"count": 5}, "`count`"),
+        ({"seed": -1}, "`seed`"),
+        ({"seed": 2**40}, "`seed`"),
+        ({"size": "13x7"}, "`size` must be one of: 64x64, 64x128, 128x64"),
+        ({"sampler": "plms"}, "`sampler` must be one of"),
+        ({"prompt": "\u200b\u202e\u2066 \x00"}, "The prompt is empty"),
+        ({"prompt": "x" * 1001}, "the limit is 1000"),
+    ],
+)
 async def test_out_of_range_values_get_an_ephemeral_answer(setup, options, expected):
     emu, config, queue = setup
     async with bot_running(emu, config, queue, None):
@@ -55,13 +58,28 @@ async def test_out_of_range_values_get_an_ephemeral_answer(setup, options, expec
 async def test_imagine_queues_with_place_and_cancel(setup):
     emu, config, queue = setup
     async with bot_running(emu, config, queue, None):
-        ix = await emu.slash(emu.alice, "imagine", {"prompt": "a\u202e cat\u200b  in\nspace", "steps": 3,
-                                                    "size": "128x64", "sampler": "ddim", "guidance": 2.5})
+        ix = await emu.slash(
+            emu.alice,
+            "imagine",
+            {
+                "prompt": "a\u202e cat\u200b  in\nspace",
+                "steps": 3,
+                "size": "128x64",
+                "sampler": "ddim",
+                "guidance": 2.5,
+            },
+        )
         assert await ix.wait_ack() == 5
         status = await ix.wait_response(lambda m: "queued" in m.content)
         (job,) = queue.pending_for(emu.alice.id)
-        assert (job.prompt, job.steps, job.width, job.height, job.sampler, job.guidance) == \
-               ("a cat in space", 3, 128, 64, "ddim", 2.5)
+        assert (job.prompt, job.steps, job.width, job.height, job.sampler, job.guidance) == (
+            "a cat in space",
+            3,
+            128,
+            64,
+            "ddim",
+            2.5,
+        )
         assert f"Job #{job.id}" in status.content and "place **1**" in status.content
         assert f"sd:cancel:{job.id}" in status.custom_ids
 
@@ -181,14 +199,17 @@ def cmyk_jpeg() -> bytes:
     return png((80, 60), color=(0, 255, 255, 0), mode="CMYK", fmt="JPEG")
 
 
-@pytest.mark.parametrize("filename, data, content_type, size, expected", [
-    ("notes.txt", b"hello", "text/plain", -1, "send a PNG, JPEG, WEBP image"),
-    ("anim.gif", png(fmt="GIF"), "image/gif", -1, "send a PNG, JPEG, WEBP image"),
-    ("big.png", png(), "image/png", 10 * 1024 * 1024, "the limit is 0.2 MiB"),
-    ("broken.png", png()[:40], "image/png", -1, "could not be read as an image"),
-    ("fake.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 100, "image/png", -1, "could not be read as an image"),
-    ("bomb.png", png((8000, 8000), mode="1"), "image/png", -1, "megapixels"),
-])
+@pytest.mark.parametrize(
+    "filename, data, content_type, size, expected",
+    [
+        ("notes.txt", b"hello", "text/plain", -1, "send a PNG, JPEG, WEBP image"),
+        ("anim.gif", png(fmt="GIF"), "image/gif", -1, "send a PNG, JPEG, WEBP image"),
+        ("big.png", png(), "image/png", 10 * 1024 * 1024, "the limit is 0.2 MiB"),
+        ("broken.png", png()[:40], "image/png", -1, "could not be read as an image"),
+        ("fake.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 100, "image/png", -1, "could not be read as an image"),
+        ("bomb.png", png((8000, 8000), mode="1"), "image/png", -1, "megapixels"),
+    ],
+)
 async def test_bad_uploads_are_refused(setup, filename, data, content_type, size, expected):
     emu, config, queue = setup
     async with bot_running(emu, config, queue, None):
@@ -201,20 +222,24 @@ async def test_bad_uploads_are_refused(setup, filename, data, content_type, size
     assert queue.pending_for(emu.alice.id) == []
 
 
-@pytest.mark.parametrize("data", [
-    png((100, 50), color=(10, 20, 30, 0), mode="RGBA"),
-    png((90, 90), mode="P", color=3),
-    cmyk_jpeg(),
-    png((70, 70), mode="I;16", color=40000),
-    png((96, 64), fmt="WEBP"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        png((100, 50), color=(10, 20, 30, 0), mode="RGBA"),
+        png((90, 90), mode="P", color=3),
+        cmyk_jpeg(),
+        png((70, 70), mode="I;16", color=40000),
+        png((96, 64), fmt="WEBP"),
+    ],
+)
 async def test_img2img_stores_a_normalised_image(setup, data):
     emu, config, queue = setup
     async with bot_running(emu, config, queue, None):
         kind = "image/webp" if data[8:12] == b"WEBP" else ("image/jpeg" if data[:2] == b"\xff\xd8" else "image/png")
         attachment = emu.attachment("init", data, kind)
-        ix = await emu.slash(emu.alice, "img2img", {"prompt": "a cat", "strength": 0.3},
-                             attachments={"image": attachment})
+        ix = await emu.slash(
+            emu.alice, "img2img", {"prompt": "a cat", "strength": 0.3}, attachments={"image": attachment}
+        )
         await ix.wait_response(lambda m: "queued" in m.content)
     (job,) = queue.pending_for(emu.alice.id)
     image = Image.open(io.BytesIO(job.init_image))
@@ -253,8 +278,13 @@ async def test_jobs_for_a_model_removed_from_the_config_fail_at_start_with_a_rea
     """A job queued for a model that has since left config.toml would wait for ever: the bot
     fails it when it starts, and its member is told why and what to pick instead."""
     emu, config, queue = setup
-    job = queue.enqueue(requester_id=emu.alice.id, guild_id=emu.guild.id, channel_id=emu.general.id,
-                        prompt="a cat", model="retired-model")
+    job = queue.enqueue(
+        requester_id=emu.alice.id,
+        guild_id=emu.guild.id,
+        channel_id=emu.general.id,
+        prompt="a cat",
+        model="retired-model",
+    )
     async with bot_running(emu, config, queue, None):
         failed = await emu.wait_for_message(emu.general, lambda m: "failed" in m.content and m.pinged, timeout=10)
         await emu.wait_for(lambda: not queue.undelivered(), what="the failure recorded as posted")
@@ -279,7 +309,11 @@ async def test_model_option_offers_configured_models_and_is_stored(setup):
         assert "`model` must be one of: tiny-sd1, anime" in refused
         ix = await emu.slash(emu.alice, "imagine", {"prompt": "a fox", "model": "anime"})
         await ix.wait_response(lambda m: "queued" in m.content)
-        ix = await emu.slash(emu.alice, "img2img", {"prompt": "a fox", "model": "anime", "image": "A"},
-                             attachments={"image": emu.attachment("in.png", png((64, 64)))})
+        ix = await emu.slash(
+            emu.alice,
+            "img2img",
+            {"prompt": "a fox", "model": "anime", "image": "A"},
+            attachments={"image": emu.attachment("in.png", png((64, 64)))},
+        )
         await ix.wait_response(lambda m: "queued" in m.content)
     assert [job.model for job in queue.pending_for(emu.alice.id)] == ["anime", "anime"]

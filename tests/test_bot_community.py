@@ -38,16 +38,26 @@ async def queued(emu: Emulator, user, prompt: str = "a cat", **kwargs):
 async def test_member_defaults_fill_left_out_options(setup):
     emu, config, queue, community = setup
     async with bot_running(emu, config, queue, None):
-        saved = await ephemeral(emu, emu.alice, "settings set", {
-            "steps": 5, "size": "128x64", "sampler": "ddim", "guidance": 3.5, "negative": "blurry"})
+        saved = await ephemeral(
+            emu,
+            emu.alice,
+            "settings set",
+            {"steps": 5, "size": "128x64", "sampler": "ddim", "guidance": 3.5, "negative": "blurry"},
+        )
         assert "Saved" in saved and "**5**" in saved and "128x64" in saved
         await queued(emu, emu.alice)
         await queued(emu, emu.alice, options={"steps": 7, "size": "64x64", "negative": "ugly"})
         await queued(emu, emu.bob)  # Bob has no defaults: the bot's
         first, explicit = queue.pending_for(emu.alice.id)
         (bobs,) = queue.pending_for(emu.bob.id)
-        assert (first.steps, first.width, first.height, first.sampler, first.guidance, first.negative_prompt) \
-            == (5, 128, 64, "ddim", 3.5, "blurry")
+        assert (first.steps, first.width, first.height, first.sampler, first.guidance, first.negative_prompt) == (
+            5,
+            128,
+            64,
+            "ddim",
+            3.5,
+            "blurry",
+        )
         assert (explicit.steps, explicit.width, explicit.negative_prompt) == (7, 64, "ugly")  # options win
         g = config.generation
         assert (bobs.steps, bobs.width, bobs.sampler) == (g.default_steps, g.default_width, g.default_sampler)
@@ -60,10 +70,16 @@ async def test_member_defaults_fill_left_out_options(setup):
         assert community.member_defaults(emu.alice.id).sampler is None
 
 
-@pytest.mark.parametrize("command, options", [
-    ("server pause", None), ("server show", None), ("server log", None), ("stats", None),
-    ("server limits", {"cooldown": 5}),
-])
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ("server pause", None),
+        ("server show", None),
+        ("server log", None),
+        ("stats", None),
+        ("server limits", {"cooldown": 5}),
+    ],
+)
 async def test_server_and_stats_are_for_managers_only(setup, command, options):
     emu, config, queue, community = setup
     async with bot_running(emu, config, queue, None):
@@ -102,8 +118,11 @@ async def test_channels_pause_bar_and_limits(setup):
 
         # Limits narrower than the configuration's.
         await ephemeral(emu, emu.admin, "server limits", {"max_steps": 4, "max_size": "64x128", "max_count": 2})
-        for options, expected in (({"steps": 6}, "at most 4 steps"), ({"count": 3}, "at most 2 images"),
-                                  ({"size": "128x64"}, "up to 64x128")):
+        for options, expected in (
+            ({"steps": 6}, "at most 4 steps"),
+            ({"count": 3}, "at most 2 images"),
+            ({"size": "128x64"}, "up to 64x128"),
+        ):
             refused = await queued(emu, emu.bob, options=options)
             assert refused.ephemeral and expected in refused.content
 
@@ -116,8 +135,12 @@ async def test_channels_pause_bar_and_limits(setup):
     assert f"<@{emu.admin.id}>" in log and "**purge**" in log and "**paused**" in log
     entries = community.audit_log(emu.guild.id, limit=50)
     assert {e.actor_id for e in entries} == {emu.admin.id}
-    assert [e.action for e in reversed(entries)][:4] == ["allowed_channel_ids", "allowed_channel_ids",
-                                                        "paused", "paused"]
+    assert [e.action for e in reversed(entries)][:4] == [
+        "allowed_channel_ids",
+        "allowed_channel_ids",
+        "paused",
+        "paused",
+    ]
     assert ("max_steps", None, "4") in {(e.action, e.old_value, e.new_value) for e in entries}
 
 
@@ -188,8 +211,15 @@ async def test_reaction_rerolls_follow_the_server_rules(setup):
     emu, config, queue, community = setup
     async with bot_running(emu, config, queue, None):
         # A result made "elsewhere" (a worker process) and posted by this bot.
-        job = queue.enqueue(requester_id=emu.alice.id, guild_id=emu.guild.id, channel_id=emu.general.id,
-                            prompt="a cat", width=64, height=64, steps=2)
+        job = queue.enqueue(
+            requester_id=emu.alice.id,
+            guild_id=emu.guild.id,
+            channel_id=emu.general.id,
+            prompt="a cat",
+            width=64,
+            height=64,
+            steps=2,
+        )
         queue.claim("remote-gpu")
         queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
         result = await emu.wait_for_message(emu.general, lambda m: m.attachments, timeout=10)
@@ -199,8 +229,9 @@ async def test_reaction_rerolls_follow_the_server_rules(setup):
         await emu.react(emu.alice, result, "🔁")  # alice may; her reroll is queued
         await emu.wait_for(lambda: len(queue.pending_for(emu.alice.id)) == 1, timeout=10, what="alice's reroll")
         assert queue.pending_for(emu.bob.id) == []
-        assert not any("rerolling" in m.content and str(emu.bob.id) in m.content
-                       for m in emu.channel_messages(emu.general))
+        assert not any(
+            "rerolling" in m.content and str(emu.bob.id) in m.content for m in emu.channel_messages(emu.general)
+        )
 
 
 async def test_private_results_go_by_direct_message(setup):
@@ -245,8 +276,9 @@ async def test_private_results_fall_back_to_the_channel_when_dms_are_closed(setu
         assert emu.alice.id in posted.pinged_users and posted.nonce == f"sdjob{job.id}"
         assert f"sd:reroll:{job.id}" in posted.custom_ids
         assert emu.dm_messages(emu.alice) == []
-        assert any(c.status == 403 and c.path == f"/channels/{emu.dm_channel(emu.alice).id}/messages"
-                   for c in emu.calls)
+        assert any(
+            c.status == 403 and c.path == f"/channels/{emu.dm_channel(emu.alice).id}/messages" for c in emu.calls
+        )
         assert str(posted.id) in status.content and "direct messages" in status.content
     assert len([m for m in emu.channel_messages(emu.general) if m.attachments]) == 1
 

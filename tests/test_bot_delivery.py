@@ -5,12 +5,11 @@ expired interaction token."""
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from bot_harness import bot_running, results, setup  # noqa: F401 - setup is a fixture
-from discord_emulator import Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 from engine.worker import EngineWorker
 
@@ -47,8 +46,11 @@ async def test_rate_limit_and_lost_answer_still_post_once(setup):
         ix = await emu.slash(emu.alice, "imagine", {"prompt": "a flaky network"})
         await ix.wait_ack()
         # Recorded as posted only after the status says so (a crash in between repeats both).
-        await emu.wait_for(lambda: "done" in ix.original.content and queue.get(1).posted_at, timeout=60,
-                           what="status done and the post recorded")
+        await emu.wait_for(
+            lambda: "done" in ix.original.content and queue.get(1).posted_at,
+            timeout=60,
+            what="status done and the post recorded",
+        )
     assert len(results(emu)) == 1
     (job,) = [queue.get(j.id) for j in [queue.job_for_message(results(emu)[0].id)]]
     assert job.posted_at is not None
@@ -61,8 +63,11 @@ async def test_deleted_channel_stops_the_attempts(setup):
         ix = await emu.slash(emu.alice, "imagine", {"prompt": "into the void"})
         await ix.wait_ack()
         await emu.delete_channel(emu.general)
-        await emu.wait_for(lambda: (job := queue.get(1)) is not None and job.posted_at is not None, timeout=60,
-                           what="the job marked as handled")
+        await emu.wait_for(
+            lambda: (job := queue.get(1)) is not None and job.posted_at is not None,
+            timeout=60,
+            what="the job marked as handled",
+        )
         posts = [c for c in emu.calls if c.method == "POST" and c.path.endswith("/messages")]
         assert len(posts) == 1 and posts[0].status == 404
         assert "could not post" in ix.original.content
@@ -74,8 +79,11 @@ async def test_missing_permission_sends_the_result_by_dm_and_says_so_on_the_stat
     async with bot_running(emu, config, queue, worker):
         ix = await emu.slash(emu.alice, "imagine", {"prompt": "no rights"})
         await ix.wait_ack()
-        await emu.wait_for(lambda: "direct message" in ix.original.content and queue.get(1).posted_at,
-                           timeout=60, what="the DM shown and recorded")
+        await emu.wait_for(
+            lambda: "direct message" in ix.original.content and queue.get(1).posted_at,
+            timeout=60,
+            what="the DM shown and recorded",
+        )
         (dm,) = emu.dm_messages(emu.alice)
         assert dm.attachments and "could not post in #general" in dm.content
     assert queue.undelivered() == [] and results(emu) == []
@@ -86,7 +94,7 @@ class Clock:
         self.offset = timedelta()
 
     def __call__(self) -> datetime:
-        return datetime.now(timezone.utc) + self.offset
+        return datetime.now(UTC) + self.offset
 
 
 async def test_after_the_token_expires_the_status_is_edited_in_the_channel(setup):

@@ -52,8 +52,12 @@ async def test_grid_buttons_make_the_right_jobs(setup):
         names = [a.filename for a in grid.attachments]
         assert names[0].endswith("_grid.png") and len(names) == 3
         assert Image.open(io.BytesIO(grid.attachments[0].data)).size == (128, 64)
-        assert {f"sd:vary:{parent}:0:strong", f"sd:vary:{parent}:1:strong",
-                f"sd:up:{parent}:0", f"sd:up:{parent}:1"} <= set(grid.custom_ids)
+        assert {
+            f"sd:vary:{parent}:0:strong",
+            f"sd:vary:{parent}:1:strong",
+            f"sd:up:{parent}:0",
+            f"sd:up:{parent}:1",
+        } <= set(grid.custom_ids)
 
         # Bob rerolls Alice's grid: the new job is Bob's, same prompt, another seed.
         click = await emu.click(emu.bob, grid, f"sd:reroll:{parent}")
@@ -106,8 +110,14 @@ async def test_single_image_vary_edit_and_reaction(setup):
         await ix.wait_ack()
         first = await wait_result(emu)
         parent = job_of(first)
-        assert {f"sd:vary:{parent}:0:subtle", f"sd:vary:{parent}:0:strong", f"sd:up:{parent}:0",
-                f"sd:edit:{parent}", f"sd:info:{parent}", f"sd:del:{parent}"} <= set(first.custom_ids)
+        assert {
+            f"sd:vary:{parent}:0:subtle",
+            f"sd:vary:{parent}:0:strong",
+            f"sd:up:{parent}:0",
+            f"sd:edit:{parent}",
+            f"sd:info:{parent}",
+            f"sd:del:{parent}",
+        } <= set(first.custom_ids)
 
         await emu.click(emu.bob, first, f"sd:vary:{parent}:0:subtle")
         vary = await wait_result(emu, lambda m: job_of(m) != parent)
@@ -116,9 +126,12 @@ async def test_single_image_vary_edit_and_reaction(setup):
         # Edit: a modal prefilled with the prompts; the new job keeps the seed.
         edit = await emu.click(emu.bob, first, f"sd:edit:{parent}")
         assert await edit.wait_ack() == 9
-        values = {c["component"]["custom_id"] if c["type"] == 18 else c["components"][0]["custom_id"]:
-                  (c["component"] if c["type"] == 18 else c["components"][0]).get("value")
-                  for c in edit.modal["components"]}
+        values = {
+            c["component"]["custom_id"] if c["type"] == 18 else c["components"][0]["custom_id"]: (
+                c["component"] if c["type"] == 18 else c["components"][0]
+            ).get("value")
+            for c in edit.modal["components"]
+        }
         assert sorted(v for v in values.values() if v) == ["a lighthouse", "blur"]
         submitted = await emu.submit_modal(emu.bob, edit, {"Prompt": "a lighthouse at night"})
         await submitted.wait_ack()

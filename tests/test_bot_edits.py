@@ -20,8 +20,9 @@ def job_of(message) -> int:
 
 
 async def wait_result(emu, pred=lambda m: True):
-    return await emu.wait_for(lambda: next((m for m in reversed(results(emu)) if pred(m)), None),
-                              what="a posted result", timeout=300)
+    return await emu.wait_for(
+        lambda: next((m for m in reversed(results(emu)) if pred(m)), None), what="a posted result", timeout=300
+    )
 
 
 def rows_of(message) -> int:
@@ -36,8 +37,12 @@ async def test_zoom_pan_and_square_queue_bigger_canvases_that_keep_the_image(set
         first = await wait_result(emu)
         parent = job_of(first)
         ids = set(first.custom_ids)
-        assert {f"sd:region:{parent}:0", f"sd:zoom:{parent}:0:15", f"sd:zoom:{parent}:0:20",
-                *(f"sd:pan:{parent}:0:{side}" for side in ("left", "right", "up", "down"))} <= ids
+        assert {
+            f"sd:region:{parent}:0",
+            f"sd:zoom:{parent}:0:15",
+            f"sd:zoom:{parent}:0:20",
+            *(f"sd:pan:{parent}:0:{side}" for side in ("left", "right", "up", "down")),
+        } <= ids
         assert f"sd:square:{parent}:0" not in ids  # a square image has nothing to square
         assert rows_of(first) <= 5 and all(len(row["components"]) <= 5 for row in first.components)
 
@@ -73,7 +78,12 @@ async def test_vary_region_asks_for_squares_then_a_prompt(setup):
         submitted = await emu.submit_modal(emu.bob, chosen, {"Prompt for the chosen squares": "a red door"})
         await submitted.wait_response(lambda m: "queued" in m.content)
     job = queue.get(parent + 1)  # the next job made (Bob's only one)
-    assert job.requester_id == emu.bob.id and job.kind is JobKind.region and job.prompt == "a red door" and job.mask is not None
+    assert (
+        job.requester_id == emu.bob.id
+        and job.kind is JobKind.region
+        and job.prompt == "a red door"
+        and job.mask is not None
+    )
     mask = Image.open(io.BytesIO(job.mask)).convert("L")
     assert mask.getpixel((5, 5)) == 255 and mask.getpixel((60, 60)) == 0  # square 1 changes, square 9 stays
 
@@ -107,11 +117,19 @@ async def test_inpaint_takes_a_mask_and_refuses_masks_that_select_nothing_or_eve
         good = emu.attachment("mask.png", mask_png((32, 32), (0, 0, 16, 16)), "image/png")
         ix = await emu.slash(emu.alice, "inpaint", {"prompt": "a cat"}, attachments={"image": image, "mask": good})
         await ix.wait_response(lambda m: "queued" in m.content)
-        for mask, expected in ((mask_png((64, 64), fill=0), "selects nothing"),
-                               (mask_png((64, 64), fill=255), "the whole image")):
-            ix = await emu.slash(emu.alice, "inpaint", {"prompt": "a cat"},
-                                 attachments={"image": emu.attachment("photo.png", png((64, 64)), "image/png"),
-                                              "mask": emu.attachment("mask.png", mask, "image/png")})
+        for mask, expected in (
+            (mask_png((64, 64), fill=0), "selects nothing"),
+            (mask_png((64, 64), fill=255), "the whole image"),
+        ):
+            ix = await emu.slash(
+                emu.alice,
+                "inpaint",
+                {"prompt": "a cat"},
+                attachments={
+                    "image": emu.attachment("photo.png", png((64, 64)), "image/png"),
+                    "mask": emu.attachment("mask.png", mask, "image/png"),
+                },
+            )
             assert expected in (await ix.wait_response(lambda m: m.ephemeral)).content
     (job,) = queue.pending_for(emu.alice.id)
     assert job.kind is JobKind.inpaint

@@ -26,8 +26,14 @@ from hypothesis import strategies as st
 from PIL import Image
 from sqlalchemy import func, select
 
-from bot.checks import (PREPARE_BUDGET, NotAllowed, manage_server_only, mark_received, require_manage_server,
-                        within_deadline)
+from bot.checks import (
+    PREPARE_BUDGET,
+    NotAllowed,
+    manage_server_only,
+    mark_received,
+    require_manage_server,
+    within_deadline,
+)
 from bot.inputs import clean_text
 from bot_harness import bot_config, bot_running, make_bot, new_queue, png
 from db.models import Job
@@ -86,8 +92,9 @@ def fuzz_bot(tmp_path_factory):
         engine, queue = new_queue(tmp / "bot.sqlite3", config)
         stack.callback(engine.dispose)
         bot = await stack.enter_async_context(running(make_bot(config, queue, None), emu))
-        return SimpleNamespace(emu=emu, config=config, engine=engine, queue=queue, bot=bot, errors=errors,
-                               run=thread.run, accepted=0)
+        return SimpleNamespace(
+            emu=emu, config=config, engine=engine, queue=queue, bot=bot, errors=errors, run=thread.run, accepted=0
+        )
 
     try:
         yield thread.run(start())
@@ -104,63 +111,143 @@ def jobs_in_database(engine) -> int:
 
 # ------------------------------------------------------------------------ what members may send
 
-NASTY = ["\x00", "\x07", "\x1b[31m", "\u202e", "\u2066", "\u200b", "\u200d", "\ufeff", "\u3164", "\u2800",
-         "\ud800", "@everyone", "@here", "<@1>", "<@&1>", "<#1>", "`", "```", "||", "**", "\n", "\\", "(", ")",
-         ":1.5)", "BREAK", "\U0001F600", "\u4e2d", "e\u0301", "\U000E0001", "\ufffe"]
+NASTY = [
+    "\x00",
+    "\x07",
+    "\x1b[31m",
+    "\u202e",
+    "\u2066",
+    "\u200b",
+    "\u200d",
+    "\ufeff",
+    "\u3164",
+    "\u2800",
+    "\ud800",
+    "@everyone",
+    "@here",
+    "<@1>",
+    "<@&1>",
+    "<#1>",
+    "`",
+    "```",
+    "||",
+    "**",
+    "\n",
+    "\\",
+    "(",
+    ")",
+    ":1.5)",
+    "BREAK",
+    "\U0001f600",
+    "\u4e2d",
+    "e\u0301",
+    "\U000e0001",
+    "\ufffe",
+]
 prompts = st.one_of(
     st.text(max_size=120),
     st.lists(st.one_of(st.sampled_from(NASTY), st.text(max_size=6)), max_size=30).map("".join),
     st.sampled_from(["", " ", "\u200b\u202e", "a cat"]),
-    st.integers(990, 1010).map(lambda n: "x" * n),                     # around the 1000-character limit
-    st.integers(500, 1000).map(lambda n: "\U0001F600" * n),            # over the token limit
+    st.integers(990, 1010).map(lambda n: "x" * n),  # around the 1000-character limit
+    st.integers(500, 1000).map(lambda n: "\U0001f600" * n),  # over the token limit
     st.integers(20, 120).map(lambda n: " ".join(f"word{i}" for i in range(n))),  # 2-5 chunks
 )
 # Integer options reach the bot as sent; number options go through float() in discord.py's
 # Namespace before any code of ours runs (Discord only ever sends numbers there, or "" -> NaN).
-integers = st.one_of(st.integers(-10, 20), st.integers(-2**70, 2**70),
-                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=4))
-reals = st.one_of(st.integers(-10, 20), st.integers(-2**70, 2**70),
-                  st.floats(allow_nan=False, allow_infinity=False), st.just(""))
-choices = st.one_of(st.sampled_from(["64x64", "64x128", "128x64", "euler", "ddim", "euler_a", "dpmpp_2m"]),
-                    st.text(max_size=12))
+integers = st.one_of(
+    st.integers(-10, 20),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=4),
+)
+reals = st.one_of(
+    st.integers(-10, 20), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False), st.just("")
+)
+choices = st.one_of(
+    st.sampled_from(["64x64", "64x128", "128x64", "euler", "ddim", "euler_a", "dpmpp_2m"]), st.text(max_size=12)
+)
 
 
 def _images() -> list[bytes]:
     frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
     animated = io.BytesIO()
     frames[0].save(animated, "WEBP", save_all=True, append_images=frames[1:])
-    return [png(), png((80, 60), mode="RGBA", color=(0, 0, 0, 0)), png((90, 90), mode="P", color=3),
-            png((70, 70), mode="I;16", color=40000), png((80, 60), color=(0, 255, 255, 0), mode="CMYK", fmt="JPEG"),
-            png((96, 64), fmt="WEBP"), png(fmt="GIF"), png(fmt="TIFF"), png()[:60], animated.getvalue(),
-            png((7000, 7000), mode="1")]
+    return [
+        png(),
+        png((80, 60), mode="RGBA", color=(0, 0, 0, 0)),
+        png((90, 90), mode="P", color=3),
+        png((70, 70), mode="I;16", color=40000),
+        png((80, 60), color=(0, 255, 255, 0), mode="CMYK", fmt="JPEG"),
+        png((96, 64), fmt="WEBP"),
+        png(fmt="GIF"),
+        png(fmt="TIFF"),
+        png()[:60],
+        animated.getvalue(),
+        png((7000, 7000), mode="1"),
+    ]
 
 
 IMAGES = _images()
-uploads = st.fixed_dictionaries({
-    "data": st.one_of(st.sampled_from(IMAGES), st.binary(max_size=300)),
-    "content_type": st.sampled_from([None, "image/png", "image/jpeg", "image/webp", "image/gif", "text/plain",
-                                     "application/octet-stream", "image/png; charset=binary", "IMAGE/PNG"]),
-    "size": st.one_of(st.just(-1), st.integers(0, 600 * 1024)),       # -1: the real size; else a claim
-    "filename": st.text(st.characters(exclude_categories=("Cs", "Cc"), exclude_characters="/?#%\\"),
-                        min_size=1, max_size=20),
-})
-OPTIONAL = {"negative": prompts, "seed": integers, "steps": integers, "guidance": reals, "count": integers,
-            "size": choices, "sampler": choices}
+uploads = st.fixed_dictionaries(
+    {
+        "data": st.one_of(st.sampled_from(IMAGES), st.binary(max_size=300)),
+        "content_type": st.sampled_from(
+            [
+                None,
+                "image/png",
+                "image/jpeg",
+                "image/webp",
+                "image/gif",
+                "text/plain",
+                "application/octet-stream",
+                "image/png; charset=binary",
+                "IMAGE/PNG",
+            ]
+        ),
+        "size": st.one_of(st.just(-1), st.integers(0, 600 * 1024)),  # -1: the real size; else a claim
+        "filename": st.text(
+            st.characters(exclude_categories=("Cs", "Cc"), exclude_characters="/?#%\\"), min_size=1, max_size=20
+        ),
+    }
+)
+OPTIONAL = {
+    "negative": prompts,
+    "seed": integers,
+    "steps": integers,
+    "guidance": reals,
+    "count": integers,
+    "size": choices,
+    "sampler": choices,
+}
 # Values a Discord client would send, so that many commands are accepted, and all together.
-PLAUSIBLE = {"negative": prompts, "seed": st.integers(0, 2**32 - 1), "steps": st.integers(1, 8),
-             "guidance": st.floats(0, 15), "count": st.integers(1, 4),
-             "size": st.sampled_from(["64x64", "64x128", "128x64"]),
-             "sampler": st.sampled_from(["euler", "euler_a", "dpmpp_2m_karras", "ddim"])}
-good_uploads = st.fixed_dictionaries({
-    "data": st.sampled_from(IMAGES[:6] + IMAGES[9:10]), "size": st.just(-1), "filename": st.just("image"),
-    "content_type": st.sampled_from(["image/png", "image/jpeg", "image/webp"])})
+PLAUSIBLE = {
+    "negative": prompts,
+    "seed": st.integers(0, 2**32 - 1),
+    "steps": st.integers(1, 8),
+    "guidance": st.floats(0, 15),
+    "count": st.integers(1, 4),
+    "size": st.sampled_from(["64x64", "64x128", "128x64"]),
+    "sampler": st.sampled_from(["euler", "euler_a", "dpmpp_2m_karras", "ddim"]),
+}
+good_uploads = st.fixed_dictionaries(
+    {
+        "data": st.sampled_from(IMAGES[:6] + IMAGES[9:10]),
+        "size": st.just(-1),
+        "filename": st.just("image"),
+        "content_type": st.sampled_from(["image/png", "image/jpeg", "image/webp"]),
+    }
+)
 commands = st.one_of(
     st.tuples(st.just("imagine"), st.fixed_dictionaries({"prompt": prompts}, optional=OPTIONAL), st.none()),
     st.tuples(st.just("imagine"), st.fixed_dictionaries({"prompt": prompts}, optional=PLAUSIBLE), st.none()),
-    st.tuples(st.just("img2img"), st.fixed_dictionaries({"prompt": prompts}, optional=OPTIONAL | {"strength": reals}),
-              uploads),
-    st.tuples(st.just("img2img"), st.fixed_dictionaries({"prompt": prompts}, optional=PLAUSIBLE | {
-        "strength": st.floats(0.05, 1)}), good_uploads),
+    st.tuples(
+        st.just("img2img"), st.fixed_dictionaries({"prompt": prompts}, optional=OPTIONAL | {"strength": reals}), uploads
+    ),
+    st.tuples(
+        st.just("img2img"),
+        st.fixed_dictionaries({"prompt": prompts}, optional=PLAUSIBLE | {"strength": st.floats(0.05, 1)}),
+        good_uploads,
+    ),
     st.tuples(st.just("cancel"), st.fixed_dictionaries({}, optional={"job": integers}), st.none()),
     st.tuples(st.just("info"), st.fixed_dictionaries({"job": integers}), st.none()),
     st.tuples(st.just("queue"), st.just({}), st.none()),
@@ -172,8 +259,11 @@ async def send_and_settle(emu: Emulator, who: str, name: str, options: dict, upl
     user = getattr(emu, who)
     attachments = None
     if upload is not None:
-        attachments = {"image": emu.attachment(upload["filename"], upload["data"], upload["content_type"] or "",
-                                               size=upload["size"])}
+        attachments = {
+            "image": emu.attachment(
+                upload["filename"], upload["data"], upload["content_type"] or "", size=upload["size"]
+            )
+        }
         if upload["content_type"] is None:
             attachments["image"].content_type = None
     ix = await emu.slash(user, name, options, attachments=attachments)
@@ -187,11 +277,15 @@ async def send_and_settle(emu: Emulator, who: str, name: str, options: dict, upl
             if message.ephemeral or re.search(r"Job #\d+", message.content):
                 return message
         return None
+
     message = await emu.wait_for(settled, timeout=15, what=f"an answer to /{name} {options}")
     # Sync point: discord.py runs each command in a task of this name; once none is left, anything
     # else the bot was going to send for this one (a second answer) has been sent.
-    await emu.wait_for(lambda: not any(t.get_name() == "CommandTree-invoker" for t in asyncio.all_tasks()),
-                       timeout=120, what=f"the bot to finish /{name}")
+    await emu.wait_for(
+        lambda: not any(t.get_name() == "CommandTree-invoker" for t in asyncio.all_tasks()),
+        timeout=120,
+        what=f"the bot to finish /{name}",
+    )
     accepted = not message.ephemeral and re.search(r"Job #\d+", message.content) is not None
     callbacks = [c for c in emu.calls if c.method == "POST" and c.path.startswith(f"/interactions/{ix.id}/")]
     return ix, accepted, callbacks
@@ -253,10 +347,11 @@ async def test_long_prompts_are_read_in_chunks_and_too_long_ones_refused(setup):
         assert "4 chunks of 75" in status.content and "nothing is cut off" in status.content
         short = await queued(await emu.slash(emu.alice, "imagine", {"prompt": "a cat", "negative": words}))
         assert "negative prompt is 230 tokens" in short.content
-        refused = await ephemeral_reply(await emu.slash(emu.alice, "imagine", {"prompt": "\U0001F600" * 700}))
+        refused = await ephemeral_reply(await emu.slash(emu.alice, "imagine", {"prompt": "\U0001f600" * 700}))
         assert "the limit is 8 chunks" in refused
-        refused = await ephemeral_reply(await emu.slash(emu.alice, "imagine",
-                                                        {"prompt": "a cat", "negative": "\u4e2d" * 900}))
+        refused = await ephemeral_reply(
+            await emu.slash(emu.alice, "imagine", {"prompt": "a cat", "negative": "\u4e2d" * 900})
+        )
         assert "negative prompt" in refused and "limit" in refused
     assert [j.prompt[:5] for j in queue.pending_for(emu.alice.id)] == ["word0", "a cat"]
 
@@ -278,18 +373,21 @@ async def test_uploads_that_lie_or_hide_are_refused(setup):
     async with bot_running(emu, config, queue, None):
         # Declared small, really over the cap: the download stops at the cap.
         big = emu.attachment("big.png", png((64, 64)) + b"\0" * (300 * 1024), "image/png", size=1000)
-        text = await ephemeral_reply(await emu.slash(emu.alice, "img2img", {"prompt": "a cat"},
-                                                     attachments={"image": big}))
+        text = await ephemeral_reply(
+            await emu.slash(emu.alice, "img2img", {"prompt": "a cat"}, attachments={"image": big})
+        )
         assert "larger than 0.2 MiB" in text
         # A TIFF sent as a PNG: the TIFF decoder never sees it.
         tiff = emu.attachment("photo.png", png((64, 64), fmt="TIFF"), "image/png")
-        text = await ephemeral_reply(await emu.slash(emu.alice, "img2img", {"prompt": "a cat"},
-                                                     attachments={"image": tiff}))
+        text = await ephemeral_reply(
+            await emu.slash(emu.alice, "img2img", {"prompt": "a cat"}, attachments={"image": tiff})
+        )
         assert "could not be read as an image" in text
         # A file name made to break the reply or ping people is shown harmlessly.
         odd = emu.attachment("`@everyone`\u202e.txt", b"hello", "text/plain")
-        text = await ephemeral_reply(await emu.slash(emu.alice, "img2img", {"prompt": "a cat"},
-                                                     attachments={"image": odd}))
+        text = await ephemeral_reply(
+            await emu.slash(emu.alice, "img2img", {"prompt": "a cat"}, attachments={"image": odd})
+        )
         assert text.startswith("`'@everyone'.txt` is text/plain") and odd.fetches == 0
     assert queue.pending_for(emu.alice.id) == [] and not emu.pings()
 
@@ -309,6 +407,7 @@ async def test_an_animated_webp_is_queued_with_its_first_frame(setup):
 
 
 # ------------------------------------------------------------------------ permissions (issue 5, section 5)
+
 
 async def post_result(emu: Emulator, queue, requester, prompt: str = "a cat"):
     """A job of ``requester``'s, made by a worker elsewhere and posted with its buttons."""
@@ -337,12 +436,15 @@ async def test_buttons_pressed_by_others_make_jobs_of_their_own(setup):
 
 
 @asyncio_test
-@pytest.mark.parametrize("values, expected", [
-    ({"Prompt": "\u200b\u202e \x00"}, "The prompt is empty"),
-    ({"Prompt": "x" * 1001}, "the limit is 1000"),
-    ({"Prompt": "a cat", "Negative prompt": "n" * 1001}, "negative prompt is 1001 characters"),
-    ({"Prompt": "\U0001F600" * 700}, "the limit is 8 chunks"),
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ({"Prompt": "\u200b\u202e \x00"}, "The prompt is empty"),
+        ({"Prompt": "x" * 1001}, "the limit is 1000"),
+        ({"Prompt": "a cat", "Negative prompt": "n" * 1001}, "negative prompt is 1001 characters"),
+        ({"Prompt": "\U0001f600" * 700}, "the limit is 8 chunks"),
+    ],
+)
 async def test_the_edit_modal_gets_the_same_checks(setup, values, expected):
     emu, config, queue = setup
     async with bot_running(emu, config, queue, None):

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bot.transformers import Bounded, OneOf, Text
 from bot.inputs import BadInput, check_prompt, clean_text, enlarge, fit_size, load_init_image
+from bot.transformers import Bounded, OneOf, Text
 from bot_harness import png
 from engine.settings import GenerationSettings
 
@@ -80,14 +80,14 @@ def test_configured_defaults_fill_what_was_left_out_and_a_seed_is_drawn():
     params = GEN.params("p", negative_prompt="")
     assert (params.width, params.height, params.steps) == (512, 512, GEN.default_steps)
     assert 0 <= params.seed < 2**32
-    params = GEN.params("p", negative_prompt="n", seed=0, steps=3, guidance=0.0, size=(768, 512), sampler="ddim",
-                        count=2)
+    params = GEN.params(
+        "p", negative_prompt="n", seed=0, steps=3, guidance=0.0, size=(768, 512), sampler="ddim", count=2
+    )
     assert (params.seed, params.guidance, params.width, params.height) == (0, 0.0, 768, 512)
 
 
 def load(data: bytes, size=None, formats=("PNG", "JPEG", "WEBP", "GIF")):
-    return load_init_image(data, size=size, max_width=1024, max_height=1024, target_area=512 * 512,
-                           formats=formats)
+    return load_init_image(data, size=size, max_width=1024, max_height=1024, target_area=512 * 512, formats=formats)
 
 
 def test_exif_rotation_is_applied():
@@ -109,8 +109,10 @@ def test_animated_gif_uses_its_first_frame():
     assert r > 200 and b < 50
 
 
-@pytest.mark.parametrize("mode, color", [("CMYK", (0, 0, 0, 0)), ("LA", (100, 0)), ("I;16", 65535),
-                                         ("P", 5), ("RGBA", (0, 0, 0, 0)), ("1", 1)])
+@pytest.mark.parametrize(
+    "mode, color",
+    [("CMYK", (0, 0, 0, 0)), ("LA", (100, 0)), ("I;16", 65535), ("P", 5), ("RGBA", (0, 0, 0, 0)), ("1", 1)],
+)
 def test_every_mode_becomes_rgb(mode, color):
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     init = load(png((64, 64), color=color, mode=mode, fmt=fmt))
@@ -120,7 +122,9 @@ def test_every_mode_becomes_rgb(mode, color):
         assert image.getpixel((0, 0))[0] > 240  # transparent -> white; 16-bit full scale -> white
 
 
-@pytest.mark.parametrize("data", [b"", b"GIF89a", png()[:60], b"\xff\xd8\xff" + b"\0" * 50, png((7000, 7000), mode="1")])
+@pytest.mark.parametrize(
+    "data", [b"", b"GIF89a", png()[:60], b"\xff\xd8\xff" + b"\0" * 50, png((7000, 7000), mode="1")]
+)
 def test_broken_or_huge_images_are_refused(data):
     with pytest.raises(BadInput):
         load(data)
@@ -145,7 +149,7 @@ def test_long_prompts_get_a_chunk_notice_and_very_long_ones_are_refused():
     both = check_prompt_tokens("a cat", long)
     assert "negative prompt is" in both and "the prompt is" not in both
     with pytest.raises(BadInput, match=f"the limit is {MAX_PROMPT_CHUNKS} chunks"):
-        check_prompt_tokens("\U0001F600" * 1000)  # 1000 emoji: 1000 tokens, 14 chunks
+        check_prompt_tokens("\U0001f600" * 1000)  # 1000 emoji: 1000 tokens, 14 chunks
     with pytest.raises(BadInput, match="negative prompt"):
         check_prompt_tokens("a cat", "\u4e2d" * 1000)
     assert clip_truncation_notice(None, long) == notice  # the old name, for SDBot.truncation_note
@@ -160,27 +164,54 @@ def test_invisible_fillers_and_cleaning_twice():
     assert once == "\u00e9" and clean_text(once) == once
 
 
-@pytest.mark.parametrize("url", ["https://evil.example/a.png", "file:///etc/passwd",
-                                 "https://user:pw@cdn.discordapp.com/a.png", "ftp://cdn.discordapp.com/a.png",
-                                 "https://cdn.discordapp.com.evil.example/a.png", "https://evil.example@x/a.png"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://evil.example/a.png",
+        "file:///etc/passwd",
+        "https://user:pw@cdn.discordapp.com/a.png",
+        "ftp://cdn.discordapp.com/a.png",
+        "https://cdn.discordapp.com.evil.example/a.png",
+        "https://evil.example@x/a.png",
+    ],
+)
 def test_only_discord_cdn_urls(url):
     from bot.inputs import DISCORD_CDN_HOSTS, check_attachment_meta
 
     with pytest.raises(BadInput, match="Discord's own servers"):
-        check_attachment_meta(filename="a.png", content_type="image/png", size=10, url=url,
-                              allowed_types=("image/png",), max_bytes=100, allowed_hosts=DISCORD_CDN_HOSTS)
-    check_attachment_meta(filename="a.png", content_type="image/png", size=10,
-                          url="https://cdn.discordapp.com/attachments/1/2/a.png?ex=1",
-                          allowed_types=("image/png",), max_bytes=100, allowed_hosts=DISCORD_CDN_HOSTS)
+        check_attachment_meta(
+            filename="a.png",
+            content_type="image/png",
+            size=10,
+            url=url,
+            allowed_types=("image/png",),
+            max_bytes=100,
+            allowed_hosts=DISCORD_CDN_HOSTS,
+        )
+    check_attachment_meta(
+        filename="a.png",
+        content_type="image/png",
+        size=10,
+        url="https://cdn.discordapp.com/attachments/1/2/a.png?ex=1",
+        allowed_types=("image/png",),
+        max_bytes=100,
+        allowed_hosts=DISCORD_CDN_HOSTS,
+    )
 
 
 def test_file_names_are_echoed_safely():
     from bot.inputs import check_attachment_meta
 
     with pytest.raises(BadInput) as refused:
-        check_attachment_meta(filename="`@everyone`\u202e" + "x" * 200 + ".txt", content_type="text/plain",
-                              size=10, url="https://cdn.discordapp.com/a", allowed_types=("image/png",),
-                              max_bytes=100, allowed_hosts=frozenset({"cdn.discordapp.com"}))
+        check_attachment_meta(
+            filename="`@everyone`\u202e" + "x" * 200 + ".txt",
+            content_type="text/plain",
+            size=10,
+            url="https://cdn.discordapp.com/a",
+            allowed_types=("image/png",),
+            max_bytes=100,
+            allowed_hosts=frozenset({"cdn.discordapp.com"}),
+        )
     text = str(refused.value)
     assert text.count("`") == 2 and "\u202e" not in text and len(text) < 150
 
@@ -207,15 +238,24 @@ def test_big_jpegs_are_decoded_at_a_reduced_scale():
     assert (init.width, init.height) == (624, 416)
 
 
-@pytest.mark.parametrize("data", [png((40, 40), mode="RGBA", fmt="WEBP"), png((40, 40), mode="LA"),
-                                  png((40, 40), mode="I;16", color=300), png((40, 40), mode="L", fmt="JPEG")])
+@pytest.mark.parametrize(
+    "data",
+    [
+        png((40, 40), mode="RGBA", fmt="WEBP"),
+        png((40, 40), mode="LA"),
+        png((40, 40), mode="I;16", color=300),
+        png((40, 40), mode="L", fmt="JPEG"),
+    ],
+)
 def test_more_modes_become_rgb(data):
     assert decode(load(data).png).mode == "RGB"
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.binary(max_size=2000), st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF\0\0\0\0WEBPVP8 ",
-                                                  b"GIF89a"]))
+@given(
+    st.binary(max_size=2000),
+    st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF\0\0\0\0WEBPVP8 ", b"GIF89a"]),
+)
 def test_random_bytes_are_refused_not_crashed_on(data, magic):
     try:
         init = load(magic + data)

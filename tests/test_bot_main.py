@@ -23,20 +23,29 @@ def run_bot(tmp_path: Path, config: str | None, token: str | None) -> subprocess
     env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"} | {"HF_HUB_OFFLINE": "1"}
     if token is not None:
         env["DISCORD_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "bot", "--config", str(path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=START_BUDGET)
+    return subprocess.run(
+        [sys.executable, "-m", "bot", "--config", str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=START_BUDGET,
+    )
 
 
 def config_text(tmp_path: Path, source: str) -> str:
-    return (f'[model]\nsource = "{source}"\n[engine]\ndevice = "cpu"\n'
-            f'[queue]\ndatabase_url = "sqlite:///{tmp_path}/db.sqlite3"\n')
+    return (
+        f'[model]\nsource = "{source}"\n[engine]\ndevice = "cpu"\n'
+        f'[queue]\ndatabase_url = "sqlite:///{tmp_path}/db.sqlite3"\n'
+    )
 
 
 def test_missing_config_file(tmp_path):
     result = run_bot(tmp_path, None, "x")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path}/config.toml: config file not found "
-                                                  "(copy config.toml from the repository)"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/config.toml: config file not found (copy config.toml from the repository)"
+    ]
 
 
 def test_wrong_value_names_the_key(tmp_path):

@@ -26,8 +26,11 @@ def sdxl_setup(tiny_sdxl_model, tiny_sdxl_single_file, tmp_path, emulator: Emula
     from engine.worker import EngineWorker
 
     config = bot_config(str(tiny_sdxl_single_file), f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
-    config = replace(config, model=replace(config.model, name=tiny_sdxl_model.info.name),
-                     generation=replace(config.generation, sdxl_sizes=SDXL_SIZES))
+    config = replace(
+        config,
+        model=replace(config.model, name=tiny_sdxl_model.info.name),
+        generation=replace(config.generation, sdxl_sizes=SDXL_SIZES),
+    )
     engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
     # As bot/__main__.py does: the worker's limits follow the loaded model's family.
     worker = EngineWorker(tiny_sdxl_model, config.engine, config.generation.for_family(tiny_sdxl_model.info.family))
@@ -52,8 +55,10 @@ async def test_imagine_on_sdxl_offers_sdxl_sizes_and_posts_a_png_naming_the_mode
         assert size_option_choices(emu, "img2img") == list(SDXL_SIZES)
         gen = bot.config.generation
         assert (gen.default_width, gen.default_height) == (64, 64)  # the first SDXL size
-        assert f"default {gen.default_width}x{gen.default_height}" in next(
-            o for o in emu.command("imagine")["options"] if o["name"] == "size")["description"]
+        assert (
+            f"default {gen.default_width}x{gen.default_height}"
+            in next(o for o in emu.command("imagine")["options"] if o["name"] == "size")["description"]
+        )
 
         ix = await emu.slash(emu.alice, "imagine", {"prompt": "a lighthouse at dusk", "seed": 5, "size": "64x128"})
         assert await ix.wait_ack() == 5
@@ -98,8 +103,14 @@ def test_sdxl_sizes_setting():
 
     settings = parse_engine_sections({"generation": {"sdxl_sizes": ["640x1536", "1536x640"]}})
     assert settings.generation.sdxl_sizes == ("640x1536", "1536x640")
-    for bad, words in (([], "1 to 25 sizes"), (["1024x1000x2"], "WIDTHxHEIGHT"), (["1020x1024"], "multiples of 8"),
-                       (["4104x1024"], "4096x4096"), ([1024], "WIDTHxHEIGHT"), (["64x64"] * 26, "1 to 25")):
+    for bad, words in (
+        ([], "1 to 25 sizes"),
+        (["1024x1000x2"], "WIDTHxHEIGHT"),
+        (["1020x1024"], "multiples of 8"),
+        (["4104x1024"], "4096x4096"),
+        ([1024], "WIDTHxHEIGHT"),
+        (["64x64"] * 26, "1 to 25"),
+    ):
         with pytest.raises(ConfigError, match="generation.sdxl_sizes") as error:
             parse_engine_sections({"generation": {"sdxl_sizes": bad}})
         assert words in str(error.value)

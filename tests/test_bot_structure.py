@@ -29,6 +29,7 @@ def setup(tmp_path, emulator: Emulator):
 
 # -- commands as Discord sees them -----------------------------------------------------------------
 
+
 def option_problems(option: dict, where: str) -> list[str]:
     problems = []
     for key in ("min_value", "max_value"):
@@ -110,6 +111,7 @@ async def test_help_says_each_range_once_with_every_digit(setup):
 
 # -- bugs at the boundary ----------------------------------------------------------------------------
 
+
 @pytest.mark.asyncio
 async def test_img2img_keeps_within_the_servers_size_limit(setup):
     """The upload's own shape was never checked against /server limits max_size."""
@@ -118,11 +120,19 @@ async def test_img2img_keeps_within_the_servers_size_limit(setup):
     emu, config, queue = setup
     Community(queue.engine).update_server(emu.guild.id, emu.alice.id, max_width=64, max_height=64)
     async with bot_running(emu, config, queue, None):
-        ix = await emu.slash(emu.alice, "img2img", {"prompt": "a cat"},
-                             attachments={"image": emu.attachment("big.png", png((128, 128)), "image/png")})
+        ix = await emu.slash(
+            emu.alice,
+            "img2img",
+            {"prompt": "a cat"},
+            attachments={"image": emu.attachment("big.png", png((128, 128)), "image/png")},
+        )
         await ix.wait_response(lambda m: "queued" in m.content)
-        ix = await emu.slash(emu.alice, "img2img", {"prompt": "a cat", "size": "128x64"},
-                             attachments={"image": emu.attachment("big.png", png((128, 128)), "image/png")})
+        ix = await emu.slash(
+            emu.alice,
+            "img2img",
+            {"prompt": "a cat", "size": "128x64"},
+            attachments={"image": emu.attachment("big.png", png((128, 128)), "image/png")},
+        )
         refused = await ix.wait_response(lambda m: m.ephemeral)
     (job,) = queue.pending_for(emu.alice.id)
     assert job.width <= 64 and job.height <= 64
@@ -172,6 +182,7 @@ async def test_upscale_resizes_off_the_event_loop(setup, monkeypatch):
 
 
 # -- layering ------------------------------------------------------------------------------------
+
 
 def imports_of(path: Path) -> set[str]:
     """Modules ``path`` imports at run time (not those under ``if TYPE_CHECKING:``)."""
@@ -248,8 +259,12 @@ def test_no_import_cycles():
 
 
 def test_modules_stay_small():
-    too_long = {str(path.relative_to(ROOT)): n for package in PACKAGES for path in (ROOT / package).rglob("*.py")
-                if (n := len(path.read_text().splitlines())) > 450}
+    too_long = {
+        str(path.relative_to(ROOT)): n
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > 450
+    }
     assert too_long == {}
 
 
@@ -262,7 +277,7 @@ def test_the_run_loop_of_the_tests_is_the_production_wiring():
 
 # -- a bot without an engine -----------------------------------------------------------------------
 
-NO_ENGINE = r'''
+NO_ENGINE = r"""
 import asyncio, sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from bot_harness import bot_config, bot_running, new_queue
@@ -285,7 +300,7 @@ async def main():
             print("RSS_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
 asyncio.run(main())
-'''
+"""
 
 
 @pytest.mark.slow
@@ -295,8 +310,9 @@ def test_a_bot_without_an_engine_never_imports_torch_or_diffusers(tmp_path):
 
     script = tmp_path / "no_engine.py"
     script.write_text(NO_ENGINE)
-    out = subprocess.run([sys.executable, str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LOADED []" in out.stdout, out.stdout
     assert "REFUSAL" in out.stdout and "1.2.3" in out.stdout

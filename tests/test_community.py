@@ -3,7 +3,7 @@ run on SQLite and on PostgreSQL like the queue's."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import Engine
@@ -31,8 +31,9 @@ def test_member_defaults_are_set_kept_and_reset(community: Community) -> None:
     assert community.member_defaults(ALICE) == MemberDefaults()
     community.set_member_defaults(ALICE, steps=12, negative_prompt="blurry", guidance=4.5)
     after = community.set_member_defaults(ALICE, width=768, height=512, private_results=True)
-    assert after == MemberDefaults(negative_prompt="blurry", steps=12, width=768, height=512,
-                                   guidance=4.5, private_results=True)
+    assert after == MemberDefaults(
+        negative_prompt="blurry", steps=12, width=768, height=512, guidance=4.5, private_results=True
+    )
     assert community.member_defaults(ALICE) == after
     assert community.set_member_defaults(ALICE, steps=None).steps is None  # None clears one
     assert community.member_defaults(BOB) == MemberDefaults()  # members are apart
@@ -42,11 +43,11 @@ def test_member_defaults_are_set_kept_and_reset(community: Community) -> None:
         community.set_member_defaults(ALICE, seed=1)
 
 
-def test_server_changes_are_kept_and_logged_with_who(community: Community,
-                                                     clock: FakeClock) -> None:
+def test_server_changes_are_kept_and_logged_with_who(community: Community, clock: FakeClock) -> None:
     assert community.server_policy(GUILD) == ServerPolicy()
-    policy = community.update_server(GUILD, ADMIN, max_steps=20, allowed_channel_ids=[5, 2**63 - 1],
-                                     nsfw_words=["gore"], cooldown_seconds=30)
+    policy = community.update_server(
+        GUILD, ADMIN, max_steps=20, allowed_channel_ids=[5, 2**63 - 1], nsfw_words=["gore"], cooldown_seconds=30
+    )
     assert policy.allowed_channel_ids == (5, 2**63 - 1) and policy.nsfw_words == ("gore",)
     assert community.server_policy(GUILD) == policy
     assert community.server_policy(OTHER_GUILD) == ServerPolicy()
@@ -59,8 +60,7 @@ def test_server_changes_are_kept_and_logged_with_who(community: Community,
         (ADMIN, "paused", "False", "True"),
         (BOB, "max_steps", "20", "30"),
     ]
-    assert {e.action for e in log} == {"paused", "max_steps", "allowed_channel_ids", "nsfw_words",
-                                       "cooldown_seconds"}
+    assert {e.action for e in log} == {"paused", "max_steps", "allowed_channel_ids", "nsfw_words", "cooldown_seconds"}
     assert log[-1].created_at < log[0].created_at == clock.now
     assert community.audit_log(OTHER_GUILD) == []
     with pytest.raises(TypeError, match="not server settings"):
@@ -99,8 +99,7 @@ def test_paused_servers_jobs_are_not_claimed(community: Community, queue: Queue)
     assert queue.claim("w").id == paused
 
 
-def test_usage_counts_a_members_recent_jobs_here(community: Community, queue: Queue,
-                                                 clock: FakeClock) -> None:
+def test_usage_counts_a_members_recent_jobs_here(community: Community, queue: Queue, clock: FakeClock) -> None:
     first = clock.now
     job(queue, ALICE)
     clock.advance(600)
@@ -119,8 +118,9 @@ def test_usage_counts_a_members_recent_jobs_here(community: Community, queue: Qu
     assert community.usage(GUILD, BOB, since=first).count == 0
 
 
-def test_admission_reads_everything_a_new_job_is_checked_against(community: Community, queue: Queue,
-                                                                   clock: FakeClock) -> None:
+def test_admission_reads_everything_a_new_job_is_checked_against(
+    community: Community, queue: Queue, clock: FakeClock
+) -> None:
     start = clock.now
     community.set_member_defaults(ALICE, steps=12)
     job(queue, ALICE)
@@ -139,17 +139,16 @@ def test_admission_reads_everything_a_new_job_is_checked_against(community: Comm
     assert not community.admission(OTHER_GUILD, BOB, since=start).barred
 
     in_dm = community.admission(None, BOB, since=start)  # a DM: no server, no policy
-    assert (in_dm.policy, in_dm.barred, in_dm.pending, in_dm.defaults) == (ServerPolicy(), False, 0,
-                                                                          MemberDefaults())
+    assert (in_dm.policy, in_dm.barred, in_dm.pending, in_dm.defaults) == (ServerPolicy(), False, 0, MemberDefaults())
 
 
 def test_stats(community: Community, queue: Queue, clock: FakeClock) -> None:
-    clock.now = datetime(2026, 1, 7, 12, 0, tzinfo=timezone.utc)  # a Wednesday
-    assert week_start(clock.now) == datetime(2026, 1, 5, tzinfo=timezone.utc)
-    assert day_start(clock.now) == datetime(2026, 1, 7, tzinfo=timezone.utc)
-    clock.now = datetime(2026, 1, 4, 12, 0, tzinfo=timezone.utc)  # last week: not counted
+    clock.now = datetime(2026, 1, 7, 12, 0, tzinfo=UTC)  # a Wednesday
+    assert week_start(clock.now) == datetime(2026, 1, 5, tzinfo=UTC)
+    assert day_start(clock.now) == datetime(2026, 1, 7, tzinfo=UTC)
+    clock.now = datetime(2026, 1, 4, 12, 0, tzinfo=UTC)  # last week: not counted
     job(queue, BOB)
-    clock.now = datetime(2026, 1, 6, 12, 0, tzinfo=timezone.utc)  # this week, not today
+    clock.now = datetime(2026, 1, 6, 12, 0, tzinfo=UTC)  # this week, not today
     done = job(queue, ALICE)
     clock.advance(10)  # waited 10 s (last week's job too, but it is not this week's)
     claimed = queue.claim_many("w", 5)
@@ -157,7 +156,7 @@ def test_stats(community: Community, queue: Queue, clock: FakeClock) -> None:
     clock.advance(4)  # generated in 4 s
     for j in claimed:
         assert queue.complete(j.id, "w", [])
-    clock.now = datetime(2026, 1, 7, 9, 0, tzinfo=timezone.utc)  # today
+    clock.now = datetime(2026, 1, 7, 9, 0, tzinfo=UTC)  # today
     job(queue, ALICE)
     job(queue, BOB)
     job(queue, ALICE, OTHER_GUILD)

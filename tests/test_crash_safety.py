@@ -48,8 +48,11 @@ async def imagine(emu: Emulator, queue: Queue, member, **options) -> int:
     before = {job.id for job in queue.pending_for(member.id)}
     ix = await emu.slash(member, "imagine", {"prompt": f"a lighthouse for {member.name}", **options})
     assert await ix.wait_ack() == 5 and ix.ack_latency < 3.0
-    new = await emu.wait_for(lambda: [j.id for j in queue.pending_for(member.id) if j.id not in before],
-                             BUDGET, f"{member.name}'s job in the database")
+    new = await emu.wait_for(
+        lambda: [j.id for j in queue.pending_for(member.id) if j.id not in before],
+        BUDGET,
+        f"{member.name}'s job in the database",
+    )
     return new[0]
 
 
@@ -61,14 +64,20 @@ def final_status(emu: Emulator, queue: Queue, job_id: int) -> bool:
 
 async def settled(emu: Emulator, queue: Queue, jobs, bot: BotProcess) -> None:
     """Until every job is recorded as posted and its status message says how it ended."""
+
     def state() -> str:
-        return "; ".join(f"#{j} {queue.get(j).status.value} by {queue.get(j).worker_id} "
-                         f"posted={queue.get(j).posted_at is not None} final={final_status(emu, queue, j)}"
-                         for j in jobs)
+        return "; ".join(
+            f"#{j} {queue.get(j).status.value} by {queue.get(j).worker_id} "
+            f"posted={queue.get(j).posted_at is not None} final={final_status(emu, queue, j)}"
+            for j in jobs
+        )
 
     try:
-        await until(lambda: all(queue.get(j).posted_at and final_status(emu, queue, j) for j in jobs),
-                    "every job posted and its status final", watched=bot.watched)
+        await until(
+            lambda: all(queue.get(j).posted_at and final_status(emu, queue, j) for j in jobs),
+            "every job posted and its status final",
+            watched=bot.watched,
+        )
     except AssertionError as e:
         raise AssertionError(f"jobs: {state()}\n{e}") from None  # e has the bot's log tail
 
@@ -111,9 +120,11 @@ async def test_bot_killed_while_jobs_run_and_wait(emulator: Emulator, tiny_sd_fo
     try:
         await bot.start()
         long = await imagine(emu, queue, emu.alice, steps=500)
-        jobs = {long: emu.alice,
-                await imagine(emu, queue, emu.bob, seed=1): emu.bob,
-                await imagine(emu, queue, emu.mod, seed=2): emu.mod}
+        jobs = {
+            long: emu.alice,
+            await imagine(emu, queue, emu.bob, seed=1): emu.bob,
+            await imagine(emu, queue, emu.mod, seed=2): emu.mod,
+        }
 
         def long_job_running() -> bool:  # in the engine, so the kill costs it an attempt
             job = queue.get(long)
@@ -175,8 +186,7 @@ async def test_bot_killed_before_and_while_posting(emulator: Emulator, tmp_path)
 
         # Restarted: it posts again with the same nonces; Discord gives back the messages made.
         await bot.start()
-        await until(lambda: queue.get(first).posted_at and queue.get(second).posted_at, "records",
-                    watched=bot.watched)
+        await until(lambda: queue.get(first).posted_at and queue.get(second).posted_at, "records", watched=bot.watched)
 
         # A result stored while the bot is up, which cannot post it (Discord down); killed.
         outage = emu.fail_next("POST", "/channels/*/messages", 503, count=1000)
@@ -206,12 +216,18 @@ async def test_bot_killed_before_and_while_posting(emulator: Emulator, tmp_path)
 
 def start_worker(config: Path, name: str, log_path: Path) -> Logged:
     """``python -m engine worker``: a GPU machine serving the shared queue."""
-    return start_logged(name, [sys.executable, "-m", "engine", "worker", "--config", str(config), "--name", name],
-                        log_path, cwd=ROOT, env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    return start_logged(
+        name,
+        [sys.executable, "-m", "engine", "worker", "--config", str(config), "--name", name],
+        log_path,
+        cwd=ROOT,
+        env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+    )
 
 
-async def test_bot_and_two_workers_on_postgresql_one_worker_killed(emulator: Emulator, pg_url, tiny_sd_folder,
-                                                                   tmp_path):
+async def test_bot_and_two_workers_on_postgresql_one_worker_killed(
+    emulator: Emulator, pg_url, tiny_sd_folder, tmp_path
+):
     """Issue 5 §6: a bot without a GPU and two worker processes share a PostgreSQL queue; one
     worker is killed in the middle of a job, whose lease runs out and which the other worker
     then makes. Every job is posted exactly once, by the bot.
@@ -219,8 +235,7 @@ async def test_bot_and_two_workers_on_postgresql_one_worker_killed(emulator: Emu
     The second worker starts once the first runs a job: started together, whichever finished
     its cold start first could make every job before the other was ready."""
     emu = emulator
-    config = write_config(tmp_path / "config.toml", emu.guild.id, tiny_sd_folder, pg_url, max_batch=2,
-                          lease_seconds=5)
+    config = write_config(tmp_path / "config.toml", emu.guild.id, tiny_sd_folder, pg_url, max_batch=2, lease_seconds=5)
     queue = open_queue(pg_url)
     workers = {"doomed": start_worker(config, "doomed", tmp_path / "doomed.log")}
     bot = BotProcess(emu, config, tmp_path / "bot.log", no_engine=True)
@@ -231,17 +246,24 @@ async def test_bot_and_two_workers_on_postgresql_one_worker_killed(emulator: Emu
             jobs[await imagine(emu, queue, member, steps=40)] = member
 
         def doomed_jobs() -> list[int]:
-            return [j for j in jobs if queue.get(j).status is JobStatus.running
-                    and queue.get(j).engine_started_at is not None
-                    and "/doomed#" in (queue.get(j).worker_id or "")]
+            return [
+                j
+                for j in jobs
+                if queue.get(j).status is JobStatus.running
+                and queue.get(j).engine_started_at is not None
+                and "/doomed#" in (queue.get(j).worker_id or "")
+            ]
 
         await until(doomed_jobs, "the doomed worker to run a job", watched=[workers["doomed"], *bot.watched])
         workers["doomed"].kill()
         taken = doomed_jobs()  # after the kill: the jobs it can no longer finish
         workers["survivor"] = start_worker(config, "survivor", tmp_path / "survivor.log")
 
-        await until(lambda: all(queue.get(j).posted_at and final_status(emu, queue, j) for j in jobs),
-                    "every job posted and its status final", watched=[workers["survivor"], *bot.watched])
+        await until(
+            lambda: all(queue.get(j).posted_at and final_status(emu, queue, j) for j in jobs),
+            "every job posted and its status final",
+            watched=[workers["survivor"], *bot.watched],
+        )
         assert_each_job_ended_once(emu, queue, jobs)
         assert all(queue.get(j).status is JobStatus.done for j in jobs)
         assert taken and all(queue.get(j).attempts == 2 and "/survivor#" in queue.get(j).worker_id for j in taken)

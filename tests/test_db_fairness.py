@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from claim_spread import measure  # noqa: E402
+from claim_spread import measure
 
 
 @pytest.mark.slow

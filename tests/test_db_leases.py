@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from db_fixtures import FakeClock
-from test_queue import ALICE, drain, enqueue
-
 from db.models import JobStatus
 from db.queue import Queue
 from db.session import make_engine
+from db_fixtures import FakeClock
+from test_queue import ALICE, drain, enqueue
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,8 +81,7 @@ def test_release_gives_job_back_without_counting(queue: Queue) -> None:
     assert [queue.get(j.id).attempts for j in (started, waiting)] == [0, 0]
 
 
-def test_a_job_claimed_and_recovered_without_starting_never_fails_for_attempts(queue: Queue,
-                                                                              clock: FakeClock) -> None:
+def test_a_job_claimed_and_recovered_without_starting_never_fails_for_attempts(queue: Queue, clock: FakeClock) -> None:
     """Issue 10 §3: jobs a runner claimed for its batch but never started (it died while they
     waited behind others) use no attempt, however often that happens."""
     (job_id,) = enqueue(queue, ALICE)
@@ -115,7 +113,7 @@ def test_finishing_again_after_a_lost_answer_stores_nothing_twice(queue: Queue) 
     """A complete/fail whose commit went through but whose answer was lost (the database went
     away) is retried by the runner: the retry says True and stores nothing more."""
     done, failed = enqueue(queue, ALICE, 2)
-    for job_id in (done, failed):
+    for _ in (done, failed):
         queue.claim("w1")
     assert queue.complete(done, "w1", [(b"png", 1)]) and queue.complete(done, "w1", [(b"png", 1)])
     assert [i.png for i in queue.images(done)] == [b"png"]

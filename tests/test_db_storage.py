@@ -109,8 +109,14 @@ def test_worker_says_in_one_line_that_the_database_is_read_only(shared_dir: Path
     config = shared_dir / "config.toml"
     config.write_text(f'[engine]\ndevice = "cpu"\n[queue]\ndatabase_url = "sqlite:///{path}"\n')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(as_unprivileged([sys.executable, "-m", "engine", "worker", "--config", str(config)]),
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        as_unprivileged([sys.executable, "-m", "engine", "worker", "--config", str(config)]),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(expected), done.stderr
@@ -130,8 +136,14 @@ def test_the_bot_says_in_one_line_that_the_database_is_read_only(shared_dir: Pat
     config = shared_dir / "config.toml"
     config.write_text(f'[engine]\ndevice = "cpu"\n[queue]\ndatabase_url = "sqlite:///{path}"\n')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "DISCORD_TOKEN": "unused"}
-    done = subprocess.run(as_unprivileged([sys.executable, "-m", "bot", "--no-engine", "--config", str(config)]),
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        as_unprivileged([sys.executable, "-m", "bot", "--no-engine", "--config", str(config)]),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: the database file {path} is read-only"), done.stderr

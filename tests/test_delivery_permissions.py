@@ -70,8 +70,7 @@ async def test_without_attach_files_the_result_goes_by_dm_and_the_owner_is_told_
         await emu.wait_for_dm(emu.bob, lambda m: bool(m.attachments), timeout=120)
         await emu.wait_for(lambda: queue.get(second.id).posted_at is not None, timeout=120, what="marked posted")
     assert len(emu.dm_messages(emu.owner)) == 1
-    assert len(emu.dm_messages(emu.alice)) == 1 and not [m for m in emu.channel_messages(emu.general)
-                                                         if m.attachments]
+    assert len(emu.dm_messages(emu.alice)) == 1 and not [m for m in emu.channel_messages(emu.general) if m.attachments]
 
 
 @pytest.mark.parametrize("denied, name", [(SEND_MESSAGES, "Send Messages"), (VIEW_CHANNEL, "View Channel")])

@@ -105,12 +105,21 @@ async def test_when_the_interaction_cannot_carry_it_the_result_goes_in_the_chann
         before = len(emu.channel_messages(emu.general))
         emu.token_lifetime = 0.0  # the acknowledgement works, every followup is refused (401 50027)
         private = await emu.slash(emu.alice, "showtest", {"job": job.id, "private": True})
-        await emu.wait_for(lambda: any(c.status == 401 and private.token in c.path for c in emu.calls),
-                           timeout=120, what="the private answer refused")
+        await emu.wait_for(
+            lambda: any(c.status == 401 and private.token in c.path for c in emu.calls),
+            timeout=120,
+            what="the private answer refused",
+        )
         await emu.slash(emu.alice, "showtest", {"job": job.id})
         posted = await emu.wait_for(
-            lambda: [m for m in emu.channel_messages(emu.general)[before:] if m.interaction is None
-                     and is_result_of(job.id)(m) and m.attachments], timeout=120, what="the result in the channel")
+            lambda: [
+                m
+                for m in emu.channel_messages(emu.general)[before:]
+                if m.interaction is None and is_result_of(job.id)(m) and m.attachments
+            ],
+            timeout=120,
+            what="the result in the channel",
+        )
         assert any(c.status == 401 and c.path.startswith("/webhooks/") for c in emu.calls)
         await emu.wait_for(lambda: queue.job_for_message(posted[0].id), timeout=120, what="recorded")
         assert len(posted) == 1  # the private one was not posted in the channel instead

@@ -8,13 +8,13 @@ import gc
 import logging
 import threading
 import weakref
-from db.community import Community
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from bot.delivery import Delivery
 from bot.delivery.tasks import BackgroundTasks
+from db.community import Community
 from db.queue import Queue
 from db.session import make_engine, upgrade
 from engine.types import Progress
@@ -45,10 +45,12 @@ def queue(tmp_path):
 
 
 async def test_an_adopt_task_is_held_until_it_ends(queue):
-    job = queue.enqueue(prompt="a cat", seed=1, requester_id=7, guild_id=1, channel_id=2,
-                        status_message_id=3, status_channel_id=2)
-    delivery = Delivery(None, queue, interval=0.1, model_name="tiny", clock=lambda: datetime.now(timezone.utc),
-                        community=Community(queue.engine))
+    job = queue.enqueue(
+        prompt="a cat", seed=1, requester_id=7, guild_id=1, channel_id=2, status_message_id=3, status_channel_id=2
+    )
+    delivery = Delivery(
+        None, queue, interval=0.1, model_name="tiny", clock=lambda: datetime.now(UTC), community=Community(queue.engine)
+    )
     delivery.on_progress(job.id, Progress(job.id, 1, 2))  # a job this process did not queue
     (task,) = [t for t in asyncio.all_tasks() if t.get_name() == f"adopt-{job.id}"]
     assert task in delivery.tasks  # referenced by delivery, not only by asyncio's weak set

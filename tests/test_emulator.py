@@ -15,11 +15,12 @@ import discord
 import pytest
 from discord import app_commands, ui
 from discord.ext import commands
-from discord_emulator import ATTACH_FILES, EMBED_LINKS, SEND_MESSAGES, VIEW_CHANNEL, Emulator, fixtures, running
-from discord_emulator.records import compute_pings
 from PIL import Image
 
-emulator = fixtures.emulator   # the lead may import it in conftest.py instead
+from discord_emulator import ATTACH_FILES, EMBED_LINKS, SEND_MESSAGES, VIEW_CHANNEL, Emulator, fixtures, running
+from discord_emulator.records import compute_pings
+
+emulator = fixtures.emulator  # the lead may import it in conftest.py instead
 
 
 def png_bytes(color: str = "red") -> bytes:
@@ -42,8 +43,9 @@ class EditButton(ui.DynamicItem[ui.Button], template=r"t:edit:(?P<seed>\d+)"):
         self.seed = seed
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: ui.Button,
-                             match: re.Match[str]) -> EditButton:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: ui.Button, match: re.Match[str]
+    ) -> EditButton:
         return cls(int(match["seed"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -54,18 +56,26 @@ class EditButton(ui.DynamicItem[ui.Button], template=r"t:edit:(?P<seed>\d+)"):
 
 class TinyBot(commands.Bot):
     def __init__(self, guild_id: int) -> None:
-        super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents.default(),
-                         guild_ready_timeout=0.1, allowed_mentions=discord.AllowedMentions.none())
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=discord.Intents.default(),
+            guild_ready_timeout=0.1,
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
         self.guild_id = guild_id
         self.init_bytes: bytes | None = None
-        self.permissions: dict[int, discord.Permissions] = {}   # user id -> as the interaction said
+        self.permissions: dict[int, discord.Permissions] = {}  # user id -> as the interaction said
         self.errors: list[Exception] = []
 
         @self.tree.command(description="Make an image")
         @app_commands.describe(prompt="What to draw")
-        async def imagine(interaction: discord.Interaction, prompt: str, seed: app_commands.Range[int, 0, 99] = 7,
-                          size: Literal["512x512", "768x768"] = "512x512",
-                          image: discord.Attachment | None = None) -> None:
+        async def imagine(
+            interaction: discord.Interaction,
+            prompt: str,
+            seed: app_commands.Range[int, 0, 99] = 7,
+            size: Literal["512x512", "768x768"] = "512x512",
+            image: discord.Attachment | None = None,
+        ) -> None:
             if not prompt.strip():
                 await interaction.response.send_message("Write a prompt.", ephemeral=True)
                 return
@@ -74,8 +84,9 @@ class TinyBot(commands.Bot):
             if image is not None:
                 self.init_bytes = await image.read()
             view = ui.View(timeout=None).add_item(EditButton(seed))
-            await interaction.followup.send(f"{prompt} seed={seed} size={size}", view=view,
-                                            file=discord.File(io.BytesIO(png_bytes()), "out.png"))
+            await interaction.followup.send(
+                f"{prompt} seed={seed} size={size}", view=view, file=discord.File(io.BytesIO(png_bytes()), "out.png")
+            )
 
         @self.tree.error
         async def on_command_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
@@ -92,8 +103,11 @@ class TinyBot(commands.Bot):
             return
         channel = self.get_channel(event.channel_id)
         # The nonce makes a retried send return the first message instead of posting twice.
-        await channel.send(f"<@{event.user_id}> rerolled for @everyone", nonce=event.message_id,
-                           allowed_mentions=discord.AllowedMentions(users=True))
+        await channel.send(
+            f"<@{event.user_id}> rerolled for @everyone",
+            nonce=event.message_id,
+            allowed_mentions=discord.AllowedMentions(users=True),
+        )
         await channel.get_partial_message(event.message_id).add_reaction("✅")
 
 
@@ -117,21 +131,22 @@ async def test_slash_with_attachment_then_button_then_modal(emulator: Emulator) 
     bot = TinyBot(emulator.guild.id)
     init = emulator.attachment("init.png", png_bytes("blue"))
     async with running(bot, emulator):
-        ix = await emulator.slash(emulator.alice, "imagine", {"prompt": "a cat", "seed": 42, "size": "768x768"},
-                                  attachments={"image": init})
+        ix = await emulator.slash(
+            emulator.alice, "imagine", {"prompt": "a cat", "seed": 42, "size": "768x768"}, attachments={"image": init}
+        )
         assert await ix.wait_ack() == 5
         result = await ix.wait_response()
         assert bot.init_bytes == init.data and init.fetches == 1
         assert result.content == "a cat seed=42 size=768x768"
         assert result is ix.original and not result.ephemeral and not result.pinged
         assert [a.filename for a in result.attachments] == ["out.png"]
-        async with aiohttp.ClientSession() as http:   # the posted file is served back from /cdn/
+        async with aiohttp.ClientSession() as http:  # the posted file is served back from /cdn/
             async with http.get(result.attachments[0].url) as response:
                 assert (await response.read()).startswith(b"\x89PNG")
         assert result.custom_ids == ["t:edit:42"]
         assert result in emulator.channel_messages(emulator.general)
         assert not bot.permissions[emulator.alice.id].manage_messages
-        assert len(result.edits) == 1 and result.edits[0]["flags"] & 128   # was "thinking..." first
+        assert len(result.edits) == 1 and result.edits[0]["flags"] & 128  # was "thinking..." first
 
         empty = await emulator.slash(emulator.alice, "imagine", {"prompt": "  "})
         error = await empty.wait_response()
@@ -156,7 +171,7 @@ async def test_reaction_posts_once_pings_only_the_reactor_and_survives_a_429(emu
 
         await emulator.react(emulator.bob, result, "🔁")
         posted = await emulator.wait_for_message(emulator.general, lambda m: "rerolled" in m.content)
-        assert rate_limit.hits == 1   # discord.py waited retry_after and sent it again
+        assert rate_limit.hits == 1  # discord.py waited retry_after and sent it again
         assert posted.pinged_users == {emulator.bob.id} and not posted.pinged_everyone
         await emulator.wait_for(lambda: result.reactions.get("✅"), what="the bot's ✅")
         assert result.reactions["🔁"] == [emulator.bob.id]
@@ -185,11 +200,11 @@ async def test_interaction_rules_deadline_double_ack_and_errors(emulator: Emulat
         ix = await emulator.slash(emulator.alice, "imagine", {"prompt": "late"})
         await ix.wait_response()
         webhook = discord.Webhook.partial(emulator.app_id, ix.token, client=bot)
-        with pytest.raises(discord.NotFound):   # deleted messages are gone for good
+        with pytest.raises(discord.NotFound):  # deleted messages are gone for good
             await emulator.delete_message(ix.original)
             await webhook.fetch_message(ix.original.id)
 
-        async with aiohttp.ClientSession() as http:   # a second ack of an answered interaction
+        async with aiohttp.ClientSession() as http:  # a second ack of an answered interaction
             url = f"{emulator.api_base}/interactions/{ix.id}/{ix.token}/callback?with_response=1"
             async with http.post(url, json={"type": 4, "data": {"content": "again"}}) as response:
                 assert response.status == 400 and (await response.json())["code"] == 40060
@@ -221,7 +236,7 @@ async def test_gateway_resume_replays_missed_events(emulator: Emulator) -> None:
     bot.add_listener(on_resumed)
     async with running(bot, emulator):
         await emulator.reconnect_gateway()
-        ix = await emulator.slash(emulator.admin, "imagine", {"prompt": "while away"})   # held, then replayed
+        ix = await emulator.slash(emulator.admin, "imagine", {"prompt": "while away"})  # held, then replayed
         assert not emulator.connected
         assert (await ix.wait_response()).content.startswith("while away")
         await emulator.wait_for(lambda: resumed, what="on_resumed")
@@ -263,8 +278,10 @@ async def test_channel_permissions_are_enforced_as_discord_does(emulator: Emulat
         await emulator.set_permissions(emulator.general, emulator.bot_user, deny=ATTACH_FILES)
         await emulator.set_permissions(art, emulator.bot_user, deny=EMBED_LINKS)
         await emulator.set_permissions(emulator.nsfw_channel, emulator.bot_user, deny=VIEW_CHANNEL)
-        await emulator.wait_for(lambda: not bot.get_channel(art.id).permissions_for(guild.me).embed_links,
-                                what="the overwrites in the bot's cache")
+        await emulator.wait_for(
+            lambda: not bot.get_channel(art.id).permissions_for(guild.me).embed_links,
+            what="the overwrites in the bot's cache",
+        )
         assert not bot.get_channel(emulator.general.id).permissions_for(guild.me).attach_files
 
         general = bot.get_channel(emulator.general.id)

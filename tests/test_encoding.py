@@ -21,8 +21,9 @@ BUDGET = 120  # seconds any wait below may take on a slow, shared machine
 
 
 def make_request(job_id: int, **fields) -> GenerationRequest:
-    defaults = dict(prompt=f"prompt {job_id}", seed=100 + job_id, steps=4, guidance=5.0, width=64, height=64,
-                    sampler="euler_a")
+    defaults = dict(
+        prompt=f"prompt {job_id}", seed=100 + job_id, steps=4, guidance=5.0, width=64, height=64, sampler="euler_a"
+    )
     return GenerationRequest.of(job_id=job_id, **(defaults | fields))
 
 
@@ -58,6 +59,7 @@ def test_pngs_previews_and_uint8_conversion_run_off_the_engine_thread(make_worke
         def run(*args, **kwargs):
             threads[kind].add(threading.current_thread().name)
             return real(*args, **kwargs)
+
         return run
 
     monkeypatch.setattr(engine.pipeline, "encode_png", recorded("png", engine.pipeline.encode_png))
@@ -71,10 +73,10 @@ def test_pngs_previews_and_uint8_conversion_run_off_the_engine_thread(make_worke
     # The same images as one job at a time in the calling thread.
     monkeypatch.undo()
     pipeline = Pipeline(tiny_model)
-    for request, result in zip(requests, results):
+    for request, result in zip(requests, results, strict=False):
         alone = pipeline.generate(request)
         assert [image.seed for image in result.images] == [image.seed for image in alone.images]
-        for image, expected in zip(result.images, alone.images):
+        for image, expected in zip(result.images, alone.images, strict=False):
             assert_same_image(image.png, expected.png)
 
 

@@ -29,8 +29,9 @@ from tolerance import assert_same_image, assert_same_latents
 
 
 def make_request(job_id: int, **fields) -> GenerationRequest:
-    defaults = dict(prompt=f"prompt {job_id}", seed=100 + job_id, steps=4, guidance=5.0, width=64, height=64,
-                    sampler="euler_a")
+    defaults = dict(
+        prompt=f"prompt {job_id}", seed=100 + job_id, steps=4, guidance=5.0, width=64, height=64, sampler="euler_a"
+    )
     return GenerationRequest.of(job_id=job_id, **(defaults | fields))
 
 
@@ -69,8 +70,12 @@ def make_worker(tiny_model):
 
     def make(max_batch: int = 8, fits_rows: int | None = None, model=None, **settings) -> EngineWorker:
         clock = settings.pop("clock", None) or ManualClock()
-        worker = EngineWorker(model or tiny_model, EngineSettings(max_batch=max_batch, preview_every=0, **settings),
-                              GenerationSettings(max_steps=500), clock=clock)
+        worker = EngineWorker(
+            model or tiny_model,
+            EngineSettings(max_batch=max_batch, preview_every=0, **settings),
+            GenerationSettings(max_steps=500),
+            clock=clock,
+        )
         if fits_rows is not None:
             worker.pipeline.denoiser = OutOfMemoryAbove(worker.pipeline.denoiser, fits_rows)
         workers.append(worker)
@@ -84,8 +89,9 @@ def make_worker(tiny_model):
 Outcomes = dict[int, object]  # job id -> its GenerationResult, or the exception it raised
 
 
-def run_all(worker: EngineWorker, requests: list[GenerationRequest],
-            joining: dict[int, list[GenerationRequest]] | None = None) -> tuple[Outcomes, list[tuple[int, int]]]:
+def run_all(
+    worker: EngineWorker, requests: list[GenerationRequest], joining: dict[int, list[GenerationRequest]] | None = None
+) -> tuple[Outcomes, list[tuple[int, int]]]:
     """Run ``requests`` together; ``joining[step]`` are submitted once the first job reports that step.
 
     Returns each job's result (or exception) and every ``(job_id, step)`` progress, in order.
@@ -119,7 +125,7 @@ def run_all(worker: EngineWorker, requests: list[GenerationRequest],
 
 def assert_same_images(result, reference) -> None:
     assert [image.seed for image in result.images] == [image.seed for image in reference.images]
-    for image, expected in zip(result.images, reference.images):
+    for image, expected in zip(result.images, reference.images, strict=False):
         assert_same_image(image.png, expected.png)
 
 
@@ -313,8 +319,6 @@ def test_a_zero_time_limit_means_none(make_worker):
 
 
 # ---------------------------------------------------------------------------- stored end to end
-
-
 
 
 def test_the_runner_stores_engine_faults_as_failures_with_their_reason(sqlite_queue, make_worker):

@@ -49,14 +49,24 @@ def outside(size: tuple[int, int], box: tuple[int, int, int, int], reach: int) -
     """[h, w] bool: True farther than ``reach`` pixels (along either axis) from ``box``."""
     x1, y1, x2, y2 = box
     keep = np.ones((size[1], size[0]), dtype=bool)
-    keep[max(y1 - reach, 0):y2 + reach, max(x1 - reach, 0):x2 + reach] = False
+    keep[max(y1 - reach, 0) : y2 + reach, max(x1 - reach, 0) : x2 + reach] = False
     return keep
 
 
 def masked_request(job_id: int = 1, **fields) -> GenerationRequest:
-    defaults = dict(prompt="a red fox", negative_prompt="blurry", seed=7, steps=4, guidance=6.0,
-                    width=WIDTH, height=HEIGHT, sampler="euler_a", init_image=png(init_image()),
-                    mask=png(rectangle_mask((WIDTH, HEIGHT), HOLE)), strength=1.0)
+    defaults = dict(
+        prompt="a red fox",
+        negative_prompt="blurry",
+        seed=7,
+        steps=4,
+        guidance=6.0,
+        width=WIDTH,
+        height=HEIGHT,
+        sampler="euler_a",
+        init_image=png(init_image()),
+        mask=png(rectangle_mask((WIDTH, HEIGHT), HOLE)),
+        strength=1.0,
+    )
     return GenerationRequest.of(job_id=job_id, **(defaults | fields))
 
 
@@ -75,7 +85,9 @@ def test_only_the_feathered_mask_changes(pipeline, strength, content):
     assert keep.sum() > 0.5 * keep.size
     assert np.array_equal(out[keep], init[keep])
     x1, y1, x2, y2 = HOLE
-    assert np.abs(out[y1 + 3:y2 - 3, x1 + 3:x2 - 3] - init[y1 + 3:y2 - 3, x1 + 3:x2 - 3]).mean() > 5  # repainted
+    assert (
+        np.abs(out[y1 + 3 : y2 - 3, x1 + 3 : x2 - 3] - init[y1 + 3 : y2 - 3, x1 + 3 : x2 - 3]).mean() > 5
+    )  # repainted
 
 
 def test_without_blur_the_mask_is_a_hard_edge(pipeline):
@@ -95,22 +107,29 @@ def test_transparent_means_repaint_as_white_does(pipeline):
 
 def test_a_mask_of_another_size_is_stretched_to_the_image(pipeline):
     big = rectangle_mask((WIDTH * 2, HEIGHT * 2), tuple(2 * v for v in HOLE))
-    assert_same_image(pipeline.generate(masked_request(mask=png(big))).images[0].png,
-                      pipeline.generate(masked_request()).images[0].png)
+    assert_same_image(
+        pipeline.generate(masked_request(mask=png(big))).images[0].png,
+        pipeline.generate(masked_request()).images[0].png,
+    )
 
 
 def test_only_masked_generates_the_area_at_the_job_size_and_pastes_it_back(pipeline):
     # A 192x144 init image with a small hole: the result keeps the init image's size.
     size, hole = (192, 144), (100, 60, 116, 76)
-    request = masked_request(init_image=png(init_image(*size)), mask=png(rectangle_mask(size, hole)),
-                             inpaint_full_res=True, inpaint_padding=8, mask_blur=2)
+    request = masked_request(
+        init_image=png(init_image(*size)),
+        mask=png(rectangle_mask(size, hole)),
+        inpaint_full_res=True,
+        inpaint_padding=8,
+        mask_blur=2,
+    )
     result = pipeline.generate(request)
     out, init = image_array(result.images[0].png), image_array(init_image(*size))
     assert out.shape == init.shape
     keep = outside(size, hole, feather_reach(2))
     assert np.array_equal(out[keep], init[keep])
     x1, y1, x2, y2 = hole
-    assert np.abs(out[y1 + 3:y2 - 3, x1 + 3:x2 - 3] - init[y1 + 3:y2 - 3, x1 + 3:x2 - 3]).mean() > 5
+    assert np.abs(out[y1 + 3 : y2 - 3, x1 + 3 : x2 - 3] - init[y1 + 3 : y2 - 3, x1 + 3 : x2 - 3]).mean() > 5
     fields = read_parameters(result.images[0].png)
     assert (fields["Inpaint area"], fields["Masked area padding"], fields["Mask blur"]) == ("Only masked", "8", "2")
 
@@ -123,14 +142,17 @@ def test_masked_jobs_write_automatic1111_inpainting_fields(pipeline):
     assert "Masked content" not in plain  # "original" is AUTOMATIC1111's default, left out as it does
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    (dict(init_image=None), "A mask needs the image it applies to"),
-    (dict(mask=png(Image.new("L", (WIDTH, HEIGHT), 0))), "The mask selects nothing"),
-    (dict(mask=b"not an image"), "The mask could not be read"),
-    (dict(masked_content="smudge"), "Unknown masked content 'smudge'"),
-    (dict(mask_blur=-1), "Mask blur must be 0 to 64 pixels"),
-    (dict(inpaint_padding=1000, inpaint_full_res=True), "masked area padding 0 to 256"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(init_image=None), "A mask needs the image it applies to"),
+        (dict(mask=png(Image.new("L", (WIDTH, HEIGHT), 0))), "The mask selects nothing"),
+        (dict(mask=b"not an image"), "The mask could not be read"),
+        (dict(masked_content="smudge"), "Unknown masked content 'smudge'"),
+        (dict(mask_blur=-1), "Mask blur must be 0 to 64 pixels"),
+        (dict(inpaint_padding=1000, inpaint_full_res=True), "masked area padding 0 to 256"),
+    ],
+)
 def test_bad_masks_are_refused_with_what_to_do(pipeline, fields, message):
     with pytest.raises(GenerationError, match=message):
         pipeline.prepare(masked_request(**fields))
@@ -160,10 +182,21 @@ def run_together(pipeline: Pipeline, requests: list[GenerationRequest], park_aft
 @pytest.mark.parametrize("park_after", [None, 2])
 def test_a_masked_job_gives_the_same_image_alone_among_others_and_after_parking(pipeline, park_after):
     masked = masked_request(1, strength=0.7, sampler="dpmpp_2m_karras")
-    others = [GenerationRequest.of(job_id=2, prompt="a boat", seed=3, steps=4, width=WIDTH, height=HEIGHT),
-              GenerationRequest.of(job_id=3, prompt="a tree", seed=4, steps=9, width=WIDTH, height=HEIGHT,
-                                   init_image=png(init_image().rotate(180)), strength=0.5, sampler="euler"),
-              masked_request(4, seed=11, mask=png(rectangle_mask((WIDTH, HEIGHT), (0, 0, 20, 20))))]
+    others = [
+        GenerationRequest.of(job_id=2, prompt="a boat", seed=3, steps=4, width=WIDTH, height=HEIGHT),
+        GenerationRequest.of(
+            job_id=3,
+            prompt="a tree",
+            seed=4,
+            steps=9,
+            width=WIDTH,
+            height=HEIGHT,
+            init_image=png(init_image().rotate(180)),
+            strength=0.5,
+            sampler="euler",
+        ),
+        masked_request(4, seed=11, mask=png(rectangle_mask((WIDTH, HEIGHT), (0, 0, 20, 20)))),
+    ]
     together = run_together(pipeline, [masked, *others], park_after)
     for request in [masked, *others]:
         assert_same_image(together[request.job_id], pipeline.generate(request).images[0].png)
@@ -174,8 +207,10 @@ def test_a_masked_job_gives_the_same_image_alone_among_others_and_after_parking(
 
 def test_masked_jobs_survive_out_of_memory_and_cancelling_like_any_other(make_worker, pipeline):
     masked = masked_request(1, steps=30, count=2)
-    joining = {2: [masked_request(2, steps=5, seed=21, inpaint_full_res=True)],
-               3: [GenerationRequest.of(job_id=3, prompt="a boat", seed=3, steps=6, width=WIDTH, height=HEIGHT)]}
+    joining = {
+        2: [masked_request(2, steps=5, seed=21, inpaint_full_res=True)],
+        3: [GenerationRequest.of(job_id=3, prompt="a boat", seed=3, steps=6, width=WIDTH, height=HEIGHT)],
+    }
     reference = {request.job_id: pipeline.generate(request) for request in [masked, *joining[2], *joining[3]]}
 
     worker = make_worker(fits_rows=3)

@@ -45,7 +45,7 @@ def test_the_feather_reaches_exactly_as_far_as_said(radius):
     reach = feather_reach(radius)
     x1, y1, x2, y2 = box
     inside = np.zeros(feathered.shape, dtype=bool)
-    inside[y1 - reach:y2 + reach, x1 - reach:x2 + reach] = True
+    inside[y1 - reach : y2 + reach, x1 - reach : x2 + reach] = True
     assert not feathered[~inside].any()
     assert feathered[y1 + (y2 - y1) // 2, x1 - 1] > 0  # it does fade out past the edge
     assert feathered[y1 + (y2 - y1) // 2, x1 + (x2 - x1) // 2] >= 200  # and is (nearly) full inside

@@ -80,13 +80,24 @@ def test_inpainting_checkpoints_load_and_generate_in_every_format(models_dir, fo
     pipeline = Pipeline(model)
     plain = pipeline.generate(GenerationRequest.of(1, prompt="a fox", seed=1, steps=3, width=64, height=64))
     assert image_array(plain.images[0].png).std() > 0
-    masked = pipeline.generate(GenerationRequest.of(
-        2, prompt="a fox", seed=1, steps=3, width=64, height=64, init_image=png(init_image()),
-        mask=png(hole_mask()), strength=1.0, mask_blur=2))
+    masked = pipeline.generate(
+        GenerationRequest.of(
+            2,
+            prompt="a fox",
+            seed=1,
+            steps=3,
+            width=64,
+            height=64,
+            init_image=png(init_image()),
+            mask=png(hole_mask()),
+            strength=1.0,
+            mask_blur=2,
+        )
+    )
     out, init = image_array(masked.images[0].png), image_array(init_image())
     keep = np.ones((64, 64), dtype=bool)
     reach = feather_reach(2)
-    keep[HOLE[1] - reach:HOLE[3] + reach, HOLE[0] - reach:HOLE[2] + reach] = False
+    keep[HOLE[1] - reach : HOLE[3] + reach, HOLE[0] - reach : HOLE[2] + reach] = False
     assert np.array_equal(out[keep], init[keep])
     assert not np.array_equal(out[~keep], init[~keep])
 
@@ -107,8 +118,17 @@ def test_plain_checkpoints_are_not_inpainting_ones(tiny_model):
 
 def test_the_mask_and_masked_image_reach_the_inpainting_unet(models_dir):
     pipeline = Pipeline(load(write(models_dir, "file", "sd1", 9)))
-    request = GenerationRequest.of(1, prompt="a fox", seed=1, steps=3, width=64, height=64,
-                                   init_image=png(init_image()), mask=png(hole_mask()), strength=0.8)
+    request = GenerationRequest.of(
+        1,
+        prompt="a fox",
+        seed=1,
+        steps=3,
+        width=64,
+        height=64,
+        init_image=png(init_image()),
+        mask=png(hole_mask()),
+        strength=0.8,
+    )
     job = pipeline.prepare(request)
     assert job.blend is None  # the UNet is told where to paint instead
     mask, image_latents = job.cond.image[:, :1], job.cond.image[:, 1:]
@@ -124,11 +144,22 @@ def test_the_mask_and_masked_image_reach_the_inpainting_unet(models_dir):
 def test_a_masked_job_on_an_inpainting_model_batches_with_others(models_dir):
     pipeline = Pipeline(load(write(models_dir, "file", "sd1", 9)))
     requests = [
-        GenerationRequest.of(1, prompt="a fox", seed=1, steps=4, width=64, height=64, init_image=png(init_image()),
-                             mask=png(hole_mask()), strength=0.9, count=2),
+        GenerationRequest.of(
+            1,
+            prompt="a fox",
+            seed=1,
+            steps=4,
+            width=64,
+            height=64,
+            init_image=png(init_image()),
+            mask=png(hole_mask()),
+            strength=0.9,
+            count=2,
+        ),
         GenerationRequest.of(2, prompt="a boat", seed=5, steps=3, width=64, height=64, sampler="euler"),
-        GenerationRequest.of(3, prompt="a tree", seed=6, steps=5, width=64, height=64, init_image=png(init_image()),
-                             strength=0.6),
+        GenerationRequest.of(
+            3, prompt="a tree", seed=6, steps=5, width=64, height=64, init_image=png(init_image()), strength=0.6
+        ),
     ]
     batch = Batch(pipeline.denoiser)
     for request in requests:
@@ -141,7 +172,7 @@ def test_a_masked_job_on_an_inpainting_model_batches_with_others(models_dir):
             together[entry.job.request.job_id] = pipeline.finish(entry.job, images)
     for request in requests:
         alone = pipeline.generate(request)
-        for a, b in zip(together[request.job_id].images, alone.images):
+        for a, b in zip(together[request.job_id].images, alone.images, strict=False):
             assert_same_image(a.png, b.png)
 
 
@@ -156,8 +187,11 @@ def test_instruct_pix2pix_checkpoints_are_refused_by_name(models_dir, form):
 def test_an_sdxl_refiner_file_is_refused_by_name(models_dir):
     # A refiner keeps only SDXL's second text encoder, as embedder 0.
     base = save_single_file(models_dir / "base.safetensors", "sdxl")
-    state = {key.replace("conditioner.embedders.1.", "conditioner.embedders.0."): tensor
-             for key, tensor in load_file(base).items() if not key.startswith("conditioner.embedders.0.")}
+    state = {
+        key.replace("conditioner.embedders.1.", "conditioner.embedders.0."): tensor
+        for key, tensor in load_file(base).items()
+        if not key.startswith("conditioner.embedders.0.")
+    }
     refiner = models_dir / "refiner.safetensors"
     save_file(state, refiner)
     with pytest.raises(ModelLoadError, match="an SDXL refiner") as refused:
@@ -190,7 +224,9 @@ def test_an_sd2_inpainting_file_with_the_shipped_config_is_the_512_epsilon_model
     shutil.rmtree(path.with_suffix(""))
     for folder in (data / "sd2" / "unet", data / "sd2" / "scheduler"):  # as the shipped one: plain, 768-v
         config = next(folder.glob("*.json"))
-        changes = {"in_channels": 4, "sample_size": 96} if folder.name == "unet" else {"prediction_type": "v_prediction"}
+        changes = (
+            {"in_channels": 4, "sample_size": 96} if folder.name == "unet" else {"prediction_type": "v_prediction"}
+        )
         config.write_text(json.dumps(json.loads(config.read_text()) | changes))
     monkeypatch.setattr("engine.loading.DATA_DIR", data)
     model = load(path)

@@ -35,7 +35,9 @@ def assert_image_at(canvas, image: Image.Image, left: int, top: int) -> None:
     assert kept_box(canvas.mask) == box
     assert np.array_equal(np.asarray(canvas.image.crop(box)), np.asarray(image))
     mask = np.asarray(canvas.mask)
-    assert (mask[top:box[3], left:box[2]] == 0).all() and (mask == 255).sum() == mask.size - image.width * image.height
+    assert (mask[top : box[3], left : box[2]] == 0).all() and (
+        mask == 255
+    ).sum() == mask.size - image.width * image.height
 
 
 @pytest.mark.parametrize(("factor", "size", "at"), [(1.5, (768, 768), (128, 128)), (2.0, (1024, 1024), (256, 256))])
@@ -46,10 +48,15 @@ def test_zoom_out_centres_the_image_on_a_larger_canvas(factor, size, at):
     assert_image_at(canvas, image, *at)
 
 
-@pytest.mark.parametrize(("direction", "size", "at"), [
-    ("left", (768, 384), (256, 0)), ("right", (768, 384), (0, 0)),
-    ("up", (512, 576), (0, 192)), ("down", (512, 576), (0, 0)),
-])
+@pytest.mark.parametrize(
+    ("direction", "size", "at"),
+    [
+        ("left", (768, 384), (256, 0)),
+        ("right", (768, 384), (0, 0)),
+        ("up", (512, 576), (0, 192)),
+        ("down", (512, 576), (0, 0)),
+    ],
+)
 def test_pan_extends_by_half_towards_one_side(direction, size, at):
     image = picture(512, 384)
     canvas = pan(image, direction, BIG)
@@ -75,9 +82,14 @@ def test_odd_sizes_give_a_canvas_on_the_latent_grid_that_holds_the_whole_image()
     assert_image_at(canvas, image, left, top)
 
 
-@pytest.mark.parametrize("make", [lambda im, budget: zoom_out(im, 2.0, budget),
-                                  lambda im, budget: pan(im, "right", budget),
-                                  lambda im, budget: make_square(im, budget)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda im, budget: zoom_out(im, 2.0, budget),
+        lambda im, budget: pan(im, "right", budget),
+        lambda im, budget: make_square(im, budget),
+    ],
+)
 def test_the_canvas_is_scaled_down_to_the_pixel_budget(make):
     image = picture(768, 512)
     budget = 768 * 768
@@ -108,13 +120,23 @@ def test_a_zoomed_out_canvas_outpaints_and_keeps_the_image(tiny_model):
         buffer = io.BytesIO()
         part.save(buffer, format="PNG")
         buffers.append(buffer.getvalue())
-    result = Pipeline(tiny_model).generate(GenerationRequest.of(
-        1, prompt="a wide view", seed=2, steps=3, width=width, height=height, init_image=buffers[0],
-        mask=buffers[1], strength=1.0))
+    result = Pipeline(tiny_model).generate(
+        GenerationRequest.of(
+            1,
+            prompt="a wide view",
+            seed=2,
+            steps=3,
+            width=width,
+            height=height,
+            init_image=buffers[0],
+            mask=buffers[1],
+            strength=1.0,
+        )
+    )
     out = image_array(result.images[0].png)
     left, top, right, bottom = kept_box(canvas.mask)
     reach = feather_reach(4)
-    inner = out[top + reach:bottom - reach, left + reach:right - reach]
+    inner = out[top + reach : bottom - reach, left + reach : right - reach]
     assert np.array_equal(inner, image_array(image)[reach:-reach, reach:-reach])
 
 

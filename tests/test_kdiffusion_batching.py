@@ -24,8 +24,9 @@ def pipeline(tiny_model) -> Pipeline:
 
 
 def make_request(job_id: int, **fields) -> GenerationRequest:
-    defaults = dict(prompt=f"prompt {job_id}", seed=300 + job_id, steps=4, guidance=5.0, width=64, height=64,
-                    sampler="heun")
+    defaults = dict(
+        prompt=f"prompt {job_id}", seed=300 + job_id, steps=4, guidance=5.0, width=64, height=64, sampler="heun"
+    )
     return GenerationRequest.of(job_id=job_id, **(defaults | fields))
 
 
@@ -39,9 +40,13 @@ def run_alone(pipeline: Pipeline, request: GenerationRequest):
 
 
 KDIFFUSION = {
-    "heun": (K.sample_heun, None), "lms": (K.sample_lms, None), "dpm2": (K.sample_dpm_2, None),
-    "dpm2_a": (K.sample_dpm_2_ancestral, "ancestral"), "dpmpp_sde": (K.sample_dpmpp_sde, "brownian"),
-    "dpmpp_2m_sde": (K.sample_dpmpp_2m_sde, "brownian"), "dpmpp_3m_sde": (K.sample_dpmpp_3m_sde, "brownian"),
+    "heun": (K.sample_heun, None),
+    "lms": (K.sample_lms, None),
+    "dpm2": (K.sample_dpm_2, None),
+    "dpm2_a": (K.sample_dpm_2_ancestral, "ancestral"),
+    "dpmpp_sde": (K.sample_dpmpp_sde, "brownian"),
+    "dpmpp_2m_sde": (K.sample_dpmpp_2m_sde, "brownian"),
+    "dpmpp_3m_sde": (K.sample_dpmpp_3m_sde, "brownian"),
     "dpmpp_2m": (K.sample_dpmpp_2m, None),
 }
 
@@ -59,11 +64,17 @@ def test_a_job_in_the_engine_matches_kdiffusion_on_the_tiny_unet(pipeline, name)
         kwargs["noise_sampler"] = lambda *_: job.ancestral_noise()
     elif noise == "brownian":
         sigmas = job.sigmas
-        kwargs["noise_sampler"] = K.BrownianTreeNoiseSampler(job.latents, sigmas[sigmas > 0].min(), sigmas.max(),
-                                                             seed=job.seeds)
+        kwargs["noise_sampler"] = K.BrownianTreeNoiseSampler(
+            job.latents, sigmas[sigmas > 0].min(), sigmas.max(), seed=job.seeds
+        )
     with torch.inference_mode():
-        reference = function(lambda x, sigma: pipeline.denoiser(x, sigma, job.cond), job.latents.float(),
-                             job.sigmas, disable=True, **kwargs)
+        reference = function(
+            lambda x, sigma: pipeline.denoiser(x, sigma, job.cond),
+            job.latents.float(),
+            job.sigmas,
+            disable=True,
+            **kwargs,
+        )
     # DPM++ 2M's step (ours since before these samplers) is written in another, equal form: its
     # rounding differs by a little more than 1e-5 on the UNet's values.
     tolerance = 1e-4 if name == "dpmpp_2m" else 1e-5
@@ -127,8 +138,10 @@ def test_each_job_denoises_the_same_alone_and_batched_with_the_others(pipeline, 
         assert_same_latents(together[job_id], latents)
 
 
-@pytest.mark.parametrize(("name", "steps", "engine_steps"), [("heun", 4, 7), ("dpmpp_sde", 4, 7), ("dpm2_a", 5, 9),
-                                                             ("lms", 4, 4), ("dpmpp_3m_sde", 5, 5)])
+@pytest.mark.parametrize(
+    ("name", "steps", "engine_steps"),
+    [("heun", 4, 7), ("dpmpp_sde", 4, 7), ("dpm2_a", 5, 9), ("lms", 4, 4), ("dpmpp_3m_sde", 5, 5)],
+)
 def test_progress_counts_the_members_steps(pipeline, name, steps, engine_steps):
     """A second-order step is two UNet calls (one for the last, Euler step), but one step of progress."""
     job, entry, _ = run_alone(pipeline, make_request(1, sampler=name, steps=steps))
@@ -147,6 +160,7 @@ def test_brownian_noise_is_per_image_seed(pipeline):
 
 def test_every_sampler_has_its_automatic1111_label():
     assert set(SAMPLER_NAMES) == set(SAMPLERS)
-    assert [SAMPLER_NAMES[name] for name in ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde", "heun", "lms", "dpm2",
-                                             "dpm2_a", "unipc", "lcm")] == [
-        "DPM++ 2M SDE", "DPM++ SDE", "DPM++ 3M SDE", "Heun", "LMS", "DPM2", "DPM2 a", "UniPC", "LCM"]
+    assert [
+        SAMPLER_NAMES[name]
+        for name in ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde", "heun", "lms", "dpm2", "dpm2_a", "unipc", "lcm")
+    ] == ["DPM++ 2M SDE", "DPM++ SDE", "DPM++ 3M SDE", "Heun", "LMS", "DPM2", "DPM2 a", "UniPC", "LCM"]

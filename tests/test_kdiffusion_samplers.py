@@ -85,8 +85,9 @@ CASES = [
 @pytest.mark.parametrize("schedule_type", ["automatic", "karras", "exponential"])
 def test_sampler_matches_kdiffusion(schedule, name, function, noise, schedule_type):
     sampler = SAMPLERS[name]
-    sigmas = member_sigmas(schedule, sampler.discretization, schedule_type, 9,
-                           discard_penultimate=sampler.discard_penultimate).float()
+    sigmas = member_sigmas(
+        schedule, sampler.discretization, schedule_type, 9, discard_penultimate=sampler.discard_penultimate
+    ).float()
     torch.testing.assert_close(ours(name, sigmas), reference(function, sigmas, noise), **TOLERANCE)
 
 
@@ -94,8 +95,9 @@ def test_sampler_matches_kdiffusion(schedule, name, function, noise, schedule_ty
 def test_sampler_matches_kdiffusion_for_img2img(schedule, name, function, noise):
     """A tail of the schedule (strength 0.6), where the first step starts without history."""
     sampler = SAMPLERS[name]
-    sigmas = member_sigmas(schedule, sampler.discretization, "automatic", 12, strength=0.6,
-                           discard_penultimate=sampler.discard_penultimate).float()
+    sigmas = member_sigmas(
+        schedule, sampler.discretization, "automatic", 12, strength=0.6, discard_penultimate=sampler.discard_penultimate
+    ).float()
     torch.testing.assert_close(ours(name, sigmas), reference(function, sigmas, noise), **TOLERANCE)
 
 
@@ -118,8 +120,15 @@ def test_unipc_matches_diffusers_unipc_multistep(steps):
     on VP latents alpha * x over the same sigmas, fed the toy denoiser's noise prediction. Its bh1
     step to sigma 0 is NaN (B(h) is infinite there), so the reference ends at sigma_min; our step to 0
     lands on the denoised image, as every order-1 UniPC step to 0 does."""
-    reference = UniPCMultistepScheduler(**SD_BETAS, solver_order=3, solver_type="bh1", lower_order_final=True,
-                                        predict_x0=True, timestep_spacing="linspace", final_sigmas_type="sigma_min")
+    reference = UniPCMultistepScheduler(
+        **SD_BETAS,
+        solver_order=3,
+        solver_type="bh1",
+        lower_order_final=True,
+        predict_x0=True,
+        timestep_spacing="linspace",
+        final_sigmas_type="sigma_min",
+    )
     reference.set_timesteps(steps)
     sigmas = reference.sigmas.float()  # k-diffusion sigmas of its timesteps, then 0
     x = start(sigmas)

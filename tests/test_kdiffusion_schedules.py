@@ -13,7 +13,8 @@ from engine.pipeline import Pipeline
 from engine.samplers import SAMPLERS
 from engine.schedules import SCHEDULES, ModelSchedule, member_sigmas
 from engine.types import GenerationRequest
-from kdiffusion_ref import external, sampling as K
+from kdiffusion_ref import external
+from kdiffusion_ref import sampling as K
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 CLOSE = dict(rtol=1e-5, atol=1e-6)
@@ -67,9 +68,18 @@ def test_automatic_is_each_samplers_own_schedule(schedule, inner_model):
     """AUTOMATIC1111's defaults: Karras for DPM++ 2M, DPM++ SDE, DPM2 and DPM2 a, Exponential for the
     multistep SDE samplers, Uniform for Euler, Heun and LMS."""
     sigma_min, sigma_max = float(inner_model.sigma_min), float(inner_model.sigma_max)
-    karras, exponential = K.get_sigmas_karras(12, sigma_min, sigma_max), K.get_sigmas_exponential(12, sigma_min, sigma_max)
-    expected = {"dpmpp_2m": karras, "dpmpp_sde": karras, "dpmpp_2m_sde": exponential, "euler": inner_model.get_sigmas(12),
-                "heun": inner_model.get_sigmas(12), "lms": inner_model.get_sigmas(12)}
+    karras, exponential = (
+        K.get_sigmas_karras(12, sigma_min, sigma_max),
+        K.get_sigmas_exponential(12, sigma_min, sigma_max),
+    )
+    expected = {
+        "dpmpp_2m": karras,
+        "dpmpp_sde": karras,
+        "dpmpp_2m_sde": exponential,
+        "euler": inner_model.get_sigmas(12),
+        "heun": inner_model.get_sigmas(12),
+        "lms": inner_model.get_sigmas(12),
+    }
     for name, reference in expected.items():
         ours = member_sigmas(schedule, SAMPLERS[name].discretization, "automatic", 12).float()
         torch.testing.assert_close(ours, reference, **CLOSE, msg=name)
@@ -123,10 +133,19 @@ def test_the_infotexts_automatic_schedules_are_the_samplers():
     assert set(SCHEDULE_NAMES) == {"automatic", *SCHEDULES}
 
 
-@pytest.mark.parametrize(("sampler", "schedule", "label"), [
-    ("dpmpp_2m", "automatic", "Karras"), ("dpmpp_2m_sde", "automatic", "Exponential"), ("euler", "automatic", None),
-    ("euler", "uniform", "Uniform"), ("heun", "sgm_uniform", "SGM Uniform"), ("lms", "simple", "Simple"),
-    ("ddim", "karras", None), ("lcm", "automatic", None), ("lcm", "karras", "Karras"),
-])
+@pytest.mark.parametrize(
+    ("sampler", "schedule", "label"),
+    [
+        ("dpmpp_2m", "automatic", "Karras"),
+        ("dpmpp_2m_sde", "automatic", "Exponential"),
+        ("euler", "automatic", None),
+        ("euler", "uniform", "Uniform"),
+        ("heun", "sgm_uniform", "SGM Uniform"),
+        ("lms", "simple", "Simple"),
+        ("ddim", "karras", None),
+        ("lcm", "automatic", None),
+        ("lcm", "karras", "Karras"),
+    ],
+)
 def test_schedule_type_label_as_automatic1111_writes_it(sampler, schedule, label):
     assert GenerationParams(prompt="", seed=0, sampler=sampler, schedule=schedule).schedule_label == label

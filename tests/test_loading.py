@@ -11,13 +11,12 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
-from tinymodel import FAMILIES, build_tiny_components
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from engine.errors import ModelLoadError
-from engine.loading import (DATA_DIR, LoadedModel, alphas_cumprod_from_config, detect_family,
-                            load_model)
+from engine.loading import DATA_DIR, LoadedModel, alphas_cumprod_from_config, detect_family, load_model
 from engine.tokenizer import clip_tokenizer
+from tinymodel import FAMILIES, build_tiny_components
 
 CPU = dict(device="cpu", dtype=torch.float32, progress=False)
 
@@ -50,6 +49,7 @@ def assert_same_tensors(expected: torch.nn.Module, actual: torch.nn.Module) -> N
 
 # ---------------------------------------------------------------------------- tokenizer
 
+
 def test_clip_tokenizer_is_the_real_vocabulary():
     tokenizer = clip_tokenizer()
     assert len(tokenizer) == 49408
@@ -61,6 +61,7 @@ def test_clip_tokenizer_is_the_real_vocabulary():
 
 # ---------------------------------------------------------------------------- formats
 
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_single_file_loads_every_tensor_back(family, single_files, no_network):
     model = load_model(str(single_files[family]), **CPU)
@@ -70,7 +71,7 @@ def test_single_file_loads_every_tensor_back(family, single_files, no_network):
     assert_same_tensors(original["vae"], model.vae)
     encoders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
     assert len(model.text_encoders) == len(model.tokenizers) == len(encoders)
-    for name, loaded in zip(encoders, model.text_encoders):
+    for name, loaded in zip(encoders, model.text_encoders, strict=False):
         assert type(loaded) is type(original[name])
         assert_same_tensors(original[name], loaded)
 
@@ -132,16 +133,21 @@ def test_alphas_cumprod_match_diffusers():
     expected = EulerDiscreteScheduler.from_config(config).alphas_cumprod.double()
     assert torch.allclose(alphas_cumprod_from_config(config), expected, rtol=1e-5)
     linear = dict(config, beta_schedule="linear")
-    assert torch.allclose(alphas_cumprod_from_config(linear),
-                          EulerDiscreteScheduler.from_config(linear).alphas_cumprod.double(), rtol=1e-5)
+    assert torch.allclose(
+        alphas_cumprod_from_config(linear),
+        EulerDiscreteScheduler.from_config(linear).alphas_cumprod.double(),
+        rtol=1e-5,
+    )
 
 
 # ---------------------------------------------------------------------------- shipped configs
 
 #: Parameter counts of the released models (UNet, VAE, text encoder(s)).
-RELEASED = {"sd1": (859_520_964, 83_653_863, [123_060_480]),
-            "sd2": (865_910_724, 83_653_863, [340_387_840]),
-            "sdxl": (2_567_463_684, 83_653_863, [123_060_480, 694_659_840])}
+RELEASED = {
+    "sd1": (859_520_964, 83_653_863, [123_060_480]),
+    "sd2": (865_910_724, 83_653_863, [340_387_840]),
+    "sdxl": (2_567_463_684, 83_653_863, [123_060_480, 694_659_840]),
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -151,9 +157,13 @@ def test_shipped_configs_describe_the_released_models(family):
     with init_empty_weights():  # shapes only, no memory
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-        encoders = [(CLIPTextModelWithProjection if sub.endswith("_2") else CLIPTextModel)(
-                    CLIPTextConfig.from_pretrained(folder / sub))
-                    for sub in ("text_encoder", "text_encoder_2") if (folder / sub).is_dir()]
+        encoders = [
+            (CLIPTextModelWithProjection if sub.endswith("_2") else CLIPTextModel)(
+                CLIPTextConfig.from_pretrained(folder / sub)
+            )
+            for sub in ("text_encoder", "text_encoder_2")
+            if (folder / sub).is_dir()
+        ]
     assert (count(unet), count(vae), [count(e) for e in encoders]) == RELEASED[family]
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == ("StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline")
@@ -168,6 +178,7 @@ def test_single_file_without_its_config_uses_the_shipped_one_offline(tiny_sd_sin
 
 
 # ---------------------------------------------------------------------------- errors
+
 
 def test_missing_path(tmp_path):
     with pytest.raises(ModelLoadError, match="nothing.safetensors: no such file"):

@@ -48,8 +48,9 @@ def pipeline(lora_model):
 
 
 def request(prompt: str, job_id: int = 1, **kw) -> GenerationRequest:
-    return GenerationRequest.of(job_id=job_id, prompt=prompt, seed=7, steps=3, guidance=5.0, width=64, height=64,
-                             sampler="euler", **kw)
+    return GenerationRequest.of(
+        job_id=job_id, prompt=prompt, seed=7, steps=3, guidance=5.0, width=64, height=64, sampler="euler", **kw
+    )
 
 
 def pixels(result) -> np.ndarray:
@@ -60,19 +61,27 @@ def test_tags_are_parsed_and_left_out_of_the_text():
     assert strip_lora_tags("a cat <lora:detail:0.8>, sitting<LORA:x>") == "a cat , sitting"
     assert lora_key("<lora:b> x <lora:a:0.5>") == (("a", "0.5"), ("b", ""))
     assert [(u.name, u.weight) for u in parse_lora_key(lora_key("<lora:a:0.5><lora:a:0.25><lora:b>"))] == [
-        ("a", 0.75), ("b", 1.0)]
+        ("a", 0.75),
+        ("b", 1.0),
+    ]
 
 
-@pytest.mark.parametrize("tag", ["<lora:../detail>", "<lora:sub/detail>", "<lora:..\\detail:1>", "<lora::1>",
-                                 "<lora:/etc/passwd>"])
+@pytest.mark.parametrize(
+    "tag", ["<lora:../detail>", "<lora:sub/detail>", "<lora:..\\detail:1>", "<lora::1>", "<lora:/etc/passwd>"]
+)
 def test_paths_are_refused(tag):
     with pytest.raises(GenerationError, match="file name only"):
         parse_lora_key(lora_key(tag))
 
 
-@pytest.mark.parametrize(("tag", "message"), [("<lora:detail:lots>", "must be a number"),
-                                             ("<lora:detail:0.5:1>", "must be a number"),
-                                             ("<lora:detail:1e9>", "from -10 to 10")])
+@pytest.mark.parametrize(
+    ("tag", "message"),
+    [
+        ("<lora:detail:lots>", "must be a number"),
+        ("<lora:detail:0.5:1>", "must be a number"),
+        ("<lora:detail:1e9>", "from -10 to 10"),
+    ],
+)
 def test_bad_weights_are_refused(tag, message):
     with pytest.raises(GenerationError, match=message):
         parse_lora_key(lora_key(tag))
@@ -88,8 +97,10 @@ def test_the_adapters_hold_the_file_s_weights(pipeline, lora_model, lora_dir):
     adapter = pipeline.loras._loaded["detail"][0]
     unet_q = lora_model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_q
     text_v = lora_model.text_encoders[0].encoder.layers[1].self_attn.v_proj
-    for layer, key in ((unet_q, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"),
-                       (text_v, "lora_te_text_model_encoder_layers_1_self_attn_v_proj")):
+    for layer, key in (
+        (unet_q, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"),
+        (text_v, "lora_te_text_model_encoder_layers_1_self_attn_v_proj"),
+    ):
         assert torch.equal(layer.lora_A[adapter].weight, tensors[f"{key}.lora_down.weight"])
         assert torch.equal(layer.lora_B[adapter].weight, tensors[f"{key}.lora_up.weight"])
         assert layer.scaling[adapter] == 1.0  # alpha / rank, times the weight 1
@@ -154,6 +165,6 @@ def test_jobs_with_different_lora_sets_are_not_batched_together(lora_model, pipe
         results = asyncio.run(all_together())
     finally:
         worker.stop()
-    for got, expected in zip(results, alone):
+    for got, expected in zip(results, alone, strict=False):
         assert_same_image(pixels(got), expected)
     assert all(len(sets) == 1 for sets in batches)

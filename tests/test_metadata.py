@@ -11,8 +11,17 @@ from engine.types import GenerationRequest
 
 
 def make_request(**fields) -> GenerationRequest:
-    defaults = dict(job_id=42, prompt="a red fox, snow", negative_prompt="blurry", seed=1, steps=25,
-                    guidance=7.0, width=512, height=768, sampler="euler_a")
+    defaults = dict(
+        job_id=42,
+        prompt="a red fox, snow",
+        negative_prompt="blurry",
+        seed=1,
+        steps=25,
+        guidance=7.0,
+        width=512,
+        height=768,
+        sampler="euler_a",
+    )
     return GenerationRequest.of(**(defaults | fields))
 
 
@@ -26,8 +35,18 @@ def test_infotext_is_automatic1111s_format():
 
 
 def test_img2img_and_variation_fields():
-    text = infotext(make_request(init_image=b"png", strength=0.75, variation_seed=9, variation_strength=0.25,
-                                 guidance=7.5, negative_prompt=""), 2, "sd15")
+    text = infotext(
+        make_request(
+            init_image=b"png",
+            strength=0.75,
+            variation_seed=9,
+            variation_strength=0.25,
+            guidance=7.5,
+            negative_prompt="",
+        ),
+        2,
+        "sd15",
+    )
     assert "Negative prompt" not in text
     assert text.endswith(
         "CFG scale: 7.5, Seed: 2, Size: 512x768, Model: sd15, "
@@ -51,9 +70,11 @@ def test_png_round_trip():
 
 
 def test_parses_text_written_by_automatic1111():
-    text = ("masterpiece, a castle\nNegative prompt: lowres, bad hands\n"
-            "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 123, Size: 768x512, "
-            'Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Lora hashes: "a: 1, b: 2", Version: v1.6.0')
+    text = (
+        "masterpiece, a castle\nNegative prompt: lowres, bad hands\n"
+        "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 123, Size: 768x512, "
+        'Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Lora hashes: "a: 1, b: 2", Version: v1.6.0'
+    )
     params = parse_infotext(text)
     assert params["Prompt"] == "masterpiece, a castle"
     assert params["Negative prompt"] == "lowres, bad hands"

@@ -17,20 +17,25 @@ from engine.runner import QueueRunner
 from engine.settings import ConfigError, EngineSettings, GenerationSettings, ModelSettings, parse_engine_sections
 from engine.types import GenerationRequest
 from engine.worker import EngineWorker
-from engine_harness import sqlite_queue, run_until  # noqa: F401 - sqlite_queue is a fixture
+from engine_harness import run_until, sqlite_queue  # noqa: F401 - sqlite_queue is a fixture
 
 JOB = dict(prompt="a red fox", steps=2, guidance=5.0, width=64, height=64, sampler="euler", channel_id=1)
 
 
 # ---------------------------------------------------------------------------- config
 
+
 def test_models_tables_add_named_models_after_the_default():
-    settings = parse_engine_sections({
-        "model": {"source": "models/base.safetensors"},
-        "models": {"anime": {"source": "models/anything", "family": "sd1", "lora_dir": "loras/anime"},
-                   "xl": {"source": "models/xl.safetensors", "family": "sdxl"}},
-        "engine": {"max_loaded_models": 2, "model_switch_after": 30},
-    })
+    settings = parse_engine_sections(
+        {
+            "model": {"source": "models/base.safetensors"},
+            "models": {
+                "anime": {"source": "models/anything", "family": "sd1", "lora_dir": "loras/anime"},
+                "xl": {"source": "models/xl.safetensors", "family": "sdxl"},
+            },
+            "engine": {"max_loaded_models": 2, "model_switch_after": 30},
+        }
+    )
     assert [m.display_name for m in settings.all_models] == ["base", "anime", "xl"]
     assert settings.models[0].lora_dir == "loras/anime"
     assert settings.engine.max_loaded_models == 2 and settings.engine.model_switch_after == 30.0
@@ -44,21 +49,28 @@ def test_without_a_model_table_the_first_named_model_is_the_default():
     assert parse_engine_sections({}).all_models == (ModelSettings(),)
 
 
-@pytest.mark.parametrize(("raw", "message"), [
-    ({"model": {"source": "x/base.safetensors"}, "models": {"base": {"source": "y"}}}, "each model needs its own name"),
-    ({"models": {"a": {"source": "x", "family": "sd3"}}}, r"models\.a\.family = 'sd3'"),
-    ({"models": {"a": {"source": ""}}}, r"models\.a\.source"),
-    ({"models": {"a": {"source": "x", "name": "b"}}}, r"models\.a\.name"),
-    ({"models": {"a": {"source": "x", "colour": 1}}}, r"models\.a\.colour: unknown key"),
-    ({"models": {"a": "x"}}, r"\[models\] must hold one table per model"),
-    ({"engine": {"max_loaded_models": 0}}, r"engine\.max_loaded_models = 0"),
-])
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"model": {"source": "x/base.safetensors"}, "models": {"base": {"source": "y"}}},
+            "each model needs its own name",
+        ),
+        ({"models": {"a": {"source": "x", "family": "sd3"}}}, r"models\.a\.family = 'sd3'"),
+        ({"models": {"a": {"source": ""}}}, r"models\.a\.source"),
+        ({"models": {"a": {"source": "x", "name": "b"}}}, r"models\.a\.name"),
+        ({"models": {"a": {"source": "x", "colour": 1}}}, r"models\.a\.colour: unknown key"),
+        ({"models": {"a": "x"}}, r"\[models\] must hold one table per model"),
+        ({"engine": {"max_loaded_models": 0}}, r"engine\.max_loaded_models = 0"),
+    ],
+)
 def test_bad_model_config_names_the_key(raw, message):
     with pytest.raises(ConfigError, match=message):
         parse_engine_sections(raw)
 
 
 # ---------------------------------------------------------------------------- the pool
+
 
 @pytest.fixture(scope="module")
 def load_tiny(tiny_sd_folder, tiny_sd_single_file):
@@ -107,6 +119,7 @@ def test_pool_refuses_a_model_it_does_not_know(load_tiny):
 
 # ---------------------------------------------------------------------------- turns
 
+
 def test_turns_stay_with_the_current_model_while_it_has_work():
     turns = ModelTurns(["a", "b"], "a", switch_after=60)
     assert turns.choose({}, [], now=0) is None
@@ -142,9 +155,6 @@ def test_batch_key_is_the_model_and_the_lora_set():
 # ---------------------------------------------------------------------------- end to end
 
 
-
-
-
 def test_runner_groups_jobs_by_model_and_loads_each_once(sqlite_queue, load_tiny):
     """Jobs for two models, interleaved in the queue, with room for one model: each model is
     loaded once, every job of the model in turn is done before the switch, and each image says
@@ -155,8 +165,15 @@ def test_runner_groups_jobs_by_model_and_loads_each_once(sqlite_queue, load_tiny
     models = [None, "b", "a", "b", "a"]  # None: the default model, a
     jobs = [sqlite_queue.enqueue(requester_id=i + 1, seed=i, model=m, **JOB) for i, m in enumerate(models)]
     finished: list[int] = []
-    runner = QueueRunner(sqlite_queue, worker, worker_id="w1", on_finished=finished.append, max_in_flight=4,
-                         poll_interval=0.05, turns=ModelTurns.for_pool(pool, engine))
+    runner = QueueRunner(
+        sqlite_queue,
+        worker,
+        worker_id="w1",
+        on_finished=finished.append,
+        max_in_flight=4,
+        poll_interval=0.05,
+        turns=ModelTurns.for_pool(pool, engine),
+    )
     worker.start()
     try:
         asyncio.run(run_until(runner, sqlite_queue, [j.id for j in jobs]))
@@ -164,7 +181,7 @@ def test_runner_groups_jobs_by_model_and_loads_each_once(sqlite_queue, load_tiny
         worker.stop()
     assert [sqlite_queue.get(j.id).status for j in jobs] == [JobStatus.done] * 5
     assert load_tiny.loads == {"a": 1, "b": 1}
-    by_id = {j.id: (m or "a") for j, m in zip(jobs, models)}
+    by_id = {j.id: (m or "a") for j, m in zip(jobs, models, strict=False)}
     assert [by_id[i] for i in finished] == ["a", "a", "a", "b", "b"]
     for job in jobs:
         png = sqlite_queue.images(job.id)[0].png
@@ -188,6 +205,7 @@ def test_a_job_for_an_unknown_model_fails_with_the_names(load_tiny):
 
 def test_pool_unloads_more_models_when_memory_runs_out(load_tiny):
     """Memory for one model only: loading a second one drops the first instead of failing."""
+
     def load(model: ModelSettings):
         if pool.loaded():  # a fake device that fits one model
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")

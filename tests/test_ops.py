@@ -36,8 +36,10 @@ class Clock:
 
 @asynccontextmanager
 async def serving(metrics: Metrics | None = None, health: Health | None = None) -> AsyncIterator[Client]:
-    async with OpsServer(TEST_SETTINGS, metrics=metrics, health=health) as server, \
-            aiohttp.ClientSession(base_url=server.url) as session:
+    async with (
+        OpsServer(TEST_SETTINGS, metrics=metrics, health=health) as server,
+        aiohttp.ClientSession(base_url=server.url) as session,
+    ):
         yield Client(session)
 
 
@@ -51,8 +53,11 @@ class Client:
             assert response.status == 200
             assert response.headers["Content-Type"].startswith("text/plain; version=")
             text = await response.text()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     async def health(self) -> tuple[int, dict]:
         async with self.session.get("/healthz") as response:
@@ -168,8 +173,13 @@ async def test_each_metrics_has_its_own_registry() -> None:
 
 async def test_gpu_memory_only_once_cuda_is_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
     # A stand-in for torch with two GPUs, so the CPU-only CI reads the same code path as a GPU.
-    cuda = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: False, device_count=lambda: 2,
-                                 memory_allocated=lambda i: 1000 * (i + 1), memory_reserved=lambda i: 4096 * (i + 1))
+    cuda = types.SimpleNamespace(
+        is_available=lambda: True,
+        is_initialized=lambda: False,
+        device_count=lambda: 2,
+        memory_allocated=lambda i: 1000 * (i + 1),
+        memory_reserved=lambda i: 4096 * (i + 1),
+    )
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
     async with serving(Metrics()) as client:
         names = {name for name, _ in await client.metrics()}
@@ -204,8 +214,10 @@ async def test_healthz_fails_naming_the_task_that_ended_and_follows_a_restart() 
     health.add_task("delivery", lambda: tasks["delivery"])
     try:
         async with serving(health=health) as client:
-            assert await client.health() == (200, {"ok": True, "checks": {"queue-runner": True, "delivery": True},
-                                                   "failed": []})
+            assert await client.health() == (
+                200,
+                {"ok": True, "checks": {"queue-runner": True, "delivery": True}, "failed": []},
+            )
             stop.set()
             await tasks["queue-runner"]
             status, body = await client.health()
@@ -236,8 +248,10 @@ async def test_healthz_fails_when_a_check_says_no_or_raises() -> None:
         assert await client.health() == (503, {"ok": False, "checks": {"database": False}, "failed": ["database"]})
         health.add_check("discord", discord)
         database["up"] = True
-        assert await client.health() == (503, {"ok": False, "checks": {"database": True, "discord": False},
-                                               "failed": ["discord"]})
+        assert await client.health() == (
+            503,
+            {"ok": False, "checks": {"database": True, "discord": False}, "failed": ["discord"]},
+        )
 
 
 async def test_a_check_that_hangs_is_a_503_not_a_hung_probe(monkeypatch: pytest.MonkeyPatch) -> None:

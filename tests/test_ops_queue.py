@@ -40,12 +40,17 @@ async def test_queue_depth_and_database_up_over_http(queue: Queue, db_engine: En
         queue.enqueue(requester_id=member, prompt="a lighthouse")
     queue.claim("w1")
     metrics = Metrics(queue_counts=lambda: queue_counts(db_engine), database_up=lambda: database_reachable(db_engine))
-    async with OpsServer(OpsSettings(enabled=True, port=0), metrics=metrics) as server, \
-            aiohttp.ClientSession() as session:
+    async with (
+        OpsServer(OpsSettings(enabled=True, port=0), metrics=metrics) as server,
+        aiohttp.ClientSession() as session,
+    ):
         async with session.get(f"{server.url}/metrics") as response:
             text = await response.text()
-    samples = {(s.name, s.labels.get("status")): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
+    samples = {
+        (s.name, s.labels.get("status")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
     assert samples[("sdbot_queue_jobs", "queued")] == 2
     assert samples[("sdbot_queue_jobs", "running")] == 1
     assert samples[("sdbot_queue_jobs", "done")] == 0
@@ -77,4 +82,3 @@ def test_counting_does_not_wait_for_a_writer(db_engine: Engine) -> None:
         reader.join(120)
         assert result == {"counts": {}}
         writer.rollback()
-

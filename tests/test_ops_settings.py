@@ -26,20 +26,23 @@ def test_values_from_the_table() -> None:
     assert parse_ops({"enabled": True, "host": "::1"}).host == "::1"
 
 
-@pytest.mark.parametrize(("table", "message"), [
-    ({"prot": 9100}, "ops.prot: unknown key (allowed: enabled, host, port)"),
-    ({"port": "9100"}, "ops.port = '9100': expected int"),
-    ({"port": True}, "ops.port = True: expected int"),
-    ({"port": 9100.0}, "ops.port = 9100.0: expected int"),
-    ({"enabled": "yes"}, "ops.enabled = 'yes': expected bool"),
-    ({"enabled": 1}, "ops.enabled = 1: expected bool"),
-    ({"host": 127}, "ops.host = 127: expected str"),
-    ({"port": 0}, "ops.port = 0: not allowed; 1 to 65535 (to turn the endpoint off: ops.enabled = false)"),
-    ({"port": 65536}, "ops.port = 65536: not allowed; 1 to 65535"),
-    ({"host": ""}, "ops.host = '': not allowed; an address to listen on"),
-    ({"host": "http://127.0.0.1"}, "ops.host = 'http://127.0.0.1': not allowed; an address to listen on"),
-    ({"host": " 127.0.0.1"}, "ops.host = ' 127.0.0.1': not allowed"),
-])
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"prot": 9100}, "ops.prot: unknown key (allowed: enabled, host, port)"),
+        ({"port": "9100"}, "ops.port = '9100': expected int"),
+        ({"port": True}, "ops.port = True: expected int"),
+        ({"port": 9100.0}, "ops.port = 9100.0: expected int"),
+        ({"enabled": "yes"}, "ops.enabled = 'yes': expected bool"),
+        ({"enabled": 1}, "ops.enabled = 1: expected bool"),
+        ({"host": 127}, "ops.host = 127: expected str"),
+        ({"port": 0}, "ops.port = 0: not allowed; 1 to 65535 (to turn the endpoint off: ops.enabled = false)"),
+        ({"port": 65536}, "ops.port = 65536: not allowed; 1 to 65535"),
+        ({"host": ""}, "ops.host = '': not allowed; an address to listen on"),
+        ({"host": "http://127.0.0.1"}, "ops.host = 'http://127.0.0.1': not allowed; an address to listen on"),
+        ({"host": " 127.0.0.1"}, "ops.host = ' 127.0.0.1': not allowed"),
+    ],
+)
 def test_wrong_values_name_the_key(table: dict, message: str) -> None:
     with pytest.raises(OpsConfigError) as caught:
         parse_ops(table)

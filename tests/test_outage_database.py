@@ -22,7 +22,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from pg_cluster import PgCluster, pg_cluster  # noqa: F401 - pg_cluster is a fixture
 
 from db.faults import DatabaseHealth, until_reachable
 from db.models import JobStatus
@@ -31,6 +30,7 @@ from db.session import make_engine, upgrade
 from engine.errors import JobCancelled
 from engine.runner import QueueRunner
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult, Progress
+from pg_cluster import PgCluster, pg_cluster  # noqa: F401 - pg_cluster is a fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = dict(prompt="a lighthouse", guidance=5.0, width=64, height=64, sampler="euler", channel_id=1)
@@ -54,8 +54,10 @@ class StepEngine:
             if on_progress is not None:
                 on_progress(Progress(request.job_id, step, request.params.steps))
         self.made[request.job_id] += 1
-        images = [GeneratedImage(png=f"png {request.job_id}/{i}".encode(), seed=request.params.seed + i)
-                  for i in range(request.params.count)]
+        images = [
+            GeneratedImage(png=f"png {request.job_id}/{i}".encode(), seed=request.params.seed + i)
+            for i in range(request.params.count)
+        ]
         return GenerationResult(request.job_id, images, "")
 
     def cancel(self, job_id: int) -> None:
@@ -77,8 +79,12 @@ async def until(condition, what: str, timeout: float = BUDGET) -> None:
 def submit_when_back(queue: Queue, member: int, results: list[int]) -> threading.Thread:
     """Enqueue a job from another thread, retrying until the database answers (as a member would)."""
     thread = threading.Thread(
-        target=lambda: results.append(until_reachable(
-            lambda: queue.enqueue(requester_id=member, seed=member, steps=3, **JOB).id, DatabaseHealth())))
+        target=lambda: results.append(
+            until_reachable(
+                lambda: queue.enqueue(requester_id=member, seed=member, steps=3, **JOB).id, DatabaseHealth()
+            )
+        )
+    )
     thread.start()
     return thread
 
@@ -92,19 +98,22 @@ def assert_done_once(queue: Queue, job_ids: list[int]) -> None:
 
 def outage_lines(records: list[logging.LogRecord]) -> tuple[int, int]:
     messages = [r.getMessage() for r in records if r.name == "engine.runner"]
-    return (sum(m.startswith("database unreachable") for m in messages),
-            sum(m == "database reachable again" for m in messages))
+    return (
+        sum(m.startswith("database unreachable") for m in messages),
+        sum(m == "database reachable again" for m in messages),
+    )
 
 
-def test_runner_rides_out_a_postgresql_restart(pg_cluster: PgCluster, caplog) -> None:  # noqa: F811
+def test_runner_rides_out_a_postgresql_restart(pg_cluster: PgCluster, caplog) -> None:
     caplog.set_level(logging.WARNING)
     db = make_engine(pg_cluster.url)
     upgrade(db)
     # Leases shorter than the outage: the runner must keep its own running jobs all the same.
     queue = Queue(db, pending_limit=100, lease_seconds=2)
     engine = StepEngine()
-    runner = QueueRunner(queue, engine, worker_id="w1", max_in_flight=2, poll_interval=0.2,
-                         heartbeat_interval=0.5, listen=True)
+    runner = QueueRunner(
+        queue, engine, worker_id="w1", max_in_flight=2, poll_interval=0.2, heartbeat_interval=0.5, listen=True
+    )
     before = [queue.enqueue(requester_id=m, seed=m, steps=250, **JOB).id for m in (1, 2, 3, 4)]
 
     async def scenario() -> list[int]:
@@ -123,8 +132,10 @@ def test_runner_rides_out_a_postgresql_restart(pg_cluster: PgCluster, caplog) ->
             await asyncio.to_thread(submitter.join, BUDGET)
             after = [queue.enqueue(requester_id=6, seed=6, steps=3, **JOB).id]
             everything = before + during + after
-            await until(lambda: all(queue.get(j).status.finished for j in everything) and not runner.running,
-                        "every job to finish after the restart")
+            await until(
+                lambda: all(queue.get(j).status.finished for j in everything) and not runner.running,
+                "every job to finish after the restart",
+            )
             assert not task.done() and runner.database_reachable
             return everything
         finally:
@@ -243,13 +254,17 @@ lease_seconds = 5
 def start_worker(config: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--config", str(config), "--name", "w"],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "engine", "worker", "--config", str(config), "--name", "w"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 @pytest.mark.slow
-def test_worker_process_rides_out_a_postgresql_restart(pg_cluster: PgCluster, tiny_sd_folder,  # noqa: F811
-                                                       tmp_path: Path) -> None:
+def test_worker_process_rides_out_a_postgresql_restart(pg_cluster: PgCluster, tiny_sd_folder, tmp_path: Path) -> None:
     db = make_engine(pg_cluster.url)
     upgrade(db)
     queue = Queue(db, pending_limit=100, lease_seconds=5)
@@ -287,8 +302,7 @@ def test_worker_process_rides_out_a_postgresql_restart(pg_cluster: PgCluster, ti
 
 
 @pytest.mark.slow
-def test_worker_waits_for_a_database_that_is_not_up_yet(pg_cluster: PgCluster, tiny_sd_folder,  # noqa: F811
-                                                        tmp_path: Path) -> None:
+def test_worker_waits_for_a_database_that_is_not_up_yet(pg_cluster: PgCluster, tiny_sd_folder, tmp_path: Path) -> None:
     pg_cluster.stop()
     log = tmp_path / "worker.log"
     worker = start_worker(write_config(tmp_path / "config.toml", tiny_sd_folder, pg_cluster.url), log)

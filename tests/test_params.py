@@ -9,19 +9,55 @@ from engine.settings import GenerationSettings
 
 #: Columns of ``jobs`` that are not generation parameters (who, where, queue and delivery state).
 BOOKKEEPING = {
-    "id", "requester_id", "guild_id", "channel_id", "kind", "parent_id", "status", "attempts", "worker_id",
-    "lease_until", "created_at", "started_at", "engine_started_at", "finished_at", "error", "interaction_token",
-    "interaction_app_id", "interaction_expires_at", "status_message_id", "status_channel_id", "posted_at",
+    "id",
+    "requester_id",
+    "guild_id",
+    "channel_id",
+    "kind",
+    "parent_id",
+    "status",
+    "attempts",
+    "worker_id",
+    "lease_until",
+    "created_at",
+    "started_at",
+    "engine_started_at",
+    "finished_at",
+    "error",
+    "interaction_token",
+    "interaction_app_id",
+    "interaction_expires_at",
+    "status_message_id",
+    "status_channel_id",
+    "posted_at",
 }
 
 
 def unusual_params() -> GenerationParams:
     """A value whose every field differs from the type's default, so a dropped field shows."""
-    values = dict(prompt="a fox <lora:x:0.5>", seed=123, negative_prompt="blurry", steps=9, guidance=3.5,
-                  width=640, height=384, sampler="ddim", count=3, init_image=b"png", strength=0.3,
-                  variation_seed=77, variation_strength=0.25, model="other", clip_skip=2, mask=b"mask png",
-                  mask_blur=9, inpaint_full_res=True, inpaint_padding=8, masked_content="fill",
-                  schedule="karras")
+    values = dict(
+        prompt="a fox <lora:x:0.5>",
+        seed=123,
+        negative_prompt="blurry",
+        steps=9,
+        guidance=3.5,
+        width=640,
+        height=384,
+        sampler="ddim",
+        count=3,
+        init_image=b"png",
+        strength=0.3,
+        variation_seed=77,
+        variation_strength=0.25,
+        model="other",
+        clip_skip=2,
+        mask=b"mask png",
+        mask_blur=9,
+        inpaint_full_res=True,
+        inpaint_padding=8,
+        masked_content="fill",
+        schedule="karras",
+    )
     assert set(values) == set(PARAM_NAMES), "add the new parameter to unusual_params"
     params = GenerationParams(**values)
     defaults = GenerationParams(prompt="", seed=0)
@@ -33,7 +69,9 @@ def unusual_params() -> GenerationParams:
 def test_every_parameter_has_a_column_and_every_parameter_like_column_a_field():
     columns = {c.key for c in Job.__table__.columns}
     assert set(PARAM_NAMES) <= columns, f"columns missing for {set(PARAM_NAMES) - columns}"
-    assert columns - set(PARAM_NAMES) <= BOOKKEEPING, f"columns with no parameter: {columns - set(PARAM_NAMES) - BOOKKEEPING}"
+    assert columns - set(PARAM_NAMES) <= BOOKKEEPING, (
+        f"columns with no parameter: {columns - set(PARAM_NAMES) - BOOKKEEPING}"
+    )
 
 
 def test_job_row_round_trip_keeps_every_field():
@@ -45,13 +83,45 @@ def test_job_row_round_trip_keeps_every_field():
 
 
 def test_configured_defaults_fill_only_what_was_left_out():
-    gen = GenerationSettings(default_steps=30, default_guidance=5.0, default_width=768, default_height=512,
-                             default_sampler="ddim", default_negative_prompt="ugly", default_strength=0.5)
+    gen = GenerationSettings(
+        default_steps=30,
+        default_guidance=5.0,
+        default_width=768,
+        default_height=512,
+        default_sampler="ddim",
+        default_negative_prompt="ugly",
+        default_strength=0.5,
+    )
     filled = gen.params("a fox", seed=1)
-    assert (filled.steps, filled.guidance, filled.size, filled.sampler, filled.negative_prompt, filled.strength,
-            filled.count) == (30, 5.0, (768, 512), "ddim", "ugly", 0.5, 1)
-    given = gen.params("a fox", seed=1, steps=4, guidance=0.0, size=(512, 768), sampler="euler", negative_prompt="",
-                       count=2, strength=0.9, model="m")
-    assert (given.steps, given.guidance, given.size, given.sampler, given.negative_prompt, given.count,
-            given.strength, given.model) == (4, 0.0, (512, 768), "euler", "", 2, 0.9, "m")
+    assert (
+        filled.steps,
+        filled.guidance,
+        filled.size,
+        filled.sampler,
+        filled.negative_prompt,
+        filled.strength,
+        filled.count,
+    ) == (30, 5.0, (768, 512), "ddim", "ugly", 0.5, 1)
+    given = gen.params(
+        "a fox",
+        seed=1,
+        steps=4,
+        guidance=0.0,
+        size=(512, 768),
+        sampler="euler",
+        negative_prompt="",
+        count=2,
+        strength=0.9,
+        model="m",
+    )
+    assert (
+        given.steps,
+        given.guidance,
+        given.size,
+        given.sampler,
+        given.negative_prompt,
+        given.count,
+        given.strength,
+        given.model,
+    ) == (4, 0.0, (512, 768), "euler", "", 2, 0.9, "m")
     assert 0 <= gen.params("a fox").seed < 2**32

@@ -25,8 +25,17 @@ def pipeline(tiny_model) -> Pipeline:
 
 
 def make_request(**fields) -> GenerationRequest:
-    defaults = dict(job_id=1, prompt="a red fox", negative_prompt="blurry", seed=7, steps=4,
-                    guidance=6.0, width=64, height=48, sampler="euler_a")
+    defaults = dict(
+        job_id=1,
+        prompt="a red fox",
+        negative_prompt="blurry",
+        seed=7,
+        steps=4,
+        guidance=6.0,
+        width=64,
+        height=48,
+        sampler="euler_a",
+    )
     return GenerationRequest.of(**(defaults | fields))
 
 
@@ -73,7 +82,9 @@ def test_count_makes_one_image_per_seed(pipeline):
 
 def test_variation_seed_mixes_noise(pipeline):
     plain = pixels(pipeline.generate(make_request(sampler="euler")).images[0].png)
-    none = pixels(pipeline.generate(make_request(sampler="euler", variation_seed=5, variation_strength=0.0)).images[0].png)
+    none = pixels(
+        pipeline.generate(make_request(sampler="euler", variation_seed=5, variation_strength=0.0)).images[0].png
+    )
     some = pipeline.generate(make_request(sampler="euler", variation_seed=5, variation_strength=0.3))
     assert np.array_equal(plain, none)
     assert not np.array_equal(plain, pixels(some.images[0].png))
@@ -111,19 +122,33 @@ def test_prompt_encodings_are_cached(pipeline):
 
 def test_euler_matches_the_diffusers_pipeline(tiny_model, pipeline):
     """Our sampling loop against diffusers' own Euler on the same weights and noise."""
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                                       timestep_spacing="linspace")
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="linspace"
+    )
     assert torch.allclose(scheduler.alphas_cumprod.double(), tiny_model.alphas_cumprod.double())
     reference = StableDiffusionPipeline(
-        vae=tiny_model.vae, text_encoder=tiny_model.text_encoders[0], tokenizer=tiny_model.tokenizers[0],
-        unet=tiny_model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        vae=tiny_model.vae,
+        text_encoder=tiny_model.text_encoders[0],
+        tokenizer=tiny_model.tokenizers[0],
+        unet=tiny_model.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     reference.set_progress_bar_config(disable=True)
     ours = make_request(sampler="euler", steps=10, width=64, height=64)  # 10 steps: integer timesteps
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(ours.params.seed))
-    theirs = reference(ours.params.prompt, negative_prompt=ours.params.negative_prompt, num_inference_steps=10,
-                       guidance_scale=ours.params.guidance, height=64, width=64, latents=noise, output_type="np").images[0]
+    theirs = reference(
+        ours.params.prompt,
+        negative_prompt=ours.params.negative_prompt,
+        num_inference_steps=10,
+        guidance_scale=ours.params.guidance,
+        height=64,
+        width=64,
+        latents=noise,
+        output_type="np",
+    ).images[0]
     mine = pixels(pipeline.generate(ours).images[0].png)
     assert np.abs(mine - np.round(theirs * 255)).max() <= 2
 

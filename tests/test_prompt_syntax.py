@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from engine.errors import GenerationError
-from engine.prompt_syntax import (PromptSyntaxError, count_tokens, lora_key, parse_lora_key,
-                                  parse_prompt_attention)
+from engine.prompt_syntax import PromptSyntaxError, count_tokens, lora_key, parse_lora_key, parse_prompt_attention
 
 
 @pytest.mark.slow
@@ -34,18 +33,23 @@ print(sorted(name for name in ("torch", "diffusers", "transformers.models.clip.m
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("prompt, shown, written", [
-    ("a (fox:1.2.3) in snow", "(fox:1.2.3)", "1.2.3"),
-    ("(fox:.)", "(fox:.)", "."),
-    ("((fox: 1..5 ))", "(fox: 1..5 )", "1..5"),
-    ("(fox:-.)", "(fox:-.)", "-."),
-])
+@pytest.mark.parametrize(
+    "prompt, shown, written",
+    [
+        ("a (fox:1.2.3) in snow", "(fox:1.2.3)", "1.2.3"),
+        ("(fox:.)", "(fox:.)", "."),
+        ("((fox: 1..5 ))", "(fox: 1..5 )", "1..5"),
+        ("(fox:-.)", "(fox:-.)", "-."),
+    ],
+)
 def test_a_weight_that_is_not_a_number_is_refused_saying_what_to_write(prompt, shown, written):
     with pytest.raises(PromptSyntaxError) as raised:
         parse_prompt_attention(prompt)
     message = str(raised.value)
-    assert message == (f"“{shown}”: {written!r} is not a weight. Write one number after the colon, such as "
-                       "(word:1.2), or \\( and \\) for brackets that are part of the text.")
+    assert message == (
+        f"“{shown}”: {written!r} is not a weight. Write one number after the colon, such as "
+        "(word:1.2), or \\( and \\) for brackets that are part of the text."
+    )
     # What the bot catches (ValueError, or the engine's GenerationError) and what the engine shows.
     assert isinstance(raised.value, ValueError) and isinstance(raised.value, GenerationError)
 
@@ -75,9 +79,11 @@ def test_the_engine_fails_a_job_with_an_unreadable_weight_with_that_message(tiny
     worker.start()
     try:
         with pytest.raises(PromptSyntaxError, match=r"“\(fox:1\.2\.3\)”: '1\.2\.3' is not a weight"):
-            worker.generate_blocking(GenerationRequest.of(1, prompt="a (fox:1.2.3)", seed=1, steps=2,
-                                                          width=64, height=64))
-        assert worker.generate_blocking(GenerationRequest.of(2, prompt="a (fox:1.2)", seed=1, steps=2,
-                                                             width=64, height=64)).images
+            worker.generate_blocking(
+                GenerationRequest.of(1, prompt="a (fox:1.2.3)", seed=1, steps=2, width=64, height=64)
+            )
+        assert worker.generate_blocking(
+            GenerationRequest.of(2, prompt="a (fox:1.2)", seed=1, steps=2, width=64, height=64)
+        ).images
     finally:
         worker.stop()

@@ -18,33 +18,48 @@ from tolerance import assert_same_latents
 # ---------------------------------------------------------------------------- parsing
 
 
-@pytest.mark.parametrize("prompt, expected", [
-    # The examples in A1111's parse_prompt_attention docstring.
-    ("normal text", [("normal text", 1.0)]),
-    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
-    ("(unbalanced", [("unbalanced", 1.1)]),
-    ("\\(literal\\]", [("(literal]", 1.0)]),
-    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", [
-        ("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1),
-        ("hill", 0.55), (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
-    # The rest of the syntax people use.
-    ("((word))", [("word", 1.2100000000000002)]),
-    ("[word]", [("word", 1 / 1.1)]),
-    ("[[word]]", [("word", 1 / 1.1 / 1.1)]),
-    ("(word: 1.3 )", [("word", 1.3)]),
-    ("(word:0)", [("word", 0.0)]),
-    ("a \\\\ b", [("a \\ b", 1.0)]),
-    ("unopened) and ]", [("unopened) and ]", 1.0)]),
-    ("ratio 16:9", [("ratio 16:9", 1.0)]),
-    ("a cat BREAK a dog", [("a cat", 1.0), ("BREAK", -1.0), ("a dog", 1.0)]),
-    ("", [("", 1.0)]),
-])
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        # The examples in A1111's parse_prompt_attention docstring.
+        ("normal text", [("normal text", 1.0)]),
+        ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+        ("(unbalanced", [("unbalanced", 1.1)]),
+        ("\\(literal\\]", [("(literal]", 1.0)]),
+        ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+        (
+            "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+            [
+                ("a ", 1.0),
+                ("house", 1.5730000000000004),
+                (" ", 1.1),
+                ("on", 1.0),
+                (" a ", 1.1),
+                ("hill", 0.55),
+                (", sun, ", 1.1),
+                ("sky", 1.4641000000000006),
+                (".", 1.1),
+            ],
+        ),
+        # The rest of the syntax people use.
+        ("((word))", [("word", 1.2100000000000002)]),
+        ("[word]", [("word", 1 / 1.1)]),
+        ("[[word]]", [("word", 1 / 1.1 / 1.1)]),
+        ("(word: 1.3 )", [("word", 1.3)]),
+        ("(word:0)", [("word", 0.0)]),
+        ("a \\\\ b", [("a \\ b", 1.0)]),
+        ("unopened) and ]", [("unopened) and ]", 1.0)]),
+        ("ratio 16:9", [("ratio 16:9", 1.0)]),
+        ("a cat BREAK a dog", [("a cat", 1.0), ("BREAK", -1.0), ("a dog", 1.0)]),
+        ("", [("", 1.0)]),
+    ],
+)
 def test_parser_gives_a1111_results(prompt, expected):
     assert parse_prompt_attention(prompt) == expected
 
 
 # ---------------------------------------------------------------------------- chunking
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -88,6 +103,7 @@ def test_weights_follow_their_tokens(tokenizer):
 
 # ---------------------------------------------------------------------------- encoding
 
+
 def encoder_for(model, **kwargs) -> PromptEncoder:
     return PromptEncoder(model.text_encoders, model.tokenizers, model.device, model.dtype, **kwargs)
 
@@ -97,7 +113,7 @@ def truncated_encoding(model, prompt: str):
     """What the engine did before A1111 prompts: one 77-token window, the rest cut."""
     hiddens, pooled = [], None
     sdxl = len(model.text_encoders) == 2
-    for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):
+    for tokenizer, encoder in zip(model.tokenizers, model.text_encoders, strict=False):
         ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         out = encoder(ids, output_hidden_states=sdxl)
         hiddens.append(out.hidden_states[-2] if sdxl else out[0])
@@ -150,6 +166,7 @@ def test_sdxl_prompts_are_chunked_for_both_encoders_with_the_first_chunks_pooled
 
 
 # ---------------------------------------------------------------------------- embeddings
+
 
 def test_an_embedding_by_name_changes_the_encoding_and_a_missing_one_is_text(tiny_model, tmp_path):
     torch.manual_seed(1)
@@ -204,6 +221,7 @@ def test_an_embedding_added_later_is_picked_up(tiny_model, tmp_path):
 
 # ---------------------------------------------------------------------------- batching
 
+
 def test_rows_of_different_lengths_attend_only_to_their_own_tokens(tiny_model):
     """The padded, masked batch equals running each row at its own length (A1111's default)."""
     pipeline = Pipeline(tiny_model)
@@ -213,8 +231,9 @@ def test_rows_of_different_lengths_attend_only_to_their_own_tokens(tiny_model):
     sigma = torch.tensor([3.0])
     unet, t = tiny_model.unet, torch.tensor([500.0])
     with torch.inference_mode():
-        batched = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=cond.embeds,
-                       encoder_attention_mask=cond.mask).sample
+        batched = unet(
+            torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask
+        ).sample
         positive = unet(x, t, encoder_hidden_states=cond.embeds[:1]).sample
         negative = unet(x, t, encoder_hidden_states=cond.embeds[1:, :77]).sample
     torch.testing.assert_close(batched, torch.cat([positive, negative]), rtol=1e-5, atol=1e-5)
@@ -224,12 +243,37 @@ def test_rows_of_different_lengths_attend_only_to_their_own_tokens(tiny_model):
 def test_jobs_with_different_chunk_counts_share_a_batch_and_match_running_alone(tiny_model):
     pipeline = Pipeline(tiny_model)
     requests = [
-        GenerationRequest.of(job_id=1, prompt="a red fox", negative_prompt="blurry", seed=1, steps=4,
-                          width=64, height=64, sampler="euler"),
-        GenerationRequest.of(job_id=2, prompt=words(160), negative_prompt="blurry", seed=2, steps=4,
-                          width=64, height=64, sampler="euler", count=2),
-        GenerationRequest.of(job_id=3, prompt="a (red:1.3) fox BREAK snow", negative_prompt=words(90), seed=3,
-                          steps=4, width=64, height=64, sampler="euler"),
+        GenerationRequest.of(
+            job_id=1,
+            prompt="a red fox",
+            negative_prompt="blurry",
+            seed=1,
+            steps=4,
+            width=64,
+            height=64,
+            sampler="euler",
+        ),
+        GenerationRequest.of(
+            job_id=2,
+            prompt=words(160),
+            negative_prompt="blurry",
+            seed=2,
+            steps=4,
+            width=64,
+            height=64,
+            sampler="euler",
+            count=2,
+        ),
+        GenerationRequest.of(
+            job_id=3,
+            prompt="a (red:1.3) fox BREAK snow",
+            negative_prompt=words(90),
+            seed=3,
+            steps=4,
+            width=64,
+            height=64,
+            sampler="euler",
+        ),
     ]
     alone = denoise_alone(pipeline, requests)
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import random
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from db_fixtures import FakeClock
 from sqlalchemy import Engine, select
 
-from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded
 from db.community import Community
+from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded
 from db.models import Job, JobKind, JobStatus, Member
 from db.queue import Queue, fair_order
 from db.session import make_engine, upgrade, write_turn_taken
+from db_fixtures import FakeClock
 
 ALICE, BOB, CAROL = 101, 202, 303
 
@@ -86,7 +86,8 @@ def test_position_agrees_with_fair_order_on_random_lines(db_engine: Engine, cloc
     with queue._read.begin() as session:
         rows = session.execute(
             select(Job.id, Job.requester_id, Member.last_served_at)
-            .outerjoin(Member, Member.user_id == Job.requester_id).where(Job.status == JobStatus.queued)
+            .outerjoin(Member, Member.user_id == Job.requester_id)
+            .where(Job.status == JobStatus.queued)
         ).all()
     expected = fair_order(tuple(row) for row in rows)
     assert [queue.position(j) for j in expected] == list(range(1, len(waiting) + 1))
@@ -95,7 +96,7 @@ def test_position_agrees_with_fair_order_on_random_lines(db_engine: Engine, cloc
 def test_fair_order_without_database() -> None:
     assert fair_order([]) == []
     # Bob was never served, Alice was: Bob first even though Alice's job is older.
-    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t = datetime(2026, 1, 1, tzinfo=UTC)
     assert fair_order([(1, ALICE, t), (2, ALICE, t), (3, BOB, None)]) == [3, 1, 2]
 
 
@@ -205,7 +206,7 @@ def test_sqlite_writers_of_one_process_take_turns_and_always_give_them_back(tmp_
     with pytest.raises(ZeroDivisionError), engine.begin() as connection:  # any error in a transaction
         connection.exec_driver_sql("UPDATE jobs SET prompt = 'x' WHERE id = 1")
         assert write_turn_taken(engine)
-        1 / 0
+        raise ZeroDivisionError("any error in a transaction")
     assert not write_turn_taken(engine)
     connection = engine.connect()
     connection.exec_driver_sql("UPDATE jobs SET prompt = 'y' WHERE id = 1")
@@ -253,8 +254,11 @@ def test_queued_jobs_for_models_no_longer_configured_fail_with_a_reason(queue: Q
     job = queue.get(gone)
     assert job.status is JobStatus.failed and job.finished_at is not None
     assert "“old-model” is not offered here any more" in job.error and "sd15, sdxl" in job.error
-    assert [queue.get(j).status for j in (running, kept, default)] == [JobStatus.running, JobStatus.queued,
-                                                                        JobStatus.queued]
+    assert [queue.get(j).status for j in (running, kept, default)] == [
+        JobStatus.running,
+        JobStatus.queued,
+        JobStatus.queued,
+    ]
     assert [j.id for j in queue.undelivered()] == [gone]  # its member is told
     assert queue.fail_unknown_models(["sd15", "sdxl"]) == []
 

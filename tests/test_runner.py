@@ -13,22 +13,21 @@ from engine.metadata import read_parameters
 from engine.runner import QueueRunner
 from engine.settings import EngineSettings, GenerationSettings
 from engine.worker import EngineWorker
-from engine_harness import sqlite_queue, run_until  # noqa: F401 - sqlite_queue is a fixture
+from engine_harness import run_until, sqlite_queue  # noqa: F401 - sqlite_queue is a fixture
 
 JOB = dict(prompt="a red fox", steps=3, guidance=5.0, width=64, height=64, sampler="euler", channel_id=1)
 
 
-
-
 @pytest.fixture
 def worker(tiny_model):
-    worker = EngineWorker(tiny_model, EngineSettings(max_batch=4, preview_every=1),
-                          GenerationSettings(max_steps=500, max_width=256, max_height=256))
+    worker = EngineWorker(
+        tiny_model,
+        EngineSettings(max_batch=4, preview_every=1),
+        GenerationSettings(max_steps=500, max_width=256, max_height=256),
+    )
     worker.start()
     yield worker
     worker.stop()
-
-
 
 
 def test_jobs_of_two_members_are_made_stored_and_announced(sqlite_queue, worker):
@@ -36,9 +35,13 @@ def test_jobs_of_two_members_are_made_stored_and_announced(sqlite_queue, worker)
     a2 = sqlite_queue.enqueue(requester_id=1, seed=2, count=2, **JOB)
     b1 = sqlite_queue.enqueue(requester_id=2, seed=3, **{**JOB, "sampler": "dpmpp_2m_karras"})
     finished, progress = [], []
-    runner = QueueRunner(sqlite_queue, worker, worker_id="w1",
-                         on_progress=lambda job_id, p: progress.append((job_id, p.step, p.total)),
-                         on_finished=finished.append)
+    runner = QueueRunner(
+        sqlite_queue,
+        worker,
+        worker_id="w1",
+        on_progress=lambda job_id, p: progress.append((job_id, p.step, p.total)),
+        on_finished=finished.append,
+    )
 
     asyncio.run(run_until(runner, sqlite_queue, [a1.id, a2.id, b1.id]))
 

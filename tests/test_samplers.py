@@ -13,8 +13,15 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 from engine.samplers import SAMPLERS, sample
-from engine.schedules import (ModelSchedule, ddim_sigmas, job_schedule, job_sigmas, karras_sigmas,
-                              latents_to_decode, normal_sigmas)
+from engine.schedules import (
+    ModelSchedule,
+    ddim_sigmas,
+    job_schedule,
+    job_sigmas,
+    karras_sigmas,
+    latents_to_decode,
+    normal_sigmas,
+)
 from engine.stages import N_COEFFS
 from tolerance import assert_same_latents
 
@@ -32,6 +39,7 @@ def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- schedules
+
 
 def test_karras_sigmas_match_diffusers(schedule):
     reference = EulerDiscreteScheduler(**SD_BETAS, use_karras_sigmas=True)
@@ -74,6 +82,7 @@ def test_img2img_starts_part_way_down(schedule):
 
 # ---------------------------------------------------------------------------- samplers
 
+
 def run_sampler(schedule, name: str, steps: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample 4096 scalar rows; returns (samples, the exact ODE solution from the same start)."""
     sampler = SAMPLERS[name]
@@ -81,8 +90,9 @@ def run_sampler(schedule, name: str, steps: int, seed: int = 0) -> tuple[torch.T
     sigmas = plan.sigmas.float()
     generator = torch.Generator().manual_seed(seed)
     x_start = plan.start_latents(torch.randn(4096, 1, 1, 1, generator=generator)).float()
-    out = sample(gaussian_denoiser, x_start, sigmas, sampler,
-                 noise=lambda *_: torch.randn(4096, 1, 1, 1, generator=generator))
+    out = sample(
+        gaussian_denoiser, x_start, sigmas, sampler, noise=lambda *_: torch.randn(4096, 1, 1, 1, generator=generator)
+    )
     # The ODE carries x_start at sigmas[0] to sigmas[-1] (0, or DDIM's timestep 1) by this factor.
     exact = x_start * ((DATA_STD**2 + sigmas[-1] ** 2) / (DATA_STD**2 + sigmas[0] ** 2)).sqrt()
     return latents_to_decode(out, float(sigmas[-1])), latents_to_decode(exact, float(sigmas[-1]))
@@ -125,9 +135,16 @@ def test_a_step_is_row_wise(schedule, name):
     old_sigma = torch.tensor([0.0, 3.0, 0.7])  # row 0 on its first step: no history
     together = step(x, denoised, sigma, sigma_next, old_denoised=old_denoised, old_sigma=old_sigma, noise=noise)
     for i in range(3):
-        alone = step(x[i:i + 1], denoised[i:i + 1], sigma[i:i + 1], sigma_next[i:i + 1],
-                     old_denoised=old_denoised[i:i + 1], old_sigma=old_sigma[i:i + 1], noise=noise[i:i + 1])
-        assert_same_latents(together[i:i + 1], alone)
+        alone = step(
+            x[i : i + 1],
+            denoised[i : i + 1],
+            sigma[i : i + 1],
+            sigma_next[i : i + 1],
+            old_denoised=old_denoised[i : i + 1],
+            old_sigma=old_sigma[i : i + 1],
+            noise=noise[i : i + 1],
+        )
+        assert_same_latents(together[i : i + 1], alone)
     if name != "lcm":  # LCM renoises to sigma_next: with sigma_next 0 it is the clean image plus nothing
         torch.testing.assert_close(together[2], denoised[2])  # the last step lands on the clean image
     assert torch.isfinite(together).all()
@@ -144,15 +161,25 @@ def test_a_stateful_step_is_row_wise(schedule, name):
     old_sigma = torch.tensor([0.0, 4.0, 1.5, 0.7])
     state = {name: torch.randn(4, 4, 2, 2, generator=g) for name in sampler.latent_state}
     state |= {name: torch.tensor([0.0, 0.0, 2.0, 0.9]) for name in sampler.row_state}
-    state |= {"sigma_from": torch.tensor([14.6, 3.5, 1.4, 0.5]), "sigma_mid": torch.tensor([11.0, 2.4, 1.1, 0.0]),
-              "stage": torch.tensor([0.0, 1.0, 0.0, 0.0]), "coeffs": torch.rand(4, N_COEFFS, generator=g)}
+    state |= {
+        "sigma_from": torch.tensor([14.6, 3.5, 1.4, 0.5]),
+        "sigma_mid": torch.tensor([11.0, 2.4, 1.1, 0.0]),
+        "stage": torch.tensor([0.0, 1.0, 0.0, 0.0]),
+        "coeffs": torch.rand(4, N_COEFFS, generator=g),
+    }
     kwargs = dict(old_denoised=old_denoised, old_sigma=old_sigma, noise=noise)
     together, updates = sampler.step(x, denoised, sigma, sigma_next, **kwargs, state=state)
     for i in range(4):
-        pick = {key: value[i:i + 1] for key, value in kwargs.items()}
-        alone, alone_updates = sampler.step(x[i:i + 1], denoised[i:i + 1], sigma[i:i + 1], sigma_next[i:i + 1], **pick,
-                                            state={key: value[i:i + 1] for key, value in state.items()})
-        assert_same_latents(together[i:i + 1], alone)
+        pick = {key: value[i : i + 1] for key, value in kwargs.items()}
+        alone, alone_updates = sampler.step(
+            x[i : i + 1],
+            denoised[i : i + 1],
+            sigma[i : i + 1],
+            sigma_next[i : i + 1],
+            **pick,
+            state={key: value[i : i + 1] for key, value in state.items()},
+        )
+        assert_same_latents(together[i : i + 1], alone)
         for key, value in alone_updates.items():
-            assert_same_latents(updates[key][i:i + 1], value)
+            assert_same_latents(updates[key][i : i + 1], value)
     assert torch.isfinite(together).all()

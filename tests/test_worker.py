@@ -22,8 +22,9 @@ from tolerance import assert_same_image, assert_same_latents
 
 
 def make_request(job_id: int, **fields) -> GenerationRequest:
-    defaults = dict(prompt=f"prompt {job_id}", seed=100 + job_id, steps=3, guidance=5.0, width=64, height=64,
-                    sampler="euler_a")
+    defaults = dict(
+        prompt=f"prompt {job_id}", seed=100 + job_id, steps=3, guidance=5.0, width=64, height=64, sampler="euler_a"
+    )
     return GenerationRequest.of(job_id=job_id, **(defaults | fields))
 
 
@@ -36,8 +37,11 @@ def make_worker(tiny_model):
     workers = []
 
     def make(max_batch: int = 8, preview_every: int = 0, **settings) -> EngineWorker:
-        worker = EngineWorker(tiny_model, EngineSettings(max_batch=max_batch, preview_every=preview_every,
-                                                         **settings), GenerationSettings())
+        worker = EngineWorker(
+            tiny_model,
+            EngineSettings(max_batch=max_batch, preview_every=preview_every, **settings),
+            GenerationSettings(),
+        )
         workers.append(worker)
         return worker
 
@@ -98,7 +102,7 @@ def test_worker_batches_jobs_and_images_match_single_runs(make_worker, init_png)
     for result in asyncio.run(together()):
         reference = single[result.job_id]
         assert [image.seed for image in result.images] == [image.seed for image in reference.images]
-        for image, expected in zip(result.images, reference.images):
+        for image, expected in zip(result.images, reference.images, strict=False):
             assert_same_image(image.png, expected.png)
 
 
@@ -141,8 +145,12 @@ def test_a_job_that_waited_its_overtake_window_stops_others_joining(tiny_model):
     """Past the window nothing more joins the running batch: it drains and the waiting job goes
     next, however many jobs of the batch's size keep arriving."""
     now = [0.0]
-    worker = EngineWorker(tiny_model, EngineSettings(max_batch=8, preview_every=0, overtake_window=5),
-                          GenerationSettings(), clock=lambda: now[0])
+    worker = EngineWorker(
+        tiny_model,
+        EngineSettings(max_batch=8, preview_every=0, overtake_window=5),
+        GenerationSettings(),
+        clock=lambda: now[0],
+    )
     seen: list[int] = []
 
     def step(progress: Progress) -> None:  # on the worker thread, between steps
@@ -150,8 +158,10 @@ def test_a_job_that_waited_its_overtake_window_stops_others_joining(tiny_model):
         now[0] += 1  # each step takes a "second"
 
     async def run():
-        first = [asyncio.ensure_future(worker.generate(make_request(1, steps=3), step)),
-                 asyncio.ensure_future(worker.generate(make_request(2, width=48, height=64), step))]
+        first = [
+            asyncio.ensure_future(worker.generate(make_request(1, steps=3), step)),
+            asyncio.ensure_future(worker.generate(make_request(2, width=48, height=64), step)),
+        ]
         await asyncio.sleep(0)
         worker.start()
         later = []
@@ -167,7 +177,7 @@ def test_a_job_that_waited_its_overtake_window_stops_others_joining(tiny_model):
         worker.stop()
     second = seen.index(2)
     assert 3 in seen[:second]  # job 2 let later jobs join for a while ...
-    assert seen[second:second + 3] == [2, 2, 2]  # ... then ran, alone
+    assert seen[second : second + 3] == [2, 2, 2]  # ... then ran, alone
     # Job k arrives at clock >= k - 2 and joins only while job 2 has waited under 5: k <= 6.
     assert max(seen[:second]) <= 6 and {7, 12} <= set(seen[second:])
 
@@ -186,14 +196,19 @@ def test_a_compiled_unet_sees_padded_batches_and_changes_no_image(family_model, 
         def run(**inputs):
             unet_rows.append(inputs["sample"].shape[0])
             return traced(**inputs)
+
         return run
 
     long_prompt = ", ".join(["a lighthouse on a cliff at dusk"] * 12)  # two chunks: masked rows
-    requests = [make_request(1, steps=2, guidance=3.0), make_request(2, steps=3, prompt=long_prompt),
-                make_request(3, steps=4, guidance=9.0, sampler="dpmpp_2m_karras")]
+    requests = [
+        make_request(1, steps=2, guidance=3.0),
+        make_request(2, steps=3, prompt=long_prompt),
+        make_request(3, steps=4, guidance=9.0, sampler="dpmpp_2m_karras"),
+    ]
     monkeypatch.setattr(torch, "compile", compile_for_test)
-    compiled = EngineWorker(tiny_model, EngineSettings(max_batch=8, preview_every=0, compile="reduce-overhead"),
-                            GenerationSettings())
+    compiled = EngineWorker(
+        tiny_model, EngineSettings(max_batch=8, preview_every=0, compile="reduce-overhead"), GenerationSettings()
+    )
     monkeypatch.undo()
     eager = EngineWorker(tiny_model, EngineSettings(max_batch=8, preview_every=0), GenerationSettings())
 
@@ -209,7 +224,7 @@ def test_a_compiled_unet_sees_padded_batches_and_changes_no_image(family_model, 
         eager.stop()
         compiled.stop()
     assert unet_rows == [8, 8, 4, 2]  # 3 rows padded to 4, then 2, then 1 (prompt and negative each)
-    for result, reference in zip(got, expected):
+    for result, reference in zip(got, expected, strict=False):
         assert_same_image(result.images[0].png, reference.images[0].png)
 
 
@@ -235,8 +250,12 @@ def test_progress_arrives_on_the_event_loop_thread_with_previews(make_worker):
 def test_sde_jobs_make_the_same_images_alone_and_batched(make_worker):
     """Brownian-tree noise is per image seed: what shares the batch (another SDE job at another
     step, a second-order sampler at another stage) changes nothing in a job's images."""
-    jobs = [make_request(1, sampler="dpmpp_sde", steps=3, count=2), make_request(2, sampler="dpmpp_2m_sde", steps=4),
-            make_request(3, sampler="dpmpp_3m_sde", steps=5, schedule="karras"), make_request(4, sampler="heun")]
+    jobs = [
+        make_request(1, sampler="dpmpp_sde", steps=3, count=2),
+        make_request(2, sampler="dpmpp_2m_sde", steps=4),
+        make_request(3, sampler="dpmpp_3m_sde", steps=5, schedule="karras"),
+        make_request(4, sampler="heun"),
+    ]
     alone = make_worker(max_batch=1)
     alone.start()
     single = {request.job_id: alone.generate_blocking(request) for request in jobs}

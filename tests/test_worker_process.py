@@ -46,8 +46,13 @@ lease_seconds = 5
 
 def start_worker(config: Path, name: str) -> Logged:
     """``python -m engine worker``, its output in a log beside the config (shown when a wait fails)."""
-    return start_logged(name, [sys.executable, "-m", "engine", "worker", "--config", str(config), "--name", name],
-                        config.with_name(f"{name}.log"), cwd=ROOT, env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    return start_logged(
+        name,
+        [sys.executable, "-m", "engine", "worker", "--config", str(config), "--name", name],
+        config.with_name(f"{name}.log"),
+        cwd=ROOT,
+        env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def test_two_workers_one_killed_mid_job_every_job_done_once(pg_url, tiny_sd_folder, tmp_path):
@@ -58,18 +63,27 @@ def test_two_workers_one_killed_mid_job_every_job_done_once(pg_url, tiny_sd_fold
     config = write_config(tmp_path / "config.toml", tiny_sd_folder, pg_url)
     doomed, survivor = start_worker(config, "doomed"), None
     try:
+
         def started_by_doomed() -> list[int]:  # in the engine, so its attempt counts
-            return [j.id for j in jobs if (job := queue.get(j.id)).status is JobStatus.running
-                    and job.engine_started_at is not None
-                    and (job.worker_id or "").split("/")[-1].startswith("doomed#")]
+            return [
+                j.id
+                for j in jobs
+                if (job := queue.get(j.id)).status is JobStatus.running
+                and job.engine_started_at is not None
+                and (job.worker_id or "").split("/")[-1].startswith("doomed#")
+            ]
 
         wait_for(started_by_doomed, "the first worker to start a job", budget=START_BUDGET, watched=[doomed])
         doomed.kill()
         taken = started_by_doomed()  # after the kill: the jobs it can no longer finish
 
         survivor = start_worker(config, "survivor")
-        wait_for(lambda: all(queue.get(j.id).status.finished for j in jobs), "every job to finish",
-                 budget=START_BUDGET + BUDGET, watched=[survivor])
+        wait_for(
+            lambda: all(queue.get(j.id).status.finished for j in jobs),
+            "every job to finish",
+            budget=START_BUDGET + BUDGET,
+            watched=[survivor],
+        )
 
         for job in jobs:
             stored = queue.get(job.id)
@@ -95,8 +109,12 @@ def test_a_worker_stopped_by_sigterm_gives_its_job_back(tiny_sd_folder, tmp_path
     job = queue.enqueue(requester_id=1, seed=1, **{**JOB, "steps": 500})
     worker = start_worker(write_config(tmp_path / "config.toml", tiny_sd_folder, url), "w")
     try:
-        wait_for(lambda: queue.get(job.id).status is JobStatus.running, "the worker to claim the job",
-                 budget=START_BUDGET, watched=[worker])
+        wait_for(
+            lambda: queue.get(job.id).status is JobStatus.running,
+            "the worker to claim the job",
+            budget=START_BUDGET,
+            watched=[worker],
+        )
         worker.process.send_signal(signal.SIGTERM)
         assert worker.exit_status() == 0, worker.tail()
         stored = queue.get(job.id)

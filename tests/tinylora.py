@@ -18,8 +18,9 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def _pairs(module: torch.nn.Module, prefix: str, targets: tuple[str, ...], rank: int,
-           generator: torch.Generator, scale: float) -> dict[str, torch.Tensor]:
+def _pairs(
+    module: torch.nn.Module, prefix: str, targets: tuple[str, ...], rank: int, generator: torch.Generator, scale: float
+) -> dict[str, torch.Tensor]:
     out = {}
     for name, layer in module.named_modules():
         if not any(name.endswith("." + t) for t in targets) or not isinstance(layer, torch.nn.Linear):
@@ -31,8 +32,9 @@ def _pairs(module: torch.nn.Module, prefix: str, targets: tuple[str, ...], rank:
     return out
 
 
-def kohya_lora(components: dict, *, rank: int = 4, seed: int = 1, scale: float = 0.5,
-               text_encoder: bool = True) -> dict[str, torch.Tensor]:
+def kohya_lora(
+    components: dict, *, rank: int = 4, seed: int = 1, scale: float = 0.5, text_encoder: bool = True
+) -> dict[str, torch.Tensor]:
     """A kohya-format LoRA for a tiny SD1/SD2 model's components (``build_tiny_components``)."""
     generator = torch.Generator().manual_seed(seed)
     state = _pairs(components["unet"], "lora_unet_", UNET_TARGETS, rank, generator, scale)

@@ -24,8 +24,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -39,10 +44,18 @@ TIME_EMBED_DIM = 8  # SDXL micro-conditioning: 6 numbers, each embedded in this 
 
 # ---------------------------------------------------------------------------- building
 
+
 def _text_encoder(width: int, act: str, with_projection: bool = False):
-    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_size=width,
-                            intermediate_size=2 * width, num_hidden_layers=2,
-                            num_attention_heads=4, projection_dim=width, hidden_act=act)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=width,
+        hidden_act=act,
+    )
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return cls(config).eval()
 
@@ -50,36 +63,63 @@ def _text_encoder(width: int, act: str, with_projection: bool = False):
 def _unet(family: str, in_channels: int = 4) -> UNet2DConditionModel:
     # One resnet per level (real models have two) halves the time per step; the LDM mapping is
     # driven by layers_per_block either way.
-    common = dict(sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
-                  block_out_channels=(32, 64), norm_num_groups=32)
+    common = dict(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=32,
+    )
     if family == "sdxl":
         return UNet2DConditionModel(
-            **common, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-            transformer_layers_per_block=(1, 2), use_linear_projection=True,
+            **common,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
             cross_attention_dim=TEXT_WIDTH + SDXL_TEXT2_WIDTH,
-            addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
-            projection_class_embeddings_input_dim=SDXL_TEXT2_WIDTH + 6 * TIME_EMBED_DIM)
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=SDXL_TEXT2_WIDTH + 6 * TIME_EMBED_DIM,
+        )
     sd2 = family == "sd2"
     return UNet2DConditionModel(
-        **common, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4) if sd2 else 8,
-        use_linear_projection=sd2, upcast_attention=sd2, cross_attention_dim=TEXT_WIDTH)
+        **common,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
+        cross_attention_dim=TEXT_WIDTH,
+    )
 
 
 def _vae(family: str) -> AutoencoderKL:
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
-        block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
-        scaling_factor=0.13025 if family == "sdxl" else 0.18215)
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=64,
+        scaling_factor=0.13025 if family == "sdxl" else 0.18215,
+    )
 
 
 def _scheduler(family: str) -> EulerDiscreteScheduler:
     return EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
         timestep_spacing="leading",
-        prediction_type="v_prediction" if family == "sd2" else "epsilon")
+        prediction_type="v_prediction" if family == "sd2" else "epsilon",
+    )
 
 
 def build_tiny_components(family: str = "sd1", seed: int = 0, in_channels: int = 4) -> dict:
@@ -88,10 +128,13 @@ def build_tiny_components(family: str = "sd1", seed: int = 0, in_channels: int =
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
     torch.manual_seed(seed)
     act = "quick_gelu" if family != "sd2" else "gelu"
-    components = {"unet": _unet(family, in_channels).eval(), "vae": _vae(family).eval(),
-                  "text_encoder": _text_encoder(TEXT_WIDTH, act),
-                  "tokenizer": clip_tokenizer(EOS if family != "sd2" else "!"),
-                  "scheduler": _scheduler(family)}
+    components = {
+        "unet": _unet(family, in_channels).eval(),
+        "vae": _vae(family).eval(),
+        "text_encoder": _text_encoder(TEXT_WIDTH, act),
+        "tokenizer": clip_tokenizer(EOS if family != "sd2" else "!"),
+        "scheduler": _scheduler(family),
+    }
     if family == "sdxl":
         components["text_encoder_2"] = _text_encoder(SDXL_TEXT2_WIDTH, "gelu", True)
         components["tokenizer_2"] = clip_tokenizer("!")
@@ -101,8 +144,9 @@ def build_tiny_components(family: str = "sd1", seed: int = 0, in_channels: int =
 def _pipeline(family: str, components: dict):
     if family == "sdxl":
         return StableDiffusionXLPipeline(**components)
-    return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
 
 
 def save_diffusers_folder(path: str | Path, family: str = "sd1", seed: int = 0, in_channels: int = 4) -> Path:
@@ -134,11 +178,15 @@ def save_single_file(path: str | Path, family: str = "sd1", seed: int = 0, in_ch
 
 # ---------------------------------------------------------------------------- LDM layout
 
-RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
-                "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-                "conv_shortcut": "skip_connection"}
-VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
-                       "to_out.0": "proj_out"}
+RESNET_NAMES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
 def _rename(state: dict, prefixes: dict[str, str], inner: dict[str, dict[str, str]]) -> dict:
@@ -149,10 +197,10 @@ def _rename(state: dict, prefixes: dict[str, str], inner: dict[str, dict[str, st
         prefix = next((p for p in ordered if key.startswith(p)), None)
         if prefix is None:
             raise KeyError(f"no LDM name for {key}")
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         for old, new in inner.get(prefix, {}).items():
             if rest.startswith(old + "."):
-                rest = new + rest[len(old):]
+                rest = new + rest[len(old) :]
         out[prefixes[prefix] + rest] = tensor
     return out
 
@@ -160,11 +208,18 @@ def _rename(state: dict, prefixes: dict[str, str], inner: dict[str, dict[str, st
 def unet_to_ldm(unet: UNet2DConditionModel) -> dict:
     """diffusers UNet state dict -> ``model.diffusion_model.*`` (inverse of diffusers' converter)."""
     config, per = unet.config, unet.config.layers_per_block + 1  # LDM: resnets + down/upsampler
-    prefixes = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
-                "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2.",
-                "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
-                "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
-                "mid_block.resnets.1.": "middle_block.2."}
+    prefixes = {
+        "time_embedding.linear_1.": "time_embed.0.",
+        "time_embedding.linear_2.": "time_embed.2.",
+        "add_embedding.linear_1.": "label_emb.0.0.",
+        "add_embedding.linear_2.": "label_emb.0.2.",
+        "conv_in.": "input_blocks.0.0.",
+        "conv_norm_out.": "out.0.",
+        "conv_out.": "out.2.",
+        "mid_block.resnets.0.": "middle_block.0.",
+        "mid_block.attentions.0.": "middle_block.1.",
+        "mid_block.resnets.1.": "middle_block.2.",
+    }
     for b in range(len(config.down_block_types)):
         for j in range(config.layers_per_block):
             i = 1 + b * per + j
@@ -187,11 +242,14 @@ def vae_to_ldm(vae: AutoencoderKL) -> dict:
     n = len(vae.config.block_out_channels)
     prefixes = {"quant_conv.": "quant_conv.", "post_quant_conv.": "post_quant_conv."}
     for part in ("encoder", "decoder"):
-        prefixes |= {f"{part}.conv_in.": f"{part}.conv_in.", f"{part}.conv_out.": f"{part}.conv_out.",
-                     f"{part}.conv_norm_out.": f"{part}.norm_out.",
-                     f"{part}.mid_block.attentions.0.": f"{part}.mid.attn_1.",
-                     f"{part}.mid_block.resnets.0.": f"{part}.mid.block_1.",
-                     f"{part}.mid_block.resnets.1.": f"{part}.mid.block_2."}
+        prefixes |= {
+            f"{part}.conv_in.": f"{part}.conv_in.",
+            f"{part}.conv_out.": f"{part}.conv_out.",
+            f"{part}.conv_norm_out.": f"{part}.norm_out.",
+            f"{part}.mid_block.attentions.0.": f"{part}.mid.attn_1.",
+            f"{part}.mid_block.resnets.0.": f"{part}.mid.block_1.",
+            f"{part}.mid_block.resnets.1.": f"{part}.mid.block_2.",
+        }
     for i in range(n):
         prefixes[f"encoder.down_blocks.{i}.resnets."] = f"encoder.down.{i}.block."
         prefixes[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
@@ -212,18 +270,19 @@ def vae_to_ldm(vae: AutoencoderKL) -> dict:
 def clip_to_ldm(encoder: CLIPTextModel, prefix: str) -> dict:
     """HF CLIP text model -> ``<prefix>text_model.*`` (the layout LDM's FrozenCLIPEmbedder saves)."""
     state = encoder.state_dict()
-    return {prefix + ("" if k.startswith("text_model.") else "text_model.") + k: v
-            for k, v in state.items()}
+    return {prefix + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in state.items()}
 
 
 def open_clip_to_ldm(encoder, prefix: str) -> dict:
     """HF CLIP text model -> open_clip names: fused qkv, ``positional_embedding``, ``ln_final``,
     and a ``text_projection`` matrix (x @ P, i.e. the transposed Linear weight)."""
     state = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
-    out = {"positional_embedding": state.pop("embeddings.position_embedding.weight"),
-           "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
-           "ln_final.weight": state.pop("final_layer_norm.weight"),
-           "ln_final.bias": state.pop("final_layer_norm.bias")}
+    out = {
+        "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        "ln_final.weight": state.pop("final_layer_norm.weight"),
+        "ln_final.bias": state.pop("final_layer_norm.bias"),
+    }
     projection = state.pop("text_projection.weight", None)
     width = out["token_embedding.weight"].shape[1]
     # SD2's encoder has no projection in diffusers, but its file carries one (ignored on load).
@@ -233,8 +292,7 @@ def open_clip_to_ldm(encoder, prefix: str) -> dict:
         src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
         attn = src + "self_attn."
         for kind in ("weight", "bias"):
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
-                [state.pop(f"{attn}{p}_proj.{kind}") for p in "qkv"])
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([state.pop(f"{attn}{p}_proj.{kind}") for p in "qkv"])
             out[f"{dst}attn.out_proj.{kind}"] = state.pop(f"{attn}out_proj.{kind}")
             out[f"{dst}ln_1.{kind}"] = state.pop(f"{src}layer_norm1.{kind}")
             out[f"{dst}ln_2.{kind}"] = state.pop(f"{src}layer_norm2.{kind}")

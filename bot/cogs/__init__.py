@@ -22,6 +22,13 @@ def all_cogs(service: JobService, options: Options, bot: commands.Bot) -> list[c
     from bot.cogs.settings import settings_cog
     from bot.cogs.stats import StatsCog
 
-    return [generate_cog(service, options), jobs_cog(service, options), ResultsCog(service, bot),
-            settings_cog(service, options), server_cog(service, options), StatsCog(service),
-            HelpCog(service, bot), ImageInfoCog(service, bot)]
+    return [
+        generate_cog(service, options),
+        jobs_cog(service, options),
+        ResultsCog(service, bot),
+        settings_cog(service, options),
+        server_cog(service, options),
+        StatsCog(service),
+        HelpCog(service, bot),
+        ImageInfoCog(service, bot),
+    ]

@@ -45,59 +45,141 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
 
         @app_commands.command(name="imagine", description="Make images from a text prompt")
         @app_commands.describe(**described)
-        async def imagine(self, interaction: discord.Interaction, prompt: Transform[str, o.prompt],
-                          negative: Transform[str, o.negative] = None, seed: Transform[int, o.seed] = None,
-                          steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
-                          size: Transform[str, o.size] = None, sampler: Transform[str, o.sampler] = None,
-                          count: Transform[int, o.count] = None, model: Transform[str, o.model] = None,
-                          style: Transform[str, o.style] = None, clip_skip: Transform[int, o.clip_skip] = None,
-                          schedule: Transform[str, o.schedule] = None) -> None:
-            asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model, style=style,
-                          clip_skip=clip_skip, schedule=schedule)
+        async def imagine(
+            self,
+            interaction: discord.Interaction,
+            prompt: Transform[str, o.prompt],
+            negative: Transform[str, o.negative] = None,
+            seed: Transform[int, o.seed] = None,
+            steps: Transform[int, o.steps] = None,
+            guidance: Transform[float, o.guidance] = None,
+            size: Transform[str, o.size] = None,
+            sampler: Transform[str, o.sampler] = None,
+            count: Transform[int, o.count] = None,
+            model: Transform[str, o.model] = None,
+            style: Transform[str, o.style] = None,
+            clip_skip: Transform[int, o.clip_skip] = None,
+            schedule: Transform[str, o.schedule] = None,
+        ) -> None:
+            asked = Asked(
+                prompt,
+                negative,
+                seed,
+                steps,
+                guidance,
+                size,
+                sampler,
+                count,
+                model,
+                style=style,
+                clip_skip=clip_skip,
+                schedule=schedule,
+            )
             await self.service.guarded(interaction, self.service.submit_command(interaction, JobKind.txt2img, asked))
 
         @app_commands.command(name="img2img", description="Make images from an uploaded image and a prompt")
-        @app_commands.describe(image="A PNG, JPEG or WebP image",
-                               strength=f"How much to change the image (default {gen.default_strength:g})",
-                               **described)
-        async def img2img(self, interaction: discord.Interaction, image: discord.Attachment,
-                          prompt: Transform[str, o.prompt], strength: Transform[float, o.strength] = None,
-                          negative: Transform[str, o.negative] = None, seed: Transform[int, o.seed] = None,
-                          steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
-                          size: Transform[str, o.size] = None, sampler: Transform[str, o.sampler] = None,
-                          count: Transform[int, o.count] = None, model: Transform[str, o.model] = None,
-                          style: Transform[str, o.style] = None, clip_skip: Transform[int, o.clip_skip] = None,
-                          schedule: Transform[str, o.schedule] = None) -> None:
-            asked = Asked(prompt, negative, seed, steps, guidance, size, sampler, count, model, strength, style,
-                          clip_skip, schedule)
+        @app_commands.describe(
+            image="A PNG, JPEG or WebP image",
+            strength=f"How much to change the image (default {gen.default_strength:g})",
+            **described,
+        )
+        async def img2img(
+            self,
+            interaction: discord.Interaction,
+            image: discord.Attachment,
+            prompt: Transform[str, o.prompt],
+            strength: Transform[float, o.strength] = None,
+            negative: Transform[str, o.negative] = None,
+            seed: Transform[int, o.seed] = None,
+            steps: Transform[int, o.steps] = None,
+            guidance: Transform[float, o.guidance] = None,
+            size: Transform[str, o.size] = None,
+            sampler: Transform[str, o.sampler] = None,
+            count: Transform[int, o.count] = None,
+            model: Transform[str, o.model] = None,
+            style: Transform[str, o.style] = None,
+            clip_skip: Transform[int, o.clip_skip] = None,
+            schedule: Transform[str, o.schedule] = None,
+        ) -> None:
+            asked = Asked(
+                prompt,
+                negative,
+                seed,
+                steps,
+                guidance,
+                size,
+                sampler,
+                count,
+                model,
+                strength,
+                style,
+                clip_skip,
+                schedule,
+            )
             await self.service.guarded(interaction, self._img2img(interaction, image, asked))
 
         @app_commands.command(name="inpaint", description="Change part of an uploaded image: white in the mask changes")
-        @app_commands.describe(image="A PNG, JPEG or WebP image",
-                               mask="A PNG: white (or transparent) where the image should change, black where not",
-                               strength=f"How much the masked part changes (default {gen.default_strength:g})",
-                               **{k: v for k, v in described.items() if k != "size"})
-        async def inpaint(self, interaction: discord.Interaction, image: discord.Attachment, mask: discord.Attachment,
-                          prompt: Transform[str, o.prompt], strength: Transform[float, o.strength] = None,
-                          negative: Transform[str, o.negative] = None, seed: Transform[int, o.seed] = None,
-                          steps: Transform[int, o.steps] = None, guidance: Transform[float, o.guidance] = None,
-                          sampler: Transform[str, o.sampler] = None, count: Transform[int, o.count] = None,
-                          model: Transform[str, o.model] = None, style: Transform[str, o.style] = None,
-                          clip_skip: Transform[int, o.clip_skip] = None, schedule: Transform[str, o.schedule] = None
-                          ) -> None:
-            asked = Asked(prompt, negative, seed, steps, guidance, None, sampler, count, model, strength, style,
-                          clip_skip, schedule)
+        @app_commands.describe(
+            image="A PNG, JPEG or WebP image",
+            mask="A PNG: white (or transparent) where the image should change, black where not",
+            strength=f"How much the masked part changes (default {gen.default_strength:g})",
+            **{k: v for k, v in described.items() if k != "size"},
+        )
+        async def inpaint(
+            self,
+            interaction: discord.Interaction,
+            image: discord.Attachment,
+            mask: discord.Attachment,
+            prompt: Transform[str, o.prompt],
+            strength: Transform[float, o.strength] = None,
+            negative: Transform[str, o.negative] = None,
+            seed: Transform[int, o.seed] = None,
+            steps: Transform[int, o.steps] = None,
+            guidance: Transform[float, o.guidance] = None,
+            sampler: Transform[str, o.sampler] = None,
+            count: Transform[int, o.count] = None,
+            model: Transform[str, o.model] = None,
+            style: Transform[str, o.style] = None,
+            clip_skip: Transform[int, o.clip_skip] = None,
+            schedule: Transform[str, o.schedule] = None,
+        ) -> None:
+            asked = Asked(
+                prompt,
+                negative,
+                seed,
+                steps,
+                guidance,
+                None,
+                sampler,
+                count,
+                model,
+                strength,
+                style,
+                clip_skip,
+                schedule,
+            )
             await self.service.guarded(interaction, self._img2img(interaction, image, asked, mask))
 
-        async def _img2img(self, interaction: discord.Interaction, image: discord.Attachment, asked: Asked,
-                           mask: discord.Attachment | None = None) -> None:
+        async def _img2img(
+            self,
+            interaction: discord.Interaction,
+            image: discord.Attachment,
+            asked: Asked,
+            mask: discord.Attachment | None = None,
+        ) -> None:
             """The uploads' names, types, sizes and hosts are checked before they are downloaded."""
             dc = config.discord
             for upload, types in ((image, dc.allowed_image_types), (mask, ("image/png", "image/webp"))):
                 if upload is not None:
-                    check_attachment_meta(filename=upload.filename, content_type=upload.content_type,
-                                          size=upload.size, url=upload.url, allowed_types=types,
-                                          max_bytes=dc.max_attachment_bytes, allowed_hosts=self.service.allowed_hosts)
+                    check_attachment_meta(
+                        filename=upload.filename,
+                        content_type=upload.content_type,
+                        size=upload.size,
+                        url=upload.url,
+                        allowed_types=types,
+                        max_bytes=dc.max_attachment_bytes,
+                        allowed_hosts=self.service.allowed_hosts,
+                    )
             kind = JobKind.img2img if mask is None else JobKind.inpaint
             await self.service.submit_command(interaction, kind, asked, image, mask)
 

@@ -10,8 +10,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import render
-from bot.service import JobService
 from bot.layout import describe_buttons
+from bot.service import JobService
 
 
 def iter_commands(items: Iterable[Any]) -> Iterator[app_commands.Command]:
@@ -41,8 +41,10 @@ def limits_of(p: app_commands.Parameter, service: JobService) -> list[str]:
         limits.append(f"{number(p.min_value)} to {number(p.max_value)}")
     if p.type is discord.AppCommandOptionType.attachment:
         dc = service.config.discord
-        limits.append(", ".join(t.removeprefix("image/").upper() for t in dc.allowed_image_types)
-                      + f", up to {dc.max_attachment_bytes / 1048576:.1f} MiB")
+        limits.append(
+            ", ".join(t.removeprefix("image/").upper() for t in dc.allowed_image_types)
+            + f", up to {dc.max_attachment_bytes / 1048576:.1f} MiB"
+        )
     return limits
 
 
@@ -66,10 +68,19 @@ def help_pages(commands_: Iterable[Any], service: JobService) -> list[str]:
     lines = []
     menus = [item.name for item in commands_ if isinstance(item, app_commands.ContextMenu)]
     if menus:
-        lines += ["", "**On any message** (right-click → Apps): " + ", ".join(f"**{m}**" for m in menus)
-                  + ": the AUTOMATIC1111 parameters of an attached PNG, or a new job with them"]
-    lines += ["", "**Buttons on results**", describe_buttons(),
-              "", f"You can have {service.config.queue.pending_limit} jobs waiting at a time."]
+        lines += [
+            "",
+            "**On any message** (right-click → Apps): "
+            + ", ".join(f"**{m}**" for m in menus)
+            + ": the AUTOMATIC1111 parameters of an attached PNG, or a new job with them",
+        ]
+    lines += [
+        "",
+        "**Buttons on results**",
+        describe_buttons(),
+        "",
+        f"You can have {service.config.queue.pending_limit} jobs waiting at a time.",
+    ]
     pages.append("\n".join(lines).strip())
     # Discord: 4096 characters an embed, 6000 in all the embeds of a message.
     budget = 6000 - len(TITLE)

@@ -23,8 +23,10 @@ from db.models import JobKind
 class ImageInfoCog(commands.Cog, name="image-info"):
     def __init__(self, service: JobService, bot: commands.Bot) -> None:
         self.service, self.bot = service, bot
-        self.menus = (app_commands.ContextMenu(name="Image info", callback=self.image_info),
-                      app_commands.ContextMenu(name="Use these settings", callback=self.use_settings))
+        self.menus = (
+            app_commands.ContextMenu(name="Image info", callback=self.image_info),
+            app_commands.ContextMenu(name="Use these settings", callback=self.use_settings),
+        )
 
     async def cog_load(self) -> None:
         for menu in self.menus:
@@ -41,14 +43,26 @@ class ImageInfoCog(commands.Cog, name="image-info"):
         await self.service.guarded(interaction, self._use_settings(interaction, message))
 
     async def _read(self, message: discord.Message) -> infotext.ReadBack:
-        attachment = next((a for a in message.attachments if (a.content_type or "").startswith("image/png")
-                           or a.filename.lower().endswith(".png")), None)
+        attachment = next(
+            (
+                a
+                for a in message.attachments
+                if (a.content_type or "").startswith("image/png") or a.filename.lower().endswith(".png")
+            ),
+            None,
+        )
         if attachment is None:
             raise BadInput("That message has no PNG attached; generation parameters live in PNG files.")
         dc = self.service.config.discord
-        check_attachment_meta(filename=attachment.filename, content_type=attachment.content_type or "image/png",
-                              size=attachment.size, url=attachment.url, allowed_types=("image/png",),
-                              max_bytes=dc.max_attachment_bytes, allowed_hosts=self.service.allowed_hosts)
+        check_attachment_meta(
+            filename=attachment.filename,
+            content_type=attachment.content_type or "image/png",
+            size=attachment.size,
+            url=attachment.url,
+            allowed_types=("image/png",),
+            max_bytes=dc.max_attachment_bytes,
+            allowed_hosts=self.service.allowed_hosts,
+        )
         data = await self.service.download(attachment.url, dc.max_attachment_bytes)
         return await asyncio.to_thread(infotext.read_png_parameters, data)
 
@@ -66,5 +80,6 @@ class ImageInfoCog(commands.Cog, name="image-info"):
         asked, notes = infotext.settings_from(read.fields, self.service.config)
         params, note = await self.service.admit(interaction, asked)
         changed = f"Changed to fit this server: {'; '.join(notes)}." if notes else None
-        await self.service.submit(interaction, NewJob(JobKind.txt2img, params),
-                                  note="\n".join(n for n in (changed, note) if n) or None)
+        await self.service.submit(
+            interaction, NewJob(JobKind.txt2img, params), note="\n".join(n for n in (changed, note) if n) or None
+        )

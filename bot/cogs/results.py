@@ -39,7 +39,8 @@ class ResultsCog(commands.Cog, name="results"):
             return
         channel = self.bot.get_partial_messageable(payload.channel_id, guild_id=payload.guild_id)
         try:
-            await self.service.submit_for_reaction(payload, jobs.reroll(parent), channel,
-                                                   self.bot.get_channel(payload.channel_id))
+            await self.service.submit_for_reaction(
+                payload, jobs.reroll(parent), channel, self.bot.get_channel(payload.channel_id)
+            )
         except discord.HTTPException as e:
             log.warning("reaction reroll of job %s failed: %s", parent.id, e)

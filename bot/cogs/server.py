@@ -36,8 +36,9 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
 
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.guild_only()
-    class Server(commands.GroupCog, group_name="server",
-                 group_description="Server settings and moderation (Manage Server)"):
+    class Server(
+        commands.GroupCog, group_name="server", group_description="Server settings and moderation (Manage Server)"
+    ):
         def __init__(self, service: JobService) -> None:
             self.service = service
             self.community = service.community
@@ -47,12 +48,15 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
             return require_manage_server(interaction)
 
         async def _change(self, interaction: discord.Interaction, **changes: Any) -> ServerPolicy:
-            return await asyncio.to_thread(self.community.update_server, interaction.guild_id, interaction.user.id,
-                                           **changes)
+            return await asyncio.to_thread(
+                self.community.update_server, interaction.guild_id, interaction.user.id, **changes
+            )
 
         async def _show(self, interaction: discord.Interaction, policy: ServerPolicy, note: str = "") -> None:
             barred = await self.service.run_check(self.community.barred, interaction.guild_id)
-            await self.service.reply(interaction, render.clip(note + server_settings_text(policy, barred, config), 2000))
+            await self.service.reply(
+                interaction, render.clip(note + server_settings_text(policy, barred, config), 2000)
+            )
 
         async def _saved(self, interaction: discord.Interaction, **changes: Any) -> None:
             await self._show(interaction, await self._change(interaction, **changes), "Saved.\n")
@@ -65,10 +69,15 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
             await self._show(interaction, await self._policy(interaction))
 
         @app_commands.command(name="channels", description="Channels the bot answers in (all when none are set)")
-        @app_commands.describe(action="add or remove a channel, or clear the list (every channel)",
-                               channel="The channel to add or remove")
-        async def channels(self, interaction: discord.Interaction, action: Literal["add", "remove", "clear"],
-                           channel: discord.TextChannel = None) -> None:
+        @app_commands.describe(
+            action="add or remove a channel, or clear the list (every channel)", channel="The channel to add or remove"
+        )
+        async def channels(
+            self,
+            interaction: discord.Interaction,
+            action: Literal["add", "remove", "clear"],
+            channel: discord.TextChannel = None,
+        ) -> None:
             current = (await self._policy(interaction)).allowed_channel_ids
             if action == "clear":
                 chosen: tuple[int, ...] = ()
@@ -83,21 +92,29 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
         @app_commands.command(name="limits", description="Limits narrower than the bot's (0 or 'any': the bot's own)")
         @app_commands.describe(
             max_steps=f"Most steps per job (0: the bot's {gen.max_steps})",
-            max_size="Largest size allowed", max_count=f"Most images per job (0: the bot's {gen.max_count})",
+            max_size="Largest size allowed",
+            max_count=f"Most images per job (0: the bot's {gen.max_count})",
             pending_limit=f"Jobs a member may have waiting (0: the bot's {queue_settings.pending_limit})",
             daily_limit="Jobs a member may make in 24 hours (0: no limit)",
-            cooldown="Seconds between a member's jobs (0: none)")
+            cooldown="Seconds between a member's jobs (0: none)",
+        )
         async def limits(
-                self, interaction: discord.Interaction,
-                max_steps: Transform[int, Bounded("max_steps", int, 0, gen.max_steps)] = None,
-                max_size: Transform[str, MaxSize] = None,
-                max_count: Transform[int, Bounded("max_count", int, 0, gen.max_count)] = None,
-                pending_limit: Transform[int, Bounded("pending_limit", int, 0, queue_settings.pending_limit)] = None,
-                daily_limit: Transform[int, Bounded("daily_limit", int, 0, 100_000)] = None,
-                cooldown: Transform[int, Bounded("cooldown", int, 0, 86_400)] = None) -> None:
+            self,
+            interaction: discord.Interaction,
+            max_steps: Transform[int, Bounded("max_steps", int, 0, gen.max_steps)] = None,
+            max_size: Transform[str, MaxSize] = None,
+            max_count: Transform[int, Bounded("max_count", int, 0, gen.max_count)] = None,
+            pending_limit: Transform[int, Bounded("pending_limit", int, 0, queue_settings.pending_limit)] = None,
+            daily_limit: Transform[int, Bounded("daily_limit", int, 0, 100_000)] = None,
+            cooldown: Transform[int, Bounded("cooldown", int, 0, 86_400)] = None,
+        ) -> None:
             changes: dict[str, Any] = {}
-            for name, value in (("max_steps", max_steps), ("max_count", max_count),
-                                ("pending_limit", pending_limit), ("daily_limit", daily_limit)):
+            for name, value in (
+                ("max_steps", max_steps),
+                ("max_count", max_count),
+                ("pending_limit", pending_limit),
+                ("daily_limit", daily_limit),
+            ):
                 if value is not None:
                     changes[name] = value or None
             if max_size is not None:
@@ -110,10 +127,15 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
             await self._saved(interaction, **changes)
 
         @app_commands.command(name="nsfw", description="Words allowed only in age-restricted channels")
-        @app_commands.describe(action="add or remove words, or clear the list",
-                               words="Words or phrases, separated by commas")
-        async def nsfw(self, interaction: discord.Interaction, action: Literal["add", "remove", "clear"],
-                       words: app_commands.Range[str, 1, 1000] = None) -> None:
+        @app_commands.describe(
+            action="add or remove words, or clear the list", words="Words or phrases, separated by commas"
+        )
+        async def nsfw(
+            self,
+            interaction: discord.Interaction,
+            action: Literal["add", "remove", "clear"],
+            words: app_commands.Range[str, 1, 1000] = None,
+        ) -> None:
             given = [w.strip().lower() for w in (words or "").split(",") if w.strip()]
             if action != "clear" and not given:
                 raise BadInput(f"Give the words to {action}, separated by commas.")
@@ -136,8 +158,10 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
         @app_commands.command(name="pause", description="Stop taking and starting new jobs on this server")
         async def pause(self, interaction: discord.Interaction) -> None:
             await self._change(interaction, paused=True)
-            await self.service.reply(interaction, "⏸️ The queue is paused: new jobs are refused and waiting ones "
-                                                  "wait. `/server resume` starts it again.")
+            await self.service.reply(
+                interaction,
+                "⏸️ The queue is paused: new jobs are refused and waiting ones wait. `/server resume` starts it again.",
+            )
 
         @app_commands.command(name="resume", description="Take and start jobs again")
         async def resume(self, interaction: discord.Interaction) -> None:
@@ -150,44 +174,66 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
         async def purge(self, interaction: discord.Interaction, member: discord.Member) -> None:
             ids = await asyncio.to_thread(self.community.purge, interaction.guild_id, member.id, interaction.user.id)
             self.service.stopped(ids)
-            await self.service.reply(interaction, f"Cancelled {len(ids)} job(s) of {member.mention}."
-                                     + (f" ({', '.join(f'#{i}' for i in ids)})" if ids else ""))
+            await self.service.reply(
+                interaction,
+                f"Cancelled {len(ids)} job(s) of {member.mention}."
+                + (f" ({', '.join(f'#{i}' for i in ids)})" if ids else ""),
+            )
 
         @app_commands.command(name="bar", description="Bar a member from using the bot on this server")
         @app_commands.describe(member="The member to bar")
         async def bar(self, interaction: discord.Interaction, member: discord.Member) -> None:
             added = await asyncio.to_thread(self.community.bar, interaction.guild_id, member.id, interaction.user.id)
-            await self.service.reply(interaction, f"{member.mention} is {'now' if added else 'already'} barred. "
-                                                  "Their waiting jobs stay; `/server purge` cancels them.")
+            await self.service.reply(
+                interaction,
+                f"{member.mention} is {'now' if added else 'already'} barred. "
+                "Their waiting jobs stay; `/server purge` cancels them.",
+            )
 
         @app_commands.command(name="unbar", description="Let a barred member use the bot again")
         @app_commands.describe(member="The member to let back in")
         async def unbar(self, interaction: discord.Interaction, member: discord.Member) -> None:
-            removed = await asyncio.to_thread(self.community.unbar, interaction.guild_id, member.id,
-                                              interaction.user.id)
-            await self.service.reply(interaction,
-                                     f"{member.mention} {'may use the bot again' if removed else 'was not barred'}.")
+            removed = await asyncio.to_thread(
+                self.community.unbar, interaction.guild_id, member.id, interaction.user.id
+            )
+            await self.service.reply(
+                interaction, f"{member.mention} {'may use the bot again' if removed else 'was not barred'}."
+            )
 
         style = app_commands.Group(name="style", description="Named prompt templates members pick with `style`")
 
         @style.command(name="add", description="Add or replace a style ({prompt} marks where the member's prompt goes)")
-        @app_commands.describe(name="The style's name", prompt="Its prompt, e.g. `{prompt}, watercolor, soft light`",
-                               negative="Its negative prompt (added to the member's)")
-        async def style_add(self, interaction: discord.Interaction, name: app_commands.Range[str, 1, 100],
-                            prompt: Transform[str, StylePrompt], negative: Transform[str, StyleNegative] = None) -> None:
+        @app_commands.describe(
+            name="The style's name",
+            prompt="Its prompt, e.g. `{prompt}, watercolor, soft light`",
+            negative="Its negative prompt (added to the member's)",
+        )
+        async def style_add(
+            self,
+            interaction: discord.Interaction,
+            name: app_commands.Range[str, 1, 100],
+            prompt: Transform[str, StylePrompt],
+            negative: Transform[str, StyleNegative] = None,
+        ) -> None:
             try:
-                count = await asyncio.to_thread(self.service.styles.put, interaction.guild_id, interaction.user.id,
-                                                [StyleText(name.strip(), prompt, negative or "")])
+                count = await asyncio.to_thread(
+                    self.service.styles.put,
+                    interaction.guild_id,
+                    interaction.user.id,
+                    [StyleText(name.strip(), prompt, negative or "")],
+                )
             except StyleError as e:
                 raise BadInput(str(e)) from None
-            await self.service.reply(interaction, f"Saved style **{render.escape(name.strip())}** "
-                                                  f"({count} style(s) on this server).")
+            await self.service.reply(
+                interaction, f"Saved style **{render.escape(name.strip())}** ({count} style(s) on this server)."
+            )
 
         @style.command(name="remove", description="Remove a style")
         @app_commands.describe(name="The style to remove")
         async def style_remove(self, interaction: discord.Interaction, name: Transform[str, o.style]) -> None:
-            removed = await asyncio.to_thread(self.service.styles.remove, interaction.guild_id, interaction.user.id,
-                                              name)
+            removed = await asyncio.to_thread(
+                self.service.styles.remove, interaction.guild_id, interaction.user.id, name
+            )
             if not removed:
                 raise BadInput(f"There is no style called `{render.escape(name)}`.")
             await self.service.reply(interaction, f"Removed style **{render.escape(name)}**.")
@@ -195,11 +241,15 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
         @style.command(name="list", description="This server's styles")
         async def style_list(self, interaction: discord.Interaction) -> None:
             styles = await self.service.run_check(self.service.styles.all, interaction.guild_id)
-            lines = [f"**{render.escape(s.name)}**: {render.excerpt(s.prompt, 80)}"
-                     + (f" · negative: {render.excerpt(s.negative_prompt, 40)}" if s.negative_prompt else "")
-                     for s in styles]
-            await self.service.reply(interaction, render.clip("\n".join(lines) or "No styles yet: "
-                                                              "`/server style add` or `/server style import`.", 2000))
+            lines = [
+                f"**{render.escape(s.name)}**: {render.excerpt(s.prompt, 80)}"
+                + (f" · negative: {render.excerpt(s.negative_prompt, 40)}" if s.negative_prompt else "")
+                for s in styles
+            ]
+            await self.service.reply(
+                interaction,
+                render.clip("\n".join(lines) or "No styles yet: `/server style add` or `/server style import`.", 2000),
+            )
 
         @style.command(name="import", description="Import an AUTOMATIC1111 styles.csv (name, prompt, negative_prompt)")
         @app_commands.describe(file="styles.csv from AUTOMATIC1111 or Forge")
@@ -207,14 +257,21 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
             kind = (file.content_type or "").split(";")[0]
             if not file.filename.lower().endswith(".csv") and kind not in ("text/csv", "text/plain"):
                 raise BadInput("Send the styles.csv file (CSV text with the columns name, prompt, negative_prompt).")
-            check_attachment_meta(filename=file.filename, content_type="text/csv", size=file.size, url=file.url,
-                                  allowed_types=("text/csv",), max_bytes=MAX_CSV_BYTES,
-                                  allowed_hosts=self.service.allowed_hosts)
+            check_attachment_meta(
+                filename=file.filename,
+                content_type="text/csv",
+                size=file.size,
+                url=file.url,
+                allowed_types=("text/csv",),
+                max_bytes=MAX_CSV_BYTES,
+                allowed_hosts=self.service.allowed_hosts,
+            )
             data = await self.service.download(file.url, MAX_CSV_BYTES)
             try:
                 styles = parse_styles_csv(data)
-                count = await asyncio.to_thread(self.service.styles.put, interaction.guild_id, interaction.user.id,
-                                                styles)
+                count = await asyncio.to_thread(
+                    self.service.styles.put, interaction.guild_id, interaction.user.id, styles
+                )
             except StyleError as e:
                 raise BadInput(str(e)) from None
             await self.service.reply(interaction, f"Imported {len(styles)} style(s); this server has {count}.")

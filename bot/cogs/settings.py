@@ -23,8 +23,9 @@ def settings_cog(service: JobService, o: Options) -> commands.Cog:
     Negative = Text("negative", service.config.discord.max_prompt_chars, False)
     Setting = OneOf("setting", {"all": "all", **{name: name for name in MEMBER_OPTIONS}})
 
-    class Settings(commands.GroupCog, group_name="settings",
-                   group_description="Your defaults for /imagine and /img2img"):
+    class Settings(
+        commands.GroupCog, group_name="settings", group_description="Your defaults for /imagine and /img2img"
+    ):
         def __init__(self, service: JobService) -> None:
             self.service = service
             self.community = service.community
@@ -41,35 +42,53 @@ def settings_cog(service: JobService, o: Options) -> commands.Cog:
         async def _style_line(self, interaction: discord.Interaction) -> str:
             if interaction.guild_id is None:
                 return ""
-            style = await self.service.run_check(self.service.styles.member_default, interaction.guild_id,
-                                                 interaction.user.id)
+            style = await self.service.run_check(
+                self.service.styles.member_default, interaction.guild_id, interaction.user.id
+            )
             return f"\nstyle on this server: **{style}**" if style else "\nstyle on this server: none"
 
         @app_commands.command(name="set", description="Set defaults used when you leave an option out")
-        @app_commands.describe(negative="Your default negative prompt", steps=f"Steps (1 to {gen.max_steps})",
-                               size="Width x height", sampler="Sampler",
-                               guidance=f"Guidance (0 to {gen.max_guidance:g})",
-                               private="Whether your results should be private",
-                               style="Your style on this server (one of its styles)")
-        async def set_(self, interaction: discord.Interaction, negative: Transform[str, Negative] = None,
-                       steps: Transform[int, o.steps] = None, size: Transform[str, o.size] = None,
-                       sampler: Transform[str, o.sampler] = None, guidance: Transform[float, o.guidance] = None,
-                       private: bool = None, style: Transform[str, o.style] = None) -> None:
+        @app_commands.describe(
+            negative="Your default negative prompt",
+            steps=f"Steps (1 to {gen.max_steps})",
+            size="Width x height",
+            sampler="Sampler",
+            guidance=f"Guidance (0 to {gen.max_guidance:g})",
+            private="Whether your results should be private",
+            style="Your style on this server (one of its styles)",
+        )
+        async def set_(
+            self,
+            interaction: discord.Interaction,
+            negative: Transform[str, Negative] = None,
+            steps: Transform[int, o.steps] = None,
+            size: Transform[str, o.size] = None,
+            sampler: Transform[str, o.sampler] = None,
+            guidance: Transform[float, o.guidance] = None,
+            private: bool = None,
+            style: Transform[str, o.style] = None,
+        ) -> None:
             changes: dict[str, Any] = {}
             if negative:
                 changes["negative_prompt"] = negative
             if size is not None:
                 changes["width"], changes["height"] = size
-            for name, value in (("steps", steps), ("sampler", sampler), ("guidance", guidance),
-                                ("private_results", private)):
+            for name, value in (
+                ("steps", steps),
+                ("sampler", sampler),
+                ("guidance", guidance),
+                ("private_results", private),
+            ):
                 if value is not None:
                     changes[name] = value
             await self.service.guarded(interaction, self._set(interaction, changes, style))
 
         async def _set(self, interaction: discord.Interaction, changes: dict[str, Any], style: str | None) -> None:
             if not changes and style is None:
-                raise BadInput("Give at least one option to set, e.g. `/settings set steps:30`. "
-                               "`/settings show` lists your defaults.")
+                raise BadInput(
+                    "Give at least one option to set, e.g. `/settings set steps:30`. "
+                    "`/settings show` lists your defaults."
+                )
             if style is not None:
                 if interaction.guild_id is None:
                     raise BadInput("Styles belong to a server; set your style there.")
@@ -81,8 +100,9 @@ def settings_cog(service: JobService, o: Options) -> commands.Cog:
                 mine = await asyncio.to_thread(self.community.set_member_defaults, interaction.user.id, **changes)
             else:
                 mine = await self.service.run_check(self.community.member_defaults, interaction.user.id)
-            await self.service.reply(interaction, "Saved.\n" + member_settings_text(mine, gen)
-                                     + await self._style_line(interaction))
+            await self.service.reply(
+                interaction, "Saved.\n" + member_settings_text(mine, gen) + await self._style_line(interaction)
+            )
 
         @app_commands.command(name="reset", description="Go back to the bot's defaults (all, or one setting)")
         @app_commands.describe(setting="Which default to forget (all when left out)")
@@ -99,12 +119,15 @@ def settings_cog(service: JobService, o: Options) -> commands.Cog:
             elif setting == "style":
                 mine = await self.service.run_check(self.community.member_defaults, user_id)
             else:
-                columns = {"negative": ["negative_prompt"], "size": ["width", "height"],
-                           "private": ["private_results"]}.get(setting, [setting])
+                columns = {
+                    "negative": ["negative_prompt"],
+                    "size": ["width", "height"],
+                    "private": ["private_results"],
+                }.get(setting, [setting])
                 cleared = {c: (False if c == "private_results" else None) for c in columns}
                 mine = await asyncio.to_thread(self.community.set_member_defaults, user_id, **cleared)
-            await self.service.reply(interaction, "Reset.\n" + member_settings_text(mine, gen)
-                                     + await self._style_line(interaction))
+            await self.service.reply(
+                interaction, "Reset.\n" + member_settings_text(mine, gen) + await self._style_line(interaction)
+            )
 
     return Settings(service)
-

@@ -40,8 +40,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: What a result message needs in a channel: (``discord.Permissions`` attribute, Discord's name).
-NEEDED = (("view_channel", "View Channel"), ("send_messages", "Send Messages"),
-          ("attach_files", "Attach Files"), ("embed_links", "Embed Links"))
+NEEDED = (
+    ("view_channel", "View Channel"),
+    ("send_messages", "Send Messages"),
+    ("attach_files", "Attach Files"),
+    ("embed_links", "Embed Links"),
+)
 EMBED_LINKS = "Embed Links"
 
 
@@ -137,30 +141,48 @@ class Fallbacks:
         except discord.HTTPException as e:
             if not permanent(e):
                 raise
-            log.warning("job %s: may not post in channel %s (%s) and cannot DM member %s (%s); the result "
-                        "stays stored for /show", job.id, job.channel_id, why, job.requester_id, e)
+            log.warning(
+                "job %s: may not post in channel %s (%s) and cannot DM member %s (%s); the result "
+                "stays stored for /show",
+                job.id,
+                job.channel_id,
+                why,
+                job.requester_id,
+                e,
+            )
             dm_failed = "their direct messages are closed" if e.code == CANNOT_DM else "a direct message failed"
-            return Posted(job.channel_id or 0, [], refused_in=job.channel_id, missing=missing,
-                          note=f"I may not post here {_without(missing)} and {dm_failed}; "
-                               f"`/show job:{job.id}` shows it")
-        return Posted(dm.id, [message_id], by_dm=True, refused_in=job.channel_id, missing=missing,
-                      note=f"I may not post here {_without(missing)}, so it was sent to the requester by "
-                           "direct message")
+            return Posted(
+                job.channel_id or 0,
+                [],
+                refused_in=job.channel_id,
+                missing=missing,
+                note=f"I may not post here {_without(missing)} and {dm_failed}; `/show job:{job.id}` shows it",
+            )
+        return Posted(
+            dm.id,
+            [message_id],
+            by_dm=True,
+            refused_in=job.channel_id,
+            missing=missing,
+            note=f"I may not post here {_without(missing)}, so it was sent to the requester by direct message",
+        )
 
     async def _post_private(self, job: Job) -> Posted:
         """The result by DM, as the requester asked; in the channel if Discord refuses the DM."""
         try:
             dm = await self.bot.create_dm(discord.Object(job.requester_id))
-            return Posted(dm.id, [await self.poster.send(job, dm)], by_dm=True,
-                          note="sent to the requester by direct message")
+            return Posted(
+                dm.id, [await self.poster.send(job, dm)], by_dm=True, note="sent to the requester by direct message"
+            )
         except discord.HTTPException as e:
             if not permanent(e):
                 raise  # Discord is having trouble: try the DM again later
             log.info("job %s: cannot DM member %s (%s); posting in the channel", job.id, job.requester_id, e)
             refusal = e
         why = "they do not accept direct messages" if refusal.code == CANNOT_DM else "a direct message failed"
-        prefix = (f"<@{job.requester_id}> this result was meant for your DMs, but {dm_refusal(refusal)}; "
-                  "posting it here.")
+        prefix = (
+            f"<@{job.requester_id}> this result was meant for your DMs, but {dm_refusal(refusal)}; posting it here."
+        )
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
         try:
             message_id = await self.poster.send(job, channel, prefix=prefix)
@@ -168,10 +190,20 @@ class Fallbacks:
             if not lacks_permission(e):
                 raise
             missing = missing_permissions(self.bot, job.channel_id, files=job.status is JobStatus.done)
-            log.warning("job %s: cannot DM member %s nor post in channel %s (%s); the result stays stored "
-                        "for /show", job.id, job.requester_id, job.channel_id, _why(missing))
-            return Posted(job.channel_id or 0, [], refused_in=job.channel_id, missing=missing,
-                          note=f"{why}, and I may not post here {_without(missing)}; `/show job:{job.id}` shows it")
+            log.warning(
+                "job %s: cannot DM member %s nor post in channel %s (%s); the result stays stored for /show",
+                job.id,
+                job.requester_id,
+                job.channel_id,
+                _why(missing),
+            )
+            return Posted(
+                job.channel_id or 0,
+                [],
+                refused_in=job.channel_id,
+                missing=missing,
+                note=f"{why}, and I may not post here {_without(missing)}; `/show job:{job.id}` shows it",
+            )
         return Posted(job.channel_id or 0, [message_id], note=f"{why}, so it is posted here")
 
     async def tell_owner(self, job: Job, posted: Posted) -> None:
@@ -185,27 +217,45 @@ class Fallbacks:
         guild = self.bot.get_guild(job.guild_id)
         where = channel_name(self.bot, posted.refused_in)
         if posted.missing == (EMBED_LINKS,):
-            text = (f"Results in {where} on **{render.escape(guild.name if guild else 'your server')}** are "
-                    f"posted without their details (missing permission: {EMBED_LINKS}). Give me {EMBED_LINKS} "
-                    f"in {where} to fix it.")
+            text = (
+                f"Results in {where} on **{render.escape(guild.name if guild else 'your server')}** are "
+                f"posted without their details (missing permission: {EMBED_LINKS}). Give me {EMBED_LINKS} "
+                f"in {where} to fix it."
+            )
         else:
             need = " / ".join(posted.missing) or "View Channel / Send Messages / Attach Files / Embed Links"
-            text = (f"I cannot post results in {where} on **{render.escape(guild.name if guild else 'your server')}**"
-                    f" ({_why(posted.missing)}). Members' results there go to them by direct message instead "
-                    f"until I have {need} in {where}.")
+            text = (
+                f"I cannot post results in {where} on **{render.escape(guild.name if guild else 'your server')}**"
+                f" ({_why(posted.missing)}). Members' results there go to them by direct message instead "
+                f"until I have {need} in {where}."
+            )
         try:
             if guild is None or guild.owner_id is None:
                 raise LookupError(f"server {job.guild_id} or its owner is not known")
             dm = await self.bot.create_dm(discord.Object(guild.owner_id))
             await dm.send(text, allowed_mentions=discord.AllowedMentions.none())
-        except (discord.HTTPException, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, discord.HTTPException, OSError) as e:
             if not isinstance(e, discord.HTTPException) or not permanent(e):
-                log.info("could not tell the owner of server %s about channel %s yet (%s)", job.guild_id,
-                         posted.refused_in, e)
+                log.info(
+                    "could not tell the owner of server %s about channel %s yet (%s)",
+                    job.guild_id,
+                    posted.refused_in,
+                    e,
+                )
                 return  # told with the next refusal there
-            log.warning("could not tell the owner of server %s about channel %s (%s): %s", job.guild_id,
-                        posted.refused_in, _why(posted.missing), e)
+            log.warning(
+                "could not tell the owner of server %s about channel %s (%s): %s",
+                job.guild_id,
+                posted.refused_in,
+                _why(posted.missing),
+                e,
+            )
         except LookupError as e:
-            log.warning("could not tell the owner of server %s about channel %s (%s): %s", job.guild_id,
-                        posted.refused_in, _why(posted.missing), e)
+            log.warning(
+                "could not tell the owner of server %s about channel %s (%s): %s",
+                job.guild_id,
+                posted.refused_in,
+                _why(posted.missing),
+                e,
+            )
         self._told.update(keys)

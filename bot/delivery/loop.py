@@ -59,8 +59,16 @@ class _Retry:
 class Delivery:
     """Posts results and keeps status messages current; see the module docstring."""
 
-    def __init__(self, bot: SDBot, queue: Queue, *, interval: float, model_name: str,
-                 clock: Callable[[], datetime], community: Community) -> None:
+    def __init__(
+        self,
+        bot: SDBot,
+        queue: Queue,
+        *,
+        interval: float,
+        model_name: str,
+        clock: Callable[[], datetime],
+        community: Community,
+    ) -> None:
         self.bot = bot
         self.queue = queue
         self.interval = interval
@@ -106,7 +114,7 @@ class Delivery:
             try:
                 await self.deliver_finished()
                 await self.statuses.refresh()
-            except Exception:  # noqa: BLE001 - a failed cycle (database busy, network) must not end delivery
+            except Exception:
                 log.exception("delivery cycle failed; trying again shortly")
             self._wake.clear()
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
@@ -133,7 +141,7 @@ class Delivery:
                 return
             log.warning("job %s: cannot post in channel %s (%s); giving up", job.id, job.channel_id, e)
             posted = Posted(job.channel_id or 0, [], note=f"could not post the result here ({e.text or e.status})")
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             self._back_off(job.id, e)
             return
         jump = None
@@ -141,7 +149,7 @@ class Delivery:
             jump = f"https://discord.com/channels/{job.guild_id or '@me'}/{posted.channel_id}/{posted.message_ids[0]}"
         try:
             await self.statuses.finish(job, jump_url=jump, note=posted.note)
-        except (discord.HTTPException, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, discord.HTTPException, OSError) as e:
             self._back_off(job.id, e)
             return
         await asyncio.to_thread(self.queue.mark_posted, job.id, posted.channel_id, posted.message_ids)

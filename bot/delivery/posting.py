@@ -27,8 +27,8 @@ import discord
 from discord import ui
 
 from bot import layout, render
-from bot.policy import nsfw_match
 from bot.inputs import BadInput
+from bot.policy import nsfw_match
 from db.community import Community
 from db.models import Job, JobStatus
 from db.queue import Queue
@@ -54,8 +54,9 @@ def nonce_for(job_id: int) -> str:
 class ResultPoster:
     """Builds a job's result message and sends it; see the module docstring."""
 
-    def __init__(self, bot: SDBot, queue: Queue, community: Community, *, model_name: str,
-                 clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, bot: SDBot, queue: Queue, community: Community, *, model_name: str, clock: Callable[[], datetime]
+    ) -> None:
         self.bot = bot
         self.queue = queue
         self.community = community
@@ -74,8 +75,14 @@ class ResultPoster:
         if prefix:
             content = prefix + content.removeprefix(f"<@{job.requester_id}>")
         mentions = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.requester_id)])
-        message = await channel.send(content=content, embed=parts.embed, files=parts.files, view=view,
-                                     nonce=nonce_for(job.id), allowed_mentions=mentions)
+        message = await channel.send(
+            content=content,
+            embed=parts.embed,
+            files=parts.files,
+            view=view,
+            nonce=nonce_for(job.id),
+            allowed_mentions=mentions,
+        )
         return message.id
 
     async def message(self, job: Job, channel_id: int | None) -> tuple[render.ResultMessage, ui.View]:
@@ -90,14 +97,16 @@ class ResultPoster:
     async def show_again(self, interaction: discord.Interaction, job: Job, *, ephemeral: bool = False) -> None:
         """Post a finished job's result again (images, embed, buttons) as the answer to
         ``interaction``, or as a new message in its channel when the interaction can no longer
-        carry it (too late, token expired; not for an ``ephemeral`` answer). Raises ``BadInput`` for a job that has not finished
+        carry it (too late, token expired; not for an ``ephemeral`` answer). Raises ``BadInput`` for
+        a job that has not finished
         (or was cancelled). ``ephemeral`` counts when this acknowledges the interaction; after a
         caller's own defer, the answer is as public or private as that was."""
         if job.status not in FINISHED:
             place = await asyncio.to_thread(self.queue.position, job.id)
             where = f"place {place} in line" if place else "being made now"
-            raise BadInput(f"{render.job_title(job)} has not finished yet ({where}); "
-                           "its result is posted when it is done.")
+            raise BadInput(
+                f"{render.job_title(job)} has not finished yet ({where}); its result is posted when it is done."
+            )
         if job.status is JobStatus.cancelled:
             raise BadInput(f"{render.job_title(job)} was cancelled, so it has no result to show.")
         deferred = await self._defer(interaction, ephemeral)
@@ -106,8 +115,14 @@ class ResultPoster:
         if deferred:
             try:
                 message = await interaction.followup.send(
-                    content=parts.content, embed=parts.embed, files=parts.files, view=view, ephemeral=ephemeral,
-                    allowed_mentions=discord.AllowedMentions.none(), wait=True)
+                    content=parts.content,
+                    embed=parts.embed,
+                    files=parts.files,
+                    view=view,
+                    ephemeral=ephemeral,
+                    allowed_mentions=discord.AllowedMentions.none(),
+                    wait=True,
+                )
             except discord.HTTPException as e:
                 if not (isinstance(e, discord.NotFound) or e.code in GONE_INTERACTION):
                     raise
@@ -119,8 +134,13 @@ class ResultPoster:
             if ephemeral:
                 return
             channel = self.bot.get_partial_messageable(interaction.channel_id, guild_id=interaction.guild_id)
-            message = await channel.send(content=parts.content, embed=parts.embed, files=parts.files, view=view,
-                                         allowed_mentions=discord.AllowedMentions.none())
+            message = await channel.send(
+                content=parts.content,
+                embed=parts.embed,
+                files=parts.files,
+                view=view,
+                allowed_mentions=discord.AllowedMentions.none(),
+            )
         if not ephemeral and job.posted_at is not None:
             # Found by 🔁 reactions like the first post. (A job delivery has not posted yet is
             # left to it: recording it here would stop delivery from finishing its status.)
@@ -163,8 +183,7 @@ class ResultPoster:
         footer = render.job_title(job)
         try:
             async for message in channel.history(limit=50, after=job.finished_at - timedelta(minutes=1)):
-                if message.author.id == self.bot.user.id and any(
-                        e.footer.text == footer for e in message.embeds):
+                if message.author.id == self.bot.user.id and any(e.footer.text == footer for e in message.embeds):
                     return message.id
         except discord.HTTPException as e:  # no Read Message History: post, accepting the risk
             log.info("job %s: cannot read channel history (%s)", job.id, e)

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -51,7 +51,7 @@ PLACES_EVERY = 5
 
 def token_expiry(now: datetime | None = None) -> datetime:
     """When an interaction token received now stops being usable (with a margin)."""
-    return (now or datetime.now(timezone.utc)) + TOKEN_TTL
+    return (now or datetime.now(UTC)) + TOKEN_TTL
 
 
 @dataclass
@@ -207,8 +207,9 @@ class StatusMessages:
             webhook = discord.Webhook.partial(job.interaction_app_id, job.interaction_token, client=self.bot)
             message = await webhook.edit_message("@original", **kwargs)  # type: ignore[arg-type]
             if job.status_message_id is None and message is not None:  # record it, for after the token
-                await asyncio.to_thread(self.queue.set_status_message, job.id, job.status_channel_id or message.channel.id,
-                                        message.id)
+                await asyncio.to_thread(
+                    self.queue.set_status_message, job.id, job.status_channel_id or message.channel.id, message.id
+                )
                 job.status_message_id = message.id
             return
         if job.status_message_id is None or job.status_channel_id is None:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from db.clock import utcnow
 from db.models import Member
-from db.queue.wakeup import Wakeup, WakeUp
+from db.queue.wakeup import WakeUp, Wakeup
 from db.session import session_makers
 
 NO_UPDATE_SYNC = {"synchronize_session": False}

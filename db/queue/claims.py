@@ -49,8 +49,7 @@ class ClaimsAndLeases(QueueBase):
         :meth:`claim_many`), then the job is marked running for ``worker_id`` with a fresh lease.
         Its attempt is counted when the engine starts it (:meth:`mark_started`), not here.
         """
-        jobs = self.claim_many(worker_id, 1, width=width, height=height, model=model, unassigned=unassigned,
-                               keep=keep)
+        jobs = self.claim_many(worker_id, 1, width=width, height=height, model=model, unassigned=unassigned, keep=keep)
         return jobs[0] if jobs else None
 
     def claim_many(
@@ -85,9 +84,7 @@ class ClaimsAndLeases(QueueBase):
             # each round takes the best waiting job of members not yet served in it.
             served_this_round: set[int] = set()
             while len(claimed) < n:
-                job = self._claim_one(
-                    session, worker_id, now, served_this_round, width, height, model, unassigned
-                )
+                job = self._claim_one(session, worker_id, now, served_this_round, width, height, model, unassigned)
                 if job is None and served_this_round:
                     served_this_round.clear()
                     continue
@@ -167,9 +164,7 @@ class ClaimsAndLeases(QueueBase):
         for user_id in sorted(served_at):
             self._ensure_member(session, user_id)
             session.execute(
-                update(Member)
-                .where(Member.user_id == user_id)
-                .values(last_served_at=served_at[user_id]),
+                update(Member).where(Member.user_id == user_id).values(last_served_at=served_at[user_id]),
                 execution_options=NO_UPDATE_SYNC,
             )
 
@@ -190,8 +185,12 @@ class ClaimsAndLeases(QueueBase):
         with self._write.begin() as session:
             result = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.running,
-                       Job.engine_started_at.is_(None))
+                .where(
+                    Job.id == job_id,
+                    Job.worker_id == worker_id,
+                    Job.status == JobStatus.running,
+                    Job.engine_started_at.is_(None),
+                )
                 .values(attempts=Job.attempts + 1, engine_started_at=self.clock()),
                 execution_options=NO_UPDATE_SYNC,
             )
@@ -214,8 +213,7 @@ class ClaimsAndLeases(QueueBase):
             if not self._finish(session, job_id, worker_id, JobStatus.done, now, None):
                 return self._finished_by(session, job_id, worker_id, JobStatus.done)
             session.add_all(
-                ResultImage(job_id=job_id, index=i, png=png, seed=seed)
-                for i, (png, seed) in enumerate(images)
+                ResultImage(job_id=job_id, index=i, png=png, seed=seed) for i, (png, seed) in enumerate(images)
             )
         return True
 
@@ -225,14 +223,18 @@ class ClaimsAndLeases(QueueBase):
         Safe to repeat, as :meth:`complete` is."""
         now = self.clock()
         with self._write.begin() as session:
-            return (self._finish(session, job_id, worker_id, JobStatus.failed, now, error)
-                    or self._finished_by(session, job_id, worker_id, JobStatus.failed))
+            return self._finish(session, job_id, worker_id, JobStatus.failed, now, error) or self._finished_by(
+                session, job_id, worker_id, JobStatus.failed
+            )
 
     @staticmethod
     def _finished_by(session: Session, job_id: int, worker_id: str, status: JobStatus) -> bool:
         # _finish keeps worker_id, so a finished job still says who finished it.
-        found = session.scalar(select(func.count()).select_from(Job).where(
-            Job.id == job_id, Job.worker_id == worker_id, Job.status == status))
+        found = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == status)
+        )
         return found == 1
 
     def release(self, job_id: int, worker_id: str) -> bool:
@@ -257,9 +259,7 @@ class ClaimsAndLeases(QueueBase):
         with self._write.begin() as session:
             result = session.execute(
                 update(Job)
-                .where(
-                    Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.running
-                )
+                .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.running)
                 .values(values),
                 execution_options=NO_UPDATE_SYNC,
             )
@@ -335,13 +335,10 @@ class ClaimsAndLeases(QueueBase):
         queued = session.execute(
             update(Job)
             .where(*running)
-            .values(status=JobStatus.queued, worker_id=None, lease_until=None, started_at=None,
-                    engine_started_at=None),
+            .values(status=JobStatus.queued, worker_id=None, lease_until=None, started_at=None, engine_started_at=None),
             execution_options=NO_UPDATE_SYNC,
         ).rowcount
-        log.warning(
-            "recovered %d job(s): %d queued again, %d failed", failed + queued, queued, failed
-        )
+        log.warning("recovered %d job(s): %d queued again, %d failed", failed + queued, queued, failed)
         if queued:
             self._notify(session)
         return failed + queued
@@ -359,9 +356,10 @@ class ClaimsAndLeases(QueueBase):
             ).all()
             for job in session.scalars(select(Job).where(Job.id.in_(ids))):
                 job.status, job.finished_at = JobStatus.failed, now
-                job.error = (f"The model “{job.model}” is not offered here any more. Run the command again "
-                             f"and pick one of: {', '.join(known)}.")
+                job.error = (
+                    f"The model “{job.model}” is not offered here any more. Run the command again "
+                    f"and pick one of: {', '.join(known)}."
+                )
         if ids:
             log.warning("failed %d queued job(s) for models no longer configured: %s", len(ids), list(ids))
         return list(ids)
-

@@ -25,7 +25,6 @@ from db.queue.claims import ClaimsAndLeases
 from db.queue.deliveries import Deliveries
 from db.queue.order import place_in_line
 
-
 log = logging.getLogger(__name__)
 
 
@@ -50,8 +49,9 @@ class Queue(ClaimsAndLeases, Deliveries):
                 raise
             if not self._storage_full:
                 self._storage_full = True
-                log.error("the database's storage is full (%s): new jobs are refused until there is room",
-                          describe(error))
+                log.error(
+                    "the database's storage is full (%s): new jobs are refused until there is room", describe(error)
+                )
             raise StorageFull() from error
         if self._storage_full:
             self._storage_full = False
@@ -66,13 +66,9 @@ class Queue(ClaimsAndLeases, Deliveries):
             self._ensure_member(session, requester_id)
             # Lock the member's row so two concurrent enqueues cannot both pass the limit
             # (PostgreSQL; SQLite already holds the write lock).
-            session.execute(
-                select(Member.user_id).where(Member.user_id == requester_id).with_for_update()
-            )
+            session.execute(select(Member.user_id).where(Member.user_id == requester_id).with_for_update())
             pending = session.scalar(
-                select(func.count())
-                .select_from(Job)
-                .where(Job.requester_id == requester_id, Job.status.in_(PENDING))
+                select(func.count()).select_from(Job).where(Job.requester_id == requester_id, Job.status.in_(PENDING))
             )
             if pending >= self.pending_limit:
                 raise PendingLimitExceeded(pending, self.pending_limit)
@@ -97,17 +93,11 @@ class Queue(ClaimsAndLeases, Deliveries):
             if job.requester_id != user_id and not moderator:
                 raise NotYours()
             if job.status in FINISHED:
-                raise AlreadyFinished(
-                    f"Job #{job_id} is already {job.status.name}; nothing to cancel."
-                )
+                raise AlreadyFinished(f"Job #{job_id} is already {job.status.name}; nothing to cancel.")
             job.status = JobStatus.cancelled
             job.finished_at = self.clock()
             job.lease_until = None
-            job.error = (
-                "Cancelled by the requester."
-                if job.requester_id == user_id
-                else ("Cancelled by a moderator.")
-            )
+            job.error = "Cancelled by the requester." if job.requester_id == user_id else ("Cancelled by a moderator.")
         return job
 
     def position(self, job_id: int) -> int | None:
@@ -122,18 +112,11 @@ class Queue(ClaimsAndLeases, Deliveries):
 
     def images(self, job_id: int) -> list[ResultImage]:
         with self._read.begin() as session:
-            query = (
-                select(ResultImage).where(ResultImage.job_id == job_id).order_by(ResultImage.index)
-            )
+            query = select(ResultImage).where(ResultImage.job_id == job_id).order_by(ResultImage.index)
             return list(session.scalars(query))
 
     def pending_for(self, user_id: int) -> list[Job]:
         """The member's queued and running jobs, oldest first."""
         with self._read.begin() as session:
-            query = (
-                select(Job)
-                .where(Job.requester_id == user_id, Job.status.in_(PENDING))
-                .order_by(Job.id)
-            )
+            query = select(Job).where(Job.requester_id == user_id, Job.status.in_(PENDING)).order_by(Job.id)
             return list(session.scalars(query))
-

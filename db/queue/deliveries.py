@@ -16,9 +16,7 @@ class Deliveries(QueueBase):
         """Remember the message that shows the job's place in line / progress."""
         with self._write.begin() as session:
             session.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(status_channel_id=channel_id, status_message_id=message_id),
+                update(Job).where(Job.id == job_id).values(status_channel_id=channel_id, status_message_id=message_id),
                 execution_options=NO_UPDATE_SYNC,
             )
 
@@ -26,9 +24,7 @@ class Deliveries(QueueBase):
         """Finished jobs (done, failed, cancelled) whose result or notice is not posted yet."""
         with self._read.begin() as session:
             query = (
-                select(Job)
-                .where(Job.status.in_(FINISHED), Job.posted_at.is_(None))
-                .order_by(Job.finished_at, Job.id)
+                select(Job).where(Job.status.in_(FINISHED), Job.posted_at.is_(None)).order_by(Job.finished_at, Job.id)
             )
             return list(session.scalars(query))
 
@@ -37,11 +33,7 @@ class Deliveries(QueueBase):
         now = self.clock()
         with self._write.begin() as session:
             known = set(
-                session.scalars(
-                    select(PostedMessage.message_id).where(
-                        PostedMessage.message_id.in_(message_ids)
-                    )
-                )
+                session.scalars(select(PostedMessage.message_id).where(PostedMessage.message_id.in_(message_ids)))
             )
             session.add_all(
                 PostedMessage(job_id=job_id, channel_id=channel_id, message_id=m, created_at=now)

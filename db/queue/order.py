@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select
@@ -44,7 +44,7 @@ def server_not_paused() -> Any:
 
 
 def _member_rank(last_served_at: datetime | None, first_job_id: int) -> tuple[bool, datetime, int]:
-    never = datetime.min.replace(tzinfo=timezone.utc)
+    never = datetime.min.replace(tzinfo=UTC)
     return (last_served_at is not None, last_served_at or never, first_job_id)
 
 
@@ -69,8 +69,12 @@ def place_in_line(session: Session, job_id: int) -> int | None:
     k, first = earlier, min(first or job_id, job_id)  # the job counts even if its own server is paused
     served = target.last_served_at
     others = (
-        select(Job.requester_id, func.count().label("n"), func.min(Job.id).label("first"),
-               func.max(Member.last_served_at).label("served"))
+        select(
+            Job.requester_id,
+            func.count().label("n"),
+            func.min(Job.id).label("first"),
+            func.max(Member.last_served_at).label("served"),
+        )
         .outerjoin(Member, Member.user_id == Job.requester_id)
         .where(*waiting, Job.requester_id != target.requester_id)
         .group_by(Job.requester_id)
@@ -79,9 +83,11 @@ def place_in_line(session: Session, job_id: int) -> int | None:
     if served is None:  # never served: only other never-served members with older jobs rank ahead
         ahead = and_(others.c.served.is_(None), others.c.first < first)
     else:
-        ahead = or_(others.c.served.is_(None), others.c.served < served,
-                    and_(others.c.served == served, others.c.first < first))
-    taken = case((ahead, case((others.c.n < k + 1, others.c.n), else_=k + 1)),
-                 else_=case((others.c.n < k, others.c.n), else_=k))
+        ahead = or_(
+            others.c.served.is_(None), others.c.served < served, and_(others.c.served == served, others.c.first < first)
+        )
+    taken = case(
+        (ahead, case((others.c.n < k + 1, others.c.n), else_=k + 1)), else_=case((others.c.n < k, others.c.n), else_=k)
+    )
     before = session.scalar(select(func.coalesce(func.sum(taken), 0)))
     return k + int(before) + 1

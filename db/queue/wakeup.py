@@ -62,7 +62,6 @@ class Wakeup:
             return self.generation
 
 
-
 class WakeUp:
     """The queue's wake-up methods (a mixin of :class:`db.queue.Queue`)."""
 

@@ -18,15 +18,46 @@ How a bot test uses it (see tests/test_emulator.py for a complete, running examp
 """
 
 from .harness import patch_discord, running
-from .records import (ADMINISTRATOR, ALL_PERMISSIONS, ATTACH_FILES, EMBED_LINKS, MANAGE_GUILD, MANAGE_MESSAGES,
-                      MEMBER_PERMISSIONS, SEND_MESSAGES, VIEW_CHANNEL, Attachment, Channel, Guild, Interaction, Message,
-                      User)
+from .records import (
+    ADMINISTRATOR,
+    ALL_PERMISSIONS,
+    ATTACH_FILES,
+    EMBED_LINKS,
+    MANAGE_GUILD,
+    MANAGE_MESSAGES,
+    MEMBER_PERMISSIONS,
+    SEND_MESSAGES,
+    VIEW_CHANNEL,
+    Attachment,
+    Channel,
+    Guild,
+    Interaction,
+    Message,
+    User,
+)
 from .rest import ApiError, Call, Fault
 from .server import Emulator
 
 __all__ = [
-    "ADMINISTRATOR", "ALL_PERMISSIONS", "ATTACH_FILES", "EMBED_LINKS", "MANAGE_GUILD", "MANAGE_MESSAGES",
-    "MEMBER_PERMISSIONS", "SEND_MESSAGES", "VIEW_CHANNEL",
-    "ApiError", "Attachment", "Call", "Channel", "Emulator", "Fault", "Guild", "Interaction", "Message", "User",
-    "patch_discord", "running",
+    "ADMINISTRATOR",
+    "ALL_PERMISSIONS",
+    "ATTACH_FILES",
+    "EMBED_LINKS",
+    "MANAGE_GUILD",
+    "MANAGE_MESSAGES",
+    "MEMBER_PERMISSIONS",
+    "SEND_MESSAGES",
+    "VIEW_CHANNEL",
+    "ApiError",
+    "Attachment",
+    "Call",
+    "Channel",
+    "Emulator",
+    "Fault",
+    "Guild",
+    "Interaction",
+    "Message",
+    "User",
+    "patch_discord",
+    "running",
 ]

@@ -1,6 +1,6 @@
 """pytest fixtures for the emulator (need pytest-asyncio). Import them in a conftest or test module:
 
-    from discord_emulator.fixtures import emulator  # noqa: F401
+from discord_emulator.fixtures import emulator  # noqa: F401
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ async def running(bot: discord.Client, emulator: Emulator, *, timeout: float = 1
     try:
         done, _ = await asyncio.wait({task, ready}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
-            task.result()   # raises what stopped the bot (LoginFailure, an error in setup_hook...)
+            task.result()  # raises what stopped the bot (LoginFailure, an error in setup_hook...)
             raise RuntimeError("the bot stopped before it was ready")
         if not done:
             raise TimeoutError(f"the bot was not ready within {timeout} s")

@@ -34,8 +34,15 @@ READ_MESSAGE_HISTORY = 1 << 16
 MENTION_EVERYONE = 1 << 17
 USE_APPLICATION_COMMANDS = 1 << 31
 ALL_PERMISSIONS = (1 << 51) - 1  # what Discord sends for an administrator / the bot
-MEMBER_PERMISSIONS = (VIEW_CHANNEL | SEND_MESSAGES | EMBED_LINKS | ATTACH_FILES
-                      | READ_MESSAGE_HISTORY | ADD_REACTIONS | USE_APPLICATION_COMMANDS)
+MEMBER_PERMISSIONS = (
+    VIEW_CHANNEL
+    | SEND_MESSAGES
+    | EMBED_LINKS
+    | ATTACH_FILES
+    | READ_MESSAGE_HISTORY
+    | ADD_REACTIONS
+    | USE_APPLICATION_COMMANDS
+)
 
 EPHEMERAL = 1 << 6
 LOADING = 1 << 7
@@ -57,8 +64,13 @@ class User:
     role_names: tuple[str, ...] = ()  # names of the guild roles this member holds ("moderator", "manager")
 
     def payload(self) -> dict[str, Any]:
-        data = {"id": str(self.id), "username": self.name, "discriminator": "0",
-                "global_name": self.name, "avatar": None}
+        data = {
+            "id": str(self.id),
+            "username": self.name,
+            "discriminator": "0",
+            "global_name": self.name,
+            "avatar": None,
+        }
         if self.bot:
             data["bot"] = True
         return data
@@ -71,8 +83,16 @@ class Role:
     permissions: int
 
     def payload(self, position: int) -> dict[str, Any]:
-        return {"id": str(self.id), "name": self.name, "permissions": str(self.permissions),
-                "position": position, "color": 0, "hoist": False, "managed": False, "mentionable": True}
+        return {
+            "id": str(self.id),
+            "name": self.name,
+            "permissions": str(self.permissions),
+            "position": position,
+            "color": 0,
+            "hoist": False,
+            "managed": False,
+            "mentionable": True,
+        }
 
 
 @dataclass(eq=False)
@@ -81,7 +101,7 @@ class Guild:
     name: str
     roles: dict[str, Role] = field(default_factory=dict)  # "everyone", "moderator", "manager"
     channels: list[Channel] = field(default_factory=list)
-    owner_id: int | None = None   # the member who owns the server (sent as GUILD_CREATE's owner_id)
+    owner_id: int | None = None  # the member who owns the server (sent as GUILD_CREATE's owner_id)
 
     def permissions_of(self, user: User, channel: Channel | None = None) -> int:
         """The member's permissions, in ``channel`` when given: Discord's order of overwrites
@@ -95,6 +115,7 @@ class Guild:
         if perms & ADMINISTRATOR:
             return ALL_PERMISSIONS
         if channel is not None and channel.overwrites:
+
             def apply(perms: int, targets: list[int]) -> int:
                 allow = deny = 0
                 for target in targets:
@@ -107,10 +128,18 @@ class Guild:
             perms = apply(perms, [user.id])
         return perms
 
-    def member_payload(self, user: User, *, with_permissions: bool = False,
-                       channel: Channel | None = None) -> dict[str, Any]:
-        data = {"user": user.payload(), "roles": [str(self.roles[n].id) for n in user.role_names],
-                "flags": 0, "joined_at": TIMESTAMP, "deaf": False, "mute": False, "nick": None}
+    def member_payload(
+        self, user: User, *, with_permissions: bool = False, channel: Channel | None = None
+    ) -> dict[str, Any]:
+        data = {
+            "user": user.payload(),
+            "roles": [str(self.roles[n].id) for n in user.role_names],
+            "flags": 0,
+            "joined_at": TIMESTAMP,
+            "deaf": False,
+            "mute": False,
+            "nick": None,
+        }
         if with_permissions:
             data["permissions"] = str(self.permissions_of(user, channel))
         return data
@@ -120,13 +149,13 @@ class Guild:
 class Channel:
     id: int
     name: str
-    guild: Guild | None         # None for a DM channel
+    guild: Guild | None  # None for a DM channel
     nsfw: bool = False
-    deleted: bool = False       # set by Emulator.delete_channel: REST answers 404 10003
+    deleted: bool = False  # set by Emulator.delete_channel: REST answers 404 10003
     # cleared by Emulator.revoke_permissions: every write answers 403 50013, whatever the bot's
     # cached permissions say (a change the bot was not told about)
     bot_allowed: bool = True
-    recipient: User | None = None   # the member, for a DM channel (Emulator.dm_channel)
+    recipient: User | None = None  # the member, for a DM channel (Emulator.dm_channel)
     # role or member id -> (allow, deny) permission bits (Emulator.set_permissions)
     overwrites: dict[int, tuple[int, int]] = field(default_factory=dict)
 
@@ -137,13 +166,21 @@ class Channel:
     def payload(self) -> dict[str, Any]:
         if self.guild is None:
             assert self.recipient is not None
-            return {"id": str(self.id), "type": 1, "last_message_id": None,
-                    "recipients": [self.recipient.payload()]}
-        return {"id": str(self.id), "type": 0, "name": self.name, "position": self.guild.channels.index(self),
-                "guild_id": str(self.guild.id), "nsfw": self.nsfw, "topic": None,
-                "permission_overwrites": [self._overwrite(target, allow, deny)
-                                          for target, (allow, deny) in self.overwrites.items()],
-                "rate_limit_per_user": 0, "parent_id": None}
+            return {"id": str(self.id), "type": 1, "last_message_id": None, "recipients": [self.recipient.payload()]}
+        return {
+            "id": str(self.id),
+            "type": 0,
+            "name": self.name,
+            "position": self.guild.channels.index(self),
+            "guild_id": str(self.guild.id),
+            "nsfw": self.nsfw,
+            "topic": None,
+            "permission_overwrites": [
+                self._overwrite(target, allow, deny) for target, (allow, deny) in self.overwrites.items()
+            ],
+            "rate_limit_per_user": 0,
+            "parent_id": None,
+        }
 
     def _overwrite(self, target: int, allow: int, deny: int) -> dict[str, Any]:
         is_role = any(role.id == target for role in self.guild.roles.values())
@@ -157,11 +194,11 @@ class Attachment:
     data: bytes
     content_type: str | None
     url: str
-    size: int = -1              # what Discord claims; defaults to len(data). Tests may lie about it.
+    size: int = -1  # what Discord claims; defaults to len(data). Tests may lie about it.
     width: int | None = None
     height: int | None = None
     description: str | None = None
-    fetches: int = 0            # how many times the bot downloaded it from /cdn/
+    fetches: int = 0  # how many times the bot downloaded it from /cdn/
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -170,8 +207,15 @@ class Attachment:
             self.width, self.height = _image_size(self.data)
 
     def payload(self) -> dict[str, Any]:
-        data = {"id": str(self.id), "filename": self.filename, "size": self.size, "url": self.url,
-                "proxy_url": self.url, "content_type": self.content_type, "ephemeral": False}
+        data = {
+            "id": str(self.id),
+            "filename": self.filename,
+            "size": self.size,
+            "url": self.url,
+            "proxy_url": self.url,
+            "content_type": self.content_type,
+            "ephemeral": False,
+        }
         if self.width is not None:
             data.update(width=self.width, height=self.height)
         if self.description:
@@ -204,16 +248,16 @@ class Message:
     flags: int = 0
     nonce: str | None = None
     webhook_id: int | None = None
-    interaction: Interaction | None = None   # set when the message answers an interaction
+    interaction: Interaction | None = None  # set when the message answers an interaction
     reference: dict | None = None
-    allowed_mentions: dict | None = None     # as the bot sent it (None: not sent)
+    allowed_mentions: dict | None = None  # as the bot sent it (None: not sent)
     pinged_users: set[int] = field(default_factory=set)
     pinged_roles: set[int] = field(default_factory=set)
     pinged_everyone: bool = False
     reactions: dict[str, list[int]] = field(default_factory=dict)  # emoji -> user ids, in order
     edits: list[dict] = field(default_factory=list)  # payloads of earlier versions, oldest first
     deleted: bool = False
-    created_at: float = 0.0   # loop.time()
+    created_at: float = 0.0  # loop.time()
 
     @property
     def ephemeral(self) -> bool:
@@ -238,12 +282,22 @@ class Message:
     def payload(self) -> dict[str, Any]:
         guild = self.channel.guild
         data = {
-            "id": str(self.id), "channel_id": str(self.channel.id), "type": 0,
-            "content": self.content, "author": self.author.payload(),
-            "attachments": [a.payload() for a in self.attachments], "embeds": self.embeds,
-            "components": self.components, "mentions": [], "mention_roles": [str(r) for r in self.pinged_roles],
-            "mention_everyone": self.pinged_everyone, "pinned": False, "tts": False,
-            "timestamp": TIMESTAMP, "edited_timestamp": TIMESTAMP if self.edits else None, "flags": self.flags,
+            "id": str(self.id),
+            "channel_id": str(self.channel.id),
+            "type": 0,
+            "content": self.content,
+            "author": self.author.payload(),
+            "attachments": [a.payload() for a in self.attachments],
+            "embeds": self.embeds,
+            "components": self.components,
+            "mentions": [],
+            "mention_roles": [str(r) for r in self.pinged_roles],
+            "mention_everyone": self.pinged_everyone,
+            "pinned": False,
+            "tts": False,
+            "timestamp": TIMESTAMP,
+            "edited_timestamp": TIMESTAMP if self.edits else None,
+            "flags": self.flags,
         }
         if guild is not None:
             data["guild_id"] = str(guild.id)
@@ -256,13 +310,24 @@ class Message:
             data["message_reference"] = self.reference
         if self.interaction is not None:
             ix = self.interaction
-            data["interaction_metadata"] = {"id": str(ix.id), "type": ix.type, "user": ix.user.payload(),
-                                            "authorizing_integration_owners":
-                                                {"0": str(guild.id)} if guild else {"1": str(ix.user.id)}}
+            data["interaction_metadata"] = {
+                "id": str(ix.id),
+                "type": ix.type,
+                "user": ix.user.payload(),
+                "authorizing_integration_owners": {"0": str(guild.id)} if guild else {"1": str(ix.user.id)},
+            }
         if self.reactions:
-            data["reactions"] = [{"emoji": emoji_payload(e), "count": len(users), "me": False,
-                                  "burst_colors": [], "count_details": {"burst": 0, "normal": len(users)}}
-                                 for e, users in self.reactions.items() if users]
+            data["reactions"] = [
+                {
+                    "emoji": emoji_payload(e),
+                    "count": len(users),
+                    "me": False,
+                    "burst_colors": [],
+                    "count_details": {"burst": 0, "normal": len(users)},
+                }
+                for e, users in self.reactions.items()
+                if users
+            ]
         return data
 
 
@@ -272,19 +337,19 @@ class Interaction:
 
     id: int
     token: str
-    type: int                    # 2 slash command, 3 component, 5 modal submit
+    type: int  # 2 slash command, 3 component, 5 modal submit
     user: User
     channel: Channel
     data: dict
-    message: Message | None      # the message whose component was used (component / modal from one)
-    created_at: float            # loop.time() at dispatch
+    message: Message | None  # the message whose component was used (component / modal from one)
+    created_at: float  # loop.time() at dispatch
     emulator: Emulator = field(repr=False)
     acked_at: float | None = None
-    response_type: int | None = None   # 4, 5, 6, 7, 8 or 9
+    response_type: int | None = None  # 4, 5, 6, 7, 8 or 9
     response_data: dict | None = None
-    original: Message | None = None    # the message @original refers to
+    original: Message | None = None  # the message @original refers to
     followups: list[Message] = field(default_factory=list)
-    modal: dict | None = None          # the modal the bot opened (type 9)
+    modal: dict | None = None  # the modal the bot opened (type 9)
 
     @property
     def ack_latency(self) -> float | None:
@@ -307,11 +372,12 @@ class Interaction:
         assert self.response_type is not None
         return self.response_type
 
-    async def wait_response(self, pred: Callable[[Message], bool] | None = None,
-                            timeout: float = 5.0) -> Message:
+    async def wait_response(self, pred: Callable[[Message], bool] | None = None, timeout: float = 5.0) -> Message:
         """Wait for a response message (original or followup, not loading) that satisfies `pred`."""
+
         def found() -> Message | None:
             return next((m for m in self.messages if not m.loading and (pred is None or pred(m))), None)
+
         return await self.emulator.wait_for(found, timeout, f"a response to interaction {self.id}")
 
 
@@ -337,8 +403,9 @@ def emoji_payload(emoji: str) -> dict[str, Any]:
 _MENTION = re.compile(r"<@!?(\d+)>|<@&(\d+)>|@(everyone|here)")
 
 
-def compute_pings(content: str, allowed: dict | None, guild: Guild | None, users: dict[int, User],
-                  replied_to: User | None) -> tuple[set[int], set[int], bool]:
+def compute_pings(
+    content: str, allowed: dict | None, guild: Guild | None, users: dict[int, User], replied_to: User | None
+) -> tuple[set[int], set[int], bool]:
     """Who Discord would notify for `content`: (user ids, role ids, everyone/here).
 
     Without `allowed_mentions` everything parsed pings (and a reply pings its author); with it,

@@ -39,7 +39,7 @@ from .records import (
 
 log = logging.getLogger(__name__)
 
-MAX_FILE_BYTES = 10 * 1024 * 1024      # per attachment (webhooks and interaction responses too)
+MAX_FILE_BYTES = 10 * 1024 * 1024  # per attachment (webhooks and interaction responses too)
 MAX_REQUEST_BYTES = 25 * 1024 * 1024
 
 
@@ -87,14 +87,15 @@ class Call:
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     # Content-Type must be exactly application/json: discord.py compares with == (DISCORD.md §1).
-    return web.Response(status=status, body=json.dumps(data).encode(),
-                        headers={"Content-Type": "application/json", **(headers or {})})
+    return web.Response(
+        status=status, body=json.dumps(data).encode(), headers={"Content-Type": "application/json", **(headers or {})}
+    )
 
 
 def _command_problems(spec: dict, path: str, top: bool = True) -> list[str]:
     """What Discord would reject in a chat-input command (or option) definition."""
     if top and spec.get("type", 1) != 1:
-        return []   # user/message context menus: free-form names, no description
+        return []  # user/message context menus: free-form names, no description
     name, where = spec.get("name", ""), path + spec.get("name", "?")
     problems = []
     if not re.fullmatch(r"[-_'\w]{1,32}", name) or name != name.lower():
@@ -178,15 +179,18 @@ class RestRoutes:
         if fault is not None:
             fault.hits += 1
         try:
-            if request.path.startswith("/api/") and not path.startswith(("/interactions/", "/webhooks/")) \
-                    and request.headers.get("Authorization") != f"Bot {self.token}":
+            if (
+                request.path.startswith("/api/")
+                and not path.startswith(("/interactions/", "/webhooks/"))
+                and request.headers.get("Authorization") != f"Bot {self.token}"
+            ):
                 raise ApiError(401, 0, "401: Unauthorized")
             if fault is not None and not fault.after:
                 response = fault.response()
             else:
                 response = await handler(request)
                 if fault is not None:
-                    response = fault.response()   # it happened, but the bot never hears so
+                    response = fault.response()  # it happened, but the bot never hears so
         except ApiError as error:
             response = _json({"code": error.code, "message": error.message}, error.status)
         except web.HTTPException as error:
@@ -233,8 +237,9 @@ class RestRoutes:
         if problems:
             raise ApiError(400, 50035, "Invalid Form Body: " + "; ".join(problems))
 
-    def _new_attachment(self, filename: str, data: bytes, content_type: str | None,
-                        description: str | None = None) -> Attachment:
+    def _new_attachment(
+        self, filename: str, data: bytes, content_type: str | None, description: str | None = None
+    ) -> Attachment:
         if content_type in (None, "application/octet-stream"):
             content_type = None  # Discord works the type out itself (discord.py uploads say octet-stream)
         attachment = self.attachment(filename, data, content_type)
@@ -254,23 +259,32 @@ class RestRoutes:
                 result.append(existing[key])
             elif key.isdigit() and int(key) in files:
                 name, data, content_type = files[int(key)]
-                result.append(self._new_attachment(spec.get("filename") or name, data, content_type,
-                                                   spec.get("description")))
+                result.append(
+                    self._new_attachment(spec.get("filename") or name, data, content_type, spec.get("description"))
+                )
             else:
                 raise ApiError(400, 50035, f"Invalid Form Body: attachments: unknown id {key}")
         return result
 
-    async def _post_message(self, channel: Channel, payload: dict, files: dict, *,
-                            interaction: Interaction | None = None, flags: int = 0) -> Message:
+    async def _post_message(
+        self, channel: Channel, payload: dict, files: dict, *, interaction: Interaction | None = None, flags: int = 0
+    ) -> Message:
         self._validate(payload)
-        message = Message(snowflake(), channel, self.bot_user,
-                          content=payload.get("content") or "", embeds=payload.get("embeds") or [],
-                          components=payload.get("components") or [],
-                          flags=(payload.get("flags") or 0) | flags, nonce=payload.get("nonce"),
-                          webhook_id=self.app_id if interaction else None, interaction=interaction,
-                          reference=payload.get("message_reference"),
-                          allowed_mentions=payload.get("allowed_mentions"),
-                          created_at=asyncio.get_running_loop().time())
+        message = Message(
+            snowflake(),
+            channel,
+            self.bot_user,
+            content=payload.get("content") or "",
+            embeds=payload.get("embeds") or [],
+            components=payload.get("components") or [],
+            flags=(payload.get("flags") or 0) | flags,
+            nonce=payload.get("nonce"),
+            webhook_id=self.app_id if interaction else None,
+            interaction=interaction,
+            reference=payload.get("message_reference"),
+            allowed_mentions=payload.get("allowed_mentions"),
+            created_at=asyncio.get_running_loop().time(),
+        )
         message.attachments = self._attachments(payload.get("attachments"), files, [])
         if not message.loading:
             self._ping(message)
@@ -287,7 +301,8 @@ class RestRoutes:
             replied = self.messages.get(int(message.reference["message_id"]))
             replied_to = replied.author if replied is not None else None
         message.pinged_users, message.pinged_roles, message.pinged_everyone = compute_pings(
-            message.content, message.allowed_mentions, message.channel.guild, self.users, replied_to)
+            message.content, message.allowed_mentions, message.channel.guild, self.users, replied_to
+        )
 
     async def _edit(self, message: Message, payload: dict, files: dict) -> Message:
         if message.deleted:
@@ -326,8 +341,13 @@ class RestRoutes:
     # ---------------------------------------------------------------- REST: identity and commands
 
     async def _gateway_bot(self, request: web.Request) -> web.Response:
-        return _json({"url": self.gateway_url, "shards": 1, "session_start_limit":
-                      {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}})
+        return _json(
+            {
+                "url": self.gateway_url,
+                "shards": 1,
+                "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1},
+            }
+        )
 
     async def _me(self, request: web.Request) -> web.Response:
         return _json(self.bot_user.payload())
@@ -355,9 +375,20 @@ class RestRoutes:
 
     async def _app_info(self, request: web.Request) -> web.Response:
         owner = User(self.app_id + 1, "owner").payload()
-        return _json({"id": str(self.app_id), "name": self.bot_user.name, "description": "", "icon": None,
-                      "bot_public": True, "bot_require_code_grant": False, "owner": owner,
-                      "verify_key": "0" * 64, "flags": 0, "bot": self.bot_user.payload()})
+        return _json(
+            {
+                "id": str(self.app_id),
+                "name": self.bot_user.name,
+                "description": "",
+                "icon": None,
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "owner": owner,
+                "verify_key": "0" * 64,
+                "flags": 0,
+                "bot": self.bot_user.payload(),
+            }
+        )
 
     def _scope(self, request: web.Request) -> int | None:
         guild_id = request.match_info.get("guild_id")
@@ -372,8 +403,16 @@ class RestRoutes:
         if problems:
             raise ApiError(400, 50035, "Invalid Form Body: " + "; ".join(problems))
         # Discord answers with every field; context menus have an empty description.
-        commands = [{"description": "", **c, "id": str(snowflake()), "application_id": str(self.app_id),
-                     "version": str(snowflake())} for c in commands]
+        commands = [
+            {
+                "description": "",
+                **c,
+                "id": str(snowflake()),
+                "application_id": str(self.app_id),
+                "version": str(snowflake()),
+            }
+            for c in commands
+        ]
         scope = self._scope(request)
         if scope is not None:
             for command in commands:
@@ -446,8 +485,9 @@ class RestRoutes:
         if kind == 4:
             ix.original = await self._post_message(ix.channel, data, files, interaction=ix)
         elif kind == 5:
-            ix.original = await self._post_message(ix.channel, {"flags": data.get("flags") or 0}, {},
-                                                   interaction=ix, flags=LOADING)
+            ix.original = await self._post_message(
+                ix.channel, {"flags": data.get("flags") or 0}, {}, interaction=ix, flags=LOADING
+            )
         elif kind in (6, 7):
             ix.original = ix.message
             if kind == 7:
@@ -458,9 +498,11 @@ class RestRoutes:
             return web.Response(status=204)
         answer: dict[str, Any] = {"interaction": {"id": str(ix.id), "type": ix.type}}
         if ix.original is not None:
-            answer["interaction"].update(response_message_id=str(ix.original.id),
-                                         response_message_loading=kind == 5,
-                                         response_message_ephemeral=ephemeral)
+            answer["interaction"].update(
+                response_message_id=str(ix.original.id),
+                response_message_loading=kind == 5,
+                response_message_ephemeral=ephemeral,
+            )
         if kind in (4, 7):
             answer["resource"] = {"type": kind, "message": ix.original.payload()}
         return _json(answer)
@@ -468,10 +510,14 @@ class RestRoutes:
     async def _followup(self, request: web.Request) -> web.Response:
         ix = self._interaction(request.match_info["token"])
         if ix.response_type is None:
-            raise ApiError(404, 10015, "Unknown Webhook")   # a followup needs an ack first
+            raise ApiError(404, 10015, "Unknown Webhook")  # a followup needs an ack first
         payload, files = await self._body(request)
-        if (ix.original is not None and ix.original.loading and not ix.original.deleted
-                and ix.original.interaction is ix):
+        if (
+            ix.original is not None
+            and ix.original.loading
+            and not ix.original.deleted
+            and ix.original.interaction is ix
+        ):
             # The first followup after a "thinking" defer replaces the loading message: same id,
             # the defer's ephemeral setting, and (like any edit) no notifications. Once the loading
             # message is deleted, a followup is a new message with its own flags.
@@ -548,7 +594,7 @@ class RestRoutes:
         if "after" in request.query:
             messages = [m for m in messages if m.id > int(request.query["after"])]
         limit = int(request.query.get("limit", 50))
-        return _json([m.payload() for m in reversed(messages)][:limit])   # newest first
+        return _json([m.payload() for m in reversed(messages)][:limit])  # newest first
 
     async def _create_message(self, request: web.Request) -> web.Response:
         channel = self._channel(request, writing=True)

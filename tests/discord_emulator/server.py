@@ -42,13 +42,14 @@ from .rest import MAX_FILE_BYTES, MAX_REQUEST_BYTES, Call, Fault, RestRoutes
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
 @dataclass(eq=False)
 class _Session:
     id: str
     ws: web.WebSocketResponse | None
     seq: int = 0
-    sent: list[dict] | None = None   # every dispatch, for replay on RESUME
-    ready: bool = False              # READY and every GUILD_CREATE sent
+    sent: list[dict] | None = None  # every dispatch, for replay on RESUME
+    ready: bool = False  # READY and every GUILD_CREATE sent
 
 
 class Emulator(RestRoutes):
@@ -59,22 +60,22 @@ class Emulator(RestRoutes):
         self.token = token
         self.bot_user = User(snowflake(), bot_name, bot=True)
         self.app_id = self.bot_user.id
-        self.ack_deadline = 3.0            # seconds to the first callback (10062 after)
-        self.token_lifetime = 15 * 60.0    # seconds a token works for followups / @original
-        self.nonce_window = 5 * 60.0       # seconds a nonce with enforce_nonce is remembered
+        self.ack_deadline = 3.0  # seconds to the first callback (10062 after)
+        self.token_lifetime = 15 * 60.0  # seconds a token works for followups / @original
+        self.nonce_window = 5 * 60.0  # seconds a nonce with enforce_nonce is remembered
         self.attachment_size_limit = MAX_FILE_BYTES
         self.users: dict[int, User] = {}
         self.guilds: list[Guild] = []
         self.messages: dict[int, Message] = {}
         self.attachments: dict[int, Attachment] = {}
         self.interactions: dict[int, Interaction] = {}
-        self.commands: dict[int | None, list[dict]] = {}   # guild id (None = global) -> synced commands
+        self.commands: dict[int | None, list[dict]] = {}  # guild id (None = global) -> synced commands
         self.calls: list[Call] = []
         self.faults: list[Fault] = []
-        self.identify: dict | None = None                  # the last IDENTIFY payload (intents...)
+        self.identify: dict | None = None  # the last IDENTIFY payload (intents...)
         self.port = 0
-        self.dm_channels: dict[int, Channel] = {}          # user id -> the bot's DM channel with them
-        self.dms_blocked: set[int] = set()                  # user ids whose DMs answer 403 50007
+        self.dm_channels: dict[int, Channel] = {}  # user id -> the bot's DM channel with them
+        self.dms_blocked: set[int] = set()  # user ids whose DMs answer 403 50007
         self._nonces: dict[str, tuple[Message, float]] = {}
         self._by_token: dict[str, Interaction] = {}
         self._session: _Session | None = None
@@ -86,9 +87,9 @@ class Emulator(RestRoutes):
         self.nsfw_channel = self.add_channel("age-restricted", nsfw=True)
         self.alice = self.add_user("alice")
         self.bob = self.add_user("bob")
-        self.mod = self.add_user("mod", roles=("moderator",))          # Manage Messages
-        self.admin = self.add_user("admin", roles=("manager",))        # Manage Server
-        self.owner = self.add_user("owner")                            # owns every guild: all permissions
+        self.mod = self.add_user("mod", roles=("moderator",))  # Manage Messages
+        self.admin = self.add_user("admin", roles=("manager",))  # Manage Server
+        self.owner = self.add_user("owner")  # owns every guild: all permissions
         for guild in self.guilds:
             guild.owner_id = self.owner.id
 
@@ -96,11 +97,13 @@ class Emulator(RestRoutes):
 
     def add_guild(self, name: str) -> Guild:
         """A guild owned by `self.owner` (every user is a member of every guild)."""
-        owner = getattr(self, "owner", None)   # not made yet for the first guild
+        owner = getattr(self, "owner", None)  # not made yet for the first guild
         guild = Guild(snowflake(), name, owner_id=owner.id if owner is not None else None)
-        guild.roles = {"everyone": Role(guild.id, "@everyone", MEMBER_PERMISSIONS),
-                       "moderator": Role(snowflake(), "Moderator", MANAGE_MESSAGES),
-                       "manager": Role(snowflake(), "Server Manager", MANAGE_GUILD)}
+        guild.roles = {
+            "everyone": Role(guild.id, "@everyone", MEMBER_PERMISSIONS),
+            "moderator": Role(snowflake(), "Moderator", MANAGE_MESSAGES),
+            "manager": Role(snowflake(), "Server Manager", MANAGE_GUILD),
+        }
         self.guilds.append(guild)
         return guild
 
@@ -184,14 +187,20 @@ class Emulator(RestRoutes):
 
     def channel_messages(self, channel: Channel, *, include_deleted: bool = False) -> list[Message]:
         """Messages everyone can see in `channel`, oldest first (ephemeral ones are not in a channel)."""
-        return [m for m in self.messages.values()
-                if m.channel is channel and not m.ephemeral and (include_deleted or not m.deleted)]
+        return [
+            m
+            for m in self.messages.values()
+            if m.channel is channel and not m.ephemeral and (include_deleted or not m.deleted)
+        ]
 
-    async def wait_for_message(self, channel: Channel, pred: Callable[[Message], bool] | None = None,
-                               timeout: float = 5.0) -> Message:
+    async def wait_for_message(
+        self, channel: Channel, pred: Callable[[Message], bool] | None = None, timeout: float = 5.0
+    ) -> Message:
         """The first visible message in `channel` satisfying `pred`, waiting for it if needed."""
+
         def found() -> Message | None:
             return next((m for m in self.channel_messages(channel) if pred is None or pred(m)), None)
+
         return await self.wait_for(found, timeout, f"matching message in #{channel.name}")
 
     def dm_channel(self, user: User, *, create: bool = False) -> Channel | None:
@@ -206,11 +215,14 @@ class Emulator(RestRoutes):
         channel = self.dm_channels.get(user.id)
         return [] if channel is None else self.channel_messages(channel)
 
-    async def wait_for_dm(self, user: User, pred: Callable[[Message], bool] | None = None,
-                          timeout: float = 5.0) -> Message:
+    async def wait_for_dm(
+        self, user: User, pred: Callable[[Message], bool] | None = None, timeout: float = 5.0
+    ) -> Message:
         """The first message to `user` by DM satisfying `pred`, waiting for it if needed."""
+
         def found() -> Message | None:
             return next((m for m in self.dm_messages(user) if pred is None or pred(m)), None)
+
         return await self.wait_for(found, timeout, f"matching DM to {user.name}")
 
     def pings(self) -> list[Message]:
@@ -224,21 +236,30 @@ class Emulator(RestRoutes):
             raise LookupError(f"command /{name} is not synced; synced: {self.command_names()}")
         return command[0]
 
-    def attachment(self, filename: str, data: bytes, content_type: str | None = None, *,
-                   size: int = -1) -> Attachment:
+    def attachment(self, filename: str, data: bytes, content_type: str | None = None, *, size: int = -1) -> Attachment:
         """A file a member uploads (for slash options); served under /cdn/. `size` may lie."""
         if content_type is None:
             content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         attachment_id = snowflake()
-        attachment = Attachment(attachment_id, filename, data, content_type,
-                                f"{self.base_url}/cdn/{attachment_id}/{filename}", size=size)
+        attachment = Attachment(
+            attachment_id, filename, data, content_type, f"{self.base_url}/cdn/{attachment_id}/{filename}", size=size
+        )
         self.attachments[attachment.id] = attachment
         return attachment
 
     # ---------------------------------------------------------------- faults
 
-    def fail_next(self, method: str, pattern: str, status: int = 429, *, count: int = 1,
-                  retry_after: float = 0.05, code: int = 0, after: bool = False) -> Fault:
+    def fail_next(
+        self,
+        method: str,
+        pattern: str,
+        status: int = 429,
+        *,
+        count: int = 1,
+        retry_after: float = 0.05,
+        code: int = 0,
+        after: bool = False,
+    ) -> Fault:
         """Make the next `count` requests matching `method` ("*" = any) and `pattern` (like
         "/channels/*/messages") answer `status`. Returns the Fault; `fault.hits` counts uses."""
         fault = Fault(method.upper(), pattern, status, count, retry_after, code, after)
@@ -291,8 +312,15 @@ class Emulator(RestRoutes):
 
     # ---------------------------------------------------------------- actors: what members do
 
-    async def slash(self, user: User, name: str, options: dict[str, Any] | None = None, *,
-                    channel: Channel | None = None, attachments: dict[str, Attachment] | None = None) -> Interaction:
+    async def slash(
+        self,
+        user: User,
+        name: str,
+        options: dict[str, Any] | None = None,
+        *,
+        channel: Channel | None = None,
+        attachments: dict[str, Attachment] | None = None,
+    ) -> Interaction:
         """`user` runs `/name` with `options` ({name: value}; Attachment / User values are resolved).
         `name` may hold subcommands: "settings show". Types come from the synced definition."""
         channel = channel or self.general
@@ -314,8 +342,9 @@ class Emulator(RestRoutes):
         given = {**(options or {}), **(attachments or {})}
         for option_name, value in given.items():
             option = self._option_spec(spec, option_name, name)
-            target.append({"name": option_name, "type": option["type"],
-                           "value": self._resolve(value, channel.guild, resolved)})
+            target.append(
+                {"name": option_name, "type": option["type"], "value": self._resolve(value, channel.guild, resolved)}
+            )
         missing = [o["name"] for o in spec.get("options", []) if o.get("required") and o["name"] not in given]
         if missing:
             raise ValueError(f"/{name}: a Discord client cannot omit required options {missing}")
@@ -323,12 +352,19 @@ class Emulator(RestRoutes):
             data["resolved"] = resolved
         return await self._interact(2, user, channel, data)
 
-    def post(self, user: User, content: str = "", *, channel: Channel | None = None,
-             attachments: tuple[Attachment, ...] = ()) -> Message:
+    def post(
+        self, user: User, content: str = "", *, channel: Channel | None = None, attachments: tuple[Attachment, ...] = ()
+    ) -> Message:
         """A message `user` posts (the bot asks for no message intent, so no event is sent)."""
         channel = channel or self.general
-        message = Message(snowflake(), channel, user, content, attachments=list(attachments),
-                          created_at=asyncio.get_running_loop().time())
+        message = Message(
+            snowflake(),
+            channel,
+            user,
+            content,
+            attachments=list(attachments),
+            created_at=asyncio.get_running_loop().time(),
+        )
         self.messages[message.id] = message
         return message
 
@@ -336,20 +372,25 @@ class Emulator(RestRoutes):
         """`user` picks Apps → `name` on `message` (a message context menu, command type 3)."""
         channel = message.channel
         for scope in (channel.guild.id if channel.guild else None, None):
-            command = next((c for c in self.commands.get(scope, []) if c["name"] == name and c.get("type") == 3),
-                           None)
+            command = next((c for c in self.commands.get(scope, []) if c["name"] == name and c.get("type") == 3), None)
             if command is not None:
                 break
         else:
             raise LookupError(f"no message command {name!r} is synced; synced: {self.command_names()}")
-        data = {"id": command["id"], "name": name, "type": 3, "target_id": str(message.id),
-                "resolved": {"messages": {str(message.id): message.payload()}}}
+        data = {
+            "id": command["id"],
+            "name": name,
+            "type": 3,
+            "target_id": str(message.id),
+            "resolved": {"messages": {str(message.id): message.payload()}},
+        }
         if scope is not None:
             data["guild_id"] = str(scope)
         return await self._interact(2, user, channel, data)
 
-    async def click(self, user: User, message: Message, custom_id: str, *,
-                    values: list[str] | None = None) -> Interaction:
+    async def click(
+        self, user: User, message: Message, custom_id: str, *, values: list[str] | None = None
+    ) -> Interaction:
         """`user` presses the button (or picks `values` in the select) `custom_id` on `message`."""
         component = message.find_component(custom_id)
         if component is None:
@@ -368,8 +409,9 @@ class Emulator(RestRoutes):
         `values` is keyed by input label or custom_id; inputs not in it keep the pre-filled value."""
         modal = opened_by.modal
         if modal is None:
-            raise ValueError(f"interaction {opened_by.id} did not open a modal "
-                             f"(response type {opened_by.response_type})")
+            raise ValueError(
+                f"interaction {opened_by.id} did not open a modal (response type {opened_by.response_type})"
+            )
         rows, unknown = [], set(values)
         for row in modal.get("components", []):
             label = row["type"] == 18
@@ -401,9 +443,16 @@ class Emulator(RestRoutes):
             return
         users.append(user.id)
         guild = message.channel.guild
-        event = {"user_id": str(user.id), "channel_id": str(message.channel.id), "message_id": str(message.id),
-                 "emoji": emoji_payload(emoji), "message_author_id": str(message.author.id), "burst": False,
-                 "burst_colors": [], "type": 0}
+        event = {
+            "user_id": str(user.id),
+            "channel_id": str(message.channel.id),
+            "message_id": str(message.id),
+            "emoji": emoji_payload(emoji),
+            "message_author_id": str(message.author.id),
+            "burst": False,
+            "burst_colors": [],
+            "type": 0,
+        }
         if guild is not None:
             event.update(guild_id=str(guild.id), member=guild.member_payload(user))
         await self._dispatch("MESSAGE_REACTION_ADD", event)
@@ -413,12 +462,17 @@ class Emulator(RestRoutes):
         if user.id not in users:
             return
         users.remove(user.id)
-        event = {"user_id": str(user.id), "channel_id": str(message.channel.id), "message_id": str(message.id),
-                 "emoji": emoji_payload(emoji), "burst": False, "type": 0}
+        event = {
+            "user_id": str(user.id),
+            "channel_id": str(message.channel.id),
+            "message_id": str(message.id),
+            "emoji": emoji_payload(emoji),
+            "burst": False,
+            "type": 0,
+        }
         if message.channel.guild is not None:
             event["guild_id"] = str(message.channel.guild.id)
         await self._dispatch("MESSAGE_REACTION_REMOVE", event)
-
 
     # ---------------------------------------------------------------- gateway
 
@@ -436,7 +490,7 @@ class Emulator(RestRoutes):
                 try:
                     await session.ws.send_str(json.dumps(frame))
                 except ConnectionResetError:
-                    session.ws = None   # the bot went away mid-send; RESUME replays the frame
+                    session.ws = None  # the bot went away mid-send; RESUME replays the frame
         self._bump()
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
@@ -467,11 +521,20 @@ class Emulator(RestRoutes):
             self._session = _Session(secrets.token_hex(16), ws, sent=[])
             if old is not None and old.ws is not None and old.ws is not ws:
                 await old.ws.close()
-            await self._dispatch("READY", {
-                "v": 10, "user": self.bot_user.payload(), "session_id": self._session.id,
-                "resume_gateway_url": self.gateway_url, "application": {"id": str(self.app_id), "flags": 0},
-                "guilds": [{"id": str(g.id), "unavailable": True} for g in self.guilds],
-                "shard": d.get("shard", [0, 1]), "private_channels": [], "relationships": []})
+            await self._dispatch(
+                "READY",
+                {
+                    "v": 10,
+                    "user": self.bot_user.payload(),
+                    "session_id": self._session.id,
+                    "resume_gateway_url": self.gateway_url,
+                    "application": {"id": str(self.app_id), "flags": 0},
+                    "guilds": [{"id": str(g.id), "unavailable": True} for g in self.guilds],
+                    "shard": d.get("shard", [0, 1]),
+                    "private_channels": [],
+                    "relationships": [],
+                },
+            )
             for guild in self.guilds:
                 await self._dispatch("GUILD_CREATE", self._guild_payload(guild))
             self._session.ready = True
@@ -494,36 +557,71 @@ class Emulator(RestRoutes):
     def _guild_payload(self, guild: Guild) -> dict:
         members = [self.bot_user, *self.users.values()]
         return {
-            "id": str(guild.id), "name": guild.name, "unavailable": False,
+            "id": str(guild.id),
+            "name": guild.name,
+            "unavailable": False,
             "owner_id": str(guild.owner_id or self.app_id + 1),
-            "member_count": len(members), "large": False, "icon": None, "features": [],
+            "member_count": len(members),
+            "large": False,
+            "icon": None,
+            "features": [],
             "roles": [role.payload(i) for i, role in enumerate(guild.roles.values())],
             "channels": [c.payload() for c in guild.channels if not c.deleted],
             "members": [guild.member_payload(u) for u in members],
-            "threads": [], "emojis": [], "stickers": [], "voice_states": [], "presences": [],
-            "stage_instances": [], "guild_scheduled_events": [], "soundboard_sounds": [],
-            "joined_at": "2024-01-01T00:00:00+00:00", "premium_tier": 0, "preferred_locale": "en-US",
+            "threads": [],
+            "emojis": [],
+            "stickers": [],
+            "voice_states": [],
+            "presences": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "soundboard_sounds": [],
+            "joined_at": "2024-01-01T00:00:00+00:00",
+            "premium_tier": 0,
+            "preferred_locale": "en-US",
         }
 
-    async def _interact(self, kind: int, user: User, channel: Channel, data: dict,
-                        message: Message | None = None) -> Interaction:
+    async def _interact(
+        self, kind: int, user: User, channel: Channel, data: dict, message: Message | None = None
+    ) -> Interaction:
         if self._session is None:
             raise RuntimeError("emulator: no bot has identified on the gateway; start it first")
-        ix = Interaction(snowflake(), secrets.token_urlsafe(120), kind, user, channel, data, message,
-                         asyncio.get_running_loop().time(), self)
+        ix = Interaction(
+            snowflake(),
+            secrets.token_urlsafe(120),
+            kind,
+            user,
+            channel,
+            data,
+            message,
+            asyncio.get_running_loop().time(),
+            self,
+        )
         self.interactions[ix.id] = ix
         self._by_token[ix.token] = ix
         guild = channel.guild
         payload = {
-            "id": str(ix.id), "application_id": str(self.app_id), "type": kind, "token": ix.token, "version": 1,
-            "channel_id": str(channel.id), "channel": channel.payload(),
-            "app_permissions": str(self.bot_permissions(channel)), "locale": "en-US",
-            "entitlements": [], "attachment_size_limit": self.attachment_size_limit, "data": data,
+            "id": str(ix.id),
+            "application_id": str(self.app_id),
+            "type": kind,
+            "token": ix.token,
+            "version": 1,
+            "channel_id": str(channel.id),
+            "channel": channel.payload(),
+            "app_permissions": str(self.bot_permissions(channel)),
+            "locale": "en-US",
+            "entitlements": [],
+            "attachment_size_limit": self.attachment_size_limit,
+            "data": data,
         }
         if guild is not None:
-            payload.update(guild_id=str(guild.id),
-                           member=guild.member_payload(user, with_permissions=True, channel=channel),
-                           guild_locale="en-US", authorizing_integration_owners={"0": str(guild.id)}, context=0)
+            payload.update(
+                guild_id=str(guild.id),
+                member=guild.member_payload(user, with_permissions=True, channel=channel),
+                guild_locale="en-US",
+                authorizing_integration_owners={"0": str(guild.id)},
+                context=0,
+            )
         else:  # the bot's DM with the member: a user instead of a member, context BOT_DM
             payload.update(user=user.payload(), authorizing_integration_owners={"0": "0"}, context=1)
         if message is not None:

@@ -26,8 +26,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("mask_blur", sa.Integer(), nullable=False, server_default="4"))
         batch.add_column(sa.Column("inpaint_full_res", sa.Boolean(), nullable=False, server_default=sa.false()))
         batch.add_column(sa.Column("inpaint_padding", sa.Integer(), nullable=False, server_default="32"))
-        batch.add_column(sa.Column("masked_content", sa.String(length=16), nullable=False,
-                                   server_default="original"))
+        batch.add_column(sa.Column("masked_content", sa.String(length=16), nullable=False, server_default="original"))
 
 
 def downgrade() -> None:
