@@ -46,9 +46,21 @@ def jobs_by_token(db) -> dict[str, int]:
         return {token: n for token, n in rows if token}
 
 
+def rss_mib(pid: int) -> float:
+    """The resident memory of process ``pid`` (Linux), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+RSS: list[float] = []
+
+
 async def trial(emu: Emulator, bot: BotProcess, members, n: int, rng: random.Random) -> list:
     await bot.start()
     await emu.wait_for(lambda: "imagine" in emu.command_names(), 120, "the bot's commands")
+    RSS.append(rss_mib(bot.process.pid))
     sent = []
     kill_at = time.monotonic() + rng.uniform(0.0, 0.05 * n + 0.3)
     for i in range(n):

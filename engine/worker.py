@@ -175,9 +175,10 @@ class EngineWorker:
                             self._put_back(admitted[i:])
                             break
                     self._drop_stopped(batch)
-                    self.batch_rows = batch.rows if batch.entries else 0  # read by the ops metrics
                     if batch.entries:
+                        self.batch_rows = batch.rows  # read by the ops metrics
                         self._step(batch)
+                    self.batch_rows = batch.rows if batch.entries else 0
         except BaseException:
             log.exception("engine worker thread crashed; failing its jobs")
             raise
