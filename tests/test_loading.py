@@ -13,8 +13,9 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from engine.checkpoints import detect_family
 from engine.errors import ModelLoadError
-from engine.loading import DATA_DIR, LoadedModel, alphas_cumprod_from_config, detect_family, load_model
+from engine.loading import DATA_DIR, LoadedModel, alphas_cumprod_from_config, load_model
 from engine.tokenizer import clip_tokenizer
 from tinymodel import FAMILIES, build_tiny_components
 
