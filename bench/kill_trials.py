@@ -81,9 +81,7 @@ async def main(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     async with Emulator() as emu:
         members = [emu.add_user(f"member{i}") for i in range(8)]
-        config = write_config(
-            tmp / "config.toml", emu.guild.id, tmp / "unused-model", database_url, pending_limit=10_000
-        )
+        config = write_config(tmp / "config.toml", emu.guild.id, tmp / "unused-model", database_url, pending_limit=100)
         db = make_engine(database_url)
         upgrade(db)
         bot = BotProcess(emu, config, tmp / "bot.log", no_engine=True)
