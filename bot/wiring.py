@@ -8,7 +8,6 @@ client (which makes the delivery loop and the job service it hands to the cogs).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from dataclasses import dataclass
@@ -20,11 +19,10 @@ from bot.client import JobEvents, SDBot, utcnow
 from bot.config import Config
 from db.community import Community
 from db.faults import DatabaseHealth, until_reachable
-from db.models import JobStatus
 from db.queue import Queue
 from db.session import make_engine, upgrade
 from db.styles import Styles
-from ops import Health, Metrics, OpsServer, database_reachable, queue_counts
+from ops import Health, Metrics, OpsServer, database_reachable, queue_counts, record_finished
 
 log = logging.getLogger(__name__)
 
@@ -122,23 +120,3 @@ def build_bot(
         health.add_task("queue-runner", lambda: bot.task("queue-runner"))
     ops = OpsServer(config.ops, metrics=metrics, health=health)
     return BotApp(config=config, queue=queue, community=community, runner=runner, bot=bot, ops=ops)
-
-
-def record_finished(metrics: Metrics, queue: Queue, job_id: int) -> None:
-    """Count a job this process finished, with its times (read from its row, in a thread)."""
-
-    def record() -> None:
-        job = queue.get(job_id)
-        if job is None or not job.status.finished:
-            return
-        queued = (job.started_at - job.created_at).total_seconds() if job.started_at else None
-        generation = (job.finished_at - job.started_at).total_seconds() if job.started_at and job.finished_at else None
-        images = len(queue.images(job_id)) if job.status is JobStatus.done else 0
-        metrics.job_finished(job.status, queued, generation, images)
-
-    asyncio.get_running_loop().run_in_executor(None, record).add_done_callback(_log_failure)
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("could not record a finished job's metrics", exc_info=future.exception())

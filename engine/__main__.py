@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from db.errors import StorageError
+from ops import OpsServerError
 from engine.errors import EngineError
 from engine.params import SCHEDULE_NAMES
 from engine.settings import (
@@ -167,12 +168,17 @@ def generate(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     """Claim jobs from the shared queue and run them here until SIGINT/SIGTERM."""
     from engine.runner import run_worker_process
+    from ops import OpsConfigError, parse_ops
 
     raw = read_toml(args.config)
     settings, queue_settings = parse_engine_sections(raw), parse_queue_section(raw)
     if args.model:
         settings = replace(settings, model=replace(settings.model, source=args.model, name=""))
-    return run_worker_process(settings, queue_settings, name=args.name)
+    try:
+        ops = parse_ops(raw.get("ops", {}))
+    except OpsConfigError as e:
+        raise ConfigError(str(e)) from None
+    return run_worker_process(settings, queue_settings, name=args.name, ops_settings=ops)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return serve(args) if args.command == "worker" else generate(args)
-    except (ConfigError, EngineError, StorageError, OSError) as e:
+    except (ConfigError, EngineError, StorageError, OSError, OpsServerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -18,6 +18,7 @@ runner's own claims never take them from it). :attr:`QueueRunner.database_reacha
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from engine.params import params_from_job
 from engine.settings import Settings
 from engine.types import GenerationRequest, Progress
 from engine.worker import EngineWorker
+from ops import Health, Metrics, OpsServer, OpsSettings, database_reachable, queue_counts, record_finished
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -293,7 +295,9 @@ def log_failure(task: asyncio.Task) -> None:
         log.error("%s failed", task.get_name(), exc_info=task.exception())
 
 
-def run_worker_process(settings: Settings, queue_settings: QueueSettings, *, name: str) -> int:
+def run_worker_process(
+    settings: Settings, queue_settings: QueueSettings, *, name: str, ops_settings: OpsSettings | None = None
+) -> int:
     """``python -m engine worker``: serve the shared queue from this machine until a signal.
 
     Results go to the database; the bot (which may run on a machine without a GPU) posts them.
@@ -316,6 +320,8 @@ def run_worker_process(settings: Settings, queue_settings: QueueSettings, *, nam
     recovered = until_reachable(lambda: queue.recover_all_running(worker_prefix=prefix), health)
     if recovered:
         log.info("%d job(s) left running by this worker's previous run were put back in line", recovered)
+    metrics = Metrics(queue_counts=lambda: queue_counts(db), database_up=lambda: database_reachable(db))
+    metrics.read_batch_rows(lambda: worker.batch_rows)
     runner = QueueRunner(
         queue,
         worker,
@@ -324,13 +330,33 @@ def run_worker_process(settings: Settings, queue_settings: QueueSettings, *, nam
         heartbeat_interval=queue_settings.lease_seconds / 4,
         listen=True,
         turns=ModelTurns.for_pool(pool, settings.engine),
+        on_finished=functools.partial(record_finished, metrics, queue),
     )
+    serving: list[asyncio.Task] = []  # the runner's task, for the health check
+    ops = None
+    if ops_settings is not None and ops_settings.enabled:
+        health = Health()
+        health.add_check("database", lambda: database_reachable(db))
+        health.add_task("queue-runner", lambda: serving[0] if serving else None)
+        ops = OpsServer(ops_settings, metrics=metrics, health=health)
+
+    async def serve() -> None:
+        serving.append(asyncio.current_task())
+        if ops is not None:
+            await ops.start()  # a taken port: OpsServerError, one line
+            log.info("health and metrics at %s/healthz and /metrics", ops.url)
+        try:
+            await runner.run()
+        finally:
+            if ops is not None:
+                await ops.stop()
+
     worker.start()
     log.info(
         "worker %s serving %s with %s", worker_id, db.url.render_as_string(hide_password=True), ", ".join(pool.names)
     )
     try:
-        asyncio.run(_until_signal(runner.run()))
+        asyncio.run(_until_signal(serve()))
     finally:
         worker.stop()
         queue.close()

@@ -11,12 +11,14 @@ torch and put work on CUDA (a ``--no-engine`` bot must stay free of torch).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -207,3 +209,23 @@ def _gpu_memory() -> Iterator[Metric]:
         reserved.add_metric([device], torch.cuda.memory_reserved(index))
     yield allocated
     yield reserved
+
+
+def record_finished(metrics: Metrics, queue: Any, job_id: int) -> None:
+    """Count a job this process finished, with its times (read from its row, in a thread)."""
+
+    def record() -> None:
+        job = queue.get(job_id)
+        if job is None or not job.status.finished:
+            return
+        queued = (job.started_at - job.created_at).total_seconds() if job.started_at else None
+        generation = (job.finished_at - job.started_at).total_seconds() if job.started_at and job.finished_at else None
+        images = len(queue.images(job_id)) if job.status is JobStatus.done else 0
+        metrics.job_finished(job.status, queued, generation, images)
+
+    asyncio.get_running_loop().run_in_executor(None, record).add_done_callback(_log_failure)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("could not record a finished job's metrics", exc_info=future.exception())

@@ -123,3 +123,50 @@ def test_a_worker_stopped_by_sigterm_gives_its_job_back(tiny_sd_folder, tmp_path
         worker.kill()
         queue.close()
         db.dispose()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_worker_serves_health_and_metrics_when_ops_is_on(tmp_path, tiny_sd_folder):
+    import urllib.request
+
+    port = free_port()
+    url = f"sqlite:///{tmp_path}/q.sqlite3"
+    config = write_config(tmp_path / "config.toml", tiny_sd_folder, url)
+    config.write_text(config.read_text() + f"[ops]\nenabled = true\nport = {port}\n")
+    db = make_engine(url)
+    upgrade(db)
+    queue = Queue(db, pending_limit=10)
+    job = queue.enqueue(requester_id=1, seed=1, **JOB)
+    worker = start_worker(config, "ops")
+    try:
+        wait_for(
+            lambda: queue.get(job.id).status is JobStatus.done,
+            "the worker to run the job",
+            budget=START_BUDGET + BUDGET,
+            watched=[worker],
+        )
+
+        def answer(path: str):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+                return response.status, response.read().decode()
+
+        status, body = answer("/healthz")
+        assert status == 200 and '"queue-runner": true' in body and '"database": true' in body
+        wait_for(
+            lambda: 'sdbot_jobs_finished_total{status="done"} 1.0' in answer("/metrics")[1],
+            "the finished job in the metrics",
+            budget=BUDGET,
+            watched=[worker],
+        )
+        assert 'sdbot_queue_jobs{status="done"} 1.0' in answer("/metrics")[1]
+    finally:
+        worker.process.send_signal(signal.SIGTERM)
+        worker.process.wait(120)
+        db.dispose()
