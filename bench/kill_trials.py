@@ -61,6 +61,7 @@ async def trial(emu: Emulator, bot: BotProcess, members, n: int, rng: random.Ran
     await bot.start()
     await emu.wait_for(lambda: "imagine" in emu.command_names(), 120, "the bot's commands")
     RSS.append(rss_mib(bot.process.pid))
+    await asyncio.sleep(3.0)  # discord.py is ready guild_ready_timeout (2 s) after its guilds arrive
     sent = []
     # The kill lands anywhere in the window where the commands are being checked, stored and
     # acknowledged (Discord's deadline is 3 s; the bot's first command also builds its tokenizer).
