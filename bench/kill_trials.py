@@ -20,7 +20,6 @@ import os
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,13 +62,13 @@ async def trial(emu: Emulator, bot: BotProcess, members, n: int, rng: random.Ran
     RSS.append(rss_mib(bot.process.pid))
     await asyncio.sleep(3.0)  # discord.py is ready guild_ready_timeout (2 s) after its guilds arrive
     sent = []
-    # The kill lands anywhere in the window where the commands are being checked, stored and
-    # acknowledged (Discord's deadline is 3 s; the bot's first command also builds its tokenizer).
-    kill_at = time.monotonic() + rng.uniform(0.1, 3.0)
+    # The kill lands the moment Discord sees one of the commands acknowledged: the window where an
+    # acknowledgement made before its job was stored would strand the member.
+    victim = rng.randrange(n)
     for i in range(n):
         sent.append(await emu.slash(rng.choice(members), "imagine", {"prompt": f"trial {i}"}))
         await asyncio.sleep(rng.uniform(0.0, 0.05))
-    await asyncio.sleep(max(0.0, kill_at - time.monotonic()))
+    await emu.wait_for(lambda: sent[victim].response_type is not None, 30, "the chosen command's ack")
     await bot.kill()
     await bot.start()  # the restart answers what the killed run acknowledged without a job
     await emu.wait_for(lambda: "imagine" in emu.command_names(), 120, "the bot's commands again")
