@@ -27,6 +27,7 @@ from bot.acks import PendingAcks
 from bot.checks import manages_messages_in, mark_received, within_deadline
 from bot.config import Config
 from bot.delivery import Delivery, token_expiry
+from bot.enqueuer import GroupEnqueuer
 from bot.inputs import PILLOW_FORMATS, BadInput, check_prompt_text, load_init_image
 from bot.jobs import NewJob
 from bot.masks import load_mask
@@ -69,6 +70,7 @@ class JobService:
         self.styles = styles
         self.acks = acks
         self.queue = queue
+        self.enqueuer = GroupEnqueuer(queue)
         self.community = community
         self.runner = runner
         self.delivery = delivery
@@ -84,6 +86,7 @@ class JobService:
         if self._http is not None:
             await self._http.close()
         self._checks.shutdown(wait=False, cancel_futures=True)
+        self.enqueuer.close()
 
     # -- answering interactions -------------------------------------------------------------------
 
@@ -248,8 +251,8 @@ class JobService:
         """Queue a job for whoever used the command or pressed the button, then acknowledge and
         answer with its number, place in line and a Cancel button. The job is stored first, so
         an acknowledged interaction always has its job."""
-        job = await asyncio.to_thread(
-            self.queue.enqueue,
+        # Stored in a group with the other commands of the moment: one commit for all of them.
+        job = await self.enqueuer.enqueue(
             **job_columns(new.params),
             kind=new.kind,
             parent_id=new.parent_id,

@@ -28,13 +28,13 @@ def setup(tmp_path, emulator: Emulator):
 async def test_the_job_is_stored_before_the_interaction_is_acknowledged(setup, monkeypatch):
     emu, config, queue = setup
     acknowledged_at_enqueue = []
-    real = type(queue).enqueue
+    real = type(queue).enqueue_many
 
-    def enqueue(self, **fields):
+    def enqueue_many(self, many):
         acknowledged_at_enqueue.append(any(c.path.endswith("/callback") for c in emu.calls))
-        return real(self, **fields)
+        return real(self, many)
 
-    monkeypatch.setattr(type(queue), "enqueue", enqueue)
+    monkeypatch.setattr(type(queue), "enqueue_many", enqueue_many)
     # The first count of prompt tokens builds the tokenizer (seconds): that is the slow path below.
     monkeypatch.setattr(bot.service, "check_prompt_text", lambda prompt, negative, lora_dir: None)
     async with bot_running(emu, config, queue, None):

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded, StorageFull
+from db.errors import AlreadyFinished, JobNotFound, NotYours, PendingLimitExceeded, QueueError, StorageFull
 from db.faults import describe, is_storage_full
 from db.models import FINISHED, PENDING, Job, JobStatus, Member, ResultImage
 from db.queue.claims import ClaimsAndLeases
@@ -59,24 +59,56 @@ class Queue(ClaimsAndLeases, Deliveries):
         return job
 
     def _enqueue(self, fields: dict[str, Any]) -> Job:
+        with self._write.begin() as session:
+            job = self._add_job(session, fields)
+            self._notify(session)
+        self._wakeup.notify()
+        return job
+
+    def enqueue_many(self, many: list[dict[str, Any]]) -> list[Job | QueueError]:
+        """Queue several jobs in one transaction (one commit, one disk sync: a group commit);
+        each gets its job or the QueueError that refused it, in order. A whole failure raises."""
+        results: list[Job | QueueError] = []
+        try:
+            with self._write.begin() as session:
+                for fields in many:
+                    try:
+                        with session.begin_nested():
+                            results.append(self._add_job(session, dict(fields)))
+                    except QueueError as refused:
+                        results.append(refused)
+                self._notify(session)
+        except Exception as error:
+            if not is_storage_full(error):
+                raise
+            if not self._storage_full:
+                self._storage_full = True
+                log.error(
+                    "the database's storage is full (%s): new jobs are refused until there is room", describe(error)
+                )
+            raise StorageFull() from error
+        if self._storage_full:
+            self._storage_full = False
+            log.warning("the database's storage has room again: jobs are queued again")
+        self._wakeup.notify()
+        return results
+
+    def _add_job(self, session: Any, fields: dict[str, Any]) -> Job:
         requester_id = fields["requester_id"]
         fields.setdefault("seed", secrets.randbelow(2**32))
         fields.update(status=JobStatus.queued, attempts=0, created_at=self.clock())
-        with self._write.begin() as session:
-            self._ensure_member(session, requester_id)
-            # Lock the member's row so two concurrent enqueues cannot both pass the limit
-            # (PostgreSQL; SQLite already holds the write lock).
-            session.execute(select(Member.user_id).where(Member.user_id == requester_id).with_for_update())
-            pending = session.scalar(
-                select(func.count()).select_from(Job).where(Job.requester_id == requester_id, Job.status.in_(PENDING))
-            )
-            if pending >= self.pending_limit:
-                raise PendingLimitExceeded(pending, self.pending_limit)
-            job = Job(**fields)
-            session.add(job)
-            session.flush()
-            self._notify(session)
-        self._wakeup.notify()
+        self._ensure_member(session, requester_id)
+        # Lock the member's row so two concurrent enqueues cannot both pass the limit
+        # (PostgreSQL; SQLite already holds the write lock).
+        session.execute(select(Member.user_id).where(Member.user_id == requester_id).with_for_update())
+        pending = session.scalar(
+            select(func.count()).select_from(Job).where(Job.requester_id == requester_id, Job.status.in_(PENDING))
+        )
+        if pending >= self.pending_limit:
+            raise PendingLimitExceeded(pending, self.pending_limit)
+        job = Job(**fields)
+        session.add(job)
+        session.flush()
         return job
 
     # -- cancel and queries ---------------------------------------------------------------
