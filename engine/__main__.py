@@ -24,7 +24,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from db.errors import StorageError
-from ops import OpsServerError
 from engine.errors import EngineError
 from engine.params import SCHEDULE_NAMES
 from engine.settings import (
@@ -40,6 +39,7 @@ from engine.settings import (
     resolve_device,
 )
 from engine.types import SAMPLER_NAMES, GenerationRequest, Progress
+from ops import OpsServerError
 
 
 def multiple_of_8(text: str) -> int:
