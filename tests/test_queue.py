@@ -338,3 +338,13 @@ def test_enqueue_wakes_a_waiting_worker(db_engine: Engine) -> None:
     assert worker_side.wait_for_jobs(30)
     worker_side.close()
     bot_side.close()
+
+
+def test_enqueue_many_stores_a_group_and_refuses_only_whom_the_limit_stops(queue: Queue) -> None:
+    limit = queue.pending_limit
+    many = [dict(requester_id=ALICE, prompt=f"alice {i}") for i in range(limit + 1)] + [
+        dict(requester_id=BOB, prompt="bob")
+    ]
+    results = queue.enqueue_many(many)
+    assert [type(r).__name__ for r in results] == ["Job"] * limit + ["PendingLimitExceeded", "Job"]
+    assert len(queue.pending_for(ALICE)) == limit and len(queue.pending_for(BOB)) == 1

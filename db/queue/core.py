@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 
@@ -26,6 +27,7 @@ from db.queue.deliveries import Deliveries
 from db.queue.order import place_in_line
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Queue(ClaimsAndLeases, Deliveries):
@@ -42,21 +44,7 @@ class Queue(ClaimsAndLeases, Deliveries):
         queued or running, and StorageFull when the database's disk is full (logged once, at
         error level, until an enqueue succeeds again: not once per command).
         """
-        try:
-            job = self._enqueue(fields)
-        except Exception as error:
-            if not is_storage_full(error):
-                raise
-            if not self._storage_full:
-                self._storage_full = True
-                log.error(
-                    "the database's storage is full (%s): new jobs are refused until there is room", describe(error)
-                )
-            raise StorageFull() from error
-        if self._storage_full:
-            self._storage_full = False
-            log.warning("the database's storage has room again: jobs are queued again")
-        return job
+        return self._minding_storage(lambda: self._enqueue(fields))
 
     def _enqueue(self, fields: dict[str, Any]) -> Job:
         with self._write.begin() as session:
@@ -67,17 +55,27 @@ class Queue(ClaimsAndLeases, Deliveries):
 
     def enqueue_many(self, many: list[dict[str, Any]]) -> list[Job | QueueError]:
         """Queue several jobs in one transaction (one commit, one disk sync: a group commit);
-        each gets its job or the QueueError that refused it, in order. A whole failure raises."""
+        each gets its job or the QueueError that refused it, in order. A whole failure raises
+        (StorageFull as for :meth:`enqueue`)."""
+        return self._minding_storage(lambda: self._enqueue_many(many))
+
+    def _enqueue_many(self, many: list[dict[str, Any]]) -> list[Job | QueueError]:
         results: list[Job | QueueError] = []
+        with self._write.begin() as session:
+            for fields in many:
+                try:
+                    with session.begin_nested():
+                        results.append(self._add_job(session, dict(fields)))
+                except QueueError as refused:
+                    results.append(refused)
+            self._notify(session)
+        self._wakeup.notify()
+        return results
+
+    def _minding_storage(self, write: Callable[[], T]) -> T:
+        """``write()``; a full disk becomes StorageFull, said in the log once until a write succeeds."""
         try:
-            with self._write.begin() as session:
-                for fields in many:
-                    try:
-                        with session.begin_nested():
-                            results.append(self._add_job(session, dict(fields)))
-                    except QueueError as refused:
-                        results.append(refused)
-                self._notify(session)
+            result = write()
         except Exception as error:
             if not is_storage_full(error):
                 raise
@@ -90,8 +88,7 @@ class Queue(ClaimsAndLeases, Deliveries):
         if self._storage_full:
             self._storage_full = False
             log.warning("the database's storage has room again: jobs are queued again")
-        self._wakeup.notify()
-        return results
+        return result
 
     def _add_job(self, session: Any, fields: dict[str, Any]) -> Job:
         requester_id = fields["requester_id"]
