@@ -92,10 +92,6 @@ def help_pages(commands_: Iterable[Any], service: JobService) -> list[str]:
     return out
 
 
-def help_text(commands_: Iterable[Any], service: JobService) -> str:
-    return "\n\n".join(help_pages(commands_, service))
-
-
 class HelpCog(commands.Cog, name="help"):
     def __init__(self, service: JobService, bot: commands.Bot) -> None:
         self.service, self.bot = service, bot
