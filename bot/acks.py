@@ -17,9 +17,9 @@ from datetime import datetime, timedelta
 
 import discord
 from sqlalchemy import Engine, select
-from sqlalchemy.orm import sessionmaker
 
 from db.models import Job
+from db.session import session_makers
 from db.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -30,27 +30,35 @@ TOKEN_LIFETIME = timedelta(minutes=14)
 RESTARTED = "⚠️ The bot restarted before your job was queued, so nothing was queued. Please run the command again."
 
 
+def ack_key(interaction_id: int) -> str:
+    return f"{PREFIX}{interaction_id}"
+
+
 class PendingAcks:
     def __init__(self, state: StateStore, engine: Engine) -> None:
         self.state = state
-        self._session = sessionmaker(engine)
+        _, self._read = session_makers(engine)  # a read: no wait for SQLite's write turn
 
     def _has_job(self, token: str) -> bool:
         """Whether the job was stored after all (the crash came after the enqueue)."""
-        with self._session() as session:
+        with self._read() as session:
             return session.scalar(select(Job.id).where(Job.interaction_token == token).limit(1)) is not None
 
-    def record(self, interaction: discord.Interaction, now: datetime) -> None:
-        """Called in a thread, just before a "thinking…" acknowledgement with no job behind it."""
+    @staticmethod
+    def entry(interaction: discord.Interaction, now: datetime) -> tuple[str, str]:
+        """The record (key, value) to store just before a "thinking…" with no job behind it."""
         value = {
             "app_id": interaction.application_id,
             "token": interaction.token,
             "expires_at": (now + TOKEN_LIFETIME).isoformat(),
         }
-        self.state.put(f"{PREFIX}{interaction.id}", json.dumps(value))
+        return ack_key(interaction.id), json.dumps(value)
+
+    def record(self, interaction: discord.Interaction, now: datetime) -> None:
+        self.state.put(*self.entry(interaction, now))
 
     def forget(self, interaction_id: int) -> None:
-        self.state.delete(f"{PREFIX}{interaction_id}")
+        self.state.delete(ack_key(interaction_id))
 
     async def answer_stranded(self, client: discord.Client, now: datetime) -> int:
         """Answer every interaction a previous run acknowledged and left without a job; returns

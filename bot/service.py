@@ -23,11 +23,11 @@ import aiohttp
 import discord
 
 from bot import policy, render
-from bot.acks import PendingAcks
+from bot.acks import PendingAcks, ack_key
 from bot.checks import manages_messages_in, mark_received, within_deadline
 from bot.config import Config
 from bot.delivery import Delivery, token_expiry
-from bot.enqueuer import GroupEnqueuer
+from bot.group_writes import GroupWriter
 from bot.inputs import PILLOW_FORMATS, BadInput, check_prompt_text, load_init_image
 from bot.jobs import NewJob
 from bot.masks import load_mask
@@ -70,7 +70,7 @@ class JobService:
         self.styles = styles
         self.acks = acks
         self.queue = queue
-        self.enqueuer = GroupEnqueuer(queue)
+        self.writes = GroupWriter(queue, acks.state)
         self.community = community
         self.runner = runner
         self.delivery = delivery
@@ -86,7 +86,7 @@ class JobService:
         if self._http is not None:
             await self._http.close()
         self._checks.shutdown(wait=False, cancel_futures=True)
-        self.enqueuer.close()
+        self.writes.close()
 
     # -- answering interactions -------------------------------------------------------------------
 
@@ -130,7 +130,7 @@ class JobService:
         if interaction.response.is_done():
             return
         if job_pending and not interaction.extras.get("ack_recorded"):
-            record = asyncio.ensure_future(asyncio.to_thread(self.acks.record, interaction, self.clock()))
+            record = asyncio.ensure_future(self.writes.record(*self.acks.entry(interaction, self.clock())))
             interaction.extras["ack_recorded"] = True
             try:
                 await asyncio.wait_for(asyncio.shield(record), RECORD_BUDGET)
@@ -176,50 +176,65 @@ class JobService:
         image: discord.Attachment | None,
         mask: discord.Attachment | None,
     ) -> tuple[GenerationParams, str | None]:
-        gen, asker = self.config.generation, Asker.of(interaction)
-        seen = await self.admission(asker)
+        asker = Asker.of(interaction)
+        if image is None:  # every check in one hop to the checking threads
+            return await self.run_check(self._checked, asker, asked)
+        gen = self.config.generation
+        seen, params = await self.run_check(self._resolved, asker, asked, True)
+        dc = self.config.discord  # the upload's shape, within this server's size limit
+        data = await self.download(image.url, dc.max_attachment_bytes)
+        max_width, max_height = policy.max_size(seen.policy, gen)
+        init = await asyncio.to_thread(
+            load_init_image,
+            data,
+            size=asked.size,
+            max_width=max_width,
+            max_height=max_height,
+            target_area=gen.default_width * gen.default_height,
+            formats=tuple(PILLOW_FORMATS[t] for t in dc.allowed_image_types),
+        )
+        params = params.but(init_image=init.png, width=init.width, height=init.height)
+        if mask is not None:  # resized to the image; white (or transparent) means change
+            mask_png = await asyncio.to_thread(
+                load_mask, await self.download(mask.url, dc.max_attachment_bytes), (init.width, init.height)
+            )
+            params = params.but(mask=mask_png)
+        return await self.run_check(self._gated, asker, seen, params)
+
+    def _checked(self, asker: Asker, asked: Asked) -> tuple[GenerationParams, str | None]:
+        """:meth:`_resolved`, then :meth:`_gated` (on a checking thread)."""
+        seen, params = self._resolved(asker, asked, False)
+        return self._gated(asker, seen, params)
+
+    def _resolved(self, asker: Asker, asked: Asked, img2img: bool) -> tuple[Admission, GenerationParams]:
+        """The member's standing, and what they asked for with every default and the style applied."""
+        seen = self.community.admission(asker.guild_id, asker.user_id, self.clock() - DAY)
         params = policy.resolve(
             asked,
             seen.defaults,
             seen.policy,
-            gen,
+            self.config.generation,
             self.config.model_names,
-            img2img=image is not None,
+            img2img=img2img,
             model_clip_skip=lambda model: self.config.model_settings(model).clip_skip,
         )
-        params = await self._styled(asker, asked.style, params)
-        if image is not None:  # the upload's shape, within this server's size limit
-            dc = self.config.discord
-            data = await self.download(image.url, dc.max_attachment_bytes)
-            max_width, max_height = policy.max_size(seen.policy, gen)
-            init = await asyncio.to_thread(
-                load_init_image,
-                data,
-                size=asked.size,
-                max_width=max_width,
-                max_height=max_height,
-                target_area=gen.default_width * gen.default_height,
-                formats=tuple(PILLOW_FORMATS[t] for t in dc.allowed_image_types),
-            )
-            params = params.but(init_image=init.png, width=init.width, height=init.height)
-            if mask is not None:  # resized to the image; white (or transparent) means change
-                mask_png = await asyncio.to_thread(
-                    load_mask, await self.download(mask.url, dc.max_attachment_bytes), (init.width, init.height)
-                )
-                params = params.but(mask=mask_png)
+        return seen, self._styled(asker, asked.style, params)
+
+    def _gated(self, asker: Asker, seen: Admission, params: GenerationParams) -> tuple[GenerationParams, str | None]:
+        """``params`` past the server's rules and the pending limit, with the long-prompt note."""
         self.gate(asker, seen, params)
-        note = await self.run_check(
-            check_prompt_text, params.prompt, params.negative_prompt, self.config.model_settings(params.model).lora_dir
+        note = check_prompt_text(
+            params.prompt, params.negative_prompt, self.config.model_settings(params.model).lora_dir
         )
         return params, note
 
-    async def _styled(self, asker: Asker, name: str | None, params: GenerationParams) -> GenerationParams:
+    def _styled(self, asker: Asker, name: str | None, params: GenerationParams) -> GenerationParams:
         """``params`` with the named style (else the member's default style here) applied."""
         if asker.guild_id is None:
             if name is not None:
                 raise BadInput("Styles belong to a server; use them there.")
             return params
-        style = await self.run_check(self._style_for, asker.guild_id, asker.user_id, name)
+        style = self._style_for(asker.guild_id, asker.user_id, name)
         if style is None:
             return params
         prompt, negative = style.apply(params.prompt, params.negative_prompt)
@@ -252,7 +267,7 @@ class JobService:
         answer with its number, place in line and a Cancel button. The job is stored first, so
         an acknowledged interaction always has its job."""
         # Stored in a group with the other commands of the moment: one commit for all of them.
-        job = await self.enqueuer.enqueue(
+        job = await self.writes.enqueue(
             **job_columns(new.params),
             kind=new.kind,
             parent_id=new.parent_id,
@@ -268,7 +283,7 @@ class JobService:
         interaction.extras["thinking"] = False  # from now on the message is the job's
         await self._answered(interaction)
         message_id = interaction.extras.get("message_id") or (await interaction.original_response()).id
-        await asyncio.to_thread(self.queue.set_status_message, job.id, interaction.channel_id, message_id)
+        await self.writes.set_status_message(job.id, interaction.channel_id, message_id)
         job.status_message_id = message_id
         await self._announce(job, note)
         return job
@@ -276,7 +291,7 @@ class JobService:
     async def _answered(self, interaction: discord.Interaction) -> None:
         """The interaction has its job or its answer: a restart need not answer it."""
         if interaction.extras.pop("ack_recorded", False):
-            await asyncio.to_thread(self.acks.forget, interaction.id)
+            await self.writes.forget(ack_key(interaction.id))
 
     async def submit_command(
         self,

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, delete, func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from db.models import AuditEntry, MemberStyle, Style
+from db.session import session_makers
 
 #: Most styles one server may keep (what autocomplete can sensibly offer is 25 at a time).
 MAX_STYLES = 500
@@ -67,7 +68,7 @@ def parse_styles_csv(data: bytes) -> list[StyleText]:
 
 class Styles:
     def __init__(self, engine: Engine, *, clock: Callable[[], datetime] | None = None) -> None:
-        self._read = sessionmaker(engine, expire_on_commit=False)
+        self._write, self._read = session_makers(engine)  # reads do not wait for SQLite's write turn
         self.clock = clock or (lambda: datetime.now(UTC))
 
     def _log(
@@ -100,7 +101,7 @@ class Styles:
 
     def put(self, guild_id: int, actor_id: int, styles: list[StyleText]) -> int:
         """Add or replace ``styles``; returns how many the server has now."""
-        with self._read.begin() as session:
+        with self._write.begin() as session:
             for style in styles:
                 old = session.get(Style, (guild_id, style.name))
                 before = None if old is None else f"{old.prompt} | {old.negative_prompt}"
@@ -124,7 +125,7 @@ class Styles:
             return count
 
     def remove(self, guild_id: int, actor_id: int, name: str) -> bool:
-        with self._read.begin() as session:
+        with self._write.begin() as session:
             old = session.get(Style, (guild_id, name))
             if old is None:
                 return False
@@ -139,7 +140,7 @@ class Styles:
             return None if row is None else row.style
 
     def set_member_default(self, guild_id: int, user_id: int, name: str | None) -> None:
-        with self._read.begin() as session:
+        with self._write.begin() as session:
             row = session.get(MemberStyle, (guild_id, user_id))
             if name is None:
                 if row is not None:

@@ -42,9 +42,13 @@ class QueueBase(WakeUp):
         self._listener = None  # psycopg.Connection LISTENing, made by wait_for_jobs
 
     def _ensure_member(self, session: Session, user_id: int) -> None:
+        self._ensure_members(session, [user_id])
+
+    def _ensure_members(self, session: Session, user_ids: list[int]) -> None:
+        """Each member's row (the fair order's bookkeeping), made if missing, in one statement."""
         insert = pg_insert if self._postgres else sqlite_insert
         session.execute(
             insert(Member)
-            .values(user_id=user_id, last_served_at=None)
+            .values([{"user_id": user_id, "last_served_at": None} for user_id in user_ids])
             .on_conflict_do_nothing(index_elements=["user_id"])
         )

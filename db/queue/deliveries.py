@@ -14,10 +14,19 @@ class Deliveries(QueueBase):
 
     def set_status_message(self, job_id: int, channel_id: int, message_id: int) -> None:
         """Remember the message that shows the job's place in line / progress."""
+        self.set_status_messages([(job_id, channel_id, message_id)])
+
+    def set_status_messages(self, messages: list[tuple[int, int, int]]) -> None:
+        """:meth:`set_status_message` for several ``(job_id, channel_id, message_id)``, in one transaction."""
+        if not messages:
+            return
         with self._write.begin() as session:
-            session.execute(
-                update(Job).where(Job.id == job_id).values(status_channel_id=channel_id, status_message_id=message_id),
-                execution_options=NO_UPDATE_SYNC,
+            session.execute(  # ORM bulk UPDATE by primary key: one executemany
+                update(Job),
+                [
+                    {"id": job, "status_channel_id": channel, "status_message_id": message}
+                    for job, channel, message in messages
+                ],
             )
 
     def undelivered(self) -> list[Job]:

@@ -1,0 +1,103 @@
+"""The writes on a command's path, stored in groups by one thread, so that a job (or the record
+of its interaction) can exist before the interaction is acknowledged.
+
+The bot stores a job before it answers Discord (no "thinking…" without a job behind it), so the
+answer waits on a database commit. On SQLite every commit syncs the disk (``synchronous=FULL``)
+and takes the process's write turn: one commit per command would queue a burst of commands
+behind each other and behind the runner's writes. Instead one writing thread takes every write
+waiting when it is free and stores each kind in one transaction (a group commit), so 100
+commands a second cost a few commits. The kinds go in order of urgency: interaction records
+and new jobs hold up an acknowledgement; status message ids and forgotten records do not.
+Each job is still checked on its own (the member's pending limit), and a refusal reaches only
+that member.
+
+The thread is the writer's own, not asyncio's shared pool: a command's write never waits behind
+background work, and background work (DNS lookups included) never waits behind these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from db.models import Job
+from db.queue import Queue
+from db.state import StateStore
+
+#: The kinds of write, most urgent first.
+RECORD, ENQUEUE, STATUS, FORGET = "record", "enqueue", "status", "forget"
+
+
+class GroupWriter:
+    def __init__(self, queue: Queue, state: StateStore) -> None:
+        # Each takes the payloads of one kind and stores them in one transaction; a list back
+        # holds one result (or QueueError) per payload, None means "stored".
+        self._stores: dict[str, Callable[[list[Any]], list[Any] | None]] = {
+            RECORD: lambda records: state.put_many(dict(records)),
+            ENQUEUE: queue.enqueue_many,
+            STATUS: queue.set_status_messages,
+            FORGET: state.delete_many,
+        }
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[str, Any, asyncio.Future, asyncio.AbstractEventLoop]] = []
+        self._writing = False
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdbot-writes")
+
+    async def enqueue(self, **fields: Any) -> Job:
+        """Store one job (raises the QueueError that refused it)."""
+        return await self._write(ENQUEUE, fields)
+
+    async def record(self, key: str, value: str) -> None:
+        await self._write(RECORD, (key, value))
+
+    async def forget(self, key: str) -> None:
+        await self._write(FORGET, key)
+
+    async def set_status_message(self, job_id: int, channel_id: int, message_id: int) -> None:
+        await self._write(STATUS, (job_id, channel_id, message_id))
+
+    async def _write(self, kind: str, payload: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._waiting.append((kind, payload, future, loop))
+            start, self._writing = not self._writing, True
+        if start:
+            self._thread.submit(self._write_all)
+        return await future
+
+    def _write_all(self) -> None:
+        while True:
+            with self._lock:
+                group, self._waiting = self._waiting, []
+                if not group:
+                    self._writing = False
+                    return
+            for kind, store in self._stores.items():
+                items = [(payload, future, loop) for k, payload, future, loop in group if k == kind]
+                if items:
+                    self._store(store, items)
+
+    @staticmethod
+    def _store(store: Callable[[list[Any]], list[Any] | None], items: list[tuple[Any, Any, Any]]) -> None:
+        try:
+            results = store([payload for payload, _, _ in items])
+        except Exception as error:  # noqa: BLE001 - the whole group failed: each waiter is told
+            results = [error] * len(items)
+        for (_, future, loop), result in zip(items, results or [None] * len(items), strict=True):
+            loop.call_soon_threadsafe(_settle, future, result)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _settle(future: asyncio.Future, result: Any) -> None:
+    if future.done():  # the command gave up waiting (the bot is closing)
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
