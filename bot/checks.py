@@ -24,8 +24,11 @@ from bot.inputs import BadInput
 T = TypeVar("T")
 
 #: Seconds a check (download, decode, token count) may take before we acknowledge the
-#: interaction with a "thinking…" message and finish afterwards (Discord allows 3).
-PREPARE_BUDGET = 1.5
+#: interaction with a "thinking…" message and finish afterwards (Discord allows 3). Well under
+#: Discord's limit: past it, something is slow (an upload, a busy machine), and a member is
+#: better served by "thinking…" now than by a plain answer a second later.
+PREPARE_BUDGET = 0.6
+DISCORD_DEADLINE = 3.0
 
 
 class Defers(Protocol):
@@ -79,8 +82,12 @@ def manages_messages_in(interaction: discord.Interaction, channel_id: int | None
 
 def mark_received(interaction: discord.Interaction) -> None:
     """Note when the bot started on ``interaction`` (``SDBot.guarded`` does, for every command,
-    button and form): the budget of :func:`within_deadline` counts from there."""
-    interaction.extras.setdefault("received", time.monotonic())
+    button and form): the budget of :func:`within_deadline` counts from there, or from when
+    Discord made the interaction (its id's timestamp) when the bot got to it late (a busy
+    event loop). A clock ahead of Discord's only makes the bot acknowledge sooner."""
+    now, made = time.monotonic(), getattr(interaction, "id", None)
+    age = (discord.utils.utcnow() - discord.utils.snowflake_time(made)).total_seconds() if made else 0.0
+    interaction.extras.setdefault("received", now - age if 0 < age < DISCORD_DEADLINE else now)
 
 
 async def within_deadline(service: Defers, interaction: discord.Interaction, work: Awaitable[T]) -> T:

@@ -137,8 +137,9 @@ class SDBot(commands.Bot):
     # -- start and stop ---------------------------------------------------------------------
 
     async def setup_hook(self) -> None:
-        # The prompt token counter takes about a second to build: now, not in a member's command.
-        asyncio.get_running_loop().run_in_executor(None, warm_up_token_counter).add_done_callback(_log_warm_up)
+        # The prompt token counter takes about a second to build: now, beside the command sync,
+        # and done before the gateway connects, so that no member's first command waits on it.
+        warm_up = asyncio.get_running_loop().run_in_executor(None, warm_up_token_counter)
         for cog in all_cogs(self.service, Options.of(self.config), self):
             await self.add_cog(cog)
         self.tree.on_error = self.on_app_command_error
@@ -148,6 +149,10 @@ class SDBot(commands.Bot):
         await asyncio.to_thread(self.queue.fail_unknown_models, self.config.model_names)
         await self.service.start()
         await self.service.acks.answer_stranded(self, self.clock())
+        try:
+            await warm_up
+        except Exception:  # counted on first use instead
+            log.exception("the prompt token counter could not be built")
         self.start_task(self.delivery.run, "delivery")
         if self.runner is not None:
             self.start_task(self.runner.run, "queue-runner")
@@ -218,8 +223,3 @@ class SDBot(commands.Bot):
         else:
             log.error("command failed", exc_info=error)
             await self.service.tell(interaction, OUR_FAULT)
-
-
-def _log_warm_up(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("the prompt token counter could not be built", exc_info=future.exception())

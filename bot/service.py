@@ -47,7 +47,7 @@ REROLL_EMOJI = "🔁"
 CHECK_THREADS = 2
 OUR_FAULT = "Something went wrong on our side; it has been logged."
 #: Seconds the record of an interaction acknowledged before its job may delay the acknowledgement.
-RECORD_BUDGET = 0.5
+RECORD_BUDGET = 0.3
 
 
 class JobService:
@@ -241,10 +241,7 @@ class JobService:
         return params.but(prompt=prompt, negative_prompt=negative)
 
     def _style_for(self, guild_id: int, user_id: int, name: str | None) -> StyleText | None:
-        chosen = name or self.styles.member_default(guild_id, user_id)
-        if chosen is None:
-            return None
-        style = self.styles.get(guild_id, chosen)
+        style = self.styles.chosen(guild_id, user_id, name)
         if style is None and name is not None:
             known = ", ".join(self.styles.names(guild_id)[:25]) or "none yet (`/server style add`)"
             raise BadInput(f"This server has no style called `{render.escape(name)}`; styles: {known}.")

@@ -17,7 +17,7 @@ from dataclasses import fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, delete, func, select, update
+from sqlalchemy import ColumnElement, Engine, bindparam, delete, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -66,6 +66,40 @@ _SERVER_ROW_DEFAULTS = {
     "cooldown_seconds": 0,
     "paused": False,
 }
+
+
+def _admission_statement() -> Any:
+    """Every per-command fact of :meth:`Community.admission` as one row: LEFT JOINs from a
+    one-row select, so a member or server without settings still gives a row."""
+    one = select(literal(1).label("one")).subquery()
+    member, server = MemberSettings.__table__, ServerSettings.__table__
+    barred = (
+        select(BarredMember.user_id)
+        .where(BarredMember.guild_id == bindparam("guild_id"), BarredMember.user_id == bindparam("user_id"))
+        .exists()
+    )
+    pending = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.requester_id == bindparam("user_id"), Job.status.in_(PENDING))
+        .scalar_subquery()
+    )
+    return (
+        select(
+            member.c.user_id.label("member_found"),
+            *(member.c[name].label(f"member_{name}") for name in sorted(MEMBER_FIELDS)),
+            server.c.guild_id.label("server_found"),
+            *(server.c[name].label(f"server_{name}") for name in sorted(SERVER_FIELDS)),
+            barred.label("barred"),
+            pending.label("pending"),
+        )
+        .select_from(one)
+        .outerjoin(member, member.c.user_id == bindparam("user_id"))
+        .outerjoin(server, server.c.guild_id == bindparam("guild_id"))
+    )
+
+
+_ADMISSION = _admission_statement()
 
 
 def _show(value: Any) -> str | None:
@@ -138,23 +172,32 @@ class Community:
 
     def admission(self, guild_id: int | None, user_id: int, since: datetime) -> Admission:
         """What a new job of ``user_id`` is checked against (``guild_id`` None: a DM, where no
-        server policy applies), in one short read: the bot answers within Discord's deadline."""
+        server policy applies), in one short read: the bot answers within Discord's deadline.
+
+        One statement for the member's defaults, the server's policy, the bar and the pending
+        count (the bot runs this for every command, so not one ORM query each); the usage only
+        when the server limits it."""
         with self._read.begin() as session:
-            defaults = self._member_defaults(session, user_id)
+            row = session.execute(_ADMISSION, {"user_id": user_id, "guild_id": guild_id}).one()
+            values = row._mapping
+            defaults = MemberDefaults()
+            if values["member_found"] is not None:
+                defaults = MemberDefaults(**{name: values[f"member_{name}"] for name in MEMBER_FIELDS})
             policy, barred, usage = ServerPolicy(), False, Usage(0, None, None)
             if guild_id is not None:
-                policy = self._server_policy(session, guild_id)
-                barred = self._is_barred(session, guild_id, user_id)
+                if values["server_found"] is not None:
+                    policy = self._policy_of({name: values[f"server_{name}"] for name in SERVER_FIELDS})
+                barred = bool(values["barred"])
                 if policy.daily_limit is not None or policy.cooldown_seconds:
                     usage = self._usage(session, guild_id, user_id, since)
-            pending = session.scalar(
-                select(func.count()).select_from(Job).where(Job.requester_id == user_id, Job.status.in_(PENDING))
-            )
-        return Admission(defaults, policy, barred, pending, usage)
+        return Admission(defaults, policy, barred, values["pending"], usage)
 
     @staticmethod
     def _policy(row: ServerSettings) -> ServerPolicy:
-        values = {name: getattr(row, name) for name in SERVER_FIELDS}
+        return Community._policy_of({name: getattr(row, name) for name in SERVER_FIELDS})
+
+    @staticmethod
+    def _policy_of(values: dict[str, Any]) -> ServerPolicy:
         for name in _LIST_FIELDS:
             values[name] = tuple(values[name] or ())
         return ServerPolicy(**values)

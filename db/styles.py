@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from db.models import AuditEntry, MemberStyle, Style
@@ -64,6 +64,15 @@ def parse_styles_csv(data: bytes) -> list[StyleText]:
     if not styles:
         raise StyleError("styles.csv holds no styles.")
     return styles
+
+
+_STYLE_TEXT = (Style.name, Style.prompt, Style.negative_prompt)
+_NAMED = select(*_STYLE_TEXT).where(Style.guild_id == bindparam("guild_id"), Style.name == bindparam("name"))
+_MEMBER_DEFAULT = (
+    select(*_STYLE_TEXT)
+    .join(MemberStyle, (MemberStyle.guild_id == Style.guild_id) & (MemberStyle.style == Style.name))
+    .where(MemberStyle.guild_id == bindparam("guild_id"), MemberStyle.user_id == bindparam("user_id"))
+)
 
 
 class Styles:
@@ -133,6 +142,16 @@ class Styles:
             session.execute(delete(MemberStyle).where(MemberStyle.guild_id == guild_id, MemberStyle.style == name))
             self._log(session, guild_id, actor_id, f"style {name}", f"{old.prompt} | {old.negative_prompt}", None)
             return True
+
+    def chosen(self, guild_id: int, user_id: int, name: str | None) -> StyleText | None:
+        """The style called ``name``, or with ``name`` None the member's default style here;
+        None when there is no such style. One statement: the bot asks for every command."""
+        with self._read() as session:
+            if name is not None:
+                row = session.execute(_NAMED, {"guild_id": guild_id, "name": name}).first()
+            else:
+                row = session.execute(_MEMBER_DEFAULT, {"guild_id": guild_id, "user_id": user_id}).first()
+            return None if row is None else StyleText(*row)
 
     def member_default(self, guild_id: int, user_id: int) -> str | None:
         with self._read() as session:

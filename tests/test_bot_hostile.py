@@ -17,6 +17,7 @@ import logging
 import re
 import threading
 from dataclasses import replace
+from datetime import timedelta
 from types import SimpleNamespace
 
 import discord
@@ -524,6 +525,24 @@ async def test_checks_one_after_another_share_one_budget():
     late.extras["received"] -= PREPARE_BUDGET  # earlier checks used the whole budget
     assert await within_deadline(Bot(), late, asyncio.sleep(0.05, result="slow")) == "slow"
     assert deferred == [late]  # acknowledged before the check finished
+
+
+def test_the_budget_counts_from_when_discord_made_the_interaction():
+    """An interaction the event loop got to late (a busy bot) has used part of Discord's
+    3 seconds already: its id's timestamp says how much."""
+    made_ago = PREPARE_BUDGET / 2
+
+    def made(ago: float) -> SimpleNamespace:
+        when = discord.utils.utcnow() - timedelta(seconds=ago)
+        return SimpleNamespace(extras={}, id=discord.utils.time_snowflake(when))
+
+    old, new = made(made_ago), made(0)
+    mark_received(old)
+    mark_received(new)
+    assert new.extras["received"] - old.extras["received"] >= made_ago - 0.05
+    forged = made(-3600)
+    mark_received(forged)  # from the future (a clock behind Discord's): counted from now
+    assert forged.extras["received"] >= new.extras["received"]
 
 
 @asyncio_test
