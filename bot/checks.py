@@ -27,7 +27,7 @@ T = TypeVar("T")
 #: interaction with a "thinking…" message and finish afterwards (Discord allows 3). Well under
 #: Discord's limit: past it, something is slow (an upload, a busy machine), and a member is
 #: better served by "thinking…" now than by a plain answer a second later.
-PREPARE_BUDGET = 0.6
+PREPARE_BUDGET = 0.4
 DISCORD_DEADLINE = 3.0
 
 
