@@ -34,6 +34,7 @@ from engine.types import GenerationRequest, GenerationResult, Progress
 
 if TYPE_CHECKING:
     from engine.batch import Entry
+    from engine.hires import SecondPass
     from engine.pipeline import Pipeline, PreparedJob
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,26 @@ class Ticket:
     deadline: float = math.inf  # on the worker's clock, set when the worker starts the job
     arrived: float = 0.0  # on the worker's clock, when it was submitted
     delivered: concurrent.futures.Future | None = None  # done when its latest delivery was handed over
+    order: int = 0  # its place in the arrival order, which a hires job's second pass keeps
+    second_pass: SecondPass | None = None  # a hires job between or in its second pass
 
     @property
     def size(self) -> tuple[int, int]:
+        """The size of the pass it waits for or runs (a batch holds one size)."""
+        if self.second_pass is not None:
+            return self.second_pass.size
         return self.request.params.width, self.request.params.height
+
+    @property
+    def needs_second_pass(self) -> bool:
+        return self.request.params.is_hires and self.second_pass is None
+
+    def progress(self, step: int, total: int) -> Progress:
+        """``step`` of ``total`` of the running pass, counted over both passes of a hires job."""
+        if self.second_pass is not None:
+            before = self.second_pass.steps_before
+            return Progress(self.request.job_id, before + step, before + total)
+        return Progress(self.request.job_id, step, total + self.request.params.hires_pass_steps)
 
     def settle(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
         try:

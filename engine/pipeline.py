@@ -71,6 +71,7 @@ class PreparedJob:
     inpaint_plan: InpaintPlan | None = None  # a masked job: how its images are pasted back over the init image
     plan: Plan | None = None  # the sampler's engine steps over ``sigmas`` (made from them when None)
     brownian: list[BrownianNoise] = field(default_factory=list)  # per image, for the SDE samplers
+    origin: GenerationRequest | None = None  # a hires job's second pass: the job as asked, for its PNG
 
     def __post_init__(self) -> None:
         if self.plan is None:
@@ -376,7 +377,7 @@ class Pipeline:
         self, job: PreparedJob, images: list[Image.Image], compress_level: int = PNG_COMPRESS_LEVEL
     ) -> GenerationResult:
         """PNG bytes with AUTOMATIC1111 parameters for each decoded image (any thread)."""
-        request, info = job.request, self.model.info
+        request, info = job.origin or job.request, self.model.info
         if job.inpaint_plan is not None:
             images = [job.inpaint_plan.paste(image) for image in images]
         texts = [infotext(request, seed, info.name, info.file_hash) for seed in job.seeds]
