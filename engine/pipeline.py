@@ -390,7 +390,10 @@ class Pipeline:
     # ------------------------------------------------------------------ one job, no thread
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Prepare, denoise alone, decode: one job start to end in the calling thread."""
+        """Prepare, denoise alone, decode: one job start to end in the calling thread (one pass:
+        a hires job's second pass is the worker's, :mod:`engine.hires`)."""
+        if request.params.is_hires:
+            raise GenerationError("A hires fix job runs in the engine worker, not Pipeline.generate.")
         job = self.prepare(request)
         batch = Batch(self.denoiser)
         batch.add(job)

@@ -143,3 +143,16 @@ def test_use_these_settings_carries_the_hires_fix(tmp_path):
     assert any("96x96" in note for note in notes) and any("4x-UltraSharp" in note for note in notes)
     plain, _ = settings_from({"Prompt": "a fox", "Steps": "2", "Denoising strength": "0.5"}, config)
     assert plain.hires == 1.0  # an img2img's strength alone is no hires fix: off, whatever my default
+
+
+@pytest.mark.asyncio
+async def test_help_lists_the_hires_options_with_their_limits(setup):
+    emu, config, queue, community = setup
+    async with bot_running(emu, config, queue, None):
+        message = await (await emu.slash(emu.alice, "help")).wait_response()
+    text = "\n".join(e["description"] for e in message.embeds)
+    lines = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("`") and "`:" in line}
+    assert "1 to 4" in lines["hires"] and "0 to 8" in lines["hires_steps"]
+    assert "Latent (bicubic)" in lines["hires_upscaler"] and "Lanczos" in lines["hires_upscaler"]
+    assert "/server clip_skip" in text
+    assert text.rstrip().endswith("jobs waiting at a time.")  # nothing was cut to fit the embeds

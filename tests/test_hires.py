@@ -220,3 +220,8 @@ def test_the_device_refuses_a_hires_size_over_the_limits():
     assert "hires" in over_limits(params, gen)
     assert over_limits(params.but(hires_scale=1.25), gen) is None
     assert "steps" in over_limits(params.but(hires_scale=1.25, hires_steps=gen.max_steps + 1), gen)
+
+
+def test_pipeline_generate_refuses_a_hires_job_rather_than_skip_its_second_pass(tiny_model):
+    with pytest.raises(GenerationError, match="engine worker"):
+        Pipeline(tiny_model).generate(hires_request(1))
