@@ -64,6 +64,11 @@ class Ticket:
         return self.request.params.width, self.request.params.height
 
     @property
+    def pass_request(self) -> GenerationRequest:
+        """The request of the pass it waits for or runs (a hires job's second: at the hires size)."""
+        return self.request if self.second_pass is None else self.second_pass.request
+
+    @property
     def needs_second_pass(self) -> bool:
         return self.request.params.is_hires and self.second_pass is None
 

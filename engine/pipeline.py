@@ -433,7 +433,8 @@ def decode_error(job: PreparedJob) -> GenerationError:
 def out_of_memory_error(request: GenerationRequest) -> GenerationError:
     size = f"{request.params.width}x{request.params.height}"
     what = f"a {size} image" if request.params.count == 1 else f"{request.params.count} images of {size}"
-    return GenerationError(f"Out of GPU memory for {what}: try a smaller size or fewer images.")
+    smaller = "a smaller size, a smaller hires factor" if request.params.is_hires else "a smaller size"
+    return GenerationError(f"Out of GPU memory for {what}: try {smaller} or fewer images.")
 
 
 def timeout_error(request: GenerationRequest, limit: float) -> GenerationError:

@@ -23,6 +23,9 @@ Faults of the device do not stop the thread (issue 5):
   (:meth:`Pipeline.decode`).
 - ``engine.job_timeout``: a job running longer fails at the next step boundary, read from a
   monotonic clock (injectable, for tests).
+
+A hires fix job (:mod:`engine.hires`) goes back in line when its first pass is done, at its
+enlarged size and its old place, and comes back as an img2img job (each pass has the time limit).
 """
 
 from __future__ import annotations
@@ -269,7 +272,7 @@ class EngineWorker:
             pipeline, second = self._use_model(batch, ticket.request), ticket.second_pass
             job = pipeline.prepare(ticket.request) if second is None else prepare_second_pass(pipeline, second)
         except torch.OutOfMemoryError:
-            job, error, out_of_memory = None, out_of_memory_error(ticket.request), True
+            job, error, out_of_memory = None, out_of_memory_error(ticket.pass_request), True
         except EngineError as e:
             job, error = None, e
         except Exception as e:
@@ -392,11 +395,8 @@ class EngineWorker:
         in_latents = [e for e in finished if id(e) in first_passes and is_latent(e.job.request.params.hires_upscaler)]
         for entry in in_latents:
             self._to_second_pass(entry, latents=batch.remove(entry.job))
-        decoding = [entry for entry in finished if entry not in in_latents]
-        if not decoding:
-            return
-        decoded = decode_finished(self.pipeline, [(entry, batch.remove(entry.job)) for entry in decoding])
-        for entry, outcome in decoded:
+        decoding = [(entry, batch.remove(entry.job)) for entry in finished if entry not in in_latents]
+        for entry, outcome in decode_finished(self.pipeline, decoding) if decoding else []:
             if isinstance(outcome, EngineError):
                 self._settle(entry, error=outcome)
                 continue

@@ -156,3 +156,16 @@ async def test_help_lists_the_hires_options_with_their_limits(setup):
     assert "Latent (bicubic)" in lines["hires_upscaler"] and "Lanczos" in lines["hires_upscaler"]
     assert "/server clip_skip" in text
     assert text.rstrip().endswith("jobs waiting at a time.")  # nothing was cut to fit the embeds
+
+
+def test_jobs_made_from_a_hires_image_work_at_its_enlarged_size_without_a_hires_fix():
+    from bot import jobs
+    from db.models import Job, ResultImage
+    from engine.params import GenerationParams, job_columns
+
+    parent = Job(id=5, **job_columns(GenerationParams(prompt="a fox", seed=1, width=64, height=64, hires_scale=2)))
+    image = ResultImage(job_id=5, index=0, seed=1, png=b"png")
+    region = jobs.region(parent, image, b"mask", "a hat").params
+    assert (region.width, region.height, region.hires_scale) == (128, 128, None)
+    reroll = jobs.reroll(parent).params
+    assert (reroll.width, reroll.hires_scale) == (64, 2)  # a reroll makes the same hires job again
