@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.errors import EngineError, GenerationError
+from engine.hires import second_pass_steps
 from engine.memory import free_memory
 from engine.pipeline import DECODE_CHUNK, decode_error, nan_error, out_of_memory_error, to_images
 from engine.preview import preview_png
@@ -77,7 +78,7 @@ class Ticket:
         if self.second_pass is not None:
             before = self.second_pass.steps_before
             return Progress(self.request.job_id, before + step, before + total)
-        return Progress(self.request.job_id, step, total + self.request.params.hires_pass_steps)
+        return Progress(self.request.job_id, step, total + second_pass_steps(self.request.params))
 
     def settle(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
         try:

@@ -38,7 +38,7 @@ from engine.errors import EngineError
 from engine.params import LATENT_UPSCALERS, GenerationParams
 from engine.pipeline import Pipeline, PreparedJob, decode_error, nan_error
 from engine.samplers import SAMPLERS, Sampler
-from engine.schedules import JobSchedule, ModelSchedule, job_schedule
+from engine.schedules import UNET_SCALE_START, JobSchedule, ModelSchedule, job_schedule
 from engine.types import GenerationRequest
 
 #: A pixel upscaler: the first pass's image and the factor to enlarge it by -> the larger image.
@@ -147,6 +147,15 @@ def second_pass_schedule(schedule: ModelSchedule, sampler: Sampler, params: Gene
         schedule_type=params.schedule,
         discard_penultimate=sampler.discard_penultimate,
     )
+
+
+def second_pass_steps(params: GenerationParams) -> int:
+    """The steps :func:`second_pass_schedule` walks, without building it (for the first pass's
+    progress total): ``steps``; A1111's DDIM one model call fewer, as in any of its img2img jobs."""
+    steps = params.hires_pass_steps
+    if steps and SAMPLERS[params.sampler].discretization in UNET_SCALE_START:
+        return max(steps - 2, 1)  # it keeps t_enc = steps - 1 grid points and walks between them
+    return steps
 
 
 def prepare_second_pass(pipeline: Pipeline, second: SecondPass) -> PreparedJob:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from engine.admission import over_limits
 from engine.errors import GenerationError, JobCancelled
-from engine.hires import second_pass_schedule, upscale_image
+from engine.hires import second_pass_schedule, second_pass_steps, upscale_image
 from engine.metadata import read_parameters
 from engine.params import GenerationParams
 from engine.pipeline import Pipeline
@@ -225,3 +225,17 @@ def test_the_device_refuses_a_hires_size_over_the_limits():
 def test_pipeline_generate_refuses_a_hires_job_rather_than_skip_its_second_pass(tiny_model):
     with pytest.raises(GenerationError, match="engine worker"):
         Pipeline(tiny_model).generate(hires_request(1))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpm2", "heun", "lcm"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 10])
+def test_the_first_pass_knows_how_many_steps_the_second_will_take(tiny_model, sampler, steps):
+    params = GenerationParams(prompt="", seed=0, sampler=sampler, steps=7, hires_scale=2, hires_steps=steps)
+    schedule = second_pass_schedule(Pipeline(tiny_model).schedule, SAMPLERS[sampler], params)
+    assert second_pass_steps(params) == len(schedule.sigmas) - 1
+
+
+def test_progress_of_a_ddim_hires_job_keeps_one_total(make_worker):
+    seen: list[Progress] = []
+    run_together(make_worker(), [hires_request(1, sampler="ddim", steps=4, hires_steps=4)], seen)
+    assert len({p.total for p in seen}) == 1 and seen[-1].step == seen[-1].total
