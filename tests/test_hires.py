@@ -239,3 +239,33 @@ def test_progress_of_a_ddim_hires_job_keeps_one_total(make_worker):
     seen: list[Progress] = []
     run_together(make_worker(), [hires_request(1, sampler="ddim", steps=4, hires_steps=4)], seen)
     assert len({p.total for p in seen}) == 1 and seen[-1].step == seen[-1].total
+
+
+def test_an_sdxl_hires_job_runs_its_second_pass_at_the_enlarged_size(tiny_sdxl_model):
+    """SDXL's size conditioning is encoded again at the hires size, as A1111 does."""
+    worker = EngineWorker(tiny_sdxl_model, EngineSettings(preview_every=0), GenerationSettings(max_width=2048))
+    worker.start()
+    try:
+        result = worker.generate_blocking(hires_request(1, hires_upscaler="Lanczos"))
+    finally:
+        worker.stop()
+    assert image_size(result.images[0].png) == (128, 128)
+    assert "Hires upscale: 2" in result.infotext
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_a_hires_job_on_an_inpainting_checkpoint_paints_everywhere_in_both_passes(tmp_path, upscaler):
+    """A 9-channel UNet gets "paint everywhere" conditioning at the hires size, as A1111's
+    ``txt2img_image_conditioning`` gives it."""
+    from engine.loading import load_model
+    from tinymodel import save_single_file
+
+    path = save_single_file(tmp_path / "inpainting.safetensors", "sd1", in_channels=9)
+    model = load_model(str(path), device="cpu", dtype=torch.float32, progress=False)
+    worker = EngineWorker(model, EngineSettings(preview_every=0), GenerationSettings())
+    worker.start()
+    try:
+        result = worker.generate_blocking(hires_request(1, hires_upscaler=upscaler))
+    finally:
+        worker.stop()
+    assert image_size(result.images[0].png) == (128, 128)
