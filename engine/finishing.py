@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.errors import EngineError, GenerationError
-from engine.hires import second_pass_steps
+from engine.hires import SecondPass, second_pass_steps
 from engine.memory import free_memory
 from engine.pipeline import DECODE_CHUNK, decode_error, nan_error, out_of_memory_error, to_images
 from engine.preview import preview_png
@@ -35,7 +35,6 @@ from engine.types import GenerationRequest, GenerationResult, Progress
 
 if TYPE_CHECKING:
     from engine.batch import Entry
-    from engine.hires import SecondPass
     from engine.pipeline import Pipeline, PreparedJob
 
 log = logging.getLogger(__name__)
