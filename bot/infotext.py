@@ -18,7 +18,15 @@ from bot.config import Config
 from bot.inputs import BadInput, clean_text
 from bot.policy import Asked
 from engine.metadata import parse_infotext
-from engine.params import SAMPLER_NAMES, SCHEDULE_NAMES, SEED_MAX, parse_size
+from engine.params import (
+    DEFAULT_HIRES_UPSCALER,
+    HIRES_UPSCALERS,
+    MAX_HIRES_SCALE,
+    SAMPLER_NAMES,
+    SCHEDULE_NAMES,
+    SEED_MAX,
+    parse_size,
+)
 
 #: Fields shown by "Image info", in this order, when present.
 SHOWN = (
@@ -34,6 +42,10 @@ SHOWN = (
     "Variation seed",
     "Variation seed strength",
     "Clip skip",
+    "Hires upscale",
+    "Hires resize",
+    "Hires steps",
+    "Hires upscaler",
     "RNG",
 )
 _BY_LABEL = {label.lower(): sampler for sampler, label in SAMPLER_NAMES.items()}
@@ -137,6 +149,52 @@ def settings_from(fields: dict[str, str], config: Config) -> tuple[Asked, list[s
     schedule = _SCHEDULE_BY_LABEL.get((fields.get("Schedule type") or "").strip().lower())
     if schedule in (None, "automatic") or sampler == "dpmpp_2m_karras" or schedule not in gen.schedules:
         schedule = None  # automatic, folded into the sampler's name, or not offered here
+    hires = hires_from(fields, gen.max_steps, notes)
     return Asked(
-        prompt, negative, seed, steps, guidance, size, sampler, 1, chosen_model, clip_skip=clip_skip, schedule=schedule
+        prompt,
+        negative,
+        seed,
+        steps,
+        guidance,
+        size,
+        sampler,
+        1,
+        chosen_model,
+        clip_skip=clip_skip,
+        schedule=schedule,
+        **hires,
     ), notes
+
+
+def hires_from(fields: dict[str, str], max_steps: int, notes: list[str]) -> dict[str, float | int | str | None]:
+    """The hires fix options of read-back parameters. As AUTOMATIC1111 reads them, the fix is on
+    when ``Denoising strength`` comes with a hires field; ``Hires resize`` (a target size) becomes
+    the factor that reaches it from ``Size``. The size limits are checked when the job is admitted."""
+    if "Denoising strength" not in fields or not any(
+        k in fields for k in ("Hires upscale", "Hires resize", "Hires upscaler")
+    ):
+        return {"hires": 1.0}  # off, whatever the member's default: the image was made without one
+    scale = _number(fields.get("Hires upscale"), float)
+    if scale is None and fields.get("Hires resize"):
+        (width, height), (to_width, to_height) = parse_size(fields.get("Size", "")), parse_size(fields["Hires resize"])
+        if width and to_width:
+            scale = round(max(to_width / width, to_height / height), 2)
+            notes.append(f"hires resize {fields['Hires resize']} → hires {scale:g}×")
+    if scale is None:
+        scale = 2.0  # AUTOMATIC1111's own default
+    if not 1 <= scale <= MAX_HIRES_SCALE:
+        notes.append(f"hires {scale:g}× → {min(max(scale, 1.0), MAX_HIRES_SCALE):g}×")
+        scale = min(max(scale, 1.0), MAX_HIRES_SCALE)
+    steps = _number(fields.get("Hires steps"), int)
+    if steps is not None and not 0 <= steps <= max_steps:
+        notes.append(f"hires steps {steps} → {min(max(steps, 0), max_steps)}")
+        steps = min(max(steps, 0), max_steps)
+    upscaler = fields.get("Hires upscaler")
+    if upscaler and upscaler not in HIRES_UPSCALERS:
+        notes.append(f"hires upscaler {upscaler} is not offered here; {DEFAULT_HIRES_UPSCALER} is used")
+        upscaler = None
+    strength = _number(fields.get("Denoising strength"), float)
+    if strength is not None and not 0.05 <= strength <= 1:
+        notes.append(f"denoising strength {strength:g} → {min(max(strength, 0.05), 1.0):g}")
+        strength = min(max(strength, 0.05), 1.0)
+    return {"hires": scale, "hires_steps": steps, "hires_upscaler": upscaler, "hires_strength": strength}

@@ -46,6 +46,14 @@ def _replay(parent: Job) -> GenerationParams:
     return params_from_job(parent).but(variation_seed=None, variation_strength=0.0)
 
 
+def _from_image(parent: Job) -> GenerationParams:
+    """What a job made from one result image replays: the parent's parameters at the image's own
+    size (a hires job's images have its enlarged size), with no hires fix of its own (img2img)."""
+    params = _replay(parent)
+    width, height = params.hires_size
+    return params.but(width=width, height=height, hires_scale=None)
+
+
 def reroll(parent: Job) -> NewJob:
     """Same parameters, new seed."""
     return NewJob(JobKind.reroll, _replay(parent).but(seed=new_seed()), parent.id)
@@ -65,7 +73,7 @@ def upscale(parent: Job, image: ResultImage, gen: GenerationSettings) -> NewJob 
     big = enlarge(image.png, factor=UPSCALE_FACTOR, max_width=gen.max_width, max_height=gen.max_height)
     if big is None:
         return None
-    params = _replay(parent).but(
+    params = _from_image(parent).but(
         seed=image.seed, count=1, width=big.width, height=big.height, init_image=big.png, strength=UPSCALE_STRENGTH
     )
     return NewJob(JobKind.upscale, params, parent.id)
@@ -77,7 +85,7 @@ REGION_STRENGTH = 0.9
 
 def region(parent: Job, image: ResultImage, mask_png: bytes, prompt: str) -> NewJob:
     """Repaint the masked cells of one image with ``prompt``; the rest of the image stays."""
-    params = _replay(parent).but(
+    params = _from_image(parent).but(
         prompt=prompt, seed=new_seed(), count=1, init_image=image.png, mask=mask_png, strength=REGION_STRENGTH
     )
     return NewJob(JobKind.region, params, parent.id)
@@ -90,7 +98,7 @@ OUTPAINT_STRENGTH = 1.0
 
 def _outpaint(parent: Job, kind: JobKind, canvas: Image.Image, mask: Image.Image, gen: GenerationSettings) -> NewJob:
     canvas, mask = _within(canvas, mask, gen.max_width, gen.max_height)
-    params = _replay(parent).but(
+    params = _from_image(parent).but(
         seed=new_seed(),
         count=1,
         width=canvas.width,

@@ -10,6 +10,7 @@ take. The service (:mod:`bot.service`) reads the database once and calls these.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import discord
 from bot import render
 from bot.inputs import BadInput
 from db.community import DAY, Admission, MemberDefaults, ServerPolicy
-from engine.params import GenerationParams, size_text
+from engine.params import HIRES_UPSCALERS, GenerationParams, size_text
 from engine.settings import GenerationSettings
 
 
@@ -42,6 +43,10 @@ class Asked:
     style: str | None = None  # a server style's name (None: the member's default style, if any)
     clip_skip: int | None = None  # None: the model's own default (``clip_skip`` in its config table)
     schedule: str | None = None  # a schedule type (None: the configured default, "automatic" unless set)
+    hires: float | None = None  # the hires fix's factor (None: the member's default; 1: off)
+    hires_steps: int | None = None  # the second pass's steps (None or 0: the job's steps)
+    hires_upscaler: str | None = None
+    hires_strength: float | None = None  # the second pass's denoising strength
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,9 @@ def resolve(
 ) -> GenerationParams:
     """The job's parameters: what was asked, else the member's default (if the configuration
     still allows it), else the configured default narrowed to the server's limits. An img2img
-    job without a size keeps the configured default here; the upload's shape replaces it."""
+    job without a size keeps the configured default here; the upload's shape replaces it.
+    CLIP skip: asked, else the server's, else the model's own. A member's default hires fix is
+    lowered to fit the size limits (off where none fits); an asked one is checked by :func:`hires_gate`."""
     steps = asked.steps
     if steps is None:
         default = mine.steps if mine.steps and mine.steps <= gen.max_steps else gen.default_steps
@@ -87,7 +94,12 @@ def resolve(
     if guidance is None and mine.guidance is not None and mine.guidance <= gen.max_guidance:
         guidance = mine.guidance
     sampler = asked.sampler or (mine.sampler if mine.sampler in gen.samplers else None)
+    schedule = asked.schedule or (mine.schedule if mine.schedule in gen.schedules else None)
     size = asked.size or (None if img2img else default_size(mine, policy, gen))
+    hires = asked.hires
+    if hires is None:
+        hires = member_hires(mine.hires_scale, size or (gen.default_width, gen.default_height), policy, gen)
+    upscaler = asked.hires_upscaler or (mine.hires_upscaler if mine.hires_upscaler in HIRES_UPSCALERS else None)
     model = asked.model
     if model is None and policy.default_model in model_names:
         model = policy.default_model  # the server's choice when the member made none
@@ -102,9 +114,46 @@ def resolve(
         count=asked.count,
         strength=asked.strength,
         model=model,
-        clip_skip=asked.clip_skip or model_clip_skip(model),
-        schedule=asked.schedule,
+        clip_skip=asked.clip_skip or policy.clip_skip or model_clip_skip(model),
+        schedule=schedule,
+        hires_scale=None if img2img else hires,
+        hires_steps=asked.hires_steps,
+        hires_upscaler=upscaler,
+        hires_strength=asked.hires_strength,
     )
+
+
+def member_hires(
+    scale: float | None, size: tuple[int, int], policy: ServerPolicy, gen: GenerationSettings
+) -> float | None:
+    """A member's default hires factor for a job of ``size``, lowered (to 0.01) to fit the largest
+    size allowed here; None where even a little enlargement does not fit."""
+    if not scale or scale <= 1:
+        return None
+    max_width, max_height = max_size(policy, gen)
+    fitting = math.floor(min(scale, max_width / size[0], max_height / size[1]) * 100) / 100
+    return fitting if fitting > 1 else None
+
+
+def hires_gate(params: GenerationParams, policy: ServerPolicy, gen: GenerationSettings) -> None:
+    """An asked hires fix within the size and steps limits here; BadInput saying what fits."""
+    if not params.is_hires:
+        return
+    max_width, max_height = max_size(policy, gen)
+    width, height = params.hires_size
+    if width > max_width or height > max_height:
+        largest = math.floor(min(max_width / params.width, max_height / params.height) * 100) / 100
+        instead = f"use `hires:{largest:g}` or less" if largest > 1 else "pick a smaller size or leave `hires` out"
+        raise BadInput(
+            f"Hires {params.hires_scale:g}× makes {width}x{height} images; the largest allowed here is "
+            f"{max_width}x{max_height}: {instead}."
+        )
+    max_steps = min(gen.max_steps, policy.max_steps or gen.max_steps)
+    if params.hires_pass_steps > max_steps:
+        raise BadInput(
+            f"The hires pass may take at most {max_steps} steps here (it would take {params.hires_pass_steps}); "
+            "lower `hires_steps`."
+        )
 
 
 def default_size(mine: MemberDefaults, policy: ServerPolicy, gen: GenerationSettings) -> tuple[int, int] | None:

@@ -97,6 +97,9 @@ def parameter_lines(job: Job, model_name: str) -> list[tuple[str, str]]:
         pairs.append(("Schedule", SCHEDULE_NAMES.get(job.schedule, job.schedule)))
     if (job.clip_skip or 1) > 1:
         pairs.append(("Clip skip", str(job.clip_skip)))
+    if job.hires_scale and job.hires_scale > 1 and job.init_image is None:
+        steps = f", {job.hires_steps} steps" if job.hires_steps else ""
+        pairs.append(("Hires", f"{job.hires_scale:g}× {job.hires_upscaler}, strength {job.hires_strength:g}{steps}"))
     if job.variation_seed is not None and job.variation_strength:
         pairs.append(("Variation", f"seed {job.variation_seed}, strength {job.variation_strength:g}"))
     return pairs

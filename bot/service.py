@@ -155,6 +155,7 @@ class JobService:
         return await self.run_check(self.community.admission, asker.guild_id, asker.user_id, self.clock() - DAY)
 
     def gate(self, asker: Asker, seen: Admission, params: GenerationParams) -> None:
+        policy.hires_gate(params, seen.policy, self.config.generation)
         policy.gate(asker, seen, params, pending_limit=self.config.queue.pending_limit, now=self.clock())
 
     async def admit(

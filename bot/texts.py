@@ -7,7 +7,7 @@ from typing import Any
 from bot import render
 from bot.config import Config
 from db.community import MemberDefaults, ServerPolicy, ServerStats
-from engine.params import SAMPLER_NAMES
+from engine.params import DEFAULT_HIRES_UPSCALER, SAMPLER_NAMES, SCHEDULE_NAMES
 from engine.settings import GenerationSettings
 
 
@@ -16,6 +16,15 @@ def member_settings_text(mine: MemberDefaults, gen: GenerationSettings) -> str:
         return f"**{value}**" if value not in (None, "") else f"{default} *(bot default)*"
 
     size = f"{mine.width}x{mine.height}" if mine.width else None
+    hires = None
+    if mine.hires_scale:  # 1 is "off", even over a default that would be on
+        hires = (
+            "off"
+            if mine.hires_scale <= 1
+            else f"{mine.hires_scale:g}× ({mine.hires_upscaler or DEFAULT_HIRES_UPSCALER})"
+        )
+    elif mine.hires_upscaler:
+        hires = f"off (upscaler {mine.hires_upscaler} when on)"
     return "\n".join(
         [
             "**Your defaults** (used when you leave an option out)",
@@ -26,6 +35,9 @@ def member_settings_text(mine: MemberDefaults, gen: GenerationSettings) -> str:
             "sampler: "
             f"{shown(SAMPLER_NAMES.get(mine.sampler or '', mine.sampler), SAMPLER_NAMES[gen.default_sampler])}",
             f"guidance: {shown(mine.guidance, f'{gen.default_guidance:g}')}",
+            "schedule: "
+            f"{shown(SCHEDULE_NAMES.get(mine.schedule or '', mine.schedule), SCHEDULE_NAMES[gen.default_schedule])}",
+            f"hires fix (/imagine): {shown(hires, 'off')}",
             f"private results: **{'yes' if mine.private_results else 'no'}**",
         ]
     )
@@ -39,6 +51,7 @@ def server_settings_text(policy: ServerPolicy, barred: list[int], config: Config
 
     size = f"{policy.max_width}x{policy.max_height}" if policy.max_width else None
     channels = ", ".join(f"<#{c}>" for c in policy.allowed_channel_ids) or "every channel"
+    models_own = "each model's own"
     lines = [
         f"**Server settings**{' — ⏸️ queue paused' if policy.paused else ''}",
         f"channels: {channels}",
@@ -48,7 +61,8 @@ def server_settings_text(policy: ServerPolicy, barred: list[int], config: Config
         f"per 24 hours: {limit(policy.daily_limit, 'no limit')}; "
         f"cooldown: **{policy.cooldown_seconds} s**",
         f"NSFW words (only in age-restricted channels): {render.escape(', '.join(policy.nsfw_words)) or 'none'}",
-        f"default model: {limit(policy.default_model, config.model.display_name)}",
+        f"default model: {limit(policy.default_model, config.model.display_name)}; "
+        f"CLIP skip: {limit(policy.clip_skip, models_own)}",
         f"barred members: {', '.join(f'<@{u}>' for u in barred) or 'none'}",
     ]
     return "\n".join(lines)

@@ -17,7 +17,15 @@ from discord.app_commands import Choice
 
 from bot.config import Config
 from bot.inputs import BadInput, check_prompt
-from engine.params import SAMPLER_NAMES, SCHEDULE_NAMES, SEED_MAX, parse_size
+from engine.params import (
+    HIRES_UPSCALERS,
+    MAX_HIRES_SCALE,
+    MIN_HIRES_SCALE,
+    SAMPLER_NAMES,
+    SCHEDULE_NAMES,
+    SEED_MAX,
+    parse_size,
+)
 
 #: Discord's largest integer option value (a JSON number must stay exact in JavaScript).
 DISCORD_INT_MAX = 2**53 - 1
@@ -158,6 +166,10 @@ class Options:
     style: StyleName
     clip_skip: Bounded
     schedule: OneOf
+    hires: Bounded
+    hires_steps: Bounded
+    hires_upscaler: OneOf
+    hires_strength: Bounded
 
     @classmethod
     def of(cls, config: Config) -> Options:
@@ -177,4 +189,8 @@ class Options:
             style=StyleName(),
             clip_skip=Bounded("clip_skip", int, 1, 12),
             schedule=OneOf("schedule", {s: SCHEDULE_NAMES[s] for s in gen.schedules}),
+            hires=Bounded("hires", float, MIN_HIRES_SCALE, MAX_HIRES_SCALE),
+            hires_steps=Bounded("hires_steps", int, 0, gen.max_steps),
+            hires_upscaler=OneOf("hires_upscaler", {name: name for name in HIRES_UPSCALERS}),
+            hires_strength=Bounded("hires_strength", float, 0.05, 1.0),
         )

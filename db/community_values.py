@@ -30,6 +30,9 @@ class MemberDefaults:
     height: int | None = None
     sampler: str | None = None
     guidance: float | None = None
+    schedule: str | None = None
+    hires_scale: float | None = None  # the hires fix's factor; 1: off
+    hires_upscaler: str | None = None
     private_results: bool = False
 
 
@@ -47,6 +50,7 @@ class ServerPolicy:
     cooldown_seconds: int = 0
     nsfw_words: tuple[str, ...] = ()
     default_model: str | None = None
+    clip_skip: int | None = None  # None: each model's own (its config table's clip_skip)
     paused: bool = False
 
 

@@ -126,6 +126,10 @@ class Job(Base):
     inpaint_padding: Mapped[int] = mapped_column(default=32)
     masked_content: Mapped[str] = mapped_column(String(16), default="original")
     schedule: Mapped[str] = mapped_column(String(32), default="automatic")  # the schedule type
+    hires_scale: Mapped[float | None] = mapped_column(Float)  # None: no hires fix
+    hires_steps: Mapped[int] = mapped_column(default=0)  # 0: the job's steps
+    hires_upscaler: Mapped[str] = mapped_column(String(100), default="Latent")
+    hires_strength: Mapped[float] = mapped_column(Float, default=0.7)
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)
@@ -212,6 +216,9 @@ class MemberSettings(Base):
     height: Mapped[int | None]
     sampler: Mapped[str | None] = mapped_column(String(32))
     guidance: Mapped[float | None] = mapped_column(Float)
+    schedule: Mapped[str | None] = mapped_column(String(32))
+    hires_scale: Mapped[float | None] = mapped_column(Float)  # 1: off, even where the server's default is on
+    hires_upscaler: Mapped[str | None] = mapped_column(String(100))
     private_results: Mapped[bool] = mapped_column(Boolean, default=False)
     updated_at: Mapped[datetime]
 
@@ -232,6 +239,7 @@ class ServerSettings(Base):
     cooldown_seconds: Mapped[int] = mapped_column(default=0)
     nsfw_words: Mapped[list[str]] = mapped_column(JSON, default=list)
     default_model: Mapped[str | None] = mapped_column(String(200))
+    clip_skip: Mapped[int | None]  # the server's CLIP skip, over the model's own
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
     updated_at: Mapped[datetime]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from db.errors import StorageError
 from engine.errors import EngineError
-from engine.params import SCHEDULE_NAMES
+from engine.params import HIRES_UPSCALERS, SCHEDULE_NAMES
 from engine.settings import (
     ConfigError,
     EngineSettings,
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
     gen.add_argument("--strength", type=unit_interval, default=None, help="img2img: 0 keeps the image, 1 ignores it")
     gen.add_argument("--count", type=positive_int, default=1, help="images, with seeds seed, seed+1, ...")
+    gen.add_argument("--hires", type=float, default=None, help="hires fix: enlarge by this and denoise again")
+    gen.add_argument("--hires-steps", type=int, default=None, help="hires pass steps (default: --steps)")
+    gen.add_argument("--hires-upscaler", choices=list(HIRES_UPSCALERS), default=None)
+    gen.add_argument("--hires-strength", type=unit_interval, default=None, help="hires pass denoising strength")
     gen.add_argument("--out", type=Path, default=Path("out.png"))
     gen.add_argument(
         "--config",
@@ -124,6 +128,10 @@ def build_request(args: argparse.Namespace, settings: Settings) -> GenerationReq
             init_image=args.init_image.read_bytes() if args.init_image else None,
             strength=args.strength,
             schedule=args.schedule,
+            hires_scale=args.hires,
+            hires_steps=args.hires_steps,
+            hires_upscaler=args.hires_upscaler,
+            hires_strength=args.hires_strength,
         ),
     )
 

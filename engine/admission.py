@@ -23,6 +23,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.params import HIRES_UPSCALERS
+
 if TYPE_CHECKING:
     from engine.params import GenerationParams
     from engine.settings import GenerationSettings
@@ -107,4 +109,18 @@ def over_limits(params: GenerationParams, gen: GenerationSettings) -> str | None
         return f"size must be at most {gen.max_width}x{gen.max_height}"
     if not 1 <= params.count <= gen.max_count:
         return f"count must be 1 to {gen.max_count}"
+    return hires_over_limits(params, gen) if params.is_hires else None
+
+
+def hires_over_limits(params: GenerationParams, gen: GenerationSettings) -> str | None:
+    """The hires fix's limits: its size within the server's, each pass's steps within ``max_steps``."""
+    width, height = params.hires_size
+    if width > gen.max_width or height > gen.max_height:
+        return f"the hires size {width}x{height} must be at most {gen.max_width}x{gen.max_height}"
+    if not 1 <= params.hires_pass_steps <= gen.max_steps:
+        return f"hires steps must be 1 to {gen.max_steps}"
+    if not 0 < params.hires_strength <= 1:
+        return "the hires denoising strength must be above 0 and at most 1"
+    if params.hires_upscaler not in HIRES_UPSCALERS:
+        return f"unknown hires upscaler {params.hires_upscaler!r}; use one of {', '.join(HIRES_UPSCALERS)}"
     return None

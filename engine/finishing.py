@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.errors import EngineError, GenerationError
+from engine.hires import SecondPass, second_pass_steps
 from engine.memory import free_memory
 from engine.pipeline import DECODE_CHUNK, decode_error, nan_error, out_of_memory_error, to_images
 from engine.preview import preview_png
@@ -52,10 +53,31 @@ class Ticket:
     deadline: float = math.inf  # on the worker's clock, set when the worker starts the job
     arrived: float = 0.0  # on the worker's clock, when it was submitted
     delivered: concurrent.futures.Future | None = None  # done when its latest delivery was handed over
+    order: int = 0  # its place in the arrival order, which a hires job's second pass keeps
+    second_pass: SecondPass | None = None  # a hires job between or in its second pass
 
     @property
     def size(self) -> tuple[int, int]:
+        """The size of the pass it waits for or runs (a batch holds one size)."""
+        if self.second_pass is not None:
+            return self.second_pass.size
         return self.request.params.width, self.request.params.height
+
+    @property
+    def pass_request(self) -> GenerationRequest:
+        """The request of the pass it waits for or runs (a hires job's second: at the hires size)."""
+        return self.request if self.second_pass is None else self.second_pass.request
+
+    @property
+    def needs_second_pass(self) -> bool:
+        return self.request.params.is_hires and self.second_pass is None
+
+    def progress(self, step: int, total: int) -> Progress:
+        """``step`` of ``total`` of the running pass, counted over both passes of a hires job."""
+        if self.second_pass is not None:
+            before = self.second_pass.steps_before
+            return Progress(self.request.job_id, before + step, before + total)
+        return Progress(self.request.job_id, step, total + second_pass_steps(self.request.params))
 
     def settle(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
         try:

@@ -100,9 +100,13 @@ def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash:
         fields["Variation seed strength"] = _number(request.params.variation_strength)
     if request.is_img2img:
         fields["Denoising strength"] = _number(request.params.strength)
+    elif request.params.is_hires:  # AUTOMATIC1111 writes the second pass's strength in the same field
+        fields["Denoising strength"] = _number(request.params.hires_strength)
     if request.params.clip_skip > 1:  # A1111 writes it only when it is not the default
         fields["Clip skip"] = str(request.params.clip_skip)
     fields["RNG"] = RNG_SOURCE
+    if request.params.is_hires:
+        fields |= hires_fields(request.params)
     fields["Job id"] = str(request.job_id)
     if request.parent_id is not None:  # the image an edit, zoom, pan or reroll was made from
         fields["Parent job id"] = str(request.parent_id)
@@ -111,6 +115,16 @@ def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash:
         lines.append(f"Negative prompt: {request.params.negative_prompt}")
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+def hires_fields(params) -> dict[str, str]:
+    """AUTOMATIC1111's hires fix fields (``StableDiffusionProcessingTxt2Img.init``), in its order;
+    ``Hires steps`` only when it is not "same as the first pass" (0)."""
+    fields = {"Hires upscale": _number(params.hires_scale)}
+    if params.hires_steps:
+        fields["Hires steps"] = str(params.hires_steps)
+    fields["Hires upscaler"] = _quote(params.hires_upscaler)
+    return fields
 
 
 def inpainting_fields(params) -> dict[str, str]:

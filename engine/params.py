@@ -29,6 +29,25 @@ DEFAULT_INPAINT_PADDING = 32
 MAX_MASK_BLUR = 64
 MAX_INPAINT_PADDING = 256
 
+#: Hires fix (AUTOMATIC1111's "Hires. fix"): its denoising strength's default, and the scales we offer.
+DEFAULT_HIRES_STRENGTH = 0.7
+DEFAULT_HIRES_UPSCALER = "Latent"
+MIN_HIRES_SCALE, MAX_HIRES_SCALE = 1.0, 4.0
+#: AUTOMATIC1111's latent upscale modes (``modules/shared_items``): ``torch.nn.functional.interpolate``
+#: of the first pass's latents with this mode and antialiasing, on the device.
+LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+#: Upscalers that work on the decoded image (then encoded again): the names, torch-free; the
+#: functions are in :mod:`engine.hires`. An upscaler model is added to both by its name.
+PIXEL_UPSCALERS = ("Lanczos", "Nearest")
+HIRES_UPSCALERS = (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)
+
 #: What the masked area starts from (AUTOMATIC1111's "Masked content"): the init image as it is,
 #: its surroundings' colours, the seed's noise, or zero latents.
 MASKED_CONTENT = ("original", "fill", "latent noise", "latent nothing")
@@ -97,6 +116,10 @@ def parse_size(size: str) -> tuple[int, int] | tuple[None, None]:
     return w, h
 
 
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+
+
 def size_text(width: int, height: int) -> str:
     return f"{width}x{height}"
 
@@ -140,6 +163,13 @@ class GenerationParams:
     inpaint_padding: int = DEFAULT_INPAINT_PADDING
     masked_content: str = "original"
     schedule: str = DEFAULT_SCHEDULE  # a key of SCHEDULE_NAMES
+    #: Hires fix: made at ``width`` x ``height``, upscaled by ``hires_scale`` with ``hires_upscaler``
+    #: (one of HIRES_UPSCALERS), then denoised again at ``hires_strength`` for ``hires_steps`` steps
+    #: (0: ``steps``). None (or 1) is off; txt2img only, as in AUTOMATIC1111.
+    hires_scale: float | None = None
+    hires_steps: int = 0
+    hires_upscaler: str = DEFAULT_HIRES_UPSCALER
+    hires_strength: float = DEFAULT_HIRES_STRENGTH
 
     @property
     def is_img2img(self) -> bool:
@@ -152,6 +182,23 @@ class GenerationParams:
     @property
     def size(self) -> tuple[int, int]:
         return self.width, self.height
+
+    @property
+    def is_hires(self) -> bool:
+        return self.hires_scale is not None and self.hires_scale > 1 and not self.is_img2img
+
+    @property
+    def hires_size(self) -> tuple[int, int]:
+        """The second pass's size: AUTOMATIC1111's ``int(width * scale)``, down to a multiple of 8
+        (the latent grid; A1111 interpolates the latents to ``size // 8`` too)."""
+        if not self.is_hires:
+            return self.size
+        return hires_size(self.width, self.height, self.hires_scale)
+
+    @property
+    def hires_pass_steps(self) -> int:
+        """The second pass's steps (AUTOMATIC1111's ``hr_second_pass_steps or steps``); 0 without one."""
+        return (self.hires_steps or self.steps) if self.is_hires else 0
 
     @property
     def sampler_label(self) -> str:
@@ -203,4 +250,4 @@ def params_from_job(job: HasParamColumns) -> GenerationParams:
 
 
 #: Parameters whose None is a value of its own (not "use the default").
-_NULLABLE = frozenset({"init_image", "variation_seed", "model", "mask"})
+_NULLABLE = frozenset({"init_image", "variation_seed", "model", "mask", "hires_scale"})

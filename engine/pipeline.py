@@ -71,6 +71,7 @@ class PreparedJob:
     inpaint_plan: InpaintPlan | None = None  # a masked job: how its images are pasted back over the init image
     plan: Plan | None = None  # the sampler's engine steps over ``sigmas`` (made from them when None)
     brownian: list[BrownianNoise] = field(default_factory=list)  # per image, for the SDE samplers
+    origin: GenerationRequest | None = None  # a hires job's second pass: the job as asked, for its PNG
 
     def __post_init__(self) -> None:
         if self.plan is None:
@@ -376,7 +377,7 @@ class Pipeline:
         self, job: PreparedJob, images: list[Image.Image], compress_level: int = PNG_COMPRESS_LEVEL
     ) -> GenerationResult:
         """PNG bytes with AUTOMATIC1111 parameters for each decoded image (any thread)."""
-        request, info = job.request, self.model.info
+        request, info = job.origin or job.request, self.model.info
         if job.inpaint_plan is not None:
             images = [job.inpaint_plan.paste(image) for image in images]
         texts = [infotext(request, seed, info.name, info.file_hash) for seed in job.seeds]
@@ -389,7 +390,10 @@ class Pipeline:
     # ------------------------------------------------------------------ one job, no thread
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Prepare, denoise alone, decode: one job start to end in the calling thread."""
+        """Prepare, denoise alone, decode: one job start to end in the calling thread (one pass:
+        a hires job's second pass is the worker's, :mod:`engine.hires`)."""
+        if request.params.is_hires:
+            raise GenerationError("A hires fix job runs in the engine worker, not Pipeline.generate.")
         job = self.prepare(request)
         batch = Batch(self.denoiser)
         batch.add(job)
@@ -429,7 +433,8 @@ def decode_error(job: PreparedJob) -> GenerationError:
 def out_of_memory_error(request: GenerationRequest) -> GenerationError:
     size = f"{request.params.width}x{request.params.height}"
     what = f"a {size} image" if request.params.count == 1 else f"{request.params.count} images of {size}"
-    return GenerationError(f"Out of GPU memory for {what}: try a smaller size or fewer images.")
+    smaller = "a smaller size, a smaller hires factor" if request.params.is_hires else "a smaller size"
+    return GenerationError(f"Out of GPU memory for {what}: try {smaller} or fewer images.")
 
 
 def timeout_error(request: GenerationRequest, limit: float) -> GenerationError:

@@ -16,6 +16,8 @@ from db.settings import QueueSettings
 from engine.params import (
     DEFAULT_GUIDANCE,
     DEFAULT_HEIGHT,
+    DEFAULT_HIRES_STRENGTH,
+    DEFAULT_HIRES_UPSCALER,
     DEFAULT_SAMPLER,
     DEFAULT_SCHEDULE,
     DEFAULT_STEPS,
@@ -114,6 +116,10 @@ class GenerationSettings:
         model: str | None = None,
         clip_skip: int | None = None,
         schedule: str | None = None,
+        hires_scale: float | None = None,
+        hires_steps: int | None = None,
+        hires_upscaler: str | None = None,
+        hires_strength: float | None = None,
     ) -> GenerationParams:
         """A job's parameters, with this configuration's defaults for what was left out (None).
 
@@ -136,6 +142,10 @@ class GenerationSettings:
             model=model,
             clip_skip=clip_skip or 1,
             schedule=schedule or self.default_schedule,
+            hires_scale=hires_scale if hires_scale and hires_scale > 1 else None,
+            hires_steps=hires_steps or 0,
+            hires_upscaler=hires_upscaler or DEFAULT_HIRES_UPSCALER,
+            hires_strength=DEFAULT_HIRES_STRENGTH if hires_strength is None else hires_strength,
         )
 
     def for_family(self, family: str) -> GenerationSettings:

@@ -23,6 +23,9 @@ Faults of the device do not stop the thread (issue 5):
   (:meth:`Pipeline.decode`).
 - ``engine.job_timeout``: a job running longer fails at the next step boundary, read from a
   monotonic clock (injectable, for tests).
+
+A hires fix job (:mod:`engine.hires`) goes back in line when its first pass is done, at its
+enlarged size and its old place, and comes back as an img2img job (each pass has the time limit).
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ from engine.admission import Running, Waiting, admissions, over_limits, resumpti
 from engine.batch import Batch, Entry, Parked
 from engine.errors import EngineError, GenerationError, JobCancelled
 from engine.finishing import Finisher, ProgressSink, Ticket, decode_finished
+from engine.hires import after_first_pass, is_latent, prepare_second_pass
 from engine.memory import OutOfMemoryGovernor, free_memory, jobs_to_keep
 from engine.models import ModelPool, batch_key
-from engine.pipeline import Pipeline, nan_error, out_of_memory_error, timeout_error
+from engine.pipeline import Pipeline, nan_error, out_of_memory_error, timeout_error, to_images
 from engine.types import GenerationRequest, GenerationResult, Progress
 
 if TYPE_CHECKING:
@@ -92,6 +96,7 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
         self.batch_rows = 0  # rows of the running batch (images denoised together), for the metrics
         self._steps = itertools.count(1)
+        self._arrivals = itertools.count()  # tickets' places in the arrival order
 
     # ------------------------------------------------------------------ API (any thread)
 
@@ -158,7 +163,7 @@ class EngineWorker:
             if self._stopping:
                 ticket.settle(error=JobCancelled("The engine is shutting down; the job was not run."))
             else:
-                ticket.arrived = self.clock()
+                ticket.arrived, ticket.order = self.clock(), next(self._arrivals)
                 self._waiting.append(ticket)
                 self._lock.notify_all()
         return ticket.future
@@ -264,9 +269,10 @@ class EngineWorker:
         ticket.deadline = self.clock() + timeout if timeout else math.inf
         out_of_memory = False
         try:
-            job = self._use_model(batch, ticket.request).prepare(ticket.request)
+            pipeline, second = self._use_model(batch, ticket.request), ticket.second_pass
+            job = pipeline.prepare(ticket.request) if second is None else prepare_second_pass(pipeline, second)
         except torch.OutOfMemoryError:
-            job, error, out_of_memory = None, out_of_memory_error(ticket.request), True
+            job, error, out_of_memory = None, out_of_memory_error(ticket.pass_request), True
         except EngineError as e:
             job, error = None, e
         except Exception as e:
@@ -379,21 +385,44 @@ class EngineWorker:
             preview = None
             if every and entry.step % every == 0 and entry.step < total:
                 preview = denoised[rows.start]  # its PNG is made in the finisher's pool
-            self.finisher.progress(
-                ticket, Progress(ticket.request.job_id, entry.step, total), preview, self.pipeline.family
-            )
+            self.finisher.progress(ticket, ticket.progress(entry.step, total), preview, self.pipeline.family)
 
     def _finish(self, batch: Batch, finished: list[Entry]) -> None:
         """Retire finished jobs: one NaN check and one VAE decode for all of them together; their
-        images are converted and encoded in the finisher's pool while the next step runs."""
-        decoded = decode_finished(self.pipeline, [(entry, batch.remove(entry.job)) for entry in finished])
-        for entry, outcome in decoded:
+        images are converted and encoded in the finisher's pool while the next step runs. A hires
+        job's first pass goes back in line instead, upscaled in latent space here or decoded first."""
+        first_passes = {id(e) for e in finished if self._active[id(e.job)].needs_second_pass}
+        in_latents = [e for e in finished if id(e) in first_passes and is_latent(e.job.request.params.hires_upscaler)]
+        for entry in in_latents:
+            self._to_second_pass(entry, latents=batch.remove(entry.job))
+        decoding = [(entry, batch.remove(entry.job)) for entry in finished if entry not in in_latents]
+        for entry, outcome in decode_finished(self.pipeline, decoding) if decoding else []:
             if isinstance(outcome, EngineError):
                 self._settle(entry, error=outcome)
+                continue
+            if id(entry) in first_passes:
+                self._to_second_pass(entry, images=to_images(*outcome))
                 continue
             with self._lock:
                 ticket = self._active.pop(id(entry.job))
             self.finisher.result(ticket, self.pipeline, entry.job, outcome)
+
+    def _to_second_pass(self, entry: Entry, *, latents: torch.Tensor | None = None, images: list | None = None) -> None:
+        """Put a hires job back in line at its hires size: its overtake window starts again, as for a
+        job just arrived, but ahead of every job that arrived after it (it keeps its place)."""
+        second = after_first_pass(entry.job, entry.step, self.pipeline.latent_scale, latents=latents, images=images)
+        if isinstance(second, EngineError):
+            self._settle(entry, error=second)
+            return
+        with self._lock:  # one step with cancel(): it finds the ticket running or waiting, never neither
+            ticket = self._active.pop(id(entry.job))
+            if ticket.cancelled:
+                self.finisher.fail(ticket, JobCancelled(f"Job {ticket.request.job_id} was cancelled."))
+                return
+            ticket.second_pass, ticket.arrived = second, self.clock()
+            place = next((i for i, t in enumerate(self._waiting) if t.order > ticket.order), len(self._waiting))
+            self._waiting.insert(place, ticket)
+            self._lock.notify_all()
 
     def _retire(self, batch: Batch, entry: Entry, *, error: BaseException) -> None:
         batch.remove(entry.job)

@@ -57,6 +57,10 @@ def unusual_params() -> GenerationParams:
         inpaint_padding=8,
         masked_content="fill",
         schedule="karras",
+        hires_scale=1.5,
+        hires_steps=12,
+        hires_upscaler="Lanczos",
+        hires_strength=0.45,
     )
     assert set(values) == set(PARAM_NAMES), "add the new parameter to unusual_params"
     params = GenerationParams(**values)

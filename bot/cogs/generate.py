@@ -16,7 +16,7 @@ from bot.policy import Asked
 from bot.service import JobService
 from bot.transformers import Options
 from db.models import JobKind
-from engine.params import SAMPLER_NAMES, SEED_MAX
+from engine.params import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER, MAX_HIRES_SCALE, SAMPLER_NAMES, SEED_MAX
 
 
 def generate_cog(service: JobService, o: Options) -> commands.Cog:
@@ -36,6 +36,12 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
         clip_skip="CLIP skip, as in AUTOMATIC1111 (default: the model's; anime models often want 2)",
         schedule=f"Schedule type, apart from the sampler as in AUTOMATIC1111 (default {gen.default_schedule})",
     )
+    hires_described = dict(
+        hires=f"Hires fix: make it at its size, enlarge it by this (1 to {MAX_HIRES_SCALE:g}) and redraw the detail",
+        hires_steps="Steps of the hires pass (default: the same as steps)",
+        hires_upscaler=f"How the hires fix enlarges (default {DEFAULT_HIRES_UPSCALER}, in latent space)",
+        hires_strength=f"How much the hires pass redraws (default {DEFAULT_HIRES_STRENGTH:g})",
+    )
 
     class Generate(commands.Cog, name="generate"):
         """Making images from a prompt, or from an uploaded image and a prompt."""
@@ -44,7 +50,7 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
             self.service = service
 
         @app_commands.command(name="imagine", description="Make images from a text prompt")
-        @app_commands.describe(**described)
+        @app_commands.describe(**described, **hires_described)
         async def imagine(
             self,
             interaction: discord.Interaction,
@@ -60,6 +66,10 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
             style: Transform[str, o.style] = None,
             clip_skip: Transform[int, o.clip_skip] = None,
             schedule: Transform[str, o.schedule] = None,
+            hires: Transform[float, o.hires] = None,
+            hires_steps: Transform[int, o.hires_steps] = None,
+            hires_upscaler: Transform[str, o.hires_upscaler] = None,
+            hires_strength: Transform[float, o.hires_strength] = None,
         ) -> None:
             asked = Asked(
                 prompt,
@@ -74,6 +84,10 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
                 style=style,
                 clip_skip=clip_skip,
                 schedule=schedule,
+                hires=hires,
+                hires_steps=hires_steps,
+                hires_upscaler=hires_upscaler,
+                hires_strength=hires_strength,
             )
             await self.service.guarded(interaction, self.service.submit_command(interaction, JobKind.txt2img, asked))
 

@@ -155,6 +155,13 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
         async def model(self, interaction: discord.Interaction, name: Transform[str, Model] = None) -> None:
             await self._saved(interaction, default_model=name)
 
+        @app_commands.command(name="clip_skip", description="The CLIP skip used when a member does not choose one")
+        @app_commands.describe(value="1 to 12 (2 suits many anime models); left out: each model's own default")
+        async def clip_skip(
+            self, interaction: discord.Interaction, value: Transform[int, Bounded("value", int, 1, 12)] = None
+        ) -> None:
+            await self._saved(interaction, clip_skip=value)
+
         @app_commands.command(name="pause", description="Stop taking and starting new jobs on this server")
         async def pause(self, interaction: discord.Interaction) -> None:
             await self._change(interaction, paused=True)

@@ -15,7 +15,18 @@ from bot.transformers import OneOf, Options, Text
 from db.community import MemberDefaults
 
 #: Options of /settings set, in the order /settings show lists them.
-MEMBER_OPTIONS = ("negative", "steps", "size", "sampler", "guidance", "private", "style")
+MEMBER_OPTIONS = (
+    "negative",
+    "steps",
+    "size",
+    "sampler",
+    "guidance",
+    "schedule",
+    "hires",
+    "hires_upscaler",
+    "private",
+    "style",
+)
 
 
 def settings_cog(service: JobService, o: Options) -> commands.Cog:
@@ -54,6 +65,9 @@ def settings_cog(service: JobService, o: Options) -> commands.Cog:
             size="Width x height",
             sampler="Sampler",
             guidance=f"Guidance (0 to {gen.max_guidance:g})",
+            schedule="Schedule type",
+            hires="Hires fix factor for /imagine (1: off); lowered where a server's size limit needs it",
+            hires_upscaler="How the hires fix enlarges",
             private="Whether your results should be private",
             style="Your style on this server (one of its styles)",
         )
@@ -65,6 +79,9 @@ def settings_cog(service: JobService, o: Options) -> commands.Cog:
             size: Transform[str, o.size] = None,
             sampler: Transform[str, o.sampler] = None,
             guidance: Transform[float, o.guidance] = None,
+            schedule: Transform[str, o.schedule] = None,
+            hires: Transform[float, o.hires] = None,
+            hires_upscaler: Transform[str, o.hires_upscaler] = None,
             private: bool = None,
             style: Transform[str, o.style] = None,
         ) -> None:
@@ -77,6 +94,9 @@ def settings_cog(service: JobService, o: Options) -> commands.Cog:
                 ("steps", steps),
                 ("sampler", sampler),
                 ("guidance", guidance),
+                ("schedule", schedule),
+                ("hires_scale", hires),
+                ("hires_upscaler", hires_upscaler),
                 ("private_results", private),
             ):
                 if value is not None:
@@ -123,6 +143,7 @@ def settings_cog(service: JobService, o: Options) -> commands.Cog:
                     "negative": ["negative_prompt"],
                     "size": ["width", "height"],
                     "private": ["private_results"],
+                    "hires": ["hires_scale"],
                 }.get(setting, [setting])
                 cleared = {c: (False if c == "private_results" else None) for c in columns}
                 mine = await asyncio.to_thread(self.community.set_member_defaults, user_id, **cleared)
