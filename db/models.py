@@ -126,6 +126,8 @@ class Job(Base):
     inpaint_padding: Mapped[int] = mapped_column(default=32)
     masked_content: Mapped[str] = mapped_column(String(16), default="original")
     schedule: Mapped[str] = mapped_column(String(32), default="automatic")  # the schedule type
+    upscaler: Mapped[str | None] = mapped_column(String(200))  # enlarges init_image first (the U buttons)
+    upscale_only: Mapped[bool] = mapped_column(Boolean, default=False)  # the upscaled image is the result
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)

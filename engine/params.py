@@ -140,6 +140,12 @@ class GenerationParams:
     inpaint_padding: int = DEFAULT_INPAINT_PADDING
     masked_content: str = "original"
     schedule: str = DEFAULT_SCHEDULE  # a key of SCHEDULE_NAMES
+    #: An upscaler (a model of ``upscalers.folder`` by name, or "Lanczos") that enlarges
+    #: ``init_image`` to width x height before the job; None: the init image is fitted as it is.
+    upscaler: str | None = None
+    #: The upscaled init image is the result, with no diffusion pass ("Upscale (Subtle)", as
+    #: AUTOMATIC1111's extras tab); False: img2img runs over it at ``strength`` ("Creative").
+    upscale_only: bool = False
 
     @property
     def is_img2img(self) -> bool:
@@ -203,4 +209,4 @@ def params_from_job(job: HasParamColumns) -> GenerationParams:
 
 
 #: Parameters whose None is a value of its own (not "use the default").
-_NULLABLE = frozenset({"init_image", "variation_seed", "model", "mask"})
+_NULLABLE = frozenset({"init_image", "variation_seed", "model", "mask", "upscaler"})

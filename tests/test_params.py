@@ -57,6 +57,8 @@ def unusual_params() -> GenerationParams:
         inpaint_padding=8,
         masked_content="fill",
         schedule="karras",
+        upscaler="4x-tiny",
+        upscale_only=True,
     )
     assert set(values) == set(PARAM_NAMES), "add the new parameter to unusual_params"
     params = GenerationParams(**values)
