@@ -120,9 +120,9 @@ class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)(?::(?P<mod
         self, job_id: int, index: int, mode: str | None = None, *, grid: bool = False, row: int | None = None
     ) -> None:
         if mode is None:
-            label, emoji, extra = (f"U{index + 1}", None) if grid else ("Upscale", "⬆️"), (index,)
+            (label, emoji), extra = (f"U{index + 1}", None) if grid else ("Upscale", "⬆️"), (index,)
         else:
-            label, emoji, extra = f"Upscale ({mode.title()})", "⬆️", (index, mode)
+            (label, emoji), extra = (f"Upscale ({mode.title()})", "⬆️"), (index, mode)
         super().__init__(job_id, *extra, label=label, emoji=emoji, row=row)
         self.index, self.mode = index, mode
 

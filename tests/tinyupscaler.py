@@ -12,44 +12,62 @@ context than that gives exactly the untiled image.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 #: Input pixels each output pixel depends on, around it, for the models made here (num_conv=1).
 RECEPTIVE_RADIUS = 3
 
 
-def import_spandrel():
-    """spandrel, also where torchvision is PyPI's Linux wheel (the CUDA build) beside torch's CPU build.
+def torchvision_importable() -> None:
+    """Let torchvision import where it is PyPI's Linux wheel (the CUDA build) beside torch's CPU build.
 
     That torchvision's C++ ops cannot load without CUDA torch, and its import then stops at
-    registering fake kernels for two of them (``nms``, ``qnms``) that it never defined; spandrel
-    imports it only for two architectures' image transforms, which are plain Python. Declaring
-    the two operators (without kernels) lets the import finish; with a torchvision whose ops
-    load (its CPU build, or CUDA torch) nothing is changed.
+    registering fake kernels for two of them (``nms``, ``qnms``) that it never defined; transformers
+    and spandrel import it only for image transforms, which are plain Python. Declaring the two
+    operators (without kernels) lets the import finish. Nothing is done where torchvision is not
+    installed (the ``upscalers`` extra) or where its ops load (its CPU build, or CUDA torch).
+    Called by conftest before anything imports transformers.
     """
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    import torch
+
     try:
-        return importlib.import_module("spandrel")
+        importlib.import_module("torchvision")
+        return
     except RuntimeError as e:
         if "torchvision::nms" not in str(e):
             raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith(("torchvision.", "spandrel"))]:
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
     library = torch.library.Library("torchvision", "DEF")  # its definitions last while it lives
     library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _keep.append(library)
-    return importlib.import_module("spandrel")
+    importlib.import_module("torchvision")
 
 
 _keep: list = []
 
 
+def import_spandrel():
+    """spandrel, or the test is skipped where the ``upscalers`` extra is not installed."""
+    import pytest
+
+    torchvision_importable()
+    return pytest.importorskip("spandrel", reason='upscaler models need the extra: pip install -e ".[upscalers]"')
+
+
 def compact(scale: int = 2, *, num_feat: int = 8, num_conv: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
     """The state dict of a random-weight Real-ESRGAN compact network of ``scale`` (1: a "restoration" model)."""
+    import torch
+
     spandrel = import_spandrel()
     from spandrel.architectures.Compact import Compact
 
@@ -64,11 +82,15 @@ def compact(scale: int = 2, *, num_feat: int = 8, num_conv: int = 1, seed: int =
 
 
 def save_pth(state: dict[str, torch.Tensor], path: Path) -> Path:
+    import torch
+
     torch.save(state, path)
     return path
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> Path:
+    from safetensors.torch import save_file
+
     save_file(state, str(path))
     return path
 
@@ -80,5 +102,6 @@ def upscaler_folder(folder: Path) -> Path:
     save_pth(compact(2, seed=1), folder / "tiny-2x.pth")
     save_safetensors(compact(4, seed=2), folder / "tiny-4x.safetensors")
     save_pth(compact(1, seed=3), folder / "denoise-1x.pth")
-    save_safetensors({"lora_unet_down.lora_down.weight": torch.zeros(4, 8)}, folder / "not-an-upscaler.safetensors")
+    lora = {"lora_unet_down.lora_down.weight": compact(2)["body.0.weight"].flatten(1)}
+    save_safetensors(lora, folder / "not-an-upscaler.safetensors")
     return folder
