@@ -134,3 +134,11 @@ async def test_an_upscaler_the_worker_lacks_fails_the_job_with_the_names_it_has(
     )
     with pytest.raises(GenerationError, match=r"No upscaler named 'gone' here; available: Lanczos, .*tiny-2x"):
         await worker.generate(request)
+
+
+async def test_help_names_the_upscaler(with_upscaler):
+    emu, config, queue, worker = with_upscaler
+    async with bot_running(emu, config, queue, worker):
+        message = await (await emu.slash(emu.alice, "help")).wait_response()
+    text = "\n".join(e["description"] for e in message.embeds)
+    assert "Upscale (Subtle)" in text and "2x by tiny-2x" in text and "strength 0.4" in text
