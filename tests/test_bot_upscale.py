@@ -65,7 +65,8 @@ async def upscale(emu, queue, first, mode: str):
         return job.kind.value == "upscale" and job.upscale_only == (mode == "subtle")
 
     up = await emu.wait_for_message(emu.general, lambda m: is_result(m) and made(m), timeout=60)
-    return queue.get(job_of(up)), up.attachments[0].data
+    upscaler = next(f["value"] for e in up.embeds for f in e.get("fields", []) if f["name"] == "Upscaler")
+    return queue.get(job_of(up)), up.attachments[0].data, upscaler
 
 
 async def test_subtle_is_the_upscaler_alone_at_twice_the_size(with_upscaler):
@@ -73,7 +74,8 @@ async def test_subtle_is_the_upscaler_alone_at_twice_the_size(with_upscaler):
     async with bot_running(emu, config, queue, worker):
         first = await one_image(emu)
         assert {f"sd:up:{job_of(first)}:0:subtle", f"sd:up:{job_of(first)}:0:creative"} <= set(first.custom_ids)
-        job, png = await upscale(emu, queue, first, "subtle")
+        job, png, shown = await upscale(emu, queue, first, "subtle")
+    assert shown == "tiny-2x, alone (Subtle)"  # the message says which upscaler made it
     assert (job.kind.value, job.requester_id) == ("upscale", emu.bob.id)
     assert (job.upscaler, job.upscale_only) == ("tiny-2x", True)
     assert Image.open(io.BytesIO(png)).size == (128, 128)
@@ -91,8 +93,9 @@ async def test_creative_runs_img2img_over_the_upscaled_image(with_upscaler):
     emu, config, queue, worker = with_upscaler
     async with bot_running(emu, config, queue, worker):
         first = await one_image(emu)
-        _, subtle = await upscale(emu, queue, first, "subtle")
-        job, creative = await upscale(emu, queue, first, "creative")
+        _, subtle, _ = await upscale(emu, queue, first, "subtle")
+        job, creative, shown = await upscale(emu, queue, first, "creative")
+    assert shown == "tiny-2x, then img2img at 0.4 (Creative)"
     assert (job.upscaler, job.upscale_only, job.strength, job.width, job.height) == ("tiny-2x", False, 0.4, 128, 128)
     assert Image.open(io.BytesIO(creative)).size == (128, 128)
     params = read_parameters(creative)
@@ -107,8 +110,9 @@ async def test_without_an_upscaler_folder_both_fall_back_to_lanczos(setup):
     assert config.upscalers.folder == ""
     async with bot_running(emu, config, queue, worker):
         first = await one_image(emu, "a barn")
-        job, png = await upscale(emu, queue, first, "subtle")
-        creative_job, creative = await upscale(emu, queue, first, "creative")
+        job, png, shown = await upscale(emu, queue, first, "subtle")
+        creative_job, creative, _ = await upscale(emu, queue, first, "creative")
+    assert shown == "Lanczos, alone (Subtle)"
     source = Image.open(io.BytesIO(first.attachments[0].data)).convert("RGB")
     lanczos = ImageOps.fit(source, (128, 128), Image.Resampling.LANCZOS)
     assert job.upscaler == "Lanczos" and np.abs(pixels(png) - np.asarray(lanczos, dtype=np.int16)).max() <= 1

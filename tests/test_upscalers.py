@@ -135,12 +135,22 @@ def test_the_default_model_is_loaded_at_start(folder):
 # -- [upscalers] in config.toml ---------------------------------------------------------------------
 
 
-def test_upscaler_settings_default_to_lanczos_without_a_folder(tmp_path, folder):
+@pytest.fixture
+def names(tmp_path) -> Path:
+    """A folder whose files the settings list by name (they are not read: no spandrel needed)."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for file in ("tiny-2x.pth", "tiny-4x.safetensors", "denoise-1x.pth", "notes.txt"):
+        (folder / file).write_bytes(b"")
+    return folder
+
+
+def test_upscaler_settings_default_to_lanczos_without_a_folder(tmp_path, names):
     assert parse_upscalers({}) == UpscalerSettings()
     assert UpscalerSettings().default_upscaler() == LANCZOS
     assert UpscalerSettings(folder=str(tmp_path / "empty")).default_upscaler() == LANCZOS
-    assert UpscalerSettings(folder=str(folder)).default_upscaler() == "denoise-1x"  # the first by name
-    assert UpscalerSettings(folder=str(folder), default="tiny-2x").default_upscaler() == "tiny-2x"
+    assert UpscalerSettings(folder=str(names)).default_upscaler() == "denoise-1x"  # the first by name
+    assert UpscalerSettings(folder=str(names), default="tiny-2x").default_upscaler() == "tiny-2x"
 
 
 @pytest.mark.parametrize(
@@ -154,13 +164,13 @@ def test_upscaler_settings_default_to_lanczos_without_a_folder(tmp_path, folder)
         ({"size": 4}, "upscalers.size: unknown key"),
     ],
 )
-def test_wrong_upscaler_settings_stop_the_start_with_one_line(folder, table, message):
+def test_wrong_upscaler_settings_stop_the_start_with_one_line(names, table, message):
     if "default" in table and table["default"] == "nope":
-        table = {**table, "folder": str(folder)}
+        table = {**table, "folder": str(names)}
     with pytest.raises(ConfigError, match=message):
         parse_upscalers({"upscalers": table})
 
 
-def test_a_file_is_not_an_upscaler_folder(folder):
+def test_a_file_is_not_an_upscaler_folder(names):
     with pytest.raises(ConfigError, match="upscalers.folder = .*not a file"):
-        parse_upscalers({"upscalers": {"folder": str(folder / "tiny-2x.pth")}})
+        parse_upscalers({"upscalers": {"folder": str(names / "tiny-2x.pth")}})
