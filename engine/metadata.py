@@ -130,7 +130,7 @@ def upscale_fields(params) -> dict[str, str]:
     with Image.open(io.BytesIO(params.init_image)) as source:  # the header only
         width, height = source.size
     factor = params.width / width
-    exact = params.width == round(width * factor) and params.height == round(height * factor)
+    exact = params.height == round(height * factor)  # the same factor both ways
     fields = {"Size": f"{width}x{height}"}
     if params.upscale_only:
         if exact:
