@@ -204,13 +204,14 @@ class Pipeline:
         sampler = self._check(request)
         if request.params.is_masked:
             return self.inpaint(request, sampler)
-        image = init or fit_image(request.params.init_image, request.params.width, request.params.height)
+        if init is None:
+            init = fit_image(request.params.init_image, request.params.width, request.params.height)
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._unmasked_conditioning(request)
         # 3. The tail of the sampler's sigmas: strength 1 starts at full noise, 0.3 near the end.
         plan = self._schedule(request, sampler, request.params.strength)
         # 4. The image into latent space (VAE mean: deterministic), repeated per image.
-        init_latents = self.encode_image(image).expand(len(cond.guidance), -1, -1, -1)
+        init_latents = self.encode_image(init).expand(len(cond.guidance), -1, -1, -1)
         # 5. Noise per image seed added at the start noise level.
         seeds, generators, noise = self._initial_noise(request)
         latents = plan.start_latents(noise.to(self.device), init=init_latents)
