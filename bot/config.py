@@ -24,6 +24,7 @@ from engine.settings import (
     read_toml,
     section,
 )
+from engine.upscaler_settings import UpscalerSettings
 from ops.settings import OpsConfigError, OpsSettings, parse_ops
 
 __all__ = ["Config", "ConfigError", "DiscordSettings", "QueueSettings", "load_config"]
@@ -48,6 +49,7 @@ class Config:
     token: str
     models: tuple[ModelSettings, ...] = ()  # the other models (``[models.<name>]``), besides the default
     ops: OpsSettings = OpsSettings()  # ``[ops]``: the health and metrics endpoint (off by default)
+    upscalers: UpscalerSettings = UpscalerSettings()  # ``[upscalers]``: the U buttons' models
 
     def model_settings(self, name: str | None) -> ModelSettings:
         """The configured model called ``name``; the default model for None or a name not configured."""
@@ -122,4 +124,5 @@ def load_config(
         token=token,
         models=engine_part.models,
         ops=ops,
+        upscalers=engine_part.upscalers,
     )

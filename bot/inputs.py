@@ -298,16 +298,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def enlarge(png: bytes, *, factor: float, max_width: int, max_height: int) -> InitImage | None:
-    """The image scaled by ``factor`` (Lanczos), capped by the size limits; None when it cannot
-    grow at all (it is already at the largest size)."""
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    scale = min(factor, max_width / image.width, max_height / image.height)
-    w = int(image.width * scale) // 8 * 8
-    h = int(image.height * scale) // 8 * 8
-    if w <= image.width and h <= image.height:
+def enlarged_size(png: bytes, *, factor: float, max_width: int, max_height: int) -> tuple[int, int] | None:
+    """The image's size scaled by ``factor``, capped by the size limits, in multiples of 8; None
+    when it cannot grow at all (it is already at the largest size). Reads only the header."""
+    with Image.open(io.BytesIO(png)) as image:
+        width, height = image.size
+    scale = min(factor, max_width / width, max_height / height)
+    w, h = int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+    if w <= width and h <= height:
         return None
-    image = image.resize((w, h), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return InitImage(png=out.getvalue(), width=w, height=h)
+    return w, h

@@ -2,7 +2,8 @@
 
 Each function takes the stored parent job and returns a :class:`NewJob` (its kind, parameters
 and parent) for the service to admit and queue for whoever asked. Pure, apart from drawing
-random seeds and, for an upscale, resizing the image (call that one off the event loop).
+random seeds, reading image headers and, for an upscale, listing the upscaler folder (call that
+one off the event loop).
 """
 
 from __future__ import annotations
@@ -13,19 +14,23 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from bot.inputs import enlarge
+from bot.inputs import enlarged_size
 from db.models import Job, JobKind, ResultImage
 from engine import outpaint
 from engine.params import SEED_MAX, GenerationParams, params_from_job
 from engine.settings import GenerationSettings
+from engine.upscaler_settings import UpscalerSettings
 
 #: Variation strengths for the two "Vary" buttons, as AUTOMATIC1111's variation seed slider.
 VARIATION_STRENGTH = {"subtle": 0.15, "strong": 0.5}
 #: Grid V1-V4 buttons make clearly different siblings of the chosen image.
 GRID_VARIATION = "strong"
-#: Upscale: 2x with Lanczos, then an img2img pass at this strength adds detail ("hires fix").
+#: Upscale: 2x by the configured upscaler (``[upscalers]``, else Lanczos). Midjourney's names:
+#: "subtle" is the upscaled image as it is; "creative" adds detail by an img2img pass over it at
+#: this strength (as a hires fix does).
 UPSCALE_FACTOR = 2.0
 UPSCALE_STRENGTH = 0.4
+UPSCALE_MODES = ("subtle", "creative")
 
 
 @dataclass(frozen=True)
@@ -67,14 +72,30 @@ def variation(parent: Job, image_seed: int, level: str) -> NewJob:
     return NewJob(JobKind.variation, params, parent.id)
 
 
-def upscale(parent: Job, image: ResultImage, gen: GenerationSettings) -> NewJob | None:
-    """2x of one image by img2img over its enlargement; None when it is already the largest size.
-    Decodes, resizes and encodes a PNG (about half a second): run it in a thread."""
-    big = enlarge(image.png, factor=UPSCALE_FACTOR, max_width=gen.max_width, max_height=gen.max_height)
-    if big is None:
+def upscaled_size(image: ResultImage, gen: GenerationSettings) -> tuple[int, int] | None:
+    """The size an upscale of ``image`` gets, within the size limits; None: it is the largest already."""
+    return enlarged_size(image.png, factor=UPSCALE_FACTOR, max_width=gen.max_width, max_height=gen.max_height)
+
+
+def upscale(
+    parent: Job, image: ResultImage, gen: GenerationSettings, mode: str, upscalers: UpscalerSettings
+) -> NewJob | None:
+    """2x of one image (``mode`` subtle or creative, see :data:`UPSCALE_MODES`), enlarged by the
+    engine with the configured upscaler; None when it is already the largest size. The whole
+    image is upscaled (a parent's mask is not kept). Lists the upscaler folder: run it in a thread."""
+    size = upscaled_size(image, gen)
+    if size is None:
         return None
     params = _from_image(parent).but(
-        seed=image.seed, count=1, width=big.width, height=big.height, init_image=big.png, strength=UPSCALE_STRENGTH
+        seed=image.seed,
+        count=1,
+        width=size[0],
+        height=size[1],
+        init_image=image.png,
+        mask=None,
+        strength=UPSCALE_STRENGTH,
+        upscaler=upscalers.default_upscaler(),
+        upscale_only=mode == "subtle",
     )
     return NewJob(JobKind.upscale, params, parent.id)
 

@@ -38,7 +38,7 @@ def result_view(job: Job, image_count: int) -> ui.View:
         Reroll(job.id, row=0),
         Vary(job.id, 0, "subtle", grid=False, row=0),
         Vary(job.id, 0, "strong", grid=False, row=0),
-        Upscale(job.id, 0, grid=False, row=0),
+        *(Upscale(job.id, 0, mode, row=0) for mode in jobs.UPSCALE_MODES),
         Edit(job.id, row=1),
         Info(job.id, row=1),
         Delete(job.id, row=1),
@@ -48,15 +48,16 @@ def result_view(job: Job, image_count: int) -> ui.View:
     return view
 
 
-def describe_buttons() -> str:
-    """One line per button, for /help."""
+def describe_buttons(upscaler: str = "Lanczos") -> str:
+    """One line per button, for /help; ``upscaler``: what the U buttons upscale with here."""
     return "\n".join(
         [
             "🔁 **Reroll**: same settings, new seed. Adding a 🔁 reaction to a result does the same.",
             f"**Vary (subtle/strong)**, **V1-V4**: variation seed at strength "
             f"{jobs.VARIATION_STRENGTH['subtle']}/{jobs.VARIATION_STRENGTH['strong']}.",
-            f"⬆️ **Upscale**, **U1-U4**: {jobs.UPSCALE_FACTOR:g}x, refined by img2img at strength "
-            f"{jobs.UPSCALE_STRENGTH}.",
+            f"⬆️ **Upscale (Subtle)** / **(Creative)**: {jobs.UPSCALE_FACTOR:g}x by {upscaler}, within the size "
+            f"limits; Creative then adds detail by img2img at strength {jobs.UPSCALE_STRENGTH}. "
+            "**U1-U4** under a grid offer both for that image.",
             "✏️ **Edit**: change the prompts, keep the seed. ℹ️ **Info**: every parameter.",
             "🗑️ **Delete** and ✖️ **Cancel**: the requester or members with Manage Messages.",
             "🖌️ **Vary (Region)**: pick squares of the image and a prompt; only they change. "

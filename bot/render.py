@@ -91,7 +91,10 @@ def parameter_lines(job: Job, model_name: str) -> list[tuple[str, str]]:
         ("Size", f"{job.width}x{job.height}"),
         ("Model", escape(job.model or model_name or "?")),
     ]
-    if job.init_image is not None:
+    if job.upscaler:  # the U buttons: which upscaler, and whether img2img ran over its image
+        how = "alone (Subtle)" if job.upscale_only else f"then img2img at {job.strength:g} (Creative)"
+        pairs.append(("Upscaler", f"{escape(job.upscaler)}, {how}"))
+    elif job.init_image is not None:
         pairs.append(("Strength", f"{job.strength:g}"))
     if job.schedule and job.schedule != "automatic":
         pairs.append(("Schedule", SCHEDULE_NAMES.get(job.schedule, job.schedule)))

@@ -26,9 +26,13 @@ from engine.params import (
     SEED_MAX,
     parse_size,
 )
+from engine.upscaler_settings import model_files
 
 #: Discord's largest integer option value (a JSON number must stay exact in JavaScript).
 DISCORD_INT_MAX = 2**53 - 1
+
+#: Discord's limit on an option's choices (and on autocomplete's answers).
+MAX_CHOICES = 25
 
 
 class Bounded(app_commands.Transformer):
@@ -115,7 +119,7 @@ class ModelName(app_commands.Transformer):
 
     def matching(self, typed: Any) -> list[Choice[str]]:
         typed = str(typed or "").lower()
-        return [Choice(name=name, value=name) for name in self.names if typed in name.lower()][:25]
+        return [Choice(name=name, value=name) for name in self.names if typed in name.lower()][:MAX_CHOICES]
 
     async def autocomplete(self, interaction: discord.Interaction, value: Any) -> list[Choice[str]]:
         return self.matching(value)
@@ -136,7 +140,7 @@ class StyleName(app_commands.Transformer):
         service = interaction.client.service  # type: ignore[attr-defined]
         names = await service.run_check(service.styles.names, interaction.guild_id)
         typed = str(value or "").lower()
-        return [Choice(name=name, value=name) for name in names if typed in name.lower()][:25]
+        return [Choice(name=name, value=name) for name in names if typed in name.lower()][:MAX_CHOICES]
 
     @property
     def max_value(self) -> int:  # for strings, discord.py sends it as max_length
@@ -146,6 +150,13 @@ class StyleName(app_commands.Transformer):
         if not isinstance(value, str) or not value.strip():
             raise BadInput("`style` must be the name of one of this server's styles.")
         return value.strip()
+
+
+def hires_upscalers(config: Config) -> list[str]:
+    """The hires fix's upscalers a member may pick: the built-in ones, then the models of the
+    ``[upscalers]`` folder (as many as Discord's 25 choices hold), read when the bot starts."""
+    models = [name for name in model_files(config.upscalers.folder) if name not in HIRES_UPSCALERS]
+    return [*HIRES_UPSCALERS, *models][:MAX_CHOICES]
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,6 @@ class Options:
             schedule=OneOf("schedule", {s: SCHEDULE_NAMES[s] for s in gen.schedules}),
             hires=Bounded("hires", float, MIN_HIRES_SCALE, MAX_HIRES_SCALE),
             hires_steps=Bounded("hires_steps", int, 0, gen.max_steps),
-            hires_upscaler=OneOf("hires_upscaler", {name: name for name in HIRES_UPSCALERS}),
+            hires_upscaler=OneOf("hires_upscaler", {name: name for name in hires_upscalers(config)}),
             hires_strength=Bounded("hires_strength", float, 0.05, 1.0),
         )

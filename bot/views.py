@@ -109,30 +109,53 @@ class Vary(_JobButton, template=r"sd:vary:(?P<job>\d+):(?P<index>\d):(?P<level>s
         await service.submit_derived(interaction, jobs.variation(parent, image.seed, self.level))
 
 
-class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)"):
+class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)(?::(?P<mode>subtle|creative))?"):
+    """Upscale (Subtle) and Upscale (Creative) (``sd:up:<job>:<index>:<mode>``) queue an upscale;
+    without a mode (a grid's U1-U4, and the single "Upscale" of older messages) the button
+    answers, only to whoever pressed it, with those two for its image."""
+
     action = "up"
 
-    def __init__(self, job_id: int, index: int, *, grid: bool, row: int | None = None) -> None:
-        super().__init__(
-            job_id, index, label=f"U{index + 1}" if grid else "Upscale", emoji=None if grid else "⬆️", row=row
-        )
-        self.index = index
+    def __init__(
+        self, job_id: int, index: int, mode: str | None = None, *, grid: bool = False, row: int | None = None
+    ) -> None:
+        if mode is None:
+            (label, emoji), extra = (f"U{index + 1}", None) if grid else ("Upscale", "⬆️"), (index,)
+        else:
+            (label, emoji), extra = (f"Upscale ({mode.title()})", "⬆️"), (index, mode)
+        super().__init__(job_id, *extra, label=label, emoji=emoji, row=row)
+        self.index, self.mode = index, mode
 
     @classmethod
     def from_match(cls, match: re.Match[str]) -> Self:
-        return cls(int(match["job"]), int(match["index"]), grid=False)
+        return cls(int(match["job"]), int(match["index"]), match["mode"])
 
     async def run(self, interaction: discord.Interaction, service: JobService) -> None:
         parent = await self.job(service)
         image = await service.get_image(parent.id, self.index)
         gen = service.config.generation
-        # Decoding, resizing and encoding take about half a second: in a thread, within the deadline.
-        new = await within_deadline(service, interaction, asyncio.to_thread(jobs.upscale, parent, image, gen))
-        if new is None:
+        if jobs.upscaled_size(image, gen) is None:  # reads the PNG's header only
             raise BadInput(
                 f"This image is already at the largest size allowed here ({gen.max_width}x{gen.max_height})."
             )
-        await service.submit_derived(interaction, new)
+        if self.mode is None:
+            view = ui.View(timeout=None)
+            for mode in jobs.UPSCALE_MODES:
+                view.add_item(Upscale(parent.id, self.index, mode))
+            await interaction.response.send_message(upscale_choice(parent.id, self.index), view=view, ephemeral=True)
+            return
+        # Listing the upscaler folder touches the disk: in a thread, within the deadline.
+        upscalers = service.config.upscalers
+        made = asyncio.to_thread(jobs.upscale, parent, image, gen, self.mode, upscalers)
+        await service.submit_derived(interaction, await within_deadline(service, interaction, made))
+
+
+def upscale_choice(job_id: int, index: int) -> str:
+    return (
+        f"Upscale image {index + 1} of job #{job_id} to {jobs.UPSCALE_FACTOR:g}x: **Subtle** keeps it as it is "
+        f"(the upscaler alone); **Creative** adds detail (the upscaler, then img2img at strength "
+        f"{jobs.UPSCALE_STRENGTH})."
+    )
 
 
 class Edit(_JobButton, template=r"sd:edit:(?P<job>\d+)"):

@@ -63,7 +63,10 @@ def load_engine(config: Config) -> tuple[Any, str]:
     from engine.worker import EngineWorker
 
     worker = EngineWorker(
-        ModelPool.configured((config.model, *config.models), config.engine), config.engine, config.generation
+        ModelPool.configured((config.model, *config.models), config.engine),
+        config.engine,
+        config.generation,
+        upscalers=config.upscalers,
     )
     return worker, worker.pipeline.model.info.family  # loads the default model now: a bad one stops the start
 

@@ -130,6 +130,8 @@ class Job(Base):
     hires_steps: Mapped[int] = mapped_column(default=0)  # 0: the job's steps
     hires_upscaler: Mapped[str] = mapped_column(String(100), default="Latent")
     hires_strength: Mapped[float] = mapped_column(Float, default=0.7)
+    upscaler: Mapped[str | None] = mapped_column(String(200))  # enlarges init_image first (the U buttons)
+    upscale_only: Mapped[bool] = mapped_column(Boolean, default=False)  # the upscaled image is the result
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)

@@ -19,7 +19,7 @@ has a unit test of its own (``tests/test_admission.py``) and the worker only app
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -100,19 +100,20 @@ def resumptions(parked_rows: Sequence[int], running_rows: int, limit: int) -> in
     return count
 
 
-def over_limits(params: GenerationParams, gen: GenerationSettings) -> str | None:
+def over_limits(params: GenerationParams, gen: GenerationSettings, models: Collection[str] = ()) -> str | None:
     """Why the device refuses a job, or None. The Discord boundary checks requests first; this
-    only guards the device against one that slipped by."""
+    only guards the device against one that slipped by. ``models``: the upscaler models the
+    hires fix may use besides the built-in upscalers."""
     if not 1 <= params.steps <= gen.max_steps:
         return f"steps must be 1 to {gen.max_steps}"
     if params.width > gen.max_width or params.height > gen.max_height:
         return f"size must be at most {gen.max_width}x{gen.max_height}"
     if not 1 <= params.count <= gen.max_count:
         return f"count must be 1 to {gen.max_count}"
-    return hires_over_limits(params, gen) if params.is_hires else None
+    return hires_over_limits(params, gen, models) if params.is_hires else None
 
 
-def hires_over_limits(params: GenerationParams, gen: GenerationSettings) -> str | None:
+def hires_over_limits(params: GenerationParams, gen: GenerationSettings, models: Collection[str] = ()) -> str | None:
     """The hires fix's limits: its size within the server's, each pass's steps within ``max_steps``."""
     width, height = params.hires_size
     if width > gen.max_width or height > gen.max_height:
@@ -121,6 +122,7 @@ def hires_over_limits(params: GenerationParams, gen: GenerationSettings) -> str 
         return f"hires steps must be 1 to {gen.max_steps}"
     if not 0 < params.hires_strength <= 1:
         return "the hires denoising strength must be above 0 and at most 1"
-    if params.hires_upscaler not in HIRES_UPSCALERS:
-        return f"unknown hires upscaler {params.hires_upscaler!r}; use one of {', '.join(HIRES_UPSCALERS)}"
+    if params.hires_upscaler not in HIRES_UPSCALERS and params.hires_upscaler not in models:
+        known = ", ".join((*HIRES_UPSCALERS, *models))
+        return f"unknown hires upscaler {params.hires_upscaler!r}; use one of {known}"
     return None

@@ -184,6 +184,18 @@ class Finisher:
 
         self._deliver(ticket, encode, lambda outcome: ticket.settle(*outcome))
 
+    def encoded(self, ticket: Ticket, encode: Callable[[], GenerationResult]) -> None:
+        """Settle a ticket with what ``encode`` makes in the pool (a job that needed no decode)."""
+
+        def work() -> tuple[GenerationResult | None, EngineError | None]:
+            try:
+                return encode(), None
+            except Exception as e:
+                log.exception("finishing job %s failed", ticket.request.job_id)
+                return None, GenerationError(f"Saving the image failed ({type(e).__name__}).")
+
+        self._deliver(ticket, work, lambda outcome: ticket.settle(*outcome))
+
     def fail(self, ticket: Ticket, error: BaseException) -> None:
         """Settle a ticket with ``error``, after whatever it has pending."""
         self._deliver(ticket, None, lambda _: ticket.settle(error=error))

@@ -34,12 +34,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from engine.errors import EngineError
+from engine.errors import EngineError, GenerationError
 from engine.params import LATENT_UPSCALERS, GenerationParams
 from engine.pipeline import Pipeline, PreparedJob, decode_error, nan_error
 from engine.samplers import SAMPLERS, Sampler
 from engine.schedules import UNET_SCALE_START, JobSchedule, ModelSchedule, job_schedule
 from engine.types import GenerationRequest
+from engine.upscalers import Upscalers
 
 #: A pixel upscaler: the first pass's image and the factor to enlarge it by -> the larger image.
 PixelUpscaler = Callable[[Image.Image, float], Image.Image]
@@ -52,11 +53,9 @@ def _resampling(method: Image.Resampling) -> PixelUpscaler:
     return upscale
 
 
-#: Pixel upscalers by the name the member picks (``engine.params.PIXEL_UPSCALERS``), as
-#: AUTOMATIC1111's ``UpscalerLanczos`` and ``UpscalerNearest`` do. An upscaler model
-#: (``engine/upscalers.py``) slots in here as one more entry,
-#: ``name: lambda image, scale: upscalers.upscale(image, name, scale)``, with its name added to
-#: ``engine.params.PIXEL_UPSCALERS`` so that the boundary accepts it.
+#: Built-in pixel upscalers by the name the member picks (``engine.params.PIXEL_UPSCALERS``), as
+#: AUTOMATIC1111's ``UpscalerLanczos`` and ``UpscalerNearest`` do. Any other name is an upscaler
+#: model of the ``[upscalers]`` folder (:mod:`engine.upscalers`).
 PIXEL_UPSCALE: dict[str, PixelUpscaler] = {
     "Lanczos": _resampling(Image.Resampling.LANCZOS),
     "Nearest": _resampling(Image.Resampling.NEAREST),
@@ -97,12 +96,19 @@ def upscale_latents(latents: Tensor, params: GenerationParams, latent_scale: int
     return F.interpolate(latents, size=size, mode=mode, antialias=antialias)
 
 
-def upscale_image(image: Image.Image, width: int, height: int, upscaler: str) -> Image.Image:
+def upscale_image(
+    image: Image.Image, width: int, height: int, upscaler: str, models: Upscalers | None = None
+) -> Image.Image:
     """AUTOMATIC1111's ``resize_image(0, ...)`` with an upscaler: enlarge by the larger of the two
-    factors, then Lanczos to exactly the target (``int(w * scale)`` rounded to the latent grid)."""
+    factors, then Lanczos to exactly the target (``int(w * scale)`` rounded to the latent grid).
+    ``upscaler``: a built-in one, or a model of ``models`` (the ``[upscalers]`` folder) by name."""
     scale = max(width / image.width, height / image.height)
-    if scale > 1:
+    if scale > 1 and upscaler in PIXEL_UPSCALE:
         image = PIXEL_UPSCALE[upscaler](image, scale)
+    elif scale > 1:
+        if models is None:
+            raise GenerationError(f"The upscaler {upscaler!r} is not available here; use Latent or Lanczos.")
+        image = models.upscale(image, upscaler, scale)
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     return image
@@ -158,8 +164,9 @@ def second_pass_steps(params: GenerationParams) -> int:
     return steps
 
 
-def prepare_second_pass(pipeline: Pipeline, second: SecondPass) -> PreparedJob:
-    """A hires job's second pass, ready to join a batch of its hires size."""
+def prepare_second_pass(pipeline: Pipeline, second: SecondPass, models: Upscalers | None = None) -> PreparedJob:
+    """A hires job's second pass, ready to join a batch of its hires size (``models``: the
+    upscaler models a pixel-space hires upscaler may name)."""
     request = second.request
     # 1. The job's LoRA set and prompts, encoded at the hires size.
     pipeline.use_loras(request)
@@ -170,7 +177,8 @@ def prepare_second_pass(pipeline: Pipeline, second: SecondPass) -> PreparedJob:
         init = second.latents
     else:
         width, height = request.params.size
-        upscaled = [upscale_image(image, width, height, request.params.hires_upscaler) for image in second.images]
+        upscaler = request.params.hires_upscaler
+        upscaled = [upscale_image(image, width, height, upscaler, models) for image in second.images]
         init = torch.cat([pipeline.encode_image(image) for image in upscaled])
     # 3. The pass's sigmas, and fresh noise from the job's seeds at the hires latent shape.
     plan = second_pass_schedule(pipeline.schedule, sampler, request.params)

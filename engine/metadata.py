@@ -90,6 +90,9 @@ def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash:
         "Seed": str(seed),
         "Size": f"{request.params.width}x{request.params.height}",
     }
+    upscaled = upscale_fields(request.params)
+    if upscaled:  # the upscaled image's parameters are its source's, as AUTOMATIC1111 writes them
+        fields["Size"] = upscaled.pop("Size")
     if model_hash:
         fields["Model hash"] = model_hash
     fields["Model"] = _quote(model_name)
@@ -98,10 +101,11 @@ def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash:
     if request.params.variation_seed is not None and request.params.variation_strength > 0:
         fields["Variation seed"] = str(request.params.variation_seed + (seed - request.params.seed))
         fields["Variation seed strength"] = _number(request.params.variation_strength)
-    if request.is_img2img:
+    if request.is_img2img and not request.params.upscale_only:
         fields["Denoising strength"] = _number(request.params.strength)
     elif request.params.is_hires:  # AUTOMATIC1111 writes the second pass's strength in the same field
         fields["Denoising strength"] = _number(request.params.hires_strength)
+    fields |= upscaled
     if request.params.clip_skip > 1:  # A1111 writes it only when it is not the default
         fields["Clip skip"] = str(request.params.clip_skip)
     fields["RNG"] = RNG_SOURCE
@@ -124,6 +128,36 @@ def hires_fields(params) -> dict[str, str]:
     if params.hires_steps:
         fields["Hires steps"] = str(params.hires_steps)
     fields["Hires upscaler"] = _quote(params.hires_upscaler)
+    return fields
+
+
+def upscale_fields(params) -> dict[str, str]:
+    """The upscaler's fields, with ``Size`` the source image's, or {} for a job without one.
+
+    "Upscale (Subtle)" (the upscaler alone) is AUTOMATIC1111's extras tab: ``Postprocess upscale
+    by`` (or ``to``, for a size that is not an exact multiple) and ``Postprocess upscaler``.
+    "Upscale (Creative)" (the upscaler, then img2img at the denoising strength) is what its hires
+    fix does after the first pass: ``Hires upscale`` (or ``Hires resize-1/-2``) and ``Hires upscaler``.
+    """
+    if not params.upscaler or params.init_image is None:
+        return {}
+    with Image.open(io.BytesIO(params.init_image)) as source:  # the header only
+        width, height = source.size
+    factor = params.width / width
+    exact = params.height == round(height * factor)  # the same factor both ways
+    fields = {"Size": f"{width}x{height}"}
+    if params.upscale_only:
+        if exact:
+            fields["Postprocess upscale by"] = _number(round(factor, 4))
+        else:
+            fields["Postprocess upscale to"] = f"{params.width}x{params.height}"
+        fields["Postprocess upscaler"] = _quote(params.upscaler)
+        return fields
+    if exact:
+        fields["Hires upscale"] = _number(round(factor, 4))
+    else:
+        fields["Hires resize-1"], fields["Hires resize-2"] = str(params.width), str(params.height)
+    fields["Hires upscaler"] = _quote(params.upscaler)
     return fields
 
 

@@ -170,6 +170,12 @@ class GenerationParams:
     hires_steps: int = 0
     hires_upscaler: str = DEFAULT_HIRES_UPSCALER
     hires_strength: float = DEFAULT_HIRES_STRENGTH
+    #: An upscaler (a model of ``upscalers.folder`` by name, or "Lanczos") that enlarges
+    #: ``init_image`` to width x height before the job; None: the init image is fitted as it is.
+    upscaler: str | None = None
+    #: The upscaled init image is the result, with no diffusion pass ("Upscale (Subtle)", as
+    #: AUTOMATIC1111's extras tab); False: img2img runs over it at ``strength`` ("Creative").
+    upscale_only: bool = False
 
     @property
     def is_img2img(self) -> bool:
@@ -250,4 +256,4 @@ def params_from_job(job: HasParamColumns) -> GenerationParams:
 
 
 #: Parameters whose None is a value of its own (not "use the default").
-_NULLABLE = frozenset({"init_image", "variation_seed", "model", "mask", "hires_scale"})
+_NULLABLE = frozenset({"init_image", "variation_seed", "model", "mask", "hires_scale", "upscaler"})

@@ -172,14 +172,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ preparing a job
 
-    def prepare(self, request: GenerationRequest) -> PreparedJob:
-        """Prepare a job, with its prompt's LoRA set applied to the model.
+    def prepare(self, request: GenerationRequest, init: Image.Image | None = None) -> PreparedJob:
+        """Prepare a job, with its prompt's LoRA set applied to the model (``init``: its init image
+        at its size already, e.g. enlarged by its upscaler).
 
         The set stays applied until the next job's prepare: jobs sharing a batch must share
         their set (the worker's batch key sees to it).
         """
         self.use_loras(request)
-        return self.img2img(request) if request.is_img2img else self.txt2img(request)
+        return self.img2img(request, init) if request.is_img2img else self.txt2img(request)
 
     def use_loras(self, request: GenerationRequest) -> None:
         self.loras.activate(lora_key(request.params.prompt))
@@ -198,19 +199,20 @@ class Pipeline:
         latents = plan.start_latents(noise.to(self.device))
         return PreparedJob(request, sampler, plan.sigmas.float(), seeds, generators, latents, cond)
 
-    def img2img(self, request: GenerationRequest) -> PreparedJob:
-        """A job that starts from the member's image, noised according to ``strength``."""
+    def img2img(self, request: GenerationRequest, init: Image.Image | None = None) -> PreparedJob:
+        """A job that starts from the member's image (or ``init``), noised according to ``strength``."""
         # 1. Check inputs, and decode the init image (and mask) now so a bad upload fails before any work.
         sampler = self._check(request)
         if request.params.is_masked:
             return self.inpaint(request, sampler)
-        image = fit_image(request.params.init_image, request.params.width, request.params.height)
+        if init is None:
+            init = fit_image(request.params.init_image, request.params.width, request.params.height)
         # 2. Encode prompt and negative prompt (cached per prompt).
         cond = self._unmasked_conditioning(request)
         # 3. The tail of the sampler's sigmas: strength 1 starts at full noise, 0.3 near the end.
         plan = self._schedule(request, sampler, request.params.strength)
         # 4. The image into latent space (VAE mean: deterministic), repeated per image.
-        init_latents = self.encode_image(image).expand(len(cond.guidance), -1, -1, -1)
+        init_latents = self.encode_image(init).expand(len(cond.guidance), -1, -1, -1)
         # 5. Noise per image seed added at the start noise level.
         seeds, generators, noise = self._initial_noise(request)
         latents = plan.start_latents(noise.to(self.device), init=init_latents)

@@ -315,7 +315,8 @@ def run_worker_process(
         lease_seconds=queue_settings.lease_seconds,
     )
     pool = ModelPool.configured(settings.all_models, settings.engine)
-    worker = EngineWorker(pool, settings.engine, settings.generation)  # loads the default model
+    # Loads the default model and the default upscaler.
+    worker = EngineWorker(pool, settings.engine, settings.generation, upscalers=settings.upscalers)
     worker_id, prefix = worker_identity(name)
     recovered = until_reachable(lambda: queue.recover_all_running(worker_prefix=prefix), health)
     if recovered:

@@ -30,6 +30,7 @@ from engine.params import (
     parse_size,
 )
 from engine.toml_config import ConfigError, check, read_toml, section
+from engine.upscaler_settings import UpscalerSettings, parse_upscalers
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ class Settings:
     engine: EngineSettings
     generation: GenerationSettings
     models: tuple[ModelSettings, ...] = ()  # the other models, besides the default
+    upscalers: UpscalerSettings = UpscalerSettings()  # ``[upscalers]``: the U buttons' models
 
     @property
     def all_models(self) -> tuple[ModelSettings, ...]:
@@ -356,7 +358,7 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
     )
     check(1 <= gen.max_count <= 4, "generation.max_count", gen.max_count, "1 to 4")
     check(0 < gen.default_strength <= 1, "generation.default_strength", gen.default_strength, "above 0, at most 1")
-    return Settings(model=model, engine=engine, generation=gen, models=models)
+    return Settings(model=model, engine=engine, generation=gen, models=models, upscalers=parse_upscalers(raw))
 
 
 def parse_queue_section(raw: dict[str, Any]) -> QueueSettings:

@@ -53,6 +53,9 @@ from engine.memory import OutOfMemoryGovernor, free_memory, jobs_to_keep
 from engine.models import ModelPool, batch_key
 from engine.pipeline import Pipeline, nan_error, out_of_memory_error, timeout_error, to_images
 from engine.types import GenerationRequest, GenerationResult, Progress
+from engine.upscale_jobs import upscale_alone, upscaled_init
+from engine.upscaler_settings import UpscalerSettings
+from engine.upscalers import Upscalers
 
 if TYPE_CHECKING:
     from engine.loading import LoadedModel
@@ -73,9 +76,11 @@ class EngineWorker:
         settings: EngineSettings,
         gen: GenerationSettings,
         *,
+        upscalers: UpscalerSettings | Upscalers | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``model``: one loaded model, or a :class:`ModelPool` of several (its default is loaded now)."""
+        """``model``: one loaded model, or a :class:`ModelPool` of several (its default is loaded now);
+        ``upscalers``: ``[upscalers]`` (its default is loaded now); None: Lanczos only."""
         self.settings, self.gen = settings, gen
         self.clock = clock
         self.models = model if isinstance(model, ModelPool) else ModelPool.single(model)
@@ -83,6 +88,9 @@ class EngineWorker:
         self.pipeline: Pipeline | None = self._compiled(self.models.pipeline(self.model_name))
         if self.pipeline is not None:  # SDXL: its native sizes (generation.sdxl_sizes) are allowed
             self.gen = gen.for_family(self.pipeline.model.info.family)
+        if not isinstance(upscalers, Upscalers):
+            upscalers = Upscalers.configured(upscalers or UpscalerSettings(), self.pipeline.device, self.pipeline.dtype)
+        self.upscalers = upscalers  # the U buttons' upscalers, on this thread's device
         self._lock = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._admitting: list[Ticket] = []  # taken from the queue, being prepared
@@ -155,7 +163,8 @@ class EngineWorker:
 
     def _submit(self, request: GenerationRequest, notify: ProgressSink | None) -> concurrent.futures.Future:
         ticket = Ticket(request, notify=notify)
-        problem = over_limits(request.params, self.gen)
+        models = self.upscalers.names() if request.params.is_hires else ()
+        problem = over_limits(request.params, self.gen, models)
         if problem:
             ticket.settle(error=GenerationError(problem))
             return ticket.future
@@ -198,7 +207,9 @@ class EngineWorker:
                 self._lock.wait()
             if self._stopping:
                 return None
-            waiting = list(self._waiting)
+            # An upscale with no diffusion pass joins no batch: one goes at each step boundary.
+            upscales = [t for t in self._waiting if t.request.params.upscale_only][:1]
+            waiting = [t for t in self._waiting if not t.request.params.upscale_only]
             chosen = admissions(
                 [Waiting(t.size, self._key(t.request), t.request.params.count, t.arrived) for t in waiting],
                 self._running(batch),
@@ -207,7 +218,7 @@ class EngineWorker:
                 overtake_window=self.settings.overtake_window,
                 now=self.clock(),
             )
-            taken = [waiting[i] for i in chosen]
+            taken = upscales + [waiting[i] for i in chosen]
             for ticket in taken:
                 self._waiting.remove(ticket)
             self._admitting = list(taken)
@@ -265,12 +276,19 @@ class EngineWorker:
         False when the device ran out of memory while other jobs hold some: the ticket is to go
         back in line, and joins once the batch has drained a little.
         """
+        if ticket.request.params.upscale_only:
+            self._upscale_alone(ticket)
+            return True
         timeout = self.settings.job_timeout
         ticket.deadline = self.clock() + timeout if timeout else math.inf
         out_of_memory = False
         try:
             pipeline, second = self._use_model(batch, ticket.request), ticket.second_pass
-            job = pipeline.prepare(ticket.request) if second is None else prepare_second_pass(pipeline, second)
+            if second is not None:
+                job = prepare_second_pass(pipeline, second, self.upscalers)
+            else:
+                upscaled = upscaled_init(ticket.request, self.upscalers) if ticket.request.params.upscaler else None
+                job = pipeline.prepare(ticket.request, upscaled)
         except torch.OutOfMemoryError:
             job, error, out_of_memory = None, out_of_memory_error(ticket.pass_request), True
         except EngineError as e:
@@ -292,6 +310,14 @@ class EngineWorker:
             return True
         batch.add(job)  # a cancel that came during preparation takes it out before its first step
         return True
+
+    def _upscale_alone(self, ticket: Ticket) -> None:
+        """An upscale-only job: its upscaler runs on this thread, its PNG is made off it."""
+        with self._lock:
+            self._admitting.remove(ticket)
+        name = self.models.canonical(ticket.request.params.model)
+        info = self.pipeline.model.info if self.pipeline is not None and self.model_name == name else None
+        upscale_alone(ticket, self.upscalers, self.finisher, name, info and info.file_hash)
 
     def _put_back(self, tickets: list[Ticket]) -> None:
         with self._lock:

@@ -94,7 +94,7 @@ def setup(tiny_model, tiny_sd_folder, tmp_path, emulator: Emulator):
 
     config = bot_config(str(tiny_sd_folder), f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
     engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
-    worker = EngineWorker(tiny_model, config.engine, config.generation)
+    worker = EngineWorker(tiny_model, config.engine, config.generation, upscalers=config.upscalers)
     worker.start()
     yield emulator, config, queue, worker
     worker.stop()

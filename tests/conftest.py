@@ -3,11 +3,13 @@
 # --- tiny model fixtures (helper "loading"): random SD1/SD2/SDXL models, see tests/tinymodel.py ---
 import os
 
+import pytest
+
 from db_fixtures import clock, db_engine, db_url, pg_admin_url, pg_url, queue  # noqa: F401
+from tinyupscaler import torchvision_importable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/huggingface_hub are imported
-
-import pytest
+torchvision_importable()  # before transformers looks for torchvision (see tests/tinyupscaler.py)
 
 # torch/diffusers are imported inside the fixtures, so test runs that need no model stay fast.
 

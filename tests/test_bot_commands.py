@@ -190,6 +190,7 @@ async def test_help_lists_every_command_with_its_limits(setup):
     for name in ("/imagine", "/img2img", "/queue", "/cancel", "/info"):
         assert name in text
     assert "1 to 8" in text and "64x64, 64x128, 128x64" in text and "Reroll" in text
+    assert "Upscale (Subtle)" in text and "2x by Lanczos" in text  # no upscaler folder here
     synced = emu.command("imagine")
     steps = next(o for o in synced["options"] if o["name"] == "steps")
     assert (steps["min_value"], steps["max_value"]) == (1, 8)

@@ -74,16 +74,21 @@ async def test_grid_buttons_make_the_right_jobs(setup):
         job = queue.get(job_of(vary))
         assert job.seed == 8 and job.variation_seed is not None and job.variation_strength == 0.5
 
-        # U1: 2x of the first image through img2img over its enlargement.
-        await emu.click(emu.alice, grid, f"sd:up:{parent}:0")
+        # U1 offers, to Alice only, the two upscales of the first image; Creative is 2x by the
+        # upscaler (Lanczos: none is configured), then img2img over it.
+        press = await emu.click(emu.alice, grid, f"sd:up:{parent}:0")
+        offer = await press.wait_response(lambda m: m.ephemeral)
+        assert {f"sd:up:{parent}:0:subtle", f"sd:up:{parent}:0:creative"} == set(offer.custom_ids)
+        await emu.click(emu.alice, offer, f"sd:up:{parent}:0:creative")
         up = await wait_result(emu, lambda m: queue.get(job_of(m)).kind.value == "upscale")
         job = queue.get(job_of(up))
         assert (job.width, job.height, job.count, job.seed) == (128, 128, 1, 7)
-        assert Image.open(io.BytesIO(job.init_image)).size == (128, 128)
+        assert (job.upscaler, job.upscale_only) == ("Lanczos", False)
+        assert Image.open(io.BytesIO(job.init_image)).size == (64, 64)  # the engine enlarges it
         assert Image.open(io.BytesIO(up.attachments[0].data)).size == (128, 128)
 
         # Upscaling the upscale again is refused: 128 is the largest size here.
-        again = await emu.click(emu.alice, up, f"sd:up:{job.id}:0")
+        again = await emu.click(emu.alice, up, f"sd:up:{job.id}:0:subtle")
         message = await again.wait_response()
         assert message.ephemeral and "largest size" in message.content
 
@@ -113,7 +118,8 @@ async def test_single_image_vary_edit_and_reaction(setup):
         assert {
             f"sd:vary:{parent}:0:subtle",
             f"sd:vary:{parent}:0:strong",
-            f"sd:up:{parent}:0",
+            f"sd:up:{parent}:0:subtle",
+            f"sd:up:{parent}:0:creative",
             f"sd:edit:{parent}",
             f"sd:info:{parent}",
             f"sd:del:{parent}",

@@ -424,7 +424,7 @@ async def test_buttons_pressed_by_others_make_jobs_of_their_own(setup):
     emu, config, queue = setup
     async with bot_running(emu, config, queue, None):
         parent, posted = await post_result(emu, queue, emu.alice)
-        for custom_id in (f"sd:reroll:{parent.id}", f"sd:vary:{parent.id}:0:subtle", f"sd:up:{parent.id}:0"):
+        for custom_id in (f"sd:reroll:{parent.id}", f"sd:vary:{parent.id}:0:subtle", f"sd:up:{parent.id}:0:creative"):
             await queued(await emu.click(emu.bob, posted, custom_id))
         edit = await emu.click(emu.bob, posted, f"sd:edit:{parent.id}")
         assert await edit.wait_ack() == 9

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bot.inputs import BadInput, check_prompt, clean_text, enlarge, fit_size, load_init_image
+from bot.inputs import BadInput, check_prompt, clean_text, enlarged_size, fit_size, load_init_image
 from bot.transformers import Bounded, OneOf, Text
 from bot_harness import png
 from engine.settings import GenerationSettings
@@ -135,8 +135,9 @@ def test_sizes_fit_the_limits():
     assert fit_size(64, 64, max_width=1024, max_height=1024, target_area=512 * 512) == (64, 64)
     init = load(png((300, 200)), size=(512, 512))
     assert (init.width, init.height) == (512, 512)
-    assert enlarge(png((64, 64)), factor=2, max_width=96, max_height=1024).width == 96
-    assert enlarge(png((96, 96)), factor=2, max_width=96, max_height=96) is None
+    assert enlarged_size(png((64, 64)), factor=2, max_width=96, max_height=1024) == (96, 96)
+    assert enlarged_size(png((64, 48)), factor=2, max_width=1024, max_height=1024) == (128, 96)
+    assert enlarged_size(png((96, 96)), factor=2, max_width=96, max_height=96) is None
 
 
 def test_long_prompts_get_a_chunk_notice_and_very_long_ones_are_refused():

@@ -173,9 +173,10 @@ async def test_upscale_resizes_off_the_event_loop(setup, monkeypatch):
         await ix.wait_response(lambda m: "queued" in m.content)
         job = queue.claim("remote-gpu")
         assert queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
-        result = await emu.wait_for_message(emu.general, lambda m: f"sd:up:{job.id}:0" in m.custom_ids, timeout=60)
+        creative = f"sd:up:{job.id}:0:creative"
+        result = await emu.wait_for_message(emu.general, lambda m: creative in m.custom_ids, timeout=60)
         loop_thread = threading.current_thread()
-        press = await emu.click(emu.bob, result, f"sd:up:{job.id}:0")
+        press = await emu.click(emu.bob, result, creative)
         await press.wait_response(lambda m: "queued" in m.content)
     assert threads and all(t is not loop_thread for t in threads)
     assert [j.kind.value for j in queue.pending_for(emu.bob.id)] == ["upscale"]

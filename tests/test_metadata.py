@@ -95,3 +95,37 @@ def test_an_edit_names_the_job_it_was_made_from():
     edit = GenerationRequest(10, made.params, parent_id=9)
     assert parse_infotext(infotext(edit, 1, "m"))["Parent job id"] == "9"
     assert "Parent job id" not in parse_infotext(infotext(made, 1, "m"))
+
+
+def source_png(size: tuple[int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, "blue").save(out, "PNG")
+    return out.getvalue()
+
+
+def test_upscale_subtle_writes_the_sources_parameters_and_automatic1111s_extras_fields():
+    request = make_request(
+        width=1024,
+        height=1536,
+        init_image=source_png((512, 768)),
+        strength=0.4,
+        upscaler="4x-Ultra, v2",
+        upscale_only=True,
+    )
+    fields = parse_infotext(infotext(request, 1, "sd15"))
+    assert fields["Size"] == "512x768" and "Denoising strength" not in fields
+    assert fields["Postprocess upscale by"] == "2" and fields["Postprocess upscaler"] == "4x-Ultra, v2"
+    # A size capped by the limits is no exact multiple: A1111's "upscale to" then.
+    capped = parse_infotext(infotext(request.__class__(42, request.params.but(height=1024, width=680)), 1, "sd15"))
+    assert capped["Postprocess upscale to"] == "680x1024" and "Postprocess upscale by" not in capped
+
+
+def test_upscale_creative_writes_automatic1111s_hires_fields_with_the_denoising_strength():
+    request = make_request(width=1024, height=1536, init_image=source_png((512, 768)), strength=0.4, upscaler="Lanczos")
+    fields = parse_infotext(infotext(request, 1, "sd15"))
+    assert (fields["Size"], fields["Denoising strength"]) == ("512x768", "0.4")
+    assert fields["Hires upscale"] == "2" and fields["Hires upscaler"] == "Lanczos"
+    assert "Postprocess upscaler" not in fields
+    # An img2img job without an upscaler writes none of them.
+    plain = parse_infotext(infotext(make_request(init_image=source_png((512, 768)), strength=0.4), 1, "sd15"))
+    assert not {"Hires upscaler", "Postprocess upscaler"} & set(plain) and plain["Size"] == "512x768"

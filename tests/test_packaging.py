@@ -51,8 +51,17 @@ def runtime_requirements() -> dict[str, str]:
     return pins(PYPROJECT["project"]["dependencies"])
 
 
+def upscaler_requirements() -> dict[str, str]:
+    """The ``upscalers`` extra: spandrel, imported only when an upscaler model is loaded."""
+    return pins(PYPROJECT["project"]["optional-dependencies"]["upscalers"])
+
+
 def test_requirements_are_pinned_exactly_as_the_lock_has_them():
-    declared = {**runtime_requirements(), **pins(PYPROJECT["project"]["optional-dependencies"]["test"])}
+    declared = {
+        **runtime_requirements(),
+        **upscaler_requirements(),
+        **pins(PYPROJECT["project"]["optional-dependencies"]["test"]),
+    }
     lock = locked()
     for name, specifier in declared.items():
         assert specifier.startswith("==") and "*" not in specifier, f"{name}{specifier}: pin it exactly (==)"
@@ -117,12 +126,16 @@ def undeclared(folders: list[str], declared: set[str]) -> dict[str, str]:
 
 
 def test_every_package_the_code_imports_is_a_declared_dependency():
-    missing = undeclared(PACKAGES, set(runtime_requirements()))
+    missing = undeclared(PACKAGES, {*runtime_requirements(), *upscaler_requirements()})
     assert not missing, f"imported but not in [project] dependencies of pyproject.toml: {missing}"
 
 
 def test_every_package_the_tests_and_benchmarks_import_is_declared():
-    declared = {*runtime_requirements(), *pins(PYPROJECT["project"]["optional-dependencies"]["test"])}
+    declared = {
+        *runtime_requirements(),
+        *upscaler_requirements(),
+        *pins(PYPROJECT["project"]["optional-dependencies"]["test"]),
+    }
     missing = undeclared(["tests", "bench"], declared)
     assert not missing, f"imported but in neither the dependencies nor the test extra: {missing}"
 

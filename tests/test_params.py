@@ -61,6 +61,8 @@ def unusual_params() -> GenerationParams:
         hires_steps=12,
         hires_upscaler="Lanczos",
         hires_strength=0.45,
+        upscaler="4x-tiny",
+        upscale_only=True,
     )
     assert set(values) == set(PARAM_NAMES), "add the new parameter to unusual_params"
     params = GenerationParams(**values)

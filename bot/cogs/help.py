@@ -77,7 +77,7 @@ def help_pages(commands_: Iterable[Any], service: JobService) -> list[str]:
     lines += [
         "",
         "**Buttons on results**",
-        describe_buttons(),
+        describe_buttons(service.config.upscalers.default_upscaler()),
         "",
         f"You can have {service.config.queue.pending_limit} jobs waiting at a time.",
     ]
