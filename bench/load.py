@@ -39,6 +39,7 @@ from db.models import Job, JobStatus  # noqa: E402
 from db.queue import Queue  # noqa: E402
 from db.session import make_engine, upgrade  # noqa: E402
 from discord_emulator import Emulator  # noqa: E402
+from processes import start_logged  # noqa: E402
 
 DEADLINE = 3.0  # seconds Discord gives a bot to acknowledge an interaction
 
@@ -55,6 +56,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for every job to be posted")
+    parser.add_argument(
+        "--engine",
+        choices=("in-bot", "worker"),
+        default="in-bot",
+        help="the engine in the bot's process, or `python -m engine worker` as its own process",
+    )
     parser.add_argument(
         "--acks-only", action="store_true", help="stop after the acknowledgements (the ack path alone, quicker)"
     )
@@ -94,7 +101,15 @@ async def main(args: argparse.Namespace) -> int:
         db = make_engine(database_url)
         upgrade(db)
         queue = Queue(db, pending_limit=max(3, per_member))  # read here; the bot writes
-        bot = BotProcess(emu, config, tmp / "bot.log")
+        bot = BotProcess(emu, config, tmp / "bot.log", no_engine=args.engine == "worker")
+        worker = None
+        if args.engine == "worker":
+            worker = start_logged(
+                "worker",
+                [sys.executable, "-m", "engine", "worker", "--config", str(config), "--name", "load"],
+                tmp / "worker.log",
+                cwd=ROOT,
+            )
         await bot.start(timeout=120)
         try:
             await emu.wait_for(lambda: "imagine" in emu.command_names(), 60, "the bot's commands")
@@ -102,6 +117,9 @@ async def main(args: argparse.Namespace) -> int:
         finally:
             status = await bot.stop()
             print(f"bot stopped with exit status {status}; its log: {tmp / 'bot.log'}")
+            if worker is not None:
+                worker.process.terminate()
+                print(f"worker stopped with exit status {worker.process.wait(60)}; its log: {tmp / 'worker.log'}")
             queue.close()
             db.dispose()
 
@@ -136,7 +154,8 @@ async def drive(emu: Emulator, queue: Queue, members, args: argparse.Namespace) 
 
     print(
         f"commands={args.commands} members={args.members} rate={args.rate or 'burst'} "
-        f"max_batch={args.max_batch} size=64x64 steps=2 cores={os.cpu_count()} (bot in its own process)"
+        f"max_batch={args.max_batch} size=64x64 steps=2 cores={os.cpu_count()} engine={args.engine} "
+        "(the bot in its own process)"
     )
     print(
         f"sent in {sent:.2f} s; all acknowledged after {acked_after:.2f} s: "

@@ -37,7 +37,7 @@ class GroupWriter:
         # holds one result (or QueueError) per payload, None means "stored".
         self._stores: dict[str, Callable[[list[Any]], list[Any] | None]] = {
             RECORD: lambda records: state.put_many(dict(records)),
-            ENQUEUE: queue.enqueue_many,
+            ENQUEUE: lambda many: _with_places(queue, queue.enqueue_many(many)),
             STATUS: queue.set_status_messages,
             FORGET: state.delete_many,
         }
@@ -46,8 +46,8 @@ class GroupWriter:
         self._writing = False
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdbot-writes")
 
-    async def enqueue(self, **fields: Any) -> Job:
-        """Store one job (raises the QueueError that refused it)."""
+    async def enqueue(self, **fields: Any) -> tuple[Job, int | None]:
+        """Store one job; it and its place in line (raises the QueueError that refused it)."""
         return await self._write(ENQUEUE, fields)
 
     async def record(self, key: str, value: str) -> None:
@@ -92,6 +92,12 @@ class GroupWriter:
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _with_places(queue: Queue, results: list[Any]) -> list[Any]:
+    """Each stored job with its place in line, found for the whole group in one pass."""
+    places = queue.positions([job.id for job in results if isinstance(job, Job)])
+    return [(job, places[job.id]) if isinstance(job, Job) else job for job in results]
 
 
 def _settle(future: asyncio.Future, result: Any) -> None:

@@ -265,7 +265,7 @@ class JobService:
         answer with its number, place in line and a Cancel button. The job is stored first, so
         an acknowledged interaction always has its job."""
         # Stored in a group with the other commands of the moment: one commit for all of them.
-        job = await self.writes.enqueue(
+        job, position = await self.writes.enqueue(
             **job_columns(new.params),
             kind=new.kind,
             parent_id=new.parent_id,
@@ -283,7 +283,7 @@ class JobService:
         message_id = interaction.extras.get("message_id") or (await interaction.original_response()).id
         await self.writes.set_status_message(job.id, interaction.channel_id, message_id)
         job.status_message_id = message_id
-        await self._announce(job, note)
+        await self._announce(job, note, position)
         return job
 
     async def _answered(self, interaction: discord.Interaction) -> None:
@@ -341,8 +341,9 @@ class JobService:
         await self._announce(job, None)
         return job
 
-    async def _announce(self, job: Job, note: str | None) -> None:
-        position = await asyncio.to_thread(self.queue.position, job.id)
+    async def _announce(self, job: Job, note: str | None, position: int | None = None) -> None:
+        if position is None:
+            position = await asyncio.to_thread(self.queue.position, job.id)
         try:
             await self.delivery.show_queued(job, position, note or "")
         except discord.HTTPException as e:  # the job is queued; its status will be shown later

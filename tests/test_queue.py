@@ -348,3 +348,20 @@ def test_enqueue_many_stores_a_group_and_refuses_only_whom_the_limit_stops(queue
     results = queue.enqueue_many(many)
     assert [type(r).__name__ for r in results] == ["Job"] * limit + ["PendingLimitExceeded", "Job"]
     assert len(queue.pending_for(ALICE)) == limit and len(queue.pending_for(BOB)) == 1
+
+
+def test_positions_of_a_group_are_each_jobs_position(db_engine: Engine, clock: FakeClock) -> None:
+    """``Queue.positions`` (one pass over the line, for a group just stored) gives what
+    ``Queue.position`` gives job by job: served members, paused servers and running jobs too."""
+    queue = Queue(db_engine, pending_limit=100, clock=clock)
+    rng = random.Random(11)
+    ids = [
+        i
+        for _ in range(60)
+        for i in enqueue(queue, rng.choice([ALICE, BOB, CAROL, 404, 505]), guild_id=rng.choice([1, 2]))
+    ]
+    for _ in range(8):
+        queue.claim("w1")
+    Community(db_engine).update_server(2, actor_id=9, paused=True)
+    assert queue.positions(ids) == {job_id: queue.position(job_id) for job_id in ids}
+    assert queue.positions([]) == {}

@@ -151,13 +151,14 @@ class StatusMessages:
             self._places_dirty = False
             self._places_checked = now
             waiting = sorted((s for s in due if s.progress is None), key=lambda s: s.last_edit)
-            for status in waiting[:PLACE_EDITS_PER_CYCLE]:
-                await self._show_place(status)
+            shown = waiting[:PLACE_EDITS_PER_CYCLE]
+            places = await asyncio.to_thread(self.queue.positions, [s.job.id for s in shown])  # one pass
+            for status in shown:
+                await self._show_place(status, places[status.job.id])
             if len(waiting) > PLACE_EDITS_PER_CYCLE:
                 self._places_dirty = True
 
-    async def _show_place(self, status: _Status) -> None:
-        position = await asyncio.to_thread(self.queue.position, status.job.id)
+    async def _show_place(self, status: _Status, position: int | None) -> None:
         if position is None:
             return  # running or finished: progress or delivery will show it
         text = render.queued_text(status.job, position)
