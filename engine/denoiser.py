@@ -246,8 +246,10 @@ class Denoiser:
         self.unet = unet
         self.prediction_type = prediction_type
         self.dtype = unet.dtype
-        # Kept on the device in float32 so a step does the timestep lookup without a transfer.
-        self.log_sigmas = schedule.log_sigmas.to(device=unet.device, dtype=torch.float32)
+        # In float32, as a step used to look timesteps up on the device: the batch's tables are
+        # made on the CPU from the same values (timesteps), a lone call looks them up on the device.
+        self._log_sigmas_host = schedule.log_sigmas.to(dtype=torch.float32)
+        self.log_sigmas = self._log_sigmas_host.to(unet.device)
         self._run_unet: Callable[..., Any] = unet
         self.compiled = False
         self._padding: dict[int, tuple[int, Tensor]] = {}  # rows -> (bucket, index of the padded rows)
@@ -258,16 +260,38 @@ class Denoiser:
         if not self.compiled:
             self._run_unet, self.compiled = compiler(self.unet), True
 
+    def timesteps(self, sigma: Tensor) -> Tensor:
+        """The UNet's fractional timestep for each sigma, on the CPU (for the batch's tables)."""
+        return sigma_to_t(sigma.float().cpu(), self._log_sigmas_host).float()
+
+    @staticmethod
+    def input_scale(sigma: Tensor) -> Tensor:
+        """What the UNet's input is scaled by at each sigma: 1 / sqrt(sigma^2 + 1) (k-diffusion's c_in)."""
+        return 1 / (sigma**2 + 1).sqrt()
+
     @torch.inference_mode()
-    def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        c_in = rows(1 / (sigma**2 + 1).sqrt())
-        t = sigma_to_t(sigma, self.log_sigmas)
+    def __call__(
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        cond: Conditioning,
+        *,
+        timesteps: Tensor | None = None,
+        c_in: Tensor | None = None,
+    ) -> Tensor:
+        """``timesteps`` (``[2 * rows]``: the prompt rows', then the negative prompt rows') and
+        ``c_in`` (``[rows]``) are what this computes from ``sigma`` when not given; the batch
+        passes them from its tables, made once per membership change."""
+        c_in = rows(self.input_scale(sigma) if c_in is None else c_in)
+        if timesteps is None:
+            t = sigma_to_t(sigma, self.log_sigmas)
+            timesteps = torch.cat([t, t])
         model_in = (x * c_in).to(self.dtype)
         if cond.image is not None:  # an inpainting UNet: latents, mask, masked image latents
             model_in = torch.cat([model_in, cond.image.to(self.dtype)], dim=1)
         inputs = dict(
             sample=torch.cat([model_in, model_in]),
-            timestep=torch.cat([t, t]),
+            timestep=timesteps,
             encoder_hidden_states=cond.embeds,
             encoder_attention_mask=cond.mask,  # None unless rows differ in chunk count
             added_cond_kwargs=cond.added,

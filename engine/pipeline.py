@@ -10,7 +10,8 @@ without a thread, which is what tests and the one-at-a-time benchmark use. A mas
 
 Randomness comes only from the request's seeds: image ``i`` of a job has its own CPU
 ``torch.Generator`` seeded with ``seed + i``, which draws the initial noise and then any
-ancestral noise, so an image never depends on the device's RNG or on what shared its batch.
+ancestral noise (for the whole run when the job is prepared: :attr:`PreparedJob.noise`), so an
+image never depends on the device's RNG or on what shared its batch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from engine.batch import Batch
+from engine.batch import Batch, to_device
 from engine.denoiser import Conditioning, Denoiser, PromptEncoder
 from engine.errors import GenerationError
 from engine.inpaint import Inpainter, LatentBlend
@@ -71,12 +72,18 @@ class PreparedJob:
     inpaint_plan: InpaintPlan | None = None  # a masked job: how its images are pasted back over the init image
     plan: Plan | None = None  # the sampler's engine steps over ``sigmas`` (made from them when None)
     brownian: list[BrownianNoise] = field(default_factory=list)  # per image, for the SDE samplers
+    #: [engine steps, rows, C, h, w] on the device: each step's fresh noise, drawn in step order (the
+    #: values of drawing step by step) and uploaded once, so a step does neither; None: draws none.
+    noise: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.plan is None:
             self.plan = self.sampler.plan(self.sigmas)
         if self.sampler.brownian and not self.brownian:
             self.brownian = brownian_noises(self.seeds, tuple(self.latents.shape[1:]), self.sigmas)
+        if self.noise is None and (self.sampler.ancestral or self.sampler.brownian):
+            drawn = torch.stack([self.step_noise(k) for k in range(self.engine_steps)])
+            self.noise = to_device(drawn, self.latents.device)
 
     @property
     def rows(self) -> int:

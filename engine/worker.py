@@ -42,12 +42,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.admission import Running, Waiting, admissions, over_limits, resumptions
-from engine.batch import Batch, Entry, Parked
+from engine.batch import Batch, Entry, NanCheck, Parked
 from engine.errors import EngineError, GenerationError, JobCancelled
-from engine.finishing import Finisher, ProgressSink, Ticket, decode_finished
+from engine.finishing import Finisher, Preview, ProgressSink, Ticket, decode_finished
 from engine.memory import OutOfMemoryGovernor, free_memory, jobs_to_keep
 from engine.models import ModelPool, batch_key
 from engine.pipeline import Pipeline, nan_error, out_of_memory_error, timeout_error
+from engine.readback import Readback
 from engine.types import GenerationRequest, GenerationResult, Progress
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Look for NaN/inf in the running batch every this many steps: each look is one host sync.
+#: Look for NaN/inf in the running batch every this many steps (read when it reaches the host).
 NAN_CHECK_EVERY = 8
 
 
@@ -92,6 +93,7 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
         self.batch_rows = 0  # rows of the running batch (images denoised together), for the metrics
         self._steps = itertools.count(1)
+        self._nan_checks: deque[NanCheck] = deque()  # on their way to the host, oldest first
 
     # ------------------------------------------------------------------ API (any thread)
 
@@ -188,6 +190,9 @@ class EngineWorker:
     def _next_admissions(self, batch: Batch) -> list[Ticket] | None:
         """Waiting tickets that join at this step boundary (blocks while idle; None: stop)."""
         self._resume_parked(batch)
+        if not batch.entries:  # the device is idle: what is still on its way to the host lands now
+            self.finisher.flush()
+            self._nan_checks.clear()
         with self._lock:
             while not self._stopping and not self._waiting and not batch.entries:
                 self._lock.wait()
@@ -337,8 +342,8 @@ class EngineWorker:
         self.memory.step_succeeded()
         self._report_progress(batch, denoised)
         if next(self._steps) % NAN_CHECK_EVERY == 0:
-            for entry in batch.nonfinite_entries():
-                self._retire(batch, entry, error=nan_error(entry.job))
+            self._nan_checks.append(batch.nonfinite_check())
+        self._read_nan_checks(batch)
         finished = [entry for entry in batch.entries if entry.done]
         if finished:
             self._finish(batch, finished)
@@ -369,19 +374,32 @@ class EngineWorker:
         )
         self._parked[:0] = [batch.park(entry.job) for entry in parking]
 
+    def _read_nan_checks(self, batch: Batch) -> None:
+        """Jobs whose NaN check has reached the host and found one fail (if they are still here)."""
+        while self._nan_checks and self._nan_checks[0].finite.ready():
+            for entry in self._nan_checks.popleft().bad_entries():
+                if any(entry is e for e in batch.entries):
+                    self._retire(batch, entry, error=nan_error(entry.job))
+
     def _report_progress(self, batch: Batch, denoised: torch.Tensor) -> None:
         every = self.settings.preview_every
+        reports, previewed = [], []
         for entry, rows in batch.offsets():
             ticket = self._active[id(entry.job)]
             if ticket.notify is None or not entry.job.plan.completes[entry.engine_step - 1]:
                 continue  # a second-order sampler's first stage is half a step: nothing to report
             total = entry.job.total_steps
-            preview = None
-            if every and entry.step % every == 0 and entry.step < total:
-                preview = denoised[rows.start]  # its PNG is made in the finisher's pool
-            self.finisher.progress(
-                ticket, Progress(ticket.request.job_id, entry.step, total), preview, self.pipeline.family
-            )
+            wants_preview = every and entry.step % every == 0 and entry.step < total
+            reports.append((ticket, Progress(ticket.request.job_id, entry.step, total), wants_preview))
+            previewed += [rows.start] if wants_preview else []
+        # The previewed rows' latents in one copy to the host, which nobody waits for; their
+        # colours and PNGs are made in the finisher's pool once it has landed.
+        pixels = Readback(rows_of(denoised, previewed)) if previewed else None
+        index = itertools.count()
+        for ticket, progress, wants_preview in reports:
+            preview = Preview(pixels, next(index), self.pipeline.family) if wants_preview else None
+            self.finisher.progress(ticket, progress, preview)
+        self.finisher.poll()
 
     def _finish(self, batch: Batch, finished: list[Entry]) -> None:
         """Retire finished jobs: one NaN check and one VAE decode for all of them together; their
@@ -419,3 +437,10 @@ class EngineWorker:
         with self._lock:
             while self._waiting:
                 self._waiting.popleft().settle(error=JobCancelled("The engine stopped before the job started."))
+
+
+def rows_of(t: torch.Tensor, picked: list[int]) -> torch.Tensor:
+    """Rows ``picked`` of ``t``: a view when they are consecutive, else one stack."""
+    if picked == list(range(picked[0], picked[0] + len(picked))):
+        return t[picked[0] : picked[0] + len(picked)]
+    return torch.stack([t[i] for i in picked])
