@@ -93,7 +93,7 @@ ENCODE_THREADS = 2
 
 
 def decode_finished(
-    pipeline: Pipeline, finished: list[tuple[Entry, torch.Tensor]]
+    pipeline: Pipeline, finished: list[tuple[Entry, torch.Tensor]], chunk_size: int = DECODE_CHUNK
 ) -> list[tuple[Entry, Pixels | EngineError]]:
     """Each finished job's decoded pixels, or the error it fails with (NaN latents, a failed VAE)."""
     stacked = torch.cat([latents for _, latents in finished])
@@ -110,7 +110,7 @@ def decode_finished(
     if not good:
         return outcomes
     try:
-        decoded = decode(pipeline, torch.cat([latents for _, latents in good]))
+        decoded = decode(pipeline, torch.cat([latents for _, latents in good]), chunk_size)
     except Exception as e:
         log.exception("VAE decode failed")
         error = GenerationError(f"Decoding the image failed ({type(e).__name__}).")
@@ -126,13 +126,14 @@ def decode_finished(
     return outcomes
 
 
-def decode(pipeline: Pipeline, latents: torch.Tensor) -> Pixels | None:
-    """Decode, one image at a time after running out of memory; None if even that does not fit."""
-    for chunk_size in (DECODE_CHUNK, 1):
+def decode(pipeline: Pipeline, latents: torch.Tensor, chunk_size: int = DECODE_CHUNK) -> Pixels | None:
+    """Decode ``chunk_size`` images at a time, one at a time after running out of memory; None if
+    even that does not fit."""
+    for size in dict.fromkeys((chunk_size, 1)):
         try:
-            return pipeline.decode_pixels(latents, chunk_size)
+            return pipeline.decode_pixels(latents, size)
         except torch.OutOfMemoryError:
-            log.warning("out of GPU memory decoding %d image(s), %d at a time", len(latents), chunk_size)
+            log.warning("out of GPU memory decoding %d image(s), %d at a time", len(latents), size)
         free_memory()
     return None
 

@@ -69,6 +69,8 @@ class EngineSettings:
     # zlib level of the result PNGs, 0 (none) to 9 (smallest); encoded off the engine thread, but
     # each level up costs CPU per image for a smaller file. The pixels are the same at every level.
     png_compress_level: int = 1
+    # Images the VAE decodes at once when jobs finish: more is faster on a big GPU, less peak memory.
+    decode_chunk: int = 4
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,8 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
         engine.png_compress_level,
         "0 (fastest, largest files) to 9 (smallest, slowest)",
     )
+
+    check(1 <= engine.decode_chunk <= 64, "engine.decode_chunk", engine.decode_chunk, "1 to 64 images")
 
     check(1 <= gen.max_steps <= 500, "generation.max_steps", gen.max_steps, "1 to 500")
     check(

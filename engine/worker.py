@@ -251,6 +251,8 @@ class EngineWorker:
         """The pipeline, its UNet compiled as ``engine.compile`` asks (once per loaded model)."""
         if pipeline is not None and self.settings.compile != "off":
             pipeline.denoiser.compile(functools.partial(torch.compile, mode=self.settings.compile, dynamic=False))
+            if pipeline.device.type == "cuda":  # the bucket shapes are fixed: let cuDNN pick per shape
+                torch.backends.cudnn.benchmark = True
         return pipeline
 
     def _batch_size(self, batch: Batch) -> tuple[int, int] | None:
@@ -404,7 +406,8 @@ class EngineWorker:
     def _finish(self, batch: Batch, finished: list[Entry]) -> None:
         """Retire finished jobs: one NaN check and one VAE decode for all of them together; their
         images are converted and encoded in the finisher's pool while the next step runs."""
-        decoded = decode_finished(self.pipeline, [(entry, batch.remove(entry.job)) for entry in finished])
+        leaving = [(entry, batch.remove(entry.job)) for entry in finished]
+        decoded = decode_finished(self.pipeline, leaving, self.settings.decode_chunk)
         for entry, outcome in decoded:
             if isinstance(outcome, EngineError):
                 self._settle(entry, error=outcome)
