@@ -180,8 +180,8 @@ def measure_size(run: Run, device: torch.device, dtype: torch.dtype, graphs: boo
         "serial": EngineWorker(model, dataclasses.replace(settings, max_batch=1), limits),
     }
     if graphs:
-        workers["batched_graphs"] = EngineWorker(model, settings, limits)
-        workers["batched_graphs"].pipeline.denoiser.compile(graphs_compiler(device))
+        compiled = dataclasses.replace(settings, compile="reduce-overhead")
+        workers["batched_graphs"] = EngineWorker(model, compiled, limits, compiler=graphs_compiler(device))
     pipe = diffusers_pipeline(components, family)
     jobs = requests(run)
     memory = PeakMemory(device)
@@ -225,6 +225,9 @@ def measure_size(run: Run, device: torch.device, dtype: torch.dtype, graphs: boo
     out["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     out["images_per_second"] = {k: round(out["images"][k] / v, 3) for k, v in seconds.items()}
     out["peak_memory_gib"] = memory.peaks
+    if graphs:
+        denoiser = workers["batched_graphs"].pipeline.denoiser
+        out["graphs"], out["eager_calls_past_the_bound"] = len(denoiser.graphs), denoiser.eager_calls
     out["ratios"] = ratios(out["images_per_second"], out.get("latency_seconds"))
     return out
 

@@ -23,18 +23,20 @@ engine steps, so :attr:`Entry.step` counts the member's steps (progress) and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from engine.denoiser import Conditioning, Denoiser
+from engine.denoiser import BUCKETS, Conditioning, Denoiser, bucket_rows
 from engine.inpaint import LatentBlend
 from engine.readback import Readback
 from engine.samplers import Sampler, initial_state, plan_state
 from engine.schedules import latents_to_decode
 from engine.stages import COLUMNS, EVAL, TO
+from engine.types import GenerationRequest
 
 #: Columns the batch adds to a plan's (engine.stages): the UNet's timestep for the row's sigma,
 #: twice (prompt and negative prompt rows: adjacent, so ``table[k][T:T + 2]`` flattened is the
@@ -44,6 +46,8 @@ TABLE_COLUMNS = COLUMNS + 3
 
 if TYPE_CHECKING:
     from engine.pipeline import PreparedJob
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,6 +113,9 @@ class Batch:
     @property
     def rows(self) -> int:
         return sum(entry.job.rows for entry in self.entries)
+
+    def __contains__(self, entry: Entry) -> bool:
+        return any(entry is e for e in self.entries)  # by identity: entries hold tensors
 
     @property
     def latent_shape(self) -> tuple[int, ...] | None:
@@ -311,3 +318,23 @@ class NanCheck:
     def bad_entries(self, wait: bool = False) -> list[Entry]:
         finite = (self.finite.wait() if wait else self.finite.host).tolist()
         return [entry for entry, rows in self.offsets if not all(finite[rows])]
+
+
+def rows_of(t: Tensor, picked: list[int]) -> Tensor:
+    """Rows ``picked`` of ``t``: a view when they are consecutive, else one stack."""
+    if picked == list(range(picked[0], picked[0] + len(picked))):
+        return t[picked[0] : picked[0] + len(picked)]
+    return torch.stack([t[i] for i in picked])
+
+
+def capture_graphs(pipeline, sizes: tuple[tuple[int, int], ...], max_batch: int) -> None:
+    """A compiled UNet's graph for every size and row bucket up to ``max_batch``, made by two steps
+    of a blank job of that many images (``engine.compile_capture = "start"``)."""
+    for width, height in sizes:
+        for rows in [b for b in BUCKETS if b <= bucket_rows(max_batch)]:
+            blank = dict(prompt="", seed=0, steps=2, count=rows, sampler="euler", width=width, height=height)
+            batch = Batch(pipeline.denoiser)
+            batch.add(pipeline.prepare(GenerationRequest.of(-1, **blank)))
+            while not batch.entries[0].done:
+                batch.step()
+    log.info("captured %d UNet graphs at start", len(pipeline.denoiser.graphs))

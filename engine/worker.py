@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.admission import Running, Waiting, admissions, over_limits, resumptions
-from engine.batch import Batch, Entry, NanCheck, Parked
+from engine.batch import Batch, Entry, NanCheck, Parked, capture_graphs, rows_of
 from engine.errors import EngineError, GenerationError, JobCancelled
 from engine.finishing import Finisher, Preview, ProgressSink, Ticket, decode_finished
 from engine.memory import OutOfMemoryGovernor, free_memory, jobs_to_keep
@@ -71,10 +71,13 @@ class EngineWorker:
         gen: GenerationSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
+        compiler: Callable[[torch.nn.Module], Callable] | None = None,
     ) -> None:
-        """``model``: one loaded model, or a :class:`ModelPool` of several (its default is loaded now)."""
+        """``model``: one loaded model, or a :class:`ModelPool` of several (its default is loaded now);
+        ``compiler``: compiles the UNet when ``engine.compile`` is on (default: torch.compile)."""
         self.settings, self.gen = settings, gen
         self.clock = clock
+        self._compiler = compiler
         self.models = model if isinstance(model, ModelPool) else ModelPool.single(model)
         self.model_name: str | None = self.models.default  # the model of the running batch
         self.pipeline: Pipeline | None = self._compiled(self.models.pipeline(self.model_name))
@@ -171,6 +174,7 @@ class EngineWorker:
         batch = Batch(self.pipeline.denoiser)
         try:
             with torch.inference_mode():
+                self._capture_graphs(self.pipeline)
                 while (admitted := self._next_admissions(batch)) is not None:
                     for i, ticket in enumerate(admitted):
                         if not self._admit(batch, ticket):
@@ -192,7 +196,6 @@ class EngineWorker:
         self._resume_parked(batch)
         if not batch.entries:  # the device is idle: what is still on its way to the host lands now
             self.finisher.flush()
-            self._nan_checks.clear()
         with self._lock:
             while not self._stopping and not self._waiting and not batch.entries:
                 self._lock.wait()
@@ -245,15 +248,23 @@ class EngineWorker:
         self.pipeline = self.model_name = batch.denoiser = None
         self.pipeline = self._compiled(self.models.pipeline(name))
         self.model_name, batch.denoiser = name, self.pipeline.denoiser
+        self._capture_graphs(self.pipeline)
         return self.pipeline
 
     def _compiled(self, pipeline: Pipeline | None) -> Pipeline | None:
         """The pipeline, its UNet compiled as ``engine.compile`` asks (once per loaded model)."""
         if pipeline is not None and self.settings.compile != "off":
-            pipeline.denoiser.compile(functools.partial(torch.compile, mode=self.settings.compile, dynamic=False))
+            compiler = self._compiler or functools.partial(torch.compile, mode=self.settings.compile, dynamic=False)
+            pipeline.denoiser.compile(compiler, self.settings.compile_graphs)
             if pipeline.device.type == "cuda":  # the bucket shapes are fixed: let cuDNN pick per shape
                 torch.backends.cudnn.benchmark = True
         return pipeline
+
+    def _capture_graphs(self, pipeline: Pipeline | None) -> None:
+        """``engine.compile_capture = "start"``: every graph made now, on this thread (CUDA graphs
+        are per thread), instead of by the first job of each shape."""
+        if pipeline is not None and pipeline.denoiser.compiled and self.settings.compile_capture == "start":
+            capture_graphs(pipeline, self.gen.size_pairs, self.settings.max_batch)
 
     def _batch_size(self, batch: Batch) -> tuple[int, int] | None:
         if not batch.entries:
@@ -379,9 +390,8 @@ class EngineWorker:
     def _read_nan_checks(self, batch: Batch) -> None:
         """Jobs whose NaN check has reached the host and found one fail (if they are still here)."""
         while self._nan_checks and self._nan_checks[0].finite.ready():
-            for entry in self._nan_checks.popleft().bad_entries():
-                if any(entry is e for e in batch.entries):
-                    self._retire(batch, entry, error=nan_error(entry.job))
+            for entry in [e for e in self._nan_checks.popleft().bad_entries() if e in batch]:
+                self._retire(batch, entry, error=nan_error(entry.job))
 
     def _report_progress(self, batch: Batch, denoised: torch.Tensor) -> None:
         every = self.settings.preview_every
@@ -394,12 +404,11 @@ class EngineWorker:
             wants_preview = every and entry.step % every == 0 and entry.step < total
             reports.append((ticket, Progress(ticket.request.job_id, entry.step, total), wants_preview))
             previewed += [rows.start] if wants_preview else []
-        # The previewed rows' latents in one copy to the host, which nobody waits for; their
-        # colours and PNGs are made in the finisher's pool once it has landed.
-        pixels = Readback(rows_of(denoised, previewed)) if previewed else None
-        index = itertools.count()
+        # The previewed rows' latents in one copy to the host that nobody waits for; colours and
+        # PNGs are made in the finisher's pool once it has landed.
+        latents, index = Readback(rows_of(denoised, previewed)) if previewed else None, itertools.count()
         for ticket, progress, wants_preview in reports:
-            preview = Preview(pixels, next(index), self.pipeline.family) if wants_preview else None
+            preview = Preview(latents, next(index), self.pipeline.family) if wants_preview else None
             self.finisher.progress(ticket, progress, preview)
         self.finisher.poll()
 
@@ -407,8 +416,7 @@ class EngineWorker:
         """Retire finished jobs: one NaN check and one VAE decode for all of them together; their
         images are converted and encoded in the finisher's pool while the next step runs."""
         leaving = [(entry, batch.remove(entry.job)) for entry in finished]
-        decoded = decode_finished(self.pipeline, leaving, self.settings.decode_chunk)
-        for entry, outcome in decoded:
+        for entry, outcome in decode_finished(self.pipeline, leaving, self.settings.decode_chunk):
             if isinstance(outcome, EngineError):
                 self._settle(entry, error=outcome)
                 continue
@@ -440,10 +448,3 @@ class EngineWorker:
         with self._lock:
             while self._waiting:
                 self._waiting.popleft().settle(error=JobCancelled("The engine stopped before the job started."))
-
-
-def rows_of(t: torch.Tensor, picked: list[int]) -> torch.Tensor:
-    """Rows ``picked`` of ``t``: a view when they are consecutive, else one stack."""
-    if picked == list(range(picked[0], picked[0] + len(picked))):
-        return t[picked[0] : picked[0] + len(picked)]
-    return torch.stack([t[i] for i in picked])
