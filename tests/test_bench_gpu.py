@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from bench import gpu
+import gpu
 
 
 def test_without_cuda_it_says_how_to_run_the_pieces(monkeypatch):

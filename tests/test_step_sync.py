@@ -15,7 +15,7 @@ from engine.samplers import SAMPLERS
 from engine.sde import brownian_noises
 from engine.types import GenerationRequest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 DRAWING = [name for name, sampler in SAMPLERS.items() if sampler.ancestral or sampler.brownian]
 
@@ -43,7 +43,7 @@ def test_noise_drawn_at_admission_is_the_noise_drawn_step_by_step(tiny_model, na
 
 
 def test_a_steady_step_makes_no_sync_and_no_more_kernels_outside_the_unet_than_diffusers():
-    from bench import step_cost
+    import step_cost
 
     torch.manual_seed(0)
     components = step_cost.build_components("tiny")
