@@ -15,7 +15,9 @@ per steady step (UNet calls 3 to 18: no admission, no finishing):
 It runs on the CPU, so "device" is a label: a tensor is a device tensor when it is a model weight
 or buffer, comes from a factory or ``.to()`` given a device object (not the string "cpu"), from
 ``engine.batch.to_device`` (counted as the CUDA path: pinned and non-blocking, so an upload but no
-sync), or from an operation on a device tensor. What runs on CUDA the same way is counted the same.
+sync), or from an operation on a device tensor. ``engine.readback.Readback`` is counted as its CUDA
+path too: a non-blocking download into pinned memory, read by the host only once its event has
+fired, so a download but no sync. What runs on CUDA the same way is counted the same.
 Diffusers gets its best case: no generator (its noise drawn on the device, no upload per step).
 
     python bench/step_cost.py            # prints both tables; nothing is asserted
@@ -30,6 +32,7 @@ import sys
 import threading
 import traceback
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +47,8 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 
 import engine.batch  # noqa: E402
 import engine.finishing  # noqa: E402
+import engine.pipeline  # noqa: E402
+import engine.readback  # noqa: E402
 from engine.settings import EngineSettings, GenerationSettings  # noqa: E402
 from engine.types import GenerationRequest  # noqa: E402
 from engine.worker import EngineWorker  # noqa: E402
@@ -63,6 +68,7 @@ NOT_KERNELS = {
     "alias",
     "_to_copy_no_change",
 }
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
 FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "linspace", "randn", "rand", "randint")
 
 
@@ -146,9 +152,22 @@ class Counting(TorchDispatchMode):
 TALLY = Tally()  # the run being counted; the patches below report to it
 
 
-def patch_sync_points() -> None:
-    """Python-level reads of device tensors, uploads, and factories given a device."""
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+def patch_sync_points() -> Callable[[], None]:
+    """Python-level reads of device tensors, uploads, and factories given a device; returns what
+    undoes the patches (a test counts in a process that goes on)."""
+    saved = [(torch.Tensor, name, getattr(torch.Tensor, name)) for name in (*READS, "to")]
+    saved += [(torch, name, getattr(torch, name)) for name in FACTORIES]
+    saved += [
+        (engine.batch, "to_device", engine.batch.to_device),
+        (engine.pipeline, "to_device", engine.pipeline.to_device),
+    ]
+    saved += [(engine.readback.Readback, "__init__", engine.readback.Readback.__init__)]
+
+    def undo() -> None:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+    for name in READS:
         real = getattr(torch.Tensor, name)
 
         def read(self, *args, _real=real, _name=name, **kwargs):
@@ -206,7 +225,17 @@ def patch_sync_points() -> None:
         TALLY.mark(out)
         return out
 
-    engine.batch.to_device = to_device
+    engine.batch.to_device = engine.pipeline.to_device = to_device
+
+    real_readback = engine.readback.Readback.__init__
+
+    def readback(self, tensor):  # counted as its CUDA branch: into pinned memory, non_blocking, an event
+        real_readback(self, tensor)
+        TALLY.unmark(self.host)  # read by the host only once its event says the copy has landed
+        TALLY.note("download")
+
+    engine.readback.Readback.__init__ = readback
+    return undo
 
 
 def requests() -> list[GenerationRequest]:
@@ -287,6 +316,7 @@ def report(name: str, tally: Tally) -> dict:
         "syncs, stepping thread": per_step[(True, "sync")] / steps,
         "syncs, other threads": per_step[(False, "sync")] / steps,
         "uploads (non-blocking)": (per_step[(True, "upload")] + per_step[(False, "upload")]) / steps,
+        "downloads (non-blocking)": (per_step[(True, "download")] + per_step[(False, "download")]) / steps,
     }
     print(f"\n{name}: per steady step (UNet calls {STEADY.start}-{STEADY.stop - 1} of {tally.step})")
     for key, value in row.items():
@@ -295,7 +325,7 @@ def report(name: str, tally: Tally) -> dict:
         sites = collections.Counter((s, stepper) for _, stepper, k, s in steady if k == kind)
         if sites:
             print(f"  {label} by site (per step):")
-            for (where, stepper), n in sites.most_common(8):
+            for (where, stepper), n in sites.most_common(12):
                 print(f"    {n / steps:6.2f}  {where}{'' if stepper else '  (other thread)'}")
     return row
 

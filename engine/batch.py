@@ -2,8 +2,13 @@
 
 Every image of every job is a row of ``x``. Jobs join and leave between steps; membership changes
 rebuild the per-row tables (conditioning, sigma schedules, sampler groups) once, so a step itself
-is one denoiser call plus each sampler's arithmetic on its rows, with no host<->device sync:
-the rows' sigmas are read on the device from a table by a step counter kept on the device.
+is one denoiser call plus each sampler's arithmetic on its rows, with no host<->device sync
+(issue 11 §1). The rebuild lays every row's remaining plan out by *batch* step, on the device:
+``table[k]`` holds, for each row, the plan entry it reaches k steps after the rebuild, with the
+UNet's timestep and input scale for it (made on the CPU once, so a step computes no
+``sigma_to_t``); a step reads ``table[k]`` by a host counter, a view and no kernel. Each job's
+fresh noise for its whole run is drawn at admission (:class:`~engine.pipeline.PreparedJob`) and
+laid out the same way (:attr:`Batch.noise`).
 Masked rows (:mod:`engine.inpaint`) add a per-row blend to that rebuild: after each step their
 kept area is set back to the init image's latents at the row's next sigma.
 
@@ -18,20 +23,31 @@ engine steps, so :attr:`Entry.step` counts the member's steps (progress) and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from engine.denoiser import Conditioning, Denoiser
+from engine.denoiser import BUCKETS, Conditioning, Denoiser, bucket_rows
 from engine.inpaint import LatentBlend
+from engine.readback import Readback
 from engine.samplers import Sampler, initial_state, plan_state
 from engine.schedules import latents_to_decode
 from engine.stages import COLUMNS, EVAL, TO
+from engine.types import GenerationRequest
+
+#: Columns the batch adds to a plan's (engine.stages): the UNet's timestep for the row's sigma,
+#: twice (prompt and negative prompt rows: adjacent, so ``table[k][T:T + 2]`` flattened is the
+#: UNet's timestep input as a view), and its input scale 1 / sqrt(sigma^2 + 1).
+T, C_IN = COLUMNS, COLUMNS + 2
+TABLE_COLUMNS = COLUMNS + 3
 
 if TYPE_CHECKING:
     from engine.pipeline import PreparedJob
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,7 +64,7 @@ class Entry:
 
 
 #: The per-row state a job carries from step to step (besides its Entry's step count).
-ROW_STATE = ("x", "old_denoised", "old_sigma", "step_index")
+ROW_STATE = ("x", "old_denoised", "old_sigma")
 
 
 @dataclass
@@ -82,8 +98,13 @@ class Batch:
         self.x: Tensor | None = None  # [rows, C, h, w] float32
         self.old_denoised: Tensor | None = None
         self.old_sigma: Tensor | None = None
-        self.step_index: Tensor | None = None  # [rows] long, on the device
-        self.plan_table: Tensor | None = None  # [rows, longest plan, COLUMNS], zero-padded
+        #: [steps left to the longest plan, TABLE_COLUMNS, rows] on the device: row r's plan entry
+        #: ``k`` steps after the last membership change at ``[k, :, r]`` (zeros past its end).
+        self.table: Tensor | None = None
+        self.since_rebuild = 0  # steps taken since the table was laid out: the row of it to read
+        #: [steps left, rows, C, h, w]: each row's pre-drawn fresh noise laid out the same way
+        #: (zeros for rows that draw none); None when no row draws any.
+        self.noise: Tensor | None = None
         self.state: dict[str, Tensor] = {}  # samplers' per-row history, by name (zeros for other rows)
         self.cond: Conditioning | None = None
         self.blend: LatentBlend | None = None  # masked rows' kept areas; None when no row has a mask
@@ -92,6 +113,9 @@ class Batch:
     @property
     def rows(self) -> int:
         return sum(entry.job.rows for entry in self.entries)
+
+    def __contains__(self, entry: Entry) -> bool:
+        return any(entry is e for e in self.entries)  # by identity: entries hold tensors
 
     @property
     def latent_shape(self) -> tuple[int, ...] | None:
@@ -115,7 +139,6 @@ class Batch:
                 "x": latents,
                 "old_denoised": torch.zeros_like(latents),
                 "old_sigma": torch.zeros(rows, device=device),
-                "step_index": torch.zeros(rows, device=device, dtype=torch.long),
                 **initial_state(job.sampler, latents),
             },
         )
@@ -156,8 +179,8 @@ class Batch:
         state |= {name: self.state[name][rows] for name in entry.job.sampler.state}
         self.entries.remove(entry)
         if not self.entries:
-            self.x = self.old_denoised = self.old_sigma = self.step_index = None
-            self.plan_table, self.cond, self.groups, self.state, self.blend = None, None, [], {}, None
+            self.x = self.old_denoised = self.old_sigma = None
+            self.table, self.noise, self.cond, self.groups, self.state, self.blend = None, None, None, [], {}, None
             return entry, state
         # An index list, not a boolean mask: masking on a GPU waits for the device (nonzero).
         kept = [i for i in range(self.x.shape[0]) if not rows.start <= i < rows.stop]
@@ -171,15 +194,17 @@ class Batch:
     def _rebuild(self) -> None:
         """Per-row tables for the current members (once per change, not per step)."""
         device = self.x.device
-        longest = max(entry.job.engine_steps for entry in self.entries)
-        table = torch.zeros(self.rows, longest, COLUMNS)
+        longest = max(1, *(entry.job.engine_steps - entry.engine_step for entry in self.entries))
+        table = torch.zeros(longest, TABLE_COLUMNS, self.rows)
         by_sampler: dict[str, tuple[Sampler, list[Entry], list[int]]] = {}
         for entry, rows in self.offsets():
-            table[rows, : entry.job.engine_steps] = entry.job.plan.table
+            remaining = self.denoiser_table(entry.job)[entry.engine_step :]
+            table[: len(remaining), :, rows] = remaining[:, :, None]
             sampler, entries, indices = by_sampler.setdefault(entry.job.sampler.name, (entry.job.sampler, [], []))
             entries.append(entry)
             indices.extend(range(rows.start, rows.stop))
-        self.plan_table = to_device(table, device)
+        self.table, self.since_rebuild = to_device(table, device), 0
+        self.noise = self._lay_out_noise(longest)
         self.cond = Conditioning.cat([entry.job.cond for entry in self.entries])
         self.blend = LatentBlend.cat(
             [(entry.job.blend, entry.job.rows) for entry in self.entries], tuple(self.x.shape[1:]), device
@@ -192,44 +217,48 @@ class Batch:
 
     # ------------------------------------------------------------------ one step
 
-    def columns(self) -> Tensor:
-        """Every row's plan entry for its current engine step, ``[rows, COLUMNS]``, read on the device."""
-        here = self.step_index.view(-1, 1, 1).expand(-1, 1, COLUMNS)
-        return self.plan_table.gather(1, here)[:, 0]
+    def _lay_out_noise(self, longest: int) -> Tensor | None:
+        """The members' remaining noise by batch step, so a step reads it as a view (one device
+        copy per membership change instead of one gather per step)."""
+        drawing = [(entry, rows) for entry, rows in self.offsets() if entry.job.noise is not None]
+        if not drawing:
+            return None
+        noise = torch.zeros(longest, self.rows, *self.x.shape[1:], device=self.x.device)
+        for entry, rows in drawing:
+            remaining = entry.job.noise[entry.engine_step :]
+            noise[: len(remaining), rows] = remaining
+        return noise
+
+    def denoiser_table(self, job: PreparedJob) -> Tensor:
+        """A job's plan with the batch's columns, ``[engine steps, TABLE_COLUMNS]`` on the CPU."""
+        sigma = job.plan.table[:, EVAL]
+        t = self.denoiser.timesteps(sigma)
+        return torch.cat([job.plan.table, t[:, None], t[:, None], self.denoiser.input_scale(sigma)[:, None]], 1)
+
+    def by_column(self) -> Tensor:
+        """Every row's plan entry for its current engine step, ``[TABLE_COLUMNS, rows]``: a view."""
+        return self.table[self.since_rebuild]
 
     def sigmas(self) -> tuple[Tensor, Tensor]:
         """Every row's sigma to evaluate the model at, and the sigma its current step goes to."""
-        columns = self.columns()
-        return columns[:, EVAL].contiguous(), columns[:, TO].contiguous()
+        by_column = self.by_column()
+        return by_column[EVAL], by_column[TO]
 
     def step(self) -> Tensor:
         """Advance every row by one step of its own sampler; returns the rows' denoised latents.
 
-        Nothing changes until every part has succeeded: the new state is assigned at the end, and
-        the ancestral generators are rewound if a later part fails, so a retried step draws the
-        same noise.
+        Nothing changes until every part has succeeded: the new state is assigned at the end (a
+        retried step reads the same noise, drawn at admission, by the same step counts).
         """
-        columns = self.columns()
-        sigma, sigma_next = columns[:, EVAL].contiguous(), columns[:, TO].contiguous()
-        denoised = self.denoiser(self.x, sigma, self.cond)
-        generators = [
-            g
-            for group in self.groups
-            if group.sampler.ancestral
-            for entry in group.entries
-            for g in entry.job.generators
-        ]
-        rewind = [(g, g.get_state()) for g in generators]  # CPU generators: no device sync
-        try:
-            x_next, state = self._advance(denoised, sigma, sigma_next, columns)
-            if self.blend is not None:  # masked rows: outside the mask, the init image at sigma_next
-                x_next = self.blend(x_next, sigma_next)
-        except BaseException:
-            for g, generator_state in rewind:
-                g.set_state(generator_state)
-            raise
+        by_column = self.by_column()
+        sigma, sigma_next = by_column[EVAL], by_column[TO]
+        timesteps = by_column[T : T + 2].flatten()  # prompt rows', then negative prompt rows'
+        denoised = self.denoiser(self.x, sigma, self.cond, timesteps=timesteps, c_in=by_column[C_IN])
+        x_next, state = self._advance(denoised, sigma, sigma_next, by_column[:COLUMNS].t())
+        if self.blend is not None:  # masked rows: outside the mask, the init image at sigma_next
+            x_next = self.blend(x_next, sigma_next)
         self.x, self.old_denoised, self.old_sigma, self.state = x_next, denoised, sigma, state
-        self.step_index = self.step_index + 1
+        self.since_rebuild += 1
         for entry in self.entries:
             entry.step += entry.job.plan.completes[entry.engine_step]
             entry.engine_step += 1
@@ -241,12 +270,10 @@ class Batch:
         x_next = self.x if len(self.groups) == 1 else torch.empty_like(self.x)
         state = dict(self.state)  # the updated history replaces the old only once every group is done
         for group in self.groups:
+            pick = (lambda t: t) if group.index is None else (lambda t, i=group.index: t[i])
             noise = None
             if group.sampler.ancestral or group.sampler.brownian:
-                noise = to_device(
-                    torch.cat([entry.job.step_noise(entry.engine_step) for entry in group.entries]), self.x.device
-                )
-            pick = (lambda t: t) if group.index is None else (lambda t, i=group.index: t[i])
+                noise = pick(self.noise[self.since_rebuild])
             kwargs = dict(old_denoised=pick(self.old_denoised), old_sigma=pick(self.old_sigma), noise=noise)
             if group.sampler.stateful:
                 history = {name: pick(self.state[name]) for name in group.sampler.state}
@@ -271,7 +298,43 @@ class Batch:
                 x_next[group.index] = advanced
         return x_next, state
 
+    def nonfinite_check(self) -> NanCheck:
+        """Which jobs have a NaN/inf in their rows now, read when it reaches the host (no sync)."""
+        return NanCheck(Readback(torch.isfinite(self.x).flatten(1).all(1)), self.offsets())
+
     def nonfinite_entries(self) -> list[Entry]:
-        """Jobs with a NaN/inf in their rows (one host sync: call every few steps, not every step)."""
-        bad = (~torch.isfinite(self.x)).flatten(1).any(1).tolist()
-        return [entry for entry, rows in self.offsets() if any(bad[rows])]
+        """Jobs with a NaN/inf in their rows, waiting for the device (tests; the worker uses
+        :meth:`nonfinite_check`)."""
+        return self.nonfinite_check().bad_entries(wait=True)
+
+
+@dataclass
+class NanCheck:
+    """A NaN check's per-row flags on their way to the host, and the rows' owners when it was made."""
+
+    finite: Readback  # [rows] bool
+    offsets: list[tuple[Entry, slice]]
+
+    def bad_entries(self, wait: bool = False) -> list[Entry]:
+        finite = (self.finite.wait() if wait else self.finite.host).tolist()
+        return [entry for entry, rows in self.offsets if not all(finite[rows])]
+
+
+def rows_of(t: Tensor, picked: list[int]) -> Tensor:
+    """Rows ``picked`` of ``t``: a view when they are consecutive, else one stack."""
+    if picked == list(range(picked[0], picked[0] + len(picked))):
+        return t[picked[0] : picked[0] + len(picked)]
+    return torch.stack([t[i] for i in picked])
+
+
+def capture_graphs(pipeline, sizes: tuple[tuple[int, int], ...], max_batch: int) -> None:
+    """A compiled UNet's graph for every size and row bucket up to ``max_batch``, made by two steps
+    of a blank job of that many images (``engine.compile_capture = "start"``)."""
+    for width, height in sizes:
+        for rows in [b for b in BUCKETS if b <= bucket_rows(max_batch)]:
+            blank = dict(prompt="", seed=0, steps=2, count=rows, sampler="euler", width=width, height=height)
+            batch = Batch(pipeline.denoiser)
+            batch.add(pipeline.prepare(GenerationRequest.of(-1, **blank)))
+            while not batch.entries[0].done:
+                batch.step()
+    log.info("captured %d UNet graphs at start", len(pipeline.denoiser.graphs))

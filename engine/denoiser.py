@@ -16,6 +16,7 @@ prompt is usually the server default).
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from engine.prompt_syntax import ChunkedPrompt, chunk_prompt, chunks_needed, str
 from engine.prompts import EmbeddingLibrary, embeddings_injected, emphasize
 from engine.samplers import rows
 from engine.schedules import ModelSchedule, sigma_to_t
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -234,10 +237,14 @@ class PromptEncoder:
 class Denoiser:
     """``denoiser(x, sigma, cond) -> x0`` over a diffusers UNet, classifier-free guided per row.
 
-    :meth:`compile` (``engine.compile``) runs the UNet through ``torch.compile``. A compiled graph
-    is made for one input shape, and the running batch changes size whenever a job joins or
-    leaves, so the compiled UNet sees rows padded up to the next power of two (copies of the last
-    row, whose outputs are dropped; rows never mix in a UNet): a handful of graphs per image size.
+    :meth:`compile` (``engine.compile``) runs the UNet through ``torch.compile`` (CUDA graphs with
+    "reduce-overhead"). A compiled graph is made for one input shape, and the running batch changes
+    size whenever a job joins or leaves, so the compiled UNet sees rows padded up to a bucket of
+    :data:`BUCKETS` (copies of the last row, whose outputs are dropped; rows never mix in a UNet):
+    one graph per (bucket, latent size, prompt length). The set is bounded by ``max_graphs``
+    (``engine.compile_graphs``), each new graph is logged, and a shape past the bound runs eager,
+    counted in :attr:`eager_calls` and logged: never dynamo's silent fall-back at its own limit,
+    which is raised above ours.
     """
 
     def __init__(self, unet, schedule: ModelSchedule, prediction_type: str = "epsilon") -> None:
@@ -246,47 +253,95 @@ class Denoiser:
         self.unet = unet
         self.prediction_type = prediction_type
         self.dtype = unet.dtype
-        # Kept on the device in float32 so a step does the timestep lookup without a transfer.
-        self.log_sigmas = schedule.log_sigmas.to(device=unet.device, dtype=torch.float32)
-        self._run_unet: Callable[..., Any] = unet
+        # In float32, as a step used to look timesteps up on the device: the batch's tables are
+        # made on the CPU from the same values (timesteps), a lone call looks them up on the device.
+        self._log_sigmas_host = schedule.log_sigmas.to(dtype=torch.float32)
+        self.log_sigmas = self._log_sigmas_host.to(unet.device)
+        self._run_compiled: Callable[..., Any] | None = None
         self.compiled = False
         self._padding: dict[int, tuple[int, Tensor]] = {}  # rows -> (bucket, index of the padded rows)
+        self.max_graphs = 0
+        self.graphs: dict[tuple, int] = {}  # (bucket, latent shape, tokens, masked) -> calls made with it
+        self.eager_calls = 0  # UNet calls past the bound on graphs, run eager (logged)
 
-    def compile(self, compiler: Callable[[torch.nn.Module], Callable[..., Any]]) -> None:
+    def compile(self, compiler: Callable[[torch.nn.Module], Callable[..., Any]], max_graphs: int = 24) -> None:
         """Run the UNet as ``compiler(unet)`` from now on (e.g. ``functools.partial(torch.compile,
-        mode="reduce-overhead", dynamic=False)``), rows padded to bucket sizes. Once per model."""
+        mode="reduce-overhead", dynamic=False)``), rows padded to bucket sizes, at most
+        ``max_graphs`` shapes. Once per model."""
         if not self.compiled:
-            self._run_unet, self.compiled = compiler(self.unet), True
+            self._run_compiled, self.compiled, self.max_graphs = compiler(self.unet), True, max_graphs
+            # Dynamo's own limit would silently run eager past it: ours is the bound, and it is logged.
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, max_graphs + 1)
+
+    def timesteps(self, sigma: Tensor) -> Tensor:
+        """The UNet's fractional timestep for each sigma, on the CPU (for the batch's tables)."""
+        return sigma_to_t(sigma.float().cpu(), self._log_sigmas_host).float()
+
+    @staticmethod
+    def input_scale(sigma: Tensor) -> Tensor:
+        """What the UNet's input is scaled by at each sigma: 1 / sqrt(sigma^2 + 1) (k-diffusion's c_in)."""
+        return 1 / (sigma**2 + 1).sqrt()
 
     @torch.inference_mode()
-    def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        c_in = rows(1 / (sigma**2 + 1).sqrt())
-        t = sigma_to_t(sigma, self.log_sigmas)
+    def __call__(
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        cond: Conditioning,
+        *,
+        timesteps: Tensor | None = None,
+        c_in: Tensor | None = None,
+    ) -> Tensor:
+        """``timesteps`` (``[2 * rows]``: the prompt rows', then the negative prompt rows') and
+        ``c_in`` (``[rows]``) are what this computes from ``sigma`` when not given; the batch
+        passes them from its tables, made once per membership change."""
+        c_in = rows(self.input_scale(sigma) if c_in is None else c_in)
+        if timesteps is None:
+            t = sigma_to_t(sigma, self.log_sigmas)
+            timesteps = torch.cat([t, t])
         model_in = (x * c_in).to(self.dtype)
         if cond.image is not None:  # an inpainting UNet: latents, mask, masked image latents
             model_in = torch.cat([model_in, cond.image.to(self.dtype)], dim=1)
         inputs = dict(
             sample=torch.cat([model_in, model_in]),
-            timestep=torch.cat([t, t]),
+            timestep=timesteps,
             encoder_hidden_states=cond.embeds,
             encoder_attention_mask=cond.mask,  # None unless rows differ in chunk count
             added_cond_kwargs=cond.added,
         )
         n = x.shape[0]
-        bucket = n
-        if self.compiled:
+        bucket, run = n, self.unet
+        if self.compiled and self._graph_for(n, model_in, cond):
             bucket, index = self._bucket(n, x.device)
-            inputs = _take_rows(inputs, index)
-        out = self._run_unet(**inputs, return_dict=False)[0].float()
+            inputs, run = _take_rows(inputs, index), self._run_compiled
+        out = run(**inputs, return_dict=False)[0].float()
         positive, negative = out[:n], out[bucket : bucket + n]
         guided = negative + rows(cond.guidance) * (positive - negative)
         return self.to_x0(guided, x, sigma)
+
+    def _graph_for(self, n: int, model_in: Tensor, cond: Conditioning) -> bool:
+        """Whether these rows run in a graph: one that exists, or a new one within the bound."""
+        key = (bucket_rows(n), tuple(model_in.shape[1:]), cond.embeds.shape[1], cond.mask is not None)
+        if key in self.graphs:
+            self.graphs[key] += 1
+            return True
+        if len(self.graphs) < self.max_graphs:
+            self.graphs[key] = 1
+            log.info("UNet graph %d of at most %d: %d rows (for %d), latents %s, %d tokens", len(self.graphs),
+                     self.max_graphs, key[0], n, "x".join(map(str, key[1])), key[2])  # fmt: skip
+            return True
+        self.eager_calls += 1
+        log.warning("no UNet graph for %d rows, latents %s, %d tokens: %d graphs made already "
+                    "(engine.compile_graphs); this step runs eager (%d so far)",
+                    n, "x".join(map(str, key[1])), key[2], self.max_graphs, self.eager_calls)  # fmt: skip
+        return False
 
     def _bucket(self, n: int, device: torch.device) -> tuple[int, Tensor]:
         """The padded row count for ``n`` rows and which of the 2n UNet rows fill the 2 x bucket
         (made once per row count, so a step copies nothing to the device)."""
         if n not in self._padding:
-            bucket = 1 << (n - 1).bit_length()
+            bucket = bucket_rows(n)
             positive = list(range(n)) + [n - 1] * (bucket - n)
             index = torch.tensor(positive + [n + i for i in positive], device=device)
             self._padding[n] = bucket, index
@@ -299,6 +354,18 @@ class Denoiser:
         c_skip = 1 / (sigma**2 + 1)
         c_out = -sigma / (sigma**2 + 1).sqrt()
         return x * rows(c_skip) + out * rows(c_out)
+
+
+#: Row counts a compiled UNet is made for; rows are padded up to the next (past the last: to a
+#: multiple of :data:`BUCKET_STEP`). From 8 rows up at most a third of the rows are padding, where
+#: powers of two waste up to half (9 rows run as 16, 33 as 64).
+BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32)
+BUCKET_STEP = 16
+
+
+def bucket_rows(n: int) -> int:
+    """The bucket ``n`` rows are padded to."""
+    return next((b for b in BUCKETS if b >= n), -(-n // BUCKET_STEP) * BUCKET_STEP)
 
 
 def _take_rows(inputs: dict[str, Any], index: Tensor) -> dict[str, Any]:

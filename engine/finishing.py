@@ -5,7 +5,9 @@ The engine thread's last work for a finished job is the batched VAE decode
 one image at a time after running out of memory). Everything after it (the uint8 conversion and
 the copy to the host, PNG encoding with the metadata, and each progress preview's PNG) runs in
 a small thread pool (:class:`Finisher`), so the engine thread launches the next step at once
-instead of leaving the GPU idle while zlib runs (issue 11).
+instead of leaving the GPU idle while zlib runs (issue 11). A preview's pixels come to the host
+by a copy nobody waits for (:mod:`engine.readback`); its PNG is started once the engine thread,
+polling at a step boundary, sees that the copy has landed.
 
 A job's deliveries (progress, previews, its result or its error) still reach it in the order
 they were made: each one is handed over only after the one before it, whatever thread encodes
@@ -15,6 +17,7 @@ engine thread, as before.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -31,6 +34,7 @@ from engine.hires import SecondPass, second_pass_steps
 from engine.memory import free_memory
 from engine.pipeline import DECODE_CHUNK, decode_error, nan_error, out_of_memory_error, to_images
 from engine.preview import preview_png
+from engine.readback import Readback
 from engine.types import GenerationRequest, GenerationResult, Progress
 
 if TYPE_CHECKING:
@@ -95,6 +99,15 @@ class Ticket:
             log.exception("progress callback for job %s failed", progress.job_id)
 
 
+@dataclass(frozen=True)
+class Preview:
+    """One image's preview latents: row ``index`` of a step's batched device->host copy."""
+
+    latents: Readback
+    index: int
+    family: str
+
+
 #: A finished job's decoded pixels (float, on the device) and which images are invalid.
 Pixels = tuple[torch.Tensor, torch.Tensor]
 #: Threads that encode PNGs: zlib releases the GIL, and a few keep up with a GPU.
@@ -102,7 +115,7 @@ ENCODE_THREADS = 2
 
 
 def decode_finished(
-    pipeline: Pipeline, finished: list[tuple[Entry, torch.Tensor]]
+    pipeline: Pipeline, finished: list[tuple[Entry, torch.Tensor]], chunk_size: int = DECODE_CHUNK
 ) -> list[tuple[Entry, Pixels | EngineError]]:
     """Each finished job's decoded pixels, or the error it fails with (NaN latents, a failed VAE)."""
     stacked = torch.cat([latents for _, latents in finished])
@@ -119,7 +132,7 @@ def decode_finished(
     if not good:
         return outcomes
     try:
-        decoded = decode(pipeline, torch.cat([latents for _, latents in good]))
+        decoded = decode(pipeline, torch.cat([latents for _, latents in good]), chunk_size)
     except Exception as e:
         log.exception("VAE decode failed")
         error = GenerationError(f"Decoding the image failed ({type(e).__name__}).")
@@ -135,13 +148,14 @@ def decode_finished(
     return outcomes
 
 
-def decode(pipeline: Pipeline, latents: torch.Tensor) -> Pixels | None:
-    """Decode, one image at a time after running out of memory; None if even that does not fit."""
-    for chunk_size in (DECODE_CHUNK, 1):
+def decode(pipeline: Pipeline, latents: torch.Tensor, chunk_size: int = DECODE_CHUNK) -> Pixels | None:
+    """Decode ``chunk_size`` images at a time, one at a time after running out of memory; None if
+    even that does not fit."""
+    for size in dict.fromkeys((chunk_size, 1)):
         try:
-            return pipeline.decode_pixels(latents, chunk_size)
+            return pipeline.decode_pixels(latents, size)
         except torch.OutOfMemoryError:
-            log.warning("out of GPU memory decoding %d image(s), %d at a time", len(latents), chunk_size)
+            log.warning("out of GPU memory decoding %d image(s), %d at a time", len(latents), size)
         free_memory()
     return None
 
@@ -157,17 +171,35 @@ class Finisher:
         self.compress_level, self.threads = compress_level, threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # Work waiting for its device->host copy, in the order the copies were made (so in the
+        # order they land): the engine thread's own, polled at each step boundary.
+        self._unread: collections.deque[tuple[Readback, Callable[[], Any], concurrent.futures.Future]] = (
+            collections.deque()
+        )
 
-    def progress(self, ticket: Ticket, progress: Progress, preview: torch.Tensor | None, family: str) -> None:
-        """Report ``progress``, with a preview PNG of ``preview`` latents (one image's) when given."""
+    def progress(self, ticket: Ticket, progress: Progress, preview: Preview | None) -> None:
+        """Report ``progress``, with a PNG of ``preview``'s latents once they reach the host."""
         if preview is None:
             self._deliver(ticket, None, lambda _: ticket.report(progress))
             return
         self._deliver(
             ticket,
-            lambda: preview_png(preview, family),
+            lambda: preview_png(preview.latents.host[preview.index], preview.family),
             lambda png: ticket.report(dataclasses.replace(progress, preview=png)),
+            after=preview.latents,
         )
+
+    def poll(self) -> None:
+        """Start the work whose device->host copies have landed (the engine thread, each step)."""
+        while self._unread and self._unread[0][0].ready():
+            self._start_read(*self._unread.popleft())
+
+    def flush(self) -> None:
+        """Wait for every pending copy and start its work (the device is idle: nothing is running)."""
+        while self._unread:
+            readback, work, computed = self._unread.popleft()
+            readback.wait()
+            self._start_read(readback, work, computed)
 
     def result(self, ticket: Ticket, pipeline: Pipeline, job: PreparedJob, pixels: Pixels) -> None:
         """Turn a finished job's pixels into its PNGs, then settle its ticket with them."""
@@ -202,20 +234,33 @@ class Finisher:
 
     def close(self) -> None:
         """Wait until everything submitted is encoded and handed over."""
+        self.flush()
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
 
-    def _deliver(self, ticket: Ticket, work: Callable[[], Any] | None, hand_over: Callable[[Any], None]) -> None:
-        """Run ``work`` in the pool (None: nothing to compute), then ``hand_over`` its value once
-        every earlier delivery of this ticket has been handed over."""
+    def _deliver(
+        self,
+        ticket: Ticket,
+        work: Callable[[], Any] | None,
+        hand_over: Callable[[Any], None],
+        after: Readback | None = None,
+    ) -> None:
+        """Run ``work`` in the pool (None: nothing to compute) once ``after`` has reached the host,
+        then ``hand_over`` its value once every earlier delivery of this ticket has been handed over."""
         previous = ticket.delivered
         if work is None and (previous is None or previous.done()):
             hand_over(None)  # nothing to wait for: at once, on the engine thread
             return
         delivered = ticket.delivered = concurrent.futures.Future()
-        computed = self._submit(work) if work is not None else _done(None)
+        if work is None:
+            computed = _done(None)
+        elif after is None or (not self._unread and after.ready()):
+            computed = self._submit(work)
+        else:
+            computed = concurrent.futures.Future()
+            self._unread.append((after, work, computed))
 
         def finish(done: concurrent.futures.Future) -> None:
             try:
@@ -232,6 +277,15 @@ class Finisher:
             after_previous()
         else:
             previous.add_done_callback(after_previous)
+
+    def _start_read(self, readback: Readback, work: Callable[[], Any], computed: concurrent.futures.Future) -> None:
+        def copy(done: concurrent.futures.Future) -> None:
+            if done.exception() is not None:
+                computed.set_exception(done.exception())
+            else:
+                computed.set_result(done.result())
+
+        self._submit(work).add_done_callback(copy)
 
     def _submit(self, work: Callable[[], Any]) -> concurrent.futures.Future:
         with self._pool_lock:

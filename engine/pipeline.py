@@ -10,12 +10,12 @@ without a thread, which is what tests and the one-at-a-time benchmark use. A mas
 
 Randomness comes only from the request's seeds: image ``i`` of a job has its own CPU
 ``torch.Generator`` seeded with ``seed + i``, which draws the initial noise and then any
-ancestral noise, so an image never depends on the device's RNG or on what shared its batch.
+ancestral noise (for the whole run when the job is prepared: :attr:`PreparedJob.noise`), so an
+image never depends on the device's RNG or on what shared its batch.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from engine.batch import Batch
+from engine.batch import Batch, to_device
 from engine.denoiser import Conditioning, Denoiser, PromptEncoder
 from engine.errors import GenerationError
 from engine.inpaint import Inpainter, LatentBlend
@@ -41,6 +41,7 @@ from engine.schedules import SCHEDULES, JobSchedule, ModelSchedule, job_schedule
 from engine.sde import BrownianNoise, brownian_noises
 from engine.stages import Plan
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult
+from engine.vae import VaeDecoder
 
 if TYPE_CHECKING:
     from engine.loading import LoadedModel
@@ -49,10 +50,6 @@ log = logging.getLogger(__name__)
 
 #: VAE decodes at most this many images at once (its activations at full size are large).
 DECODE_CHUNK = 4
-#: A decoded image whose every value is at most this is black (0 or 1 of 255 once rounded).
-BLACK = -1 + 1.5 / 127.5
-#: Latents with a spread below this are flat, and may well decode to black.
-FLAT_LATENTS = 1e-2
 
 
 @dataclass
@@ -72,12 +69,18 @@ class PreparedJob:
     plan: Plan | None = None  # the sampler's engine steps over ``sigmas`` (made from them when None)
     brownian: list[BrownianNoise] = field(default_factory=list)  # per image, for the SDE samplers
     origin: GenerationRequest | None = None  # a hires job's second pass: the job as asked, for its PNG
+    #: [engine steps, rows, C, h, w] on the device: each step's fresh noise, drawn in step order (the
+    #: values of drawing step by step) and uploaded once, so a step does neither; None: draws none.
+    noise: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.plan is None:
             self.plan = self.sampler.plan(self.sigmas)
         if self.sampler.brownian and not self.brownian:
             self.brownian = brownian_noises(self.seeds, tuple(self.latents.shape[1:]), self.sigmas)
+        if self.noise is None and (self.sampler.ancestral or self.sampler.brownian):
+            drawn = torch.stack([self.step_noise(k) for k in range(self.engine_steps)])
+            self.noise = to_device(drawn, self.latents.device)
 
     @property
     def rows(self) -> int:
@@ -150,15 +153,15 @@ class Pipeline:
         # An inpainting UNet takes 9 channels in (latents, mask, masked image) and gives 4 out.
         self.latent_channels = model.unet.config.out_channels
         self.latent_scale = model.info.latent_scale
-        # The SD/SDXL VAEs overflow in float16 (diffusers marks them force_upcast): decode in float32.
-        self.vae_dtype = (
-            torch.float32 if (model.dtype == torch.float16 and model.vae.config.force_upcast) else model.dtype
-        )
+        # The VAE stays in the model's precision: an image it gets wrong (the SD/SDXL VAEs can
+        # overflow in float16) is decoded again by a float32 copy, not every image in float32.
+        self.vae_dtype = model.dtype
         if model.vae.dtype != self.vae_dtype:
             model.vae.to(self.vae_dtype)
-        self._vae_fp32 = None  # made on the first image the low-precision VAE gets wrong
+        self.vae = VaeDecoder(model.vae, model.vae_scaling_factor)
         if self.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)
+            model.vae.to(memory_format=torch.channels_last)
         self.inpainter = Inpainter(
             self.encode_image, model.unet.config.in_channels, self.latent_scale, self.device, self.dtype
         )
@@ -316,9 +319,11 @@ class Pipeline:
     def encode_image(self, image: Image.Image) -> Tensor:
         """RGB image -> [1, C, h, w] scaled latents (float32, on the device)."""
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
-        pixels = (pixels.float() / 127.5 - 1).to(self.device, self.vae_dtype)
+        pixels = (pixels.float() / 127.5 - 1).to(self.device)
         vae_config = self.model.vae.config
-        latents = self.model.vae.encode(pixels).latent_dist.mean.float()
+        latents = self.model.vae.encode(pixels.to(self.vae_dtype)).latent_dist.mean.float()
+        if not bool(torch.isfinite(latents).all()):  # overflowed in low precision: once more in float32
+            latents = self.float32_vae().encode(pixels).latent_dist.mean.float()
         shift = getattr(vae_config, "shift_factor", None) or 0.0
         return (latents - shift) * self.model.vae_scaling_factor
 
@@ -334,46 +339,15 @@ class Pipeline:
         """Scaled latents [n, C, h, w] -> float32 pixels [n, 3, H, W] in [-1, 1] on the device, and
         [n] bool, True for an image that is invalid; decoded in chunks.
 
-        A float16/bfloat16 VAE can overflow into NaN/inf, or into black once clamped: such images
-        are decoded again by a float32 copy of the VAE (a host sync, to know which). An image still
-        NaN/inf after that is invalid. A float32 image that is black is kept: at full precision it is
-        what the model made. Turning pixels into images is :func:`to_images`' work (off the engine
-        thread, in the worker).
+        A float16/bfloat16 VAE's NaN/inf or black images are decoded again in float32
+        (:mod:`engine.vae`); an image still NaN/inf after that is invalid. Turning pixels into
+        images is :func:`to_images`' work (off the engine thread, in the worker).
         """
-        decoded, invalid = [], []
-        for chunk in latents.split(chunk_size):
-            pixels = self._vae_decode(self.model.vae, chunk)
-            bad = ~torch.isfinite(pixels).flatten(1).all(1)
-            if self.vae_dtype != torch.float32:
-                black = pixels.flatten(1).amax(1) <= BLACK
-                bad |= black & (chunk.flatten(1).std(1) > FLAT_LATENTS)
-                retry = [i for i, invalid_image in enumerate(bad.tolist()) if invalid_image]
-                if retry:
-                    log.warning(
-                        "%d image(s) invalid from the %s VAE; decoding them again in float32",
-                        len(retry),
-                        str(self.vae_dtype).removeprefix("torch."),
-                    )
-                    pixels[retry] = self._vae_decode(self.float32_vae(), chunk[retry])
-                    bad = ~torch.isfinite(pixels).flatten(1).all(1)
-            decoded.append(pixels)
-            invalid.append(bad)
-        return torch.cat(decoded), torch.cat(invalid)
-
-    def _vae_decode(self, vae, latents: Tensor) -> Tensor:
-        """Scaled latents -> float32 pixels in [-1, 1] (NaN/inf passed through, for the caller to see)."""
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        z = (latents / self.model.vae_scaling_factor + shift).to(vae.dtype)
-        return vae.decode(z, return_dict=False)[0].float()
+        return self.vae(latents, chunk_size)
 
     def float32_vae(self):
-        """The VAE in float32: the model's own when it already is, else a copy made once."""
-        if self.vae_dtype == torch.float32:
-            return self.model.vae
-        if self._vae_fp32 is None:
-            with torch.inference_mode(False):  # real parameters, usable in and out of inference mode
-                self._vae_fp32 = copy.deepcopy(self.model.vae).to(torch.float32).requires_grad_(False)
-        return self._vae_fp32
+        """The VAE in float32 (the model's own, or a copy made once)."""
+        return self.vae.float32_vae()
 
     def finish(
         self, job: PreparedJob, images: list[Image.Image], compress_level: int = PNG_COMPRESS_LEVEL

@@ -2,8 +2,10 @@
 
 Each latent channel contributes a fixed colour (the "cheap approximation" AUTOMATIC1111 offers,
 factors fitted by the community for SD1/SD2 and SDXL latents). A preview is the size of the
-latent (1/8 of the image per side), which is all a progress message needs, and costs one small
-matrix product plus one device->host copy of a few kilobytes.
+latent (1/8 of the image per side), which is all a progress message needs. The engine thread only
+copies the previewed rows' latents to the host (all of a step's in one copy, which nobody waits
+for: :mod:`engine.readback`); the colour map and the PNG are made on the host, in the finisher's
+pool, where a few kilobytes of arithmetic cost less than a kernel launch would.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ SDXL_BIAS = [0.1084, -0.0175, -0.0011]
 
 def latents_to_rgb(latents: Tensor, family: str) -> Tensor:
     """``[C, h, w]`` scaled latents -> ``[h, w, 3]`` uint8 on the CPU."""
-    factors = torch.tensor(SDXL_FACTORS if family == "sdxl" else SD_FACTORS, device=latents.device)
+    latents = latents.cpu()  # already there in the engine (a Readback's host copy): no copy then
+    factors = torch.tensor(SDXL_FACTORS if family == "sdxl" else SD_FACTORS)
     channels = min(latents.shape[0], factors.shape[0])
     rgb = torch.einsum("chw,cr->hwr", latents[:channels].float(), factors[:channels])
     if family == "sdxl":
-        rgb = rgb + torch.tensor(SDXL_BIAS, device=latents.device)
-    return ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu()
+        rgb = rgb + torch.tensor(SDXL_BIAS)
+    return ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8)
 
 
 def preview_png(latents: Tensor, family: str) -> bytes:

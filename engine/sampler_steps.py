@@ -59,23 +59,6 @@ def ancestral_split(sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
     return down, up
 
 
-def euler_ancestral_step(
-    x: Tensor,
-    denoised: Tensor,
-    sigma: Tensor,
-    sigma_next: Tensor,
-    *,
-    old_denoised: Tensor,
-    old_sigma: Tensor,
-    noise: Tensor | None,
-) -> Tensor:
-    """Ancestral Euler (Crowson's k-diffusion, after Ho et al. 2020's ancestral sampling)."""
-    assert noise is not None, "euler_a draws fresh noise every step"
-    down, up = ancestral_split(sigma, sigma_next)
-    x = x + to_d(x, denoised, sigma) * rows(down - sigma)
-    return x + noise * rows(up)  # up is 0 on a row's last step, so no noise is left behind
-
-
 def dpmpp_2m_step(
     x: Tensor,
     denoised: Tensor,
@@ -346,6 +329,26 @@ def unipc_step(
     corrected = w(0) * x + w(1) * state["last_sample"] + w(2) * denoised + w(3) * old_denoised + w(4) * d2 + w(5) * d3
     x_next = w(6) * corrected + w(7) * denoised + w(8) * old_denoised + w(9) * d2
     return x_next, {"last_sample": corrected, "denoised_2": old_denoised, "denoised_3": d2}
+
+
+def euler_ancestral_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    *,
+    old_denoised: Tensor,
+    old_sigma: Tensor,
+    noise: Tensor | None,
+    state: dict[str, Tensor],
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Ancestral Euler (Crowson's k-diffusion, after Ho et al. 2020's ancestral sampling): Euler to
+    sigma_down, then fresh noise up to sigma_next. The split depends on the sigmas only, so the plan
+    carries it (engine.stages.euler_ancestral_plan): coeffs 0 is sigma_down - sigma, 1 is sigma_up."""
+    assert noise is not None, "euler_a draws fresh noise every step"
+    c = state["coeffs"]
+    x = x + to_d(x, denoised, sigma) * rows(c[:, 0])
+    return x + noise * rows(c[:, 1]), {}  # up is 0 on a row's last step, so no noise is left behind
 
 
 def lcm_step(

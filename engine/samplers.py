@@ -70,6 +70,7 @@ from engine.stages import (
     dpm2_ancestral_plan,
     dpm2_plan,
     dpmpp_sde_plan,
+    euler_ancestral_plan,
     heun_plan,
     lms_plan,
     one_stage_plan,
@@ -101,12 +102,13 @@ class Sampler:
         return self.latent_state + self.row_state
 
 
-_EVERY_STEP = partial(one_stage_plan, noise="every")
 _UNTIL_LAST = partial(one_stage_plan, noise="until_last")
 
 SAMPLERS: dict[str, Sampler] = {
     "euler": Sampler("euler", euler_step, "normal"),
-    "euler_a": Sampler("euler_a", euler_ancestral_step, "normal", ancestral=True, plan=_EVERY_STEP),
+    "euler_a": Sampler(
+        "euler_a", euler_ancestral_step, "normal", ancestral=True, plan=euler_ancestral_plan, stateful=True
+    ),
     "dpmpp_2m_karras": Sampler("dpmpp_2m_karras", dpmpp_2m_step, "karras"),
     "ddim": Sampler("ddim", ddim_step, "ddim"),
     # AUTOMATIC1111's automatic schedule for each (modules/sd_samplers_kdiffusion.py).

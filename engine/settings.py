@@ -67,11 +67,15 @@ class EngineSettings:
     # behind it join instead; past that nothing more joins, the batch drains and it goes next.
     overtake_window: float = 10.0
     # "off", or a torch.compile mode for the UNet ("default", "reduce-overhead": CUDA graphs,
-    # "max-autotune"...): one graph per image size and power-of-two row count, each compiled on first use.
+    # "max-autotune"...): one graph per image size, row bucket (1, 2, 4, 8, 12, 16, 24, 32) and prompt length.
     compile: str = "off"
+    compile_graphs: int = 24  # at most this many UNet graphs; past it a shape runs eager (logged, counted)
+    compile_capture: str = "lazy"  # "lazy": each graph on first use; "start": every size x bucket at start
     # zlib level of the result PNGs, 0 (none) to 9 (smallest); encoded off the engine thread, but
     # each level up costs CPU per image for a smaller file. The pixels are the same at every level.
     png_compress_level: int = 1
+    # Images the VAE decodes at once when jobs finish: more is faster on a big GPU, less peak memory.
+    decode_chunk: int = 4
 
 
 @dataclass(frozen=True)
@@ -294,6 +298,12 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
         engine.png_compress_level,
         "0 (fastest, largest files) to 9 (smallest, slowest)",
     )
+
+    check(1 <= engine.compile_graphs <= 256, "engine.compile_graphs", engine.compile_graphs, "1 to 256 graphs")
+    check(
+        engine.compile_capture in ("lazy", "start"), "engine.compile_capture", engine.compile_capture, "lazy or start"
+    )
+    check(1 <= engine.decode_chunk <= 64, "engine.decode_chunk", engine.decode_chunk, "1 to 64 images")
 
     check(1 <= gen.max_steps <= 500, "generation.max_steps", gen.max_steps, "1 to 500")
     check(

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from engine.sampler_steps import ancestral_split
+
 #: Columns of :attr:`Plan.table`: the sigma the model is evaluated at, the member step's start and
 #: end, the stage-1 evaluation sigma (both stages carry it), the stage (0 or 1), and the step's
 #: coefficients for a multistep sampler (LMS uses 4, UniPC 10).
@@ -130,6 +132,14 @@ def dpmpp_sde_plan(sigmas: Tensor) -> Plan:
         return (here, mid), (here, there)
 
     return two_stage_plan(sigmas, lambda sigma, sigma_next: dpmpp_sde_times(sigma, sigma_next)[1], noise_of)
+
+
+def euler_ancestral_plan(sigmas: Tensor) -> Plan:
+    """Euler a's split of each step into sigma_down and sigma_up, made here once (float32, the
+    arithmetic the step made per row before) instead of by every step on the device."""
+    sigma, sigma_next = sigmas[:-1].float(), sigmas[1:].float()
+    down, up = ancestral_split(sigma, sigma_next)
+    return one_stage_plan(sigmas, noise="every", coeffs=torch.stack([down - sigma, up], 1).tolist())
 
 
 # ---------------------------------------------------------------------------- LMS

@@ -13,16 +13,7 @@ asyncio code awaits :meth:`EngineWorker.generate`; results and progress reach th
 thread-safely (``loop.call_soon_threadsafe`` and ``asyncio.wrap_future``). Cancelling takes a job
 out at the next step boundary; a fault in one job (a NaN, a bad init image) fails that job only.
 
-Faults of the device do not stop the thread (issue 5):
-
-- Out of GPU memory in a step: the step left the batch as it was, so the worker frees memory,
-  parks the newer jobs (their state kept) and goes on with the older ones, under the lowered row
-  limit of :class:`engine.memory.OutOfMemoryGovernor`. Only a job that does not fit even alone
-  fails, with a message saying what to ask for instead.
-- NaN or black images from a float16/bfloat16 VAE are decoded again in float32
-  (:meth:`Pipeline.decode`).
-- ``engine.job_timeout``: a job running longer fails at the next step boundary, read from a
-  monotonic clock (injectable, for tests).
+Faults of the device do not stop the thread (issue 5): :mod:`engine.worker_faults`.
 
 A hires fix job (:mod:`engine.hires`) goes back in line when its first pass is done, at its
 enlarged size and its old place, and comes back as an img2img job (each pass has the time limit).
@@ -45,17 +36,19 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.admission import Running, Waiting, admissions, over_limits, resumptions
-from engine.batch import Batch, Entry, Parked
+from engine.batch import Batch, Entry, NanCheck, Parked, capture_graphs, rows_of
 from engine.errors import EngineError, GenerationError, JobCancelled
-from engine.finishing import Finisher, ProgressSink, Ticket, decode_finished
+from engine.finishing import Finisher, Preview, ProgressSink, Ticket, decode_finished
 from engine.hires import after_first_pass, is_latent, prepare_second_pass
-from engine.memory import OutOfMemoryGovernor, free_memory, jobs_to_keep
+from engine.memory import OutOfMemoryGovernor, free_memory
 from engine.models import ModelPool, batch_key
-from engine.pipeline import Pipeline, nan_error, out_of_memory_error, timeout_error, to_images
+from engine.pipeline import Pipeline, out_of_memory_error, to_images
+from engine.readback import Readback
 from engine.types import GenerationRequest, GenerationResult, Progress
 from engine.upscale_jobs import upscale_alone, upscaled_init
 from engine.upscaler_settings import UpscalerSettings
 from engine.upscalers import Upscalers
+from engine.worker_faults import FaultHandling
 
 if TYPE_CHECKING:
     from engine.loading import LoadedModel
@@ -63,11 +56,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Look for NaN/inf in the running batch every this many steps: each look is one host sync.
+#: Look for NaN/inf in the running batch every this many steps (read when it reaches the host).
 NAN_CHECK_EVERY = 8
 
 
-class EngineWorker:
+class EngineWorker(FaultHandling):
     """Runs generation requests on one thread, batching jobs of different members together."""
 
     def __init__(
@@ -78,11 +71,14 @@ class EngineWorker:
         *,
         upscalers: UpscalerSettings | Upscalers | None = None,
         clock: Callable[[], float] = time.monotonic,
+        compiler: Callable[[torch.nn.Module], Callable] | None = None,
     ) -> None:
         """``model``: one loaded model, or a :class:`ModelPool` of several (its default is loaded now);
-        ``upscalers``: ``[upscalers]`` (its default is loaded now); None: Lanczos only."""
+        ``upscalers``: ``[upscalers]`` (its default is loaded now); None: Lanczos only;
+        ``compiler``: compiles the UNet when ``engine.compile`` is on (default: torch.compile)."""
         self.settings, self.gen = settings, gen
         self.clock = clock
+        self._compiler = compiler
         self.models = model if isinstance(model, ModelPool) else ModelPool.single(model)
         self.model_name: str | None = self.models.default  # the model of the running batch
         self.pipeline: Pipeline | None = self._compiled(self.models.pipeline(self.model_name))
@@ -105,6 +101,7 @@ class EngineWorker:
         self.batch_rows = 0  # rows of the running batch (images denoised together), for the metrics
         self._steps = itertools.count(1)
         self._arrivals = itertools.count()  # tickets' places in the arrival order
+        self._nan_checks: deque[NanCheck] = deque()  # on their way to the host, oldest first
 
     # ------------------------------------------------------------------ API (any thread)
 
@@ -183,6 +180,7 @@ class EngineWorker:
         batch = Batch(self.pipeline.denoiser)
         try:
             with torch.inference_mode():
+                self._capture_graphs(self.pipeline)
                 while (admitted := self._next_admissions(batch)) is not None:
                     for i, ticket in enumerate(admitted):
                         if not self._admit(batch, ticket):
@@ -202,6 +200,8 @@ class EngineWorker:
     def _next_admissions(self, batch: Batch) -> list[Ticket] | None:
         """Waiting tickets that join at this step boundary (blocks while idle; None: stop)."""
         self._resume_parked(batch)
+        if not batch.entries:  # the device is idle: what is still on its way to the host lands now
+            self.finisher.flush()
         with self._lock:
             while not self._stopping and not self._waiting and not batch.entries:
                 self._lock.wait()
@@ -256,13 +256,23 @@ class EngineWorker:
         self.pipeline = self.model_name = batch.denoiser = None
         self.pipeline = self._compiled(self.models.pipeline(name))
         self.model_name, batch.denoiser = name, self.pipeline.denoiser
+        self._capture_graphs(self.pipeline)
         return self.pipeline
 
     def _compiled(self, pipeline: Pipeline | None) -> Pipeline | None:
         """The pipeline, its UNet compiled as ``engine.compile`` asks (once per loaded model)."""
         if pipeline is not None and self.settings.compile != "off":
-            pipeline.denoiser.compile(functools.partial(torch.compile, mode=self.settings.compile, dynamic=False))
+            compiler = self._compiler or functools.partial(torch.compile, mode=self.settings.compile, dynamic=False)
+            pipeline.denoiser.compile(compiler, self.settings.compile_graphs)
+            if pipeline.device.type == "cuda":  # the bucket shapes are fixed: let cuDNN pick per shape
+                torch.backends.cudnn.benchmark = True
         return pipeline
+
+    def _capture_graphs(self, pipeline: Pipeline | None) -> None:
+        """``engine.compile_capture = "start"``: every graph made now, on this thread (CUDA graphs
+        are per thread), instead of by the first job of each shape."""
+        if pipeline is not None and pipeline.denoiser.compiled and self.settings.compile_capture == "start":
+            capture_graphs(pipeline, self.gen.size_pairs, self.settings.max_batch)
 
     def _batch_size(self, batch: Batch) -> tuple[int, int] | None:
         if not batch.entries:
@@ -325,32 +335,6 @@ class EngineWorker:
                 self._admitting.remove(ticket)
             self._waiting.extendleft(reversed(tickets))
 
-    def _drop_stopped(self, batch: Batch) -> None:
-        """Jobs cancelled or past their time limit leave at this step boundary, parked ones too."""
-        now = self.clock()
-        for entry in list(batch.entries):
-            if (error := self._stop_reason(entry, now)) is not None:
-                self._retire(batch, entry, error=error)
-        for parked in list(self._parked):
-            if (error := self._stop_reason(parked.entry, now)) is not None:
-                self._parked.remove(parked)
-                self._settle(parked.entry, error=error)
-
-    def _stop_reason(self, entry: Entry, now: float) -> EngineError | None:
-        ticket = self._active[id(entry.job)]
-        if ticket.cancelled:
-            return JobCancelled(f"Job {ticket.request.job_id} was cancelled.")
-        if now > ticket.deadline:
-            log.warning(
-                "job %s passed the %g s time limit at step %d of %d",
-                ticket.request.job_id,
-                self.settings.job_timeout,
-                entry.step,
-                entry.job.total_steps,
-            )
-            return timeout_error(ticket.request, self.settings.job_timeout)
-        return None
-
     def _step(self, batch: Batch) -> None:
         """One denoising step for every row, then progress, NaN isolation and finished jobs."""
         try:
@@ -369,49 +353,30 @@ class EngineWorker:
         self.memory.step_succeeded()
         self._report_progress(batch, denoised)
         if next(self._steps) % NAN_CHECK_EVERY == 0:
-            for entry in batch.nonfinite_entries():
-                self._retire(batch, entry, error=nan_error(entry.job))
+            self._nan_checks.append(batch.nonfinite_check())
+        self._read_nan_checks(batch)
         finished = [entry for entry in batch.entries if entry.done]
         if finished:
             self._finish(batch, finished)
 
-    def _out_of_memory(self, batch: Batch) -> None:
-        """A step did not fit (and changed nothing): go on with the older half of the rows.
-
-        The newer jobs are parked with their state and rejoin as the lowered limit allows; a job
-        alone in the batch cannot be made smaller, so it fails with a message saying so.
-        """
-        free_memory()
-        size, rows = self._batch_size(batch), batch.rows
-        limit = self.memory.step_failed(size, rows)
-        if len(batch.entries) == 1:
-            entry = batch.entries[0]
-            log.warning("out of GPU memory for job %s alone (%d rows of %dx%d)", entry.job.request.job_id, rows, *size)
-            self._retire(batch, entry, error=out_of_memory_error(entry.job.request))
-            return
-        keep = jobs_to_keep([entry.job.rows for entry in batch.entries], limit)
-        kept_rows = sum(entry.job.rows for entry in batch.entries[:keep])
-        parking = batch.entries[keep:]
-        log.warning(
-            "out of GPU memory at %d rows of %dx%d; going on with %d, parking jobs %s",
-            rows,
-            *size,
-            kept_rows,
-            [entry.job.request.job_id for entry in parking],
-        )
-        self._parked[:0] = [batch.park(entry.job) for entry in parking]
-
     def _report_progress(self, batch: Batch, denoised: torch.Tensor) -> None:
         every = self.settings.preview_every
+        reports, previewed = [], []
         for entry, rows in batch.offsets():
             ticket = self._active[id(entry.job)]
             if ticket.notify is None or not entry.job.plan.completes[entry.engine_step - 1]:
                 continue  # a second-order sampler's first stage is half a step: nothing to report
             total = entry.job.total_steps
-            preview = None
-            if every and entry.step % every == 0 and entry.step < total:
-                preview = denoised[rows.start]  # its PNG is made in the finisher's pool
-            self.finisher.progress(ticket, ticket.progress(entry.step, total), preview, self.pipeline.family)
+            wants_preview = every and entry.step % every == 0 and entry.step < total
+            reports.append((ticket, ticket.progress(entry.step, total), wants_preview))
+            previewed += [rows.start] if wants_preview else []
+        # The previewed rows' latents in one copy to the host that nobody waits for; colours and
+        # PNGs are made in the finisher's pool once it has landed.
+        latents, index = Readback(rows_of(denoised, previewed)) if previewed else None, itertools.count()
+        for ticket, progress, wants_preview in reports:
+            preview = Preview(latents, next(index), self.pipeline.family) if wants_preview else None
+            self.finisher.progress(ticket, progress, preview)
+        self.finisher.poll()
 
     def _finish(self, batch: Batch, finished: list[Entry]) -> None:
         """Retire finished jobs: one NaN check and one VAE decode for all of them together; their
@@ -422,7 +387,8 @@ class EngineWorker:
         for entry in in_latents:
             self._to_second_pass(entry, latents=batch.remove(entry.job))
         decoding = [(entry, batch.remove(entry.job)) for entry in finished if entry not in in_latents]
-        for entry, outcome in decode_finished(self.pipeline, decoding) if decoding else []:
+        chunk = self.settings.decode_chunk
+        for entry, outcome in decode_finished(self.pipeline, decoding, chunk) if decoding else []:
             if isinstance(outcome, EngineError):
                 self._settle(entry, error=outcome)
                 continue

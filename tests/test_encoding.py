@@ -113,8 +113,8 @@ def test_each_jobs_progress_previews_and_result_arrive_in_order(make_worker, mon
     worker = make_worker(preview_every=2)
     real_progress = worker.finisher.progress
 
-    def progress_made(ticket, progress, preview, family):  # on the engine thread
-        real_progress(ticket, progress, preview, family)
+    def progress_made(ticket, progress, preview):  # on the engine thread
+        real_progress(ticket, progress, preview)
         if progress.step == 3:
             later_steps.set()
 
@@ -156,10 +156,10 @@ def test_a_cancel_while_a_preview_is_encoded_still_ends_the_job(make_worker, mon
         cancelled.set()
         return real_preview(latents, family)
 
-    def progress_made(ticket, progress, preview, family):  # on the engine thread
+    def progress_made(ticket, progress, preview):  # on the engine thread
         if progress.step == 2:
             assert cancelled.wait(BUDGET)
-        real_progress(ticket, progress, preview, family)
+        real_progress(ticket, progress, preview)
 
     monkeypatch.setattr(engine.finishing, "preview_png", cancelling_preview)
     monkeypatch.setattr(worker.finisher, "progress", progress_made)

@@ -58,10 +58,14 @@ def test_a_job_in_the_engine_matches_kdiffusion_on_the_tiny_unet(pipeline, name)
     request = make_request(1, sampler=name, count=2, steps=4)
     job, _, ours = run_alone(pipeline, request)
     function, noise = KDIFFUSION[name]
-    job = pipeline.prepare(request)  # fresh generators: the same draws as ours made
+    job = pipeline.prepare(request)
     kwargs = {}
-    if noise == "ancestral":
-        kwargs["noise_sampler"] = lambda *_: job.ancestral_noise()
+    if noise == "ancestral":  # each image's own generator, after its draw of the initial noise
+        generators = [torch.Generator().manual_seed(seed) for seed in job.seeds]
+        shape = job.latents.shape[1:]
+        for g in generators:
+            torch.randn(shape, generator=g)
+        kwargs["noise_sampler"] = lambda *_: torch.stack([torch.randn(shape, generator=g) for g in generators])
     elif noise == "brownian":
         sigmas = job.sigmas
         kwargs["noise_sampler"] = K.BrownianTreeNoiseSampler(

@@ -184,7 +184,7 @@ def test_a_job_that_waited_its_overtake_window_stops_others_joining(tiny_model):
 
 @pytest.mark.parametrize("family_model", ["tiny_model", "tiny_sdxl_model"])
 def test_a_compiled_unet_sees_padded_batches_and_changes_no_image(family_model, request, monkeypatch):
-    """engine.compile: rows are padded to a power of two (few shapes to compile), and no image
+    """engine.compile: rows are padded to a bucket (1, 2, 4, 8, 12, ...: few shapes to compile), and no image
     changes: the padding rows' outputs are dropped (SDXL's added inputs padded with them)."""
     tiny_model = request.getfixturevalue(family_model)
     real_compile, unet_rows = torch.compile, []

@@ -1,0 +1,126 @@
+"""Issue 11 §3: the compiled UNet pads rows to buckets of 1, 2, 4, 8, 12, 16, 24, 32; the graphs
+are a bounded, logged set (past the bound a shape runs eager, counted and logged); they can be
+made at start; jobs in a graph give the pixels they give eager; and the step compiles whole,
+with no graph break, for each bucket. On the CPU with dynamo's "eager" backend: the same tracing
+and guards as on a GPU, with nothing built."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+import pytest
+import torch
+
+from engine.batch import Batch
+from engine.denoiser import BUCKETS, bucket_rows
+from engine.pipeline import Pipeline
+from engine.settings import ConfigError, EngineSettings, GenerationSettings, parse_engine_sections
+from engine.types import GenerationRequest
+from engine.worker import EngineWorker
+from tolerance import assert_same_image
+
+EAGER_BACKEND = functools.partial(torch.compile, backend="eager", dynamic=False)
+BUDGET = 300
+
+
+def make_request(job_id: int, **fields) -> GenerationRequest:
+    defaults = dict(prompt=f"prompt {job_id}", seed=50 + job_id, steps=3, width=64, height=64, sampler="euler_a")
+    return GenerationRequest.of(job_id=job_id, **(defaults | fields))
+
+
+def run_together(worker: EngineWorker, requests):
+    async def run():
+        tasks = [asyncio.ensure_future(worker.generate(r)) for r in requests]
+        await asyncio.sleep(0)  # all waiting before the thread starts: one batch
+        worker.start()
+        async with asyncio.timeout(BUDGET):
+            return await asyncio.gather(*tasks)
+
+    try:
+        return asyncio.run(run())
+    finally:
+        worker.stop()
+
+
+def test_rows_pad_to_the_next_bucket_and_waste_at_most_a_third_from_eight_rows():
+    assert [bucket_rows(n) for n in (1, 2, 3, 5, 9, 13, 17, 25, 32, 33, 49)] == [1, 2, 4, 8, 12, 16, 24, 32, 32, 48, 64]
+    assert all((bucket_rows(n) - n) / bucket_rows(n) <= 1 / 3 for n in range(8, 257))
+
+
+def test_jobs_in_a_compiled_step_give_the_pixels_they_give_eager(tiny_model):
+    requests = [make_request(1, count=3), make_request(2, sampler="dpmpp_2m", steps=4), make_request(3, count=2)]
+    compiled = EngineWorker(
+        tiny_model, EngineSettings(preview_every=0, compile="default"), GenerationSettings(), compiler=EAGER_BACKEND
+    )
+    results = run_together(compiled, requests)
+    denoiser = compiled.pipeline.denoiser
+    assert {key[0] for key in denoiser.graphs} >= {8}  # 6 rows ran padded to 8
+    assert all(key[0] in BUCKETS for key in denoiser.graphs) and denoiser.eager_calls == 0
+    eager = run_together(EngineWorker(tiny_model, EngineSettings(preview_every=0), GenerationSettings()), requests)
+    for result, expected in zip(results, eager, strict=True):
+        for image, reference in zip(result.images, expected.images, strict=True):
+            assert_same_image(image.png, reference.png)
+
+
+def test_shapes_past_the_bound_run_eager_counted_and_logged(tiny_model, caplog):
+    caplog.set_level(logging.INFO, logger="engine.denoiser")
+    settings = EngineSettings(preview_every=0, compile="default", compile_graphs=1, max_batch=1)
+    worker = EngineWorker(tiny_model, settings, GenerationSettings(), compiler=EAGER_BACKEND)
+    results = run_together(worker, [make_request(1, width=64), make_request(2, width=48)])
+    denoiser = worker.pipeline.denoiser
+    assert len(denoiser.graphs) == 1 and denoiser.eager_calls == 3  # the second job's 3 steps
+    assert "UNet graph 1 of at most 1" in caplog.text and "this step runs eager (3 so far)" in caplog.text
+    assert all(result.images for result in results)
+
+
+def test_graphs_can_be_made_at_start(tiny_model):
+    settings = EngineSettings(preview_every=0, compile="default", compile_capture="start", max_batch=2)
+    worker = EngineWorker(tiny_model, settings, GenerationSettings(sizes=("64x64",)), compiler=EAGER_BACKEND)
+    run_together(worker, [make_request(1)])
+    assert sorted(key[0] for key in worker.pipeline.denoiser.graphs) == [1, 2]  # 2 before any job had 2 rows
+
+
+def step_compiles_whole(pipeline: Pipeline, rows: int) -> None:
+    """One batch step's arithmetic (the denoiser and euler_a's step on the batch's tables) under
+    ``torch.compile(fullgraph=True)``: a graph break anywhere raises."""
+    batch = Batch(pipeline.denoiser)
+    batch.add(pipeline.prepare(make_request(1, count=rows)))
+    group = batch.groups[0]
+
+    def step(x, by_column, noise, cond):
+        sigma, sigma_next = by_column[0], by_column[2]
+        timesteps = by_column[-3:-1].flatten()
+        denoised = pipeline.denoiser(x, sigma, cond, timesteps=timesteps, c_in=by_column[-1])
+        columns = by_column[:15].t()
+        return group.sampler.step(
+            x, denoised, sigma, sigma_next, old_denoised=denoised, old_sigma=sigma, noise=noise,
+            state={"coeffs": columns[:, 5:15]},
+        )  # fmt: skip
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager", dynamic=False)
+    with torch.inference_mode():
+        x_next, _ = compiled(batch.x, batch.by_column(), batch.noise[0], batch.cond)
+        expected, _ = step(batch.x, batch.by_column(), batch.noise[0], batch.cond)
+    torch.testing.assert_close(x_next, expected)
+
+
+@pytest.mark.parametrize("rows", [1, 12])
+def test_the_step_compiles_with_no_graph_break(tiny_model, rows):
+    torch._dynamo.reset()
+    step_compiles_whole(Pipeline(tiny_model), rows)
+
+
+@pytest.mark.slow
+def test_the_step_compiles_with_no_graph_break_for_every_bucket(tiny_model):
+    pipeline = Pipeline(tiny_model)
+    for rows in BUCKETS:
+        torch._dynamo.reset()
+        step_compiles_whole(pipeline, rows)
+
+
+@pytest.mark.parametrize(("key", "value"), [("compile_graphs", 0), ("compile_capture", "eagerly")])
+def test_the_compile_settings_are_checked(key, value):
+    with pytest.raises(ConfigError, match=f"engine.{key}"):
+        parse_engine_sections({"model": {"source": "m.safetensors"}, "engine": {key: value}})
