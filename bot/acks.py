@@ -54,12 +54,6 @@ class PendingAcks:
         }
         return ack_key(interaction.id), json.dumps(value)
 
-    def record(self, interaction: discord.Interaction, now: datetime) -> None:
-        self.state.put(*self.entry(interaction, now))
-
-    def forget(self, interaction_id: int) -> None:
-        self.state.delete(ack_key(interaction_id))
-
     async def answer_stranded(self, client: discord.Client, now: datetime) -> int:
         """Answer every interaction a previous run acknowledged and left without a job; returns
         how many were answered."""

@@ -101,6 +101,17 @@ def setup(tiny_model, tiny_sd_folder, tmp_path, emulator: Emulator):
     engine.dispose()
 
 
+@pytest.fixture
+def queued_setup(tmp_path, emulator: Emulator):
+    """No engine: jobs stay queued, so a test reads what was stored; with the server's settings."""
+    from db.community import Community
+
+    config = bot_config("unused-model", f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
+    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
+    yield emulator, config, queue, Community(engine)
+    engine.dispose()
+
+
 def is_result(message) -> bool:
     """A posted result (not a status message): it carries the Reroll button."""
     return any(cid.startswith("sd:reroll:") for cid in message.custom_ids)

@@ -8,8 +8,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bot_harness import bot_config, bot_running, new_queue, png
-from db.community import Community
+from bot_harness import (
+    bot_running,
+    png,
+    queued_setup,  # noqa: F401 - the fixture
+)
 from db.models import PostedMessage
 from discord_emulator import Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
@@ -18,11 +21,8 @@ pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture
-def setup(tmp_path, emulator: Emulator):
-    config = bot_config("unused-model", f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
-    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
-    yield emulator, config, queue, Community(engine)
-    engine.dispose()
+def setup(queued_setup):
+    return queued_setup
 
 
 async def ephemeral(emu: Emulator, user, name: str, options=None, **kwargs) -> str:

@@ -11,21 +11,21 @@ import pytest
 from PIL import Image
 
 from bot.infotext import settings_from
-from bot_harness import bot_config, bot_running, is_result, new_queue
+from bot_harness import (
+    bot_config,
+    bot_running,
+    is_result,
+    queued_setup,  # noqa: F401 - the fixture
+)
 from bot_harness import setup as engine_setup  # noqa: F401 - the fixture
-from db.community import Community
 from discord_emulator import Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 from engine.metadata import read_parameters
 
 
 @pytest.fixture
-def setup(tmp_path, emulator: Emulator):
-    """No engine: jobs stay queued, so the test reads what was stored."""
-    config = bot_config("unused-model", f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
-    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
-    yield emulator, config, queue, Community(engine)
-    engine.dispose()
+def setup(queued_setup):
+    return queued_setup
 
 
 async def ephemeral(emu: Emulator, user, name: str, options=None) -> str:
