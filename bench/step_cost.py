@@ -39,6 +39,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
+from engine.torch_builds import torchvision_importable  # noqa: E402
+
+torchvision_importable()  # before diffusers imports it (see engine/torch_builds.py)
+
 import torch  # noqa: E402
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline  # noqa: E402
 from throughput import SCHEDULER, build_components, loaded_model  # noqa: E402

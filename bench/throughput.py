@@ -34,6 +34,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
+from engine.torch_builds import torchvision_importable  # noqa: E402
+
+torchvision_importable()  # before diffusers imports it (see engine/torch_builds.py)
+
 import torch  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,

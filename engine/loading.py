@@ -40,9 +40,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# transformers warns on import that torchvision (which we do not need: no image processors) is
-# missing; every `python -m engine` / `python -m bot` run would print it. Silence that one module.
+from engine.torch_builds import torchvision_importable
+
+# transformers warns on import when torchvision is missing (we need none of its image processors);
+# every `python -m engine` / `python -m bot` run would print it. Silence that one module.
 logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+torchvision_importable()  # before diffusers and transformers look for it (see engine/torch_builds.py)
 
 import torch
 from diffusers import (

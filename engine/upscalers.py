@@ -37,6 +37,7 @@ from PIL import Image, ImageOps
 from engine.errors import GenerationError
 from engine.memory import free_memory
 from engine.toml_config import ConfigError
+from engine.torch_builds import torchvision_importable
 from engine.upscaler_settings import LANCZOS, UpscalerSettings, model_files
 
 log = logging.getLogger(__name__)
@@ -136,12 +137,12 @@ class Upscalers:
 
     def _load(self, name: str, path: Path):
         try:
-            import spandrel
+            torchvision_importable()  # spandrel imports torchvision (see engine/torch_builds.py)
+            import spandrel  # here, not at the top: it imports every architecture it knows
         except (ImportError, RuntimeError, OSError) as e:
-            # PyPI's Linux torchvision is the CUDA build, which does not import beside torch's CPU build.
             raise GenerationError(
                 f"Upscaler models need spandrel, which could not be imported ({type(e).__name__}: {e}); "
-                "torch and torchvision must be the same build (both CUDA, or both CPU)."
+                "reinstall the bot's requirements (README, Set up)."
             ) from e
         try:
             with torch.inference_mode(False):

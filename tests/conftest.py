@@ -6,10 +6,10 @@ import os
 import pytest
 
 from db_fixtures import clock, db_engine, db_url, pg_admin_url, pg_url, queue  # noqa: F401
-from tinyupscaler import torchvision_importable
+from engine.torch_builds import torchvision_importable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/huggingface_hub are imported
-torchvision_importable()  # before transformers looks for torchvision (see tests/tinyupscaler.py)
+torchvision_importable()  # before the test helpers import diffusers (see engine/torch_builds.py)
 
 # torch/diffusers are imported inside the fixtures, so test runs that need no model stay fast.
 

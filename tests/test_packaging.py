@@ -51,15 +51,9 @@ def runtime_requirements() -> dict[str, str]:
     return pins(PYPROJECT["project"]["dependencies"])
 
 
-def upscaler_requirements() -> dict[str, str]:
-    """The ``upscalers`` extra: spandrel, imported only when an upscaler model is loaded."""
-    return pins(PYPROJECT["project"]["optional-dependencies"]["upscalers"])
-
-
 def test_requirements_are_pinned_exactly_as_the_lock_has_them():
     declared = {
         **runtime_requirements(),
-        **upscaler_requirements(),
         **pins(PYPROJECT["project"]["optional-dependencies"]["test"]),
     }
     lock = locked()
@@ -126,14 +120,13 @@ def undeclared(folders: list[str], declared: set[str]) -> dict[str, str]:
 
 
 def test_every_package_the_code_imports_is_a_declared_dependency():
-    missing = undeclared(PACKAGES, {*runtime_requirements(), *upscaler_requirements()})
+    missing = undeclared(PACKAGES, set(runtime_requirements()))
     assert not missing, f"imported but not in [project] dependencies of pyproject.toml: {missing}"
 
 
 def test_every_package_the_tests_and_benchmarks_import_is_declared():
     declared = {
         *runtime_requirements(),
-        *upscaler_requirements(),
         *pins(PYPROJECT["project"]["optional-dependencies"]["test"]),
     }
     missing = undeclared(["tests", "bench"], declared)
@@ -162,3 +155,23 @@ def test_console_scripts_are_installed_and_answer_help(script):
     result = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=START_BUDGET)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:") and "--config" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_fresh_process_loads_the_model_classes_and_spandrel_with_the_installed_torchvision():
+    """What a ``python -m bot`` or a worker imports, in an interpreter that never saw conftest:
+    the installed torchvision may be a build of torch other than the installed one (PyPI's CUDA
+    wheel beside the CPU-only torch here), and transformers and spandrel import it."""
+    code = (
+        "import engine.loading, engine.upscalers\n"
+        "from transformers import CLIPTextModel\n"
+        "engine.upscalers.torchvision_importable()\n"
+        "import spandrel\n"
+        "from spandrel.architectures.Compact import Compact\n"
+        "print('loaded', spandrel.__version__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=START_BUDGET, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == f"loaded {metadata.version('spandrel')}"

@@ -11,9 +11,6 @@ context than that gives exactly the untiled image.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,44 +21,14 @@ if TYPE_CHECKING:
 RECEPTIVE_RADIUS = 3
 
 
-def torchvision_importable() -> None:
-    """Let torchvision import where it is PyPI's Linux wheel (the CUDA build) beside torch's CPU build.
-
-    That torchvision's C++ ops cannot load without CUDA torch, and its import then stops at
-    registering fake kernels for two of them (``nms``, ``qnms``) that it never defined; transformers
-    and spandrel import it only for image transforms, which are plain Python. Declaring the two
-    operators (without kernels) lets the import finish. Nothing is done where torchvision is not
-    installed (the ``upscalers`` extra) or where its ops load (its CPU build, or CUDA torch).
-    Called by conftest before anything imports transformers.
-    """
-    if importlib.util.find_spec("torchvision") is None:
-        return
-    import torch
-
-    try:
-        importlib.import_module("torchvision")
-        return
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    library = torch.library.Library("torchvision", "DEF")  # its definitions last while it lives
-    library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _keep.append(library)
-    importlib.import_module("torchvision")
-
-
-_keep: list = []
-
-
 def import_spandrel():
-    """spandrel, or the test is skipped where the ``upscalers`` extra is not installed."""
-    import pytest
+    """spandrel, imported as the engine imports it (see engine/torch_builds.py)."""
+    from engine.torch_builds import torchvision_importable
 
     torchvision_importable()
-    return pytest.importorskip("spandrel", reason='upscaler models need the extra: pip install -e ".[upscalers]"')
+    import spandrel
+
+    return spandrel
 
 
 def compact(scale: int = 2, *, num_feat: int = 8, num_conv: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
