@@ -23,6 +23,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.torch_builds import torchvision_importable
+
+torchvision_importable()  # before diffusers imports it (see engine/torch_builds.py)
+
 import torch
 from diffusers import (
     AutoencoderKL,
