@@ -251,39 +251,68 @@ class Batch:
         retried step reads the same noise, drawn at admission, by the same step counts).
         """
         by_column = self.by_column()
-        sigma, sigma_next = by_column[EVAL], by_column[TO]
-        timesteps = by_column[T : T + 2].flatten()  # prompt rows', then negative prompt rows'
-        denoised = self.denoiser(self.x, sigma, self.cond, timesteps=timesteps, c_in=by_column[C_IN])
-        x_next, state = self._advance(denoised, sigma, sigma_next, by_column[:COLUMNS].t())
-        if self.blend is not None:  # masked rows: outside the mask, the init image at sigma_next
-            x_next = self.blend(x_next, sigma_next)
-        self.x, self.old_denoised, self.old_sigma, self.state = x_next, denoised, sigma, state
+        noise = None if self.noise is None else self.noise[self.since_rebuild]
+        x_next, denoised, state = self.arithmetic(
+            self.x, by_column, noise, self.old_denoised, self.old_sigma, self.state
+        )
+        self.x, self.old_denoised, self.old_sigma, self.state = x_next, denoised, by_column[EVAL], state
         self.since_rebuild += 1
         for entry in self.entries:
             entry.step += entry.job.plan.completes[entry.engine_step]
             entry.engine_step += 1
         return denoised
 
+    def arithmetic(
+        self,
+        x: Tensor,
+        by_column: Tensor,
+        noise: Tensor | None,
+        old_denoised: Tensor | None,
+        old_sigma: Tensor | None,
+        state: dict[str, Tensor],
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """One step's device work: the denoiser, each group's sampler and the masked rows' blend,
+        as ``(x_next, denoised, state)``. A function of its arguments and of what a membership
+        change replaces (groups, conditioning, blend), with no host read: the whole of a step that
+        ``torch.compile(fullgraph=True)`` can trace as one graph (tests/test_compile.py)."""
+        sigma, sigma_next = by_column[EVAL], by_column[TO]
+        timesteps = by_column[T : T + 2].flatten()  # prompt rows', then negative prompt rows'
+        denoised = self.denoiser(x, sigma, self.cond, timesteps=timesteps, c_in=by_column[C_IN])
+        columns = by_column[:COLUMNS].t()
+        x_next, state = self._advance(x, denoised, sigma, sigma_next, columns, noise, old_denoised, old_sigma, state)
+        if self.blend is not None:  # masked rows: outside the mask, the init image at sigma_next
+            x_next = self.blend(x_next, sigma_next)
+        return x_next, denoised, state
+
     def _advance(
-        self, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, columns: Tensor
+        self,
+        x: Tensor,
+        denoised: Tensor,
+        sigma: Tensor,
+        sigma_next: Tensor,
+        columns: Tensor,
+        noise: Tensor | None,
+        old_denoised: Tensor | None,
+        old_sigma: Tensor | None,
+        history: dict[str, Tensor],
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        x_next = self.x if len(self.groups) == 1 else torch.empty_like(self.x)
-        state = dict(self.state)  # the updated history replaces the old only once every group is done
+        x_next = x if len(self.groups) == 1 else torch.empty_like(x)
+        state = dict(history)  # the updated history replaces the old only once every group is done
         for group in self.groups:
             pick = (lambda t: t) if group.index is None else (lambda t, i=group.index: t[i])
-            noise = None
+            drawn = None
             if group.sampler.ancestral or group.sampler.brownian:
-                noise = pick(self.noise[self.since_rebuild])
-            kwargs = dict(old_denoised=pick(self.old_denoised), old_sigma=pick(self.old_sigma), noise=noise)
+                drawn = pick(noise)
+            kwargs = dict(old_denoised=pick(old_denoised), old_sigma=pick(old_sigma), noise=drawn)
             if group.sampler.stateful:
-                history = {name: pick(self.state[name]) for name in group.sampler.state}
+                own = {name: pick(history[name]) for name in group.sampler.state}
                 advanced, updates = group.sampler.step(
-                    pick(self.x),
+                    pick(x),
                     pick(denoised),
                     pick(sigma),
                     pick(sigma_next),
                     **kwargs,
-                    state=history | plan_state(pick(columns)),
+                    state=own | plan_state(pick(columns)),
                 )
                 for name, value in updates.items():
                     if group.index is None:
@@ -291,7 +320,7 @@ class Batch:
                     else:
                         state[name] = state[name].index_copy(0, group.index, value)
             else:
-                advanced = group.sampler.step(pick(self.x), pick(denoised), pick(sigma), pick(sigma_next), **kwargs)
+                advanced = group.sampler.step(pick(x), pick(denoised), pick(sigma), pick(sigma_next), **kwargs)
             if group.index is None:
                 x_next = advanced
             else:

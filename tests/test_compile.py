@@ -82,34 +82,33 @@ def test_graphs_can_be_made_at_start(tiny_model):
     assert sorted(key[0] for key in worker.pipeline.denoiser.graphs) == [1, 2]  # 2 before any job had 2 rows
 
 
-def step_compiles_whole(pipeline: Pipeline, rows: int) -> None:
-    """One batch step's arithmetic (the denoiser and euler_a's step on the batch's tables) under
-    ``torch.compile(fullgraph=True)``: a graph break anywhere raises."""
+def step_compiles_whole(pipeline: Pipeline, rows: int, *, mixed: bool = False) -> None:
+    """The batch's own step arithmetic (``Batch.arithmetic``: the denoiser, each sampler group's
+    step, the blend) under ``torch.compile(fullgraph=True)``: a graph break anywhere raises.
+    ``mixed``: a second job with a stateful sampler shares the batch (two sampler groups)."""
     batch = Batch(pipeline.denoiser)
     batch.add(pipeline.prepare(make_request(1, count=rows)))
-    group = batch.groups[0]
-
-    def step(x, by_column, noise, cond):
-        sigma, sigma_next = by_column[0], by_column[2]
-        timesteps = by_column[-3:-1].flatten()
-        denoised = pipeline.denoiser(x, sigma, cond, timesteps=timesteps, c_in=by_column[-1])
-        columns = by_column[:15].t()
-        return group.sampler.step(
-            x, denoised, sigma, sigma_next, old_denoised=denoised, old_sigma=sigma, noise=noise,
-            state={"coeffs": columns[:, 5:15]},
-        )  # fmt: skip
-
-    compiled = torch.compile(step, fullgraph=True, backend="eager", dynamic=False)
+    if mixed:
+        batch.add(pipeline.prepare(make_request(2, sampler="dpmpp_2m", steps=4)))
+    arguments = (batch.x, batch.by_column(), batch.noise[0], batch.x, batch.by_column()[0], batch.state)
+    compiled = torch.compile(batch.arithmetic, fullgraph=True, backend="eager", dynamic=False)
     with torch.inference_mode():
-        x_next, _ = compiled(batch.x, batch.by_column(), batch.noise[0], batch.cond)
-        expected, _ = step(batch.x, batch.by_column(), batch.noise[0], batch.cond)
-    torch.testing.assert_close(x_next, expected)
+        x_next, denoised, state = compiled(*arguments)
+        expected = batch.arithmetic(*arguments)
+    torch.testing.assert_close(x_next, expected[0])
+    torch.testing.assert_close(denoised, expected[1])
+    assert state.keys() == expected[2].keys()
 
 
 @pytest.mark.parametrize("rows", [1, 12])
 def test_the_step_compiles_with_no_graph_break(tiny_model, rows):
     torch._dynamo.reset()
     step_compiles_whole(Pipeline(tiny_model), rows)
+
+
+def test_a_step_of_two_sampler_groups_compiles_with_no_graph_break(tiny_model):
+    torch._dynamo.reset()
+    step_compiles_whole(Pipeline(tiny_model), 3, mixed=True)
 
 
 @pytest.mark.slow
