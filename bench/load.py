@@ -2,7 +2,8 @@
 
 Two processes, as in a deployment: this one plays Discord (the local emulator: gateway and REST
 over sockets) and its members; the other is the bot itself, ``python -m bot`` (through
-``tests/bot_process.py``, which only points discord.py at the emulator), with its engine on the
+``tests/bot_process.py``, which only points discord.py at the emulator), with its engine (by
+default its child process, as the README's run command starts it; ``--engine``) on the
 tiny random model (64x64, 2 steps, max_batch 16, CPU) and a temporary SQLite queue. Members send
 /imagine (each member's commands spread over the run); the script prints how fast commands were
 acknowledged, the p50/p99 time to acknowledge (Discord's deadline is 3 s) as the emulator saw it,
@@ -58,9 +59,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for every job to be posted")
     parser.add_argument(
         "--engine",
-        choices=("in-bot", "worker"),
-        default="in-bot",
-        help="the engine in the bot's process, or `python -m engine worker` as its own process",
+        choices=("child", "in-bot", "worker"),
+        default="child",
+        help="child: the bot starts its engine as a child process (the default, engine.process = worker); "
+        "in-bot: the engine in the bot's process (engine.process = bot); worker: `python -m engine worker` "
+        "started by this script beside a bot with --no-engine",
     )
     parser.add_argument(
         "--acks-only", action="store_true", help="stop after the acknowledgements (the ack path alone, quicker)"
@@ -97,6 +100,7 @@ async def main(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             pending_limit=max(3, per_member),
             progress_interval=1.0,
+            engine_process="bot" if args.engine == "in-bot" else "worker",
         )
         db = make_engine(database_url)
         upgrade(db)

@@ -1,10 +1,12 @@
 """``python -m bot [--config config.toml] [--no-engine]``: run the Discord bot.
 
 Reads the configuration (a wrong value: one line and exit status 2; no ``DISCORD_TOKEN``: what
-to do and exit 2), creates or upgrades the database, loads the model (a model that will not
-load: one line and exit 1), starts the engine worker and the queue runner, and connects to
-Discord. SIGINT/SIGTERM stop cleanly: queued jobs stay in the database, and a job that was
-running goes back in line (or is queued again by lease recovery after a crash).
+to do and exit 2), creates or upgrades the database, starts the engine and waits for its model
+(a model that will not load: one line and exit 1), and connects to Discord. The engine is the
+child process ``python -m engine worker`` (``engine.process = "worker"``, the default:
+:mod:`bot.engine_process`) or a worker thread and queue runner in this process (``"bot"``).
+SIGINT/SIGTERM stop cleanly: queued jobs stay in the database, and a job that was running goes
+back in line (or is queued again by lease recovery after a crash).
 ``--no-engine`` runs the bot without a local GPU, when workers run in other processes.
 """
 
@@ -16,6 +18,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import discord
 
@@ -44,11 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(run(config, engine=not args.no_engine, sync=args.sync))
+    return asyncio.run(run(config, engine=not args.no_engine, sync=args.sync, config_path=args.config))
 
 
-async def run(config: Config, *, engine: bool = True, sync: bool = False) -> int:
-    """Wire database, engine and client together (:mod:`bot.wiring`); return the exit status."""
+async def run(config: Config, *, engine: bool = True, sync: bool = False, config_path: str = "config.toml") -> int:
+    """Wire database, engine and client together (:mod:`bot.wiring`); return the exit status.
+    ``config_path``: the file ``config`` was read from, which the engine process reads too."""
+    from bot.engine_process import EngineProcess, EngineStartError
     from bot.wiring import build_bot, load_engine, open_database
     from db.errors import StorageError
     from ops import OpsServerError
@@ -58,8 +63,15 @@ async def run(config: Config, *, engine: bool = True, sync: bool = False) -> int
     except StorageError as e:  # a read-only database file or folder: one line, what to do
         print(f"error: {e}", file=sys.stderr)
         return 1
-    worker = family = None
-    if engine:
+    worker = family = child = None
+    if engine and config.engine.process == "worker":
+        child = EngineProcess(Path(config_path).resolve())
+        try:
+            family = await child.start()
+        except EngineStartError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.status or 1
+    elif engine:
         from engine.errors import ModelLoadError
 
         try:
@@ -70,7 +82,7 @@ async def run(config: Config, *, engine: bool = True, sync: bool = False) -> int
         except ConfigError as e:  # e.g. engine.device = "cuda" on a machine without one
             print(f"error: {e}", file=sys.stderr)
             return 2
-    app = build_bot(config, queue, worker, model_family=family, force_sync=sync)
+    app = build_bot(config, queue, worker, engine_process=child, model_family=family, force_sync=sync)
     bot = app.bot
     if worker is not None:
         worker.start()
@@ -109,6 +121,8 @@ async def run(config: Config, *, engine: bool = True, sync: bool = False) -> int
         await app.ops.stop()
         if worker is not None:
             await asyncio.to_thread(worker.stop)
+        if child is not None:
+            await child.stop()  # its running jobs go back in line
         queue.close()
         db.dispose()
     if bot.fatal is not None:

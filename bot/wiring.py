@@ -1,9 +1,10 @@
 """The one place the bot's application is put together, for ``python -m bot`` and for the tests.
 
-config → database → queue → community → engine worker (or none) → runner → job events →
-client (which makes the delivery loop and the job service it hands to the cogs). The tests call
-:func:`build_bot` with their own tiny-model worker; ``python -m bot`` calls :func:`open_database`,
-:func:`load_engine` and then the same :func:`build_bot`.
+config → database → queue → community → engine (a worker in this process, a child process, or
+none) → runner → job events → client (which makes the delivery loop and the job service it hands
+to the cogs). The tests call :func:`build_bot` with their own tiny-model worker; ``python -m bot``
+calls :func:`open_database`, then :func:`load_engine` or starts an
+:class:`~bot.engine_process.EngineProcess`, and then the same :func:`build_bot`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy import Engine
 
 from bot.client import JobEvents, SDBot, utcnow
 from bot.config import Config
+from bot.engine_process import EngineProcess
 from db.community import Community
 from db.faults import DatabaseHealth, until_reachable
 from db.queue import Queue
@@ -77,13 +79,15 @@ def build_bot(
     worker: Any | None = None,
     *,
     worker_name: str = "bot",
+    engine_process: EngineProcess | None = None,
     model_family: str | None = None,
     poll_interval: float = 1.0,
     **client_options: Any,
 ) -> BotApp:
-    """The bot over ``queue``, with a queue runner feeding ``worker`` (None: GPU workers run in
-    other processes). The worker is started by the caller; its jobs left running by this
-    worker's previous run are put back in line here."""
+    """The bot over ``queue``, with a queue runner feeding ``worker``, or with its engine in the
+    child process ``engine_process`` (both None: GPU workers run in other processes). The worker
+    (or the child) is started by the caller; the in-process worker's jobs left running by its
+    previous run are put back in line here (the child recovers its own)."""
     community = Community(queue.engine, clock=client_options.get("clock", utcnow))
     metrics = Metrics(
         queue_counts=lambda: queue_counts(queue.engine),
@@ -112,6 +116,11 @@ def build_bot(
             on_progress=events.progress,
             on_finished=events.finished,
         )
+    elif engine_process is not None:
+        runner = engine_process  # stands where the runner would: run(), wake(), cancel()
+        engine_process.on_progress, engine_process.on_finished = events.progress, events.finished
+        metrics.read_batch_rows(lambda: engine_process.batch_rows)
+        metrics.read_gpu_memory(lambda: engine_process.gpu_memory)
     styles = Styles(queue.engine, clock=client_options.get("clock", utcnow))
     bot = SDBot(config, queue, community, styles, runner, events=events, model_family=model_family, **client_options)
     if worker is not None:

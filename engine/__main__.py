@@ -2,7 +2,8 @@
 
 ``generate`` makes one generation, to check the model and the GPU before going live;
 ``worker`` serves the shared job queue from this machine's GPU, so that several GPU machines
-can serve one bot (the bot then runs with ``--no-gpu``).
+can serve one bot (the bot then runs with ``--no-engine``); the bot also starts one as its own
+child process by default (``engine.process``).
 
     python -m engine generate --prompt "a red fox" --seed 7 --out fox.png
     python -m engine generate --model tiny.safetensors --prompt "a red fox" --steps 4 --width 64 --height 64 --out t.png
@@ -98,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--config", type=Path, default=Path("config.toml"))
     work.add_argument("--name", default="worker", help="this worker's name, unique on this machine (default: worker)")
     work.add_argument("--model", default=None, help="model source, overriding model.source in the config")
+    work.add_argument(
+        "--bot-link",
+        type=int,
+        default=None,
+        metavar="FD",
+        help="started by the bot (engine.process = worker): report to this file descriptor, stop when "
+        "standard input closes; the bot serves [ops]",
+    )
     return parser
 
 
@@ -175,7 +184,8 @@ def generate(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """Claim jobs from the shared queue and run them here until SIGINT/SIGTERM."""
-    from engine.runner import run_worker_process
+    from engine.bot_link import BotLink
+    from engine.worker_process import run_worker_process
     from ops import OpsConfigError, parse_ops
 
     raw = read_toml(args.config)
@@ -186,6 +196,8 @@ def serve(args: argparse.Namespace) -> int:
         ops = parse_ops(raw.get("ops", {}))
     except OpsConfigError as e:
         raise ConfigError(str(e)) from None
+    if args.bot_link is not None:  # the bot's child: the bot serves the endpoint, with this worker's figures
+        return run_worker_process(settings, queue_settings, name=args.name, bot_link=BotLink(args.bot_link))
     return run_worker_process(settings, queue_settings, name=args.name, ops_settings=ops)
 
 

@@ -18,28 +18,22 @@ runner's own claims never take them from it). :attr:`QueueRunner.database_reacha
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
-import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from db.faults import Backoff, DatabaseHealth, is_database_fault, until_reachable
+from db.faults import Backoff, DatabaseHealth, is_database_fault
 from db.models import Job
 from db.queue import Queue, woken_within
-from db.session import make_engine, upgrade
-from db.settings import QueueSettings
 from engine.errors import GenerationError, JobCancelled
-from engine.models import ModelPool, ModelTurns
+from engine.models import ModelTurns
 from engine.params import params_from_job
-from engine.settings import Settings
 from engine.types import GenerationRequest, Progress
 from engine.worker import EngineWorker
-from ops import Health, Metrics, OpsServer, OpsSettings, database_reachable, queue_counts, record_finished
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -293,85 +287,3 @@ def log_failure(task: asyncio.Task) -> None:
     """Done-callback for background tasks: a task that died says so, with its traceback."""
     if not task.cancelled() and task.exception() is not None:
         log.error("%s failed", task.get_name(), exc_info=task.exception())
-
-
-def run_worker_process(
-    settings: Settings, queue_settings: QueueSettings, *, name: str, ops_settings: OpsSettings | None = None
-) -> int:
-    """``python -m engine worker``: serve the shared queue from this machine until a signal.
-
-    Results go to the database; the bot (which may run on a machine without a GPU) posts them.
-    Jobs running here when the signal comes are given back to the queue unfinished. A database
-    that is not there yet (a server still starting) is waited for; one that cannot be written
-    (read-only SQLite file) raises :class:`~db.errors.StorageError`, whose message says what to do.
-    """
-    db = make_engine(queue_settings.database_url)
-    health = DatabaseHealth(log)
-    until_reachable(lambda: upgrade(db), health)
-    queue = Queue(
-        db,
-        pending_limit=queue_settings.pending_limit,
-        max_attempts=queue_settings.max_attempts,
-        lease_seconds=queue_settings.lease_seconds,
-    )
-    pool = ModelPool.configured(settings.all_models, settings.engine)
-    # Loads the default model and the default upscaler.
-    worker = EngineWorker(pool, settings.engine, settings.generation, upscalers=settings.upscalers)
-    worker_id, prefix = worker_identity(name)
-    recovered = until_reachable(lambda: queue.recover_all_running(worker_prefix=prefix), health)
-    if recovered:
-        log.info("%d job(s) left running by this worker's previous run were put back in line", recovered)
-    metrics = Metrics(queue_counts=lambda: queue_counts(db), database_up=lambda: database_reachable(db))
-    metrics.read_batch_rows(lambda: worker.batch_rows)
-    runner = QueueRunner(
-        queue,
-        worker,
-        worker_id=worker_id,
-        max_in_flight=settings.engine.max_batch,
-        heartbeat_interval=queue_settings.lease_seconds / 4,
-        listen=True,
-        turns=ModelTurns.for_pool(pool, settings.engine),
-        on_finished=functools.partial(record_finished, metrics, queue),
-    )
-    serving: list[asyncio.Task] = []  # the runner's task, for the health check
-    ops = None
-    if ops_settings is not None and ops_settings.enabled:
-        health = Health()
-        health.add_check("database", lambda: database_reachable(db))
-        health.add_task("queue-runner", lambda: serving[0] if serving else None)
-        ops = OpsServer(ops_settings, metrics=metrics, health=health)
-
-    async def serve() -> None:
-        serving.append(asyncio.current_task())
-        if ops is not None:
-            await ops.start()  # a taken port: OpsServerError, one line
-            log.info("health and metrics at %s/healthz and /metrics", ops.url)
-        try:
-            await runner.run()
-        finally:
-            if ops is not None:
-                await ops.stop()
-
-    worker.start()
-    log.info(
-        "worker %s serving %s with %s", worker_id, db.url.render_as_string(hide_password=True), ", ".join(pool.names)
-    )
-    try:
-        asyncio.run(_until_signal(serve()))
-    finally:
-        worker.stop()
-        queue.close()
-        db.dispose()
-    return 0
-
-
-async def _until_signal(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` until SIGINT or SIGTERM, then cancel it (its clean-up still runs)."""
-    task = asyncio.ensure_future(main)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        await task
-    except asyncio.CancelledError:
-        log.info("stopped by signal; running jobs were put back in line")

@@ -32,6 +32,9 @@ from engine.params import (
 from engine.toml_config import ConfigError, check, read_toml, section
 from engine.upscaler_settings import UpscalerSettings, parse_upscalers
 
+#: Where the bot runs its engine (``engine.process``).
+ENGINE_PROCESSES = ("worker", "bot")
+
 
 @dataclass(frozen=True)
 class ModelSettings:
@@ -76,6 +79,9 @@ class EngineSettings:
     png_compress_level: int = 1
     # Images the VAE decodes at once when jobs finish: more is faster on a big GPU, less peak memory.
     decode_chunk: int = 4
+    # Where ``python -m bot`` runs the engine: "worker", its child process ``python -m engine
+    # worker`` (faster: BENCHMARKS.md, issue 11 §7), or "bot", a thread of the bot's own process.
+    process: str = "worker"
 
 
 @dataclass(frozen=True)
@@ -304,6 +310,12 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
         engine.compile_capture in ("lazy", "start"), "engine.compile_capture", engine.compile_capture, "lazy or start"
     )
     check(1 <= engine.decode_chunk <= 64, "engine.decode_chunk", engine.decode_chunk, "1 to 64 images")
+    check(
+        engine.process in ENGINE_PROCESSES,
+        "engine.process",
+        engine.process,
+        '"worker" (the bot starts python -m engine worker as its child) or "bot" (in the bot\'s own process)',
+    )
 
     check(1 <= gen.max_steps <= 500, "generation.max_steps", gen.max_steps, "1 to 500")
     check(

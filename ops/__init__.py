@@ -9,7 +9,7 @@ Layering: ops imports ``db`` (to count jobs) and never ``bot`` or ``engine``, an
 """
 
 from ops.health import Health
-from ops.metrics import Metrics, record_finished
+from ops.metrics import Metrics, gpu_memory, record_finished
 from ops.queries import database_reachable, queue_counts
 from ops.server import OpsServer, OpsServerError
 from ops.settings import OpsConfigError, OpsSettings, parse_ops
@@ -22,6 +22,7 @@ __all__ = [
     "OpsServerError",
     "OpsSettings",
     "database_reachable",
+    "gpu_memory",
     "parse_ops",
     "queue_counts",
     "record_finished",

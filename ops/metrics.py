@@ -56,6 +56,7 @@ class Metrics:
         self._clock = clock
         self._recent_images: deque[tuple[float, int]] = deque()  # (when, images) of the last minute
         self._recent_lock = threading.Lock()
+        self.gpu_memory: Callable[[], dict[str, tuple[int, int]]] = gpu_memory  # see read_gpu_memory
         r = self.registry
         self._finished = Counter("sdbot_jobs_finished", "Jobs that ended here, by outcome", ["status"], registry=r)
         for status in sorted(s.value for s in FINISHED):
@@ -105,6 +106,10 @@ class Metrics:
     def read_batch_rows(self, rows: Callable[[], int]) -> None:
         """Read the running batch's rows from ``rows()`` at every scrape instead."""
         self._batch_rows.set_function(rows)
+
+    def read_gpu_memory(self, memory: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        """Read GPU memory from ``memory()`` (an engine in another process) instead of this process."""
+        self.gpu_memory = memory
 
     # -- read at scrape time ----------------------------------------------------------------
 
@@ -162,7 +167,7 @@ class _ScrapeTimeSeries:
             yield _flag(
                 "sdbot_discord_connected", "1 when the bot is connected to Discord's gateway", self._discord_connected
             )
-        yield from _gpu_memory()
+        yield from _gpu_memory_metrics(self._metrics.gpu_memory())
 
     def _queue_depth(self) -> Iterator[Metric]:
         try:
@@ -190,23 +195,31 @@ def _flag(name: str, documentation: str, read: Callable[[], bool]) -> Metric:
     return GaugeMetricFamily(name, documentation, value=1.0 if up else 0.0)
 
 
-def _gpu_memory() -> Iterator[Metric]:
-    """CUDA memory of this process, per device, from torch's allocator.
+def gpu_memory() -> dict[str, tuple[int, int]]:
+    """Allocated and reserved CUDA memory of this process per device, from torch's allocator.
 
     Only once torch is imported and CUDA initialised by the engine: asking earlier would load
     torch into a process without one, or open a CUDA context (hundreds of MB) on every GPU.
     """
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {
+        f"cuda:{i}": (torch.cuda.memory_allocated(i), torch.cuda.memory_reserved(i))
+        for i in range(torch.cuda.device_count())
+    }
+
+
+def _gpu_memory_metrics(memory: dict[str, tuple[int, int]]) -> Iterator[Metric]:
+    if not memory:
         return
     allocated = GaugeMetricFamily("sdbot_gpu_memory_allocated_bytes", "GPU memory held by tensors", labels=["device"])
     reserved = GaugeMetricFamily(
         "sdbot_gpu_memory_reserved_bytes", "GPU memory reserved by torch's caching allocator", labels=["device"]
     )
-    for index in range(torch.cuda.device_count()):
-        device = f"cuda:{index}"
-        allocated.add_metric([device], torch.cuda.memory_allocated(index))
-        reserved.add_metric([device], torch.cuda.memory_reserved(index))
+    for device, (held, kept) in memory.items():
+        allocated.add_metric([device], held)
+        reserved.add_metric([device], kept)
     yield allocated
     yield reserved
 

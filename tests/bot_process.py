@@ -48,8 +48,10 @@ def write_config(
     max_attempts: int = 3,
     lease_seconds: int = 5,
     progress_interval: float = 0.5,
+    engine_process: str = "worker",
 ) -> Path:
-    """A config.toml for a bot process on the tiny model: 64x64, 2 steps, no previews."""
+    """A config.toml for a bot process on the tiny model: 64x64, 2 steps, no previews; the engine
+    in a child process (``engine_process = "bot"``: in the bot's own)."""
     path.write_text(f"""
 [model]
 source = "{model}"
@@ -59,6 +61,7 @@ device = "cpu"
 dtype = "float32"
 max_batch = {max_batch}
 preview_every = 0
+process = "{engine_process}"
 [generation]
 default_steps = 2
 max_steps = 500

@@ -22,6 +22,7 @@ def test_shipped_config_is_valid():
     assert config.generation.default_sampler in config.generation.samplers
     assert config.queue.database_url.startswith("sqlite:///")
     assert load_settings(ROOT / "config.toml").model == config.model
+    assert config.engine.process == "worker"  # the run command starts the engine as the bot's child
 
 
 def test_missing_token_says_what_to_do():
@@ -41,6 +42,7 @@ def test_token_in_file_is_refused(tmp_path):
         ("[engine]\nmax_batch = 'many'\n", "engine.max_batch = 'many': expected int"),
         ("[engine]\novertake_window = -1\n", "engine.overtake_window = -1"),
         ("[engine]\ncompile = 'fast'\n", "engine.compile = 'fast'"),
+        ("[engine]\nprocess = 'thread'\n", "engine.process = 'thread'"),
         ("[generation]\ndefault_steps = 80\n", "generation.default_steps = 80"),
         ("[generation]\nsizes = ['500x500']\n", "generation.sizes = '500x500'"),
         ("[generation]\nsamplers = ['plms']\n", "generation.samplers = 'plms'"),

@@ -10,8 +10,12 @@ how it ended. Slow (each bot start imports the engine), so marked ``slow``; CI r
 from __future__ import annotations
 
 import io
+import os
+import re
 import signal
+import socket
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -110,11 +114,14 @@ def png(color: str) -> bytes:
 
 
 async def test_bot_killed_while_jobs_run_and_wait(emulator: Emulator, tiny_sd_folder, tmp_path):
-    """The bot runs the engine itself; it is killed twice while a job is running (others
-    queued). The job is retried once and then fails with the reason; the others are posted."""
+    """The bot runs the engine in its own process (``engine.process = "bot"``); it is killed twice
+    while a job is running (others queued). The job is retried once and then fails with the
+    reason; the others are posted."""
     emu = emulator
     url = f"sqlite:///{tmp_path / 'queue.sqlite3'}"
-    config = write_config(tmp_path / "config.toml", emu.guild.id, tiny_sd_folder, url, max_attempts=2)
+    config = write_config(
+        tmp_path / "config.toml", emu.guild.id, tiny_sd_folder, url, max_attempts=2, engine_process="bot"
+    )
     queue = open_queue(url)
     bot = BotProcess(emu, config, tmp_path / "bot.log")
     try:
@@ -140,6 +147,90 @@ async def test_bot_killed_while_jobs_run_and_wait(emulator: Emulator, tiny_sd_fo
         assert "Gave up after 2 attempts" in posts_of(emu, long)[0].content
         assert_each_job_ended_once(emu, queue, jobs)
         assert await bot.stop() == 0
+    finally:
+        await bot.stop()
+        queue.close()
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_the_bots_engine_process_stops_with_a_killed_bot_and_comes_back_after_a_crash(
+    emulator: Emulator, tiny_sd_folder, tmp_path
+):
+    """The default: the bot runs its engine as the child ``python -m engine worker``. Progress
+    reaches the status message over the link. kill -9 of the bot: the child sees it go, gives the
+    running job back (no attempt spent) and exits. kill -9 of the child: the bot starts another,
+    which takes the job up again. Every job is posted once."""
+    emu = emulator
+    url = f"sqlite:///{tmp_path / 'queue.sqlite3'}"
+    config = write_config(tmp_path / "config.toml", emu.guild.id, tiny_sd_folder, url, max_attempts=2)
+    port = free_port()
+    config.write_text(config.read_text() + f"[ops]\nenabled = true\nport = {port}\n")
+    queue = open_queue(url)
+    bot = BotProcess(emu, config, tmp_path / "bot.log")
+    try:
+        await bot.start()
+        (engine,) = children(bot.process.pid)
+        long = await imagine(emu, queue, emu.alice, steps=500)
+        jobs = {long: emu.alice, await imagine(emu, queue, emu.bob, seed=1): emu.bob}
+
+        def long_job_shows_its_steps() -> bool:
+            job = queue.get(long)
+            status = emu.messages.get(job.status_message_id)
+            return job.engine_started_at is not None and status is not None and "step" in status.content
+
+        await until(long_job_shows_its_steps, "the long job's progress on its status message", watched=bot.watched)
+        await bot.kill()
+        await until(lambda: not alive(engine), "the engine process to stop after the bot was killed")
+        job = queue.get(long)
+        assert job.status is JobStatus.queued and job.attempts == 0, (job.status, job.attempts)
+
+        await bot.start()
+        (engine,) = children(bot.process.pid)
+        await until(
+            lambda: queue.get(long).engine_started_at is not None, "the long job to run again", watched=bot.watched
+        )
+        os.kill(engine, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        await until(
+            lambda: [pid for pid in children(bot.process.pid) if pid != engine],
+            "the bot to start its engine again",
+            watched=bot.watched,
+        )
+        await settled(emu, queue, jobs, bot)
+        assert queue.get(long).status is JobStatus.done
+        assert_each_job_ended_once(emu, queue, jobs)
+        # The bot's /metrics counts what its child finished (told over the link).
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+            done = re.search(r'^sdbot_jobs_finished_total\{status="done"\} (\S+)$', response.read().decode(), re.M)
+        assert done and float(done[1]) >= 1, "the child's finished jobs are not in the bot's metrics"
+        (engine,) = children(bot.process.pid)
+        assert await bot.stop() == 0
+        assert not alive(engine), "the engine process outlived the bot"
+        assert "engine process" in bot.log_path.read_text()
     finally:
         await bot.stop()
         queue.close()
