@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from engine.denoiser import BUCKETS, Conditioning, Denoiser, bucket_rows
+from engine.denoiser import Conditioning, Denoiser
+from engine.graphs import BUCKETS, bucket_rows
 from engine.inpaint import LatentBlend
 from engine.readback import Readback
 from engine.samplers import Sampler, initial_state, plan_state

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from engine.graphs import UNetGraphs
 from engine.prompt_syntax import ChunkedPrompt, chunk_prompt, chunks_needed, strip_lora_tags
 from engine.prompts import EmbeddingLibrary, embeddings_injected, emphasize
 from engine.samplers import rows
@@ -238,13 +239,8 @@ class Denoiser:
     """``denoiser(x, sigma, cond) -> x0`` over a diffusers UNet, classifier-free guided per row.
 
     :meth:`compile` (``engine.compile``) runs the UNet through ``torch.compile`` (CUDA graphs with
-    "reduce-overhead"). A compiled graph is made for one input shape, and the running batch changes
-    size whenever a job joins or leaves, so the compiled UNet sees rows padded up to a bucket of
-    :data:`BUCKETS` (copies of the last row, whose outputs are dropped; rows never mix in a UNet):
-    one graph per (bucket, latent size, prompt length). The set is bounded by ``max_graphs``
-    (``engine.compile_graphs``), each new graph is logged, and a shape past the bound runs eager,
-    counted in :attr:`eager_calls` and logged: never dynamo's silent fall-back at its own limit,
-    which is raised above ours.
+    "reduce-overhead"), in the bounded set of graphs of :mod:`engine.graphs`: rows padded to
+    buckets, each graph reading input buffers of its own.
     """
 
     def __init__(self, unet, schedule: ModelSchedule, prediction_type: str = "epsilon") -> None:
@@ -257,19 +253,28 @@ class Denoiser:
         # made on the CPU from the same values (timesteps), a lone call looks them up on the device.
         self._log_sigmas_host = schedule.log_sigmas.to(dtype=torch.float32)
         self.log_sigmas = self._log_sigmas_host.to(unet.device)
-        self._run_compiled: Callable[..., Any] | None = None
-        self.compiled = False
-        self._padding: dict[int, tuple[int, Tensor]] = {}  # rows -> (bucket, index of the padded rows)
-        self.max_graphs = 0
-        self.graphs: dict[tuple, int] = {}  # (bucket, latent shape, tokens, masked) -> calls made with it
-        self.eager_calls = 0  # UNet calls past the bound on graphs, run eager (logged)
+        self.unet_graphs: UNetGraphs | None = None
+
+    @property
+    def compiled(self) -> bool:
+        return self.unet_graphs is not None
+
+    @property
+    def graphs(self) -> dict[tuple, int]:
+        """The compiled UNet's graphs: (bucket, latent shape, tokens, masked) -> calls made with it."""
+        return {} if self.unet_graphs is None else self.unet_graphs.graphs
+
+    @property
+    def eager_calls(self) -> int:
+        """UNet calls past the bound on graphs, run eager (logged)."""
+        return 0 if self.unet_graphs is None else self.unet_graphs.eager_calls
 
     def compile(self, compiler: Callable[[torch.nn.Module], Callable[..., Any]], max_graphs: int = 24) -> None:
         """Run the UNet as ``compiler(unet)`` from now on (e.g. ``functools.partial(torch.compile,
         mode="reduce-overhead", dynamic=False)``), rows padded to bucket sizes, at most
         ``max_graphs`` shapes. Once per model."""
-        if not self.compiled:
-            self._run_compiled, self.compiled, self.max_graphs = compiler(self.unet), True, max_graphs
+        if self.unet_graphs is None:
+            self.unet_graphs = UNetGraphs(compiler(self.unet), max_graphs)
             # Dynamo's own limit would silently run eager past it: ours is the bound, and it is logged.
             limit = torch._dynamo.config.recompile_limit
             torch._dynamo.config.recompile_limit = max(limit, max_graphs + 1)
@@ -312,40 +317,13 @@ class Denoiser:
         )
         n = x.shape[0]
         bucket, run = n, self.unet
-        if self.compiled and self._graph_for(n, model_in, cond):
-            bucket, index = self._bucket(n, x.device)
-            inputs, run = _take_rows(inputs, index), self._run_compiled
+        graphs = self.unet_graphs
+        if graphs is not None and (key := graphs.admit(n, model_in, cond)) is not None:
+            (bucket, inputs), run = graphs.inputs(key, n, inputs, cond), graphs.run
         out = run(**inputs, return_dict=False)[0].float()
         positive, negative = out[:n], out[bucket : bucket + n]
         guided = negative + rows(cond.guidance) * (positive - negative)
         return self.to_x0(guided, x, sigma)
-
-    def _graph_for(self, n: int, model_in: Tensor, cond: Conditioning) -> bool:
-        """Whether these rows run in a graph: one that exists, or a new one within the bound."""
-        key = (bucket_rows(n), tuple(model_in.shape[1:]), cond.embeds.shape[1], cond.mask is not None)
-        if key in self.graphs:
-            self.graphs[key] += 1
-            return True
-        if len(self.graphs) < self.max_graphs:
-            self.graphs[key] = 1
-            log.info("UNet graph %d of at most %d: %d rows (for %d), latents %s, %d tokens", len(self.graphs),
-                     self.max_graphs, key[0], n, "x".join(map(str, key[1])), key[2])  # fmt: skip
-            return True
-        self.eager_calls += 1
-        log.warning("no UNet graph for %d rows, latents %s, %d tokens: %d graphs made already "
-                    "(engine.compile_graphs); this step runs eager (%d so far)",
-                    n, "x".join(map(str, key[1])), key[2], self.max_graphs, self.eager_calls)  # fmt: skip
-        return False
-
-    def _bucket(self, n: int, device: torch.device) -> tuple[int, Tensor]:
-        """The padded row count for ``n`` rows and which of the 2n UNet rows fill the 2 x bucket
-        (made once per row count, so a step copies nothing to the device)."""
-        if n not in self._padding:
-            bucket = bucket_rows(n)
-            positive = list(range(n)) + [n - 1] * (bucket - n)
-            index = torch.tensor(positive + [n + i for i in positive], device=device)
-            self._padding[n] = bucket, index
-        return self._padding[n]
 
     def to_x0(self, out: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
         """Clean latents from the UNet's output (eps: x - sigma eps; v: Salimans & Ho 2022)."""
@@ -354,28 +332,3 @@ class Denoiser:
         c_skip = 1 / (sigma**2 + 1)
         c_out = -sigma / (sigma**2 + 1).sqrt()
         return x * rows(c_skip) + out * rows(c_out)
-
-
-#: Row counts a compiled UNet is made for; rows are padded up to the next (past the last: to a
-#: multiple of :data:`BUCKET_STEP`). From 8 rows up at most a third of the rows are padding, where
-#: powers of two waste up to half (9 rows run as 16, 33 as 64).
-BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32)
-BUCKET_STEP = 16
-
-
-def bucket_rows(n: int) -> int:
-    """The bucket ``n`` rows are padded to."""
-    return next((b for b in BUCKETS if b >= n), -(-n // BUCKET_STEP) * BUCKET_STEP)
-
-
-def _take_rows(inputs: dict[str, Any], index: Tensor) -> dict[str, Any]:
-    """The UNet's inputs with their rows (dim 0) picked by ``index``; None stays None."""
-
-    def take(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return value.index_select(0, index)
-        if isinstance(value, dict):
-            return {key: take(item) for key, item in value.items()}
-        return value
-
-    return {name: take(value) for name, value in inputs.items()}

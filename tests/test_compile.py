@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from typing import Any
 
 import pytest
 import torch
 
 from engine.batch import Batch
-from engine.denoiser import BUCKETS, bucket_rows
+from engine.graphs import BUCKETS, bucket_rows
 from engine.pipeline import Pipeline
 from engine.settings import ConfigError, EngineSettings, GenerationSettings, parse_engine_sections
 from engine.types import GenerationRequest
@@ -62,6 +63,39 @@ def test_jobs_in_a_compiled_step_give_the_pixels_they_give_eager(tiny_model):
     for result, expected in zip(results, eager, strict=True):
         for image, reference in zip(result.images, expected.images, strict=True):
             assert_same_image(image.png, reference.png)
+
+
+def test_each_graph_reads_its_own_buffers_and_the_prompts_are_written_only_when_members_change(tiny_model):
+    """Static inputs: every call of one graph gets the same tensors (a CUDA graph replays on them
+    without copying), and the conditioning is written into them at joins and leaves only."""
+    calls: list[tuple[tuple, Any, Any]] = []  # (sample shape, sample, prompt embeddings): held, never freed
+
+    def recording(unet):
+        compiled = EAGER_BACKEND(unet)
+
+        def run(**inputs):
+            sample, embeds = inputs["sample"], inputs["encoder_hidden_states"]
+            calls.append((tuple(sample.shape), sample, embeds))
+            return compiled(**inputs)
+
+        return run
+
+    worker = EngineWorker(
+        tiny_model, EngineSettings(preview_every=0, compile="default"), GenerationSettings(), compiler=recording
+    )
+    # 5 rows (bucket 8) for 3 steps, then the second job's 2 rows (bucket 2) for 2 more.
+    results = run_together(worker, [make_request(1, count=3, steps=3), make_request(2, count=2, steps=5)])
+    graphs = worker.pipeline.denoiser.unet_graphs
+    assert [shape[0] for shape, _, _ in calls] == [16, 16, 16, 4, 4]  # 2 x bucket rows (prompt, negative)
+    for shape in {shape for shape, _, _ in calls}:
+        addresses = {(s.data_ptr(), e.data_ptr()) for sh, s, e in calls if sh == shape}
+        assert len(addresses) == 1, f"{shape}: new input tensors for each call"
+    assert graphs.conditioning_writes == 2 < len(calls)  # the start, and the first job's leaving
+    eager = EngineWorker(tiny_model, EngineSettings(preview_every=0), GenerationSettings())
+    expected = run_together(eager, [make_request(1, count=3, steps=3), make_request(2, count=2, steps=5)])
+    for got, want in zip(results, expected, strict=True):
+        for a, b in zip(got.images, want.images, strict=True):
+            assert_same_image(a.png, b.png)
 
 
 def test_shapes_past_the_bound_run_eager_counted_and_logged(tiny_model, caplog):

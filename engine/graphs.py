@@ -1,0 +1,132 @@
+"""The compiled UNet's graphs (``engine.compile``): a bounded, logged set, each with input buffers
+of its own that the UNet reads in place.
+
+A compiled graph is made for one input shape, and the running batch changes size whenever a job
+joins or leaves, so the compiled UNet sees rows padded up to a bucket of :data:`BUCKETS` (copies
+of the last row, whose outputs are dropped; rows never mix in a UNet): one graph per (bucket,
+latent size, prompt length, masked). The set is bounded by ``engine.compile_graphs``, each new
+graph is logged, and a shape past the bound runs eager, counted in
+:attr:`UNetGraphs.eager_calls` and logged: never dynamo's silent fall-back at its own limit, which
+is raised above ours.
+
+Each graph's inputs live in buffers made once, marked as static addresses, so that a CUDA graph
+("reduce-overhead") replays on them without first copying its inputs into buffers of its own.
+The batch's conditioning (prompt embeddings, attention mask, SDXL's added embeddings) is written
+into them only when the batch's members change (a new :class:`~engine.denoiser.Conditioning`),
+counted in :attr:`UNetGraphs.conditioning_writes`; only the latents and timesteps are written
+every step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("engine.denoiser")
+
+#: Row counts a compiled UNet is made for; rows are padded up to the next (past the last: to a
+#: multiple of :data:`BUCKET_STEP`). From 8 rows up at most a third of the rows are padding, where
+#: powers of two waste up to half (9 rows run as 16, 33 as 64).
+BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32)
+BUCKET_STEP = 16
+
+#: The UNet inputs that change every step; the others follow the conditioning.
+PER_STEP = ("sample", "timestep")
+
+
+def bucket_rows(n: int) -> int:
+    """The bucket ``n`` rows are padded to."""
+    return next((b for b in BUCKETS if b >= n), -(-n // BUCKET_STEP) * BUCKET_STEP)
+
+
+class UNetGraphs:
+    def __init__(self, run: Callable[..., Any], max_graphs: int) -> None:
+        self.run = run  # the compiled UNet
+        self.max_graphs = max_graphs
+        self.graphs: dict[tuple, int] = {}  # (bucket, latent shape, tokens, masked) -> calls made with it
+        self.eager_calls = 0  # UNet calls past the bound on graphs, run eager (logged)
+        self.conditioning_writes = 0  # times a graph's conditioning buffers were written (joins and leaves)
+        self._padding: dict[int, tuple[int, Tensor]] = {}  # rows -> (bucket, index of the padded rows)
+        self._buffers: dict[tuple, tuple[Any, dict[str, Any]]] = {}  # key -> (conditioning written, buffers)
+
+    def admit(self, n: int, model_in: Tensor, cond: Any) -> tuple | None:
+        """The graph these rows run in (one that exists, or a new one within the bound), or None: eager."""
+        key = (bucket_rows(n), tuple(model_in.shape[1:]), cond.embeds.shape[1], cond.mask is not None)
+        if key in self.graphs:
+            self.graphs[key] += 1
+            return key
+        if len(self.graphs) < self.max_graphs:
+            self.graphs[key] = 1
+            log.info("UNet graph %d of at most %d: %d rows (for %d), latents %s, %d tokens", len(self.graphs),
+                     self.max_graphs, key[0], n, "x".join(map(str, key[1])), key[2])  # fmt: skip
+            return key
+        self.eager_calls += 1
+        log.warning("no UNet graph for %d rows, latents %s, %d tokens: %d graphs made already "
+                    "(engine.compile_graphs); this step runs eager (%d so far)",
+                    n, "x".join(map(str, key[1])), key[2], self.max_graphs, self.eager_calls)  # fmt: skip
+        return None
+
+    def inputs(self, key: tuple, n: int, inputs: dict[str, Any], cond: Any) -> tuple[int, dict[str, Any]]:
+        """The bucket and the graph's buffers, holding ``inputs``' rows padded to it: the per-step
+        inputs written now, the conditioning only when it is not the one written last."""
+        bucket, index = self._bucket(n, inputs["sample"].device)
+        held = self._buffers.get(key)
+        if held is None:
+            buffers = _take_rows(inputs, index)
+            for tensor in _tensors(buffers):
+                torch._dynamo.mark_static_address(tensor)
+            self._buffers[key] = (cond, buffers)
+            self.conditioning_writes += 1
+            return bucket, buffers
+        written, buffers = held
+        names = PER_STEP if cond is written else list(inputs)
+        for name in names:
+            _write_rows(buffers[name], inputs[name], index)
+        if cond is not written:
+            self._buffers[key] = (cond, buffers)
+            self.conditioning_writes += 1
+        return bucket, buffers
+
+    def _bucket(self, n: int, device: torch.device) -> tuple[int, Tensor]:
+        """The padded row count for ``n`` rows and which of the 2n UNet rows fill the 2 x bucket
+        (made once per row count, so a step copies nothing to the device)."""
+        if n not in self._padding:
+            bucket = bucket_rows(n)
+            positive = list(range(n)) + [n - 1] * (bucket - n)
+            index = torch.tensor(positive + [n + i for i in positive], device=device)
+            self._padding[n] = bucket, index
+        return self._padding[n]
+
+
+def _take_rows(inputs: dict[str, Any], index: Tensor) -> dict[str, Any]:
+    """The UNet's inputs with their rows (dim 0) picked by ``index``, as new tensors; None stays None."""
+
+    def take(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.index_select(0, index)
+        if isinstance(value, dict):
+            return {key: take(item) for key, item in value.items()}
+        return value
+
+    return {name: take(value) for name, value in inputs.items()}
+
+
+def _write_rows(buffer: Any, value: Any, index: Tensor) -> None:
+    """``value``'s rows picked by ``index``, written into ``buffer`` in place."""
+    if isinstance(buffer, Tensor):
+        torch.index_select(value, 0, index, out=buffer)
+    elif isinstance(buffer, dict):
+        for key, item in buffer.items():
+            _write_rows(item, value[key], index)
+
+
+def _tensors(inputs: Any) -> list[Tensor]:
+    if isinstance(inputs, Tensor):
+        return [inputs]
+    if isinstance(inputs, dict):
+        return [t for value in inputs.values() for t in _tensors(value)]
+    return []
