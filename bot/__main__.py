@@ -63,14 +63,15 @@ async def run(config: Config, *, engine: bool = True, sync: bool = False, config
     except StorageError as e:  # a read-only database file or folder: one line, what to do
         print(f"error: {e}", file=sys.stderr)
         return 1
+    stop = asyncio.Event()
     worker = family = child = None
     if engine and config.engine.process == "worker":
-        child = EngineProcess(Path(config_path).resolve())
+        child = EngineProcess(Path(config_path).resolve(), stopping=stop.is_set)
         try:
             family = await child.start()
         except EngineStartError as e:
             print(f"error: {e}", file=sys.stderr)
-            return e.status or 1
+            return e.status if e.status > 0 else 1  # killed by a signal: 1
     elif engine:
         from engine.errors import ModelLoadError
 
@@ -87,7 +88,6 @@ async def run(config: Config, *, engine: bool = True, sync: bool = False, config
     if worker is not None:
         worker.start()
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:

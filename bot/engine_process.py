@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,21 @@ class EngineStartError(Exception):
 
 
 class EngineProcess:
-    def __init__(self, config_path: Path, *, name: str = WORKER_NAME) -> None:
-        self._args = [sys.executable, "-m", "engine", "worker", "--config", str(config_path), "--name", name]
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        name: str = WORKER_NAME,
+        stopping: Callable[[], bool] = bool,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        """``stopping()``: whether the bot is stopping (a child that exits then is not started again:
+        a service manager's SIGTERM reaches both processes at once). ``command``: what to run
+        instead of ``python -m engine worker`` (tests); ``--bot-link FD`` is added to it."""
+        self._args = list(command or [sys.executable, "-m", "engine", "worker", "--config", str(config_path)])
+        if command is None:
+            self._args += ["--name", name]
+        self._stopping = stopping
         self._process: asyncio.subprocess.Process | None = None
         self._reports: asyncio.StreamReader | None = None
         self.on_progress: Callable[[int, Progress], None] | None = None
@@ -110,6 +123,8 @@ class EngineProcess:
             while line := await self._reports.readline():
                 self._take(json.loads(line))
             status = await self._process.wait()
+            if self._stopping():
+                await asyncio.Event().wait()  # until the bot's closing cancels this task
         except asyncio.CancelledError:
             await self.stop()
             raise
