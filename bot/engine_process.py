@@ -107,7 +107,7 @@ class EngineProcess:
         self._reports = reader
         log.info("engine process %s started; loading its model", self._process.pid)
         while line := await reader.readline():
-            message = json.loads(line)
+            message = _decoded(line)
             if "ready" in message:
                 log.info("engine process %s is ready (%s)", self._process.pid, message["ready"])
                 return message["ready"]
@@ -121,7 +121,7 @@ class EngineProcess:
                 await self.start()
             assert self._reports is not None and self._process is not None
             while line := await self._reports.readline():
-                self._take(json.loads(line))
+                self._take(_decoded(line))
             status = await self._process.wait()
             if self._stopping():
                 await asyncio.Event().wait()  # until the bot's closing cancels this task
@@ -153,7 +153,7 @@ class EngineProcess:
 
     def _tell(self, line: str) -> None:
         process = self._process
-        if process is None or process.returncode is not None or process.stdin is None:
+        if process is None or process.returncode is not None or process.stdin is None or process.stdin.is_closing():
             return
         try:
             process.stdin.write(line.encode() + b"\n")
@@ -172,3 +172,13 @@ class EngineProcess:
         elif "rows" in message:
             self.batch_rows = message["rows"]
             self.gpu_memory = {device: (held, kept) for device, (held, kept) in message["gpu"].items()}
+
+
+def _decoded(line: bytes) -> dict[str, Any]:
+    """One report; a line cut short (the child killed while writing it) is skipped, with a warning."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        log.warning("engine process: a report that is not JSON was skipped: %r", line[:200])
+        return {}
+    return message if isinstance(message, dict) else {}

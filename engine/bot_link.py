@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -45,7 +46,6 @@ class BotLink:
     def __init__(self, report_fd: int) -> None:
         self._out = os.fdopen(report_fd, "w", encoding="utf-8", buffering=1)
         self._lines: queue.Queue[str | None] = queue.Queue()
-        self._gone = threading.Event()
         threading.Thread(target=self._write_all, name="bot-link-out", daemon=True).start()
 
     # -- child to bot (from any thread) ---------------------------------------------------------
@@ -72,8 +72,7 @@ class BotLink:
         while (line := self._lines.get()) is not None:
             try:
                 self._out.write(line + "\n")
-            except (BrokenPipeError, OSError):  # the bot is gone; standard input says so too
-                self._gone.set()
+            except OSError:  # the bot is gone (a broken pipe); standard input's end says so too
                 return
 
     # -- bot to child ---------------------------------------------------------------------------
@@ -89,14 +88,15 @@ class BotLink:
         """Read the bot's lines on a thread of its own; each is acted on in ``loop``."""
 
         def read() -> None:
-            for raw in sys.stdin:
-                command, _, argument = raw.strip().partition(" ")
-                if command == "wake":
-                    loop.call_soon_threadsafe(wake)
-                elif command == "cancel" and argument.isdigit():
-                    loop.call_soon_threadsafe(cancel, int(argument))
-            log.info("the bot that started this worker is gone: stopping")
-            loop.call_soon_threadsafe(stop)
+            with contextlib.suppress(RuntimeError):  # the loop has ended: this process is stopping anyway
+                for raw in sys.stdin:
+                    command, _, argument = raw.strip().partition(" ")
+                    if command == "wake":
+                        loop.call_soon_threadsafe(wake)
+                    elif command == "cancel" and argument.isdigit():
+                        loop.call_soon_threadsafe(cancel, int(argument))
+                log.info("the bot that started this worker is gone: stopping")
+                loop.call_soon_threadsafe(stop)
 
         threading.Thread(target=read, name="bot-link-in", daemon=True).start()
 
