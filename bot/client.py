@@ -29,6 +29,7 @@ from bot.service import OUR_FAULT, JobService
 from bot.sync import sync_commands
 from bot.transformers import Options
 from db.community import Community
+from db.faults import DatabaseHealth
 from db.queue import Queue
 from db.state import StateStore
 from db.styles import Styles
@@ -86,6 +87,7 @@ class SDBot(commands.Bot):
         clock: Callable[[], datetime] = utcnow,
         model_family: str | None = None,
         force_sync: bool = False,
+        database_health: DatabaseHealth | None = None,
         **options: Any,
     ) -> None:
         """``model_family``: the loaded default model's family (None: ``model.family`` as configured,
@@ -115,6 +117,7 @@ class SDBot(commands.Bot):
             model_name=config.model.display_name,
             clock=clock,
             community=community,
+            database=database_health,
         )
         if events is not None:
             events.connect(self.delivery)

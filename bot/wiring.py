@@ -95,6 +95,7 @@ def build_bot(
         discord_connected=lambda: bot.connected,
     )  # read at scrape time, once the bot exists
     events = JobEvents(on_finished=functools.partial(record_finished, metrics, queue))
+    database = DatabaseHealth(logging.getLogger("bot"))  # one for the process: each change said once
     runner = None
     if worker is not None:
         from engine.models import ModelTurns
@@ -115,6 +116,7 @@ def build_bot(
             turns=ModelTurns.for_pool(worker.models, config.engine),
             on_progress=events.progress,
             on_finished=events.finished,
+            database_health=database,
         )
     elif engine_process is not None:
         runner = engine_process  # stands where the runner would: run(), wake(), cancel()
@@ -122,7 +124,17 @@ def build_bot(
         metrics.read_batch_rows(lambda: engine_process.batch_rows)
         metrics.read_gpu_memory(lambda: engine_process.gpu_memory)
     styles = Styles(queue.engine, clock=client_options.get("clock", utcnow))
-    bot = SDBot(config, queue, community, styles, runner, events=events, model_family=model_family, **client_options)
+    bot = SDBot(
+        config,
+        queue,
+        community,
+        styles,
+        runner,
+        events=events,
+        model_family=model_family,
+        database_health=database,
+        **client_options,
+    )
     if worker is not None:
         metrics.read_batch_rows(lambda: worker.batch_rows)
     health = Health()

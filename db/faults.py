@@ -74,10 +74,14 @@ class Backoff:
 class DatabaseHealth:
     """Whether the database answered the last time it was asked; logs the changes, once each."""
 
-    def __init__(self, logger: logging.Logger = log) -> None:
+    def __init__(self, logger: logging.Logger = log, *, quiet: bool = False) -> None:
+        """``quiet``: the changes at DEBUG level only (another process of the same machine, the
+        bot, says them already)."""
         self._reachable = True
         self._lock = threading.Lock()
         self._log = logger
+        self._gone_level = logging.DEBUG if quiet else logging.ERROR
+        self._back_level = logging.DEBUG if quiet else logging.WARNING
 
     @property
     def reachable(self) -> bool:
@@ -88,14 +92,14 @@ class DatabaseHealth:
             if not self._reachable:
                 return
             self._reachable = False
-        self._log.error("database unreachable (%s); retrying until it is back", describe(error))
+        self._log.log(self._gone_level, "database unreachable (%s); retrying until it is back", describe(error))
 
     def succeeded(self) -> None:
         with self._lock:
             if self._reachable:
                 return
             self._reachable = True
-        self._log.warning("database reachable again")
+        self._log.log(self._back_level, "database reachable again")
 
 
 def until_reachable(call: Callable[[], T], health: DatabaseHealth, backoff: Backoff | None = None) -> T:

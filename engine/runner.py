@@ -80,6 +80,7 @@ class QueueRunner:
         on_progress: Callable[[int, Progress], None] | None = None,
         on_finished: Callable[[int], None] | None = None,
         turns: ModelTurns | None = None,
+        database_health: DatabaseHealth | None = None,
     ) -> None:
         """``turns``: claim only jobs for the worker's models, one model at a time (see
         :class:`~engine.models.ModelTurns`); None: claim every job (one model, one worker)."""
@@ -95,7 +96,7 @@ class QueueRunner:
         self.turns = turns
         self._tasks: dict[int, asyncio.Task] = {}
         self._wake = asyncio.Event()
-        self._health = DatabaseHealth(log)
+        self._health = database_health or DatabaseHealth(log)  # shared with the bot's other tasks in its process
         self._marking: set[asyncio.Task] = set()  # mark_started writes in flight (held: tasks are weak)
         self.stats = RunnerStats()
 

@@ -74,6 +74,8 @@ def run_worker_process(
         turns=ModelTurns.for_pool(pool, settings.engine),
         on_progress=bot_link.progress if bot_link is not None else None,
         on_finished=_both(counted, bot_link.finished) if bot_link is not None else counted,
+        # The bot that started this process says once that the database is gone, and back.
+        database_health=DatabaseHealth(log, quiet=True) if bot_link is not None else None,
     )
     serving: list[asyncio.Task] = []  # the runner's task, for the health check
     ops = None

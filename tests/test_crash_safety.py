@@ -27,6 +27,7 @@ from db.queue import Queue
 from db.session import make_engine, upgrade
 from discord_emulator import Emulator, Message
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
+from pg_cluster import PgCluster, pg_cluster  # noqa: F401 - pg_cluster is a fixture
 from processes import BUDGET, Logged, start_logged, until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
@@ -366,3 +367,37 @@ async def test_bot_and_two_workers_on_postgresql_one_worker_killed(
             worker.kill()
         await bot.stop()
         queue.close()
+
+
+async def test_the_bot_and_its_engine_process_ride_out_a_postgresql_restart(
+    emulator: Emulator, pg_cluster: PgCluster, tiny_sd_folder, tmp_path
+):
+    """The default layout (the engine as the bot's child) on a PostgreSQL server that is stopped
+    while a job runs and started again: nothing exits, the log says once that the database is
+    gone and once that it is back, and the job running then and one sent after are posted once."""
+    emu = emulator
+    config = write_config(tmp_path / "config.toml", emu.guild.id, tiny_sd_folder, pg_cluster.url)
+    queue = open_queue(pg_cluster.url)
+    bot = BotProcess(emu, config, tmp_path / "bot.log")
+    try:
+        await bot.start()
+        (engine,) = children(bot.process.pid)
+        first = await imagine(emu, queue, emu.alice, steps=200)
+        await until(lambda: queue.get(first).engine_started_at is not None, "the job to run", watched=bot.watched)
+        pg_cluster.stop()
+        await until(
+            lambda: "database unreachable" in bot.log_path.read_text(), "the outage in the log", watched=bot.watched
+        )
+        pg_cluster.start()
+        jobs = {first: emu.alice, await imagine(emu, queue, emu.bob, seed=1): emu.bob}
+        await settled(emu, queue, jobs, bot)
+        assert_each_job_ended_once(emu, queue, jobs)
+        assert bot.process.poll() is None and alive(engine), "the bot or its engine process exited"
+        text = bot.log_path.read_text()
+        assert text.count("database unreachable") == 1 and text.count("database reachable again") == 1, text
+        assert "Traceback" not in text, text  # an outage is said in one line, not a traceback per retry
+        assert await bot.stop() == 0
+    finally:
+        await bot.stop()
+        queue.close()
+        queue.engine.dispose()

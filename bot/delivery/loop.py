@@ -37,6 +37,7 @@ from bot.delivery.posting import ResultPoster
 from bot.delivery.statuses import StatusMessages
 from bot.delivery.tasks import BackgroundTasks
 from db.community import Community
+from db.faults import DatabaseHealth, is_database_fault
 from db.models import Job
 from db.queue import Queue
 from engine.types import Progress
@@ -68,8 +69,11 @@ class Delivery:
         model_name: str,
         clock: Callable[[], datetime],
         community: Community,
+        database: DatabaseHealth | None = None,
     ) -> None:
+        """``database``: where a cycle that met a database fault says so (once, until it answers)."""
         self.bot = bot
+        self.database = database or DatabaseHealth(log)
         self.queue = queue
         self.interval = interval
         self.model_name = model_name
@@ -114,8 +118,13 @@ class Delivery:
             try:
                 await self.deliver_finished()
                 await self.statuses.refresh()
-            except Exception:
-                log.exception("delivery cycle failed; trying again shortly")
+            except Exception as error:
+                if not is_database_fault(error):
+                    log.exception("delivery cycle failed; trying again shortly")
+                else:  # an outage: said once, not with a traceback every cycle
+                    self.database.failed(error)
+            else:
+                self.database.succeeded()
             self._wake.clear()
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
                 async with asyncio.timeout(self.interval):
