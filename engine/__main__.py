@@ -185,6 +185,8 @@ def generate(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     """Claim jobs from the shared queue and run them here until SIGINT/SIGTERM."""
     from engine.bot_link import BotLink
+
+    bot_link = BotLink(args.bot_link) if args.bot_link is not None else None  # before the heavy imports
     from engine.worker_process import run_worker_process
     from ops import OpsConfigError, parse_ops
 
@@ -196,8 +198,8 @@ def serve(args: argparse.Namespace) -> int:
         ops = parse_ops(raw.get("ops", {}))
     except OpsConfigError as e:
         raise ConfigError(str(e)) from None
-    if args.bot_link is not None:  # the bot's child: the bot serves the endpoint, with this worker's figures
-        return run_worker_process(settings, queue_settings, name=args.name, bot_link=BotLink(args.bot_link))
+    if bot_link is not None:  # the bot's child: the bot serves the endpoint, with this worker's figures
+        return run_worker_process(settings, queue_settings, name=args.name, bot_link=bot_link)
     return run_worker_process(settings, queue_settings, name=args.name, ops_settings=ops)
 
 

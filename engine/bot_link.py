@@ -11,7 +11,8 @@ the link carries only what makes it as quick and as visible as an engine in the 
   in its metrics) and ``{"rows": n, "gpu": {device: [allocated, reserved]}}`` every second;
 - bot to child, lines on standard input: ``wake`` (a job was queued: claim now, not at the next
   poll) and ``cancel JOB`` (stop a running job at its next step). End of input means the bot is
-  gone, even after kill -9: the child stops as on SIGTERM, giving its running jobs back.
+  gone, even after kill -9: the child stops as on SIGTERM, giving its running jobs back (or at
+  once, while it is still loading its model).
 
 Progress and stats are dropped when the bot falls behind (the next ones replace them); ready and
 finished are not. Nothing here is needed for correctness: a lost line costs a poll interval.
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -44,9 +46,13 @@ BACKLOG = 256
 
 class BotLink:
     def __init__(self, report_fd: int) -> None:
+        """Made first thing in the process: the bot is watched from the start, so a bot killed
+        while this process still loads its model leaves it no time to claim anything."""
         self._out = os.fdopen(report_fd, "w", encoding="utf-8", buffering=1)
         self._lines: queue.Queue[str | None] = queue.Queue()
+        self._commands: tuple[asyncio.AbstractEventLoop, Callable[[], None], Callable[[int], None]] | None = None
         threading.Thread(target=self._write_all, name="bot-link-out", daemon=True).start()
+        threading.Thread(target=self._read_all, name="bot-link-in", daemon=True).start()
 
     # -- child to bot (from any thread) ---------------------------------------------------------
 
@@ -78,27 +84,26 @@ class BotLink:
     # -- bot to child ---------------------------------------------------------------------------
 
     def listen(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        *,
-        wake: Callable[[], None],
-        cancel: Callable[[int], None],
-        stop: Callable[[], None],
+        self, loop: asyncio.AbstractEventLoop, *, wake: Callable[[], None], cancel: Callable[[int], None]
     ) -> None:
-        """Read the bot's lines on a thread of its own; each is acted on in ``loop``."""
+        """From now on the bot's ``wake`` and ``cancel`` lines are acted on in ``loop``."""
+        self._commands = (loop, wake, cancel)
 
-        def read() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has ended: this process is stopping anyway
-                for raw in sys.stdin:
-                    command, _, argument = raw.strip().partition(" ")
-                    if command == "wake":
-                        loop.call_soon_threadsafe(wake)
-                    elif command == "cancel" and argument.isdigit():
-                        loop.call_soon_threadsafe(cancel, int(argument))
-                log.info("the bot that started this worker is gone: stopping")
-                loop.call_soon_threadsafe(stop)
-
-        threading.Thread(target=read, name="bot-link-in", daemon=True).start()
+    def _read_all(self) -> None:
+        for raw in sys.stdin:
+            command, _, argument = raw.strip().partition(" ")
+            if self._commands is None:  # still starting: nothing runs yet that they could be about
+                continue
+            loop, wake, cancel = self._commands
+            with contextlib.suppress(RuntimeError):  # the loop has ended: this process is stopping
+                if command == "wake":
+                    loop.call_soon_threadsafe(wake)
+                elif command == "cancel" and argument.isdigit():
+                    loop.call_soon_threadsafe(cancel, int(argument))
+        log.info("the bot that started this worker is gone: stopping")
+        # As an operator's SIGTERM: while starting, the default action ends the process at once;
+        # once serving, the worker's handler stops it and gives its running jobs back.
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def send_stats(self, rows: Callable[[], int]) -> None:
         """Every :data:`STATS_INTERVAL`: the running batch's rows and this process's GPU memory."""

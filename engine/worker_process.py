@@ -89,7 +89,7 @@ def run_worker_process(
         serving.append(asyncio.current_task())
         stats = None
         if bot_link is not None:
-            bot_link.listen(asyncio.get_running_loop(), wake=runner.wake, cancel=runner.cancel, stop=serving[0].cancel)
+            bot_link.listen(asyncio.get_running_loop(), wake=runner.wake, cancel=runner.cancel)
             stats = asyncio.create_task(bot_link.send_stats(lambda: worker.batch_rows), name="bot-link-stats")
             stats.add_done_callback(log_failure)
             bot_link.ready(worker.pipeline.model.info.family)

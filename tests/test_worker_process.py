@@ -170,3 +170,40 @@ def test_a_worker_serves_health_and_metrics_when_ops_is_on(tmp_path, tiny_sd_fol
         worker.process.send_signal(signal.SIGTERM)
         worker.process.wait(120)
         db.dispose()
+
+
+def test_the_bots_engine_process_ends_at_once_when_the_bot_is_gone_before_it_serves(tmp_path, tiny_sd_folder):
+    """``--bot-link``: the bot is watched from the first moment. Killed while its child is still
+    starting (here: before the child has even imported torch), the child ends then and there,
+    as on an operator's SIGTERM, and claims nothing."""
+    import os
+    import subprocess
+
+    url = f"sqlite:///{tmp_path}/q.sqlite3"
+    config = write_config(tmp_path / "config.toml", tiny_sd_folder, url)
+    db = make_engine(url)
+    upgrade(db)
+    queue = Queue(db, pending_limit=10)
+    job = queue.enqueue(requester_id=1, seed=1, **JOB)
+    read_fd, write_fd = os.pipe()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "engine", "worker", "--config", str(config), "--bot-link", str(write_fd)],
+        cwd=Path(__file__).resolve().parents[1],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(write_fd,),
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    os.close(write_fd)
+    try:
+        child.stdin.close()  # the bot's end of the pipe, as a kill -9 of the bot closes it
+        assert child.wait(START_BUDGET) == -signal.SIGTERM, child.stderr.read().decode()[-2000:]
+        assert os.read(read_fd, 1 << 16) == b""  # it never reported ready
+        stored = queue.get(job.id)
+        assert stored.status is JobStatus.queued and stored.worker_id is None and stored.attempts == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+        os.close(read_fd)
+        queue.close()
+        db.dispose()
