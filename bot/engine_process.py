@@ -78,6 +78,7 @@ class EngineProcess:
         self.on_finished: Callable[[int], None] | None = None
         self.batch_rows = 0
         self.gpu_memory: dict[str, tuple[int, int]] = {}
+        self.unet_graphs: tuple[int, int] | None = None  # (made, run eager); None: not compiled
 
     @property
     def pid(self) -> int | None:
@@ -172,6 +173,7 @@ class EngineProcess:
         elif "rows" in message:
             self.batch_rows = message["rows"]
             self.gpu_memory = {device: (held, kept) for device, (held, kept) in message["gpu"].items()}
+            self.unet_graphs = tuple(message["graphs"]) if message.get("graphs") else None
 
 
 def _decoded(line: bytes) -> dict[str, Any]:

@@ -38,6 +38,13 @@ BUCKET_STEP = 16
 PER_STEP = ("sample", "timestep")
 
 
+def graph_counts(pipeline: Any) -> tuple[int, int] | None:
+    """``(graphs made, calls run eager)`` of ``pipeline``'s compiled UNet, for the metrics; None
+    when it is not compiled (or no model is loaded)."""
+    graphs = getattr(getattr(pipeline, "denoiser", None), "unet_graphs", None)
+    return None if graphs is None else (len(graphs.graphs), graphs.eager_calls)
+
+
 def bucket_rows(n: int) -> int:
     """The bucket ``n`` rows are padded to."""
     return next((b for b in BUCKETS if b >= n), -(-n // BUCKET_STEP) * BUCKET_STEP)

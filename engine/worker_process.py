@@ -20,6 +20,7 @@ from db.queue import Queue
 from db.session import make_engine, upgrade
 from db.settings import QueueSettings
 from engine.bot_link import BotLink
+from engine.graphs import graph_counts
 from engine.models import ModelPool, ModelTurns
 from engine.runner import QueueRunner, log_failure, worker_identity
 from engine.settings import Settings
@@ -63,6 +64,7 @@ def run_worker_process(
         log.info("%d job(s) left running by this worker's previous run were put back in line", recovered)
     metrics = Metrics(queue_counts=lambda: queue_counts(db), database_up=lambda: database_reachable(db))
     metrics.read_batch_rows(lambda: worker.batch_rows)
+    metrics.read_unet_graphs(lambda: graph_counts(worker.pipeline))
     counted = functools.partial(record_finished, metrics, queue)
     runner = QueueRunner(
         queue,
@@ -90,7 +92,10 @@ def run_worker_process(
         stats = None
         if bot_link is not None:
             bot_link.listen(asyncio.get_running_loop(), wake=runner.wake, cancel=runner.cancel)
-            stats = asyncio.create_task(bot_link.send_stats(lambda: worker.batch_rows), name="bot-link-stats")
+            stats = asyncio.create_task(
+                bot_link.send_stats(lambda: worker.batch_rows, lambda: graph_counts(worker.pipeline)),
+                name="bot-link-stats",
+            )
             stats.add_done_callback(log_failure)
             bot_link.ready(worker.pipeline.model.info.family)
         if ops is not None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from db.models import FINISHED, JobStatus
 
@@ -57,6 +57,7 @@ class Metrics:
         self._recent_images: deque[tuple[float, int]] = deque()  # (when, images) of the last minute
         self._recent_lock = threading.Lock()
         self.gpu_memory: Callable[[], dict[str, tuple[int, int]]] = gpu_memory  # see read_gpu_memory
+        self.unet_graphs: Callable[[], tuple[int, int] | None] = lambda: None  # see read_unet_graphs
         r = self.registry
         self._finished = Counter("sdbot_jobs_finished", "Jobs that ended here, by outcome", ["status"], registry=r)
         for status in sorted(s.value for s in FINISHED):
@@ -107,6 +108,11 @@ class Metrics:
         """Read the running batch's rows from ``rows()`` at every scrape instead."""
         self._batch_rows.set_function(rows)
 
+    def read_unet_graphs(self, counts: Callable[[], tuple[int, int] | None]) -> None:
+        """Read ``(graphs made, UNet calls run eager past the bound)`` of the compiled UNet from
+        ``counts()`` at every scrape (None: the UNet is not compiled, the series are left out)."""
+        self.unet_graphs = counts
+
     def read_gpu_memory(self, memory: Callable[[], dict[str, tuple[int, int]]]) -> None:
         """Read GPU memory from ``memory()`` (an engine in another process) instead of this process."""
         self.gpu_memory = memory
@@ -150,6 +156,8 @@ class _ScrapeTimeSeries:
             "sdbot_discord_connected",
             "sdbot_gpu_memory_allocated_bytes",
             "sdbot_gpu_memory_reserved_bytes",
+            "sdbot_unet_graphs",
+            "sdbot_unet_eager_calls",
         ]
         return [GaugeMetricFamily(name, "") for name in names]
 
@@ -168,6 +176,14 @@ class _ScrapeTimeSeries:
                 "sdbot_discord_connected", "1 when the bot is connected to Discord's gateway", self._discord_connected
             )
         yield from _gpu_memory_metrics(self._metrics.gpu_memory())
+        if (graphs := self._metrics.unet_graphs()) is not None:
+            made, eager = graphs
+            yield GaugeMetricFamily(
+                "sdbot_unet_graphs", "Compiled UNet graphs made (engine.compile_graphs)", value=made
+            )
+            yield CounterMetricFamily(
+                "sdbot_unet_eager_calls", "UNet calls run eager: no graph left for their shape", value=eager
+            )
 
     def _queue_depth(self) -> Iterator[Metric]:
         try:

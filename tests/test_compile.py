@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine.batch import Batch
-from engine.graphs import BUCKETS, bucket_rows
+from engine.graphs import BUCKETS, bucket_rows, graph_counts
 from engine.pipeline import Pipeline
 from engine.settings import ConfigError, EngineSettings, GenerationSettings, parse_engine_sections
 from engine.types import GenerationRequest
@@ -106,6 +106,7 @@ def test_shapes_past_the_bound_run_eager_counted_and_logged(tiny_model, caplog):
     denoiser = worker.pipeline.denoiser
     assert len(denoiser.graphs) == 1 and denoiser.eager_calls == 3  # the second job's 3 steps
     assert "UNet graph 1 of at most 1" in caplog.text and "this step runs eager (3 so far)" in caplog.text
+    assert graph_counts(worker.pipeline) == (1, 3)  # what /metrics reports (sdbot_unet_eager_calls_total)
     assert all(result.images for result in results)
 
 
