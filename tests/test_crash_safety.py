@@ -196,6 +196,9 @@ async def test_the_bots_engine_process_stops_with_a_killed_bot_and_comes_back_af
     try:
         await bot.start()
         (engine,) = children(bot.process.pid)
+        # torch and the model live in the child: the bot's own process never loads them.
+        assert "libtorch" not in Path(f"/proc/{bot.process.pid}/maps").read_text()
+        assert "libtorch" in Path(f"/proc/{engine}/maps").read_text()
         long = await imagine(emu, queue, emu.alice, steps=500)
         jobs = {long: emu.alice, await imagine(emu, queue, emu.bob, seed=1): emu.bob}
 
