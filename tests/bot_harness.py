@@ -86,19 +86,29 @@ def png(size: tuple[int, int] = (48, 40), color: str = "red", mode: str = "RGB",
     return out.getvalue()
 
 
+@contextlib.contextmanager
+def running_setup(emulator: Emulator, config: Config, model, tmp_path: Path):
+    """``(emulator, config, queue, worker)``: a temporary SQLite queue and a started engine worker
+    on ``model`` with ``config``'s settings; stopped and closed on the way out."""
+    from engine.worker import EngineWorker
+
+    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
+    worker = EngineWorker(model, config.engine, config.generation, upscalers=config.upscalers)
+    worker.start()
+    try:
+        yield emulator, config, queue, worker
+    finally:
+        worker.stop()
+        engine.dispose()
+
+
 @pytest.fixture
 def setup(tiny_model, tiny_sd_folder, tmp_path, emulator: Emulator):
     """The emulator, a small config, a temporary SQLite queue and an engine worker on the tiny
     model (for tests whose jobs really run)."""
-    from engine.worker import EngineWorker
-
     config = bot_config(str(tiny_sd_folder), f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
-    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
-    worker = EngineWorker(tiny_model, config.engine, config.generation, upscalers=config.upscalers)
-    worker.start()
-    yield emulator, config, queue, worker
-    worker.stop()
-    engine.dispose()
+    with running_setup(emulator, config, tiny_model, tmp_path) as parts:
+        yield parts
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from bot_harness import bot_config, bot_running, is_result, new_queue, setup  # noqa: F401 - setup is a fixture
+from bot_harness import bot_config, bot_running, is_result, running_setup, setup  # noqa: F401 - setup is a fixture
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 from engine.errors import GenerationError
 from engine.metadata import read_parameters
@@ -26,20 +26,14 @@ pytestmark = pytest.mark.asyncio
 def with_upscaler(tiny_model, tiny_sd_folder, tmp_path, emulator):
     """Like bot_harness's setup, with ``[upscalers]`` holding the tiny models, tiny-2x the default
     (tiles of 32 pixels: the 64x64 results are tiled)."""
-    from engine.worker import EngineWorker
-
     import_spandrel()
     folder = upscaler_folder(tmp_path / "upscalers")
     upscalers = UpscalerSettings(folder=str(folder), default="tiny-2x", tile=32, overlap=8)
     config = replace(
         bot_config(str(tiny_sd_folder), f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id), upscalers=upscalers
     )
-    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
-    worker = EngineWorker(tiny_model, config.engine, config.generation, upscalers=config.upscalers)
-    worker.start()
-    yield emulator, config, queue, worker
-    worker.stop()
-    engine.dispose()
+    with running_setup(emulator, config, tiny_model, tmp_path) as parts:
+        yield parts
 
 
 def job_of(message) -> int:
