@@ -275,9 +275,6 @@ class Denoiser:
         ``max_graphs`` shapes. Once per model."""
         if self.unet_graphs is None:
             self.unet_graphs = UNetGraphs(compiler(self.unet), max_graphs)
-            # Dynamo's own limit would silently run eager past it: ours is the bound, and it is logged.
-            limit = torch._dynamo.config.recompile_limit
-            torch._dynamo.config.recompile_limit = max(limit, max_graphs + 1)
 
     def timesteps(self, sigma: Tensor) -> Tensor:
         """The UNet's fractional timestep for each sigma, on the CPU (for the batch's tables)."""

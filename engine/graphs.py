@@ -34,6 +34,9 @@ log = logging.getLogger("engine.denoiser")
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32)
 BUCKET_STEP = 16
 
+#: Dynamo's recompile limit as this process found it (see :meth:`UNetGraphs.run`).
+_DYNAMO_RECOMPILE_LIMIT = torch._dynamo.config.recompile_limit
+
 #: The UNet inputs that change every step; the others follow the conditioning.
 PER_STEP = ("sample", "timestep")
 
@@ -51,14 +54,20 @@ def bucket_rows(n: int) -> int:
 
 
 class UNetGraphs:
-    def __init__(self, run: Callable[..., Any], max_graphs: int) -> None:
-        self.run = run  # the compiled UNet
+    def __init__(self, compiled: Callable[..., Any], max_graphs: int) -> None:
+        self._compiled = compiled
         self.max_graphs = max_graphs
         self.graphs: dict[tuple, int] = {}  # (bucket, latent shape, tokens, masked) -> calls made with it
         self.eager_calls = 0  # UNet calls past the bound on graphs, run eager (logged)
         self.conditioning_writes = 0  # times a graph's conditioning buffers were written (joins and leaves)
         self._padding: dict[int, tuple[int, Tensor]] = {}  # rows -> (bucket, index of the padded rows)
         self._buffers: dict[tuple, tuple[Any, dict[str, Any]]] = {}  # key -> (conditioning written, buffers)
+
+    def run(self, **inputs: Any) -> Any:
+        """The compiled UNet. Dynamo's own recompile limit (8) would silently run eager past it,
+        so it is raised above our bound, for these calls only: other compiled code keeps its own."""
+        with torch._dynamo.config.patch(recompile_limit=max(self.max_graphs + 1, _DYNAMO_RECOMPILE_LIMIT)):
+            return self._compiled(**inputs)
 
     def admit(self, n: int, model_in: Tensor, cond: Any) -> tuple | None:
         """The graph these rows run in (one that exists, or a new one within the bound), or None: eager."""
