@@ -126,6 +126,15 @@ def test_claim_only_matching_size_and_model(queue: Queue) -> None:
     assert queue.claim("w1", width=512, height=512, model="sd15").id == small
 
 
+def test_an_upscale_alone_is_claimed_in_any_models_turn(queue: Queue) -> None:
+    """A Subtle upscale runs no diffusion, so it does not wait for its source's model to get a turn."""
+    (diffusion,) = enqueue(queue, ALICE, model="sdxl")
+    (upscale,) = enqueue(queue, BOB, model="sdxl", upscale_only=True)
+    assert queue.claim("w1", model="sd15").id == upscale
+    assert queue.claim("w1", model="sd15", unassigned=False) is None
+    assert queue.claim("w1", model="sdxl").id == diffusion
+
+
 def test_claim_many_takes_a_fair_batch(queue: Queue) -> None:
     a = enqueue(queue, ALICE, 3)
     b = enqueue(queue, BOB, 2)

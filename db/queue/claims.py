@@ -66,9 +66,10 @@ class ClaimsAndLeases(QueueBase):
         """Claim up to ``n`` jobs in fair order in one transaction (for a batching worker).
 
         ``model``: take jobs for that model, and, with ``unassigned``, jobs for no model in
-        particular (``Job.model`` None: the default model). ``keep``: the claimer's own jobs that
-        it is still running; their leases are not recovered even if they ran out (a database
-        outage kept the heartbeats from renewing them), so the claimer does not take them from itself.
+        particular (``Job.model`` None: the default model); upscale-only jobs whatever their
+        model. ``keep``: the claimer's own jobs that it is still running; their leases are not
+        recovered even if they ran out (a database outage kept the heartbeats from renewing
+        them), so the claimer does not take them from itself.
         """
         now = self.clock()
         claimed: list[Job] = []
@@ -122,10 +123,11 @@ class ClaimsAndLeases(QueueBase):
             query = query.where(Job.width == width)
         if height is not None:
             query = query.where(Job.height == height)
+        # An upscale alone (the U buttons' Subtle) runs no diffusion: it needs no model's turn.
         if model is not None and unassigned:
-            query = query.where(or_(Job.model.is_(None), Job.model == model))
+            query = query.where(or_(Job.model.is_(None), Job.model == model, Job.upscale_only.is_(True)))
         elif model is not None:
-            query = query.where(Job.model == model)
+            query = query.where(or_(Job.model == model, Job.upscale_only.is_(True)))
         job = session.scalars(query).first()
         if job is None:
             return None
