@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from bot.inputs import MAX_INPUT_PIXELS, BadInput
+from engine.masks import repaint_area
 
 #: The grid drawn over an image for Vary (Region): cells numbered 1..9, row by row.
 GRID = 3
@@ -56,15 +57,7 @@ def load_mask(data: bytes, size: tuple[int, int], *, formats: tuple[str, ...] = 
             )
         image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            alpha = image.convert("RGBA").getchannel("A")
-            if alpha.getextrema()[0] < 128:  # some of it is transparent: transparent means change
-                mask = ImageOps.invert(alpha)
-            else:
-                mask = image.convert("L")
-        else:
-            mask = image.convert("L")
+        mask = repaint_area(ImageOps.exif_transpose(image))
     except BadInput:
         raise
     except Image.DecompressionBombError:

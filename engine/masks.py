@@ -48,15 +48,21 @@ def read_mask(data: bytes, size: tuple[int, int]) -> Image.Image:
     White means repaint; in an image with transparency, transparent means repaint (a member
     erases what should change). A mask of another size is stretched to ``size``.
     """
-    mask = open_image(data, "mask")
-    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
-        alpha = mask.convert("RGBA").getchannel("A")
-        if alpha.getextrema()[0] < 255:  # some transparency: that is the mask
-            mask = ImageOps.invert(alpha)
-    mask = mask.convert("L")
+    mask = repaint_area(open_image(data, "mask"))
     if mask.size != size:
         mask = mask.resize(size, Image.Resampling.BILINEAR)
     return mask.point(lambda v: 255 if v >= 128 else 0)
+
+
+def repaint_area(image: Image.Image) -> Image.Image:
+    """A mask image as grey ``L``, light where to repaint: its brightness, or, in an image with
+    transparency where some of it is at least half transparent (a member erased what should
+    change), its transparency. Used for uploads at the bot's boundary and for stored masks alike."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 128:
+            return ImageOps.invert(alpha)
+    return image.convert("L")
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
