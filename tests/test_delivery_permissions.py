@@ -73,6 +73,30 @@ async def test_without_attach_files_the_result_goes_by_dm_and_the_owner_is_told_
     assert len(emu.dm_messages(emu.alice)) == 1 and not [m for m in emu.channel_messages(emu.general) if m.attachments]
 
 
+async def test_the_owner_is_told_once_across_restarts_and_again_once_the_permission_came_back_and_went(setup):
+    emu, config, queue = setup
+
+    async def refused_once(member, prompt: str) -> None:
+        _, job = await finished_job(emu, queue, member, prompt)
+        await emu.wait_for(lambda: queue.get(job.id).posted_at is not None, timeout=120, what="marked posted")
+
+    await emu.set_permissions(emu.general, emu.bot_user, deny=ATTACH_FILES)
+    async with bot_running(emu, config, queue, None):
+        await refused_once(emu.alice, "a cat")
+        await emu.wait_for(lambda: emu.dm_messages(emu.owner), timeout=120, what="the owner told")
+    async with bot_running(emu, config, queue, None):  # a restart: still missing, not told again
+        await refused_once(emu.bob, "a dog")
+        assert len(emu.dm_messages(emu.owner)) == 1
+        await emu.set_permissions(emu.general, emu.bot_user)  # given back: a result is posted there
+        await refused_once(emu.alice, "a bird")
+        (bird,) = [m for m in emu.channel_messages(emu.general) if m.attachments]
+        await emu.set_permissions(emu.general, emu.bot_user, deny=ATTACH_FILES)  # and taken again
+        await refused_once(emu.bob, "a fish")
+        await emu.wait_for(lambda: len(emu.dm_messages(emu.owner)) >= 2, timeout=120, what="the owner told again")
+    first, again = emu.dm_messages(emu.owner)
+    assert first.id < bird.id < again.id  # not after the restart: only once the permission came back and went
+
+
 @pytest.mark.parametrize("denied, name", [(SEND_MESSAGES, "Send Messages"), (VIEW_CHANNEL, "View Channel")])
 async def test_a_permission_taken_away_while_running_is_named(setup, denied, name):
     """Only the permission that matters: without it Discord (and discord.py) deny the rest too."""

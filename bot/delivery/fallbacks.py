@@ -104,7 +104,9 @@ class Fallbacks:
         self.bot = bot
         self.poster = poster
         self.community = community
-        self._told: set[tuple[int, str]] = set()  # (channel id, permission) the owner heard about
+        # (channel id, permission) the owner heard about, kept in the database (TOLD) so that a
+        # restart does not tell them again; None until read.
+        self._told: set[tuple[int, str]] | None = None
 
     async def post(self, job: Job) -> Posted:
         """Send the job's message; where it went. No message for a cancel: the requester (or a
@@ -129,6 +131,8 @@ class Fallbacks:
         posted = Posted(job.channel_id or 0, [message_id])
         if EMBED_LINKS in missing_permissions(self.bot, job.channel_id, files=False):
             posted.refused_in, posted.missing = job.channel_id, (EMBED_LINKS,)  # posted without its embed
+        else:  # everything it needs: a permission lost again later is worth telling again
+            await self._forget_told(job.channel_id)
         return posted
 
     async def _dm_instead(self, job: Job, missing: tuple[str, ...]) -> Posted:
@@ -208,54 +212,95 @@ class Fallbacks:
 
     async def tell_owner(self, job: Job, posted: Posted) -> None:
         """DM the server's owner which permission the bot lacks where, once per (channel,
-        permission). A failure is logged, never raised: the result has been handled."""
+        permission), across restarts, until a result is posted there with every permission
+        again. A failure is logged, never raised: the result has been handled.
+
+        The notice is recorded before it is sent: a crash in between costs one notice, never
+        sends two."""
         if posted.refused_in is None or job.guild_id is None:
             return
         keys = [(posted.refused_in, name) for name in posted.missing or ("",)]
-        if all(key in self._told for key in keys):
+        try:
+            told = await self._told_about()
+        except Exception as e:  # noqa: BLE001 - the database is away: told with the next refusal there
+            log.info("could not read which owners were told already (%s)", e)
             return
+        if all(key in told for key in keys):
+            return
+        await self._remember(keys)
         guild = self.bot.get_guild(job.guild_id)
-        where = channel_name(self.bot, posted.refused_in)
-        if posted.missing == (EMBED_LINKS,):
-            text = (
-                f"Results in {where} on **{render.escape(guild.name if guild else 'your server')}** are "
-                f"posted without their details (missing permission: {EMBED_LINKS}). Give me {EMBED_LINKS} "
-                f"in {where} to fix it."
-            )
-        else:
-            need = " / ".join(posted.missing) or "View Channel / Send Messages / Attach Files / Embed Links"
-            text = (
-                f"I cannot post results in {where} on **{render.escape(guild.name if guild else 'your server')}**"
-                f" ({_why(posted.missing)}). Members' results there go to them by direct message instead "
-                f"until I have {need} in {where}."
-            )
         try:
             if guild is None or guild.owner_id is None:
                 raise LookupError(f"server {job.guild_id} or its owner is not known")
             dm = await self.bot.create_dm(discord.Object(guild.owner_id))
-            await dm.send(text, allowed_mentions=discord.AllowedMentions.none())
+            notice = owner_notice(guild.name, channel_name(self.bot, posted.refused_in), posted.missing)
+            await dm.send(notice, allowed_mentions=discord.AllowedMentions.none())
         except (TimeoutError, discord.HTTPException, OSError) as e:
             if not isinstance(e, discord.HTTPException) or not permanent(e):
-                log.info(
-                    "could not tell the owner of server %s about channel %s yet (%s)",
-                    job.guild_id,
-                    posted.refused_in,
-                    e,
-                )
-                return  # told with the next refusal there
-            log.warning(
-                "could not tell the owner of server %s about channel %s (%s): %s",
-                job.guild_id,
-                posted.refused_in,
-                _why(posted.missing),
-                e,
-            )
+                log.info("could not tell the owner of server %s about channel %s yet (%s)", job.guild_id,
+                         posted.refused_in, e)  # fmt: skip
+                await self._forget(keys)  # told with the next refusal there
+                return
+            log.warning("could not tell the owner of server %s about channel %s (%s): %s", job.guild_id,
+                        posted.refused_in, _why(posted.missing), e)  # fmt: skip
         except LookupError as e:
-            log.warning(
-                "could not tell the owner of server %s about channel %s (%s): %s",
-                job.guild_id,
-                posted.refused_in,
-                _why(posted.missing),
-                e,
-            )
+            log.warning("could not tell the owner of server %s about channel %s (%s): %s", job.guild_id,
+                        posted.refused_in, _why(posted.missing), e)  # fmt: skip
+
+    async def _told_about(self) -> set[tuple[int, str]]:
+        if self._told is None:
+            stored = await asyncio.to_thread(self.bot.state.with_prefix, TOLD)
+            told = set()
+            for key in stored:
+                channel, _, permission = key.removeprefix(TOLD).partition(":")
+                told.add((int(channel), permission))
+            self._told = told
+        return self._told
+
+    async def _remember(self, keys: list[tuple[int, str]]) -> None:
         self._told.update(keys)
+        try:
+            await asyncio.to_thread(self.bot.state.put_many, {_told_key(*key): "1" for key in keys})
+        except Exception as e:  # noqa: BLE001 - remembered by this process; a restart may tell them again
+            log.info("could not store an owner notice (%s)", e)
+
+    async def _forget(self, keys: list[tuple[int, str]]) -> None:
+        self._told.difference_update(keys)
+        try:
+            await asyncio.to_thread(self.bot.state.delete_many, [_told_key(*key) for key in keys])
+        except Exception as e:  # noqa: BLE001 - at worst the owner is not told again after a restart
+            log.info("could not forget an owner notice (%s)", e)
+
+    async def _forget_told(self, channel_id: int | None) -> None:
+        """A result was posted in ``channel_id`` with every permission: its notices are history."""
+        try:
+            told = await self._told_about()
+        except Exception as e:  # noqa: BLE001 - the result is posted; at worst the owner is not told again
+            log.info("could not read the owner notices of channel %s (%s)", channel_id, e)
+            return
+        keys = [key for key in told if key[0] == channel_id]
+        if keys:
+            await self._forget(keys)
+
+
+def owner_notice(server: str, where: str, missing: tuple[str, ...]) -> str:
+    """What the server's owner is told when results cannot be posted (or lack their embeds) in ``where``."""
+    server = f"**{render.escape(server)}**"
+    if missing == (EMBED_LINKS,):
+        return (
+            f"Results in {where} on {server} are posted without their details (missing permission: "
+            f"{EMBED_LINKS}). Give me {EMBED_LINKS} in {where} to fix it."
+        )
+    need = " / ".join(missing) or "View Channel / Send Messages / Attach Files / Embed Links"
+    return (
+        f"I cannot post results in {where} on {server} ({_why(missing)}). Members' results there go to "
+        f"them by direct message instead until I have {need} in {where}."
+    )
+
+
+#: StateStore keys of the owner notices sent: ``owner-told:<channel id>:<permission>``.
+TOLD = "owner-told:"
+
+
+def _told_key(channel_id: int, permission: str) -> str:
+    return f"{TOLD}{channel_id}:{permission}"
