@@ -198,9 +198,9 @@ def serve(args: argparse.Namespace) -> int:
         ops = parse_ops(raw.get("ops", {}))
     except OpsConfigError as e:
         raise ConfigError(str(e)) from None
-    if bot_link is not None:  # the bot's child: the bot serves the endpoint, with this worker's figures
-        return run_worker_process(settings, queue_settings, name=args.name, bot_link=bot_link)
-    return run_worker_process(settings, queue_settings, name=args.name, ops_settings=ops)
+    # The bot's child leaves [ops] to the bot, which serves this worker's figures too.
+    ops_settings = None if bot_link is not None else ops
+    return run_worker_process(settings, queue_settings, name=args.name, ops_settings=ops_settings, bot_link=bot_link)
 
 
 def main(argv: list[str] | None = None) -> int:

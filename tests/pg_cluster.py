@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -20,13 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from processes import free_port
+
 BIN = Path(os.environ.get("SDBOT_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PgCluster:
@@ -71,7 +66,7 @@ def pg_cluster() -> Iterator[PgCluster]:
     root = Path(tempfile.mkdtemp(prefix="sdbot-pg-"))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    cluster = PgCluster(root, _free_port())
+    cluster = PgCluster(root, free_port())
     try:
         cluster.init()
         cluster.start()

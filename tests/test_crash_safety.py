@@ -13,7 +13,6 @@ import io
 import os
 import re
 import signal
-import socket
 import sys
 import urllib.request
 from pathlib import Path
@@ -28,7 +27,7 @@ from db.session import make_engine, upgrade
 from discord_emulator import Emulator, Message
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 from pg_cluster import PgCluster, pg_cluster  # noqa: F401 - pg_cluster is a fixture
-from processes import BUDGET, Logged, start_logged, until
+from processes import BUDGET, Logged, free_port, start_logged, until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
@@ -164,12 +163,6 @@ def children(pid: int) -> list[int]:
         if fields[1] == str(pid) and fields[0] != "Z":
             found.append(int(stat.parent.name))
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pid: int) -> bool:

@@ -77,14 +77,18 @@ async def test_reports_come_back_and_commands_reach_the_child(child, tmp_path):
 
 
 async def test_a_child_that_exits_while_the_bot_stops_is_not_started_again(child, tmp_path):
-    stopping = False
-    engine = EngineProcess(tmp_path / "config.toml", command=[*child, "serve"], stopping=lambda: stopping)
+    asked: list[bool] = []  # run() asked whether the bot is stopping: the child has exited
+
+    def stopping() -> bool:
+        asked.append(True)
+        return True
+
+    engine = EngineProcess(tmp_path / "config.toml", command=[*child, "serve"], stopping=stopping)
     await engine.start()
     running = asyncio.create_task(engine.run())
-    stopping = True
     engine._tell("exit")  # as systemd's SIGTERM reaches the child beside the bot
-    await until(lambda: engine._process.returncode is not None, "the child to exit")
-    await asyncio.sleep(0.1)
+    await until(lambda: asked, "run() to see the child's exit")
+    await asyncio.sleep(0)  # one more turn of the loop: a run() that raised would be done now
     assert not running.done()  # waiting to be cancelled by the bot's closing, not failing
     running.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -15,7 +15,7 @@ import pytest
 from db.models import JobStatus
 from db.queue import Queue
 from db.session import make_engine, upgrade
-from processes import BUDGET, START_BUDGET, Logged, start_logged, wait_for
+from processes import BUDGET, START_BUDGET, Logged, free_port, start_logged, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -123,14 +123,6 @@ def test_a_worker_stopped_by_sigterm_gives_its_job_back(tiny_sd_folder, tmp_path
         worker.kill()
         queue.close()
         db.dispose()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_worker_serves_health_and_metrics_when_ops_is_on(tmp_path, tiny_sd_folder):
