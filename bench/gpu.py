@@ -232,6 +232,8 @@ def measure_size(run: Run, device: torch.device, dtype: torch.dtype, graphs: boo
     if graphs:
         denoiser = workers["batched_graphs"].pipeline.denoiser
         out["graphs"], out["eager_calls_past_the_bound"] = len(denoiser.graphs), denoiser.eager_calls
+        sampler = denoiser.sampler_graphs
+        out["sampler_graphs"], out["sampler_eager_steps"] = len(sampler.graphs), sampler.eager_steps
     out["ratios"] = ratios(out["images_per_second"], out.get("latency_seconds"))
     return out
 

@@ -78,7 +78,8 @@ class EngineProcess:
         self.on_finished: Callable[[int], None] | None = None
         self.batch_rows = 0
         self.gpu_memory: dict[str, tuple[int, int]] = {}
-        self.unet_graphs: tuple[int, int] | None = None  # (made, run eager); None: not compiled
+        #: {"unet": (made, run eager), "sampler": (made, run eager)}; None: not compiled
+        self.graphs: dict[str, tuple[int, int]] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -173,7 +174,8 @@ class EngineProcess:
         elif "rows" in message:
             self.batch_rows = message["rows"]
             self.gpu_memory = {device: (held, kept) for device, (held, kept) in message["gpu"].items()}
-            self.unet_graphs = tuple(message["graphs"]) if message.get("graphs") else None
+            graphs = message.get("graphs")
+            self.graphs = {part: tuple(counts) for part, counts in graphs.items()} if graphs else None
 
 
 def _decoded(line: bytes) -> dict[str, Any]:

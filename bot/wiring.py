@@ -123,7 +123,7 @@ def build_bot(
         engine_process.on_progress, engine_process.on_finished = events.progress, events.finished
         metrics.read_batch_rows(lambda: engine_process.batch_rows)
         metrics.read_gpu_memory(lambda: engine_process.gpu_memory)
-        metrics.read_unet_graphs(lambda: engine_process.unet_graphs)
+        metrics.read_graphs(lambda: engine_process.graphs)
     styles = Styles(queue.engine, clock=client_options.get("clock", utcnow))
     bot = SDBot(
         config,
@@ -140,7 +140,7 @@ def build_bot(
         from engine.graphs import graph_counts
 
         metrics.read_batch_rows(lambda: worker.batch_rows)
-        metrics.read_unet_graphs(lambda: graph_counts(worker.pipeline))
+        metrics.read_graphs(lambda: graph_counts(worker.pipeline))
     health = Health()
     health.add_check("database", lambda: database_reachable(queue.engine))
     health.add_task("delivery", lambda: bot.task("delivery"))

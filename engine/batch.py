@@ -34,7 +34,8 @@ from engine.denoiser import Conditioning, Denoiser
 from engine.graphs import BUCKETS, bucket_rows
 from engine.inpaint import LatentBlend
 from engine.readback import Readback
-from engine.samplers import Sampler, initial_state, plan_state
+from engine.sampler_graphs import SamplerGroup, StepBuffers, advance, lay_out
+from engine.samplers import Sampler, initial_state
 from engine.schedules import latents_to_decode
 from engine.stages import COLUMNS, EVAL, TO
 from engine.types import GenerationRequest
@@ -76,15 +77,6 @@ class Parked:
     state: dict[str, Tensor]
 
 
-@dataclass
-class SamplerGroup:
-    """The rows that one sampler advances (``index`` None: all rows, no gather needed)."""
-
-    sampler: Sampler
-    entries: list[Entry]
-    index: Tensor | None
-
-
 def to_device(t: Tensor, device: torch.device) -> Tensor:
     """Host -> device without making the host wait for the GPU's queue (pinned + non_blocking)."""
     if device.type != "cuda":
@@ -110,6 +102,11 @@ class Batch:
         self.cond: Conditioning | None = None
         self.blend: LatentBlend | None = None  # masked rows' kept areas; None when no row has a mask
         self.groups: list[SamplerGroup] = []
+        #: With a compiled denoiser: the rows padded to their bucket, which the sampler graphs
+        #: advance in place (``x``, ``old_denoised``, ``old_sigma`` and ``state`` are views of
+        #: them); by key, kept so that a graph replays on the addresses it was made with.
+        self.buffers: StepBuffers | None = None
+        self._buffers: dict[tuple, StepBuffers] = {}
 
     @property
     def rows(self) -> int:
@@ -178,9 +175,11 @@ class Batch:
         ((entry, rows),) = [(e, s) for e, s in self.offsets() if e.job is job]
         state = {name: getattr(self, name)[rows] for name in ROW_STATE}
         state |= {name: self.state[name][rows] for name in entry.job.sampler.state}
+        if self.buffers is not None:  # views of buffers that the next steps overwrite
+            state = {name: value.clone() for name, value in state.items()}
         self.entries.remove(entry)
         if not self.entries:
-            self.x = self.old_denoised = self.old_sigma = None
+            self.x = self.old_denoised = self.old_sigma = self.buffers = None
             self.table, self.noise, self.cond, self.groups, self.state, self.blend = None, None, None, [], {}, None
             return entry, state
         # An index list, not a boolean mask: masking on a GPU waits for the device (nonzero).
@@ -215,6 +214,27 @@ class Batch:
             SamplerGroup(sampler, entries, None if whole else to_device(torch.tensor(indices), device))
             for sampler, entries, indices in by_sampler.values()
         ]
+        if getattr(self.denoiser, "sampler_graphs", None) is not None:
+            self._lay_out_buffers([(sampler, None if whole else rows) for sampler, _, rows in by_sampler.values()])
+
+    def _lay_out_buffers(self, groups: list[tuple[Sampler, list[int] | None]]) -> None:
+        """The rows into their bucket's buffers, and the batch's state as views of them."""
+        buffers = lay_out(
+            self._buffers,
+            lambda rows: to_device(torch.tensor(rows), self.x.device),
+            x=self.x,
+            old_denoised=self.old_denoised,
+            old_sigma=self.old_sigma,
+            state=self.state,
+            by_column=self.by_column(),
+            noise=None if self.noise is None else self.noise[0],
+            blend=self.blend,
+            groups=groups,
+        )
+        n = self.rows
+        self.x, self.old_denoised, self.old_sigma = buffers.x[:n], buffers.old_denoised[:n], buffers.old_sigma[:n]
+        self.state = {name: value[:n] for name, value in buffers.state.items()}
+        self.buffers = buffers
 
     # ------------------------------------------------------------------ one step
 
@@ -248,15 +268,21 @@ class Batch:
     def step(self) -> Tensor:
         """Advance every row by one step of its own sampler; returns the rows' denoised latents.
 
-        Nothing changes until every part has succeeded: the new state is assigned at the end (a
-        retried step reads the same noise, drawn at admission, by the same step counts).
+        Nothing changes until every part has succeeded: the new state is assigned at the end, or,
+        compiled, written by the sampler graph once the UNet is done (a retried step reads the
+        same noise, drawn at admission, by the same step counts).
         """
         by_column = self.by_column()
         noise = None if self.noise is None else self.noise[self.since_rebuild]
-        x_next, denoised, state = self.arithmetic(
-            self.x, by_column, noise, self.old_denoised, self.old_sigma, self.state
-        )
-        self.x, self.old_denoised, self.old_sigma, self.state = x_next, denoised, by_column[EVAL], state
+        if self.buffers is None:
+            x_next, denoised, state = self.arithmetic(
+                self.x, by_column, noise, self.old_denoised, self.old_sigma, self.state
+            )
+            self.x, self.old_denoised, self.old_sigma, self.state = x_next, denoised, by_column[EVAL], state
+        else:  # compiled: the sampler graph advances the rows in the buffers, which self.x views
+            denoised = self.denoise(self.x, by_column)
+            self.buffers.write_step(denoised, by_column, noise)
+            self.denoiser.sampler_graphs.run(self.buffers)
         self.since_rebuild += 1
         for entry in self.entries:
             entry.step += entry.job.plan.completes[entry.engine_step]
@@ -277,56 +303,19 @@ class Batch:
         change replaces (groups, conditioning, blend), with no host read: the whole of a step that
         ``torch.compile(fullgraph=True)`` can trace as one graph (tests/test_compile.py)."""
         sigma, sigma_next = by_column[EVAL], by_column[TO]
-        timesteps = by_column[T : T + 2].flatten()  # prompt rows', then negative prompt rows'
-        denoised = self.denoiser(x, sigma, self.cond, timesteps=timesteps, c_in=by_column[C_IN])
+        denoised = self.denoise(x, by_column)
         columns = by_column[:COLUMNS].t()
-        x_next, state = self._advance(x, denoised, sigma, sigma_next, columns, noise, old_denoised, old_sigma, state)
+        x_next, state = advance(
+            self.groups, x, denoised, sigma, sigma_next, columns, noise, old_denoised, old_sigma, state
+        )
         if self.blend is not None:  # masked rows: outside the mask, the init image at sigma_next
             x_next = self.blend(x_next, sigma_next)
         return x_next, denoised, state
 
-    def _advance(
-        self,
-        x: Tensor,
-        denoised: Tensor,
-        sigma: Tensor,
-        sigma_next: Tensor,
-        columns: Tensor,
-        noise: Tensor | None,
-        old_denoised: Tensor | None,
-        old_sigma: Tensor | None,
-        history: dict[str, Tensor],
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        x_next = x if len(self.groups) == 1 else torch.empty_like(x)
-        state = dict(history)  # the updated history replaces the old only once every group is done
-        for group in self.groups:
-            pick = (lambda t: t) if group.index is None else (lambda t, i=group.index: t[i])
-            drawn = None
-            if group.sampler.ancestral or group.sampler.brownian:
-                drawn = pick(noise)
-            kwargs = dict(old_denoised=pick(old_denoised), old_sigma=pick(old_sigma), noise=drawn)
-            if group.sampler.stateful:
-                own = {name: pick(history[name]) for name in group.sampler.state}
-                advanced, updates = group.sampler.step(
-                    pick(x),
-                    pick(denoised),
-                    pick(sigma),
-                    pick(sigma_next),
-                    **kwargs,
-                    state=own | plan_state(pick(columns)),
-                )
-                for name, value in updates.items():
-                    if group.index is None:
-                        state[name] = value
-                    else:
-                        state[name] = state[name].index_copy(0, group.index, value)
-            else:
-                advanced = group.sampler.step(pick(x), pick(denoised), pick(sigma), pick(sigma_next), **kwargs)
-            if group.index is None:
-                x_next = advanced
-            else:
-                x_next[group.index] = advanced
-        return x_next, state
+    def denoise(self, x: Tensor, by_column: Tensor) -> Tensor:
+        """The rows' denoised latents at their sigmas, the UNet's inputs read from the table."""
+        timesteps = by_column[T : T + 2].flatten()  # prompt rows', then negative prompt rows'
+        return self.denoiser(x, by_column[EVAL], self.cond, timesteps=timesteps, c_in=by_column[C_IN])
 
     def nonfinite_check(self) -> NanCheck:
         """Which jobs have a NaN/inf in their rows now, read when it reaches the host (no sync)."""
@@ -357,12 +346,14 @@ def rows_of(t: Tensor, picked: list[int]) -> Tensor:
     return torch.stack([t[i] for i in picked])
 
 
-def capture_graphs(pipeline, sizes: tuple[tuple[int, int], ...], max_batch: int) -> None:
-    """A compiled UNet's graph for every size and row bucket up to ``max_batch``, made by two steps
-    of a blank job of that many images (``engine.compile_capture = "start"``)."""
+def capture_graphs(pipeline, sizes: tuple[tuple[int, int], ...], max_batch: int, sampler: str = "euler") -> None:
+    """A compiled UNet's graph, and ``sampler``'s step graph (the default sampler's: a batch of
+    other samplers makes its own on first use), for every size and row bucket up to
+    ``max_batch``, made by two steps of a blank job of that many images
+    (``engine.compile_capture = "start"``)."""
     for width, height in sizes:
         for rows in [b for b in BUCKETS if b <= bucket_rows(max_batch)]:
-            blank = dict(prompt="", seed=0, steps=2, count=rows, sampler="euler", width=width, height=height)
+            blank = dict(prompt="", seed=0, steps=2, count=rows, sampler=sampler, width=width, height=height)
             batch = Batch(pipeline.denoiser)
             batch.add(pipeline.prepare(GenerationRequest.of(-1, **blank)))
             while not batch.entries[0].done:

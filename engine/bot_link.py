@@ -8,8 +8,8 @@ the link carries only what makes it as quick and as visible as an engine in the 
 - child to bot, JSON lines on the file descriptor ``FD``: ``{"ready": family}`` once the default
   model is loaded (the bot offers that family's sizes), ``{"progress": [job, step, total],
   "preview": base64 PNG or null}``, ``{"finished": job}`` (the bot posts it at once and counts it
-  in its metrics) and ``{"rows": n, "gpu": {device: [allocated, reserved]}, "graphs": [made, eager] or null}``
-  every second;
+  in its metrics) and ``{"rows": n, "gpu": {device: [allocated, reserved]}, "graphs": {"unet":
+  [made, eager], "sampler": [made, eager]} or null}`` every second;
 - bot to child, lines on standard input: ``wake`` (a job was queued: claim now, not at the next
   poll) and ``cancel JOB`` (stop a running job at its next step). End of input means the bot is
   gone, even after kill -9: the child stops as on SIGTERM, giving its running jobs back (or at
@@ -67,7 +67,9 @@ class BotLink:
     def finished(self, job_id: int) -> None:
         self._send({"finished": job_id}, droppable=False)
 
-    def stats(self, rows: int, gpu: dict[str, tuple[int, int]], graphs: tuple[int, int] | None = None) -> None:
+    def stats(
+        self, rows: int, gpu: dict[str, tuple[int, int]], graphs: dict[str, tuple[int, int]] | None = None
+    ) -> None:
         self._send({"rows": rows, "gpu": gpu, "graphs": graphs})
 
     def _send(self, message: dict[str, Any], *, droppable: bool = True) -> None:
@@ -106,9 +108,11 @@ class BotLink:
         # once serving, the worker's handler stops it and gives its running jobs back.
         os.kill(os.getpid(), signal.SIGTERM)
 
-    async def send_stats(self, rows: Callable[[], int], graphs: Callable[[], tuple[int, int] | None]) -> None:
+    async def send_stats(
+        self, rows: Callable[[], int], graphs: Callable[[], dict[str, tuple[int, int]] | None]
+    ) -> None:
         """Every :data:`STATS_INTERVAL`: the running batch's rows, this process's GPU memory and the
-        compiled UNet's graph counts."""
+        compiled step's graph counts."""
         while True:
             self.stats(rows(), gpu_memory(), graphs())
             await asyncio.sleep(STATS_INTERVAL)

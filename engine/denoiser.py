@@ -29,6 +29,7 @@ from torch import Tensor
 from engine.graphs import UNetGraphs
 from engine.prompt_syntax import ChunkedPrompt, chunk_prompt, chunks_needed, strip_lora_tags
 from engine.prompts import EmbeddingLibrary, embeddings_injected, emphasize
+from engine.sampler_graphs import SamplerGraphs
 from engine.samplers import rows
 from engine.schedules import ModelSchedule, sigma_to_t
 
@@ -240,7 +241,8 @@ class Denoiser:
 
     :meth:`compile` (``engine.compile``) runs the UNet through ``torch.compile`` (CUDA graphs with
     "reduce-overhead"), in the bounded set of graphs of :mod:`engine.graphs`: rows padded to
-    buckets, each graph reading input buffers of its own.
+    buckets, each graph reading input buffers of its own; and the samplers' step after it, in the
+    graphs of :mod:`engine.sampler_graphs` (the batch runs those).
     """
 
     def __init__(self, unet, schedule: ModelSchedule, prediction_type: str = "epsilon") -> None:
@@ -254,6 +256,7 @@ class Denoiser:
         self._log_sigmas_host = schedule.log_sigmas.to(dtype=torch.float32)
         self.log_sigmas = self._log_sigmas_host.to(unet.device)
         self.unet_graphs: UNetGraphs | None = None
+        self.sampler_graphs: SamplerGraphs | None = None
 
     @property
     def compiled(self) -> bool:
@@ -269,12 +272,14 @@ class Denoiser:
         """UNet calls past the bound on graphs, run eager (logged)."""
         return 0 if self.unet_graphs is None else self.unet_graphs.eager_calls
 
-    def compile(self, compiler: Callable[[torch.nn.Module], Callable[..., Any]], max_graphs: int = 24) -> None:
+    def compile(self, compiler: Callable[[Callable[..., Any]], Callable[..., Any]], max_graphs: int = 24) -> None:
         """Run the UNet as ``compiler(unet)`` from now on (e.g. ``functools.partial(torch.compile,
         mode="reduce-overhead", dynamic=False)``), rows padded to bucket sizes, at most
-        ``max_graphs`` shapes. Once per model."""
+        ``max_graphs`` shapes; and the samplers' step as ``compiler`` makes it, at most
+        ``max_graphs`` too. Once per model."""
         if self.unet_graphs is None:
             self.unet_graphs = UNetGraphs(compiler(self.unet), max_graphs)
+            self.sampler_graphs = SamplerGraphs(compiler, max_graphs)
 
     def timesteps(self, sigma: Tensor) -> Tensor:
         """The UNet's fractional timestep for each sigma, on the CPU (for the batch's tables)."""

@@ -14,11 +14,13 @@ Each graph's inputs live in buffers made once, marked as static addresses, so th
 The batch's conditioning (prompt embeddings, attention mask, SDXL's added embeddings) is written
 into them only when the batch's members change (a new :class:`~engine.denoiser.Conditioning`),
 counted in :attr:`UNetGraphs.conditioning_writes`; only the latents and timesteps are written
-every step.
+every step. The samplers' step after the UNet has graphs of its own (:mod:`engine.sampler_graphs`),
+on the same buckets and within the same bound.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -34,18 +36,28 @@ log = logging.getLogger("engine.denoiser")
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32)
 BUCKET_STEP = 16
 
-#: Dynamo's recompile limit as this process found it (see :meth:`UNetGraphs.run`).
+#: Dynamo's recompile limit as this process found it (see :func:`within_bound`).
 _DYNAMO_RECOMPILE_LIMIT = torch._dynamo.config.recompile_limit
 
 #: The UNet inputs that change every step; the others follow the conditioning.
 PER_STEP = ("sample", "timestep")
 
 
-def graph_counts(pipeline: Any) -> tuple[int, int] | None:
-    """``(graphs made, calls run eager)`` of ``pipeline``'s compiled UNet, for the metrics; None
-    when it is not compiled (or no model is loaded)."""
-    graphs = getattr(getattr(pipeline, "denoiser", None), "unet_graphs", None)
-    return None if graphs is None else (len(graphs.graphs), graphs.eager_calls)
+def graph_counts(pipeline: Any) -> dict[str, tuple[int, int]] | None:
+    """``{"unet": (graphs made, calls run eager), "sampler": (graphs made, steps run eager)}``
+    of ``pipeline``'s compiled step, for the metrics; None when it is not compiled (or no model
+    is loaded)."""
+    denoiser = getattr(pipeline, "denoiser", None)
+    unet, sampler = getattr(denoiser, "unet_graphs", None), getattr(denoiser, "sampler_graphs", None)
+    if unet is None or sampler is None:
+        return None
+    return {"unet": (len(unet.graphs), unet.eager_calls), "sampler": (len(sampler.graphs), sampler.eager_steps)}
+
+
+def within_bound(max_graphs: int) -> contextlib.AbstractContextManager:
+    """Dynamo's own recompile limit (8) would silently run eager past it, so around the calls of
+    a bounded set of graphs it is raised above their bound; other compiled code keeps its own."""
+    return torch._dynamo.config.patch(recompile_limit=max(max_graphs + 1, _DYNAMO_RECOMPILE_LIMIT))
 
 
 def bucket_rows(n: int) -> int:
@@ -64,9 +76,8 @@ class UNetGraphs:
         self._buffers: dict[tuple, tuple[Any, dict[str, Any]]] = {}  # key -> (conditioning written, buffers)
 
     def run(self, **inputs: Any) -> Any:
-        """The compiled UNet. Dynamo's own recompile limit (8) would silently run eager past it,
-        so it is raised above our bound, for these calls only: other compiled code keeps its own."""
-        with torch._dynamo.config.patch(recompile_limit=max(self.max_graphs + 1, _DYNAMO_RECOMPILE_LIMIT)):
+        """The compiled UNet, within our bound (see :func:`within_bound`)."""
+        with within_bound(self.max_graphs):
             return self._compiled(**inputs)
 
     def admit(self, n: int, model_in: Tensor, cond: Any) -> tuple | None:

@@ -72,7 +72,7 @@ class EngineSettings:
     # "off", or a torch.compile mode for the UNet ("default", "reduce-overhead": CUDA graphs,
     # "max-autotune"...): one graph per image size, row bucket (1, 2, 4, 8, 12, 16, 24, 32) and prompt length.
     compile: str = "off"
-    compile_graphs: int = 24  # at most this many UNet graphs; past it a shape runs eager (logged, counted)
+    compile_graphs: int = 24  # at most this many UNet graphs, and sampler graphs; past it eager (logged, counted)
     compile_capture: str = "lazy"  # "lazy": each graph on first use; "start": every size x bucket at start
     # zlib level of the result PNGs, 0 (none) to 9 (smallest); encoded off the engine thread, but
     # each level up costs CPU per image for a smaller file. The pixels are the same at every level.

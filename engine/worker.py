@@ -272,7 +272,7 @@ class EngineWorker(FaultHandling):
         """``engine.compile_capture = "start"``: every graph made now, on this thread (CUDA graphs
         are per thread), instead of by the first job of each shape."""
         if pipeline is not None and pipeline.denoiser.compiled and self.settings.compile_capture == "start":
-            capture_graphs(pipeline, self.gen.size_pairs, self.settings.max_batch)
+            capture_graphs(pipeline, self.gen.size_pairs, self.settings.max_batch, self.gen.default_sampler)
 
     def _batch_size(self, batch: Batch) -> tuple[int, int] | None:
         if not batch.entries:

@@ -64,7 +64,7 @@ def run_worker_process(
         log.info("%d job(s) left running by this worker's previous run were put back in line", recovered)
     metrics = Metrics(queue_counts=lambda: queue_counts(db), database_up=lambda: database_reachable(db))
     metrics.read_batch_rows(lambda: worker.batch_rows)
-    metrics.read_unet_graphs(lambda: graph_counts(worker.pipeline))
+    metrics.read_graphs(lambda: graph_counts(worker.pipeline))
     counted = functools.partial(record_finished, metrics, queue)
     runner = QueueRunner(
         queue,

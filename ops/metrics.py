@@ -57,7 +57,7 @@ class Metrics:
         self._recent_images: deque[tuple[float, int]] = deque()  # (when, images) of the last minute
         self._recent_lock = threading.Lock()
         self.gpu_memory: Callable[[], dict[str, tuple[int, int]]] = gpu_memory  # see read_gpu_memory
-        self.unet_graphs: Callable[[], tuple[int, int] | None] = lambda: None  # see read_unet_graphs
+        self.graphs: Callable[[], dict[str, tuple[int, int]] | None] = lambda: None  # see read_graphs
         r = self.registry
         self._finished = Counter("sdbot_jobs_finished", "Jobs that ended here, by outcome", ["status"], registry=r)
         for status in sorted(s.value for s in FINISHED):
@@ -108,10 +108,11 @@ class Metrics:
         """Read the running batch's rows from ``rows()`` at every scrape instead."""
         self._batch_rows.set_function(rows)
 
-    def read_unet_graphs(self, counts: Callable[[], tuple[int, int] | None]) -> None:
-        """Read ``(graphs made, UNet calls run eager past the bound)`` of the compiled UNet from
-        ``counts()`` at every scrape (None: the UNet is not compiled, the series are left out)."""
-        self.unet_graphs = counts
+    def read_graphs(self, counts: Callable[[], dict[str, tuple[int, int]] | None]) -> None:
+        """Read ``{"unet": (graphs made, UNet calls run eager past the bound), "sampler": (graphs
+        made, sampler steps run eager)}`` of the compiled step from ``counts()`` at every scrape
+        (None: the step is not compiled, the series are left out)."""
+        self.graphs = counts
 
     def read_gpu_memory(self, memory: Callable[[], dict[str, tuple[int, int]]]) -> None:
         """Read GPU memory from ``memory()`` (an engine in another process) instead of this process."""
@@ -158,6 +159,8 @@ class _ScrapeTimeSeries:
             "sdbot_gpu_memory_reserved_bytes",
             "sdbot_unet_graphs",
             "sdbot_unet_eager_calls",
+            "sdbot_sampler_graphs",
+            "sdbot_sampler_eager_steps",
         ]
         return [GaugeMetricFamily(name, "") for name in names]
 
@@ -176,13 +179,20 @@ class _ScrapeTimeSeries:
                 "sdbot_discord_connected", "1 when the bot is connected to Discord's gateway", self._discord_connected
             )
         yield from _gpu_memory_metrics(self._metrics.gpu_memory())
-        if (graphs := self._metrics.unet_graphs()) is not None:
-            made, eager = graphs
+        if (graphs := self._metrics.graphs()) is not None:
+            made, eager = graphs["unet"]
             yield GaugeMetricFamily(
                 "sdbot_unet_graphs", "Compiled UNet graphs made (engine.compile_graphs)", value=made
             )
             yield CounterMetricFamily(
                 "sdbot_unet_eager_calls", "UNet calls run eager: no graph left for their shape", value=eager
+            )
+            made, eager = graphs["sampler"]
+            yield GaugeMetricFamily(
+                "sdbot_sampler_graphs", "Compiled sampler-step graphs made (engine.compile_graphs)", value=made
+            )
+            yield CounterMetricFamily(
+                "sdbot_sampler_eager_steps", "Sampler steps run eager: no graph left for their rows", value=eager
             )
 
     def _queue_depth(self) -> Iterator[Metric]:

@@ -72,6 +72,8 @@ def test_each_graph_reads_its_own_buffers_and_the_prompts_are_written_only_when_
 
     def recording(unet):
         compiled = EAGER_BACKEND(unet)
+        if not isinstance(unet, torch.nn.Module):
+            return compiled  # the samplers' step (engine.sampler_graphs)
 
         def run(**inputs):
             sample, embeds = inputs["sample"], inputs["encoder_hidden_states"]
@@ -123,7 +125,7 @@ def test_shapes_past_the_bound_run_eager_counted_and_logged(tiny_model, caplog):
     denoiser = worker.pipeline.denoiser
     assert len(denoiser.graphs) == 1 and denoiser.eager_calls == 3  # the second job's 3 steps
     assert "UNet graph 1 of at most 1" in caplog.text and "this step runs eager (3 so far)" in caplog.text
-    assert graph_counts(worker.pipeline) == (1, 3)  # what /metrics reports (sdbot_unet_eager_calls_total)
+    assert graph_counts(worker.pipeline)["unet"] == (1, 3)  # what /metrics reports (sdbot_unet_eager_calls_total)
     assert all(result.images for result in results)
 
 
@@ -132,6 +134,8 @@ def test_graphs_can_be_made_at_start(tiny_model):
     worker = EngineWorker(tiny_model, settings, GenerationSettings(sizes=("64x64",)), compiler=EAGER_BACKEND)
     run_together(worker, [make_request(1)])
     assert sorted(key[0] for key in worker.pipeline.denoiser.graphs) == [1, 2]  # 2 before any job had 2 rows
+    sampler_graphs = worker.pipeline.denoiser.sampler_graphs.graphs  # the default sampler's, for each bucket
+    assert sorted((key[0], key[2]) for key in sampler_graphs) == [(1, (("euler_a", None),)), (2, (("euler_a", None),))]
 
 
 def step_compiles_whole(pipeline: Pipeline, rows: int, *, mixed: bool = False) -> None:

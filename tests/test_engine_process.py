@@ -26,7 +26,7 @@ if sys.argv[1] == "fail":
     sys.exit(3)
 send({"ready": "sdxl"})
 send({"progress": [7, 1, 4], "preview": base64.b64encode(b"PNG").decode()})
-send({"rows": 3, "gpu": {"cuda:0": [10, 20]}, "graphs": [2, 1]})
+send({"rows": 3, "gpu": {"cuda:0": [10, 20]}, "graphs": {"unet": [2, 1], "sampler": [3, 0]}})
 for line in sys.stdin:  # what the bot says, answered so that the test sees it arrived
     command, _, argument = line.strip().partition(" ")
     if command == "cancel":
@@ -63,7 +63,7 @@ async def test_reports_come_back_and_commands_reach_the_child(child, tmp_path):
     try:
         await until(lambda: engine.batch_rows == 3, "the stats line")
         assert progress == [Progress(7, 1, 4, b"PNG")] and engine.gpu_memory == {"cuda:0": (10, 20)}
-        assert engine.unet_graphs == (2, 1)
+        assert engine.graphs == {"unet": (2, 1), "sampler": (3, 0)}
         engine.cancel(12)
         await until(lambda: finished == [12], "the cancel to reach the child")
         engine.wake()

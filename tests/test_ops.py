@@ -134,16 +134,23 @@ async def test_series_without_a_callable_are_left_out() -> None:
     assert not names & {"sdbot_queue_jobs", "sdbot_database_up", "sdbot_discord_connected"}
 
 
-async def test_the_compiled_unets_graphs_and_eager_calls_are_reported() -> None:
+async def test_the_compiled_steps_graphs_and_eager_calls_are_reported() -> None:
     """Issue 11 §3: no silent fall-back to eager: the calls past the bound on graphs are counted here."""
-    counts: tuple[int, int] | None = None
+    counts: dict[str, tuple[int, int]] | None = None
     metrics = Metrics()
-    metrics.read_unet_graphs(lambda: counts)
+    metrics.read_graphs(lambda: counts)
+    series = {
+        "sdbot_unet_graphs",
+        "sdbot_unet_eager_calls_total",
+        "sdbot_sampler_graphs",
+        "sdbot_sampler_eager_steps_total",
+    }
     async with serving(metrics) as client:
-        assert not {name for name, _ in await client.metrics()} & {"sdbot_unet_graphs", "sdbot_unet_eager_calls_total"}
-        counts = (24, 3)  # compiled: every graph made, and three calls past the bound
+        assert not {name for name, _ in await client.metrics()} & series
+        counts = {"unet": (24, 3), "sampler": (24, 5)}  # every graph made, and calls past the bound
         samples = await client.metrics()
     assert value(samples, "sdbot_unet_graphs") == 24 and value(samples, "sdbot_unet_eager_calls_total") == 3
+    assert value(samples, "sdbot_sampler_graphs") == 24 and value(samples, "sdbot_sampler_eager_steps_total") == 5
 
 
 async def test_queue_depth_is_left_out_while_it_cannot_be_counted() -> None:
