@@ -8,6 +8,7 @@ samplers that hand their history on in place."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -181,3 +182,38 @@ def test_inductor_builds_the_samplers_step_and_it_gives_the_eager_latents(tiny_m
     run_to_the_end(batch, together)
     assert pipeline.denoiser.sampler_graphs.graphs and pipeline.denoiser.sampler_graphs.eager_steps == 0
     assert_same_latents(together[1], alone[1])
+
+
+def test_every_input_of_both_graphs_is_a_static_address(tiny_model):
+    """What CUDA graph trees act on, read where AOTAutograd decides it: an input that is not
+    static would be copied into the graph's own memory at every replay, and a graph that writes
+    one would not be captured at all. Every input of the UNet's graph and the sampler's is static."""
+    decided: list[str] = []
+
+    class Decisions(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if "static input pos" in message:
+                decided.append(message)
+
+    from torch._functorch._aot_autograd.frontend_utils import static_inputs_log
+
+    handler = Decisions()
+    torch._dynamo.reset()
+    torch._logging.set_logs(cudagraph_static_inputs=True)
+    static_inputs_log.addHandler(handler)
+    try:
+        pipeline = Pipeline(tiny_model)
+        pipeline.denoiser.compile(functools.partial(torch.compile, backend="aot_eager", dynamic=False))
+        batch = Batch(pipeline.denoiser)
+        batch.add(pipeline.prepare(make_request(1, sampler="lms", count=3)))
+        batch.add(pipeline.prepare(make_request(2, sampler="euler_a", count=2)))  # two groups, noise
+        with torch.inference_mode():
+            batch.step()
+    finally:
+        static_inputs_log.removeHandler(handler)
+        torch._logging.set_logs()
+    sources = [message.rsplit("for source ", 1)[1] for message in decided]
+    assert {"L['buffers'].x", "L['buffers'].state['d3']", "L['buffers'].groups[1].index"} <= set(sources)
+    assert any("sample" in source for source in sources)  # the UNet's latents
+    assert not [message for message in decided if message.startswith("Non-static")]
