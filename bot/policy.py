@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,9 +28,11 @@ from engine.settings import GenerationSettings
 
 @dataclass(frozen=True)
 class Asked:
-    """The options of /imagine or /img2img as the member gave them; None: left out."""
+    """The options of /imagine or /img2img as the member gave them; None: left out. Every option
+    but the prompt by name: the commands name many, all of one type or None."""
 
     prompt: str
+    _: KW_ONLY
     negative: str | None = None
     seed: int | None = None
     steps: int | None = None
