@@ -91,3 +91,10 @@ from hypothesis import settings as hypothesis_settings  # noqa: E402
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
 hypothesis_settings.register_profile("dev", print_blob=True)
 hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The slow tests (bot and worker processes, whole compiles) first: pytest-xdist hands tests
+    out in this order, so the short ones fill the gaps at the end instead of one long test
+    running alone while the other process waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
