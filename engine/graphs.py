@@ -60,6 +60,36 @@ def within_bound(max_graphs: int) -> contextlib.AbstractContextManager:
     return torch._dynamo.config.patch(recompile_limit=max(max_graphs + 1, _DYNAMO_RECOMPILE_LIMIT))
 
 
+class GraphBound:
+    """A bounded set of compiled graphs, by key: each new one logged, and past the bound every
+    call counted in :attr:`eager_calls` and logged, to run eager (``what`` names them in the log)."""
+
+    def __init__(self, what: str, max_graphs: int) -> None:
+        self.what, self.max_graphs = what, max_graphs
+        self.graphs: dict[tuple, int] = {}  # key -> calls made with it
+        self.eager_calls = 0
+
+    def admit(self, key: tuple, shape: Callable[[], str]) -> bool:
+        """Whether ``key`` has a graph (one made, or a new one within the bound); ``shape()``
+        describes it for the log (called only to log: a step with its graph formats nothing)."""
+        if key in self.graphs:
+            self.graphs[key] += 1
+            return True
+        if len(self.graphs) < self.max_graphs:
+            self.graphs[key] = 1
+            log.info("%s graph %d of at most %d: %s", self.what, len(self.graphs), self.max_graphs, shape())
+            return True
+        self.eager_calls += 1
+        log.warning("no %s graph for %s: %d graphs made already (engine.compile_graphs); this step runs eager "
+                    "(%d so far)", self.what, shape(), self.max_graphs, self.eager_calls)  # fmt: skip
+        return False
+
+    def run(self, compiled: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``compiled`` within our bound (see :func:`within_bound`)."""
+        with within_bound(self.max_graphs):
+            return compiled(*args, **kwargs)
+
+
 def bucket_rows(n: int) -> int:
     """The bucket ``n`` rows are padded to."""
     return next((b for b in BUCKETS if b >= n), -(-n // BUCKET_STEP) * BUCKET_STEP)
@@ -68,34 +98,31 @@ def bucket_rows(n: int) -> int:
 class UNetGraphs:
     def __init__(self, compiled: Callable[..., Any], max_graphs: int) -> None:
         self._compiled = compiled
-        self.max_graphs = max_graphs
-        self.graphs: dict[tuple, int] = {}  # (bucket, latent shape, tokens, masked) -> calls made with it
-        self.eager_calls = 0  # UNet calls past the bound on graphs, run eager (logged)
+        self.bound = GraphBound("UNet", max_graphs)  # keys: (bucket, latent shape, tokens, masked)
         self.conditioning_writes = 0  # times a graph's conditioning buffers were written (joins and leaves)
         self._padding: dict[int, tuple[int, Tensor]] = {}  # rows -> (bucket, index of the padded rows)
         self._buffers: dict[tuple, tuple[Any, dict[str, Any]]] = {}  # key -> (conditioning written, buffers)
 
+    @property
+    def graphs(self) -> dict[tuple, int]:
+        return self.bound.graphs
+
+    @property
+    def eager_calls(self) -> int:
+        """UNet calls past the bound on graphs, run eager (logged)."""
+        return self.bound.eager_calls
+
     def run(self, **inputs: Any) -> Any:
-        """The compiled UNet, within our bound (see :func:`within_bound`)."""
-        with within_bound(self.max_graphs):
-            return self._compiled(**inputs)
+        return self.bound.run(self._compiled, **inputs)
 
     def admit(self, n: int, model_in: Tensor, cond: Any) -> tuple | None:
         """The graph these rows run in (one that exists, or a new one within the bound), or None: eager."""
         key = (bucket_rows(n), tuple(model_in.shape[1:]), cond.embeds.shape[1], cond.mask is not None)
-        if key in self.graphs:
-            self.graphs[key] += 1
-            return key
-        if len(self.graphs) < self.max_graphs:
-            self.graphs[key] = 1
-            log.info("UNet graph %d of at most %d: %d rows (for %d), latents %s, %d tokens", len(self.graphs),
-                     self.max_graphs, key[0], n, "x".join(map(str, key[1])), key[2])  # fmt: skip
-            return key
-        self.eager_calls += 1
-        log.warning("no UNet graph for %d rows, latents %s, %d tokens: %d graphs made already "
-                    "(engine.compile_graphs); this step runs eager (%d so far)",
-                    n, "x".join(map(str, key[1])), key[2], self.max_graphs, self.eager_calls)  # fmt: skip
-        return None
+
+        def shape() -> str:
+            return f"{key[0]} rows (for {n}), latents {'x'.join(map(str, key[1]))}, {key[2]} tokens"
+
+        return key if self.bound.admit(key, shape) else None
 
     def inputs(self, key: tuple, n: int, inputs: dict[str, Any], cond: Any) -> tuple[int, dict[str, Any]]:
         """The bucket and the graph's buffers, holding ``inputs``' rows padded to it: the per-step

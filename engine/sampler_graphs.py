@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from engine.graphs import bucket_rows, within_bound
+from engine.graphs import GraphBound, bucket_rows
 from engine.inpaint import LatentBlend
 from engine.samplers import Sampler, plan_state
 from engine.stages import COLUMNS, EVAL, TO
@@ -168,27 +168,27 @@ class SamplerGraphs:
 
     def __init__(self, compiler: Callable[[Callable[..., Any]], Callable[..., Any]], max_graphs: int) -> None:
         self._compiled = compiler(advance_in_place)
-        self.max_graphs = max_graphs
-        self.graphs: dict[tuple, int] = {}  # key -> steps run with it
-        self.eager_steps = 0
+        self.bound = GraphBound("sampler", max_graphs)
+
+    @property
+    def graphs(self) -> dict[tuple, int]:
+        return self.bound.graphs
+
+    @property
+    def eager_steps(self) -> int:
+        return self.bound.eager_calls
 
     def run(self, buffers: StepBuffers) -> None:
         key = buffers.key
-        if key in self.graphs or len(self.graphs) < self.max_graphs:
-            if key not in self.graphs:
-                self.graphs[key] = 0
-                log.info("sampler graph %d of at most %d: %d rows (for %d), latents %s, samplers %s",
-                         len(self.graphs), self.max_graphs, key[0], buffers.rows, "x".join(map(str, key[1])),
-                         ", ".join(f"{name} ({rows or 'all'})" for name, rows in key[2]))  # fmt: skip
-            self.graphs[key] += 1
-            with within_bound(self.max_graphs):
-                self._compiled(buffers)
-            return
-        self.eager_steps += 1
-        log.warning("no sampler graph for %d rows, latents %s: %d graphs made already (engine.compile_graphs); "
-                    "this step's samplers run eager (%d so far)",
-                    buffers.rows, "x".join(map(str, key[1])), self.max_graphs, self.eager_steps)  # fmt: skip
-        advance_in_place(buffers)
+
+        def shape() -> str:
+            samplers = ", ".join(f"{name} ({rows or 'all'})" for name, rows in key[2])
+            return f"{key[0]} rows (for {buffers.rows}), latents {'x'.join(map(str, key[1]))}, samplers {samplers}"
+
+        if self.bound.admit(key, shape):
+            self.bound.run(self._compiled, buffers)
+        else:
+            advance_in_place(buffers)
 
 
 def lay_out(
