@@ -1,9 +1,11 @@
 """The Discord client: a thin ``commands.Bot`` that loads the cogs and keeps the background tasks.
 
-``SDBot`` gets everything in its constructor (configuration, queue, community store, the queue
-runner or None, the job events it delivers) and does its asynchronous set-up in
-``setup_hook``: the cogs (:mod:`bot.cogs`), the command sync when the commands changed
-(:mod:`bot.sync`), and the background tasks. Each task is supervised: an exception is logged
+``SDBot`` is made by :mod:`bot.wiring` with the configuration, the queue and the state store,
+then given the job service, the delivery loop and the queue runner (``attach``); delivery
+reaches Discord through it by a narrow Protocol (:mod:`bot.delivery.ports`), so neither imports
+the other's module for more than that. It does its asynchronous set-up in ``setup_hook``: the
+cogs (:mod:`bot.cogs`), the command sync when the commands changed (:mod:`bot.sync`), and the
+background tasks. Each task is supervised: an exception is logged
 with its traceback and the task starts again after a pause; one that keeps failing stops the
 bot with an error (``python -m bot`` then exits 1, so a service manager restarts it).
 """
@@ -13,26 +15,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import discord
 from discord.ext import commands
 
-from bot.acks import PendingAcks
 from bot.cogs import all_cogs
 from bot.config import Config
 from bot.delivery import Delivery
-from bot.inputs import DISCORD_CDN_HOSTS, BadInput, limit_pillow, warm_up_token_counter
+from bot.inputs import BadInput, limit_pillow, warm_up_token_counter
 from bot.service import OUR_FAULT, JobService
 from bot.sync import sync_commands
 from bot.transformers import Options
-from db.community import Community
-from db.faults import DatabaseHealth
 from db.queue import Queue
 from db.state import StateStore
-from db.styles import Styles
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +45,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class JobEvents:
-    """What the queue runner reports, handed to the delivery loop: made before both, so each
-    gets it in its constructor."""
-
-    def __init__(self, on_finished: Callable[[int], None] | None = None) -> None:
-        """``on_finished``: also told of every job this process finished (the ops metrics)."""
-        self._delivery: Delivery | None = None
-        self._also_finished = on_finished
-
-    def connect(self, delivery: Delivery) -> None:
-        self._delivery = delivery
-
-    def progress(self, job_id: int, progress: Any) -> None:
-        if self._delivery is not None:
-            self._delivery.on_progress(job_id, progress)
-
-    def finished(self, job_id: int) -> None:
-        if self._delivery is not None:
-            self._delivery.on_finished(job_id)
-        if self._also_finished is not None:
-            self._also_finished(job_id)
-
-
 class SDBot(commands.Bot):
     """A Stable Diffusion bot for one or more Discord servers."""
 
@@ -78,20 +52,14 @@ class SDBot(commands.Bot):
         self,
         config: Config,
         queue: Queue,
-        community: Community,
-        styles: Styles,
-        runner: Any | None = None,
+        state: StateStore,
         *,
-        events: JobEvents | None = None,
-        allowed_hosts: frozenset[str] = DISCORD_CDN_HOSTS,
         clock: Callable[[], datetime] = utcnow,
-        model_family: str | None = None,
         force_sync: bool = False,
-        database_health: DatabaseHealth | None = None,
         **options: Any,
     ) -> None:
-        """``model_family``: the loaded default model's family (None: ``model.family`` as configured,
-        e.g. with ``--no-engine``); for ``"sdxl"`` the commands offer ``generation.sdxl_sizes``."""
+        """``config``: as the loaded model's family makes it (``bot.wiring``); ``state``: where the
+        command sync's hash and the pending acknowledgements are kept."""
         intents = discord.Intents.none()
         intents.guilds = True  # channels and permissions
         intents.guild_reactions = True  # 🔁 rerolls
@@ -102,40 +70,24 @@ class SDBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions.none(),
             **options,
         )
-        generation = config.generation.for_family(model_family or config.model.family)
-        if generation is not config.generation:
-            config = replace(config, generation=generation)
         self.config = config
         self.queue = queue
-        self.runner = runner
+        self.state = state
         self.clock = clock
         self.force_sync = force_sync
-        self.delivery = Delivery(
-            self,
-            queue,
-            interval=config.discord.progress_interval,
-            model_name=config.model.display_name,
-            clock=clock,
-            community=community,
-            database=database_health,
-        )
-        if events is not None:
-            events.connect(self.delivery)
-        self.state = StateStore(queue.engine)
-        self.service = JobService(
-            config,
-            queue,
-            community,
-            styles,
-            runner,
-            self.delivery,
-            PendingAcks(self.state, queue.engine),
-            clock=clock,
-            allowed_hosts=allowed_hosts,
-        )
         self.fatal: BaseException | None = None  # why a background task gave up, for the exit status
         self._tasks: list[asyncio.Task] = []
         limit_pillow()
+
+    def attach(self, service: JobService, delivery: Delivery, runner: Any | None) -> None:
+        """What the client serves: the job service (for the cogs and the buttons), the delivery
+        loop and the queue runner (or None), started in ``setup_hook``. They are made after the
+        client because delivery talks to Discord through it (``bot.delivery.ports``)."""
+        self.service, self.delivery, self.runner = service, delivery, runner
+
+    def interaction_webhook(self, app_id: int, token: str) -> discord.Webhook:
+        """The webhook of an interaction, to edit its original response (delivery's status messages)."""
+        return discord.Webhook.partial(app_id, token, client=self)
 
     # -- start and stop ---------------------------------------------------------------------
 

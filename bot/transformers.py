@@ -17,6 +17,7 @@ from discord.app_commands import Choice
 
 from bot.config import Config
 from bot.inputs import BadInput, check_prompt
+from bot.reach import service_of
 from engine.params import (
     HIRES_UPSCALERS,
     MAX_HIRES_SCALE,
@@ -137,7 +138,7 @@ class StyleName(app_commands.Transformer):
     async def autocomplete(self, interaction: discord.Interaction, value: Any) -> list[Choice[str]]:
         if interaction.guild_id is None:
             return []
-        service = interaction.client.service  # type: ignore[attr-defined]
+        service = service_of(interaction)
         names = await service.run_check(service.styles.names, interaction.guild_id)
         typed = str(value or "").lower()
         return [Choice(name=name, value=name) for name in names if typed in name.lower()][:MAX_CHOICES]

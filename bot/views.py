@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import discord
 from discord import ButtonStyle, ui
@@ -18,16 +18,8 @@ from discord import ButtonStyle, ui
 from bot import jobs
 from bot.checks import may_moderate, within_deadline
 from bot.inputs import BadInput, check_prompt, check_prompt_text
+from bot.reach import ButtonService, service_of
 from db.models import Job
-
-if TYPE_CHECKING:
-    from bot.service import JobService
-
-
-def _service(interaction: discord.Interaction) -> JobService:
-    """The client's job service (buttons are made by discord.py from their custom id, so they
-    cannot be given it in a constructor)."""
-    return interaction.client.service  # type: ignore[attr-defined]
 
 
 class _JobButton(ui.DynamicItem[ui.Button], template=r"sd:(?P<action>[a-z]+):(?P<job>\d+)"):
@@ -58,13 +50,13 @@ class _JobButton(ui.DynamicItem[ui.Button], template=r"sd:(?P<action>[a-z]+):(?P
         return cls(int(match["job"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        service = _service(interaction)
+        service = service_of(interaction)
         await service.guarded(interaction, self.run(interaction, service))
 
-    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
         raise NotImplementedError
 
-    async def job(self, service: JobService) -> Job:
+    async def job(self, service: ButtonService) -> Job:
         job = await service.get_job(self.job_id)
         if job is None:
             raise BadInput(f"Job #{self.job_id} no longer exists.")
@@ -77,7 +69,7 @@ class Cancel(_JobButton, template=r"sd:cancel:(?P<job>\d+)"):
     def __init__(self, job_id: int) -> None:
         super().__init__(job_id, label="Cancel", emoji="✖️", style=ButtonStyle.danger)
 
-    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
         await service.cancel(interaction, await self.job(service))
 
 
@@ -87,7 +79,7 @@ class Reroll(_JobButton, template=r"sd:reroll:(?P<job>\d+)"):
     def __init__(self, job_id: int, row: int | None = None) -> None:
         super().__init__(job_id, label="Reroll", emoji="🔁", row=row)
 
-    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
         await service.submit_derived(interaction, jobs.reroll(await self.job(service)))
 
 
@@ -103,7 +95,7 @@ class Vary(_JobButton, template=r"sd:vary:(?P<job>\d+):(?P<index>\d):(?P<level>s
     def from_match(cls, match: re.Match[str]) -> Self:
         return cls(int(match["job"]), int(match["index"]), match["level"], grid=False)
 
-    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
         parent = await self.job(service)
         image = await service.get_image(parent.id, self.index)
         await service.submit_derived(interaction, jobs.variation(parent, image.seed, self.level))
@@ -130,7 +122,7 @@ class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)(?::(?P<mod
     def from_match(cls, match: re.Match[str]) -> Self:
         return cls(int(match["job"]), int(match["index"]), match["mode"])
 
-    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
         parent = await self.job(service)
         image = await service.get_image(parent.id, self.index)
         gen = service.config.generation
@@ -164,7 +156,7 @@ class Edit(_JobButton, template=r"sd:edit:(?P<job>\d+)"):
     def __init__(self, job_id: int, row: int | None = None) -> None:
         super().__init__(job_id, label="Edit", emoji="✏️", row=row)
 
-    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
         parent = await self.job(service)
         await interaction.response.send_modal(EditModal(parent, service.config.discord.max_prompt_chars))
 
@@ -175,7 +167,7 @@ class Info(_JobButton, template=r"sd:info:(?P<job>\d+)"):
     def __init__(self, job_id: int, row: int | None = None) -> None:
         super().__init__(job_id, label="Info", emoji="ℹ️", row=row)
 
-    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
         await service.show_info(interaction, await self.job(service))
 
 
@@ -185,7 +177,7 @@ class Delete(_JobButton, template=r"sd:del:(?P<job>\d+)"):
     def __init__(self, job_id: int, row: int | None = None) -> None:
         super().__init__(job_id, label="Delete", emoji="🗑️", style=ButtonStyle.danger, row=row)
 
-    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
         job = await self.job(service)
         if not may_moderate(interaction, job.requester_id):
             raise BadInput("Only the member who asked for this image, or someone with Manage Messages, can delete it.")
@@ -217,10 +209,10 @@ class EditModal(ui.Modal):
         self.add_item(self.negative)
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        service = _service(interaction)
+        service = service_of(interaction)
         await service.guarded(interaction, self._queue(interaction, service))
 
-    async def _queue(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def _queue(self, interaction: discord.Interaction, service: ButtonService) -> None:
         config = service.config
         limit = config.discord.max_prompt_chars
         prompt = check_prompt(self.prompt.value, max_chars=limit)

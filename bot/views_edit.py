@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 import discord
 from discord import ui
@@ -20,11 +20,9 @@ from discord import ui
 from bot import jobs, masks
 from bot.checks import within_deadline
 from bot.inputs import BadInput, check_prompt
-from bot.views import _JobButton, _service
+from bot.reach import ButtonService, service_of
+from bot.views import _JobButton
 from db.models import Job, ResultImage
-
-if TYPE_CHECKING:
-    from bot.service import JobService
 
 PANS = {"left": "⬅️", "right": "➡️", "up": "⬆️", "down": "⬇️"}
 ZOOMS = {"15": 1.5, "20": 2.0}
@@ -41,7 +39,7 @@ class _ImageButton(_JobButton, template=r"sd:(?P<action>[a-z]+):(?P<job>\d+):(?P
     def from_match(cls, match: re.Match[str]) -> Self:
         return cls(int(match["job"]), int(match["index"]))
 
-    async def parent_and_image(self, service: JobService) -> tuple[Job, ResultImage]:
+    async def parent_and_image(self, service: ButtonService) -> tuple[Job, ResultImage]:
         parent = await self.job(service)
         return parent, await service.get_image(parent.id, self.index)
 
@@ -52,7 +50,7 @@ class Region(_ImageButton, template=r"sd:region:(?P<job>\d+):(?P<index>\d)"):
     def __init__(self, job_id: int, index: int, row: int | None = None) -> None:
         super().__init__(job_id, index, label="Vary (Region)", emoji="🖌️", row=row)
 
-    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
         parent, image = await self.parent_and_image(service)
         overlay = await asyncio.to_thread(masks.grid_overlay, image.png)
         view = ui.View(timeout=None)
@@ -89,10 +87,10 @@ class Cells(ui.DynamicItem[ui.Select], template=r"sd:cells:(?P<job>\d+):(?P<inde
         return cls(int(match["job"]), int(match["index"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        service = _service(interaction)
+        service = service_of(interaction)
         await service.guarded(interaction, self._ask_prompt(interaction, service))
 
-    async def _ask_prompt(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def _ask_prompt(self, interaction: discord.Interaction, service: ButtonService) -> None:
         values = (interaction.data or {}).get("values") or []
         cells = sorted({int(v) for v in values if str(v).isdigit() and 1 <= int(v) <= masks.GRID * masks.GRID})
         if not cells:
@@ -121,10 +119,10 @@ class RegionModal(ui.Modal):
         self.add_item(self.prompt)
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        service = _service(interaction)
+        service = service_of(interaction)
         await service.guarded(interaction, self._queue(interaction, service))
 
-    async def _queue(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def _queue(self, interaction: discord.Interaction, service: ButtonService) -> None:
         prompt = check_prompt(self.prompt.value, max_chars=service.config.discord.max_prompt_chars)
         image = await service.get_image(self.parent.id, self.index)
         mask = await asyncio.to_thread(masks.cells_mask, (self.parent.width, self.parent.height), self.cells)
@@ -134,7 +132,7 @@ class RegionModal(ui.Modal):
 class _Outpaint(_ImageButton, template=r"sd:(?P<action>zoom|pan|square):(?P<job>\d+):(?P<index>\d)"):
     """Zoom Out, Pan and Make Square: a bigger canvas, its new part masked and filled in."""
 
-    async def run(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
         parent, image = await self.parent_and_image(service)
         gen = service.config.generation
         # Building the canvas decodes and encodes PNGs: off the event loop, within the deadline.
@@ -201,10 +199,10 @@ class PickImage(ui.DynamicItem[ui.Select], template=r"sd:pick:(?P<job>\d+)"):
         return cls(int(match["job"]), len(item.options))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        service = _service(interaction)
+        service = service_of(interaction)
         await service.guarded(interaction, self._answer(interaction, service))
 
-    async def _answer(self, interaction: discord.Interaction, service: JobService) -> None:
+    async def _answer(self, interaction: discord.Interaction, service: ButtonService) -> None:
         values = (interaction.data or {}).get("values") or ["0"]
         index = int(values[0]) if str(values[0]).isdigit() else 0
         job = await service.get_job(self.job_id)

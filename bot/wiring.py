@@ -1,28 +1,33 @@
 """The one place the bot's application is put together, for ``python -m bot`` and for the tests.
 
-config → database → queue → community → engine (a worker in this process, a child process, or
-none) → runner → job events → client (which makes the delivery loop and the job service it hands
-to the cogs). The tests call :func:`build_bot` with their own tiny-model worker; ``python -m bot``
-calls :func:`open_database`, then :func:`load_engine` or starts an
+config → database → queue → community → client → delivery (given the client's few Discord calls,
+the state store) → engine (a worker in this process, a child process, or none) → runner (telling
+delivery of progress and finished jobs) → job service → handed to the client for its cogs.
+The tests call :func:`build_bot` with their own tiny-model worker; ``python -m bot`` calls
+:func:`open_database`, then :func:`load_engine` or starts an
 :class:`~bot.engine_process.EngineProcess`, and then the same :func:`build_bot`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Engine
 
-from bot.client import JobEvents, SDBot, utcnow
+from bot.acks import PendingAcks
+from bot.client import SDBot, utcnow
 from bot.config import Config
+from bot.delivery import Delivery
 from bot.engine_process import EngineProcess
+from bot.inputs import DISCORD_CDN_HOSTS
+from bot.service import JobService
 from db.community import Community
 from db.faults import DatabaseHealth, until_reachable
 from db.queue import Queue
 from db.session import make_engine, upgrade
+from db.state import StateStore
 from db.styles import Styles
 from ops import Health, Metrics, OpsServer, database_reachable, queue_counts, record_finished
 
@@ -88,14 +93,36 @@ def build_bot(
     child process ``engine_process`` (both None: GPU workers run in other processes). The worker
     (or the child) is started by the caller; the in-process worker's jobs left running by its
     previous run are put back in line here (the child recovers its own)."""
-    community = Community(queue.engine, clock=client_options.get("clock", utcnow))
+    clock = client_options.get("clock", utcnow)
+    community = Community(queue.engine, clock=clock)
+    styles = Styles(queue.engine, clock=clock)
+    state = StateStore(queue.engine)
+    generation = config.generation.for_family(model_family or config.model.family)
+    if generation is not config.generation:  # SDXL's sizes for the commands
+        config = replace(config, generation=generation)
     metrics = Metrics(
         queue_counts=lambda: queue_counts(queue.engine),
         database_up=lambda: database_reachable(queue.engine),
         discord_connected=lambda: bot.connected,
     )  # read at scrape time, once the bot exists
-    events = JobEvents(on_finished=functools.partial(record_finished, metrics, queue))
     database = DatabaseHealth(logging.getLogger("bot"))  # one for the process: each change said once
+    allowed_hosts = client_options.pop("allowed_hosts", DISCORD_CDN_HOSTS)
+    bot = SDBot(config, queue, state, **client_options)
+    delivery = Delivery(
+        bot,
+        queue,
+        interval=config.discord.progress_interval,
+        model_name=config.model.display_name,
+        clock=clock,
+        community=community,
+        state=state,
+        database=database,
+    )
+
+    def finished(job_id: int) -> None:
+        delivery.on_finished(job_id)
+        record_finished(metrics, queue, job_id)
+
     runner = None
     if worker is not None:
         from engine.models import ModelTurns
@@ -114,28 +141,28 @@ def build_bot(
             heartbeat_interval=config.queue.lease_seconds / 4,
             listen=config.queue.database_url.startswith("postgresql"),
             turns=ModelTurns.for_pool(worker.models, config.engine),
-            on_progress=events.progress,
-            on_finished=events.finished,
+            on_progress=delivery.on_progress,
+            on_finished=finished,
             database_health=database,
         )
     elif engine_process is not None:
         runner = engine_process  # stands where the runner would: run(), wake(), cancel()
-        engine_process.on_progress, engine_process.on_finished = events.progress, events.finished
+        engine_process.on_progress, engine_process.on_finished = delivery.on_progress, finished
         metrics.read_batch_rows(lambda: engine_process.batch_rows)
         metrics.read_gpu_memory(lambda: engine_process.gpu_memory)
         metrics.read_graphs(lambda: engine_process.graphs)
-    styles = Styles(queue.engine, clock=client_options.get("clock", utcnow))
-    bot = SDBot(
+    service = JobService(
         config,
         queue,
         community,
         styles,
         runner,
-        events=events,
-        model_family=model_family,
-        database_health=database,
-        **client_options,
+        delivery,
+        PendingAcks(state, queue.engine),
+        clock=clock,
+        allowed_hosts=allowed_hosts,
     )
+    bot.attach(service, delivery, runner)
     if worker is not None:
         from engine.graphs import graph_counts
 

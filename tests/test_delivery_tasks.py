@@ -17,6 +17,7 @@ from bot.delivery.tasks import BackgroundTasks
 from db.community import Community
 from db.queue import Queue
 from db.session import make_engine, upgrade
+from db.state import StateStore
 from engine.types import Progress
 
 pytestmark = pytest.mark.asyncio
@@ -49,7 +50,13 @@ async def test_an_adopt_task_is_held_until_it_ends(queue):
         prompt="a cat", seed=1, requester_id=7, guild_id=1, channel_id=2, status_message_id=3, status_channel_id=2
     )
     delivery = Delivery(
-        None, queue, interval=0.1, model_name="tiny", clock=lambda: datetime.now(UTC), community=Community(queue.engine)
+        None,
+        queue,
+        interval=0.1,
+        model_name="tiny",
+        clock=lambda: datetime.now(UTC),
+        community=Community(queue.engine),
+        state=StateStore(queue.engine),
     )
     delivery.on_progress(job.id, Progress(job.id, 1, 2))  # a job this process did not queue
     (task,) = [t for t in asyncio.all_tasks() if t.get_name() == f"adopt-{job.id}"]

@@ -24,18 +24,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import discord
 
 from bot import render
 from bot.delivery.errors import CANNOT_DM, dm_refusal, lacks_permission, permanent
+from bot.delivery.ports import DiscordClient
 from bot.delivery.posting import ResultPoster
 from db.community import Community
 from db.models import Job, JobStatus
-
-if TYPE_CHECKING:
-    from bot.client import SDBot
+from db.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +59,10 @@ class Posted:
     missing: tuple[str, ...] = ()  # which ones, by Discord's names; empty: Discord did not say which
 
 
-def missing_permissions(bot: SDBot, channel_id: int | None, *, files: bool) -> tuple[str, ...]:
+def missing_permissions(discord_client: DiscordClient, channel_id: int | None, *, files: bool) -> tuple[str, ...]:
     """The permissions a result message needs that the bot lacks in the channel, as far as the
     cached channel says (empty when it is not cached, or says nothing is missing)."""
-    channel = bot.get_channel(channel_id or 0)
+    channel = discord_client.get_channel(channel_id or 0)
     guild = getattr(channel, "guild", None)
     if channel is None or guild is None or guild.me is None:
         return ()
@@ -78,9 +76,9 @@ def missing_permissions(bot: SDBot, channel_id: int | None, *, files: bool) -> t
     return missing[:1] if missing and missing[0] in (needed[0][1], needed[1][1]) else missing
 
 
-def channel_name(bot: SDBot, channel_id: int | None) -> str:
+def channel_name(discord_client: DiscordClient, channel_id: int | None) -> str:
     """``#general`` when the channel is cached, else a channel mention."""
-    channel = bot.get_channel(channel_id or 0)
+    channel = discord_client.get_channel(channel_id or 0)
     name = getattr(channel, "name", None)
     return f"#{render.escape(name)}" if name else f"<#{channel_id}>"
 
@@ -100,8 +98,11 @@ def _without(missing: tuple[str, ...]) -> str:
 class Fallbacks:
     """Posts a job's message where it belongs, or where it can go instead; see the module docstring."""
 
-    def __init__(self, bot: SDBot, poster: ResultPoster, community: Community) -> None:
-        self.bot = bot
+    def __init__(
+        self, discord_client: DiscordClient, poster: ResultPoster, community: Community, state: StateStore
+    ) -> None:
+        self.discord = discord_client
+        self.state = state
         self.poster = poster
         self.community = community
         # (channel id, permission) the owner heard about, kept in the database (TOLD) so that a
@@ -119,17 +120,17 @@ class Fallbacks:
         return await self._post_in_channel(job)
 
     async def _post_in_channel(self, job: Job) -> Posted:
-        channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+        channel = self.discord.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
         try:
             message_id = await self.poster.send(job, channel)
         except discord.HTTPException as e:
             if not lacks_permission(e):
                 raise
-            missing = missing_permissions(self.bot, job.channel_id, files=job.status is JobStatus.done)
+            missing = missing_permissions(self.discord, job.channel_id, files=job.status is JobStatus.done)
             log.info("job %s: may not post in channel %s (%s); sending it by DM", job.id, job.channel_id, e)
             return await self._dm_instead(job, missing)
         posted = Posted(job.channel_id or 0, [message_id])
-        if EMBED_LINKS in missing_permissions(self.bot, job.channel_id, files=False):
+        if EMBED_LINKS in missing_permissions(self.discord, job.channel_id, files=False):
             posted.refused_in, posted.missing = job.channel_id, (EMBED_LINKS,)  # posted without its embed
         else:  # everything it needs: a permission lost again later is worth telling again
             await self._forget_told(job.channel_id)
@@ -137,10 +138,10 @@ class Fallbacks:
 
     async def _dm_instead(self, job: Job, missing: tuple[str, ...]) -> Posted:
         """The result by DM, because the bot may not post it in the job's channel."""
-        where, why = channel_name(self.bot, job.channel_id), _why(missing)
+        where, why = channel_name(self.discord, job.channel_id), _why(missing)
         what = "your result" if job.status is JobStatus.done else "what became of your job"
         try:
-            dm = await self.bot.create_dm(discord.Object(job.requester_id))
+            dm = await self.discord.create_dm(discord.Object(job.requester_id))
             message_id = await self.poster.send(job, dm, prefix=f"I could not post in {where} ({why}); here is {what}.")
         except discord.HTTPException as e:
             if not permanent(e):
@@ -174,7 +175,7 @@ class Fallbacks:
     async def _post_private(self, job: Job) -> Posted:
         """The result by DM, as the requester asked; in the channel if Discord refuses the DM."""
         try:
-            dm = await self.bot.create_dm(discord.Object(job.requester_id))
+            dm = await self.discord.create_dm(discord.Object(job.requester_id))
             return Posted(
                 dm.id, [await self.poster.send(job, dm)], by_dm=True, note="sent to the requester by direct message"
             )
@@ -187,13 +188,13 @@ class Fallbacks:
         prefix = (
             f"<@{job.requester_id}> this result was meant for your DMs, but {dm_refusal(refusal)}; posting it here."
         )
-        channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+        channel = self.discord.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
         try:
             message_id = await self.poster.send(job, channel, prefix=prefix)
         except discord.HTTPException as e:
             if not lacks_permission(e):
                 raise
-            missing = missing_permissions(self.bot, job.channel_id, files=job.status is JobStatus.done)
+            missing = missing_permissions(self.discord, job.channel_id, files=job.status is JobStatus.done)
             log.warning(
                 "job %s: cannot DM member %s nor post in channel %s (%s); the result stays stored for /show",
                 job.id,
@@ -228,12 +229,12 @@ class Fallbacks:
         if all(key in told for key in keys):
             return
         await self._remember(keys)
-        guild = self.bot.get_guild(job.guild_id)
+        guild = self.discord.get_guild(job.guild_id)
         try:
             if guild is None or guild.owner_id is None:
                 raise LookupError(f"server {job.guild_id} or its owner is not known")
-            dm = await self.bot.create_dm(discord.Object(guild.owner_id))
-            notice = owner_notice(guild.name, channel_name(self.bot, posted.refused_in), posted.missing)
+            dm = await self.discord.create_dm(discord.Object(guild.owner_id))
+            notice = owner_notice(guild.name, channel_name(self.discord, posted.refused_in), posted.missing)
             await dm.send(notice, allowed_mentions=discord.AllowedMentions.none())
         except (TimeoutError, discord.HTTPException, OSError) as e:
             if not isinstance(e, discord.HTTPException) or not permanent(e):
@@ -249,7 +250,7 @@ class Fallbacks:
 
     async def _told_about(self) -> set[tuple[int, str]]:
         if self._told is None:
-            stored = await asyncio.to_thread(self.bot.state.with_prefix, TOLD)
+            stored = await asyncio.to_thread(self.state.with_prefix, TOLD)
             told = set()
             for key in stored:
                 channel, _, permission = key.removeprefix(TOLD).partition(":")
@@ -260,14 +261,14 @@ class Fallbacks:
     async def _remember(self, keys: list[tuple[int, str]]) -> None:
         self._told.update(keys)
         try:
-            await asyncio.to_thread(self.bot.state.put_many, {_told_key(*key): "1" for key in keys})
+            await asyncio.to_thread(self.state.put_many, {_told_key(*key): "1" for key in keys})
         except Exception as e:  # noqa: BLE001 - remembered by this process; a restart may tell them again
             log.info("could not store an owner notice (%s)", e)
 
     async def _forget(self, keys: list[tuple[int, str]]) -> None:
         self._told.difference_update(keys)
         try:
-            await asyncio.to_thread(self.bot.state.delete_many, [_told_key(*key) for key in keys])
+            await asyncio.to_thread(self.state.delete_many, [_told_key(*key) for key in keys])
         except Exception as e:  # noqa: BLE001 - at worst the owner is not told again after a restart
             log.info("could not forget an owner notice (%s)", e)
 

@@ -27,12 +27,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 import discord
 
 from bot.delivery.errors import permanent
 from bot.delivery.fallbacks import Fallbacks, Posted
+from bot.delivery.ports import DiscordClient
 from bot.delivery.posting import ResultPoster
 from bot.delivery.statuses import StatusMessages
 from bot.delivery.tasks import BackgroundTasks
@@ -40,10 +40,8 @@ from db.community import Community
 from db.faults import DatabaseHealth, is_database_fault
 from db.models import Job
 from db.queue import Queue
+from db.state import StateStore
 from engine.types import Progress
-
-if TYPE_CHECKING:
-    from bot.client import SDBot
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +60,28 @@ class Delivery:
 
     def __init__(
         self,
-        bot: SDBot,
+        discord_client: DiscordClient,
         queue: Queue,
         *,
         interval: float,
         model_name: str,
         clock: Callable[[], datetime],
         community: Community,
+        state: StateStore,
         database: DatabaseHealth | None = None,
     ) -> None:
-        """``database``: where a cycle that met a database fault says so (once, until it answers)."""
-        self.bot = bot
+        """``discord_client``: the few Discord calls delivery makes (ports.py); ``state``: where the
+        owner notices sent are remembered; ``database``: where a cycle that met a database fault
+        says so (once, until it answers)."""
+        self.discord = discord_client
         self.database = database or DatabaseHealth(log)
         self.queue = queue
         self.interval = interval
         self.model_name = model_name
         self.clock = clock
-        self.poster = ResultPoster(bot, queue, community, model_name=model_name, clock=clock)
-        self.fallbacks = Fallbacks(bot, self.poster, community)
-        self.statuses = StatusMessages(bot, queue, interval=interval, clock=clock)
+        self.poster = ResultPoster(discord_client, queue, community, model_name=model_name, clock=clock)
+        self.fallbacks = Fallbacks(discord_client, self.poster, community, state)
+        self.statuses = StatusMessages(discord_client, queue, interval=interval, clock=clock)
         self._retry: dict[int, _Retry] = {}
         self._wake = asyncio.Event()
 

@@ -21,20 +21,17 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 import discord
 from discord import ui
 
 from bot import layout, render
+from bot.delivery.ports import DiscordClient
 from bot.inputs import BadInput
 from bot.policy import nsfw_match
 from db.community import Community
 from db.models import Job, JobStatus
 from db.queue import Queue
-
-if TYPE_CHECKING:
-    from bot.client import SDBot
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +52,15 @@ class ResultPoster:
     """Builds a job's result message and sends it; see the module docstring."""
 
     def __init__(
-        self, bot: SDBot, queue: Queue, community: Community, *, model_name: str, clock: Callable[[], datetime]
+        self,
+        discord_client: DiscordClient,
+        queue: Queue,
+        community: Community,
+        *,
+        model_name: str,
+        clock: Callable[[], datetime],
     ) -> None:
-        self.bot = bot
+        self.discord = discord_client
         self.queue = queue
         self.community = community
         self.model_name = model_name
@@ -133,7 +136,7 @@ class ResultPoster:
         if message is None:
             if ephemeral:
                 return
-            channel = self.bot.get_partial_messageable(interaction.channel_id, guild_id=interaction.guild_id)
+            channel = self.discord.get_partial_messageable(interaction.channel_id, guild_id=interaction.guild_id)
             message = await channel.send(
                 content=parts.content,
                 embed=parts.embed,
@@ -165,7 +168,7 @@ class ResultPoster:
         policy = await asyncio.to_thread(self.community.server_policy, job.guild_id)
         if nsfw_match(job.prompt, policy.nsfw_words) is None:
             return False
-        target = self.bot.get_channel(channel_id or 0)
+        target = self.discord.get_channel(channel_id or 0)
         is_nsfw = getattr(target, "is_nsfw", None)
         return not (callable(is_nsfw) and is_nsfw())
 
@@ -183,7 +186,7 @@ class ResultPoster:
         footer = render.job_title(job)
         try:
             async for message in channel.history(limit=50, after=job.finished_at - timedelta(minutes=1)):
-                if message.author.id == self.bot.user.id and any(e.footer.text == footer for e in message.embeds):
+                if message.author.id == self.discord.user.id and any(e.footer.text == footer for e in message.embeds):
                     return message.id
         except discord.HTTPException as e:  # no Read Message History: post, accepting the risk
             log.info("job %s: cannot read channel history (%s)", job.id, e)

@@ -23,19 +23,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 
 from bot import layout, render
 from bot.delivery.errors import permanent
+from bot.delivery.ports import DiscordClient
 from bot.delivery.tasks import BackgroundTasks
 from db.models import Job
 from db.queue import Queue
 from engine.types import Progress
-
-if TYPE_CHECKING:
-    from bot.client import SDBot
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +67,10 @@ class _Status:
 class StatusMessages:
     """The status messages of the jobs this process follows."""
 
-    def __init__(self, bot: SDBot, queue: Queue, *, interval: float, clock: Callable[[], datetime]) -> None:
-        self.bot = bot
+    def __init__(
+        self, discord_client: DiscordClient, queue: Queue, *, interval: float, clock: Callable[[], datetime]
+    ) -> None:
+        self.discord = discord_client
         self.queue = queue
         self.interval = interval
         self.clock = clock
@@ -205,7 +205,7 @@ class StatusMessages:
         needs no channel permission), else as a channel message."""
         job = status.job
         if self._token_valid(job):
-            webhook = discord.Webhook.partial(job.interaction_app_id, job.interaction_token, client=self.bot)
+            webhook = self.discord.interaction_webhook(job.interaction_app_id, job.interaction_token)
             message = await webhook.edit_message("@original", **kwargs)  # type: ignore[arg-type]
             if job.status_message_id is None and message is not None:  # record it, for after the token
                 await asyncio.to_thread(
@@ -215,5 +215,5 @@ class StatusMessages:
             return
         if job.status_message_id is None or job.status_channel_id is None:
             return
-        channel = self.bot.get_partial_messageable(job.status_channel_id, guild_id=job.guild_id)
+        channel = self.discord.get_partial_messageable(job.status_channel_id, guild_id=job.guild_id)
         await channel.get_partial_message(job.status_message_id).edit(**kwargs)

@@ -1,0 +1,60 @@
+"""How a button, a form or an autocomplete reaches the job service.
+
+discord.py makes a pressed button from its ``custom_id`` (``DynamicItem.from_custom_id``), so it
+cannot be given the service in a constructor: it finds it on ``interaction.client``. What it
+may use there is :class:`ButtonService`, a Protocol of the service's few calls that buttons
+make; :func:`service_of` checks at run time that the client carries one. No module here imports
+:mod:`bot.service` (which imports delivery, which lays out these buttons): no import circle,
+not even for types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import discord
+
+from bot.checks import Defers
+from bot.config import Config
+from bot.jobs import NewJob
+from db.models import Job, ResultImage
+from db.styles import Styles
+
+T = TypeVar("T")
+
+
+class ButtonService(Defers, Protocol):
+    """The job service's calls that buttons, forms and autocompletes make."""
+
+    config: Config
+    styles: Styles
+
+    async def guarded(self, interaction: discord.Interaction, action: Coroutine[Any, Any, None]) -> None: ...
+
+    async def run_check(self, function: Callable[..., T], *args: Any) -> T: ...
+
+    async def get_job(self, job_id: int) -> Job | None: ...
+
+    async def get_image(self, job_id: int, index: int) -> ResultImage: ...
+
+    async def submit_derived(self, interaction: discord.Interaction, new: NewJob, note: str | None = None) -> Job: ...
+
+    async def cancel(self, interaction: discord.Interaction, job: Job) -> None: ...
+
+    async def show_info(self, interaction: discord.Interaction, job: Job) -> None: ...
+
+
+@runtime_checkable
+class ServesJobs(Protocol):
+    """A client that carries the job service (``bot.client.SDBot``)."""
+
+    service: ButtonService
+
+
+def service_of(interaction: discord.Interaction) -> ButtonService:
+    """The job service of the client that received ``interaction``."""
+    client = interaction.client
+    if not isinstance(client, ServesJobs):
+        raise TypeError(f"{type(client).__name__} carries no job service")
+    return client.service
