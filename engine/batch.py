@@ -205,7 +205,8 @@ class Batch:
             indices.extend(range(rows.start, rows.stop))
         self.table, self.since_rebuild = to_device(table, device), 0
         self.noise = self._lay_out_noise(longest)
-        self.cond = Conditioning.cat([entry.job.cond for entry in self.entries])
+        conds = [entry.job.cond for entry in self.entries]
+        self.cond = type(conds[0]).cat(conds)  # the family's own conditioning (one model per batch)
         self.blend = LatentBlend.cat(
             [(entry.job.blend, entry.job.rows) for entry in self.entries], tuple(self.x.shape[1:]), device
         )

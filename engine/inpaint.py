@@ -37,10 +37,13 @@ class LatentBlend:
     mask: Tensor  # [rows, 1, h, w] float32, 1 = repaint, 0 = keep the init image
     init_latents: Tensor  # [rows, C, h, w] float32
     noise: Tensor  # [rows, C, h, w] float32, the job's initial noise (unit variance)
+    #: A rectified-flow model's rows (engine.families.flow): kept = (1 - sigma) init + sigma noise.
+    flow: bool = False
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """``x`` with its kept area set to the init latents noised to each row's ``sigma``."""
-        kept = self.init_latents + self.noise * rows(sigma)
+        init = self.init_latents * (1 - rows(sigma)) if self.flow else self.init_latents
+        kept = init + self.noise * rows(sigma)
         return kept + self.mask * (x - kept)
 
     @staticmethod
@@ -53,6 +56,7 @@ class LatentBlend:
             return None
         channels, h, w = latent_shape
         masks, inits, noises = [], [], []
+        flow = any(blend.flow for blend, _ in parts if blend is not None)  # one model: all or none
         for blend, count in parts:
             if blend is None:
                 masks.append(torch.ones(count, 1, h, w, device=device))
@@ -60,7 +64,7 @@ class LatentBlend:
                 noises.append(torch.zeros(count, channels, h, w, device=device))
             else:
                 masks.append(blend.mask), inits.append(blend.init_latents), noises.append(blend.noise)
-        return LatentBlend(torch.cat(masks), torch.cat(inits), torch.cat(noises))
+        return LatentBlend(torch.cat(masks), torch.cat(inits), torch.cat(noises), flow=flow)
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,9 @@ class Inpainter:
         latent_scale: int,
         device: torch.device,
         dtype: torch.dtype,
+        flow: bool = False,
     ) -> None:
+        self.flow = flow  # a rectified-flow model: the kept area is noised the flow way
         self.encode = encode  # RGB image -> [1, C, h, w] scaled latents (float32, on the device)
         self.conditioned = unet_channels == INPAINT_CHANNELS
         self.latent_scale = latent_scale
@@ -109,7 +115,7 @@ class Inpainter:
         elif masked_content == "latent nothing":
             init = init * (1 - mask)
         if not self.conditioned:
-            return MaskedStart(init, LatentBlend(mask, init, noise), None)
+            return MaskedStart(init, LatentBlend(mask, init, noise, flow=self.flow), None)
         hard = Image.fromarray(np.where(np.asarray(plan.mask) >= 128, 255, 0).astype(np.uint8), "L")
         masked_image = Image.composite(Image.new("RGB", plan.image.size, (127, 127, 127)), plan.image, hard)
         image_latents = self.encode(masked_image).expand(count, -1, -1, -1)

@@ -37,7 +37,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.torch_builds import torchvision_importable
@@ -68,6 +68,8 @@ from engine.checkpoints import (
     read_safetensors_header,
 )
 from engine.errors import ModelLoadError
+from engine.families import FAMILIES as FAMILY_TRAITS
+from engine.families.flow_loading import folder_pipeline_family, load_flow_folder
 from engine.hashes import HashCache, shared_cache
 from engine.inpaint import INPAINT_CHANNELS, PLAIN_CHANNELS
 from engine.settings import EngineSettings, ModelSettings, resolve_device
@@ -75,7 +77,7 @@ from engine.tokenizer import EOS, VOCAB_SIZE, clip_tokenizer
 from engine.types import ModelInfo
 
 DATA_DIR = Path(__file__).parent / "data"
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 #: Padding token per tokenizer: open_clip encoders (SD2, SDXL's second) pad with "!".
 PAD_TOKENS = {"sd1": [EOS], "sd2": ["!"], "sdxl": [EOS, "!"]}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -87,14 +89,15 @@ class LoadedModel:
     """Everything the sampler needs, on ``device`` in ``dtype``, in eval mode, no grads."""
 
     info: ModelInfo
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel  # the denoising network: a UNet, or SD 3.5's and Flux's transformer
     vae: AutoencoderKL
     text_encoders: list[CLIPTextModel | CLIPTextModelWithProjection]  # 1 for SD1/SD2, 2 for SDXL
     tokenizers: list[CLIPTokenizer]
-    alphas_cumprod: torch.Tensor  # float64 on CPU, from the checkpoint's scheduler betas
+    alphas_cumprod: torch.Tensor | None  # float64 on CPU, from the checkpoint's scheduler betas (None: flow)
     device: torch.device
     dtype: torch.dtype
     vae_scaling_factor: float
+    scheduler_config: dict = field(default_factory=dict)  # the flow families read their shift here
     embeddings_dir: Path | None = None  # textual-inversion embeddings for this model's prompts
     lora_dir: Path | None = None  # LoRA files for ``<lora:NAME:WEIGHT>`` in this model's prompts
 
@@ -117,18 +120,22 @@ def load_model(
     A single file's A1111 model hash comes from ``hashes`` (default: the process's cache).
     """
     if family not in ("auto", *FAMILIES):
-        raise ModelLoadError(f"model family {family!r} is unknown: use auto, sd1, sd2 or sdxl.")
+        raise ModelLoadError(f"model family {family!r} is unknown: use auto, {', '.join(FAMILIES)}.")
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise ModelLoadError(f"prediction_type {prediction_type!r} is unknown: use epsilon or v_prediction.")
     path = Path(source).expanduser()
     with progress_bars(progress):
-        if path.is_dir():
+        if path.is_dir() and (flow := folder_pipeline_family(path)):
+            parts = _load_flow_folder(path, family, flow, dtype)
+        elif path.is_dir():
             parts = _load_folder(path, family, dtype)
         elif path.is_file():
             parts = _load_single_file(path, family, dtype, prediction_type)
             parts.file_hash = (hashes or shared_cache()).short_hash(path)
         elif HUB_ID.fullmatch(source) and not source.endswith(".safetensors"):
-            parts = _load_folder(_download(source), family, dtype)
+            folder = _download(source)
+            flow = folder_pipeline_family(folder)
+            parts = _load_flow_folder(folder, family, flow, dtype) if flow else _load_folder(folder, family, dtype)
         else:
             raise ModelLoadError(
                 f"{source}: no such file or folder (expected a diffusers folder, "
@@ -196,6 +203,15 @@ def _load_folder(folder: Path, family: str, dtype: torch.dtype) -> _Parts:
             for sub in encoder_names
         ]
     return _Parts(detected, unet, vae, encoders, tokenizers, _scheduler_config(folder), folder)
+
+
+def _load_flow_folder(folder: Path, family: str, detected: str, dtype: torch.dtype) -> _Parts:
+    """An SD 3.5 or Flux.1 diffusers folder (engine.families.flow_loading)."""
+    _check_family(folder, family, detected)
+    with _load_errors(folder):
+        loaded = load_flow_folder(folder, detected, dtype)
+    encoders, tokenizers = loaded.text_encoders, loaded.tokenizers
+    return _Parts(detected, loaded.transformer, loaded.vae, encoders, tokenizers, loaded.scheduler_config, folder)
 
 
 def _folder_family(folder: Path) -> str:
@@ -381,10 +397,12 @@ def _assemble(
     parts: _Parts, source: str, name: str, device: torch.device, dtype: torch.dtype, prediction_type: str | None
 ) -> LoadedModel:
     """Check the tokenizers, move everything to the device, and describe the model."""
+    flow = FAMILY_TRAITS[parts.family].flow
     for tokenizer in parts.tokenizers:
-        _check_tokenizer(tokenizer, parts.config_dir)
-    prediction_type = prediction_type or parts.scheduler_config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
+        if isinstance(tokenizer, CLIPTokenizer):  # T5's comes with its model, whatever its size
+            _check_tokenizer(tokenizer, parts.config_dir)
+    prediction_type = "flow" if flow else prediction_type or parts.scheduler_config.get("prediction_type", "epsilon")
+    if not flow and prediction_type not in PREDICTION_TYPES:
         raise ModelLoadError(
             f"{parts.config_dir}: scheduler prediction_type {prediction_type!r} "
             "is not supported (expected epsilon or v_prediction)."
@@ -393,7 +411,8 @@ def _assemble(
         # Already in ``dtype`` (loaded with it, which keeps diffusers' fp32-only parts in fp32).
         module.to(device).eval().requires_grad_(False)
     latent_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    default_size = parts.unet.config.sample_size * latent_scale
+    # Flux's transformer has no native size; both flow families were trained at 1024 px.
+    default_size = parts.unet.config.get("sample_size", 1024 // latent_scale) * latent_scale
     if parts.shipped_config and parts.family == "sd2" and prediction_type == "epsilon":
         default_size = 512  # an SD 2.x 512-base checkpoint, not the shipped 768-v one
     info = ModelInfo(
@@ -403,7 +422,7 @@ def _assemble(
         default_size=default_size,
         latent_scale=latent_scale,
         file_hash=parts.file_hash,
-        inpainting=parts.unet.config.in_channels == INPAINT_CHANNELS,
+        inpainting=not flow and parts.unet.config.in_channels == INPAINT_CHANNELS,
         extra={"source": source, "config": str(parts.config_dir)},
     )
     return LoadedModel(
@@ -412,7 +431,8 @@ def _assemble(
         vae=parts.vae,
         text_encoders=parts.text_encoders,
         tokenizers=parts.tokenizers,
-        alphas_cumprod=alphas_cumprod_from_config(parts.scheduler_config),
+        alphas_cumprod=None if flow else alphas_cumprod_from_config(parts.scheduler_config),
+        scheduler_config=parts.scheduler_config,
         device=device,
         dtype=dtype,
         vae_scaling_factor=float(parts.vae.config.scaling_factor),

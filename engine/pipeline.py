@@ -30,6 +30,8 @@ from torch import Tensor
 from engine.batch import Batch, to_device
 from engine.denoiser import Conditioning, Denoiser, PromptEncoder
 from engine.errors import GenerationError
+from engine.families import FAMILIES
+from engine.families.runtime import FLOW_NOISES, flow_denoiser_and_prompts, flow_refusal
 from engine.inpaint import Inpainter, LatentBlend
 from engine.lora import LoraLibrary
 from engine.masks import InpaintPlan, open_image, plan_inpaint
@@ -144,14 +146,21 @@ class Pipeline:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self.device, self.dtype = model.device, model.dtype
-        self.schedule = ModelSchedule(model.alphas_cumprod)
-        self.denoiser = Denoiser(model.unet, self.schedule, model.info.prediction_type)
-        self.prompts = PromptEncoder(
-            model.text_encoders, model.tokenizers, model.device, model.dtype, embeddings_dir=model.embeddings_dir
-        )
+        self.traits = FAMILIES[model.info.family]
+        if self.traits.flow:
+            self.schedule = None
+            self.noise = FLOW_NOISES[model.info.family](model.scheduler_config, model.info.latent_scale)
+            self.denoiser, self.prompts = flow_denoiser_and_prompts(model, self.noise)
+            self.latent_channels = model.vae.config.latent_channels
+        else:
+            self.schedule, self.noise = ModelSchedule(model.alphas_cumprod), None
+            self.denoiser = Denoiser(model.unet, self.schedule, model.info.prediction_type)
+            self.prompts = PromptEncoder(
+                model.text_encoders, model.tokenizers, model.device, model.dtype, embeddings_dir=model.embeddings_dir
+            )
+            # An inpainting UNet takes 9 channels in (latents, mask, masked image) and gives 4 out.
+            self.latent_channels = model.unet.config.out_channels
         self.loras = LoraLibrary.of(model)
-        # An inpainting UNet takes 9 channels in (latents, mask, masked image) and gives 4 out.
-        self.latent_channels = model.unet.config.out_channels
         self.latent_scale = model.info.latent_scale
         # The VAE stays in the model's precision: an image it gets wrong (the SD/SDXL VAEs can
         # overflow in float16) is decoded again by a float32 copy, not every image in float32.
@@ -162,8 +171,9 @@ class Pipeline:
         if self.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)
             model.vae.to(memory_format=torch.channels_last)
+        unet_channels = self.latent_channels if self.traits.flow else model.unet.config.in_channels
         self.inpainter = Inpainter(
-            self.encode_image, model.unet.config.in_channels, self.latent_scale, self.device, self.dtype
+            self.encode_image, unet_channels, self.latent_scale, self.device, self.dtype, flow=self.traits.flow
         )
 
     @property
@@ -245,9 +255,12 @@ class Pipeline:
     def _check(self, request: GenerationRequest) -> Sampler:
         if request.params.sampler not in SAMPLERS:
             raise GenerationError(f"Unknown sampler {request.params.sampler!r}; use one of {', '.join(SAMPLERS)}.")
-        if request.params.width % self.latent_scale or request.params.height % self.latent_scale:
+        if self.traits.flow and (refusal := flow_refusal(self.traits, request.params)):
+            raise GenerationError(refusal)
+        multiple = max(self.latent_scale, self.traits.pixel_multiple)
+        if request.params.width % multiple or request.params.height % multiple:
             raise GenerationError(
-                f"Size {request.params.width}x{request.params.height} is not a multiple of {self.latent_scale}; "
+                f"Size {request.params.width}x{request.params.height} is not a multiple of {multiple}; "
                 "pick a listed size."
             )
         if request.params.is_masked and not request.params.is_img2img:
@@ -270,7 +283,11 @@ class Pipeline:
         return SAMPLERS[request.params.sampler]
 
     def _schedule(self, request: GenerationRequest, sampler: Sampler, strength: float | None = None) -> JobSchedule:
-        """The job's schedule for its sampler and schedule type (DDIM: A1111's own timesteps)."""
+        """The job's schedule for its sampler and schedule type (DDIM: A1111's own timesteps; a
+        flow model: its family's own, engine.families.flow)."""
+        if self.noise is not None:
+            params = request.params
+            return self.noise.job_schedule(params.steps, params.width, params.height, strength)
         return job_schedule(
             self.schedule,
             sampler.discretization,

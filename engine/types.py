@@ -23,7 +23,7 @@ __all__ = [
     "Progress",
 ]
 
-Family = Literal["sd1", "sd2", "sdxl"]
+Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class ModelInfo:
 
     name: str
     family: Family
-    prediction_type: str  # "epsilon" or "v_prediction"
+    prediction_type: str  # "epsilon" or "v_prediction"; "flow" for SD 3.5 and Flux
     default_size: int  # 512 for SD1, 768 for SD2-v, 1024 for SDXL
     latent_scale: int  # pixels per latent cell (8 for real checkpoints)
     #: AUTOMATIC1111's short hash of a single-file checkpoint (``engine.hashes``); None for a
