@@ -15,15 +15,36 @@ Choices that matter to anyone comparing formats:
   output unprojected, and diffusers' single-file loader sets ``torch.eye`` for it, so only an
   identity makes the folder and the single file the same model.
 
-Formats (each next to a weight-less config folder where a single file needs one, see below):
+Formats. Each single file gets, beside it with the same stem, a weight-less diffusers folder
+(model_index.json, the component configs, the tokenizers) that ``from_single_file(path,
+config=folder)`` reads offline, as tests/tinymodel.py does for SD:
 
-* :func:`save_flux_folder`, :func:`save_sd3_folder` -- ``save_pretrained`` layouts.
+* :func:`save_flux_folder`, :func:`save_sd3_folder` -- ``save_pretrained`` layouts;
+* :func:`save_flux_transformer_file` -- the transformer alone in BFL's names (flux1-dev.safetensors),
+  or under ``model.diffusion_model.`` as ComfyUI saves diffusion models;
+* :func:`save_flux_checkpoint_file` -- ComfyUI's all-in-one (transformer, ``vae.``, CLIP-L, T5);
+* :func:`save_sd3_checkpoint_file` -- SAI's single file (MMDiT, ``first_stage_model.``, encoders);
+* ``dtype=torch.float8_e4m3fn`` on each of them: Linear weights stored in fp8, as Comfy/Forge files.
+
+What diffusers 0.42 (with transformers 5) makes of them, found by tests/test_tinyflow.py:
+
+* Its Flux converter cuts single blocks at FLUX.1's width (3072) whatever the file, so tiny BFL
+  files load only within :func:`tiny_flux_single_files`; real files are unaffected.
+* From a file without ``encoder.embed_tokens.weight`` (tied to ``shared.weight``; SAI's and
+  ComfyUI's T5 have ``shared`` only) its T5 keeps ``encoder.embed_tokens`` on the meta device
+  until ``tie_weights()`` is called: transformers 5 gives the stack its own embedding.
+* A model without T5 loads only with ``text_encoder_3=None, tokenizer_3=None`` passed, from a folder
+  (ValueError otherwise) or a single file (TypeError inside diffusers otherwise).
+* Its model-type detection recognises tiny Flux files (by key names) but not tiny SD 3.5 files
+  (it checks FLUX/SD3 widths), so ``config=`` is always passed.
 """
 
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 from engine.torch_builds import torchvision_importable
 
@@ -38,6 +59,8 @@ from diffusers import (  # noqa: E402
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from diffusers.loaders import single_file_utils  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
     CLIPTextConfig,
@@ -49,6 +72,7 @@ from transformers import (  # noqa: E402
 )
 
 from engine.tokenizer import EOS, clip_tokenizer  # noqa: E402
+from tinyflow_keys import clip_keys, flux_to_bfl, sd3_to_sai, t5_keys, to_fp8, vae_keys  # noqa: E402
 
 FLUX_TEXT_WIDTH = 32  # CLIP-L: pooled -> the transformer's pooled_projection_dim
 FLUX_T5_WIDTH = 32  # T5 -> joint_attention_dim
@@ -243,3 +267,109 @@ def save_sd3_folder(path: str | Path, with_t5: bool = True, seed: int = 0) -> Pa
     """Write a tiny SD 3.5 as a diffusers folder (``text_encoder_3``: null without T5)."""
     StableDiffusion3Pipeline(**build_sd3_components(with_t5, seed)).save_pretrained(path)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------- single files
+
+
+def _write(path: str | Path, state: dict, pipe) -> Path:
+    """The file, and beside it (``tiny.safetensors`` -> ``tiny/``) a weight-less diffusers folder:
+    model_index.json, every component's config and the tokenizers, as tests/tinymodel.py does."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, path)
+    config_dir = path.with_suffix("")
+    pipe.save_config(config_dir)
+    for name, component in pipe.components.items():
+        if component is None:
+            continue
+        if name.startswith("tokenizer"):
+            component.save_pretrained(config_dir / name)
+        else:  # diffusers objects have save_config; transformers models keep theirs on .config
+            saver = getattr(component, "save_config", None) or component.config.save_pretrained
+            saver(config_dir / name)
+    return path
+
+
+def _prefixed(prefix: str, state: dict) -> dict:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def save_flux_transformer_file(
+    path: str | Path,
+    guidance_embeds: bool = True,
+    prefix: str = "",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> Path:
+    """Flux's transformer alone in BFL's names: ``prefix=""`` as BFL's flux1-dev.safetensors,
+    ``"model.diffusion_model."`` as ComfyUI saves a diffusion model; ``dtype=torch.float8_e4m3fn``
+    as an fp8 file. Its text encoders and VAE come from a folder (:func:`save_flux_folder`)."""
+    components = build_flux_components(guidance_embeds, seed)
+    state = _prefixed(prefix, to_fp8(flux_to_bfl(components["transformer"]), dtype))
+    return _write(path, state, FluxPipeline(**components))
+
+
+def save_flux_checkpoint_file(
+    path: str | Path,
+    guidance_embeds: bool = True,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    text_encoders: bool = True,
+) -> Path:
+    """ComfyUI's all-in-one Flux checkpoint (its Flux ``vae_key_prefix`` and
+    ``text_encoder_key_prefix``): ``model.diffusion_model.`` in BFL's names, ``vae.`` in LDM
+    names, ``text_encoders.clip_l.transformer.`` and ``text_encoders.t5xxl.transformer.``."""
+    components = build_flux_components(guidance_embeds, seed)
+    state = _prefixed("model.diffusion_model.", to_fp8(flux_to_bfl(components["transformer"]), dtype))
+    state |= vae_keys(components["vae"], "vae.")
+    if text_encoders:  # Flux's CLIP-L is a CLIPTextModel: pooled, with no projection to carry
+        state |= clip_keys(components["text_encoder"], "text_encoders.clip_l.transformer.")
+        state |= t5_keys(components["text_encoder_2"], "text_encoders.t5xxl.transformer.")
+    return _write(path, state, FluxPipeline(**components))
+
+
+def save_sd3_checkpoint_file(
+    path: str | Path,
+    with_t5: bool = True,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    text_encoders: bool = True,
+) -> Path:
+    """SD 3.5 in SAI's single-file layout: ``model.diffusion_model.`` in MMDiT names and
+    ``first_stage_model.`` (LDM VAE), with ``text_encoders.clip_l/clip_g/t5xxl.transformer.`` as
+    the ``*_incl_clips_t5xxl*`` files carry them; ``text_encoders=False`` is the layout of
+    sd3.5_large.safetensors, whose encoders ship apart."""
+    components = build_sd3_components(with_t5, seed)
+    state = _prefixed("model.diffusion_model.", to_fp8(sd3_to_sai(components["transformer"]), dtype))
+    state |= vae_keys(components["vae"], "first_stage_model.")
+    if text_encoders:  # CLIP-L's pooled output is used unprojected: no projection in the file
+        state |= clip_keys(components["text_encoder"], "text_encoders.clip_l.transformer.", projection=False)
+        state |= clip_keys(components["text_encoder_2"], "text_encoders.clip_g.transformer.")
+        if with_t5:
+            state |= t5_keys(components["text_encoder_3"], "text_encoders.t5xxl.transformer.")
+    return _write(path, state, StableDiffusion3Pipeline(**components))
+
+
+class _FluxSizedSplits:
+    """``torch`` for diffusers' single_file_utils, except that ``split`` scales FLUX.1's sizes.
+
+    ``convert_flux_transformer_checkpoint_to_diffusers`` cuts each single block's ``linear1`` at
+    ``inner_dim = 3072`` (q, k, v) and ``4 * 3072`` (MLP) whatever the checkpoint; a tiny model
+    keeps the 1:1:1:4 ratios, so the same cut scaled to the tensor is the converter's intent."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def split(tensor, sizes, dim=0):
+        if isinstance(sizes, (list, tuple)) and sum(sizes) != tensor.shape[dim]:
+            sizes = [size * tensor.shape[dim] // sum(sizes) for size in sizes]
+        return torch.split(tensor, sizes, dim)
+
+
+@contextmanager
+def tiny_flux_single_files():
+    """Within it, diffusers' own Flux converter loads tiny BFL-layout files (see above)."""
+    with mock.patch.object(single_file_utils, "torch", _FluxSizedSplits()):
+        yield
