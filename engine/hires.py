@@ -35,10 +35,11 @@ from PIL import Image
 from torch import Tensor
 
 from engine.errors import EngineError, GenerationError
+from engine.families.base import JobSchedule, NoiseModel
 from engine.params import LATENT_UPSCALERS, GenerationParams
 from engine.pipeline import Pipeline, PreparedJob, decode_error, nan_error
 from engine.samplers import SAMPLERS, Sampler
-from engine.schedules import UNET_SCALE_START, JobSchedule, ModelSchedule, job_schedule
+from engine.schedules import UNET_SCALE_START
 from engine.types import GenerationRequest
 from engine.upscalers import Upscalers
 
@@ -133,7 +134,7 @@ def after_first_pass(
     return SecondPass(second_pass_request(job.request), job.request, steps, latents, images, job.started)
 
 
-def second_pass_schedule(schedule: ModelSchedule, sampler: Sampler, params: GenerationParams) -> JobSchedule:
+def second_pass_schedule(noise: NoiseModel, sampler: Sampler, params: GenerationParams) -> JobSchedule:
     """The sigmas of the second pass, as AUTOMATIC1111 walks them.
 
     A1111's ``setup_img2img_steps`` with the steps given: a full schedule of
@@ -145,14 +146,8 @@ def second_pass_schedule(schedule: ModelSchedule, sampler: Sampler, params: Gene
     steps = params.hires_pass_steps
     total = int(steps / min(params.hires_strength, 0.999))
     entry = (steps - 0.5) / total  # int(entry * total) == steps - 1, and below 0.999 for any steps < 500
-    return job_schedule(
-        schedule,
-        sampler.discretization,
-        total,
-        entry,
-        schedule_type=params.schedule,
-        discard_penultimate=sampler.discard_penultimate,
-    )
+    width, height = params.size
+    return noise.job_schedule(sampler, total, entry, schedule_type=params.schedule, width=width, height=height)
 
 
 def second_pass_steps(params: GenerationParams) -> int:
@@ -181,7 +176,7 @@ def prepare_second_pass(pipeline: Pipeline, second: SecondPass, models: Upscaler
         upscaled = [upscale_image(image, width, height, upscaler, models) for image in second.images]
         init = torch.cat([pipeline.encode_image(image) for image in upscaled])
     # 3. The pass's sigmas, and fresh noise from the job's seeds at the hires latent shape.
-    plan = second_pass_schedule(pipeline.schedule, sampler, request.params)
+    plan = second_pass_schedule(pipeline.noise, sampler, request.params)
     seeds, generators, noise = pipeline._initial_noise(request)
     latents = plan.start_latents(noise.to(pipeline.device), init=init)
     return PreparedJob(

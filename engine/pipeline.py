@@ -28,10 +28,9 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from engine.batch import Batch, to_device
-from engine.denoiser import Conditioning, Denoiser, PromptEncoder
+from engine.denoiser import Conditioning
 from engine.errors import GenerationError
-from engine.families import FAMILIES
-from engine.families.runtime import FLOW_NOISES, flow_denoiser_and_prompts, flow_refusal
+from engine.families.runtime import family_parts
 from engine.inpaint import Inpainter, LatentBlend
 from engine.lora import LoraLibrary
 from engine.masks import InpaintPlan, open_image, plan_inpaint
@@ -39,7 +38,7 @@ from engine.metadata import PNG_COMPRESS_LEVEL, encode_png, infotext
 from engine.params import MASKED_CONTENT, MAX_INPAINT_PADDING, MAX_MASK_BLUR
 from engine.prompt_syntax import lora_key
 from engine.samplers import SAMPLERS, Sampler
-from engine.schedules import SCHEDULES, JobSchedule, ModelSchedule, job_schedule
+from engine.schedules import SCHEDULES, JobSchedule
 from engine.sde import BrownianNoise, brownian_noises
 from engine.stages import Plan
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult
@@ -146,20 +145,10 @@ class Pipeline:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self.device, self.dtype = model.device, model.dtype
-        self.traits = FAMILIES[model.info.family]
-        if self.traits.flow:
-            self.schedule = None
-            self.noise = FLOW_NOISES[model.info.family](model.scheduler_config, model.info.latent_scale)
-            self.denoiser, self.prompts = flow_denoiser_and_prompts(model, self.noise)
-            self.latent_channels = model.vae.config.latent_channels
-        else:
-            self.schedule, self.noise = ModelSchedule(model.alphas_cumprod), None
-            self.denoiser = Denoiser(model.unet, self.schedule, model.info.prediction_type)
-            self.prompts = PromptEncoder(
-                model.text_encoders, model.tokenizers, model.device, model.dtype, embeddings_dir=model.embeddings_dir
-            )
-            # An inpainting UNet takes 9 channels in (latents, mask, masked image) and gives 4 out.
-            self.latent_channels = model.unet.config.out_channels
+        # 1. The family's pieces (engine.families): noise model, denoiser, prompts, channels.
+        parts = family_parts(model)
+        self.parts, self.traits, self.noise = parts, parts.traits, parts.noise
+        self.denoiser, self.prompts, self.latent_channels = parts.denoiser, parts.prompts, parts.latent_channels
         self.loras = LoraLibrary.of(model)
         self.latent_scale = model.info.latent_scale
         # The VAE stays in the model's precision: an image it gets wrong (the SD/SDXL VAEs can
@@ -171,9 +160,8 @@ class Pipeline:
         if self.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)
             model.vae.to(memory_format=torch.channels_last)
-        unet_channels = self.latent_channels if self.traits.flow else model.unet.config.in_channels
         self.inpainter = Inpainter(
-            self.encode_image, unet_channels, self.latent_scale, self.device, self.dtype, flow=self.traits.flow
+            self.encode_image, parts.network_channels, self.latent_scale, self.device, self.dtype, flow=self.traits.flow
         )
 
     @property
@@ -255,7 +243,7 @@ class Pipeline:
     def _check(self, request: GenerationRequest) -> Sampler:
         if request.params.sampler not in SAMPLERS:
             raise GenerationError(f"Unknown sampler {request.params.sampler!r}; use one of {', '.join(SAMPLERS)}.")
-        if self.traits.flow and (refusal := flow_refusal(self.traits, request.params)):
+        if refusal := self.parts.refusal(request.params):
             raise GenerationError(refusal)
         multiple = max(self.latent_scale, self.traits.pixel_multiple)
         if request.params.width % multiple or request.params.height % multiple:
@@ -283,18 +271,11 @@ class Pipeline:
         return SAMPLERS[request.params.sampler]
 
     def _schedule(self, request: GenerationRequest, sampler: Sampler, strength: float | None = None) -> JobSchedule:
-        """The job's schedule for its sampler and schedule type (DDIM: A1111's own timesteps; a
-        flow model: its family's own, engine.families.flow)."""
-        if self.noise is not None:
-            params = request.params
-            return self.noise.job_schedule(params.steps, params.width, params.height, strength)
-        return job_schedule(
-            self.schedule,
-            sampler.discretization,
-            request.params.steps,
-            strength,
-            schedule_type=request.params.schedule,
-            discard_penultimate=sampler.discard_penultimate,
+        """The job's schedule for its sampler and schedule type, from the family's noise model
+        (DDIM: A1111's own timesteps; a flow model: its own sigmas for the image's size)."""
+        params = request.params
+        return self.noise.job_schedule(
+            sampler, params.steps, strength, schedule_type=params.schedule, width=params.width, height=params.height
         )
 
     def _unmasked_conditioning(self, request: GenerationRequest) -> Conditioning:

@@ -99,7 +99,7 @@ def seed_noise(job) -> torch.Tensor:
 
 def test_twenty_steps_evaluate_951_down_to_51(pipeline):
     job = pipeline.prepare(make_request(steps=20))
-    timesteps = pipeline.schedule.sigma_to_t(job.sigmas.double())
+    timesteps = pipeline.noise.schedule.sigma_to_t(job.sigmas.double())
     torch.testing.assert_close(timesteps, torch.arange(951, 0, -50, dtype=torch.float64))
     assert job.total_steps == 19  # model calls at 951 ... 51; the last step lands on timestep 1
 

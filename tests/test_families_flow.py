@@ -88,7 +88,9 @@ def test_flux_txt2img_matches_flux_pipeline(folders, pipelines, name):
 def test_flux_dev_sigmas_are_the_pipelines_shifted_by_the_images_tokens(folders, pipelines):
     pipeline = pipelines["flux-dev"]
     for width, height, steps in ((64, 64, 4), (1024, 1024, 20), (1344, 768, 28)):
-        job_schedule = pipeline.noise.job_schedule(steps, width, height)
+        job_schedule = pipeline.noise.job_schedule(
+            None, steps, None, schedule_type="automatic", width=width, height=height
+        )
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folders["flux-dev"], subfolder="scheduler")
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 

@@ -197,11 +197,11 @@ def test_the_time_limit_holds_in_the_second_pass(tiny_model):
 def test_the_second_pass_walks_the_last_steps_of_a1111s_longer_schedule(tiny_model, steps, strength, total):
     """``setup_img2img_steps`` with the steps given: ``int(steps / min(strength, 0.999))`` in all,
     of which the pass takes exactly ``steps``."""
-    schedule = Pipeline(tiny_model).schedule
+    noise = Pipeline(tiny_model).noise
     params = GenerationParams(prompt="", seed=0, steps=steps, hires_scale=2, hires_strength=strength)
     sampler = SAMPLERS["euler"]
-    full = job_schedule(schedule, sampler.discretization, total).sigmas
-    second = second_pass_schedule(schedule, sampler, params)
+    full = job_schedule(noise.schedule, sampler.discretization, total).sigmas
+    second = second_pass_schedule(noise, sampler, params)
     torch.testing.assert_close(second.sigmas, full[total - steps :])
     assert second.noise_sigma == float(full[total - steps])
 
@@ -235,7 +235,7 @@ def test_pipeline_generate_refuses_a_hires_job_rather_than_skip_its_second_pass(
 @pytest.mark.parametrize("steps", [1, 2, 3, 10])
 def test_the_first_pass_knows_how_many_steps_the_second_will_take(tiny_model, sampler, steps):
     params = GenerationParams(prompt="", seed=0, sampler=sampler, steps=7, hires_scale=2, hires_steps=steps)
-    schedule = second_pass_schedule(Pipeline(tiny_model).schedule, SAMPLERS[sampler], params)
+    schedule = second_pass_schedule(Pipeline(tiny_model).noise, SAMPLERS[sampler], params)
     assert second_pass_steps(params) == len(schedule.sigmas) - 1
 
 

@@ -131,7 +131,11 @@ class FlowNoise:
     latent_scale: int = 8  # pixels per latent cell
     patch: int = 1  # latent cells per token side (Flux packs 2x2)
 
-    def job_schedule(self, steps: int, width: int, height: int, strength: float | None = None) -> FlowSchedule:
+    def job_schedule(
+        self, sampler, steps: int, strength: float | None, *, schedule_type: str, width: int, height: int
+    ) -> FlowSchedule:
+        """The family's own sigmas for the image's size (every flow sampler walks the same ones, and
+        ``schedule_type`` is "automatic": checked before, FLOW_SCHEDULES)."""
         tokens = (height // (self.latent_scale * self.patch)) * (width // (self.latent_scale * self.patch))
         sigmas = self.make_sigmas(self.shift, steps, tokens)
         return FlowSchedule(img2img_tail(sigmas, steps, strength))

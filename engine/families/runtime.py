@@ -1,32 +1,46 @@
-"""The flow families' pieces for a loaded model, and what a job may not ask of them.
+"""The one registration of a family's pieces: a loaded model -> :class:`FamilyParts`.
 
-:class:`engine.pipeline.Pipeline` asks here for a flow model's noise model, denoiser and prompt
-encoder (the SD families' are :mod:`engine.denoiser` and :mod:`engine.schedules`), and checks a
-job with :func:`flow_refusal` before any work, so that an option that does not apply to the
-model is refused in one line, never silently ignored.
+:class:`engine.pipeline.Pipeline` asks here for a model's noise model, denoiser and prompt
+encoder, and checks each job with :meth:`FamilyParts.refusal` before any work, so that an option
+that does not apply to the model is refused in one line, never silently ignored.
 """
 
 from __future__ import annotations
 
-from engine.families import FamilyTraits
+from engine.families import FAMILIES, FamilyTraits
+from engine.families.base import FamilyParts
 from engine.families.flux import FluxDenoiser, FluxPrompts, flux_noise
+from engine.families.sd import sd_parts
 from engine.families.sd3 import SD3Denoiser, SD3Prompts, sd3_noise
 from engine.params import GenerationParams
 from engine.prompt_syntax import lora_key
 
-FLOW_NOISES = {"flux": flux_noise, "sd3": sd3_noise}
+
+def flux_parts(model) -> FamilyParts:
+    noise = flux_noise(model.scheduler_config, model.info.latent_scale)
+    prompts = FluxPrompts(model.text_encoders, model.tokenizers, model.device, model.dtype)
+    return _flow_parts(model, noise, FluxDenoiser(model.unet, noise), prompts)
 
 
-def flow_denoiser_and_prompts(model, noise):
-    """``(denoiser, prompt encoder)`` for a loaded Flux or SD 3.5 model."""
-    family = model.info.family
-    if family == "flux":
-        prompts = FluxPrompts(model.text_encoders, model.tokenizers, model.device, model.dtype)
-        return FluxDenoiser(model.unet, noise), prompts
-    prompts = SD3Prompts(
-        model.text_encoders, model.tokenizers, model.device, model.dtype, model.unet.config.joint_attention_dim
-    )
-    return SD3Denoiser(model.unet, noise), prompts
+def sd3_parts(model) -> FamilyParts:
+    noise = sd3_noise(model.scheduler_config, model.info.latent_scale, model.unet.config.patch_size)
+    joint_width = model.unet.config.joint_attention_dim
+    prompts = SD3Prompts(model.text_encoders, model.tokenizers, model.device, model.dtype, joint_width)
+    return _flow_parts(model, noise, SD3Denoiser(model.unet, noise), prompts)
+
+
+def _flow_parts(model, noise, denoiser, prompts) -> FamilyParts:
+    traits = FAMILIES[model.info.family]
+    channels = model.vae.config.latent_channels
+    return FamilyParts(traits, noise, denoiser, prompts, channels, channels, lambda p: flow_refusal(traits, p))
+
+
+#: Family name -> its pieces for a loaded model of it.
+FAMILY_PARTS = {"sd1": sd_parts, "sd2": sd_parts, "sdxl": sd_parts, "sd3": sd3_parts, "flux": flux_parts}
+
+
+def family_parts(model) -> FamilyParts:
+    return FAMILY_PARTS[model.info.family](model)
 
 
 def flow_refusal(traits: FamilyTraits, params: GenerationParams) -> str | None:
@@ -45,6 +59,4 @@ def flow_refusal(traits: FamilyTraits, params: GenerationParams) -> str | None:
         return f"{label} models take no negative prompt (they are not guided by one); leave it out."
     if lora_key(params.prompt):
         return f"LoRAs are not available on {label} models yet; take the <lora:...> tags out of the prompt."
-    if params.is_hires:
-        return f"The hires fix is not available on {label} models yet; leave hires at 1."
     return None
