@@ -131,6 +131,8 @@ def test_builders_are_deterministic_per_seed(flux):
     assert all(torch.equal(again[k], v) for k, v in flux["dev"]["transformer"].state_dict().items())
     other = build_flux_components(guidance_embeds=True, seed=1)["transformer"].state_dict()
     assert not torch.equal(other["x_embedder.weight"], again["x_embedder.weight"])
+    for name in ("vae", "text_encoder", "text_encoder_2"):  # shared by dev and schnell, as the real ones
+        assert_same_tensors(flux["dev"][name].state_dict(), flux["schnell"][name].state_dict(), name)
 
 
 # ---------------------------------------------------------------------------- diffusers folders

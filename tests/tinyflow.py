@@ -90,11 +90,10 @@ T5_WORDS = (
 # ---------------------------------------------------------------------------- building
 
 
-def t5_tokenizer(directory: str | Path | None = None) -> T5TokenizerFast:
+def t5_tokenizer() -> T5TokenizerFast:
     """A small T5 tokenizer: a Unigram model over ``▁word`` pieces and characters, built offline.
 
     T5's layout: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, no sentinel ids; ``</s>`` ends each text.
-    The ``tokenizer.json`` is written to ``directory`` (a temporary one when not given).
     """
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     chars += [c.upper() for c in chars] + list("0123456789.,!?'-()")
@@ -108,8 +107,7 @@ def t5_tokenizer(directory: str | Path | None = None) -> T5TokenizerFast:
     )
     tokenizer.decoder = decoders.Metaspace(**metaspace)
     with tempfile.TemporaryDirectory() as scratch:
-        file = Path(directory or scratch) / "tokenizer.json"
-        file.parent.mkdir(parents=True, exist_ok=True)
+        file = Path(scratch) / "tokenizer.json"
         tokenizer.save(str(file))
         return T5TokenizerFast(
             tokenizer_file=str(file),
@@ -171,11 +169,9 @@ def _vae(shift_factor: float, scaling_factor: float) -> AutoencoderKL:
 
 def flux_scheduler(guidance_embeds: bool = True) -> FlowMatchEulerDiscreteScheduler:
     """FLUX.1-dev's scheduler config (dynamic shift from the image's token count), or schnell's."""
-    if not guidance_embeds:
-        return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     return FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
+        shift=3.0 if guidance_embeds else 1.0,
+        use_dynamic_shifting=guidance_embeds,
         base_shift=0.5,
         max_shift=1.15,
         base_image_seq_len=256,
