@@ -21,7 +21,7 @@ from engine.families.flux import pack, unpack
 from engine.loading import load_model
 from engine.pipeline import Pipeline
 from engine.types import GenerationRequest
-from tests.tinyflow import save_flux_folder, save_sd3_folder
+from tinyflow import save_flux_folder, save_sd3_folder
 
 SIZE = 64
 PROMPT = "a photo of a red cat in the forest"
