@@ -69,6 +69,7 @@ from engine.checkpoints import (
 )
 from engine.errors import ModelLoadError
 from engine.families import FAMILIES as FAMILY_TRAITS
+from engine.families import guidance_kind
 from engine.families.flow_loading import folder_pipeline_family, load_flow_folder
 from engine.hashes import HashCache, shared_cache
 from engine.inpaint import INPAINT_CHANNELS, PLAIN_CHANNELS
@@ -423,6 +424,7 @@ def _assemble(
         latent_scale=latent_scale,
         file_hash=parts.file_hash,
         inpainting=not flow and parts.unet.config.in_channels == INPAINT_CHANNELS,
+        guidance=guidance_kind(parts.family, bool(parts.unet.config.get("guidance_embeds", True))),
         extra={"source": source, "config": str(parts.config_dir)},
     )
     return LoadedModel(

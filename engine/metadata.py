@@ -74,19 +74,31 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
 
 
-def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash: str | None = None) -> str:
+def infotext(
+    request: GenerationRequest,
+    seed: int,
+    model_name: str,
+    model_hash: str | None = None,
+    *,
+    guidance: str = "cfg",
+    flow: bool = False,
+) -> str:
     """AUTOMATIC1111 infotext for one image of ``request`` (made with ``seed``), fields in A1111's order.
 
     ``model_hash``: the checkpoint file's short hash, None for a model that is not one file.
+    ``guidance`` (engine.families.GUIDANCE_KINDS) and ``flow``: how Forge writes SD 3.5 and Flux
+    (:func:`guidance_fields`).
     """
     sampler, schedule_type = INFOTEXT_SAMPLERS.get(request.params.sampler, (request.params.sampler, "Automatic"))
     if request.params.schedule != "automatic":  # a schedule type the member chose
         schedule_type = SCHEDULE_NAMES.get(request.params.schedule, request.params.schedule)
+    if flow:
+        schedule_type = FLOW_SCHEDULE_TYPE
     fields: dict[str, str] = {
         "Steps": str(request.params.steps),
         "Sampler": sampler,
         "Schedule type": schedule_type,
-        "CFG scale": _number(request.params.guidance),
+        **guidance_fields(request.params.guidance, guidance),
         "Seed": str(seed),
         "Size": f"{request.params.width}x{request.params.height}",
     }
@@ -119,6 +131,22 @@ def infotext(request: GenerationRequest, seed: int, model_name: str, model_hash:
         lines.append(f"Negative prompt: {request.params.negative_prompt}")
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+#: Forge's name for the flow families' schedule: its "Simple" walks the same shifted sigmas
+#: (exactly, for Flux dev at 1024x1024, whose shift Forge fixes at that size's).
+FLOW_SCHEDULE_TYPE = "Simple"
+
+
+def guidance_fields(scale: float, guidance: str) -> dict[str, str]:
+    """``CFG scale``, and Forge's ``Distilled CFG Scale`` for a guidance-distilled model (Flux dev),
+    whose CFG scale is then 1 as Forge runs it (``modules/processing.py``: ``create_infotext``);
+    Flux schnell takes no guidance (CFG scale 1, nothing distilled)."""
+    if guidance == "distilled":
+        return {"CFG scale": "1", "Distilled CFG Scale": _number(scale)}
+    if guidance == "none":
+        return {"CFG scale": "1"}
+    return {"CFG scale": _number(scale)}
 
 
 def hires_fields(params) -> dict[str, str]:

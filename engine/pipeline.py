@@ -354,7 +354,10 @@ class Pipeline:
         request, info = job.origin or job.request, self.model.info
         if job.inpaint_plan is not None:
             images = [job.inpaint_plan.paste(image) for image in images]
-        texts = [infotext(request, seed, info.name, info.file_hash) for seed in job.seeds]
+        flow = self.traits.flow
+        texts = [
+            infotext(request, seed, info.name, info.file_hash, guidance=info.guidance, flow=flow) for seed in job.seeds
+        ]
         generated = [
             GeneratedImage(png=encode_png(image, text, request.job_id, compress_level), seed=seed)
             for image, text, seed in zip(images, texts, job.seeds, strict=False)

@@ -85,4 +85,6 @@ class ModelInfo:
     file_hash: str | None = None
     #: An inpainting checkpoint (9-channel UNet): best for masked jobs, and runs every other job too.
     inpainting: bool = False
+    #: How it is guided (engine.families.GUIDANCE_KINDS): "cfg", "distilled" (Flux dev), "none" (schnell).
+    guidance: str = "cfg"
     extra: dict = field(default_factory=dict)

@@ -195,3 +195,25 @@ def test_what_a_flux_model_cannot_do_is_refused_in_one_line(pipelines, fields, w
 def test_flux_generates_a_png(pipelines):
     result = pipelines["flux-schnell"].generate(request(steps=2))
     assert result.images[0].png.startswith(b"\x89PNG")
+
+
+def test_flux_infotext_is_forges(pipelines):
+    """Forge's ``create_infotext``: CFG scale 1 and ``Distilled CFG Scale`` for Flux dev, CFG scale 1
+    alone for schnell; its "Simple" schedule names the flow families' sigmas."""
+    dev = pipelines["flux-dev"].generate(request(steps=2, guidance=3.5)).infotext
+    schnell = pipelines["flux-schnell"].generate(request(steps=2)).infotext
+    sd3 = pipelines["sd3"].generate(request(steps=2, guidance=4.5)).infotext
+    assert "Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 7" in dev
+    assert "Schedule type: Simple, CFG scale: 1, Seed: 7" in schnell and "Distilled" not in schnell
+    assert "Schedule type: Simple, CFG scale: 4.5, Seed: 7" in sd3
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_previews_of_16_channel_latents(family):
+    from engine.preview import latents_to_rgb, preview_png
+
+    latents = torch.randn(16, 8, 12, generator=torch.Generator().manual_seed(0))
+    rgb = latents_to_rgb(latents, family)
+    assert rgb.shape == (8, 12, 3) and rgb.dtype == torch.uint8
+    assert not torch.equal(rgb, latents_to_rgb(latents, "sd1"))  # all 16 channels count, with the bias
+    assert preview_png(latents, family).startswith(b"\x89PNG")
