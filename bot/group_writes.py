@@ -1,13 +1,14 @@
-"""The writes on a command's path, stored in groups by one thread, so that a job (or the record
-of its interaction) can exist before the interaction is acknowledged.
+"""The writes on a command's path, stored in groups by one thread.
 
-The bot stores a job before it answers Discord (no "thinking…" without a job behind it), so the
-answer waits on a database commit. On SQLite every commit syncs the disk (``synchronous=FULL``)
+The bot tries to store a job before it answers Discord (it waits a little for the commit; past
+that the journal, :mod:`bot.journal`, stands for the job), so the answer usually waits on a
+database commit. On SQLite every commit syncs the disk (``synchronous=FULL``)
 and takes the process's write turn: one commit per command would queue a burst of commands
 behind each other and behind the runner's writes. Instead one writing thread takes every write
 waiting when it is free and stores each kind in one transaction (a group commit), so 100
-commands a second cost a few commits. The kinds go in order of urgency: interaction records
-and new jobs hold up an acknowledgement; status message ids and forgotten records do not.
+commands a second cost a few commits. The kinds go in order of urgency: new jobs hold up an
+acknowledgement; status message ids do not. On PostgreSQL the thread's statements time out
+(:data:`STATEMENT_TIMEOUT`): a stalled server fails them, and the journal takes over.
 Each job is still checked on its own (the member's pending limit), and a refusal reaches only
 that member.
 
@@ -25,36 +26,35 @@ from typing import Any
 
 from db.models import Job
 from db.queue import Queue
-from db.state import StateStore
+from db.session import statement_timeout_in_this_thread
 
 #: The kinds of write, most urgent first.
-RECORD, ENQUEUE, STATUS, FORGET = "record", "enqueue", "status", "forget"
+ENQUEUE, STATUS = "enqueue", "status"
+#: PostgreSQL: seconds a statement of the command path may take before it fails.
+STATEMENT_TIMEOUT = 5.0
 
 
 class GroupWriter:
-    def __init__(self, queue: Queue, state: StateStore) -> None:
+    def __init__(self, queue: Queue) -> None:
         # Each takes the payloads of one kind and stores them in one transaction; a list back
         # holds one result (or QueueError) per payload, None means "stored".
         self._stores: dict[str, Callable[[list[Any]], list[Any] | None]] = {
-            RECORD: lambda records: state.put_many(dict(records)),
             ENQUEUE: lambda many: _with_places(queue, queue.enqueue_many(many)),
             STATUS: queue.set_status_messages,
-            FORGET: state.delete_many,
         }
         self._lock = threading.Lock()
         self._waiting: list[tuple[str, Any, asyncio.Future, asyncio.AbstractEventLoop]] = []
         self._writing = False
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdbot-writes")
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            1,
+            thread_name_prefix="sdbot-writes",
+            initializer=statement_timeout_in_this_thread,
+            initargs=(STATEMENT_TIMEOUT,),
+        )
 
     async def enqueue(self, **fields: Any) -> tuple[Job, int | None]:
         """Store one job; it and its place in line (raises the QueueError that refused it)."""
         return await self._write(ENQUEUE, fields)
-
-    async def record(self, key: str, value: str) -> None:
-        await self._write(RECORD, (key, value))
-
-    async def forget(self, key: str) -> None:
-        await self._write(FORGET, key)
 
     async def set_status_message(self, job_id: int, channel_id: int, message_id: int) -> None:
         await self._write(STATUS, (job_id, channel_id, message_id))

@@ -4,9 +4,13 @@ The cogs (:mod:`bot.cogs`) hold the commands, buttons and listeners; every flow 
 them need lives here, below them, and is given to each cog's constructor. No cog imports
 another cog or the client.
 
-A job is in the database before the interaction is acknowledged (:meth:`JobService.submit`
-enqueues, then defers): a crash in between leaves a job that runs and is posted, never a
-"thinking…" message with nothing behind it.
+A command is journaled (:mod:`bot.journal`, a local file) before the interaction is
+acknowledged, and its job is stored in the database at the same time (:meth:`JobService.submit`);
+the acknowledgement waits for the store :data:`STORE_BUDGET` at most, never on the database
+beyond that: a locked or absent database is the journal's to wait out (:mod:`bot.acks`), and
+the member is told so in one line. A crash in between leaves an entry that the next start
+queues or answers, never a "thinking…" message with nothing behind it. A database fault on a
+command's path is said in words to the member, and once in the log (not a traceback a command).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -23,19 +28,23 @@ import aiohttp
 import discord
 
 from bot import policy, render
-from bot.acks import PendingAcks, ack_key
-from bot.checks import manages_messages_in, mark_received, within_deadline
+from bot.acks import NOT_SAVED, SAVED, PendingAcks
+from bot.callbacks import acknowledging
+from bot.checks import DISCORD_DEADLINE, manages_messages_in, mark_received, within_deadline
 from bot.config import Config
-from bot.delivery import Delivery, token_expiry
+from bot.delivery import Delivery
 from bot.group_writes import GroupWriter
 from bot.inputs import PILLOW_FORMATS, BadInput, check_prompt_text, load_init_image
 from bot.jobs import NewJob
+from bot.journal import Entry, InteractionJournal, Request, journal_path
 from bot.masks import load_mask
 from bot.policy import Asked, Asker
 from db.community import DAY, Admission, Community
 from db.errors import QueueError
+from db.faults import DatabaseHealth, is_database_fault
 from db.models import Job, JobKind, ResultImage
 from db.queue import Queue
+from db.session import statement_timeout_in_this_thread
 from db.styles import Styles, StyleText
 from engine.params import GenerationParams, job_columns
 
@@ -46,8 +55,13 @@ REROLL_EMOJI = "🔁"
 #: Threads for the checks an interaction waits on (SQLite and PostgreSQL serve reads side by side).
 CHECK_THREADS = 2
 OUR_FAULT = "Something went wrong on our side; it has been logged."
-#: Seconds the record of an interaction acknowledged before its job may delay the acknowledgement.
-RECORD_BUDGET = 0.3
+#: Seconds from a command's arrival that its acknowledgement waits for the job's commit; past
+#: them it is acknowledged on the journal's word alone, and the job follows when stored.
+STORE_BUDGET = 0.5
+#: Seconds an acknowledgement waits for its journal entry to reach the disk: the deadline first.
+JOURNAL_BUDGET = 1.5
+#: PostgreSQL: seconds a statement of the checks a member waits on may take before it fails.
+STATEMENT_TIMEOUT = 5.0
 
 
 class JobService:
@@ -70,23 +84,41 @@ class JobService:
         self.styles = styles
         self.acks = acks
         self.queue = queue
-        self.writes = GroupWriter(queue, acks.state)
+        self.writes = GroupWriter(queue)
+        self.journal = InteractionJournal(journal_path(config.queue))
         self.community = community
         self.runner = runner
         self.delivery = delivery
+        self.database: DatabaseHealth = delivery.database  # one for the process: each change said once
         self.clock = clock
         self.allowed_hosts = allowed_hosts
-        self._checks = concurrent.futures.ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="sdbot-checks")
+        self._checks = concurrent.futures.ThreadPoolExecutor(
+            CHECK_THREADS,
+            thread_name_prefix="sdbot-checks",
+            initializer=statement_timeout_in_this_thread,
+            initargs=(STATEMENT_TIMEOUT,),
+        )
         self._http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        """Open the journal (what a previous run left in it is replayed in the background)."""
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        await self.acks.start(
+            self.journal,
+            queue=self.queue,
+            store=self._store,
+            announce=self._announce,
+            database=self.database,
+            clock=self.clock,
+        )
 
     async def close(self) -> None:
+        await self.acks.close()
         if self._http is not None:
             await self._http.close()
         self._checks.shutdown(wait=False, cancel_futures=True)
         self.writes.close()
+        await asyncio.to_thread(self.journal.shutdown)
 
     # -- answering interactions -------------------------------------------------------------------
 
@@ -97,9 +129,13 @@ class JobService:
             await action
         except (BadInput, QueueError) as e:
             await self.tell(interaction, str(e))
-        except Exception:
-            log.exception("interaction %s failed", interaction.id)
-            await self.tell(interaction, OUR_FAULT)
+        except Exception as error:
+            if not is_database_fault(error):
+                log.exception("interaction %s failed", interaction.id)
+                await self.tell(interaction, OUR_FAULT)
+                return
+            self.database.failed(error)  # said once in the log, not a traceback a command
+            await self.tell(interaction, NOT_SAVED)
 
     async def tell(self, interaction: discord.Interaction, text: str) -> None:
         """An ephemeral reply, whether or not the interaction was answered already."""
@@ -121,24 +157,32 @@ class JobService:
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
     async def defer(self, interaction: discord.Interaction, *, job_pending: bool = False) -> None:
-        """Acknowledge now with a public "thinking…" message that becomes the job's status.
+        """Acknowledge now with a public "thinking…" message that becomes the job's status; a
+        callback that fails or is rate-limited is tried again within Discord's deadline.
 
-        ``job_pending``: no job is stored yet (the checks are still running), so the interaction
-        is recorded first (:mod:`bot.acks`), and answered after a restart if the bot dies
-        before its job is. The record waits at most :data:`RECORD_BUDGET`: the deadline comes first.
+        ``job_pending``: the checks are still running, so the interaction is journaled first
+        (:mod:`bot.journal`), and answered after a restart if the bot dies before its job is
+        stored.
         """
         if interaction.response.is_done():
             return
-        if job_pending and not interaction.extras.get("ack_recorded"):
-            record = asyncio.ensure_future(self.writes.record(*self.acks.entry(interaction, self.clock())))
-            interaction.extras["ack_recorded"] = True
-            try:
-                await asyncio.wait_for(asyncio.shield(record), RECORD_BUDGET)
-            except TimeoutError:
-                log.warning("interaction %s: acknowledged before its record was written", interaction.id)
-        response = await interaction.response.defer(thinking=True)
+        if job_pending and not interaction.extras.get("journaled"):
+            interaction.extras["journaled"] = True
+            await self._journaled(interaction, self.journal.append(self.acks.entry(interaction, self.clock())))
+        received = interaction.extras.get("received", time.monotonic())
+        with acknowledging(received + DISCORD_DEADLINE):
+            response = await interaction.response.defer(thinking=True)
         interaction.extras["thinking"] = True
         interaction.extras["message_id"] = getattr(response, "message_id", None)
+
+    async def _journaled(self, interaction: discord.Interaction, append: Awaitable[None]) -> None:
+        """Wait for a journal entry to reach the disk, :data:`JOURNAL_BUDGET` at most from the
+        command's arrival: Discord's deadline comes first."""
+        received = interaction.extras.get("received", time.monotonic())
+        try:
+            await asyncio.wait_for(asyncio.shield(append), max(0.0, received + JOURNAL_BUDGET - time.monotonic()))
+        except TimeoutError:
+            log.warning("interaction %s: acknowledged before its journal entry was on disk", interaction.id)
 
     async def run_check(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` (a database read, a token count) on the bot's checking threads.
@@ -261,35 +305,80 @@ class JobService:
     # -- queueing ---------------------------------------------------------------------------------
 
     async def submit(self, interaction: discord.Interaction, new: NewJob, note: str | None = None) -> Job:
-        """Queue a job for whoever used the command or pressed the button, then acknowledge and
-        answer with its number, place in line and a Cancel button. The job is stored first, so
-        an acknowledged interaction always has its job."""
+        """Queue a job for whoever used the command or pressed the button, acknowledge, and
+        answer with its number, place in line and a Cancel button (None: the database did not
+        take it; the member is told it will be queued from the journal).
+
+        The command is journaled and stored at once; the acknowledgement waits for the commit
+        until :data:`STORE_BUDGET`, then for the journal alone, so that an acknowledged
+        interaction always has its job, now or from the journal."""
+        request = Request(new.kind, new.params, new.parent_id, interaction.user.id, interaction.guild_id,
+                          interaction.channel_id)  # fmt: skip
+        entry = self.acks.entry(interaction, self.clock(), request)
+        interaction.extras["journaled"] = True
+        journaled = asyncio.ensure_future(self.journal.append(entry))
         # Stored in a group with the other commands of the moment: one commit for all of them.
-        job, position = await self.writes.enqueue(
-            **job_columns(new.params),
-            kind=new.kind,
-            parent_id=new.parent_id,
-            requester_id=interaction.user.id,
-            guild_id=interaction.guild_id,
-            channel_id=interaction.channel_id,
-            interaction_token=interaction.token,
-            interaction_app_id=interaction.application_id,
-            interaction_expires_at=token_expiry(self.clock()),
-            status_channel_id=interaction.channel_id,
-        )
+        store = asyncio.ensure_future(self._store(entry))
+        received = interaction.extras.get("received", time.monotonic())
+        await asyncio.wait({store}, timeout=max(0.0, received + STORE_BUDGET - time.monotonic()))
+        if not store.done():
+            await self._journaled(interaction, journaled)
+            await self.defer(interaction)
+        try:
+            job, position = await store
+        except Exception as error:
+            if not is_database_fault(error):
+                raise  # a refusal or a bug: answered by ``guarded``, the entry closed with the answer
+            return await self._saved(interaction, entry, journaled, error)
+        self.database.succeeded()
+        self.acks.wake()  # the database answers: what waits in the journal can be stored too
         await self.defer(interaction)
         interaction.extras["thinking"] = False  # from now on the message is the job's
-        await self._answered(interaction)
+        interaction.extras.pop("journaled", None)
+        await self.journal.close(interaction.id)
         message_id = interaction.extras.get("message_id") or (await interaction.original_response()).id
         await self.writes.set_status_message(job.id, interaction.channel_id, message_id)
         job.status_message_id = message_id
         await self._announce(job, note, position)
         return job
 
+    async def _store(self, entry: Entry) -> tuple[Job, int | None]:
+        """Store a journaled command's job (once per interaction: the queue sees to that)."""
+        request = entry.request
+        assert request is not None
+        return await self.writes.enqueue(
+            **job_columns(request.params),
+            kind=request.kind,
+            parent_id=request.parent_id,
+            requester_id=request.requester_id,
+            guild_id=request.guild_id,
+            channel_id=request.channel_id,
+            interaction_token=entry.token,
+            interaction_app_id=entry.app_id,
+            interaction_expires_at=entry.expires_at,
+            status_channel_id=request.channel_id,
+        )
+
+    async def _saved(
+        self, interaction: discord.Interaction, entry: Entry, journaled: Awaitable[None], error: BaseException
+    ) -> None:
+        """The database did not take a journaled job: acknowledged (if not yet), told in one line
+        that it will be queued, and handed to the journal's replay."""
+        self.database.failed(error)
+        await self._journaled(interaction, journaled)
+        await self.defer(interaction)
+        interaction.extras["thinking"] = False  # the message stays: it becomes the job's status
+        interaction.extras.pop("journaled", None)
+        self.acks.adopt(entry, interaction, interaction.extras.get("message_id"))
+        try:
+            await interaction.edit_original_response(content=SAVED)
+        except discord.HTTPException as e:
+            log.info("interaction %s: could not say its job is saved (%s)", interaction.id, e)
+
     async def _answered(self, interaction: discord.Interaction) -> None:
-        """The interaction has its job or its answer: a restart need not answer it."""
-        if interaction.extras.pop("ack_recorded", False):
-            await self.writes.forget(ack_key(interaction.id))
+        """The interaction has its answer: a restart must not queue or answer it again."""
+        if interaction.extras.pop("journaled", False):
+            await self.journal.close(interaction.id, answered=True)
 
     async def submit_command(
         self,

@@ -13,11 +13,18 @@ Writers of one process also take turns on a lock of their own (:class:`_WriterTu
 100 ms between tries), so under many small writes a busy process spends its threads asleep while
 the write lock stands free; a lock in the process hands the turn over the moment a commit ends.
 The busy timeout still orders writers of different processes.
+
+Start-up does not wait on another process's write lock: :func:`upgrade` reads the schema's
+revision first and writes nothing when it is current, and :func:`check_writable` takes a lock
+held elsewhere as the proof that the file can be written. PostgreSQL: a thread that serves
+Discord's deadline (:func:`statement_timeout_in_this_thread`) gives every transaction a
+``statement_timeout``, so a stalled server fails its statements instead of holding them.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import weakref
 from pathlib import Path
@@ -59,7 +66,25 @@ def make_engine(url: str | URL = DEFAULT_URL, *, busy_timeout: float = BUSY_TIME
         return _sqlite_engine(parsed, busy_timeout, **kwargs)
     kwargs.setdefault("pool_pre_ping", True)
     kwargs["connect_args"] = {"connect_timeout": 10, **kwargs.get("connect_args", {})}
-    return create_engine(parsed, **kwargs)
+    engine = create_engine(parsed, **kwargs)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        timeout = getattr(_this_thread, "statement_timeout", None)
+        if timeout:
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
+
+    return engine
+
+
+_this_thread = threading.local()
+
+
+def statement_timeout_in_this_thread(seconds: float | None) -> None:
+    """PostgreSQL: every transaction this thread begins from now on gives up a statement after
+    ``seconds`` (None: no limit), with an error the caller reads as the database's fault. For
+    threads that answer members within Discord's deadline (a ThreadPoolExecutor's initializer)."""
+    _this_thread.statement_timeout = seconds
 
 
 def _sqlite_engine(url: URL, busy_timeout: float, **kwargs: Any) -> Engine:
@@ -175,14 +200,37 @@ def check_writable(engine: Engine) -> None:
     if path is None:
         return
     try:
-        with engine.begin() as connection:
-            version = connection.exec_driver_sql("PRAGMA user_version").scalar()
-            connection.exec_driver_sql(f"PRAGMA user_version = {int(version)}")  # a write, same value
-    except sa_exc.OperationalError as error:
-        message = str(error.orig).lower()
-        if any(word in message for word in ("readonly", "read-only", "unable to open", "disk i/o")):
-            raise StorageError(_unwritable(path, error.orig)) from None
-        raise
+        raw = engine.raw_connection()
+    except (sa_exc.OperationalError, sqlite3.OperationalError) as error:  # raw from our connect hook
+        raise _storage_error(path, getattr(error, "orig", None) or error) from None
+    try:
+        connection = raw.driver_connection
+        # No wait: a write lock held by another process (a backup, a VACUUM) proves the file is
+        # writable, and start-up must not wait for it.
+        busy_timeout = connection.execute("PRAGMA busy_timeout").fetchone()[0]
+        connection.execute("PRAGMA busy_timeout = 0")
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            connection.execute(f"PRAGMA user_version = {int(version)}")  # a write, same value
+            connection.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            if "locked" in str(error).lower() or "busy" in str(error).lower():
+                return
+            raise _storage_error(path, error) from None
+        finally:
+            connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout)}")
+    finally:
+        raw.close()
+
+
+def _storage_error(path: Path, error: BaseException) -> BaseException:
+    message = str(error).lower()
+    if any(word in message for word in ("readonly", "read-only", "unable to open", "disk i/o")):
+        return StorageError(_unwritable(path, error))
+    return error
 
 
 def _sqlite_file(engine: Engine) -> Path | None:
@@ -217,6 +265,10 @@ def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
     check_writable(engine)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+    if revision == "head" and _at_head(engine, config):  # nothing to write: no wait for a write lock
+        if engine is not engine_or_url:
+            engine.dispose()
+        return
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
@@ -224,6 +276,16 @@ def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
         command.upgrade(config, revision)
     if engine is not engine_or_url:
         engine.dispose()
+
+
+def _at_head(engine: Engine, config: Any) -> bool:
+    """Whether the schema is at the newest revision already (a read)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    with engine.execution_options(sqlite_begin="DEFERRED").connect() as connection:
+        current = set(MigrationContext.configure(connection).get_current_heads())
+    return current == set(ScriptDirectory.from_config(config).get_heads())
 
 
 def _raw(connection: Any) -> Any:

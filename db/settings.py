@@ -11,3 +11,6 @@ class QueueSettings:
     pending_limit: int = 3
     max_attempts: int = 3
     lease_seconds: float = 120.0
+    #: The bot's journal of pending interactions (bot/journal.py); "": beside the SQLite file, or
+    #: data/sdbot.interactions with PostgreSQL.
+    journal_path: str = ""

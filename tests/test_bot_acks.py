@@ -1,5 +1,6 @@
-"""No acknowledged command without a job: the job is stored before the acknowledgement, and an
-interaction acknowledged early (slow checks) is recorded and answered after a crash."""
+"""No acknowledged command without a job: the job is stored before the acknowledgement (when the
+database answers in time), and an interaction acknowledged early (slow checks) is journaled and
+answered after a crash."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 
 import bot.service
 from bot.acks import RESTARTED
+from bot.journal import InteractionJournal, journal_path
 from bot_harness import bot_config, bot_running, new_queue
-from db.state import StateStore
 from discord_emulator import Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 
@@ -57,16 +58,17 @@ async def test_an_interaction_acknowledged_before_its_job_is_answered_after_a_cr
         async with bot_running(emu, config, queue, None):
             ix = await emu.slash(emu.alice, "imagine", {"prompt": "a lighthouse"})
             assert await ix.wait_ack() == 5  # "thinking…", with no job yet
-            state = StateStore(queue.engine)
-            await emu.wait_for(lambda: state.with_prefix("ack:"), what="the interaction recorded", timeout=120)
+            journal = journal_path(config.queue)
+            assert journal.stat().st_size > 0  # journaled before the acknowledgement
         assert queue.pending_for(emu.alice.id) == []
+        assert [entry.token for entry in InteractionJournal(journal).load()] == [ix.token]
         async with bot_running(emu, config, queue, None):
             await emu.wait_for(
                 lambda: ix.original is not None and ix.original.content == RESTARTED,
                 what="the stranded interaction answered",
                 timeout=120,
             )
-        assert state.with_prefix("ack:") == {}
+        assert InteractionJournal(journal).load() == []
     finally:
         release.set()
 
@@ -83,7 +85,6 @@ async def test_a_slow_check_that_queues_leaves_no_record(setup, monkeypatch):
     async with bot_running(emu, config, queue, None):
         ix = await emu.slash(emu.alice, "imagine", {"prompt": "a lighthouse"})
         await ix.wait_response(lambda m: "queued" in m.content)
-        await emu.wait_for(
-            lambda: StateStore(queue.engine).with_prefix("ack:") == {}, what="the record forgotten", timeout=120
-        )
+        journal = journal_path(config.queue)
+        await emu.wait_for(lambda: journal.stat().st_size == 0, what="the journal entry closed", timeout=120)
     assert len(queue.pending_for(emu.alice.id)) == 1

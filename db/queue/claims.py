@@ -350,12 +350,12 @@ class ClaimsAndLeases(QueueBase):
         one was removed or renamed since they were queued), each with a reason the member sees,
         instead of leaving them in line for a model nobody serves. Returns their ids."""
         now = self.clock()
+        unknown = (Job.status == JobStatus.queued, Job.model.is_not(None), Job.model.not_in(list(known)))
+        with self._read.begin() as session:  # usually none: then no write, which would wait on a lock
+            if session.scalar(select(Job.id).where(*unknown).limit(1)) is None:
+                return []
         with self._write.begin() as session:
-            ids = session.scalars(
-                select(Job.id)
-                .where(Job.status == JobStatus.queued, Job.model.is_not(None), Job.model.not_in(list(known)))
-                .with_for_update(skip_locked=True)
-            ).all()
+            ids = session.scalars(select(Job.id).where(*unknown).with_for_update(skip_locked=True)).all()
             for job in session.scalars(select(Job).where(Job.id.in_(ids))):
                 job.status, job.finished_at = JobStatus.failed, now
                 job.error = (

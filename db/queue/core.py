@@ -63,7 +63,11 @@ class Queue(ClaimsAndLeases, Deliveries):
         it acknowledges the command, so at 100 commands a second this is on every member's path.
 
         The members' rows are locked (PostgreSQL; SQLite already holds the write lock) before
-        their pending jobs are counted, so two concurrent groups cannot both pass a limit."""
+        their pending jobs are counted, so two concurrent groups cannot both pass a limit.
+
+        One interaction has one job: a row whose ``interaction_token`` has a job already gets that
+        job back, not a second one (the bot may store a journaled command again after a failure
+        whose commit did happen, or after a restart)."""
         now = self.clock()
         rows = [
             {"seed": secrets.randbelow(2**32), **fields, "status": JobStatus.queued, "attempts": 0, "created_at": now}
@@ -73,6 +77,8 @@ class Queue(ClaimsAndLeases, Deliveries):
         with self._write.begin() as session:
             self._ensure_members(session, members)
             session.execute(select(Member.user_id).where(Member.user_id.in_(members)).with_for_update())
+            # After the members' locks: a concurrent group storing the same interaction has committed.
+            stored = self._jobs_of_interactions(session, [row.get("interaction_token") for row in rows])
             pending = dict(
                 session.execute(
                     select(Job.requester_id, func.count())
@@ -80,20 +86,47 @@ class Queue(ClaimsAndLeases, Deliveries):
                     .group_by(Job.requester_id)
                 ).all()
             )
-            results: list[Job | QueueError | None] = []
+            results: list[Job | QueueError | int | None] = []  # int: the same job as that row's
             accepted: list[dict[str, Any]] = []
-            for row in rows:
-                member = row["requester_id"]
+            first: dict[str, int] = {}
+            for n, row in enumerate(rows):
+                member, token = row["requester_id"], row.get("interaction_token")
+                if token in stored or token in first:
+                    results.append(stored.get(token, first.get(token)))
+                    continue
                 if pending.get(member, 0) >= self.pending_limit:
                     results.append(PendingLimitExceeded(pending[member], self.pending_limit))
                     continue
                 pending[member] = pending.get(member, 0) + 1
                 results.append(None)
                 accepted.append(row)
+                if token is not None:
+                    first[token] = n
             jobs = iter(self._insert_jobs(session, accepted))
             self._notify(session)
         self._wakeup.notify()
-        return [next(jobs) if result is None else result for result in results]
+        made: list[Job | QueueError] = []
+        for result in results:
+            made.append(next(jobs) if result is None else made[result] if isinstance(result, int) else result)
+        return made
+
+    @staticmethod
+    def _jobs_of_interactions(session: Any, tokens: list[str | None]) -> dict[str, Job]:
+        wanted = [token for token in tokens if token is not None]
+        if not wanted:
+            return {}
+        return {
+            job.interaction_token: job for job in session.scalars(select(Job).where(Job.interaction_token.in_(wanted)))
+        }
+
+    def jobs_for_interactions(self, tokens: list[str]) -> dict[str, int]:
+        """The id of the job stored for each of these interaction tokens that has one (a read)."""
+        if not tokens:
+            return {}
+        with self._read.begin() as session:
+            return dict(
+                session.execute(select(Job.interaction_token, Job.id).where(Job.interaction_token.in_(tokens))).all()
+            )
 
     @staticmethod
     def _insert_jobs(session: Any, rows: list[dict[str, Any]]) -> list[Job]:
