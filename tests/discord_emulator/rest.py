@@ -12,6 +12,7 @@ import fnmatch
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,8 +72,20 @@ class Fault:
 
     def response(self) -> web.Response:
         if self.status == 429:
+            # Discord's rate-limit answer (docs: topics/rate-limits): the JSON body with retry_after
+            # in seconds, Retry-After, and every X-RateLimit-* header (discord.py reads all or none).
             body = {"message": "You are being rate limited.", "retry_after": self.retry_after, "global": False}
-            return _json(body, 429, {"Via": "1.1 google", "Retry-After": str(max(1, round(self.retry_after)))})
+            headers = {
+                "Via": "1.1 google",
+                "Retry-After": str(max(1, round(self.retry_after))),
+                "X-RateLimit-Limit": "5",
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset": f"{time.time() + self.retry_after:.3f}",
+                "X-RateLimit-Reset-After": f"{self.retry_after:.3f}",
+                "X-RateLimit-Bucket": "emulated-bucket",
+                "X-RateLimit-Scope": "user",
+            }
+            return _json(body, 429, headers)
         return _json({"code": self.code, "message": f"{self.status}: emulated failure"}, self.status)
 
 
