@@ -96,9 +96,27 @@ def bucket_rows(n: int) -> int:
 
 
 class UNetGraphs:
-    def __init__(self, compiled: Callable[..., Any], max_graphs: int) -> None:
+    """The denoising network's graphs: a UNet's, or a flow family's transformer's.
+
+    ``pairs``: network rows per image (2 with classifier-free guidance: every image's prompt row,
+    then all its negative-prompt rows; 1 for Flux). ``shared``: inputs without a row per image
+    (Flux's token position ids), passed as they are; ``per_step``: the inputs written every step
+    (the others follow the conditioning).
+    """
+
+    def __init__(
+        self,
+        compiled: Callable[..., Any],
+        max_graphs: int,
+        *,
+        pairs: int = 2,
+        shared: frozenset[str] = frozenset(),
+        per_step: tuple[str, ...] = PER_STEP,
+        what: str = "UNet",
+    ) -> None:
         self._compiled = compiled
-        self.bound = GraphBound("UNet", max_graphs)  # keys: (bucket, latent shape, tokens, masked)
+        self.pairs, self.shared, self.per_step = pairs, shared, per_step
+        self.bound = GraphBound(what, max_graphs)  # keys: (bucket, latent shape, tokens, masked)
         self.conditioning_writes = 0  # times a graph's conditioning buffers were written (joins and leaves)
         self._padding: dict[int, tuple[int, Tensor]] = {}  # rows -> (bucket, index of the padded rows)
         self._buffers: dict[tuple, tuple[Any, dict[str, Any]]] = {}  # key -> (conditioning written, buffers)
@@ -127,31 +145,33 @@ class UNetGraphs:
     def inputs(self, key: tuple, n: int, inputs: dict[str, Any], cond: Any) -> tuple[int, dict[str, Any]]:
         """The bucket and the graph's buffers, holding ``inputs``' rows padded to it: the per-step
         inputs written now, the conditioning only when it is not the one written last."""
-        bucket, index = self._bucket(n, inputs["sample"].device)
+        device = _tensors(inputs)[0].device
+        bucket, index = self._bucket(n, device)
         held = self._buffers.get(key)
+        rows = {name: value for name, value in inputs.items() if name not in self.shared}
         if held is None:
-            buffers = _take_rows(inputs, index)
+            buffers = _take_rows(rows, index)
             for tensor in _tensors(buffers):
                 torch._dynamo.mark_static_address(tensor)
             self._buffers[key] = (cond, buffers)
             self.conditioning_writes += 1
-            return bucket, buffers
+            return bucket, buffers | {name: inputs[name] for name in self.shared}
         written, buffers = held
-        names = PER_STEP if cond is written else list(inputs)
+        names = self.per_step if cond is written else list(rows)
         for name in names:
             _write_rows(buffers[name], inputs[name], index)
         if cond is not written:
             self._buffers[key] = (cond, buffers)
             self.conditioning_writes += 1
-        return bucket, buffers
+        return bucket, buffers | {name: inputs[name] for name in self.shared}
 
     def _bucket(self, n: int, device: torch.device) -> tuple[int, Tensor]:
-        """The padded row count for ``n`` rows and which of the 2n UNet rows fill the 2 x bucket
-        (made once per row count, so a step copies nothing to the device)."""
+        """The padded row count for ``n`` images and which of the network's ``pairs * n`` rows
+        fill its ``pairs * bucket`` (made once per row count, so a step copies nothing to the device)."""
         if n not in self._padding:
             bucket = bucket_rows(n)
             positive = list(range(n)) + [n - 1] * (bucket - n)
-            index = torch.tensor(positive + [n + i for i in positive], device=device)
+            index = torch.tensor([pair * n + i for pair in range(self.pairs) for i in positive], device=device)
             self._padding[n] = bucket, index
         return self._padding[n]
 

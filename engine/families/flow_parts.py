@@ -7,13 +7,11 @@ predicts the velocity ``v = noise - x0`` at ``sigma``, so ``x0 = x - sigma * v``
 (:mod:`engine.families.flow`). The batch reads a denoiser's timesteps and input scales from its
 tables (:meth:`timesteps`, :meth:`input_scale`).
 
-Compiled graphs (``engine.compile``) are made for the SD families' UNet only so far: a flow
-denoiser runs eager and says so once in the log when asked to compile.
+Compiled graphs (``engine.compile``) work as for the SD families' UNet (:meth:`FlowDenoiser.compile`).
 """
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
@@ -22,34 +20,37 @@ import torch
 from torch import Tensor
 
 from engine.families.flow import FlowNoise
+from engine.graphs import UNetGraphs
 from engine.prompt_syntax import strip_lora_tags
+from engine.sampler_graphs import SamplerGraphs
 from engine.sampler_steps import rows
-
-log = logging.getLogger(__name__)
 
 E = TypeVar("E")
 
 
 class PromptCache(Generic[E]):
-    """Encoded prompts by (prompt, anything else the encoding depends on), least recently used out."""
+    """Encoded prompts by (variant, prompt), least recently used out. ``variant`` is what else the
+    encoding depends on: the LoRA set applied to the text encoders (a prompt encoder's ``variant``,
+    which :meth:`engine.pipeline.Pipeline.use_loras` sets, as for the SD families' encoder)."""
 
     def __init__(self, encode: Callable[[str], E], size: int = 64) -> None:
         self.encode, self.size = encode, size
         self._cache: OrderedDict[Hashable, E] = OrderedDict()
 
-    def __call__(self, prompt: str) -> E:
-        if prompt in self._cache:
-            self._cache.move_to_end(prompt)
-            return self._cache[prompt]
-        encoded = self._cache[prompt] = self.encode(prompt)
+    def __call__(self, prompt: str, variant: Hashable = ()) -> E:
+        key = (variant, prompt)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        encoded = self._cache[key] = self.encode(prompt)
         if len(self._cache) > self.size:
             self._cache.popitem(last=False)
         return encoded
 
 
 def plain_prompt(prompt: str) -> str:
-    """The text a flow family's encoders read: LoRA tags are not text (and LoRAs are refused on
-    these families before a job gets here: see :meth:`engine.pipeline.Pipeline.check`)."""
+    """The text a flow family's encoders read: LoRA tags are not text (:class:`engine.lora.LoraLibrary`
+    applies them to the model)."""
     return strip_lora_tags(prompt)
 
 
@@ -70,27 +71,51 @@ def clip_ids(tokenizer, prompt: str, device: torch.device) -> Tensor:
 
 
 class FlowDenoiser:
-    """``x0 = x - sigma * v(x, sigma, cond)`` for a flow transformer; subclasses run the network."""
+    """``x0 = x - sigma * v(x, sigma, cond)`` for a flow transformer; subclasses run the network.
+
+    :meth:`compile` (``engine.compile``) runs the transformer in the bounded set of graphs of
+    :mod:`engine.graphs`, rows padded to buckets in input buffers of their own, and the samplers'
+    step after it in :mod:`engine.sampler_graphs`, as the SD families' UNet does.
+    """
+
+    #: Network rows per image: 2 with classifier-free guidance (SD 3.5), 1 without (Flux).
+    pairs = 2
+    #: Network inputs without a row per image (passed as they are to a graph).
+    shared_inputs: frozenset[str] = frozenset()
+    family = "flow"
 
     def __init__(self, network, noise: FlowNoise) -> None:
         self.network = network
         self.noise = noise
         self.dtype = network.dtype
         self.device = network.device
-        self.sampler_graphs = None  # the batch's compiled sampler step: not made for flow families yet
-        self._warned = False
+        self.unet_graphs: UNetGraphs | None = None  # the transformer's graphs (named as the UNet's in /metrics)
+        self.sampler_graphs: SamplerGraphs | None = None
 
-    # What the worker and /metrics read of a compiled denoiser: nothing is compiled here.
-    compiled = False
-    graphs: dict = {}
-    eager_calls = 0
+    @property
+    def compiled(self) -> bool:
+        return self.unet_graphs is not None
+
+    @property
+    def graphs(self) -> dict[tuple, int]:
+        return {} if self.unet_graphs is None else self.unet_graphs.graphs
+
+    @property
+    def eager_calls(self) -> int:
+        return 0 if self.unet_graphs is None else self.unet_graphs.eager_calls
 
     def compile(self, compiler: Callable[[Callable[..., Any]], Callable[..., Any]], max_graphs: int = 24) -> None:
-        if not self._warned:
-            log.warning("engine.compile is not available for %s models yet: this model runs eager", self.family)
-            self._warned = True
-
-    family = "flow"
+        """As :meth:`engine.denoiser.Denoiser.compile`, for the transformer. Once per model."""
+        if self.unet_graphs is None:
+            self.unet_graphs = UNetGraphs(
+                compiler(self.network),
+                max_graphs,
+                pairs=self.pairs,
+                shared=self.shared_inputs,
+                per_step=("hidden_states", "timestep"),
+                what=f"{self.family} transformer",
+            )
+            self.sampler_graphs = SamplerGraphs(compiler, max_graphs)
 
     def timesteps(self, sigma: Tensor) -> Tensor:
         return self.noise.timesteps(sigma)
@@ -108,6 +133,15 @@ class FlowDenoiser:
         t = (sigma.float() * self.noise.time_scale) if timesteps is None else timesteps[:n]
         velocity = self.velocity(x, t, cond)
         return x - velocity * rows(sigma)
+
+    def run(self, n: int, network_in: Tensor, cond, inputs: dict[str, Any]) -> tuple[Tensor, int]:
+        """The network's output for ``inputs`` (``n`` images' rows), through a graph when compiled,
+        and the bucket its rows were padded to (``n`` when eager): rows ``[pair * bucket + i]``."""
+        bucket, run = n, self.network
+        graphs = self.unet_graphs
+        if graphs is not None and (key := graphs.admit(n, network_in, cond)) is not None:
+            (bucket, inputs), run = graphs.inputs(key, n, inputs, cond), graphs.run
+        return run(**inputs, return_dict=False)[0], bucket
 
     def velocity(self, x: Tensor, t: Tensor, cond) -> Tensor:
         """The network's guided velocity for rows ``x`` at timesteps ``t`` ([rows], sigma * 1000)."""

@@ -16,6 +16,7 @@ Read from diffusers' ``FluxPipeline``, which the tests compare with on the same 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,7 @@ class FluxConditioning:
     pooled: Tensor  # [rows, width]
     guidance: Tensor  # [rows] float32: the distilled guidance scale (unused by schnell)
     image: None = None  # no inpainting variant
+    mask: None = None  # every row's T5 tokens are padded to the same length: nothing to mask
 
     @property
     def rows(self) -> int:
@@ -64,15 +66,19 @@ class FluxPrompts:
         self.device, self.dtype = device, dtype
         self.t5_tokens = min(MAX_T5_TOKENS, int(self.t5_tokenizer.model_max_length))
         self._cache = PromptCache(self._encode)
+        self.variant: Hashable = ()  # the LoRA set in use (Pipeline.use_loras): part of the cache key
 
     def __call__(self, prompt: str) -> FluxPrompt:
-        return self._cache(plain_prompt(prompt))
+        return self._cache(plain_prompt(prompt), self.variant)
 
     @torch.inference_mode()
     def _encode(self, prompt: str) -> FluxPrompt:
-        pooled = self.clip(clip_ids(self.clip_tokenizer, prompt, self.device), output_hidden_states=False).pooler_output
-        hidden = self.t5(t5_ids(self.t5_tokenizer, prompt, self.t5_tokens, self.device), output_hidden_states=False)[0]
-        return FluxPrompt(hidden=hidden[0].to(self.dtype), pooled=pooled[0].to(self.dtype))
+        # The encoders may run on the CPU (engine.text_encoders): ids go to theirs, results to the model's.
+        clip_in = clip_ids(self.clip_tokenizer, prompt, self.clip.device)
+        pooled = self.clip(clip_in, output_hidden_states=False).pooler_output
+        t5_in = t5_ids(self.t5_tokenizer, prompt, self.t5_tokens, self.t5.device)
+        hidden = self.t5(t5_in, output_hidden_states=False)[0]
+        return FluxPrompt(hidden=hidden[0].to(self.device, self.dtype), pooled=pooled[0].to(self.device, self.dtype))
 
     def conditioning(self, prompt: str, negative_prompt: str, *, rows: int, guidance: float, **_) -> FluxConditioning:
         """One job's rows. ``negative_prompt`` has no effect on Flux (checked before: see the module doc)."""
@@ -110,6 +116,8 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tenso
 
 class FluxDenoiser(FlowDenoiser):
     family = "flux"
+    pairs = 1  # no negative-prompt rows
+    shared_inputs = frozenset({"txt_ids", "img_ids"})
 
     def __init__(self, transformer, noise: FlowNoise) -> None:
         super().__init__(transformer, noise)
@@ -126,14 +134,16 @@ class FluxDenoiser(FlowDenoiser):
     def velocity(self, x: Tensor, t: Tensor, cond: FluxConditioning) -> Tensor:
         n, _, h, w = x.shape
         img, txt = self.ids(h, w, cond.embeds.shape[1])
-        out = self.network(
-            hidden_states=pack(x.to(self.dtype)),
+        packed = pack(x.to(self.dtype))
+        inputs = dict(
+            hidden_states=packed,
             timestep=t.to(self.dtype) / 1000,
-            guidance=cond.guidance if self.guidance_embeds else None,
             pooled_projections=cond.pooled,
             encoder_hidden_states=cond.embeds,
             txt_ids=txt,
             img_ids=img,
-            return_dict=False,
-        )[0]
-        return unpack(out.float(), h, w)
+        )
+        if self.guidance_embeds:
+            inputs["guidance"] = cond.guidance
+        out, _ = self.run(n, packed, cond, inputs)
+        return unpack(out[:n].float(), h, w)

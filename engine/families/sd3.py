@@ -16,6 +16,8 @@ weights and noise:
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 from torch import Tensor
 
@@ -41,23 +43,25 @@ class SD3Prompts:
         limit = MAX_T5_TOKENS if self.t5_tokenizer is None else int(self.t5_tokenizer.model_max_length)
         self.t5_tokens = min(MAX_T5_TOKENS, limit)
         self._cache = PromptCache(self._encode)
+        self.variant: Hashable = ()  # the LoRA set in use (Pipeline.use_loras): part of the cache key
 
     def __call__(self, prompt: str) -> tuple[Tensor, Tensor]:
-        return self._cache(plain_prompt(prompt))
+        return self._cache(plain_prompt(prompt), self.variant)
 
     @torch.inference_mode()
     def _encode(self, prompt: str) -> tuple[Tensor, Tensor]:
         """``(hidden [tokens, width], pooled [width])`` for one prompt."""
         hiddens, pooled = [], []
-        for tokenizer, encoder in self.clips:
-            out = encoder(clip_ids(tokenizer, prompt, self.device), output_hidden_states=True)
-            hiddens.append(out.hidden_states[-2].to(self.dtype))
-            pooled.append(out[0])
+        for tokenizer, encoder in self.clips:  # on the CPU or the device (engine.text_encoders)
+            out = encoder(clip_ids(tokenizer, prompt, encoder.device), output_hidden_states=True)
+            hiddens.append(out.hidden_states[-2].to(self.device, self.dtype))
+            pooled.append(out[0].to(self.device))
         clip = torch.cat(hiddens, dim=-1)
         if self.t5 is None:
             t5 = torch.zeros(1, self.t5_tokens, self.joint_width, device=self.device, dtype=self.dtype)
         else:
-            t5 = self.t5(t5_ids(self.t5_tokenizer, prompt, self.t5_tokens, self.device))[0].to(self.dtype)
+            t5 = self.t5(t5_ids(self.t5_tokenizer, prompt, self.t5_tokens, self.t5.device))[0]
+            t5 = t5.to(self.device, self.dtype)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2)[0], torch.cat(pooled, dim=-1)[0].to(self.dtype)
 
@@ -81,12 +85,13 @@ class SD3Denoiser(FlowDenoiser):
     def velocity(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         n = x.shape[0]
         model_in = x.to(self.dtype)
-        out = self.network(
+        inputs = dict(
             hidden_states=torch.cat([model_in, model_in]),
             timestep=torch.cat([t, t]),
             encoder_hidden_states=cond.embeds,
             pooled_projections=cond.added["pooled"],
-            return_dict=False,
-        )[0].float()
-        positive, negative = out[:n], out[n:]
+        )
+        out, bucket = self.run(n, model_in, cond, inputs)
+        out = out.float()
+        positive, negative = out[:n], out[bucket : bucket + n]
         return negative + rows(cond.guidance) * (positive - negative)
