@@ -58,6 +58,16 @@ async def run(config: Config, *, engine: bool = True, sync: bool = False, config
     from db.errors import StorageError
     from ops import OpsServerError
 
+    safety_check = None
+    if config.safety.enabled:  # a missing or broken classifier stops the start, in one line
+        from bot.safety.classifier import ClassifierError
+        from bot.wiring import load_safety
+
+        try:
+            safety_check = await asyncio.to_thread(load_safety, config)
+        except ClassifierError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     try:
         db, queue = await asyncio.to_thread(open_database, config)
     except StorageError as e:  # a read-only database file or folder: one line, what to do
@@ -83,7 +93,9 @@ async def run(config: Config, *, engine: bool = True, sync: bool = False, config
         except ConfigError as e:  # e.g. engine.device = "cuda" on a machine without one
             print(f"error: {e}", file=sys.stderr)
             return 2
-    app = build_bot(config, queue, worker, engine_process=child, model_family=family, force_sync=sync)
+    app = build_bot(
+        config, queue, worker, engine_process=child, model_family=family, safety_check=safety_check, force_sync=sync
+    )
     bot = app.bot
     if worker is not None:
         worker.start()

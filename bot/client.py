@@ -25,6 +25,7 @@ from bot.cogs import all_cogs
 from bot.config import Config
 from bot.delivery import Delivery
 from bot.inputs import BadInput, limit_pillow, warm_up_token_counter
+from bot.safety.moderation import Moderation
 from bot.service import OUR_FAULT, JobService
 from bot.sync import sync_commands
 from bot.transformers import Options
@@ -79,11 +80,12 @@ class SDBot(commands.Bot):
         self._tasks: list[asyncio.Task] = []
         limit_pillow()
 
-    def attach(self, service: JobService, delivery: Delivery, runner: Any | None) -> None:
+    def attach(self, service: JobService, delivery: Delivery, runner: Any | None, moderation: Moderation) -> None:
         """What the client serves: the job service (for the cogs and the buttons), the delivery
-        loop and the queue runner (or None), started in ``setup_hook``. They are made after the
-        client because delivery talks to Discord through it (``bot.delivery.ports``)."""
-        self.service, self.delivery, self.runner = service, delivery, runner
+        loop and the queue runner (or None), started in ``setup_hook``, and the image policy's
+        moderation (Report, Reveal, ``/server review``). They are made after the client because
+        delivery talks to Discord through it (``bot.delivery.ports``)."""
+        self.service, self.delivery, self.runner, self.moderation = service, delivery, runner, moderation
 
     def interaction_webhook(self, app_id: int, token: str) -> discord.Webhook:
         """The webhook of an interaction, to edit its original response (delivery's status messages)."""
@@ -95,7 +97,7 @@ class SDBot(commands.Bot):
         # The prompt token counter takes about a second to build: now, beside the command sync,
         # and done before the gateway connects, so that no member's first command waits on it.
         warm_up = asyncio.get_running_loop().run_in_executor(None, warm_up_token_counter)
-        for cog in all_cogs(self.service, Options.of(self.config), self):
+        for cog in all_cogs(self.service, Options.of(self.config), self, self.moderation):
             await self.add_cog(cog)
         self.tree.on_error = self.on_app_command_error
         await sync_commands(self.tree, self.state, self.config.discord.guild_ids, force=self.force_sync)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from bot.safety.settings import SafetySettings, parse_safety
 from engine.settings import (
     ConfigError,
     EngineSettings,
@@ -50,6 +51,7 @@ class Config:
     models: tuple[ModelSettings, ...] = ()  # the other models (``[models.<name>]``), besides the default
     ops: OpsSettings = OpsSettings()  # ``[ops]``: the health and metrics endpoint (off by default)
     upscalers: UpscalerSettings = UpscalerSettings()  # ``[upscalers]``: the U buttons' models
+    safety: SafetySettings = SafetySettings()  # ``[safety]``: the image classifier and its default policy
 
     def model_settings(self, name: str | None) -> ModelSettings:
         """The configured model called ``name``; the default model for None or a name not configured."""
@@ -75,6 +77,7 @@ def load_config(
     engine_part = parse_engine_sections(raw)
     queue = parse_queue_section(raw)
     discord: DiscordSettings = section(raw, "discord", DiscordSettings)
+    safety = parse_safety(raw)
     try:
         ops = parse_ops(raw.get("ops", {}))
     except OpsConfigError as e:
@@ -125,4 +128,5 @@ def load_config(
         models=engine_part.models,
         ops=ops,
         upscalers=engine_part.upscalers,
+        safety=safety,
     )

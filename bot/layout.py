@@ -6,6 +6,7 @@ from discord import ui
 
 from bot import jobs, views_edit
 from bot.views import Cancel, Delete, Edit, Info, Reroll, Upscale, Vary
+from bot.views_safety import Report, Reveal
 from db.models import Job
 
 
@@ -16,10 +17,10 @@ def queued_view(job_id: int) -> ui.View:
     return view
 
 
-def result_view(job: Job, image_count: int) -> ui.View:
+def result_view(job: Job, image_count: int, *, reveal: bool = False) -> ui.View:
     """The buttons under a result, within Discord's 5 rows of 5: one image has its editing
     buttons (Vary (Region), Zoom Out, Make Square, Pan) on rows 3-4; a grid has a menu to pick
-    the image to edit."""
+    the image to edit. Every result with images has Report; a blurred one (``reveal``) Reveal."""
     view = ui.View(timeout=None)
     if image_count == 0:  # failed: nothing to vary or upscale
         for item in (Reroll(job.id, row=0), Edit(job.id, row=0), Info(job.id, row=0)):
@@ -28,8 +29,11 @@ def result_view(job: Job, image_count: int) -> ui.View:
     if image_count > 1:
         for item in (Reroll(job.id, row=0), Edit(job.id, row=0), Info(job.id, row=0), Delete(job.id, row=0)):
             view.add_item(item)
+        view.add_item(Report(job.id, row=0))
         for i in range(image_count):
             view.add_item(Vary(job.id, i, jobs.GRID_VARIATION, grid=True, row=1))
+        if reveal:  # at most 4 images: row 1 has room
+            view.add_item(Reveal(job.id, row=1))
         for i in range(image_count):
             view.add_item(Upscale(job.id, i, grid=True, row=2))
         view.add_item(views_edit.PickImage(job.id, image_count, row=3))
@@ -42,6 +46,8 @@ def result_view(job: Job, image_count: int) -> ui.View:
         Edit(job.id, row=1),
         Info(job.id, row=1),
         Delete(job.id, row=1),
+        Report(job.id, row=1),
+        *([Reveal(job.id, row=1)] if reveal else []),
     ):
         view.add_item(item)
     views_edit.add_edit_buttons(view, job, 0, first_row=2)
@@ -60,6 +66,9 @@ def describe_buttons(upscaler: str = "Lanczos") -> str:
             "**U1-U4** under a grid offer both for that image.",
             "✏️ **Edit**: change the prompts, keep the seed. ℹ️ **Info**: every parameter.",
             "🗑️ **Delete** and ✖️ **Cancel**: the requester or members with Manage Messages.",
+            "🚩 **Report**: any member, once per result; enough reports hide it (blurred) until a "
+            "moderator decides (`/server review`). 👁️ **Reveal** under a blurred result shows the "
+            "original only in an age-restricted channel, or by DM to its requester where the server allows it.",
             "🖌️ **Vary (Region)**: pick squares of the image and a prompt; only they change. "
             "🔍 **Zoom Out 1.5x/2x**, ⬅️➡️⬆️⬇️ **Pan**, ⏹️ **Make Square**: a bigger canvas, its new part drawn to match.",
             "Anyone may press Reroll, Vary, Upscale, Edit and the editing buttons; the new job is theirs.",

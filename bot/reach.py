@@ -52,6 +52,29 @@ class ServesJobs(Protocol):
     service: ButtonService
 
 
+class ModerationButtons(Protocol):
+    """What the image policy's buttons (Report, Reveal) call: ``bot.safety.moderation.Moderation``."""
+
+    async def report(self, interaction: discord.Interaction, job_id: int) -> None: ...
+
+    async def reveal(self, interaction: discord.Interaction, job_id: int) -> None: ...
+
+
+@runtime_checkable
+class ModeratesImages(Protocol):
+    """A client that carries the image policy's moderation (``bot.client.SDBot``)."""
+
+    moderation: ModerationButtons
+
+
+def moderation_of(interaction: discord.Interaction) -> ModerationButtons:
+    """The image moderation of the client that received ``interaction``."""
+    client = interaction.client
+    if not isinstance(client, ModeratesImages):
+        raise TypeError(f"{type(client).__name__} carries no image moderation")
+    return client.moderation
+
+
 def service_of(interaction: discord.Interaction) -> ButtonService:
     """The job service of the client that received ``interaction``."""
     client = interaction.client

@@ -120,6 +120,11 @@ def info_text(job: Job, model_name: str, position: int | None = None) -> str:
         lines.append(f"**Negative:** {escape(job.negative_prompt)}")
     lines += [f"**{name}:** {value}" for name, value in parameter_lines(job, model_name)]
     lines.append(f"**Kind:** {job.kind.value}, {job.count} image{'s' if job.count > 1 else ''}")
+    if job.safety_flagged is not None:
+        check = f"**Image check:** {'flagged, ' if job.safety_flagged else ''}{safety_text(job)}"
+        check += f" → {job.safety_action}" if job.safety_action else ""
+        check += f" ({job.safety_review})" if job.safety_review else ""
+        lines.append(check)
     return clip("\n".join(lines), 2000)
 
 
@@ -146,6 +151,32 @@ def result_message(job: Job, images: Sequence[ResultImage], model_name: str, *, 
     if len(files) < len(images) + (1 if len(images) > 1 else 0):
         content += " (some images were too large to attach)"
     return ResultMessage(content=content, embed=embed, files=files)
+
+
+def withheld_message(job: Job) -> ResultMessage:
+    """The message in place of a result the server's image policy withholds here."""
+    embed = discord.Embed(description=clip(escape(job.prompt), 4000), colour=COLOR_FAILED)
+    embed.set_footer(text=job_title(job))
+    return ResultMessage(content=f"<@{job.requester_id}> {withheld_line(job)}", embed=embed)
+
+
+def withheld_line(job: Job) -> str:
+    """One line telling the requester their result is withheld, and why."""
+    return (
+        f"**{job_title(job)}**: the image was withheld by this server's image filter ({safety_text(job)}); "
+        "its moderators can review it."
+    )
+
+
+def safety_text(job: Job) -> str:
+    """``nsfw 93%`` / ``clean`` / ``could not be checked`` / ``not checked``."""
+    if job.safety_flagged is None:
+        return "not checked"
+    if job.safety_label == "unclassified":
+        return "could not be checked"
+    if job.safety_label is None or job.safety_score is None:
+        return "clean"
+    return f"{escape(job.safety_label)} {job.safety_score:.0%}"
 
 
 def failure_message(job: Job) -> ResultMessage:

@@ -39,6 +39,7 @@ from bot.jobs import NewJob
 from bot.journal import Entry, InteractionJournal, Request, journal_path
 from bot.masks import load_mask
 from bot.policy import Asked, Asker
+from bot.safety.results import ResultChecks
 from db.community import DAY, Admission, Community
 from db.errors import QueueError
 from db.faults import DatabaseHealth, is_database_fault
@@ -79,7 +80,10 @@ class JobService:
         *,
         clock: Callable[[], datetime],
         allowed_hosts: frozenset[str],
+        checks: ResultChecks | None = None,
     ) -> None:
+        """``checks``: the image policy, which uploads pass before their job is stored."""
+        self.checks = checks
         self.config = config
         self.styles = styles
         self.acks = acks
@@ -244,6 +248,9 @@ class JobService:
                 load_mask, await self.download(mask.url, dc.max_attachment_bytes), (init.width, init.height)
             )
             params = params.but(mask=mask_png)
+        if self.checks is not None:  # a flagged upload is refused here, before any job is stored
+            uploads = [init.png] if mask is None else [init.png, params.mask]
+            await self.checks.check_upload(uploads, seen.policy, age_restricted=policy.is_nsfw_channel(asker))
         return await self.run_check(self._gated, asker, seen, params)
 
     def _checked(self, asker: Asker, asked: Asked) -> tuple[GenerationParams, str | None]:

@@ -64,8 +64,25 @@ def server_settings_text(policy: ServerPolicy, barred: list[int], config: Config
         f"default model: {limit(policy.default_model, config.model.display_name)}; "
         f"CLIP skip: {limit(policy.clip_skip, models_own)}",
         f"barred members: {', '.join(f'<@{u}>' for u in barred) or 'none'}",
+        safety_settings_line(policy, config),
     ]
     return "\n".join(lines)
+
+
+def safety_settings_line(policy: ServerPolicy, config: Config) -> str:
+    """The image filter's line of /server show (``/server safety``)."""
+    safety = config.safety
+    if not safety.enabled:
+        return "image filter: off *(no classifier configured)*"
+    mode = f"**{policy.safety_mode}**" if policy.safety_mode else f"{safety.mode} *(bot default)*"
+    labels = ", ".join(policy.safety_labels or safety.labels)
+    threshold = policy.safety_threshold if policy.safety_threshold is not None else safety.threshold
+    reports = policy.reports_to_hide or safety.reports_to_hide
+    strikes = f"barred after {policy.strikes} withheld" if policy.strikes else "no strikes"
+    return (
+        f"image filter: {mode} for {render.escape(labels)} at {threshold:g} outside age-restricted channels; "
+        f"Reveal by DM: {'yes' if policy.reveal_in_dm else 'no'}; hidden after {reports} reports; {strikes}"
+    )
 
 
 def stats_text(stats: ServerStats, member_name: Any) -> str:
@@ -82,6 +99,9 @@ def stats_text(stats: ServerStats, member_name: Any) -> str:
             f"**average generation:** {seconds(stats.avg_generation_seconds)}",
             f"**Queue now:** {stats.queued_here} waiting and {stats.running_here} running here; "
             f"{stats.queued_everywhere} waiting on all servers",
+            "**Image filter this week:** "
+            + (", ".join(f"{n} {action}" for action, n in sorted(stats.safety_week.items())) or "nothing checked")
+            + f"; {stats.reported_week} reported",
             "**Top members this week:**",
             top or "nobody yet",
             "*Days and weeks are in UTC; weeks start on Monday.*",
@@ -97,5 +117,6 @@ def audit_text(entries: list[Any]) -> str:
         ts = int(e.created_at.timestamp())
         target = f" <@{e.target_id}>" if e.target_id else ""
         change = f"{render.escape(e.old_value or '—')} → {render.escape(e.new_value or '—')}"
-        lines.append(f"<t:{ts}:f> <@{e.actor_id}> **{e.action}**{target}: {render.excerpt(change, 120)}")
+        actor = "the image filter" if e.actor_id == 0 else f"<@{e.actor_id}>"
+        lines.append(f"<t:{ts}:f> {actor} **{e.action}**{target}: {render.excerpt(change, 120)}")
     return render.clip("\n".join(lines), 1900)

@@ -22,10 +22,14 @@ from bot.config import Config
 from bot.delivery import Delivery
 from bot.engine_process import EngineProcess
 from bot.inputs import DISCORD_CDN_HOSTS
+from bot.safety.classifier import ImageClassifier, SafetyCheck
+from bot.safety.moderation import Moderation
+from bot.safety.results import ResultChecks
 from bot.service import JobService
 from db.community import Community
 from db.faults import DatabaseHealth, until_reachable
 from db.queue import Queue
+from db.safety import SafetyRecords
 from db.session import make_engine, upgrade
 from db.state import StateStore
 from db.styles import Styles
@@ -78,6 +82,14 @@ def load_engine(config: Config) -> tuple[Any, str]:
     return worker, worker.pipeline.model.info.family  # loads the default model now: a bad one stops the start
 
 
+def load_safety(config: Config) -> SafetyCheck:
+    """Load ``[safety] classifier`` (slow: call it in a thread); raises ClassifierError, one line."""
+    settings = config.safety
+    classifier = ImageClassifier.load(settings.classifier, batch_size=settings.batch_size, device=settings.device)
+    log.info("image check: %s (labels %s)", settings.classifier, ", ".join(classifier.labels))
+    return SafetyCheck(classifier)
+
+
 def build_bot(
     config: Config,
     queue: Queue,
@@ -86,13 +98,15 @@ def build_bot(
     worker_name: str = "bot",
     engine_process: EngineProcess | None = None,
     model_family: str | None = None,
+    safety_check: SafetyCheck | None = None,
     poll_interval: float = 1.0,
     **client_options: Any,
 ) -> BotApp:
     """The bot over ``queue``, with a queue runner feeding ``worker``, or with its engine in the
     child process ``engine_process`` (both None: GPU workers run in other processes). The worker
     (or the child) is started by the caller; the in-process worker's jobs left running by its
-    previous run are put back in line here (the child recovers its own)."""
+    previous run are put back in line here (the child recovers its own). ``safety_check``: the
+    loaded image classifier (None: loaded here when ``[safety] classifier`` is set)."""
     clock = client_options.get("clock", utcnow)
     community = Community(queue.engine, clock=clock)
     styles = Styles(queue.engine, clock=clock)
@@ -108,6 +122,10 @@ def build_bot(
     database = DatabaseHealth(logging.getLogger("bot"))  # one for the process: each change said once
     allowed_hosts = client_options.pop("allowed_hosts", DISCORD_CDN_HOSTS)
     bot = SDBot(config, queue, state, **client_options)
+    if safety_check is None and config.safety.enabled:
+        safety_check = load_safety(config)
+    records = SafetyRecords(queue.engine, clock=clock)
+    checks = ResultChecks(safety_check, config.safety, queue, community, records, on_action=metrics.image_checked)
     delivery = Delivery(
         bot,
         queue,
@@ -117,6 +135,7 @@ def build_bot(
         community=community,
         state=state,
         database=database,
+        checks=checks,
     )
 
     def finished(job_id: int) -> None:
@@ -161,8 +180,10 @@ def build_bot(
         PendingAcks(state, queue.engine),
         clock=clock,
         allowed_hosts=allowed_hosts,
+        checks=checks,
     )
-    bot.attach(service, delivery, runner)
+    moderation = Moderation(bot, queue, community, records, checks, delivery.poster)
+    bot.attach(service, delivery, runner, moderation)
     if worker is not None:
         from engine.graphs import graph_counts
 

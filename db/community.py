@@ -40,6 +40,7 @@ from db.models import (
     Job,
     JobStatus,
     MemberSettings,
+    ResultReport,
     ServerSettings,
 )
 from db.session import session_makers
@@ -59,12 +60,14 @@ __all__ = [
 _NO_UPDATE_SYNC = {"synchronize_session": False}
 MEMBER_FIELDS = frozenset(f.name for f in fields(MemberDefaults))
 SERVER_FIELDS = frozenset(f.name for f in fields(ServerPolicy))
-_LIST_FIELDS = frozenset({"allowed_channel_ids", "nsfw_words"})
+_LIST_FIELDS = frozenset({"allowed_channel_ids", "nsfw_words", "safety_labels"})
 _SERVER_ROW_DEFAULTS = {
     "allowed_channel_ids": [],
     "nsfw_words": [],
     "cooldown_seconds": 0,
     "paused": False,
+    "safety_labels": [],
+    "reveal_in_dm": False,
 }
 
 
@@ -400,6 +403,18 @@ class Community:
             queued_everywhere = session.scalar(
                 select(func.count()).select_from(Job).where(Job.status == JobStatus.queued)
             )
+            safety = dict(
+                session.execute(
+                    select(Job.safety_action, func.count())
+                    .where(here, Job.created_at >= week, Job.safety_action.is_not(None))
+                    .group_by(Job.safety_action)
+                ).all()
+            )
+            reported = session.scalar(
+                select(func.count(func.distinct(ResultReport.job_id)))
+                .join(Job, Job.id == ResultReport.job_id)
+                .where(here, Job.created_at >= week)
+            )
         return ServerStats(
             jobs_today=jobs_today,
             jobs_week=sum(by_status.values()),
@@ -410,4 +425,6 @@ class Community:
             queued_here=pending.get(JobStatus.queued, 0),
             running_here=pending.get(JobStatus.running, 0),
             queued_everywhere=queued_everywhere,
+            safety_week=safety,
+            reported_week=reported or 0,
         )

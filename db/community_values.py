@@ -3,7 +3,7 @@ usage, admission and stats, each frozen, with the bot's defaults where nothing w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 #: How far back a member's daily limit looks: any 24 hours, not the calendar day.
@@ -52,6 +52,13 @@ class ServerPolicy:
     default_model: str | None = None
     clip_skip: int | None = None  # None: each model's own (its config table's clip_skip)
     paused: bool = False
+    # /server safety (bot/safety): None or empty where the server chose nothing ([safety]'s values)
+    safety_mode: str | None = None  # off, spoiler, blur, withhold
+    safety_labels: tuple[str, ...] = ()  # the classifier's labels that count
+    safety_threshold: float | None = None  # the score at which they count
+    reveal_in_dm: bool = False  # a blurred result's Reveal may DM the original to its requester
+    reports_to_hide: int | None = None  # members' reports that hide a result until a moderator decides
+    strikes: int | None = None  # withheld results after which a member is barred; None: off
 
 
 @dataclass(frozen=True)
@@ -92,3 +99,5 @@ class ServerStats:
     queued_here: int
     running_here: int
     queued_everywhere: int  # the workers are shared: this server waits behind all of it
+    safety_week: dict[str, int] = field(default_factory=dict)  # this week's results by image-check action
+    reported_week: int = 0  # this week's results reported by members

@@ -153,11 +153,21 @@ class Job(Base):
     status_channel_id: Mapped[int | None] = mapped_column(BigInteger)
     posted_at: Mapped[datetime | None]  # result (or failure notice) posted
 
+    # The image check (bot/safety): None until the classifier has seen the images; the action is
+    # what delivery did (posted, exempt, spoiler, blur, withheld); the review what moderators or
+    # members decided since (reported, restored, deleted).
+    safety_flagged: Mapped[bool | None] = mapped_column(Boolean)
+    safety_label: Mapped[str | None] = mapped_column(String(64))
+    safety_score: Mapped[float | None] = mapped_column(Float)
+    safety_action: Mapped[str | None] = mapped_column(String(16))
+    safety_review: Mapped[str | None] = mapped_column(String(16))
+
     __table_args__ = (
         Index("ix_jobs_status_id", "status", "id"),  # claim, position
         Index("ix_jobs_requester_status", "requester_id", "status"),  # pending limit
         Index("ix_jobs_status_lease", "status", "lease_until"),  # recover
         Index("ix_jobs_status_posted", "status", "posted_at"),  # undelivered
+        Index("ix_jobs_safety_review", "guild_id", "safety_review"),  # /server review
     )
 
     def __repr__(self) -> str:
@@ -243,6 +253,13 @@ class ServerSettings(Base):
     default_model: Mapped[str | None] = mapped_column(String(200))
     clip_skip: Mapped[int | None]  # the server's CLIP skip, over the model's own
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    # /server safety; None: the configuration's [safety] values.
+    safety_mode: Mapped[str | None] = mapped_column(String(16))
+    safety_labels: Mapped[list[str] | None] = mapped_column(JSON)
+    safety_threshold: Mapped[float | None] = mapped_column(Float)
+    reveal_in_dm: Mapped[bool] = mapped_column(Boolean, default=False)
+    reports_to_hide: Mapped[int | None]
+    strikes: Mapped[int | None]  # withheld results before a member is barred; None: no strikes
     updated_at: Mapped[datetime]
 
 
@@ -272,6 +289,16 @@ class AuditEntry(Base):
     new_value: Mapped[str | None]
 
     __table_args__ = (Index("ix_audit_log_guild_id", "guild_id", "id"),)
+
+
+class ResultReport(Base):
+    """A member's report of a result (one per member and job)."""
+
+    __tablename__ = "result_reports"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    created_at: Mapped[datetime]
 
 
 class AppState(Base):

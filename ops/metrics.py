@@ -35,6 +35,10 @@ QUEUED_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 GENERATION_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 300, 600)
 
 
+#: What the image check makes of a result (bot/safety/policy.py), each a series from the start.
+IMAGE_ACTIONS = ("posted", "exempt", "spoiler", "blur", "withheld")
+
+
 class Metrics:
     """The series of one process; give it what it reads at scrape time, tell it what happens.
 
@@ -76,10 +80,22 @@ class Metrics:
         )
         self._images = Counter("sdbot_images_generated", "Images generated here (images/s: rate() of this)", registry=r)
         self._batch_rows = Gauge("sdbot_batch_rows", "Images being denoised together in the running batch", registry=r)
+        self._image_checks = Counter(
+            "sdbot_image_checks",
+            "Results the image check saw, by what became of them (posted, exempt, spoiler, blur, withheld)",
+            ["action"],
+            registry=r,
+        )
+        for action in IMAGE_ACTIONS:
+            self._image_checks.labels(action)
         r.register(_ScrapeTimeSeries(self, queue_counts, database_up, discord_connected))
         ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
 
     # -- what the process tells us ----------------------------------------------------------
+
+    def image_checked(self, action: str) -> None:
+        """The image check decided what became of a result (``bot.safety``)."""
+        self._image_checks.labels(action).inc()
 
     def job_finished(
         self, status: JobStatus | str, queued_seconds: float | None, generation_seconds: float | None, images: int = 0

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from discord.ext import commands
 
+from bot.safety.moderation import Moderation
 from bot.service import JobService
 from bot.transformers import Options
 
 
-def all_cogs(service: JobService, options: Options, bot: commands.Bot) -> list[commands.Cog]:
+def all_cogs(service: JobService, options: Options, bot: commands.Bot, moderation: Moderation) -> list[commands.Cog]:
     from bot.cogs.generate import generate_cog
     from bot.cogs.help import HelpCog
     from bot.cogs.image_info import ImageInfoCog
@@ -27,7 +28,7 @@ def all_cogs(service: JobService, options: Options, bot: commands.Bot) -> list[c
         jobs_cog(service, options),
         ResultsCog(service, bot),
         settings_cog(service, options),
-        server_cog(service, options),
+        server_cog(service, options, moderation),
         StatsCog(service),
         HelpCog(service, bot),
         ImageInfoCog(service, bot),

@@ -16,6 +16,7 @@ from discord.ext import commands
 from bot import render
 from bot.checks import require_manage_server
 from bot.inputs import BadInput, check_attachment_meta
+from bot.safety.moderation import Moderation
 from bot.service import JobService
 from bot.texts import audit_text, server_settings_text
 from bot.transformers import Bounded, ModelName, OneOf, Options, Text
@@ -26,7 +27,7 @@ from db.styles import StyleError, StyleText, parse_styles_csv
 MAX_CSV_BYTES = 1024 * 1024
 
 
-def server_cog(service: JobService, o: Options) -> commands.Cog:
+def server_cog(service: JobService, o: Options, moderation: Moderation) -> commands.Cog:
     config = service.config
     gen, queue_settings = config.generation, config.queue
     MaxSize = OneOf("max_size", {"any": "any", **{size: size for size in gen.sizes}})
@@ -282,6 +283,49 @@ def server_cog(service: JobService, o: Options) -> commands.Cog:
             except StyleError as e:
                 raise BadInput(str(e)) from None
             await self.service.reply(interaction, f"Imported {len(styles)} style(s); this server has {count}.")
+
+        @app_commands.command(name="safety", description="What a flagged image becomes outside age-restricted channels")
+        @app_commands.describe(
+            mode="off: posted as is · spoiler · blur (with Reveal) · withhold (kept for moderators)",
+            labels="The classifier's labels that count, separated by commas (empty: the bot's)",
+            threshold="The score at which they count, 0.01 to 1",
+            reveal_in_dm="Whether Reveal may send the original to its requester by DM",
+            reports_to_hide="Members' reports that hide a result until a moderator decides",
+            strikes="Withheld results after which a member is barred (0: no strikes)",
+        )
+        async def safety(
+            self,
+            interaction: discord.Interaction,
+            mode: Literal["off", "spoiler", "blur", "withhold"] = None,
+            labels: app_commands.Range[str, 0, 500] = None,
+            threshold: Transform[float, Bounded("threshold", float, 0.01, 1.0)] = None,
+            reveal_in_dm: bool = None,
+            reports_to_hide: Transform[int, Bounded("reports_to_hide", int, 1, 100)] = None,
+            strikes: Transform[int, Bounded("strikes", int, 0, 100)] = None,
+        ) -> None:
+            changes = moderation.policy_changes(mode, labels, threshold)
+            for name, value in (("reveal_in_dm", reveal_in_dm), ("reports_to_hide", reports_to_hide)):
+                if value is not None:
+                    changes[name] = value
+            if strikes is not None:
+                changes["strikes"] = strikes or None
+            if changes:
+                await self._saved(interaction, **changes)
+            else:
+                await self._show(interaction, await self._policy(interaction))
+
+        @app_commands.command(name="review", description="Flagged and reported results: show, restore, delete, bar")
+        @app_commands.describe(job="A job from the list (left out: the list)", action="What to do with it")
+        async def review(
+            self,
+            interaction: discord.Interaction,
+            job: Transform[int, Bounded("job", int, 1, 2**53 - 1)] = None,
+            action: Literal["show", "restore", "delete", "bar"] = "show",
+        ) -> None:
+            if job is None:
+                await self.service.reply(interaction, await moderation.review_list(interaction.guild_id))
+                return
+            await moderation.review(interaction, job, action)
 
         @app_commands.command(name="log", description="Who changed which setting, and when")
         async def log(self, interaction: discord.Interaction) -> None:

@@ -30,15 +30,18 @@ from datetime import datetime
 
 import discord
 
+from bot import render
 from bot.delivery.errors import permanent
 from bot.delivery.fallbacks import Fallbacks, Posted
 from bot.delivery.ports import DiscordClient
 from bot.delivery.posting import ResultPoster
 from bot.delivery.statuses import StatusMessages
 from bot.delivery.tasks import BackgroundTasks
+from bot.safety.policy import POSTED, WITHHELD
+from bot.safety.results import ResultChecks
 from db.community import Community
 from db.faults import DatabaseHealth, is_database_fault
-from db.models import Job
+from db.models import Job, JobStatus
 from db.queue import Queue
 from db.state import StateStore
 from engine.types import Progress
@@ -69,17 +72,20 @@ class Delivery:
         community: Community,
         state: StateStore,
         database: DatabaseHealth | None = None,
+        checks: ResultChecks | None = None,
     ) -> None:
         """``discord_client``: the few Discord calls delivery makes (ports.py); ``state``: where the
         owner notices sent are remembered; ``database``: where a cycle that met a database fault
-        says so (once, until it answers)."""
+        says so (once, until it answers); ``checks``: the image policy (None: none)."""
         self.discord = discord_client
         self.database = database or DatabaseHealth(log)
         self.queue = queue
         self.interval = interval
         self.model_name = model_name
         self.clock = clock
-        self.poster = ResultPoster(discord_client, queue, community, model_name=model_name, clock=clock)
+        self.checks = checks
+        self.community = community
+        self.poster = ResultPoster(discord_client, queue, community, model_name=model_name, clock=clock, checks=checks)
         self.fallbacks = Fallbacks(discord_client, self.poster, community, state)
         self.statuses = StatusMessages(discord_client, queue, interval=interval, clock=clock)
         self._retry: dict[int, _Retry] = {}
@@ -135,7 +141,10 @@ class Delivery:
 
     async def deliver_finished(self) -> None:
         """Post every finished job that has not been posted yet."""
-        for job in await asyncio.to_thread(self.queue.undelivered):
+        jobs = await asyncio.to_thread(self.queue.undelivered)
+        if self.checks is not None:  # the cycle's images in one classifier call, before any post
+            await self.checks.classify([job for job in jobs if job.id not in self._retry])
+        for job in jobs:
             retry = self._retry.get(job.id)
             if retry is not None and retry.not_before > time.monotonic():
                 continue
@@ -143,8 +152,15 @@ class Delivery:
 
     async def deliver(self, job: Job) -> None:
         """Steps 2 to 5 of the module docstring for one finished job."""
+        safety_note = ""
         try:
-            posted = await self.fallbacks.post(job)
+            action = await self._safety_action(job)
+            if self.checks is not None:
+                safety_note = await self.checks.record(job, action)
+            if action == WITHHELD:  # the requester is told in the status message; moderators review it
+                posted = Posted(job.channel_id or 0, [], note=render.withheld_line(job))
+            else:
+                posted = await self.fallbacks.post(job)
         except discord.HTTPException as e:
             if not permanent(e):
                 self._back_off(job.id, e)
@@ -157,6 +173,8 @@ class Delivery:
         jump = None
         if posted.message_ids and not posted.by_dm:
             jump = f"https://discord.com/channels/{job.guild_id or '@me'}/{posted.channel_id}/{posted.message_ids[0]}"
+        if safety_note:
+            posted.note = f"{posted.note}; {safety_note}" if posted.note else safety_note
         try:
             await self.statuses.finish(job, jump_url=jump, note=posted.note)
         except (TimeoutError, discord.HTTPException, OSError) as e:
@@ -165,6 +183,16 @@ class Delivery:
         await asyncio.to_thread(self.queue.mark_posted, job.id, posted.channel_id, posted.message_ids)
         self._retry.pop(job.id, None)
         await self.fallbacks.tell_owner(job, posted)
+
+    async def _safety_action(self, job: Job) -> str:
+        """What the image policy makes of the result where it goes first: the requester's DMs
+        when they asked for private results, else the job's channel. (A fallback elsewhere is
+        judged again there by the poster: a DM is never age-restricted.)"""
+        if self.checks is None or job.status is not JobStatus.done:
+            return POSTED
+        if (await asyncio.to_thread(self.community.member_defaults, job.requester_id)).private_results:
+            return await self.checks.action(job, age_restricted=False)
+        return await self.poster.safety_action(job, job.channel_id)
 
     def _back_off(self, job_id: int, error: BaseException) -> None:
         retry = self._retry.setdefault(job_id, _Retry())

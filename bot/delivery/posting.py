@@ -29,8 +29,11 @@ from bot import layout, render
 from bot.delivery.ports import DiscordClient
 from bot.inputs import BadInput
 from bot.policy import nsfw_match
+from bot.safety.images import blurred_png
+from bot.safety.policy import BLUR, POSTED, SPOILER, WITHHELD
+from bot.safety.results import ResultChecks
 from db.community import Community
-from db.models import Job, JobStatus
+from db.models import Job, JobStatus, ResultImage
 from db.queue import Queue
 
 log = logging.getLogger(__name__)
@@ -59,8 +62,11 @@ class ResultPoster:
         *,
         model_name: str,
         clock: Callable[[], datetime],
+        checks: ResultChecks | None = None,
     ) -> None:
+        """``checks``: the image policy (None: results are posted as they are)."""
         self.discord = discord_client
+        self.checks = checks
         self.queue = queue
         self.community = community
         self.model_name = model_name
@@ -91,11 +97,28 @@ class ResultPoster:
     async def message(self, job: Job, channel_id: int | None) -> tuple[render.ResultMessage, ui.View]:
         """The parts and buttons of the job's result message, for a message in ``channel_id``."""
         if job.status is JobStatus.done:
+            action = await self.safety_action(job, channel_id)
+            if action == WITHHELD:
+                return render.withheld_message(job), layout.result_view(job, 0)
             images = await asyncio.to_thread(self.queue.images, job.id)
-            spoiler = await self._needs_spoiler(job, channel_id)
+            spoiler = action == SPOILER or await self._needs_spoiler(job, channel_id)
+            if action == BLUR:
+                images = await asyncio.to_thread(blurred, images)
             parts = await asyncio.to_thread(render.result_message, job, images, self.model_name, spoiler=spoiler)
-            return parts, layout.result_view(job, len(images))
+            return parts, layout.result_view(job, len(images), reveal=action == BLUR)
         return render.failure_message(job), layout.result_view(job, 0)
+
+    async def safety_action(self, job: Job, channel_id: int | None) -> str:
+        """What the image policy makes of the job's result in ``channel_id`` (posted, exempt,
+        spoiler, blur, withheld); a channel not in the cache (a DM) is not age-restricted."""
+        if self.checks is None:
+            return POSTED
+        return await self.checks.action(job, age_restricted=self.age_restricted(channel_id))
+
+    def age_restricted(self, channel_id: int | None) -> bool:
+        target = self.discord.get_channel(channel_id or 0)
+        is_nsfw = getattr(target, "is_nsfw", None)
+        return bool(callable(is_nsfw) and is_nsfw())
 
     async def show_again(self, interaction: discord.Interaction, job: Job, *, ephemeral: bool = False) -> None:
         """Post a finished job's result again (images, embed, buttons) as the answer to
@@ -168,9 +191,7 @@ class ResultPoster:
         policy = await asyncio.to_thread(self.community.server_policy, job.guild_id)
         if nsfw_match(job.prompt, policy.nsfw_words) is None:
             return False
-        target = self.discord.get_channel(channel_id or 0)
-        is_nsfw = getattr(target, "is_nsfw", None)
-        return not (callable(is_nsfw) and is_nsfw())
+        return not self.age_restricted(channel_id)
 
     async def _already_posted(self, job: Job, channel: discord.abc.Messageable) -> int | None:
         """A message of ours showing this job in ``channel``'s recent history, if any.
@@ -191,3 +212,8 @@ class ResultPoster:
         except discord.HTTPException as e:  # no Read Message History: post, accepting the risk
             log.info("job %s: cannot read channel history (%s)", job.id, e)
         return None
+
+
+def blurred(images: list[ResultImage]) -> list[ResultImage]:
+    """Blurred copies of a job's images (not stored: the originals stay for Reveal and review)."""
+    return [ResultImage(job_id=im.job_id, index=im.index, seed=im.seed, png=blurred_png(im.png)) for im in images]

@@ -271,6 +271,11 @@ class Emulator(RestRoutes):
         channel.deleted = True
         await self._dispatch("CHANNEL_DELETE", channel.payload())
 
+    async def set_age_restricted(self, channel: Channel, nsfw: bool = True) -> None:
+        """A manager marks the channel age-restricted (Discord's ``nsfw`` flag), or not: CHANNEL_UPDATE."""
+        channel.nsfw = nsfw
+        await self._dispatch("CHANNEL_UPDATE", channel.payload())
+
     async def set_permissions(self, channel: Channel, target: Role | User, *, allow: int = 0, deny: int = 0) -> None:
         """A permission overwrite on `channel` for a role or a member (CHANNEL_UPDATE tells the bot).
         `target` may be `self.bot_user`: the REST routes then refuse what the bot may not do there."""
