@@ -130,7 +130,7 @@ class SafetyRecords:
                 .where(
                     Job.guild_id == guild_id,
                     Job.status == JobStatus.done,
-                    or_(Job.safety_action.in_(HIDING), Job.safety_review == "reported"),
+                    or_(Job.safety_action.in_(HIDING), Job.safety_review == "reported", reports.c.n > 0),
                     or_(Job.safety_review.is_(None), Job.safety_review == "reported"),
                 )
                 .order_by(Job.id.desc())

@@ -237,6 +237,8 @@ async def test_reports_hide_a_result_once_per_member_until_a_moderator_restores_
         ix = await emu.click(emu.bob, message, f"sd:report:{job.id}")
         assert "already reported" in (await ix.wait_response(lambda m: m.ephemeral)).content
         assert pixels(message.attachments[0].data) == original  # one member's reports do not hide it
+        listed = await ephemeral(emu, emu.admin, "server review")  # listed from the first report
+        assert f"**#{job.id}**" in listed and "nsfw 0% · posted · 1 report" in listed
         ix = await emu.click(emu.admin, message, f"sd:report:{job.id}")
         assert "hidden until a moderator decides" in (await ix.wait_response(lambda m: m.ephemeral)).content
         await emu.wait_for(lambda: pixels(message.attachments[0].data) != original, 10, "the result blurred")
@@ -284,3 +286,20 @@ async def test_every_result_has_report_and_a_missing_classifier_refuses_the_mode
         assert f"sd:report:{job.id}" in message.custom_ids
     assert queue.get(job.id).safety_flagged is None  # nothing checked, nothing recorded
     assert SafetyRecords(queue.engine).to_review(emu.guild.id) == []
+
+
+async def test_strikes_warn_then_bar_after_n_withheld_results(safe):
+    emu, configured, queue, community = safe
+    async with bot_running(emu, configured("nsfw", mode="withhold"), queue, None):
+        await ephemeral(emu, emu.admin, "server safety", {"strikes": 2})
+        ix, _ = await make(emu, queue, emu.alice)
+        first = await ix.wait_response(lambda m: "withheld" in m.content, timeout=10)
+        assert "strike 1 of 2" in first.content and not community.is_barred(emu.guild.id, emu.alice.id)
+        ix, _ = await make(emu, queue, emu.alice)
+        second = await ix.wait_response(lambda m: "withheld" in m.content, timeout=10)
+        assert f"<@{emu.alice.id}> is barred after 2 withheld results" in second.content
+        refused = await ephemeral(emu, emu.alice, "imagine", {"prompt": "a cat"})
+        assert "barred" in refused
+        log = await ephemeral(emu, emu.admin, "server log")
+        assert "the image filter **bar**" in log
+    assert community.is_barred(emu.guild.id, emu.alice.id)

@@ -190,6 +190,8 @@ class Delivery:
         judged again there by the poster: a DM is never age-restricted.)"""
         if self.checks is None or job.status is not JobStatus.done:
             return POSTED
+        if job.safety_flagged is None and job.safety_review is None:
+            return POSTED  # not checked (no classifier): no need to read where it goes
         if (await asyncio.to_thread(self.community.member_defaults, job.requester_id)).private_results:
             return await self.checks.action(job, age_restricted=False)
         return await self.poster.safety_action(job, job.channel_id)
