@@ -1,14 +1,21 @@
-"""What a single-file checkpoint is, read from its ``.safetensors`` header without loading it:
-its family, whether it is complete, and whether its UNet is one the engine can run."""
+"""What a single-file checkpoint is, read from its ``.safetensors`` header without loading it
+(torch-free): its family, whether it is complete, and whether its UNet is one the engine can run.
+
+The flow families are told by their transformer's block names, as diffusers'
+``infer_diffusers_model_type`` and ComfyUI do: Flux.1's ``double_blocks.``/``single_blocks.``
+(BFL's names, bare as in flux1-dev.safetensors or under ``model.diffusion_model.`` as ComfyUI
+saves them), SD 3.5's ``joint_blocks.`` under ``model.diffusion_model.``. What else such a file
+holds (VAE, text encoders) is read by :func:`flow_contents`.
+"""
 
 from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import ModelLoadError
-from engine.inpaint import INPAINT_CHANNELS, PLAIN_CHANNELS
 
 #: A tensor-name prefix that only that family's text encoder uses (checked in this order).
 FAMILY_PREFIXES = (
@@ -25,6 +32,15 @@ OTHER_CHANNELS = {
 }
 #: SDXL refiners have only the second (open_clip bigG) text encoder, as embedder 0.
 REFINER_PREFIX = "conditioner.embedders.0.model."
+#: Where a flow transformer's tensors start: Flux files come bare (BFL) or under UNET_PREFIX.
+FLUX_PREFIXES = ("", UNET_PREFIX)
+#: Prefixes of what a flow single file may carry besides its transformer (ComfyUI's and SAI's names).
+FLOW_VAE_PREFIXES = ("vae.", VAE_PREFIX)
+FLOW_TEXT_ENCODERS = {
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "clip_g": "text_encoders.clip_g.transformer.",
+    "t5xxl": "text_encoders.t5xxl.transformer.",
+}
 REFINER_MESSAGE = (
     "an SDXL refiner: it only finishes images that an SDXL base model has begun, and the engine "
     "does not run refiners; use an SDXL base checkpoint instead."
@@ -32,8 +48,12 @@ REFINER_MESSAGE = (
 
 
 def detect_family(path: str | Path, header: dict | None = None) -> str:
-    """``sd1``/``sd2``/``sdxl`` from a single file's tensor names (header only, no weights read)."""
+    """``sd1``/``sd2``/``sdxl``/``sd3``/``flux`` from a single file's tensor names (header only,
+    no weights read)."""
     keys = list(header if header is not None else read_safetensors_header(path))
+    flow = flow_family(keys)
+    if flow:
+        return flow
     if any(k.startswith(REFINER_PREFIX) for k in keys) and not any(
         k.startswith("conditioner.embedders.1.") for k in keys
     ):
@@ -49,13 +69,77 @@ def detect_family(path: str | Path, header: dict | None = None) -> str:
         raise ModelLoadError(
             f"{path}: not a full Stable Diffusion 1.x/2.x/XL checkpoint (no {lacking} tensors; "
             f"expected names starting with {UNET_PREFIX}, {VAE_PREFIX} and cond_stage_model. or "
-            "conditioner.embedders.). LoRA, VAE-only and other model types are not supported."
+            "conditioner.embedders.), nor an SD 3.5 or Flux.1 one (joint_blocks., double_blocks.). "
+            "LoRA, VAE-only and other model types are not supported."
         )
     return family
 
 
+def flow_family(keys: list[str]) -> str | None:
+    """``flux`` or ``sd3`` when these tensor names hold a flow transformer, else None (a LoRA
+    in BFL's names, as XLabs' ``double_blocks.0.processor.qkv_lora1.*``, is not a model)."""
+    if any("lora" in k for k in keys):
+        return None
+    for prefix in FLUX_PREFIXES:
+        if any(k.startswith(prefix + "double_blocks.") for k in keys) and any(
+            k.startswith(prefix + "single_blocks.") for k in keys
+        ):
+            return "flux"
+    if any(k.startswith(UNET_PREFIX + "joint_blocks.") for k in keys):
+        return "sd3"
+    return None
+
+
+@dataclass(frozen=True)
+class FlowContents:
+    """What a Flux or SD 3.5 single file holds, from its header."""
+
+    family: str
+    prefix: str  # where the transformer's names start ("" or "model.diffusion_model.")
+    blocks: dict[str, int]  # block kind -> count: Flux's double/single, SD 3.5's joint
+    guidance: bool  # Flux dev's guidance embedding (``guidance_in.``); schnell has none
+    vae: bool
+    text_encoders: tuple[str, ...]  # of "clip_l", "clip_g", "t5xxl", in that order
+    fp8: bool  # float8_e4m3fn weights, as Comfy's and Forge's fp8 files
+
+    @property
+    def has_everything(self) -> bool:
+        """VAE and every text encoder the family reads (SD 3.5's T5 is optional)."""
+        wanted = {"flux": ("clip_l", "t5xxl"), "sd3": ("clip_l", "clip_g")}[self.family]
+        return self.vae and all(name in self.text_encoders for name in wanted)
+
+
+def flow_contents(header: dict) -> FlowContents | None:
+    """What a flow single file holds, or None when it is not one."""
+    keys = list(header)
+    family = flow_family(keys)
+    if family is None:
+        return None
+    prefix = UNET_PREFIX
+    if family == "flux" and not any(k.startswith(UNET_PREFIX + "double_blocks.") for k in keys):
+        prefix = ""
+    kinds = ("double_blocks", "single_blocks") if family == "flux" else ("joint_blocks",)
+    blocks = {}
+    for kind in kinds:
+        start = f"{prefix}{kind}."
+        blocks[kind] = len({k[len(start) :].split(".", 1)[0] for k in keys if k.startswith(start)})
+    return FlowContents(
+        family=family,
+        prefix=prefix,
+        blocks=blocks,
+        guidance=any(k.startswith(prefix + "guidance_in.") for k in keys),
+        vae=any(k.startswith(p) for p in FLOW_VAE_PREFIXES for k in keys),
+        text_encoders=tuple(
+            name for name, start in FLOW_TEXT_ENCODERS.items() if any(k.startswith(start) for k in keys)
+        ),
+        fp8=any(t.get("dtype") == "F8_E4M3" for t in header.values()),
+    )
+
+
 def check_unet_channels(where: Path, channels: int) -> int:
     """The UNet's input channels if the engine can run it (4 or 9), else a ModelLoadError saying what it is."""
+    from engine.inpaint import INPAINT_CHANNELS, PLAIN_CHANNELS  # torch: only once a UNet is being loaded
+
     if channels in (PLAIN_CHANNELS, INPAINT_CHANNELS):
         return channels
     what = OTHER_CHANNELS.get(channels, f"a model whose UNet takes {channels} input channels")

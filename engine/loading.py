@@ -11,6 +11,11 @@
    models), else the one we ship in ``engine/data/<family>`` (SD 1.5, SD 2.1 768-v, SDXL base 1.0);
 3. a Hugging Face Hub id (``owner/name``), downloaded into the hub cache with progress bars.
 
+SD 3.5 and Flux.1 come the same three ways; their single files (a transformer alone, or with its
+VAE and text encoders) are read by :mod:`engine.families.flow_files`, their missing parts taken
+from ``encoders`` (``model.encoders``). Where their weights live (float8 storage, text encoders
+on the CPU) is :mod:`engine.families.flow_storage`'s.
+
 The UNet's first convolution tells what kind of checkpoint it is (:func:`check_unet_channels`):
 4 input channels is a plain model, 9 an inpainting model (latents, mask, masked image; see
 :mod:`engine.inpaint`), read from the folder's UNet config or the single file's header (a single
@@ -31,12 +36,9 @@ what was expected.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,29 +52,31 @@ torchvision_importable()  # before diffusers and transformers look for it (see e
 import torch
 from diffusers import (
     AutoencoderKL,
-    DiffusionPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from diffusers.utils import logging as diffusers_logging
-from huggingface_hub import utils as hub_utils
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-from transformers.utils import logging as transformers_logging
 
 from engine.checkpoints import (
     CONV_IN_KEY,
     REFINER_MESSAGE,
+    FlowContents,
     check_unet_channels,
     detect_family,
+    flow_contents,
     read_safetensors_header,
 )
 from engine.errors import ModelLoadError
 from engine.families import FAMILIES as FAMILY_TRAITS
 from engine.families import guidance_kind
+from engine.families.flow_files import load_flow_file
 from engine.families.flow_loading import folder_pipeline_family, load_flow_folder
+from engine.families.flow_storage import TEXT_ENCODER_PLACES as PLACES
+from engine.families.flow_storage import WEIGHT_STORAGES, store_in_fp8, stores_fp8
 from engine.hashes import HashCache, shared_cache
 from engine.inpaint import INPAINT_CHANNELS, PLAIN_CHANNELS
+from engine.load_tools import download_pipeline, load_errors, progress_bars, read_json
 from engine.settings import EngineSettings, ModelSettings, resolve_device
 from engine.tokenizer import EOS, VOCAB_SIZE, clip_tokenizer
 from engine.types import ModelInfo
@@ -113,15 +117,23 @@ def load_model(
     progress: bool = True,
     prediction_type: str | None = None,
     hashes: HashCache | None = None,
+    encoders: str = "",
+    weights: str = "auto",
+    text_encoders: str = "device",
 ) -> LoadedModel:
     """Load ``source`` (folder, ``.safetensors`` or hub id); see the module docstring.
 
-    ``family`` ("auto", "sd1", "sd2", "sdxl") must agree with what the checkpoint holds when
-    given. ``prediction_type`` ("epsilon" / "v_prediction") overrides the scheduler config's.
-    A single file's A1111 model hash comes from ``hashes`` (default: the process's cache).
+    ``family`` ("auto", "sd1", "sd2", "sdxl", "sd3", "flux") must agree with what the checkpoint
+    holds when given. ``prediction_type`` ("epsilon" / "v_prediction") overrides the scheduler
+    config's. A single file's A1111 model hash comes from ``hashes`` (default: the process's cache).
+    A flow single file's missing parts come from ``encoders`` (a diffusers folder or hub id);
+    ``weights`` and ``text_encoders`` are ``model.weights`` and ``engine.text_encoders``.
     """
     if family not in ("auto", *FAMILIES):
         raise ModelLoadError(f"model family {family!r} is unknown: use auto, {', '.join(FAMILIES)}.")
+    for key, value, allowed in (("weights", weights, WEIGHT_STORAGES), ("text_encoders", text_encoders, PLACES)):
+        if value not in allowed:
+            raise ModelLoadError(f"{key} {value!r} is unknown: use {', '.join(allowed)}.")
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise ModelLoadError(f"prediction_type {prediction_type!r} is unknown: use epsilon or v_prediction.")
     path = Path(source).expanduser()
@@ -131,10 +143,10 @@ def load_model(
         elif path.is_dir():
             parts = _load_folder(path, family, dtype)
         elif path.is_file():
-            parts = _load_single_file(path, family, dtype, prediction_type)
+            parts = _load_single_file(path, family, dtype, prediction_type, encoders)
             parts.file_hash = (hashes or shared_cache()).short_hash(path)
         elif HUB_ID.fullmatch(source) and not source.endswith(".safetensors"):
-            folder = _download(source)
+            folder = download_pipeline(source)
             flow = folder_pipeline_family(folder)
             parts = _load_flow_folder(folder, family, flow, dtype) if flow else _load_folder(folder, family, dtype)
         else:
@@ -142,6 +154,15 @@ def load_model(
                 f"{source}: no such file or folder (expected a diffusers folder, "
                 "a .safetensors checkpoint or a Hugging Face Hub id owner/name)."
             )
+    if stores_fp8(weights, parts.fp8_file):
+        if not FAMILY_TRAITS[parts.family].flow:
+            raise ModelLoadError(
+                f"{source}: float8 weight storage (model.weights) is for SD 3.5 and Flux.1 models; "
+                f'this is a {parts.family} model: set model.weights = "auto".'
+            )
+        store_in_fp8(parts.unet, parts.text_encoders, dtype)  # before the move: only fp8 travels
+        parts.fp8_storage = True
+    parts.encoders_on_cpu = text_encoders == "cpu"
     return _assemble(parts, source, name, torch.device(device), dtype, prediction_type)
 
 
@@ -156,6 +177,9 @@ def load_configured_model(model: ModelSettings, engine: EngineSettings, *, progr
         name=model.display_name,
         progress=progress,
         prediction_type=None if model.prediction_type == "auto" else model.prediction_type,
+        encoders=model.encoders,
+        weights=model.weights,
+        text_encoders=engine.text_encoders,
     )
     loaded.embeddings_dir = Path(model.embeddings_dir).expanduser() if model.embeddings_dir else None
     loaded.lora_dir = Path(model.lora_dir).expanduser() if model.lora_dir else None
@@ -178,6 +202,9 @@ class _Parts:
     config_dir: Path
     shipped_config: bool = False
     file_hash: str | None = None
+    fp8_file: bool = False  # a single file with float8 weights
+    fp8_storage: bool = False  # stored in float8, upcast per layer (engine.families.flow_storage)
+    encoders_on_cpu: bool = False  # engine.text_encoders = "cpu" (the flow families only)
 
 
 def _load_folder(folder: Path, family: str, dtype: torch.dtype) -> _Parts:
@@ -187,10 +214,10 @@ def _load_folder(folder: Path, family: str, dtype: torch.dtype) -> _Parts:
     if (folder / "text_encoder_2").is_dir() and not (folder / "text_encoder").is_dir():
         raise ModelLoadError(f"{folder}: {REFINER_MESSAGE}")
     detected = _folder_family(folder)
-    check_unet_channels(folder, _read_json(folder / "unet" / "config.json").get("in_channels", PLAIN_CHANNELS))
+    check_unet_channels(folder, read_json(folder / "unet" / "config.json").get("in_channels", PLAIN_CHANNELS))
     _check_family(folder, family, detected)
     encoder_names = ["text_encoder", "text_encoder_2"][: 2 if detected == "sdxl" else 1]
-    with _load_errors(folder):
+    with load_errors(folder):
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
         encoders = [
@@ -209,7 +236,7 @@ def _load_folder(folder: Path, family: str, dtype: torch.dtype) -> _Parts:
 def _load_flow_folder(folder: Path, family: str, detected: str, dtype: torch.dtype) -> _Parts:
     """An SD 3.5 or Flux.1 diffusers folder (engine.families.flow_loading)."""
     _check_family(folder, family, detected)
-    with _load_errors(folder):
+    with load_errors(folder):
         loaded = load_flow_folder(folder, detected, dtype)
     encoders, tokenizers = loaded.text_encoders, loaded.tokenizers
     return _Parts(detected, loaded.transformer, loaded.vae, encoders, tokenizers, loaded.scheduler_config, folder)
@@ -225,11 +252,13 @@ def _folder_family(folder: Path) -> str:
         )
     if (folder / "text_encoder_2").is_dir():
         return "sdxl"
-    text_config = _read_json(folder / "text_encoder" / "config.json")
+    text_config = read_json(folder / "text_encoder" / "config.json")
     return "sd2" if text_config.get("hidden_act") == "gelu" else "sd1"
 
 
-def _load_single_file(path: Path, family: str, dtype: torch.dtype, prediction_type: str | None) -> _Parts:
+def _load_single_file(
+    path: Path, family: str, dtype: torch.dtype, prediction_type: str | None, encoders: str = ""
+) -> _Parts:
     """An LDM-layout ``.safetensors``: detect the family, convert with a local config folder."""
     if path.suffix != ".safetensors":
         raise ModelLoadError(
@@ -237,6 +266,8 @@ def _load_single_file(path: Path, family: str, dtype: torch.dtype, prediction_ty
             "files can run code when loaded); download the .safetensors version."
         )
     header = read_safetensors_header(path)
+    if contents := flow_contents(header):
+        return _load_flow_file(path, family, contents, dtype, encoders)
     detected = detect_family(path, header)
     _check_family(path, family, detected)
     channels = check_unet_channels(path, header[CONV_IN_KEY]["shape"][1] if CONV_IN_KEY in header else PLAIN_CHANNELS)
@@ -252,8 +283,8 @@ def _load_single_file(path: Path, family: str, dtype: torch.dtype, prediction_ty
             f" (a checkpoint of another shape needs its own diffusers-layout config folder "
             f"next to it, named {sidecar.name})"
         )
-    with _load_errors(path, hint):
-        if channels != _read_json(config_dir / "unet" / "config.json").get("in_channels", PLAIN_CHANNELS):
+    with load_errors(path, hint):
+        if channels != read_json(config_dir / "unet" / "config.json").get("in_channels", PLAIN_CHANNELS):
             # An inpainting file next to a plain model's config (the shipped ones are plain).
             extra["unet"] = UNet2DConditionModel.from_single_file(
                 str(path),
@@ -276,20 +307,23 @@ def _load_single_file(path: Path, family: str, dtype: torch.dtype, prediction_ty
     return _Parts(detected, pipe.unet, pipe.vae, encoders, tokenizers, scheduler_config, config_dir, shipped)
 
 
-def _download(repo_id: str) -> Path:
-    """Fetch a hub model's diffusers files (safetensors, no safety checker) into the hub cache."""
-    try:
-        return Path(
-            DiffusionPipeline.download(
-                repo_id, use_safetensors=True, safety_checker=None, feature_extractor=None, image_encoder=None
-            )
-        )
-    except Exception as exc:  # hub errors come in many types; all mean "could not fetch"
-        raise ModelLoadError(
-            f"{repo_id}: could not fetch this model from the Hugging Face Hub ({type(exc).__name__}: "
-            f"{exc}). If this machine is offline, download it elsewhere and set model.source to "
-            "the local folder or .safetensors file."
-        ) from exc
+def _load_flow_file(path: Path, family: str, contents: FlowContents, dtype: torch.dtype, encoders: str) -> _Parts:
+    """An SD 3.5 or Flux.1 single file (engine.families.flow_files)."""
+    _check_family(path, family, contents.family)
+    with load_errors(path, f"as a {contents.family} single file"):
+        loaded = load_flow_file(path, contents, dtype, encoders)
+    c = loaded.components
+    return _Parts(
+        contents.family,
+        c.transformer,
+        c.vae,
+        c.text_encoders,
+        c.tokenizers,
+        c.scheduler_config,
+        loaded.config_dir,
+        loaded.shipped,
+        fp8_file=contents.fp8,
+    )
 
 
 # ---------------------------------------------------------------------------- checks
@@ -311,63 +345,11 @@ def _check_tokenizer(tokenizer: CLIPTokenizer, where: Path) -> None:
         )
 
 
-@contextlib.contextmanager
-def _load_errors(where: Path, expected: str = "") -> Iterator[None]:
-    """Turn whatever diffusers/transformers/safetensors raise into a ModelLoadError."""
-    try:
-        yield
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # the libraries raise OSError, ValueError, RuntimeError, their own...
-        detail = f" {expected}" if expected else ""
-        raise ModelLoadError(f"{where}: could not load the model{detail}: {type(exc).__name__}: {exc}") from exc
-
-
-#: (is shown, hide, show) for each library that draws progress bars while loading.
-_PROGRESS_SWITCHES = (
-    (
-        lambda: not hub_utils.are_progress_bars_disabled(),
-        hub_utils.disable_progress_bars,
-        hub_utils.enable_progress_bars,
-    ),
-    (
-        diffusers_logging.is_progress_bar_enabled,
-        diffusers_logging.disable_progress_bar,
-        diffusers_logging.enable_progress_bar,
-    ),
-    (
-        transformers_logging.is_progress_bar_enabled,
-        transformers_logging.disable_progress_bar,
-        transformers_logging.enable_progress_bar,
-    ),
-)
-
-
-@contextlib.contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
-    """Show (or hide) the download and loading bars of hub, diffusers and transformers."""
-    hidden = [] if enabled else [(hide, show) for shown, hide, show in _PROGRESS_SWITCHES if shown()]
-    for hide, _ in hidden:
-        hide()
-    try:
-        yield
-    finally:
-        for _, show in hidden:
-            show()
-
-
 # ---------------------------------------------------------------------------- assembly
 
 
 def _scheduler_config(folder: Path) -> dict:
-    return _read_json(folder / "scheduler" / "scheduler_config.json")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: missing or not valid JSON ({exc}).") from exc
+    return read_json(folder / "scheduler" / "scheduler_config.json")
 
 
 def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
@@ -408,9 +390,11 @@ def _assemble(
             f"{parts.config_dir}: scheduler prediction_type {prediction_type!r} "
             "is not supported (expected epsilon or v_prediction)."
         )
+    encoder_device = torch.device("cpu") if flow and parts.encoders_on_cpu else device  # SD's CLIPs are small
     for module in (parts.unet, parts.vae, *parts.text_encoders):
         # Already in ``dtype`` (loaded with it, which keeps diffusers' fp32-only parts in fp32).
-        module.to(device).eval().requires_grad_(False)
+        place = encoder_device if any(module is e for e in parts.text_encoders) else device
+        module.to(place).eval().requires_grad_(False)
     latent_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     # Flux's transformer has no native size; both flow families were trained at 1024 px.
     default_size = parts.unet.config.get("sample_size", 1024 // latent_scale) * latent_scale
@@ -425,7 +409,11 @@ def _assemble(
         file_hash=parts.file_hash,
         inpainting=not flow and parts.unet.config.in_channels == INPAINT_CHANNELS,
         guidance=guidance_kind(parts.family, bool(parts.unet.config.get("guidance_embeds", True))),
-        extra={"source": source, "config": str(parts.config_dir)},
+        extra={
+            "source": source,
+            "config": str(parts.config_dir),
+            "weights": "float8_e4m3fn" if parts.fp8_storage else str(dtype).removeprefix("torch."),
+        },
     )
     return LoadedModel(
         info=info,

@@ -45,6 +45,12 @@ class ModelSettings:
     embeddings_dir: str = ""  # textual-inversion embeddings, found in prompts by file name
     lora_dir: str = ""  # LoRA files, used in prompts as <lora:NAME:WEIGHT>
     clip_skip: int = 1  # the model's default CLIP skip (anime models want 2); a member may choose another
+    # SD 3.5 / Flux.1 single files without their text encoders and VAE take them from here: a
+    # diffusers folder or hub id of the family (engine/families/flow_files.py).
+    encoders: str = ""
+    # How the denoising network (and T5) are stored: "auto" (an fp8 file stays fp8, else
+    # engine.dtype), "float8_e4m3fn" (upcast per layer), "compute" (engine.dtype even for an fp8 file).
+    weights: str = "auto"
 
     @property
     def display_name(self) -> str:
@@ -82,6 +88,9 @@ class EngineSettings:
     # Where ``python -m bot`` runs the engine: "worker", its child process ``python -m engine
     # worker`` (faster: BENCHMARKS.md, issue 11 §7), or "bot", a thread of the bot's own process.
     process: str = "worker"
+    # Where SD 3.5's and Flux's text encoders run: "device" (with the model) or "cpu" (they run
+    # once per prompt; T5-XXL alone is 9.5 GB in bf16).
+    text_encoders: str = "device"
 
 
 @dataclass(frozen=True)
@@ -196,7 +205,10 @@ class Settings:
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-FAMILIES = ("auto", "sd1", "sd2", "sdxl")
+FAMILIES = ("auto", "sd1", "sd2", "sdxl", "sd3", "flux")
+#: ``model.weights`` and ``engine.text_encoders`` (engine/families/flow_storage.py).
+WEIGHT_STORAGES = ("auto", "float8_e4m3fn", "compute")
+TEXT_ENCODER_PLACES = ("device", "cpu")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 
 
@@ -264,6 +276,18 @@ def _check_model(key: str, model: ModelSettings) -> None:
         model.clip_skip,
         "1 to 12 (1: the text encoder's last layer; anime models often want 2)",
     )
+    check(
+        model.weights in WEIGHT_STORAGES,
+        f"{key}.weights",
+        model.weights,
+        f"one of {', '.join(WEIGHT_STORAGES)} (float8_e4m3fn: SD 3.5 and Flux.1 only)",
+    )
+    check(
+        not model.encoders or not Path(model.encoders).expanduser().is_file(),
+        f"{key}.encoders",
+        model.encoders,
+        'a diffusers folder or hub id of the model (e.g. "black-forest-labs/FLUX.1-dev"), not a file; "" for none',
+    )
     for folder in ("embeddings_dir", "lora_dir"):
         value = getattr(model, folder)
         check(
@@ -310,6 +334,12 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
         engine.compile_capture in ("lazy", "start"), "engine.compile_capture", engine.compile_capture, "lazy or start"
     )
     check(1 <= engine.decode_chunk <= 64, "engine.decode_chunk", engine.decode_chunk, "1 to 64 images")
+    check(
+        engine.text_encoders in TEXT_ENCODER_PLACES,
+        "engine.text_encoders",
+        engine.text_encoders,
+        '"device" (with the model) or "cpu" (SD 3.5 and Flux.1 text encoders on the CPU)',
+    )
     check(
         engine.process in ENGINE_PROCESSES,
         "engine.process",

@@ -5,11 +5,17 @@ A folder's ``model_index.json`` names its pipeline class: ``FluxPipeline`` or
 (``local_files_only``), so the shapes, tokenizers and scheduler config are the folder's own. An
 SD 3.5 folder without ``text_encoder_3`` runs without T5, as diffusers allows; ``use_t5=False``
 leaves a folder's T5 out on purpose (it is 4.7 B parameters; prompts then lose T5's reading).
+
+The same folder (or hub id) can be a single file's *encoders* (``model.encoders``): a Flux
+transformer file, as BFL and model sites ship it, takes its text encoders, tokenizers and VAE
+from it (:mod:`engine.families.flow_files`). A hub id given as encoders is downloaded without its
+transformer's weights (:data:`ENCODER_FILES`): the file replaces them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +30,17 @@ PIPELINE_FAMILIES = {
     "StableDiffusion3Pipeline": "sd3",
     "StableDiffusion3Img2ImgPipeline": "sd3",
 }
+FAMILY_LABELS = {"flux": "Flux.1", "sd3": "SD 3.5"}
+#: What an encoders hub id is downloaded for: everything but the transformer's weights.
+ENCODER_FILES = [
+    "model_index.json",
+    "scheduler/*",
+    "text_encoder*/*",
+    "tokenizer*/*",
+    "vae/*",
+    "transformer/config.json",
+]
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 @dataclass
@@ -45,19 +62,56 @@ def folder_pipeline_family(folder: Path) -> str | None:
     return PIPELINE_FAMILIES.get(index.get("_class_name", ""))
 
 
-def load_flow_folder(folder: Path, family: str, dtype: torch.dtype, use_t5: bool = True) -> FlowComponents:
-    """Every component of a Flux or SD 3.5 diffusers folder, in ``dtype``."""
+def load_flow_folder(folder: Path, family: str, dtype: torch.dtype, use_t5: bool = True, **given) -> FlowComponents:
+    """Every component of a Flux or SD 3.5 diffusers folder, in ``dtype``; ``given`` components
+    (a single file's transformer, VAE...) are used instead of the folder's."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     if family == "flux":
-        pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        pipe = FluxPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **given)
         encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
         if pipe.text_encoder_2 is None:
             raise ModelLoadError(f"{folder}: a Flux model needs its T5 text encoder (text_encoder_2).")
     else:
         skip_t5 = not use_t5 or not (folder / "text_encoder_3").is_dir()
         extra = {"text_encoder_3": None, "tokenizer_3": None} if skip_t5 else {}
-        pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, **extra)
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **(given | extra))
         encoders = [pipe.text_encoder, pipe.text_encoder_2] + ([pipe.text_encoder_3] if not skip_t5 else [])
         tokenizers = [pipe.tokenizer, pipe.tokenizer_2] + ([pipe.tokenizer_3] if not skip_t5 else [])
     return FlowComponents(family, pipe.transformer, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config))
+
+
+def encoders_folder(source: str, family: str, setting: str = "model.encoders") -> Path:
+    """The diffusers folder that ``setting`` names (a local folder, or a hub id fetched without
+    its transformer's weights), checked to hold a ``family`` pipeline."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        folder = path
+    elif HUB_ID.fullmatch(source):
+        folder = _download_encoders(source, setting)
+    else:
+        raise ModelLoadError(
+            f"{setting} = {source!r}: no such folder; give a diffusers folder of a "
+            f"{FAMILY_LABELS[family]} model or a Hugging Face Hub id such as black-forest-labs/FLUX.1-dev."
+        )
+    found = folder_pipeline_family(folder)
+    if found != family:
+        what = f"a {FAMILY_LABELS[found]} model" if found else "not an SD 3.5 or Flux.1 diffusers folder"
+        raise ModelLoadError(
+            f"{setting} = {source!r}: {folder} is {what} (no model_index.json naming its pipeline), "
+            f"but the file is a {FAMILY_LABELS[family]} model; give that family's diffusers folder or hub id."
+        )
+    return folder
+
+
+def _download_encoders(repo_id: str, setting: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=ENCODER_FILES))
+    except Exception as exc:  # hub errors come in many types; all mean "could not fetch"
+        raise ModelLoadError(
+            f"{setting} = {repo_id!r}: could not fetch its text encoders and VAE from the Hugging Face "
+            f"Hub ({type(exc).__name__}: {exc}). If this machine is offline, download the model's "
+            f"diffusers folder elsewhere and set {setting} to it."
+        ) from exc
