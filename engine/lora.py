@@ -6,28 +6,28 @@ it is encoded (:func:`strip_lora_tags`); a tag in the negative prompt is removed
 as in AUTOMATIC1111. Reading and checking tags is torch-free, in :mod:`engine.prompt_syntax` (the
 bot checks them there); this module applies them.
 
-Loading is diffusers' and peft's: ``lora_state_dict`` converts kohya / A1111 files (``lora_unet_*``,
-``lora_te_*``, SDXL's ``lora_te1_*``/``lora_te2_*``) and diffusers-format files, and each LoRA
-becomes a named peft adapter on the UNet and the text encoder(s). Switching sets is cheap (the
+Loading is diffusers' and peft's, per family (:mod:`engine.lora_loading`: which layouts each
+family reads): each LoRA becomes a named peft adapter on the denoising network (the UNet, or SD
+3.5's and Flux's transformer) and the text encoder(s) it changes. Switching sets is cheap (the
 adapters stay loaded, up to :data:`KEEP_LOADED`); a set applies to a whole batch, which is why
-jobs with different sets never share one (:func:`lora_key`, used in the worker's batch key).
+jobs with different sets never share one (:func:`lora_key`, used in the worker's batch key), and
+the prompt encoders key their caches by it (``variant``), since a LoRA may change a text encoder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from engine.errors import GenerationError
+from engine.families import traits
+from engine.lora_loading import load_adapter
 from engine.prompt_syntax import (
     LORA_NAME,
     LORA_SUFFIX,
@@ -134,7 +134,7 @@ class LoraLibrary:
         adapter = f"lora{next(_ADAPTER_IDS)}"  # peft adapter names become module keys: no dots allowed
         holders: list[torch.nn.Module] = []
         try:
-            _load_adapter(self.model, path, adapter, holders)
+            load_adapter(self.model, path, adapter, holders)
         except GenerationError:
             self._delete(name, (adapter, holders))
             raise
@@ -143,7 +143,7 @@ class LoraLibrary:
             log.warning("LoRA %s could not be loaded", path, exc_info=True)
             raise GenerationError(
                 f"LoRA {name!r} could not be applied to model {self.model.info.name!r} ({type(e).__name__}); "
-                f"is it made for a {self.model.info.family} model?"
+                f"is it a LoRA for {traits(self.model.info.family).label} models?"
             ) from e
         if not holders:
             raise GenerationError(
@@ -174,60 +174,3 @@ class LoraLibrary:
             if isinstance(config, dict):
                 config.pop(adapter, None)
         self.active = tuple(u for u in self.active if u.name != name)
-
-
-def _load_adapter(model: LoadedModel, path: Path, adapter: str, holders: list[torch.nn.Module]) -> None:
-    """One LoRA file into the model's UNet and text encoder(s) as adapter ``adapter``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from engine.loading import progress_bars
-
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise GenerationError(f"LoRA file {path.name} is damaged or not a .safetensors file ({e}).") from e
-    sdxl = model.info.family == "sdxl"
-    loader = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    extra = {"unet_config": model.unet.config} if sdxl else {}
-    state, alphas = loader.lora_state_dict(tensors, **extra)
-    with progress_bars(False), warnings.catch_warnings(), _quiet(logging.getLogger("transformers.integrations.peft")):
-        # peft warns on every adapter after the first, and transformers lists the other adapters'
-        # weights as "missing" from this one: several adapters is what we want (the tests check
-        # that each adapter holds its file's weights).
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        if any(k.startswith("unet.") for k in state):
-            holders.append(model.unet)  # before loading: a half-done load is cleaned up too
-            model.unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas, adapter_name=adapter)
-        prefixes = ["text_encoder", "text_encoder_2"][: len(model.text_encoders)]
-        for encoder, prefix in zip(model.text_encoders, prefixes, strict=False):
-            if not any(name.startswith("text_model.") for name, _ in encoder.named_parameters()):
-                # transformers 5's CLIP text models dropped the ``text_model.`` level that
-                # diffusers' converted names still carry: unmatched, peft would leave the adapter
-                # at its random initial weights (only a load report says so).
-                state, alphas = (
-                    _drop_level(state, f"{prefix}.text_model."),
-                    _drop_level(alphas, f"{prefix}.text_model."),
-                )
-            if any(k.startswith(prefix + ".") for k in state):
-                holders.append(encoder)
-                loader.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix, adapter_name=adapter)
-
-
-def _drop_level(tensors: dict | None, prefix: str) -> dict | None:
-    """``prefix + rest`` -> ``prefix`` minus its last level ``+ rest``."""
-    if tensors is None:
-        return None
-    short = prefix.removesuffix("text_model.")
-    return {(short + k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in tensors.items()}
-
-
-@contextlib.contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

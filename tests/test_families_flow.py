@@ -183,7 +183,6 @@ def test_flux_rows_with_other_guidance_seeds_and_steps_share_a_batch(pipelines):
         (dict(schedule="karras"), "schedule"),
         (dict(clip_skip=2), "CLIP skip"),
         (dict(negative_prompt="blurry"), "negative prompt"),
-        (dict(prompt="a cat <lora:style:0.8>"), "LoRA"),
         (dict(width=72), "multiple of 16"),
     ],
 )

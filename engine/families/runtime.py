@@ -13,7 +13,6 @@ from engine.families.flux import FluxDenoiser, FluxPrompts, flux_noise
 from engine.families.sd import sd_parts
 from engine.families.sd3 import SD3Denoiser, SD3Prompts, sd3_noise
 from engine.params import GenerationParams
-from engine.prompt_syntax import lora_key
 
 
 def flux_parts(model) -> FamilyParts:
@@ -57,6 +56,4 @@ def flow_refusal(traits: FamilyTraits, params: GenerationParams) -> str | None:
         return f"CLIP skip does not apply to {label} models (their prompts are read by T5 too); leave it at 1."
     if params.negative_prompt.strip() and not traits.negative_prompt:
         return f"{label} models take no negative prompt (they are not guided by one); leave it out."
-    if lora_key(params.prompt):
-        return f"LoRAs are not available on {label} models yet; take the <lora:...> tags out of the prompt."
     return None
