@@ -157,3 +157,18 @@ def test_safety_in_config_toml(tmp_path):
     path.write_text('[model]\nsource = "x"\n[safety]\nmode = "hide"\n')
     with pytest.raises(ConfigError, match="safety.mode"):
         load_config(path, {"DISCORD_TOKEN": "t"})
+
+
+def test_nudenet_named_but_not_installed_is_one_clear_error(tmp_path):
+    pytest.importorskip("bot.safety.nudenet")
+    try:
+        import nudenet  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("the nudenet extra is installed here")
+    from bot.wiring import load_safety
+
+    config = replace(bot_config("unused", "sqlite://", 1), safety=SafetySettings(classifier="nudenet"))
+    with pytest.raises(ClassifierError, match=r"NudeNet is not installed .*\[nudenet\].*AGPL-3.0"):
+        load_safety(config)

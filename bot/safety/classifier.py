@@ -29,7 +29,7 @@ import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 
 #: Scores by label (probabilities), or None where the image could not be classified.
 Scores = dict[str, float]
+
+
+class Classifies(Protocol):
+    """What :class:`SafetyCheck` runs: :class:`ImageClassifier`, or NudeNet's (``bot.safety.nudenet``)."""
+
+    labels: tuple[str, ...]
+
+    def classify(self, pngs: Sequence[bytes]) -> list[Scores | None]: ...
 
 
 class ClassifierError(Exception):
@@ -145,7 +153,7 @@ def _decoded(data: bytes) -> Image.Image | None:
 class SafetyCheck:
     """The classifier behind an asyncio face: one thread, calls in order, batches as given."""
 
-    def __init__(self, classifier: ImageClassifier) -> None:
+    def __init__(self, classifier: Classifies) -> None:
         self.classifier = classifier
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdbot-safety")
 
