@@ -13,6 +13,10 @@ A job's deliveries (progress, previews, its result or its error) still reach it 
 they were made: each one is handed over only after the one before it, whatever thread encodes
 it. A delivery with nothing to encode, behind nothing pending, is handed over at once on the
 engine thread, as before.
+
+The image filter (issue 24) does not run here but in the bot process, on a thread of its own
+(``bot/safety/classifier.py`` says why): workers in other processes or machines make results
+it must judge too, uploads are judged before a job exists, and the engine never waits for it.
 """
 
 from __future__ import annotations
