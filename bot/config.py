@@ -52,10 +52,18 @@ class Config:
     ops: OpsSettings = OpsSettings()  # ``[ops]``: the health and metrics endpoint (off by default)
     upscalers: UpscalerSettings = UpscalerSettings()  # ``[upscalers]``: the U buttons' models
     safety: SafetySettings = SafetySettings()  # ``[safety]``: the image classifier and its default policy
+    #: Each configured model's name -> ``generation`` for its family (engine.families.generation),
+    #: set by the wiring once the families are known; a model not here takes ``generation``.
+    by_model: tuple[tuple[str, GenerationSettings], ...] = ()
 
     def model_settings(self, name: str | None) -> ModelSettings:
         """The configured model called ``name``; the default model for None or a name not configured."""
         return next((m for m in self.models if m.display_name == name), self.model)
+
+    def generation_for(self, name: str | None) -> GenerationSettings:
+        """The defaults, choices and limits for a job of model ``name`` (None: the default model)."""
+        name = name or self.model.display_name
+        return next((gen for model, gen in self.by_model if model == name), self.generation)
 
     @property
     def model_names(self) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from bot import render
 from bot.config import Config
 from bot.inputs import BadInput, clean_text
 from bot.policy import Asked
+from engine.families import FAMILIES
 from engine.metadata import parse_infotext
 from engine.params import (
     DEFAULT_HIRES_UPSCALER,
@@ -108,18 +109,28 @@ def sampler_of(fields: dict[str, str]) -> str | None:
 def settings_from(fields: dict[str, str], config: Config) -> tuple[Asked, list[str]]:
     """A new job's options from read-back parameters, within this bot's limits, and a note for
     every value that had to change."""
-    gen, notes = config.generation, []
+    notes: list[str] = []
+    model = fields.get("Model")
+    if model and model not in config.model_names:
+        notes.append(f"model {model} is not configured here; {config.model.display_name} is used")
+    chosen_model = model if model in config.model_names else None
+    gen = config.generation_for(chosen_model)  # that model's family's choices and limits
+    traits = FAMILIES.get(gen.family)
     prompt = clean_text(fields.get("Prompt", ""))[: config.discord.max_prompt_chars]
     if not prompt:
         raise BadInput("This image's parameters have no prompt to reuse.")
     if len(clean_text(fields.get("Prompt", ""))) > config.discord.max_prompt_chars:
         notes.append(f"the prompt was cut to {config.discord.max_prompt_chars} characters")
     negative = clean_text(fields.get("Negative prompt", ""))[: config.discord.max_prompt_chars] or None
+    if negative and traits and not traits.negative_prompt:
+        notes.append(f"{traits.label} models take no negative prompt; it was left out")
+        negative = None
     steps = _number(fields.get("Steps"), int)
     if steps is not None and not 1 <= steps <= gen.max_steps:
         notes.append(f"steps {steps} → {min(max(steps, 1), gen.max_steps)} (the most allowed here)")
         steps = min(max(steps, 1), gen.max_steps)
-    guidance = _number(fields.get("CFG scale"), float)
+    # Forge writes a guidance-distilled model's scale (Flux dev) as "Distilled CFG Scale", CFG scale 1.
+    guidance = _number(fields.get("Distilled CFG Scale") or fields.get("CFG scale"), float)
     if guidance is not None and not 0 <= guidance <= gen.max_guidance:
         notes.append(f"CFG scale {guidance:g} → {min(max(guidance, 0.0), gen.max_guidance):g}")
         guidance = min(max(guidance, 0.0), gen.max_guidance)
@@ -138,13 +149,12 @@ def settings_from(fields: dict[str, str], config: Config) -> tuple[Asked, list[s
             size = (width, height)
         else:
             notes.append(f"size {fields['Size']} is not offered here; {gen.default_width}x{gen.default_height} is used")
-    model = fields.get("Model")
-    if model and model not in config.model_names:
-        notes.append(f"model {model} is not configured here; {config.model.display_name} is used")
-    chosen_model = model if model in config.model_names else None
     clip_skip = _number(fields.get("Clip skip"), int)
     if clip_skip is not None and not 1 <= clip_skip <= 12:
         notes.append(f"clip skip {clip_skip} → the model's default")
+        clip_skip = None
+    if clip_skip and clip_skip > 1 and traits and not traits.clip_skip:
+        notes.append(f"clip skip does not apply to {traits.label} models; it was left out")
         clip_skip = None
     schedule = _SCHEDULE_BY_LABEL.get((fields.get("Schedule type") or "").strip().lower())
     if schedule in (None, "automatic") or sampler == "dpmpp_2m_karras" or schedule not in gen.schedules:

@@ -214,13 +214,16 @@ class InitImage:
     height: int
 
 
-def fit_size(width: int, height: int, *, max_width: int, max_height: int, target_area: int) -> tuple[int, int]:
+def fit_size(
+    width: int, height: int, *, max_width: int, max_height: int, target_area: int, multiple: int = 8
+) -> tuple[int, int]:
     """Scale (width, height) keeping its shape: within the maxima, about ``target_area`` pixels
-    at most, in multiples of 8 and at least 64 on each side."""
+    at most, in multiples of ``multiple`` (the model's grid: 8, or 16 for SD 3.5 and Flux) and at
+    least 64 on each side."""
     scale = min(1.0, max_width / width, max_height / height, (target_area / (width * height)) ** 0.5)
-    w = max(64, int(width * scale) // 8 * 8)
-    h = max(64, int(height * scale) // 8 * 8)
-    return min(w, max_width // 8 * 8), min(h, max_height // 8 * 8)
+    w = max(64, int(width * scale) // multiple * multiple)
+    h = max(64, int(height * scale) // multiple * multiple)
+    return min(w, max_width // multiple * multiple), min(h, max_height // multiple * multiple)
 
 
 def load_init_image(
@@ -231,6 +234,7 @@ def load_init_image(
     max_height: int,
     target_area: int,
     formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP"),
+    multiple: int = 8,
 ) -> InitImage:
     """Decode an upload safely and normalise it to an RGB image the engine can use.
 
@@ -238,7 +242,7 @@ def load_init_image(
     ``formats`` than the allowed ones (Pillow names). Animated images use their first frame;
     EXIF rotation is applied; CMYK, palette, alpha and 16-bit images become 8-bit RGB (alpha over
     white). ``size`` forces the output size (cropped to fill it); otherwise the image's own shape
-    is kept, scaled by :func:`fit_size`.
+    is kept, scaled by :func:`fit_size` to the model's grid (``multiple``).
     """
     try:
         image = Image.open(io.BytesIO(data), formats=list(formats))  # reads the header only
@@ -267,7 +271,14 @@ def load_init_image(
         log.warning("upload refused: the decoder failed unexpectedly", exc_info=True)
         raise _unreadable(e) from None
     if size is None:
-        size = fit_size(image.width, image.height, max_width=max_width, max_height=max_height, target_area=target_area)
+        size = fit_size(
+            image.width,
+            image.height,
+            max_width=max_width,
+            max_height=max_height,
+            target_area=target_area,
+            multiple=multiple,
+        )
         image = image.resize(size, Image.Resampling.LANCZOS)
     else:
         image = ImageOps.fit(image, size, Image.Resampling.LANCZOS)
@@ -298,13 +309,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def enlarged_size(png: bytes, *, factor: float, max_width: int, max_height: int) -> tuple[int, int] | None:
-    """The image's size scaled by ``factor``, capped by the size limits, in multiples of 8; None
-    when it cannot grow at all (it is already at the largest size). Reads only the header."""
+def enlarged_size(
+    png: bytes, *, factor: float, max_width: int, max_height: int, multiple: int = 8
+) -> tuple[int, int] | None:
+    """The image's size scaled by ``factor``, capped by the size limits, in multiples of
+    ``multiple`` (the model's grid); None when it cannot grow at all (it is already at the largest
+    size). Reads only the header."""
     with Image.open(io.BytesIO(png)) as image:
         width, height = image.size
     scale = min(factor, max_width / width, max_height / height)
-    w, h = int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+    w, h = int(width * scale) // multiple * multiple, int(height * scale) // multiple * multiple
     if w <= width and h <= height:
         return None
     return w, h

@@ -74,7 +74,13 @@ def variation(parent: Job, image_seed: int, level: str) -> NewJob:
 
 def upscaled_size(image: ResultImage, gen: GenerationSettings) -> tuple[int, int] | None:
     """The size an upscale of ``image`` gets, within the size limits; None: it is the largest already."""
-    return enlarged_size(image.png, factor=UPSCALE_FACTOR, max_width=gen.max_width, max_height=gen.max_height)
+    return enlarged_size(
+        image.png,
+        factor=UPSCALE_FACTOR,
+        max_width=gen.max_width,
+        max_height=gen.max_height,
+        multiple=gen.pixel_multiple,
+    )
 
 
 def upscale(
@@ -118,7 +124,7 @@ OUTPAINT_STRENGTH = 1.0
 
 
 def _outpaint(parent: Job, kind: JobKind, canvas: Image.Image, mask: Image.Image, gen: GenerationSettings) -> NewJob:
-    canvas, mask = _within(canvas, mask, gen.max_width, gen.max_height)
+    canvas, mask = _within(canvas, mask, gen.max_width, gen.max_height, gen.pixel_multiple)
     params = _from_image(parent).but(
         seed=new_seed(),
         count=1,
@@ -131,12 +137,16 @@ def _outpaint(parent: Job, kind: JobKind, canvas: Image.Image, mask: Image.Image
     return NewJob(kind, params, parent.id)
 
 
-def _within(canvas: Image.Image, mask: Image.Image, max_width: int, max_height: int) -> tuple[Image.Image, Image.Image]:
-    """The canvas (and its mask) scaled down, if need be, to the largest width and height allowed."""
+def _within(
+    canvas: Image.Image, mask: Image.Image, max_width: int, max_height: int, multiple: int = 8
+) -> tuple[Image.Image, Image.Image]:
+    """The canvas (and its mask) scaled down, if need be, to the largest width and height allowed,
+    on the model's grid (``multiple`` pixels)."""
     scale = min(1.0, max_width / canvas.width, max_height / canvas.height)
-    if scale == 1.0:
+    if scale == 1.0 and canvas.width % multiple == 0 and canvas.height % multiple == 0:
         return canvas, mask
-    size = (max(64, int(canvas.width * scale) // 8 * 8), max(64, int(canvas.height * scale) // 8 * 8))
+    grid = (int(canvas.width * scale) // multiple * multiple, int(canvas.height * scale) // multiple * multiple)
+    size = (max(64, grid[0]), max(64, grid[1]))
     return canvas.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.NEAREST)
 
 

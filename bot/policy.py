@@ -22,6 +22,7 @@ import discord
 from bot import render
 from bot.inputs import BadInput
 from db.community import DAY, Admission, MemberDefaults, ServerPolicy
+from engine.families import FAMILIES
 from engine.params import HIRES_UPSCALERS, GenerationParams, size_text
 from engine.settings import GenerationSettings
 
@@ -82,12 +83,24 @@ def resolve(
     *,
     img2img: bool = False,
     model_clip_skip: Callable[[str | None], int] = lambda model: 1,
+    generation_for: Callable[[str | None], GenerationSettings] | None = None,
 ) -> GenerationParams:
     """The job's parameters: what was asked, else the member's default (if the configuration
     still allows it), else the configured default narrowed to the server's limits. An img2img
     job without a size keeps the configured default here; the upload's shape replaces it.
     CLIP skip: asked, else the server's, else the model's own. A member's default hires fix is
-    lowered to fit the size limits (off where none fits); an asked one is checked by :func:`hires_gate`."""
+    lowered to fit the size limits (off where none fits); an asked one is checked by :func:`hires_gate`.
+
+    ``generation_for``: the configured defaults for the job's model (its family's: Flux's steps,
+    sizes and samplers, engine.families.generation); what was asked that the model's family
+    cannot do is refused here (:func:`family_gate`), and a member's default that it cannot use
+    is left out."""
+    model = asked.model
+    if model is None and policy.default_model in model_names:
+        model = policy.default_model  # the server's choice when the member made none
+    if generation_for is not None:
+        gen = generation_for(model)
+    family_gate(asked, gen)
     steps = asked.steps
     if steps is None:
         default = mine.steps if mine.steps and mine.steps <= gen.max_steps else gen.default_steps
@@ -102,13 +115,11 @@ def resolve(
     if hires is None:
         hires = member_hires(mine.hires_scale, size or (gen.default_width, gen.default_height), policy, gen)
     upscaler = asked.hires_upscaler or (mine.hires_upscaler if mine.hires_upscaler in HIRES_UPSCALERS else None)
-    model = asked.model
-    if model is None and policy.default_model in model_names:
-        model = policy.default_model  # the server's choice when the member made none
+    takes_negative = FAMILIES[gen.family].negative_prompt if gen.family else True
     return gen.params(
         asked.prompt,
         seed=asked.seed,
-        negative_prompt=asked.negative or mine.negative_prompt or None,
+        negative_prompt=(asked.negative or mine.negative_prompt or None) if takes_negative else "",
         steps=steps,
         guidance=guidance,
         size=size,
@@ -116,13 +127,35 @@ def resolve(
         count=asked.count,
         strength=asked.strength,
         model=model,
-        clip_skip=asked.clip_skip or policy.clip_skip or model_clip_skip(model),
+        clip_skip=(asked.clip_skip or policy.clip_skip or model_clip_skip(model)) if _clip_skips(gen) else 1,
         schedule=schedule,
         hires_scale=None if img2img else hires,
         hires_steps=asked.hires_steps,
         hires_upscaler=upscaler,
         hires_strength=asked.hires_strength,
     )
+
+
+def _clip_skips(gen: GenerationSettings) -> bool:
+    return FAMILIES[gen.family].clip_skip if gen.family else True
+
+
+def family_gate(asked: Asked, gen: GenerationSettings) -> None:
+    """Refuse, in one line that says what to do, an option the model's family cannot use."""
+    if not gen.family:
+        return
+    traits = FAMILIES[gen.family]
+    label = f"{traits.label} models"
+    if asked.sampler is not None and asked.sampler not in gen.samplers:
+        raise BadInput(f"{label} cannot use the {asked.sampler} sampler; pick one of {', '.join(gen.samplers)}.")
+    if asked.schedule is not None and asked.schedule not in gen.schedules:
+        raise BadInput(f"{label} walk their own schedule; leave the schedule type out (automatic).")
+    if asked.negative and not traits.negative_prompt:
+        raise BadInput(f"{label} take no negative prompt (they are not guided by one); leave it out.")
+    if asked.clip_skip and asked.clip_skip > 1 and not traits.clip_skip:
+        raise BadInput(f"CLIP skip does not apply to {label} (T5 reads their prompts too); leave it out.")
+    if asked.size is not None and any(v % gen.pixel_multiple for v in asked.size):
+        raise BadInput(f"{label} need sizes in multiples of {gen.pixel_multiple}; pick a listed size.")
 
 
 def member_hires(

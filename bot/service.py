@@ -203,7 +203,7 @@ class JobService:
         return await self.run_check(self.community.admission, asker.guild_id, asker.user_id, self.clock() - DAY)
 
     def gate(self, asker: Asker, seen: Admission, params: GenerationParams) -> None:
-        policy.hires_gate(params, seen.policy, self.config.generation)
+        policy.hires_gate(params, seen.policy, self.config.generation_for(params.model))
         policy.gate(asker, seen, params, pending_limit=self.config.queue.pending_limit, now=self.clock())
 
     async def admit(
@@ -228,8 +228,8 @@ class JobService:
         asker = Asker.of(interaction)
         if image is None:  # every check in one hop to the checking threads
             return await self.run_check(self._checked, asker, asked)
-        gen = self.config.generation
         seen, params = await self.run_check(self._resolved, asker, asked, True)
+        gen = self.config.generation_for(params.model)
         dc = self.config.discord  # the upload's shape, within this server's size limit
         data = await self.download(image.url, dc.max_attachment_bytes)
         max_width, max_height = policy.max_size(seen.policy, gen)
@@ -241,6 +241,7 @@ class JobService:
             max_height=max_height,
             target_area=gen.default_width * gen.default_height,
             formats=tuple(PILLOW_FORMATS[t] for t in dc.allowed_image_types),
+            multiple=gen.pixel_multiple,
         )
         params = params.but(init_image=init.png, width=init.width, height=init.height)
         if mask is not None:  # resized to the image; white (or transparent) means change
@@ -269,6 +270,7 @@ class JobService:
             self.config.model_names,
             img2img=img2img,
             model_clip_skip=lambda model: self.config.model_settings(model).clip_skip,
+            generation_for=self.config.generation_for,
         )
         return seen, self._styled(asker, asked.style, params)
 

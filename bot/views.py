@@ -125,7 +125,7 @@ class Upscale(_JobButton, template=r"sd:up:(?P<job>\d+):(?P<index>\d)(?::(?P<mod
     async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
         parent = await self.job(service)
         image = await service.get_image(parent.id, self.index)
-        gen = service.config.generation
+        gen = service.config.generation_for(parent.model)
         if jobs.upscaled_size(image, gen) is None:  # reads the PNG's header only
             raise BadInput(
                 f"This image is already at the largest size allowed here ({gen.max_width}x{gen.max_height})."

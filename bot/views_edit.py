@@ -134,7 +134,7 @@ class _Outpaint(_ImageButton, template=r"sd:(?P<action>zoom|pan|square):(?P<job>
 
     async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
         parent, image = await self.parent_and_image(service)
-        gen = service.config.generation
+        gen = service.config.generation_for(parent.model)
         # Building the canvas decodes and encodes PNGs: off the event loop, within the deadline.
         new = await within_deadline(service, interaction, asyncio.to_thread(self.new_job, parent, image, gen))
         await service.submit_derived(interaction, new)

@@ -122,7 +122,12 @@ def read_settings(args: argparse.Namespace) -> Settings:
 
 
 def build_request(args: argparse.Namespace, settings: Settings) -> GenerationRequest:
+    from engine.families.detect import source_family  # torch-free: before the model loads
+
     gen = settings.generation
+    found = source_family(settings.model.source, settings.model.family)
+    if found is not None:  # the model's family's defaults (Flux: its steps, guidance, no negative prompt)
+        gen = gen.for_family(*found, settings.model)
     return GenerationRequest(
         0,
         gen.params(

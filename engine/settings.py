@@ -8,7 +8,7 @@ The bot's own sections are parsed in ``bot/config.py``; ``python -m engine`` rea
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,10 @@ class ModelSettings:
     embeddings_dir: str = ""  # textual-inversion embeddings, found in prompts by file name
     lora_dir: str = ""  # LoRA files, used in prompts as <lora:NAME:WEIGHT>
     clip_skip: int = 1  # the model's default CLIP skip (anime models want 2); a member may choose another
+    # This model's own defaults, before its family's and [generation]'s (0 or "": not set).
+    default_steps: int = 0
+    default_guidance: float = 0.0
+    default_sampler: str = ""
     # SD 3.5 / Flux.1 single files without their text encoders and VAE take them from here: a
     # diffusers folder or hub id of the family (engine/families/flow_files.py).
     encoders: str = ""
@@ -114,6 +118,9 @@ class GenerationSettings:
     default_negative_prompt: str = ""
     max_count: int = 4
     default_strength: float = DEFAULT_STRENGTH
+    # Set by :meth:`for_family` for a model's family, not read from the file.
+    family: str = field(default="", metadata={"derived": True})  # "": the SD families, as configured
+    pixel_multiple: int = field(default=8, metadata={"derived": True})  # sizes are multiples of this
 
     @property
     def size_pairs(self) -> tuple[tuple[int, int], ...]:
@@ -168,22 +175,15 @@ class GenerationSettings:
             hires_strength=DEFAULT_HIRES_STRENGTH if hires_strength is None else hires_strength,
         )
 
-    def for_family(self, family: str) -> GenerationSettings:
-        """These settings for a default model of ``family``: unchanged except for ``"sdxl"``, where
+    def for_family(self, family: str, guidance: str = "cfg", model: ModelSettings | None = None) -> GenerationSettings:
+        """These settings for a model of ``family`` (``guidance``: how it is guided; ``model``: its
+        own table's defaults come first): see :mod:`engine.families.generation`. For ``"sdxl"``,
         ``sdxl_sizes`` are the size choices, its first entry the default size, and the maxima are
-        raised (never lowered) to fit the widest and tallest of them."""
-        if family != "sdxl":
-            return self
-        parsed = [parse_size(size) for size in self.sdxl_sizes]
-        width, height = parsed[0]
-        return replace(
-            self,
-            sizes=self.sdxl_sizes,
-            default_width=width,
-            default_height=height,
-            max_width=max(self.max_width, *(w for w, _ in parsed)),
-            max_height=max(self.max_height, *(h for _, h in parsed)),
-        )
+        raised (never lowered) to fit the widest and tallest of them; SD 3.5 and Flux as well, in
+        multiples of 16, with their own steps, guidance, samplers and schedules."""
+        from engine.families.generation import for_family
+
+        return for_family(self, family, guidance, model)
 
 
 @dataclass(frozen=True)
@@ -275,6 +275,19 @@ def _check_model(key: str, model: ModelSettings) -> None:
         f"{key}.clip_skip",
         model.clip_skip,
         "1 to 12 (1: the text encoder's last layer; anime models often want 2)",
+    )
+    check(
+        isinstance(model.default_steps, int) and 0 <= model.default_steps <= 500,
+        f"{key}.default_steps",
+        model.default_steps,
+        "0 (the family's or [generation]'s) to 500 (and at most generation.max_steps)",
+    )
+    check(0 <= model.default_guidance <= 30, f"{key}.default_guidance", model.default_guidance, "0 (not set) to 30")
+    check(
+        model.default_sampler in ("", *SAMPLER_NAMES),
+        f"{key}.default_sampler",
+        model.default_sampler,
+        f'"" (not set) or one of {", ".join(SAMPLER_NAMES)}',
     )
     check(
         model.weights in WEIGHT_STORAGES,

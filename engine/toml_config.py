@@ -34,7 +34,7 @@ def section(raw: dict[str, Any], name: str, cls: type) -> Any:
     table = raw.get(name, {})
     if not isinstance(table, dict):
         raise ConfigError(f"[{name}] must be a table")
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("derived")}  # derived: not read from the file
     for key in table:
         if key not in known:
             raise ConfigError(f"{name}.{key}: unknown key (allowed: {', '.join(known)})")

@@ -82,8 +82,9 @@ class EngineWorker(FaultHandling):
         self.models = model if isinstance(model, ModelPool) else ModelPool.single(model)
         self.model_name: str | None = self.models.default  # the model of the running batch
         self.pipeline: Pipeline | None = self._compiled(self.models.pipeline(self.model_name))
-        if self.pipeline is not None:  # SDXL: its native sizes (generation.sdxl_sizes) are allowed
-            self.gen = gen.for_family(self.pipeline.model.info.family)
+        if self.pipeline is not None:  # SDXL, SD 3.5, Flux: their native sizes (generation.sdxl_sizes) are allowed
+            info = self.pipeline.model.info
+            self.gen = gen.for_family(info.family, info.guidance)
         if not isinstance(upscalers, Upscalers):
             upscalers = Upscalers.configured(upscalers or UpscalerSettings(), self.pipeline.device, self.pipeline.dtype)
         self.upscalers = upscalers  # the U buttons' upscalers, on this thread's device

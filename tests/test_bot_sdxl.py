@@ -78,22 +78,28 @@ async def test_imagine_on_sdxl_offers_sdxl_sizes_and_posts_a_png_naming_the_mode
 
 
 @pytest.mark.asyncio
-async def test_sd1_keeps_generation_sizes(tiny_sdxl_single_file, tmp_path, emulator: Emulator):
-    """Without an SDXL model (no engine here, family as configured: auto) the commands offer ``sizes``."""
+async def test_without_an_engine_the_family_is_read_from_the_file(tiny_sdxl_single_file, tmp_path, emulator: Emulator):
+    """No engine here (family as configured: auto): an SDXL file's tensor names say SDXL, so the
+    commands offer ``sdxl_sizes``; a hub id cannot be read without fetching it: ``sizes``."""
     config = bot_config(str(tiny_sdxl_single_file), f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
     config = replace(config, generation=replace(config.generation, sdxl_sizes=SDXL_SIZES))
     engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
     try:
         async with bot_running(emulator, config, queue, None) as bot:
-            assert size_option_choices(emulator, "imagine") == list(config.generation.sizes)
-            assert bot.config is config
+            assert size_option_choices(emulator, "imagine") == list(SDXL_SIZES)
+            assert bot.config.generation.family == "sdxl"
+        hub = replace(config, model=replace(config.model, source="someone/some-model"))
+        async with bot_running(emulator, hub, queue, None) as bot:
+            assert bot.config.generation.sizes == config.generation.sizes
     finally:
         engine.dispose()
 
 
 def test_sdxl_sizes_setting():
     gen = GenerationSettings()
-    assert gen.for_family("sd1") is gen and gen.for_family("auto") is gen and gen.for_family("sd2") is gen
+    plain = replace(gen, family="", pixel_multiple=8)  # what for_family derives, left out
+    assert replace(gen.for_family("sd1"), family="") == plain and gen.for_family("auto") is gen
+    assert replace(gen.for_family("sd2"), family="") == plain
     xl = gen.for_family("sdxl")
     assert xl.sizes == ("1024x1024", "1152x896", "896x1152", "1216x832", "832x1216")
     assert (xl.default_width, xl.default_height, xl.max_width, xl.max_height) == (1024, 1024, 1216, 1216)
