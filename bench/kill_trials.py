@@ -7,7 +7,13 @@ command is *lost* when Discord showed it as acknowledged ("thinking…") and yet
 restart, no job exists for it and nobody answered it. It prints trials, commands, acknowledged,
 jobs, lost and duplicated (two jobs for one command), and exits non-zero if any was lost.
 
+``--lock SECONDS`` (issue 20): in each trial another process holds SQLite's write lock from
+before the commands until SECONDS after it was taken, through the kill and the restart; then this
+script makes the jobs (as a GPU worker elsewhere would) and waits until each is posted. It also
+prints how many commands were answered within Discord's 3 s and how many jobs were posted once.
+
     python bench/kill_trials.py --trials 30 --commands 3
+    python bench/kill_trials.py --trials 6 --commands 3 --lock 10
 
 Run it from a checkout: it uses that checkout's code (``PYTHONPATH`` set to it for the bot).
 """
@@ -16,10 +22,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import io
 import os
 import random
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,8 +42,11 @@ from sqlalchemy.orm import Session  # noqa: E402
 
 from bot_process import BotProcess, write_config  # noqa: E402
 from db.models import Job  # noqa: E402
+from db.queue import Queue  # noqa: E402
 from db.session import make_engine, upgrade  # noqa: E402
 from discord_emulator import Emulator  # noqa: E402
+
+DEADLINE = 3.0  # seconds Discord gives a bot to acknowledge an interaction
 
 #: What a restarted bot says to an interaction it acknowledged before its job was stored.
 RESTARTED = "restarted before your job was queued"
@@ -77,6 +90,72 @@ async def trial(emu: Emulator, bot: BotProcess, members, n: int, rng: random.Ran
     return sent
 
 
+class WriteLock:
+    """Another process holding SQLite's write lock (as a ``.backup`` or a ``VACUUM`` does)."""
+
+    def __init__(self, path: Path) -> None:
+        code = (
+            "import sqlite3, sys\n"
+            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\nsys.stdin.readline()\nc.execute('COMMIT')\n"
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout.readline().strip() == "locked"
+        self.since = time.monotonic()
+
+    async def release(self, after: float) -> None:
+        await asyncio.sleep(max(0.0, self.since + after - time.monotonic()))
+        self.process.communicate("\n", timeout=60)
+
+
+def png() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(out, "PNG")
+    return out.getvalue()
+
+
+async def locked_trial(emu: Emulator, bot: BotProcess, members, n: int, rng: random.Random, args, queue: Queue):
+    """A trial whose commands, kill and restart all happen while another process holds the lock;
+    then the jobs are made here and posted by the bot."""
+    await bot.start()
+    await emu.wait_for(lambda: "imagine" in emu.command_names(), 120, "the bot's commands")
+    RSS.append(rss_mib(bot.process.pid))
+    await asyncio.sleep(3.0)
+    lock = WriteLock(Path(queue.engine.url.database))
+    sent = []
+    victim = rng.randrange(n)
+    for i in range(n):
+        sent.append(await emu.slash(rng.choice(members), "imagine", {"prompt": f"locked trial {i}"}))
+        await asyncio.sleep(rng.uniform(0.0, 0.05))
+    await emu.wait_for(lambda: sent[victim].response_type is not None, 30, "the chosen command's ack")
+    await asyncio.sleep(rng.uniform(0.0, 1.0))  # the kill lands while the jobs wait on the lock
+    await bot.kill()
+    await bot.start()
+    await emu.wait_for(lambda: "imagine" in emu.command_names(), 120, "the bot's commands again")
+    await lock.release(after=args.lock)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # as a GPU worker elsewhere: make what the bot queued
+        while (job := queue.claim("bench-worker")) is not None:
+            queue.complete(job.id, "bench-worker", [(png(), job.seed)])
+        acked = [ix for ix in sent if ix.response_type == 5]
+        stored = jobs_by_token(queue.engine)
+        posted = all(posted_at(queue, ix.token) for ix in acked if stored.get(ix.token))
+        if all(stored.get(ix.token) for ix in acked) and posted:  # else counted below, as lost
+            break
+        await asyncio.sleep(0.5)
+    await bot.stop()
+    return sent
+
+
+def posted_at(queue: Queue, token: str):
+    with Session(queue.engine) as session:
+        return session.scalar(select(Job.posted_at).where(Job.interaction_token == token))
+
+
 async def main(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="sdbot-kill-"))
     database_url = f"sqlite:///{tmp}/kill.sqlite3"
@@ -87,10 +166,25 @@ async def main(args: argparse.Namespace) -> int:
         db = make_engine(database_url)
         upgrade(db)
         bot = BotProcess(emu, config, tmp / "bot.log", no_engine=True)
+        queue = Queue(db, pending_limit=100)
         interactions = []
         for _ in range(args.trials):
-            interactions += await trial(emu, bot, members, args.commands, rng)
+            if args.lock:
+                interactions += await locked_trial(emu, bot, members, args.commands, rng, args, queue)
+            else:
+                interactions += await trial(emu, bot, members, args.commands, rng)
         tokens = jobs_by_token(db)
+        in_time = [ix for ix in interactions if ix.ack_latency is not None and ix.ack_latency < DEADLINE]
+        posts = collections.Counter(
+            embed["footer"]["text"]
+            for m in emu.channel_messages(emu.general)
+            for embed in m.embeds
+            if (embed.get("footer") or {}).get("text", "").startswith("Job #")
+        )
+        with Session(db) as session:
+            ids = [i for (i,) in session.execute(select(Job.id).where(Job.interaction_token.is_not(None)))]
+        posted_once = sum(1 for i in ids if posts[f"Job #{i}"] == 1)
+        posted_twice = sum(1 for i in ids if posts[f"Job #{i}"] > 1)
         acked = [ix for ix in interactions if ix.response_type is not None]
         with_job = [ix for ix in interactions if tokens.get(ix.token)]
         answered = [
@@ -104,12 +198,15 @@ async def main(args: argparse.Namespace) -> int:
         duplicated = [ix for ix in interactions if tokens.get(ix.token, 0) > 1]
         db.dispose()
     print(
-        f"code={ROOT} trials={args.trials} commands={len(interactions)} acknowledged={len(acked)} "
+        f"code={ROOT} trials={args.trials} lock={args.lock or 'none'} commands={len(interactions)} "
+        f"answered-within-3s={len(in_time)} acknowledged={len(acked)} "
         f"jobs={len(with_job)} answered-after-restart={len(answered)} lost={len(lost)} "
         f"duplicated={len(duplicated)}"
+        + (f" posted-once={posted_once} posted-twice={posted_twice}" if args.lock else "")
     )
     print(f"bot (--no-engine) resident memory after start: max {max(RSS):.0f} MiB over {len(RSS)} starts")
-    return 1 if lost or duplicated else 0
+    late = args.lock and len(in_time) < len(interactions)
+    return 1 if lost or duplicated or late or (args.lock and posted_twice) else 0
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,6 +214,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--commands", type=int, default=3, help="commands sent per trial")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--lock", type=float, default=0, help="seconds another process holds SQLite's write lock in each trial"
+    )
     return parser.parse_args()
 
 
