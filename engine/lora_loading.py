@@ -39,6 +39,7 @@ from engine.families import traits
 if TYPE_CHECKING:
     from engine.loading import LoadedModel
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: Adds the adapter named ``adapter`` to the model's modules, appending each to ``holders`` before
 #: loading into it (so a half-done load can be undone).
 Loader = Callable[["LoadedModel", dict, str, str, list], None]
@@ -60,7 +61,8 @@ def load_adapter(model: LoadedModel, path: Path, adapter: str, holders: list[tor
         # weights as "missing" from this one: several adapters is what we want (the tests check
         # that each adapter holds its file's weights).
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        LOADERS[model.info.family](model, tensors, path.stem, adapter, holders)
+        with _adapters_in_compute_dtype(model):
+            LOADERS[model.info.family](model, tensors, path.stem, adapter, holders)
 
 
 # ---------------------------------------------------------------------------- SD 1.x, 2.x, XL
@@ -181,6 +183,29 @@ def _unfit(model: LoadedModel, name: str, why: str) -> GenerationError:
     return GenerationError(
         f"LoRA {name!r} does not fit model {model.info.name!r}: {why}. Use a LoRA made for {label} models."
     )
+
+
+@contextlib.contextmanager
+def _adapters_in_compute_dtype(model: LoadedModel) -> Iterator[None]:
+    """peft makes an adapter in its base layer's dtype, so on a layer stored in float8
+    (``model.weights``, :mod:`engine.families.flow_storage`) the file's weights would be rounded to
+    fp8 and could not run (fp8 has no matmul of its own). peft takes a layer's ``compute_dtype``
+    instead where it has one (as for bitsandbytes' layers): given the model's during the load, the
+    adapters hold the file's weights in the compute dtype, beside the fp8 layers they change."""
+    networks = (model.unet, *model.text_encoders)
+    stored_fp8 = [layer for network in networks for layer in network.modules() if _stored_in_fp8(layer)]
+    for layer in stored_fp8:
+        layer.compute_dtype = model.dtype
+    try:
+        yield
+    finally:
+        for layer in stored_fp8:
+            del layer.compute_dtype
+
+
+def _stored_in_fp8(layer: torch.nn.Module) -> bool:
+    weight = getattr(layer, "weight", None)
+    return isinstance(layer, torch.nn.Linear) and weight.dtype in FP8_DTYPES and not hasattr(layer, "compute_dtype")
 
 
 @contextlib.contextmanager

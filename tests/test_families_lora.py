@@ -265,6 +265,29 @@ def test_kohya_s_fused_qkv_becomes_the_three_projections(pipelines, lora_dir):
     pipeline.use_loras(request(PROMPT))
 
 
+def test_a_lora_on_fp8_weights_is_the_lora_on_those_weights_upcast(folders, lora_dir):
+    """``model.weights = "float8_e4m3fn"``: the adapters hold the file's weights in the compute
+    dtype (fp8 has no matmul, and would round them), so a LoRA job is the same LoRA on a float32
+    model whose fp8-stored layers hold the same rounded weights."""
+    fp8 = load_model(str(folders["flux"]), device="cpu", dtype=torch.float32, weights="float8_e4m3fn", name="fp8")
+    rounded = load_model(str(folders["flux"]), device="cpu", dtype=torch.float32, name="rounded")
+    networks = zip([fp8.unet, *fp8.text_encoders], [rounded.unet, *rounded.text_encoders], strict=True)
+    with torch.no_grad():
+        for stored, reference in networks:
+            layers = dict(reference.named_modules())
+            for name, layer in stored.named_modules():
+                for param_name, param in layer.named_parameters(recurse=False):
+                    if param.dtype == torch.float8_e4m3fn:
+                        getattr(layers[name], param_name).copy_(param.float())
+    fp8.lora_dir = rounded.lora_dir = lora_dir
+    prompt = f"{PROMPT} <lora:flux-kohya:0.8>"
+    latents = ours(Pipeline(fp8), prompt)
+    to_q = fp8.unet.transformer_blocks[0].attn.to_q
+    assert to_q.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert {layer.weight.dtype for layer in (*to_q.lora_A.values(), *to_q.lora_B.values())} == {torch.float32}
+    torch.testing.assert_close(latents, ours(Pipeline(rounded), prompt), atol=ATOL, rtol=0)
+
+
 # ---------------------------------------------------------------------------- refusals
 
 
