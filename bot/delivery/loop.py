@@ -143,7 +143,7 @@ class Delivery:
         """Post every finished job that has not been posted yet."""
         jobs = await asyncio.to_thread(self.queue.undelivered)
         if self.checks is not None:  # the cycle's images in one classifier call, before any post
-            await self.checks.classify([job for job in jobs if job.id not in self._retry])
+            await self.checks.classify(jobs)
         for job in jobs:
             retry = self._retry.get(job.id)
             if retry is not None and retry.not_before > time.monotonic():
