@@ -5,8 +5,8 @@ them need lives here, below them, and is given to each cog's constructor. No cog
 another cog or the client.
 
 A command is journaled (:mod:`bot.journal`, a local file) before the interaction is
-acknowledged, and its job is stored in the database at the same time (:meth:`JobService.submit`);
-the acknowledgement waits for the store :data:`STORE_BUDGET` at most, never on the database
+acknowledged, and its job is stored in the database at the same time (:mod:`bot.submitting`);
+the acknowledgement waits for the store half a second at most, never on the database
 beyond that: a locked or absent database is the journal's to wait out (:mod:`bot.acks`), and
 the member is told so in one line. A crash in between leaves an entry that the next start
 queues or answers, never a "thinking…" message with nothing behind it. A database fault on a
@@ -20,7 +20,7 @@ import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ import aiohttp
 import discord
 
 from bot import policy, render
-from bot.acks import NOT_SAVED, SAVED, PendingAcks
+from bot.acks import NOT_SAVED, PendingAcks
 from bot.callbacks import acknowledging
 from bot.checks import DISCORD_DEADLINE, manages_messages_in, mark_received, within_deadline
 from bot.config import Config
@@ -36,10 +36,11 @@ from bot.delivery import Delivery
 from bot.group_writes import GroupWriter
 from bot.inputs import PILLOW_FORMATS, BadInput, check_prompt_text, load_init_image
 from bot.jobs import NewJob
-from bot.journal import Entry, InteractionJournal, Request, journal_path
+from bot.journal import InteractionJournal, journal_path
 from bot.masks import load_mask
 from bot.policy import Asked, Asker
 from bot.safety.results import ResultChecks
+from bot.submitting import JournaledSubmit
 from db.community import DAY, Admission, Community
 from db.errors import QueueError
 from db.faults import DatabaseHealth, is_database_fault
@@ -56,16 +57,11 @@ REROLL_EMOJI = "🔁"
 #: Threads for the checks an interaction waits on (SQLite and PostgreSQL serve reads side by side).
 CHECK_THREADS = 2
 OUR_FAULT = "Something went wrong on our side; it has been logged."
-#: Seconds from a command's arrival that its acknowledgement waits for the job's commit; past
-#: them it is acknowledged on the journal's word alone, and the job follows when stored.
-STORE_BUDGET = 0.5
-#: Seconds an acknowledgement waits for its journal entry to reach the disk: the deadline first.
-JOURNAL_BUDGET = 1.5
 #: PostgreSQL: seconds a statement of the checks a member waits on may take before it fails.
 STATEMENT_TIMEOUT = 5.0
 
 
-class JobService:
+class JobService(JournaledSubmit):
     """Admission, queueing and cancelling of jobs, for every cog."""
 
     def __init__(
@@ -178,15 +174,6 @@ class JobService:
             response = await interaction.response.defer(thinking=True)
         interaction.extras["thinking"] = True
         interaction.extras["message_id"] = getattr(response, "message_id", None)
-
-    async def _journaled(self, interaction: discord.Interaction, append: Awaitable[None]) -> None:
-        """Wait for a journal entry to reach the disk, :data:`JOURNAL_BUDGET` at most from the
-        command's arrival: Discord's deadline comes first."""
-        received = interaction.extras.get("received", time.monotonic())
-        try:
-            await asyncio.wait_for(asyncio.shield(append), max(0.0, received + JOURNAL_BUDGET - time.monotonic()))
-        except TimeoutError:
-            log.warning("interaction %s: acknowledged before its journal entry was on disk", interaction.id)
 
     async def run_check(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` (a database read, a token count) on the bot's checking threads.
@@ -312,82 +299,6 @@ class JobService:
         return new
 
     # -- queueing ---------------------------------------------------------------------------------
-
-    async def submit(self, interaction: discord.Interaction, new: NewJob, note: str | None = None) -> Job:
-        """Queue a job for whoever used the command or pressed the button, acknowledge, and
-        answer with its number, place in line and a Cancel button (None: the database did not
-        take it; the member is told it will be queued from the journal).
-
-        The command is journaled and stored at once; the acknowledgement waits for the commit
-        until :data:`STORE_BUDGET`, then for the journal alone, so that an acknowledged
-        interaction always has its job, now or from the journal."""
-        request = Request(new.kind, new.params, new.parent_id, interaction.user.id, interaction.guild_id,
-                          interaction.channel_id)  # fmt: skip
-        entry = self.acks.entry(interaction, self.clock(), request)
-        interaction.extras["journaled"] = True
-        journaled = asyncio.ensure_future(self.journal.append(entry))
-        # Stored in a group with the other commands of the moment: one commit for all of them.
-        store = asyncio.ensure_future(self._store(entry))
-        received = interaction.extras.get("received", time.monotonic())
-        await asyncio.wait({store}, timeout=max(0.0, received + STORE_BUDGET - time.monotonic()))
-        if not store.done():
-            await self._journaled(interaction, journaled)
-            await self.defer(interaction)
-        try:
-            job, position = await store
-        except Exception as error:
-            if not is_database_fault(error):
-                raise  # a refusal or a bug: answered by ``guarded``, the entry closed with the answer
-            return await self._saved(interaction, entry, journaled, error)
-        self.database.succeeded()
-        self.acks.wake()  # the database answers: what waits in the journal can be stored too
-        await self.defer(interaction)
-        interaction.extras["thinking"] = False  # from now on the message is the job's
-        interaction.extras.pop("journaled", None)
-        await self.journal.close(interaction.id)
-        message_id = interaction.extras.get("message_id") or (await interaction.original_response()).id
-        await self.writes.set_status_message(job.id, interaction.channel_id, message_id)
-        job.status_message_id = message_id
-        await self._announce(job, note, position)
-        return job
-
-    async def _store(self, entry: Entry) -> tuple[Job, int | None]:
-        """Store a journaled command's job (once per interaction: the queue sees to that)."""
-        request = entry.request
-        assert request is not None
-        return await self.writes.enqueue(
-            **job_columns(request.params),
-            kind=request.kind,
-            parent_id=request.parent_id,
-            requester_id=request.requester_id,
-            guild_id=request.guild_id,
-            channel_id=request.channel_id,
-            interaction_token=entry.token,
-            interaction_app_id=entry.app_id,
-            interaction_expires_at=entry.expires_at,
-            status_channel_id=request.channel_id,
-        )
-
-    async def _saved(
-        self, interaction: discord.Interaction, entry: Entry, journaled: Awaitable[None], error: BaseException
-    ) -> None:
-        """The database did not take a journaled job: acknowledged (if not yet), told in one line
-        that it will be queued, and handed to the journal's replay."""
-        self.database.failed(error)
-        await self._journaled(interaction, journaled)
-        await self.defer(interaction)
-        interaction.extras["thinking"] = False  # the message stays: it becomes the job's status
-        interaction.extras.pop("journaled", None)
-        self.acks.adopt(entry, interaction, interaction.extras.get("message_id"))
-        try:
-            await interaction.edit_original_response(content=SAVED)
-        except discord.HTTPException as e:
-            log.info("interaction %s: could not say its job is saved (%s)", interaction.id, e)
-
-    async def _answered(self, interaction: discord.Interaction) -> None:
-        """The interaction has its answer: a restart must not queue or answer it again."""
-        if interaction.extras.pop("journaled", False):
-            await self.journal.close(interaction.id, answered=True)
 
     async def submit_command(
         self,
