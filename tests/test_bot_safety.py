@@ -303,3 +303,19 @@ async def test_strikes_warn_then_bar_after_n_withheld_results(safe):
         log = await ephemeral(emu, emu.admin, "server log")
         assert "the image filter **bar**" in log
     assert community.is_barred(emu.guild.id, emu.alice.id)
+
+
+async def test_the_hostile_upload_corpus_through_the_bot_and_its_filter(safe):
+    from test_bot_hostile import IMAGES
+
+    emu, configured, queue, community = safe
+    async with bot_running(emu, configured("nsfw", mode="blur"), queue, None):
+        answers = []
+        for i, data in enumerate(IMAGES):
+            upload = emu.attachment(f"upload{i}.png", data, "image/png")
+            ix = await emu.slash(emu.alice, "img2img", {"prompt": "a cat"}, attachments={"image": upload})
+            answers.append((await ix.wait_response(lambda m: m.ephemeral, timeout=20)).content)
+        assert not [a for a in answers if "went wrong" in a]
+        flagged = [a for a in answers if "flagged by this server's image filter" in a]
+        assert len(flagged) >= 4, answers  # every image the decoder took reached the filter
+    assert queue.pending_for(emu.alice.id) == []  # each refused: by the decoder, or flagged by the filter
