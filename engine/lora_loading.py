@@ -71,6 +71,7 @@ def load_adapter(model: LoadedModel, path: Path, adapter: str, holders: list[tor
 def _load_sd(model: LoadedModel, tensors: dict, name: str, adapter: str, holders: list) -> None:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    _refuse_foreign(model, tensors, name)
     sdxl = model.info.family == "sdxl"
     loader = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     extra = {"unet_config": model.unet.config} if sdxl else {}
@@ -147,13 +148,21 @@ def _load_sd3(model: LoadedModel, tensors: dict, name: str, adapter: str, holder
 
 #: Key prefixes of SD 3.5 LoRA layouts that diffusers' SD 3.5 loader does not convert.
 UNCONVERTED_SD3 = ("lora_unet_", "lora_te", "lora_transformer_", "diffusion_model.", "model.diffusion_model.")
-#: Parts of layer names that only one family's network has, in any layout (diffusers', LDM's or
-#: BFL's and MMDiT's as kohya and ComfyUI write them): a LoRA naming them is made for that family.
-FAMILY_NAMES = {
-    "SD 1.x, 2.x or XL (its weights change a UNet)": ("down_blocks", "up_blocks", "input_blocks", "unet."),
-    "Flux.1": ("double_blocks", "single_blocks", "single_transformer_blocks"),
-    "SD 3.5": ("joint_blocks",),
-}
+#: (the families a LoRA fits, what it is made for, the parts of weight names that tell): layer names
+#: that only one kind of network has, in any layout (diffusers', LDM's, BFL's and MMDiT's as kohya
+#: and ComfyUI write them; a leading "^" must start the name). A LoRA naming them is refused on
+#: the other families before diffusers reads it, since diffusers would apply the part that
+#: happens to match (a Flux LoRA's CLIP weights on SD 1.x) and only warn about the rest.
+TELLTALES = (
+    (
+        ("sd1", "sd2", "sdxl"),
+        "SD 1.x, 2.x or XL (its weights change a UNet)",
+        ("down_blocks", "up_blocks", "input_blocks", "^unet."),
+    ),
+    (("flux",), "Flux.1", ("double_blocks", "single_blocks", "single_transformer_blocks")),
+    (("sd3",), "SD 3.5", ("joint_blocks",)),
+    (("flux", "sd3"), "Flux.1 or SD 3.5 (its weights change a transformer)", ("^transformer.",)),
+)
 
 
 def _has(state: dict, prefix: str) -> bool:
@@ -161,10 +170,13 @@ def _has(state: dict, prefix: str) -> bool:
 
 
 def _refuse_foreign(model: LoadedModel, tensors: dict, name: str) -> None:
-    own = traits(model.info.family).label
-    for family, parts in FAMILY_NAMES.items():
-        if family != own and any(part in key for key in tensors for part in parts):
-            raise _unfit(model, name, f"it is made for {family}")
+    for families, made_for, parts in TELLTALES:
+        if model.info.family not in families and any(_tells(key, part) for key in tensors for part in parts):
+            raise _unfit(model, name, f"it is made for {made_for}")
+
+
+def _tells(key: str, part: str) -> bool:
+    return key.startswith(part[1:]) if part.startswith("^") else part in key
 
 
 def _check_fits(model: LoadedModel, state: dict, name: str, encoders: tuple[str, ...]) -> None:

@@ -307,3 +307,28 @@ def test_a_lora_of_another_family_is_refused_and_changes_nothing(pipelines, plai
     with pytest.raises(GenerationError, match=words):
         pipeline.prepare(request(f"{PROMPT} {tag}", family))
     assert torch.equal(ours(pipeline, PROMPT), plain[family])
+
+
+@pytest.fixture(scope="module")
+def sd1_pipeline(tiny_sd_folder, lora_dir) -> Pipeline:
+    """Its own copy of the tiny SD 1.x model (the session's stays without adapters)."""
+    model = load_model(str(tiny_sd_folder), device="cpu", dtype=torch.float32, name="tiny-sd1", progress=False)
+    model.lora_dir = lora_dir
+    return Pipeline(model)
+
+
+@pytest.mark.parametrize(
+    ("name", "made_for"),
+    [
+        ("flux-diffusers", r"Flux\.1"),
+        ("flux-kohya", r"Flux\.1"),
+        ("sd3-diffusers", r"Flux\.1 or SD 3\.5"),
+        ("sd3-kohya", r"SD 3\.5"),
+    ],
+)
+def test_a_flow_lora_on_an_sd_model_is_refused_not_half_applied(sd1_pipeline, name, made_for):
+    """diffusers' SD loader would apply such a file's CLIP weights and skip its transformer's."""
+    with pytest.raises(GenerationError, match=rf"'{name}' does not fit model 'tiny-sd1': it is made for {made_for}"):
+        sd1_pipeline.prepare(request(f"{PROMPT} <lora:{name}:1>", "sd1"))
+    model = sd1_pipeline.model
+    assert not any(getattr(module, "peft_config", None) for module in (model.unet, *model.text_encoders))
