@@ -128,6 +128,8 @@ async def test_the_threshold_and_labels_decide(safe):
         await ephemeral(emu, emu.admin, "server safety", {"labels": "normal"})  # 0.3 < 0.6: not flagged
         _, third = await make(emu, queue, emu.alice)
         assert not (await result_in(emu, emu.general, third.id)).attachments[0].filename.startswith("SPOILER_")
+        shown = await ephemeral(emu, emu.admin, "server safety", {"labels": "default"})
+        assert "for nsfw, porn, hentai, sexy at 0.6" in shown
     assert [queue.get(j.id).safety_action for j in (first, second, third)] == ["posted", "spoiler", "posted"]
 
 

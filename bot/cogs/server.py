@@ -287,7 +287,7 @@ def server_cog(service: JobService, o: Options, moderation: Moderation) -> comma
         @app_commands.command(name="safety", description="What a flagged image becomes outside age-restricted channels")
         @app_commands.describe(
             mode="off: posted as is · spoiler · blur (with Reveal) · withhold (kept for moderators)",
-            labels="The classifier's labels that count, separated by commas (empty: the bot's)",
+            labels="The classifier's labels that count, separated by commas ('default': the bot's)",
             threshold="The score at which they count, 0.01 to 1",
             reveal_in_dm="Whether Reveal may send the original to its requester by DM",
             reports_to_hide="Members' reports that hide a result until a moderator decides",
@@ -297,7 +297,7 @@ def server_cog(service: JobService, o: Options, moderation: Moderation) -> comma
             self,
             interaction: discord.Interaction,
             mode: Literal["off", "spoiler", "blur", "withhold"] = None,
-            labels: app_commands.Range[str, 0, 500] = None,
+            labels: app_commands.Range[str, 1, 500] = None,
             threshold: Transform[float, Bounded("threshold", float, 0.01, 1.0)] = None,
             reveal_in_dm: bool = None,
             reports_to_hide: Transform[int, Bounded("reports_to_hide", int, 1, 100)] = None,

@@ -161,7 +161,9 @@ class Moderation:
                     "images cannot be checked; ask the bot's operator."
                 )
             changes["safety_mode"] = mode
-        if labels is not None:
+        if labels is not None and labels.strip().lower() == "default":
+            changes["safety_labels"] = []  # the configuration's safety.labels
+        elif labels is not None:
             chosen = [label.strip().lower() for label in labels.split(",") if label.strip()]
             known = check.labels if check is not None else ()
             unknown = [label for label in chosen if known and label not in known]
