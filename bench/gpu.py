@@ -10,7 +10,9 @@ previews every 2 steps on our side; diffusers has none and gets no preview work)
   one job at a time on the same UNet;
 - one job on an idle engine (eager, and with graphs) against diffusers' latency for it;
 - SDXL-sized at 1024x1024: our engine batched against diffusers' XL pipeline one at a time;
-- peak GPU memory per (size, rows) for each run.
+- peak GPU memory per (size, rows) for each run;
+- SD 3.5 and Flux.1 (``bench/gpu_flow.py``): FLUX.1-dev- and SD 3.5 Large-sized at 1024x1024, 1
+  and 4 rows, weights in bf16 and stored in float8: peak GPU memory per (family, size, rows).
 
 Both sides encode a PNG per image. It writes one JSON file and prints a table with the ratios.
 
@@ -50,6 +52,7 @@ from diffusers import (  # noqa: E402
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
+from gpu_flow import flow_runs  # noqa: E402
 from throughput import SCHEDULER, build_components, loaded_model, run_diffusers  # noqa: E402
 
 from engine.settings import EngineSettings, GenerationSettings  # noqa: E402
@@ -279,6 +282,15 @@ def table(results: dict) -> str:
             lines.append(f"  ratio {label:<44} {ratio:.2f}")
         for label, gib in size["peak_memory_gib"].items():
             lines.append(f"  peak GPU memory {label:<44} {gib:.2f} GiB")
+    for run in results.get("flow", []):
+        lines.append(
+            f"\n{run['variant']} {run['size']}, weights {run['weights']}: transformer "
+            f"{run['transformer_bytes'] / 1e9:.2f} GB, text encoders {run['text_encoder_bytes'] / 1e9:.2f} GB"
+        )
+        for label, gib in run["peak_memory_gib"].items():
+            lines.append(f"  peak GPU memory {label:<44} {gib:.2f} GiB")
+        for label, seconds in run["seconds"].items():
+            lines.append(f"  {label}: {seconds:.2f} s")
     lines.append(f"\ntotal {results['total_seconds']:.0f} s")
     return "\n".join(lines)
 
@@ -289,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny models at 64x64: checks the pieces run")
     parser.add_argument("--no-graphs", action="store_true", help="leave out (ii) and the latency with graphs")
     parser.add_argument("--no-sdxl", action="store_true", help="leave out the SDXL-sized run")
+    parser.add_argument("--no-flow", action="store_true", help="leave out the Flux- and SD 3.5-sized runs")
     parser.add_argument("--out", default="gpu-bench.json", help="the JSON file to write")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -311,12 +324,14 @@ def main(argv: list[str] | None = None) -> dict:
             sizes.append(measure_size(run, device, dtype, graphs=not args.no_graphs, log=log))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        flow = [] if args.no_flow else flow_runs(args.tiny, device, log)
     results = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "sizes": sizes,
+        "flow": flow,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

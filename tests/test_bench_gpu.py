@@ -40,5 +40,10 @@ def test_tiny_run_on_the_cpu_writes_every_figure(tmp_path, capsys):
     assert "batched_graphs / diffusers (latency)" in first["ratios"]
     assert first["peak_memory_gib"] == {}  # no GPU: nothing measured, nothing made up
     assert sdxl["images"]["batched_eager"] == sdxl["jobs"]
+    flux = [run for run in results["flow"] if run["family"] == "flux"]
+    assert [run["weights"] for run in flux] == ["float32", "float8_e4m3fn"]  # the same weights, two storages
+    assert flux[1]["transformer_bytes"] < flux[0]["transformer_bytes"] / 2
+    assert {run["family"] for run in results["flow"]} == {"flux", "sd3"}
+    assert all(set(run["seconds"]) == {"1 rows", "2 rows"} and run["peak_memory_gib"] == {} for run in results["flow"])
     printed = capsys.readouterr().out
     assert "batched_graphs / batched_eager" in printed and "written to" in printed

@@ -86,7 +86,7 @@ def load_flow_file(path: Path, contents: FlowContents, dtype: torch.dtype, encod
     config_dir, shipped = _transformer_config_dir(path, contents, sidecar, folder)
     given = {"transformer": _load_transformer(path, contents, dtype, config_dir, follow_file=sidecar is None)}
     if contents.vae:
-        vae_dir = sidecar or folder or DATA_DIR / _variant(contents, FAMILY_DEFAULTS[family])
+        vae_dir = _config_dir(contents, sidecar, folder, "vae")
         given["vae"] = AutoencoderKL.from_single_file(
             str(path), config=str(vae_dir), subfolder="vae", dtype=dtype, local_files_only=True
         )
@@ -195,7 +195,7 @@ def _file_encoders(
     t5_tokenizer = names["t5xxl"].replace("text_encoder", "tokenizer")
     if t5_tokenizer not in given:
         given[t5_tokenizer] = _t5_tokenizer(path, [d for d in (sidecar, folder) if d], t5_tokenizer)
-    config_dir = sidecar or folder or DATA_DIR / _variant(contents, FAMILY_DEFAULTS[family])
+    config_dir = _config_dir(contents, sidecar, folder, "text_encoder")
     pipe_class = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
     pipe = pipe_class.from_single_file(str(path), config=str(config_dir), dtype=dtype, local_files_only=True, **given)
     if "t5xxl" in contents.text_encoders:
@@ -204,6 +204,16 @@ def _file_encoders(
     encoders = [getattr(pipe, name) for name in present]
     tokenizers = [getattr(pipe, name.replace("text_encoder", "tokenizer")) for name in present]
     return FlowComponents(family, pipe.transformer, pipe.vae, encoders, tokenizers, {})
+
+
+def _config_dir(contents: FlowContents, sidecar: Path | None, folder: Path | None, component: str) -> Path:
+    """Where ``component``'s config comes from: beside the file, the encoders folder (when it has
+    one: a folder may hold only what the file lacks, such as T5's tokenizer), or what we ship."""
+    if sidecar is not None:
+        return sidecar
+    if folder is not None and (folder / component / "config.json").is_file():
+        return folder
+    return DATA_DIR / _variant(contents, FAMILY_DEFAULTS[contents.family])
 
 
 def _t5_tokenizer(path: Path, folders: list[Path], subfolder: str):
