@@ -183,6 +183,11 @@ def hires_gate(params: GenerationParams, policy: ServerPolicy, gen: GenerationSe
             f"Hires {params.hires_scale:g}× makes {width}x{height} images; the largest allowed here is "
             f"{max_width}x{max_height}: {instead}."
         )
+    if width % gen.pixel_multiple or height % gen.pixel_multiple:  # SD 3.5 and Flux: a 16-pixel grid
+        raise BadInput(
+            f"Hires {params.hires_scale:g}× makes {width}x{height} images, off this model's {gen.pixel_multiple}-pixel "
+            "grid: pick a factor that keeps both sides multiples of it, such as 1.5 or 2."
+        )
     max_steps = min(gen.max_steps, policy.max_steps or gen.max_steps)
     if params.hires_pass_steps > max_steps:
         raise BadInput(

@@ -7,6 +7,7 @@ from typing import Any
 from bot import render
 from bot.config import Config
 from db.community import MemberDefaults, ServerPolicy, ServerStats
+from engine.families import FAMILIES
 from engine.params import DEFAULT_HIRES_UPSCALER, SAMPLER_NAMES, SCHEDULE_NAMES
 from engine.settings import GenerationSettings
 
@@ -43,6 +44,31 @@ def member_settings_text(mine: MemberDefaults, gen: GenerationSettings) -> str:
     )
 
 
+def model_line(name: str, config: Config) -> str:
+    """One configured model: its family and the defaults and choices its jobs take (issue 21)."""
+    gen = config.generation_for(name)
+    traits = FAMILIES.get(gen.family)
+    label = traits.label if traits else "Stable Diffusion"
+    parts = [
+        f"{gen.default_steps} steps",
+        f"{'distilled guidance' if gen.family == 'flux' else 'guidance'} {gen.default_guidance:g}",
+        f"{SAMPLER_NAMES.get(gen.default_sampler, gen.default_sampler)}",
+        f"{gen.default_width}x{gen.default_height} (sizes in multiples of {gen.pixel_multiple})",
+    ]
+    if traits and traits.samplers is not None:
+        parts.append("samplers " + ", ".join(gen.samplers))
+    if traits and not traits.negative_prompt:
+        parts.append("no negative prompt")
+    if traits and not traits.clip_skip:
+        parts.append("no CLIP skip")
+    return f"**{render.escape(name)}** ({label}): " + "; ".join(parts)
+
+
+def models_text(config: Config) -> str:
+    """Every configured model with its family's defaults (/help, /server show)."""
+    return "\n".join(model_line(name, config) for name in config.model_names)
+
+
 def server_settings_text(policy: ServerPolicy, barred: list[int], config: Config) -> str:
     gen, queue = config.generation, config.queue
 
@@ -65,6 +91,8 @@ def server_settings_text(policy: ServerPolicy, barred: list[int], config: Config
         f"CLIP skip: {limit(policy.clip_skip, models_own)}",
         f"barred members: {', '.join(f'<@{u}>' for u in barred) or 'none'}",
         safety_settings_line(policy, config),
+        "**Models**",
+        models_text(config),
     ]
     return "\n".join(lines)
 

@@ -96,6 +96,25 @@ def load_safety(config: Config) -> SafetyCheck:
     return SafetyCheck(classifier)
 
 
+def with_families(config: Config, default_family: str | None = None) -> Config:
+    """``config`` with each model's generation settings for its family (SDXL's sizes; SD 3.5's and
+    Flux's sizes, steps, guidance and samplers): the default model's family as the engine loaded
+    it (``default_family``), the others' as configured or read from their files
+    (:func:`engine.families.detect.source_family`; a hub id's is taken to be the default's)."""
+    from engine.families import guidance_kind
+    from engine.families.detect import source_family
+
+    found = source_family(config.model.source, config.model.family)
+    if default_family and (found is None or found[0] != default_family):
+        found = (default_family, guidance_kind(default_family))
+    default = found or ("sd1", "cfg")  # a hub id with no engine here: as the SD families
+    by_model = []
+    for model in (config.model, *config.models):
+        family, guidance = default if model is config.model else source_family(model.source, model.family) or default
+        by_model.append((model.display_name, config.generation.for_family(family, guidance, model)))
+    return replace(config, generation=by_model[0][1], by_model=tuple(by_model))
+
+
 def build_bot(
     config: Config,
     queue: Queue,
@@ -117,9 +136,7 @@ def build_bot(
     community = Community(queue.engine, clock=clock)
     styles = Styles(queue.engine, clock=clock)
     state = StateStore(queue.engine)
-    generation = config.generation.for_family(model_family or config.model.family)
-    if generation is not config.generation:  # SDXL's sizes for the commands
-        config = replace(config, generation=generation)
+    config = with_families(config, model_family)
     metrics = Metrics(
         queue_counts=lambda: queue_counts(queue.engine),
         database_up=lambda: database_reachable(queue.engine),

@@ -89,3 +89,41 @@ def test_a_flux_job_among_sd_models_takes_flux_defaults_and_drops_a_members_sd_d
 def test_what_flux_cannot_do_is_refused_at_the_boundary(options, words):
     with pytest.raises(BadInput, match=words):
         resolve(asked_of(**options), MemberDefaults(), ServerPolicy(), GEN, ("sd", "flux"), generation_for=settings_for)
+
+
+def test_a_hires_factor_off_the_16_pixel_grid_is_refused_with_one_that_fits():
+    from bot.policy import hires_gate
+
+    flux = settings_for("flux")
+    params = resolve(
+        asked_of(hires=1.2),
+        MemberDefaults(),
+        ServerPolicy(),
+        replace(GEN, max_width=2048, max_height=2048),
+        ("sd", "flux"),
+        generation_for=lambda m: replace(flux, max_width=2048, max_height=2048),
+    )
+    with pytest.raises(BadInput, match="16-pixel grid.*1.5 or 2"):
+        hires_gate(params, ServerPolicy(), replace(flux, max_width=2048, max_height=2048))
+    hires_gate(params.but(hires_scale=1.5), ServerPolicy(), replace(flux, max_width=2048, max_height=2048))
+
+
+def test_help_and_server_show_list_each_models_family_and_defaults():
+    from bot.config import Config, DiscordSettings
+    from bot.texts import models_text
+    from engine.settings import EngineSettings, QueueSettings
+
+    config = Config(
+        model=ModelSettings(source="sd", name="sd"),
+        engine=EngineSettings(),
+        generation=GEN.for_family("sd1"),
+        queue=QueueSettings(),
+        discord=DiscordSettings(),
+        token="t",
+        models=(ModelSettings(source="flux", name="flux"),),
+        by_model=(("sd", GEN.for_family("sd1")), ("flux", GEN.for_family("flux", "distilled"))),
+    )
+    text = models_text(config)
+    assert "**sd** (SD 1.x): 25 steps; guidance 7" in text
+    assert "**flux** (Flux.1): 28 steps; distilled guidance 3.5; Euler; 1024x1024 (sizes in multiples of 16)" in text
+    assert "no negative prompt; no CLIP skip" in text

@@ -56,7 +56,7 @@ def test_without_a_model_table_the_first_named_model_is_the_default():
             {"model": {"source": "x/base.safetensors"}, "models": {"base": {"source": "y"}}},
             "each model needs its own name",
         ),
-        ({"models": {"a": {"source": "x", "family": "sd3"}}}, r"models\.a\.family = 'sd3'"),
+        ({"models": {"a": {"source": "x", "family": "sd4"}}}, r"models\.a\.family = 'sd4'"),
         ({"models": {"a": {"source": ""}}}, r"models\.a\.source"),
         ({"models": {"a": {"source": "x", "name": "b"}}}, r"models\.a\.name"),
         ({"models": {"a": {"source": "x", "colour": 1}}}, r"models\.a\.colour: unknown key"),

@@ -12,6 +12,7 @@ from discord.ext import commands
 from bot import render
 from bot.layout import describe_buttons
 from bot.service import JobService
+from bot.texts import models_text
 
 
 def iter_commands(items: Iterable[Any]) -> Iterator[app_commands.Command]:
@@ -75,6 +76,9 @@ def help_pages(commands_: Iterable[Any], service: JobService) -> list[str]:
             + ": the AUTOMATIC1111 parameters of an attached PNG, or a new job with them",
         ]
     lines += [
+        "",
+        "**Models** (`model`; each takes its own defaults, and refuses what does not apply to it)",
+        models_text(service.config),
         "",
         "**Buttons on results**",
         describe_buttons(service.config.upscalers.default_upscaler()),
