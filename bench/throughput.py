@@ -13,6 +13,7 @@ work per step is the same.
     python bench/throughput.py --unet sdxl --device cuda      # SDXL-sized, 1024x1024
     python bench/throughput.py --sizes 128x128 96x128         # members asking for different sizes
     python bench/throughput.py --compile default              # also (v): batched with engine.compile
+    python bench/throughput.py --unet flux                    # tiny Flux.1 dev (or sd3: SD 3.5) vs their pipelines
 
 With several ``--sizes`` (job i gets size i % len), it also runs (iv) our engine batched in strict
 arrival order (``engine.overtake_window = 0``), where a job of another size ends the batch.
@@ -28,6 +29,7 @@ import io
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,7 +59,9 @@ from engine.worker import EngineWorker  # noqa: E402
 SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="linspace"
 )
-DEFAULT_SIZE = {"tiny": 128, "sd15": 512, "sdxl": 1024}
+DEFAULT_SIZE = {"tiny": 128, "sd15": 512, "sdxl": 1024, "flux": 128, "sd3": 128}
+#: The flow families (tests/tinyflow.py's tiny models): their own pipelines and guidance.
+FLOW = {"flux": 3.5, "sd3": 4.5}
 
 
 # ---------------------------------------------------------------------------- models
@@ -123,6 +127,22 @@ def build_components(unet: str) -> dict:
     }
 
 
+def flow_model_and_pipeline(family: str, device: torch.device, dtype: torch.dtype, folder: Path):
+    """A tiny Flux.1 dev or SD 3.5 (tests/tinyflow.py) loaded by our loader, and diffusers' pipeline
+    on the same weights."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from engine.loading import load_model
+    from tinyflow import save_flux_folder, save_sd3_folder
+
+    (save_flux_folder if family == "flux" else save_sd3_folder)(folder)
+    model = load_model(str(folder), device=device, dtype=dtype, progress=False)
+    cls = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
+    pipe = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return model, pipe
+
+
 def loaded_model(components: dict, unet: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     for module in components.values():
         if isinstance(module, torch.nn.Module):
@@ -171,10 +191,10 @@ def jobs(n: int, members: int, args: argparse.Namespace) -> list[GenerationReque
         GenerationRequest.of(
             job_id=i,
             prompt=f"member {i % members}: a lighthouse at dusk, style {i % members}",
-            negative_prompt="blurry",
+            negative_prompt="" if args.unet == "flux" else "blurry",  # Flux takes none
             seed=1000 + i,
             steps=args.steps,
-            guidance=7.0,
+            guidance=FLOW.get(args.unet, 7.0),
             width=args.sizes[i % len(args.sizes)][0],
             height=args.sizes[i % len(args.sizes)][1],
             sampler="euler",
@@ -198,9 +218,10 @@ def run_engine(worker: EngineWorker, requests: list[GenerationRequest], device: 
 
 
 def run_diffusers(pipe, request: GenerationRequest, device: torch.device) -> bytes:
+    negative = {} if type(pipe).__name__.startswith("Flux") else {"negative_prompt": request.params.negative_prompt}
     image = pipe(
         request.params.prompt,
-        negative_prompt=request.params.negative_prompt,
+        **negative,
         num_inference_steps=request.params.steps,
         guidance_scale=request.params.guidance,
         width=request.params.width,
@@ -222,7 +243,7 @@ def timed(fn, device: torch.device) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--unet", choices=["tiny", "sd15", "sdxl"], default="tiny")
+    parser.add_argument("--unet", choices=["tiny", "sd15", "sdxl", *FLOW], default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--dtype",
@@ -251,8 +272,13 @@ def main(argv: list[str] | None = None) -> None:
 
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
-    components = build_components(args.unet)
-    model = loaded_model(components, args.unet, device, dtype)
+    if args.unet in FLOW:
+        folder = tempfile.TemporaryDirectory()
+        model, pipe = flow_model_and_pipeline(args.unet, device, dtype, Path(folder.name) / args.unet)
+    else:
+        components = build_components(args.unet)
+        model = loaded_model(components, args.unet, device, dtype)
+        pipe = diffusers_pipeline(components, args.unet)
     limits = GenerationSettings(
         max_steps=max(args.steps, 50), max_width=max(w for w, _ in args.sizes), max_height=max(h for _, h in args.sizes)
     )
@@ -265,7 +291,6 @@ def main(argv: list[str] | None = None) -> None:
     serial = EngineWorker(model, EngineSettings(max_batch=1, preview_every=0), limits)
     mixed = len(set(args.sizes)) > 1
     strict = EngineWorker(model, EngineSettings(max_batch=args.max_batch, preview_every=0, overtake_window=0), limits)
-    pipe = diffusers_pipeline(components, args.unet)
     requests = jobs(args.jobs, args.members, args)
     batched.start()
     serial.start()
