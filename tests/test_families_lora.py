@@ -55,15 +55,21 @@ def diffusers_lora(modules: dict[str, torch.nn.Module], seed: int) -> dict[str, 
     return state
 
 
-def kohya_flux_lora(transformer, clip, seed: int, alpha: float = RANK / 2) -> dict[str, torch.Tensor]:
-    """kohya's Flux layout: BFL's layer names (``double_blocks_0_img_attn_qkv``: to_q, to_k, to_v
-    fused), ``lora_down``/``lora_up``/``alpha``, and ``lora_te1_`` for CLIP-L.
+def kohya_flux_lora(transformer, clip, seed: int, alpha: float = RANK / 2, comfy: bool = False) -> dict:
+    """kohya's Flux layout: BFL's layer names (``double_blocks_0_img_attn_qkv``: to_q, to_k and to_v
+    fused) with dots as underscores, ``lora_down``/``lora_up``/``alpha``, ``lora_te1_`` for CLIP-L;
+    ``comfy``: the same as ComfyUI saves it (``diffusion_model.double_blocks.0.img_attn.qkv``,
+    ``text_encoders.clip_l.transformer.text_model...``).
 
     Not ``single_blocks_N_linear1``: diffusers' converter splits it at FLUX.1's widths (3072, 12288)
     whatever the file, so a tiny one cannot be converted (real files are unaffected)."""
     generator, state = torch.Generator().manual_seed(seed), {}
 
-    def add(name: str, inputs: int, outputs: int) -> None:
+    def add(layer: str, inputs: int, outputs: int, clip_layer: bool = False) -> None:
+        if comfy:
+            name = ("text_encoders.clip_l.transformer.text_model." if clip_layer else "diffusion_model.") + layer
+        else:
+            name = ("lora_te1_text_model_" if clip_layer else "lora_unet_") + layer.replace(".", "_")
         down, up = _pair(generator, inputs, outputs)
         state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up})
         state[f"{name}.alpha"] = torch.tensor(alpha)
@@ -77,17 +83,30 @@ def kohya_flux_lora(transformer, clip, seed: int, alpha: float = RANK / 2) -> di
             ("img", block.attn.to_out[0], block.ff, block.norm1),
             ("txt", block.attn.to_add_out, block.ff_context, block.norm1_context),
         ):
-            add(f"lora_unet_double_blocks_{i}_{side}_attn_qkv", width, 3 * width)
-            add(f"lora_unet_double_blocks_{i}_{side}_attn_proj", *linear(attn_out))
-            add(f"lora_unet_double_blocks_{i}_{side}_mlp_0", *linear(ff.net[0].proj))
-            add(f"lora_unet_double_blocks_{i}_{side}_mlp_2", *linear(ff.net[2]))
-            add(f"lora_unet_double_blocks_{i}_{side}_mod_lin", *linear(norm.linear))
+            add(f"double_blocks.{i}.{side}_attn.qkv", width, 3 * width)
+            add(f"double_blocks.{i}.{side}_attn.proj", *linear(attn_out))
+            add(f"double_blocks.{i}.{side}_mlp.0", *linear(ff.net[0].proj))
+            add(f"double_blocks.{i}.{side}_mlp.2", *linear(ff.net[2]))
+            add(f"double_blocks.{i}.{side}_mod.lin", *linear(norm.linear))
     for i, block in enumerate(transformer.single_transformer_blocks):
-        add(f"lora_unet_single_blocks_{i}_linear2", *linear(block.proj_out))
-        add(f"lora_unet_single_blocks_{i}_modulation_lin", *linear(block.norm.linear))
+        add(f"single_blocks.{i}.linear2", *linear(block.proj_out))
+        add(f"single_blocks.{i}.modulation.lin", *linear(block.norm.linear))
     for layer, module in clip.named_modules():
         if isinstance(module, torch.nn.Linear) and layer.endswith(CLIP_TARGETS):
-            add("lora_te1_text_model_" + layer.replace(".", "_"), *linear(module))
+            add(layer, *linear(module), clip_layer=True)
+    return state
+
+
+def xlabs_flux_lora(transformer, seed: int) -> dict[str, torch.Tensor]:
+    """XLabs' layout: each block's attention processor's ``qkv_lora1``/``proj_lora1`` (image) and
+    ``qkv_lora2``/``proj_lora2`` (text) as ``down``/``up`` pairs, no alpha."""
+    generator, state = torch.Generator().manual_seed(seed), {}
+    width = transformer.transformer_blocks[0].attn.to_q.in_features
+    for i in range(len(transformer.transformer_blocks)):
+        for lora, outputs in (("qkv_lora1", 3 * width), ("proj_lora1", width), ("qkv_lora2", 3 * width)):
+            down, up = _pair(generator, width, outputs)
+            name = f"double_blocks.{i}.processor.{lora}"
+            state |= {f"{name}.down.weight": down, f"{name}.up.weight": up}
     return state
 
 
@@ -117,6 +136,8 @@ def lora_dir(tmp_path_factory, folders) -> Path:
     files = {
         "flux-diffusers": diffusers_lora({"transformer": flux.transformer, "text_encoder": flux.text_encoder}, 1),
         "flux-kohya": kohya_flux_lora(flux.transformer, flux.text_encoder, 2),
+        "flux-comfy": kohya_flux_lora(flux.transformer, flux.text_encoder, 6, comfy=True),
+        "flux-xlabs": xlabs_flux_lora(flux.transformer, 7),
         "sd3-diffusers": diffusers_lora(
             {"transformer": sd3.transformer, "text_encoder": sd3.text_encoder, "text_encoder_2": sd3.text_encoder_2}, 3
         ),
@@ -150,7 +171,7 @@ def references(folders, lora_dir) -> dict:
     """diffusers' pipelines with every LoRA of their family loaded, named as the files."""
     out = {}
     for family, cls, names in (
-        ("flux", FluxPipeline, ["flux-diffusers", "flux-kohya"]),
+        ("flux", FluxPipeline, ["flux-diffusers", "flux-kohya", "flux-comfy", "flux-xlabs"]),
         ("sd3", StableDiffusion3Pipeline, ["sd3-diffusers", "sd3-style"]),
     ):
         pipe = cls.from_pretrained(folders[family], torch_dtype=torch.float32, local_files_only=True)
@@ -211,6 +232,8 @@ CASES = [
     ("flux", "<lora:flux-diffusers:0.8>", {"flux-diffusers": 0.8}),
     ("flux", "<lora:flux-kohya:0.8>", {"flux-kohya": 0.8}),
     ("flux", "<lora:flux-diffusers:0.8> <lora:flux-kohya:0.5>", {"flux-diffusers": 0.8, "flux-kohya": 0.5}),
+    ("flux", "<lora:flux-comfy:0.8>", {"flux-comfy": 0.8}),
+    ("flux", "<lora:flux-xlabs:0.8>", {"flux-xlabs": 0.8}),
     ("sd3", "<lora:sd3-diffusers:0.8>", {"sd3-diffusers": 0.8}),
     ("sd3", "<lora:sd3-diffusers:0.8> <lora:sd3-style:-0.6>", {"sd3-diffusers": 0.8, "sd3-style": -0.6}),
 ]
@@ -299,7 +322,7 @@ def test_a_lora_on_fp8_weights_is_the_lora_on_those_weights_upcast(folders, lora
         ("sd3", "<lora:sd3-kohya:1>", r"'sd3-kohya' is in kohya's or ComfyUI's key layout"),
         ("sd3", "<lora:flux-kohya:1>", r"does not fit model 'tiny-sd3': it is made for Flux\.1"),
         ("flux", "<lora:sd3-diffusers:1>", r"'tiny-flux': it changes '.+', which a Flux\.1 model does not"),
-        ("flux", "<lora:nope:1>", r"No LoRA named 'nope'; available: flux-diffusers, flux-kohya, sd1-detail"),
+        ("flux", "<lora:nope:1>", r"No LoRA named 'nope'; available: flux-comfy, flux-diffusers, flux-kohya, flux-xl"),
     ],
 )
 def test_a_lora_of_another_family_is_refused_and_changes_nothing(pipelines, plain, family, tag, words):
