@@ -99,10 +99,11 @@ def test_flux_dev_sigmas_are_the_pipelines_shifted_by_the_images_tokens(folders,
         torch.testing.assert_close(job_schedule.sigmas.float(), scheduler.sigmas, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["sd3", "sd3-no-t5"])
-def test_sd3_txt2img_matches_sd3_pipeline(folders, pipelines, name):
+@pytest.mark.parametrize(("name", "guidance"), [("sd3", 4.5), ("sd3-no-t5", 4.5), ("sd3", 0.0)])
+def test_sd3_txt2img_matches_sd3_pipeline(folders, pipelines, name, guidance):
+    """With and without T5; at guidance 0 (Large Turbo's) the pipeline runs no CFG at all."""
     pipeline = pipelines[name]
-    ours = run_alone(pipeline, pipeline.prepare(request(steps=4, guidance=4.5, negative_prompt="blurry")))
+    ours = run_alone(pipeline, pipeline.prepare(request(steps=4, guidance=guidance, negative_prompt="blurry")))
     no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if name == "sd3-no-t5" else {}
     pipe = StableDiffusion3Pipeline.from_pretrained(
         folders[name], torch_dtype=torch.float32, local_files_only=True, **no_t5
@@ -114,7 +115,7 @@ def test_sd3_txt2img_matches_sd3_pipeline(folders, pipelines, name):
         height=SIZE,
         width=SIZE,
         num_inference_steps=4,
-        guidance_scale=4.5,
+        guidance_scale=guidance,
         latents=start_noise(7),
         max_sequence_length=pipeline.prompts.t5_tokens,
         output_type="latent",

@@ -11,7 +11,9 @@ weights and noise:
 - latents are 16 channels at 1/8 of the image (the transformer patches them itself, 2x2, so
   sizes are multiples of 16);
 - guidance: a prompt row and a negative-prompt row per image, mixed with each row's own scale
-  (the batch's CFG layout, as for the SD families); the timestep is ``sigma * 1000``.
+  (the batch's CFG layout, as for the SD families); a row at a scale of 1 or less takes its
+  prompt's prediction alone, as the pipeline does (SD 3.5 Large Turbo runs at 0); the timestep is
+  ``sigma * 1000``.
 """
 
 from __future__ import annotations
@@ -94,4 +96,6 @@ class SD3Denoiser(FlowDenoiser):
         out, bucket = self.run(n, model_in, cond, inputs)
         out = out.float()
         positive, negative = out[:n], out[bucket : bucket + n]
-        return negative + rows(cond.guidance) * (positive - negative)
+        # diffusers guides only above a scale of 1 (Large Turbo runs at 0): the prompt's row alone.
+        scale = rows(cond.guidance)
+        return torch.where(scale > 1, negative + scale * (positive - negative), positive)
