@@ -47,7 +47,8 @@ from engine.settings import EngineSettings, GenerationSettings  # noqa: E402
 from engine.tokenizer import EOS, clip_tokenizer  # noqa: E402
 from engine.types import GenerationRequest, ModelInfo  # noqa: E402
 
-VARIANTS = ("flux-dev", "sd3.5-large", "sd3.5-medium")
+#: The weights table's rows: a shipped config -> what it stands for.
+VARIANTS = {"flux-dev": "Flux.1 dev or schnell", "sd3.5-large": "SD 3.5 Large (Turbo)", "sd3.5-medium": "SD 3.5 Medium"}
 ENCODER_CLASSES = {
     "T5EncoderModel": T5EncoderModel,
     "CLIPTextModel": CLIPTextModel,
@@ -206,11 +207,11 @@ def weights_table() -> str:
         store_in_fp8(parts["transformer"], [t5], torch.bfloat16)
         sizes["t8"], sizes["t58"] = weight_bytes(parts["transformer"]), weight_bytes(t5)
         gb = {k: v / 1e9 for k, v in sizes.items()}
-        bf16 = gb["t"] + gb["t5"] + gb["clips"] + gb["vae"]
-        fp8 = gb["t8"] + gb["t58"] + gb["clips"] + gb["vae"]
+        bf16, bf16_alone = gb["t"] + gb["t5"] + gb["clips"] + gb["vae"], gb["t"] + gb["vae"]
+        fp8, fp8_alone = gb["t8"] + gb["t58"] + gb["clips"] + gb["vae"], gb["t8"] + gb["vae"]
         lines.append(
-            f"| {variant} | {gb['t']:.1f} / {gb['t8']:.1f} | {gb['t5']:.1f} / {gb['t58']:.1f} | {gb['clips']:.2f} "
-            f"| {gb['vae']:.2f} | {bf16:.1f} | {gb['t'] + gb['vae']:.1f} | {fp8:.1f} | {gb['t8'] + gb['vae']:.1f} |"
+            f"| {VARIANTS[variant]} | {gb['t']:.1f} / {gb['t8']:.1f} | {gb['t5']:.1f} / {gb['t58']:.1f} "
+            f"| {gb['clips']:.2f} | {gb['vae']:.2f} | {bf16:.1f} | {bf16_alone:.1f} | {fp8:.1f} | {fp8_alone:.1f} |"
         )
     return "\n".join(lines)
 
