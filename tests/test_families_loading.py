@@ -288,3 +288,25 @@ def test_shipped_configs_build_the_released_models(variant):
             encoders.append(kind.get(index[name][1], CLIPTextModel)(config))
     assert (count(transformer), count(vae), [count(e) for e in encoders]) == RELEASED[variant]
     assert transformer.config.get("guidance_embeds", False) == (variant == "flux-dev")
+
+
+def test_encoders_from_the_hub_that_cannot_be_fetched_say_what_to_do(files):
+    # The tests run with HF_HUB_OFFLINE=1 (conftest): nothing is in the hub cache for this id.
+    with pytest.raises(ModelLoadError, match="could not fetch its text encoders and VAE.*set model.encoders to it"):
+        load(files["flux-comfy"], encoders="nobody/no-such-flux")
+
+
+def test_prompt_encoders_on_another_device_than_the_model(folders):
+    """engine.text_encoders = "cpu": token ids go to the encoders' device, results to the model's
+    (the meta device stands for a GPU here: the encoders run on the CPU, the results land there)."""
+    from engine.families.flux import FluxPrompts
+    from engine.families.sd3 import SD3Prompts
+
+    meta = torch.device("meta")
+    flux = folders["flux"]
+    encoded = FluxPrompts(flux.text_encoders, flux.tokenizers, meta, torch.float32)("a red cat")
+    assert encoded.hidden.device == encoded.pooled.device == meta
+    sd3 = folders["sd3"]
+    width = sd3.unet.config.joint_attention_dim
+    hidden, pooled = SD3Prompts(sd3.text_encoders, sd3.tokenizers, meta, torch.float32, width)("a red cat")
+    assert hidden.device == pooled.device == meta
