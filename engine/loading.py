@@ -37,7 +37,6 @@ what was expected.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +76,7 @@ from engine.families.flow_storage import WEIGHT_STORAGES, store_in_fp8, stores_f
 from engine.hashes import HashCache, shared_cache
 from engine.inpaint import INPAINT_CHANNELS, PLAIN_CHANNELS
 from engine.load_tools import download_pipeline, load_errors, progress_bars, read_json
+from engine.schedules import alphas_cumprod_from_config
 from engine.settings import EngineSettings, ModelSettings, resolve_device
 from engine.tokenizer import EOS, VOCAB_SIZE, clip_tokenizer
 from engine.types import ModelInfo
@@ -350,30 +350,6 @@ def _check_tokenizer(tokenizer: CLIPTokenizer, where: Path) -> None:
 
 def _scheduler_config(folder: Path) -> dict:
     return read_json(folder / "scheduler" / "scheduler_config.json")
-
-
-def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
-    """The training noise schedule (float64, one value per timestep) from a scheduler config."""
-    steps = config.get("num_train_timesteps", 1000)
-    start, end = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
-    schedule = config.get("beta_schedule", "linear")
-    if config.get("trained_betas"):
-        betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
-    elif schedule == "linear":
-        betas = torch.linspace(start, end, steps, dtype=torch.float64)
-    elif schedule == "scaled_linear":  # what every Stable Diffusion release uses
-        betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
-    elif schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine schedule
-        alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        betas = torch.tensor(
-            [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)],
-            dtype=torch.float64,
-        )
-    else:
-        raise ModelLoadError(
-            f"beta_schedule {schedule!r} is not supported (expected linear, scaled_linear or squaredcos_cap_v2)."
-        )
-    return torch.cumprod(1 - betas, dim=0)
 
 
 def _assemble(

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from engine.errors import ModelLoadError
+
 
 class ModelSchedule:
     """The checkpoint's training noise levels, with sigma <-> timestep conversion."""
@@ -272,3 +274,27 @@ def member_sigmas(
     else:
         sigmas = make(schedule, steps)
     return img2img_tail(sigmas, steps, strength)
+
+
+def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
+    """The training noise schedule (float64, one value per timestep) from a scheduler config."""
+    steps = config.get("num_train_timesteps", 1000)
+    start, end = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
+    schedule = config.get("beta_schedule", "linear")
+    if config.get("trained_betas"):
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+    elif schedule == "linear":
+        betas = torch.linspace(start, end, steps, dtype=torch.float64)
+    elif schedule == "scaled_linear":  # what every Stable Diffusion release uses
+        betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
+    elif schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine schedule
+        alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = torch.tensor(
+            [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)],
+            dtype=torch.float64,
+        )
+    else:
+        raise ModelLoadError(
+            f"beta_schedule {schedule!r} is not supported (expected linear, scaled_linear or squaredcos_cap_v2)."
+        )
+    return torch.cumprod(1 - betas, dim=0)
