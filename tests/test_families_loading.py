@@ -12,7 +12,7 @@ import torch
 from engine.batch import Batch
 from engine.checkpoints import detect_family, read_safetensors_header
 from engine.errors import ModelLoadError
-from engine.families.flow_storage import weight_bytes
+from engine.families.flow_storage import stored_in_fp8, weight_bytes
 from engine.loading import load_model
 from engine.pipeline import Pipeline
 from engine.types import GenerationRequest
@@ -144,6 +144,7 @@ def test_an_fp8_file_stays_in_fp8_and_is_smaller(files, folders, reference, caps
     assert stored.info.extra["weights"] == "float8_e4m3fn"
     assert FP8 in {p.dtype for p in stored.unet.parameters()}
     assert stored.unet.dtype == torch.float32  # the compute dtype, each layer upcast as it runs
+    assert stored_in_fp8(stored.unet) and stored_in_fp8(stored.text_encoders[-1]) and not stored_in_fp8(full.unet)
     fp8_bytes, full_bytes = weight_bytes(stored.unet), weight_bytes(full.unet)
     assert fp8_bytes < 0.5 * full_bytes
     torch.testing.assert_close(latents(stored), reference["flux-fp8"], atol=FP8_ATOL, rtol=0)

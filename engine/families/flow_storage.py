@@ -28,7 +28,7 @@ import torch
 from engine.model_settings import WEIGHT_STORAGES
 from engine.settings import TEXT_ENCODER_PLACES
 
-__all__ = ["TEXT_ENCODER_PLACES", "WEIGHT_STORAGES", "store_in_fp8", "stores_fp8", "weight_bytes"]
+__all__ = ["TEXT_ENCODER_PLACES", "WEIGHT_STORAGES", "store_in_fp8", "stored_in_fp8", "stores_fp8", "weight_bytes"]
 FP8 = torch.float8_e4m3fn
 #: Transformer modules kept in the compute dtype (see the module doc).
 TRANSFORMER_KEEP = ("pos_embed", "patch_embed", "norm_out", "^proj_in$", "^proj_out$")
@@ -49,6 +49,17 @@ def store_in_fp8(transformer: torch.nn.Module, text_encoders: list, compute_dtyp
     for encoder in text_encoders:
         if encoder.config.model_type == "t5":
             apply_layerwise_casting(encoder, FP8, compute_dtype, skip_modules_pattern=T5_KEEP)
+
+
+def stored_in_fp8(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has layers stored in float8 by :func:`store_in_fp8`. Such a network runs
+    eager: diffusers' hooks cast each layer's parameters in place before and after it runs, which
+    ``torch.compile(fullgraph=True)`` cannot trace (dynamo: "Attempted to use torch.nn.Parameter()
+    constructor")."""
+    return any(
+        getattr(m, "_diffusers_hook", None) and m._diffusers_hook.get_hook("layerwise_casting")
+        for m in module.modules()
+    )
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
