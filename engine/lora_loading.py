@@ -110,7 +110,8 @@ def _load_flux(model: LoadedModel, tensors: dict, name: str, adapter: str, holde
     from diffusers import FluxPipeline
 
     _refuse_foreign(model, tensors, name)
-    state, alphas = FluxPipeline.lora_state_dict(tensors, return_alphas=True)
+    state, alphas = FluxPipeline.lora_state_dict(_final_layer_scaled(tensors), return_alphas=True)
+    state = _flux_layers(state, guidance=model.unet.config.guidance_embeds)
     _check_fits(model, state, name, encoders=("text_encoder",))
     if _has(state, "transformer"):
         holders.append(model.unet)  # before loading: a half-done load is cleaned up too
@@ -120,6 +121,36 @@ def _load_flux(model: LoadedModel, tensors: dict, name: str, adapter: str, holde
         FluxPipeline.load_lora_into_text_encoder(
             state, alphas, model.text_encoders[0], prefix="text_encoder", adapter_name=adapter
         )
+
+
+#: Layers that diffusers' kohya converter names without the ``transformer.`` its loader keeps, so
+#: that diffusers drops them with a warning (0.42 and its main branch); kohya, ComfyUI and Forge
+#: apply them (``lora_unet_img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guidance_in``,
+#: ``final_layer``), and so do we.
+FLUX_UNPREFIXED = ("time_text_embed.", "x_embedder.", "context_embedder.", "norm_out.", "proj_out.")
+
+
+def _flux_layers(state: dict, guidance: bool) -> dict:
+    """The converted weights under ``transformer.`` where diffusers left them out, less the guidance
+    embedding's on a model without one (a Flux dev LoRA on schnell, as ComfyUI skips them)."""
+    out = {}
+    for key, value in state.items():
+        key = "transformer." + key if key.startswith(FLUX_UNPREFIXED) else key
+        if guidance or ".guidance_embedder." not in key:
+            out[key] = value
+    return out
+
+
+def _final_layer_scaled(tensors: dict) -> dict:
+    """kohya's final-layer weights with their ``alpha / rank`` in the down weights: diffusers'
+    converter drops those alphas unapplied (it scales every other layer by them)."""
+    out = dict(tensors)
+    final = ("lora_unet_final_layer_", "diffusion_model.final_layer.")  # kohya's, ComfyUI's
+    for key in [k for k in tensors if k.startswith(final) and k.endswith(".alpha")]:
+        down = key.removesuffix(".alpha") + ".lora_down.weight"
+        if down in out:
+            out[down] = out[down] * (out.pop(key).item() / out[down].shape[0])
+    return out
 
 
 def _load_sd3(model: LoadedModel, tensors: dict, name: str, adapter: str, holders: list) -> None:

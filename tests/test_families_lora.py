@@ -55,11 +55,14 @@ def diffusers_lora(modules: dict[str, torch.nn.Module], seed: int) -> dict[str, 
     return state
 
 
-def kohya_flux_lora(transformer, clip, seed: int, alpha: float = RANK / 2, comfy: bool = False) -> dict:
+def kohya_flux_lora(
+    transformer, clip, seed: int, alpha: float = RANK / 2, comfy: bool = False, embedders: bool = False
+) -> dict:
     """kohya's Flux layout: BFL's layer names (``double_blocks_0_img_attn_qkv``: to_q, to_k and to_v
     fused) with dots as underscores, ``lora_down``/``lora_up``/``alpha``, ``lora_te1_`` for CLIP-L;
     ``comfy``: the same as ComfyUI saves it (``diffusion_model.double_blocks.0.img_attn.qkv``,
-    ``text_encoders.clip_l.transformer.text_model...``).
+    ``text_encoders.clip_l.transformer.text_model...``); ``embedders``: also the input embedders and
+    the final layer (:data:`FLUX_EDGES`), which diffusers' converter leaves out of its transformer.
 
     Not ``single_blocks_N_linear1``: diffusers' converter splits it at FLUX.1's widths (3072, 12288)
     whatever the file, so a tiny one cannot be converted (real files are unaffected)."""
@@ -94,7 +97,23 @@ def kohya_flux_lora(transformer, clip, seed: int, alpha: float = RANK / 2, comfy
     for layer, module in clip.named_modules():
         if isinstance(module, torch.nn.Linear) and layer.endswith(CLIP_TARGETS):
             add(layer, *linear(module), clip_layer=True)
+    if embedders:
+        for bfl, layer in FLUX_EDGES.items():
+            add(bfl, *linear(transformer.get_submodule(layer)))
     return state
+
+
+#: BFL's input embedders and final layer -> diffusers' layers (kohya names them ``lora_unet_img_in``...).
+FLUX_EDGES = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",  # BFL's (shift, scale) is diffusers' (scale, shift)
+}
 
 
 def xlabs_flux_lora(transformer, seed: int) -> dict[str, torch.Tensor]:
@@ -123,7 +142,11 @@ def kohya_sd3_lora(seed: int) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("flow-lora")
-    return {"flux": save_flux_folder(root / "flux-dev"), "sd3": save_sd3_folder(root / "sd3")}
+    return {
+        "flux": save_flux_folder(root / "flux-dev"),
+        "sd3": save_sd3_folder(root / "sd3"),
+        "flux-schnell": save_flux_folder(root / "flux-schnell", guidance_embeds=False),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +160,7 @@ def lora_dir(tmp_path_factory, folders) -> Path:
         "flux-diffusers": diffusers_lora({"transformer": flux.transformer, "text_encoder": flux.text_encoder}, 1),
         "flux-kohya": kohya_flux_lora(flux.transformer, flux.text_encoder, 2),
         "flux-comfy": kohya_flux_lora(flux.transformer, flux.text_encoder, 6, comfy=True),
+        "flux-kohya-full": kohya_flux_lora(flux.transformer, flux.text_encoder, 8, embedders=True),
         "flux-xlabs": xlabs_flux_lora(flux.transformer, 7),
         "sd3-diffusers": diffusers_lora(
             {"transformer": sd3.transformer, "text_encoder": sd3.text_encoder, "text_encoder_2": sd3.text_encoder_2}, 3
@@ -154,6 +178,8 @@ def lora_dir(tmp_path_factory, folders) -> Path:
 def pipelines(folders, lora_dir) -> dict[str, Pipeline]:
     out = {}
     for family, folder in folders.items():
+        if family == "flux-schnell":
+            continue  # only test_kohya_s_embedders_and_final_layer_apply_too uses it
         model = load_model(str(folder), device="cpu", dtype=torch.float32, name=f"tiny-{family}")
         model.lora_dir = lora_dir
         out[family] = Pipeline(model)
@@ -267,25 +293,55 @@ def test_a_flux_lora_with_clip_weights_changes_the_cached_prompt_encoding(pipeli
     assert not torch.equal(before, changed) and torch.equal(pipeline.prompts(PROMPT).pooled, before)
 
 
+def effective(layer, adapter: str) -> torch.Tensor:
+    """What the adapter adds to the layer's weight: ``scaling * B @ A``."""
+    return layer.scaling[adapter] * layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight
+
+
+def kohya_delta(file: dict, name: str) -> torch.Tensor:
+    """What kohya's pair ``name`` adds to its layer's weight: ``alpha / rank * up @ down``."""
+    return file[f"{name}.alpha"].item() / RANK * file[f"{name}.lora_up.weight"] @ file[f"{name}.lora_down.weight"]
+
+
 def test_kohya_s_fused_qkv_becomes_the_three_projections(pipelines, lora_dir):
     """Independent of diffusers' converter: BFL's ``img_attn_qkv`` at alpha / rank is to_q, to_k and
-    to_v stacked (the adapter's effective weight ``scaling * B @ A``, each a third of the rows)."""
+    to_v stacked (each a third of the rows)."""
     from safetensors.torch import load_file
 
     pipeline = pipelines["flux"]
     pipeline.use_loras(request(f"{PROMPT} <lora:flux-kohya:1>"))
     adapter = pipeline.loras._loaded["flux-kohya"][0]
-    file = load_file(lora_dir / "flux-kohya.safetensors")
-    name = "lora_unet_double_blocks_0_img_attn_qkv"
-    alpha = file[f"{name}.alpha"].item()
-    fused = alpha / RANK * file[f"{name}.lora_up.weight"] @ file[f"{name}.lora_down.weight"]
+    fused = kohya_delta(load_file(lora_dir / "flux-kohya.safetensors"), "lora_unet_double_blocks_0_img_attn_qkv")
     attn = pipeline.model.unet.transformer_blocks[0].attn
-    parts = [
-        layer.scaling[adapter] * layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight
-        for layer in (attn.to_q, attn.to_k, attn.to_v)
-    ]
+    parts = [effective(layer, adapter) for layer in (attn.to_q, attn.to_k, attn.to_v)]
     torch.testing.assert_close(torch.cat(parts), fused, atol=1e-6, rtol=1e-5)
     pipeline.use_loras(request(PROMPT))
+
+
+@pytest.mark.parametrize("model", ["flux-dev", "flux-schnell"])
+def test_kohya_s_embedders_and_final_layer_apply_too(folders, lora_dir, model):
+    """diffusers' converter names these layers without ``transformer.`` (so its loader drops them)
+    and drops the final layer's alpha; kohya, ComfyUI and Forge apply them at alpha / rank, and so do
+    we. On schnell, which has no guidance embedding, the file's guidance layers are left out."""
+    from safetensors.torch import load_file
+
+    folder = folders["flux" if model == "flux-dev" else model]
+    loaded = load_model(str(folder), device="cpu", dtype=torch.float32, name=model)
+    loaded.lora_dir = lora_dir
+    pipeline = Pipeline(loaded)
+    plain = ours(pipeline, PROMPT)
+    changed = ours(pipeline, f"{PROMPT} <lora:flux-kohya-full:1>")
+    assert (changed - plain).abs().max() > 100 * ATOL
+    adapter, file = pipeline.loras._loaded["flux-kohya-full"][0], load_file(lora_dir / "flux-kohya-full.safetensors")
+    transformer = pipeline.model.unet
+    for bfl, layer_name in FLUX_EDGES.items():
+        if "guidance" in bfl and model == "flux-schnell":
+            assert not hasattr(transformer.time_text_embed, "guidance_embedder")
+            continue
+        expected = kohya_delta(file, "lora_unet_" + bfl.replace(".", "_"))
+        if bfl.startswith("final_layer.adaLN"):
+            expected = torch.cat(expected.chunk(2)[::-1])
+        torch.testing.assert_close(effective(transformer.get_submodule(layer_name), adapter), expected)
 
 
 def test_a_lora_on_fp8_weights_is_the_lora_on_those_weights_upcast(folders, lora_dir):
@@ -322,7 +378,7 @@ def test_a_lora_on_fp8_weights_is_the_lora_on_those_weights_upcast(folders, lora
         ("sd3", "<lora:sd3-kohya:1>", r"'sd3-kohya' is in kohya's or ComfyUI's key layout"),
         ("sd3", "<lora:flux-kohya:1>", r"does not fit model 'tiny-sd3': it is made for Flux\.1"),
         ("flux", "<lora:sd3-diffusers:1>", r"'tiny-flux': it changes '.+', which a Flux\.1 model does not"),
-        ("flux", "<lora:nope:1>", r"No LoRA named 'nope'; available: flux-comfy, flux-diffusers, flux-kohya, flux-xl"),
+        ("flux", "<lora:nope:1>", r"No LoRA named 'nope'; available: flux-comfy, flux-diffusers, flux-kohya, "),
     ],
 )
 def test_a_lora_of_another_family_is_refused_and_changes_nothing(pipelines, plain, family, tag, words):
