@@ -311,3 +311,20 @@ def test_prompt_encoders_on_another_device_than_the_model(folders):
     width = sd3.unet.config.joint_attention_dim
     hidden, pooled = SD3Prompts(sd3.text_encoders, sd3.tokenizers, meta, torch.float32, width)("a red cat")
     assert hidden.device == pooled.device == meta
+
+
+def test_an_encoders_hub_id_is_fetched_for_what_the_file_lacks_only(files):
+    from engine.checkpoints import flow_contents
+    from engine.families.flow_files import _wanted
+    from engine.families.flow_loading import ENCODER_FILES
+
+    wanted = {
+        name: _wanted(flow_contents(read_safetensors_header(files[name])))
+        for name in files
+        if files[name].suffix == ".safetensors"
+    }
+    assert wanted["flux-aio"] == ("tokenizer_2",)  # T5's tokenizer only, not the 9.5 GB T5 the file has
+    assert wanted["flux-bare"] == wanted["flux-fp8"] == wanted["sd3-bare"] == ENCODER_FILES
+    no_t5 = fake_header(["model.diffusion_model.joint_blocks.0.x", "first_stage_model.x"])
+    no_t5 |= fake_header(["text_encoders.clip_l.transformer.x", "text_encoders.clip_g.transformer.x"])
+    assert _wanted(flow_contents(no_t5)) == ("text_encoder_3", "tokenizer_3")

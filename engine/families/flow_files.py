@@ -39,7 +39,13 @@ import torch
 
 from engine.checkpoints import FlowContents
 from engine.errors import ModelLoadError
-from engine.families.flow_loading import FAMILY_LABELS, FlowComponents, encoders_folder, load_flow_folder
+from engine.families.flow_loading import (
+    ENCODER_FILES,
+    FAMILY_LABELS,
+    FlowComponents,
+    encoders_folder,
+    load_flow_folder,
+)
 from engine.tokenizer import EOS, clip_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -82,7 +88,7 @@ def load_flow_file(path: Path, contents: FlowContents, dtype: torch.dtype, encod
         )
     sidecar = path.with_suffix("")
     sidecar = sidecar if (sidecar / "model_index.json").is_file() else None
-    folder = encoders_folder(encoders, family) if encoders else None
+    folder = encoders_folder(encoders, family, _wanted(contents)) if encoders else None
     config_dir, shipped = _transformer_config_dir(path, contents, sidecar, folder)
     given = {"transformer": _load_transformer(path, contents, dtype, config_dir, follow_file=sidecar is None)}
     if contents.vae:
@@ -104,6 +110,18 @@ def load_flow_file(path: Path, contents: FlowContents, dtype: torch.dtype, encod
 
 #: The shipped folder whose text encoder, VAE and scheduler configs serve a file of another shape.
 FAMILY_DEFAULTS = {"flux": "flux-dev", "sd3": "sd3.5-large"}
+
+
+def _wanted(contents: FlowContents) -> tuple[str, ...]:
+    """The encoders folder's subfolders a file needs: what it lacks, and T5's tokenizer (no file
+    has it), so that a hub id is not fetched for the 9.5 GB T5 an all-in-one file carries."""
+    if not contents.text_encoders:
+        return ENCODER_FILES
+    components = ENCODER_COMPONENTS[contents.family]
+    lacking = [component for short, component in components.items() if short not in contents.text_encoders]
+    tokenizers = [c.replace("text_encoder", "tokenizer") for c in lacking]
+    t5_tokenizer = components["t5xxl"].replace("text_encoder", "tokenizer")
+    return (*lacking, *sorted({*tokenizers, t5_tokenizer}), *([] if contents.vae else ["vae"]))
 
 
 def _holds(contents: FlowContents) -> str:

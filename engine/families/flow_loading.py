@@ -31,15 +31,18 @@ PIPELINE_FAMILIES = {
     "StableDiffusion3Img2ImgPipeline": "sd3",
 }
 FAMILY_LABELS = {"flux": "Flux.1", "sd3": "SD 3.5"}
-#: What an encoders hub id is downloaded for: everything but the transformer's weights.
-ENCODER_FILES = [
-    "model_index.json",
-    "scheduler/*",
-    "text_encoder*/*",
-    "tokenizer*/*",
-    "vae/*",
-    "transformer/config.json",
-]
+#: What an encoders hub id is downloaded for: everything but the transformer's weights (a file
+#: that holds some parts asks for the rest only: :func:`encoders_folder`'s ``parts``).
+ENCODER_FILES = (
+    "scheduler",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "vae",
+)
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -81,14 +84,17 @@ def load_flow_folder(folder: Path, family: str, dtype: torch.dtype, use_t5: bool
     return FlowComponents(family, pipe.transformer, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config))
 
 
-def encoders_folder(source: str, family: str, setting: str = "model.encoders") -> Path:
+def encoders_folder(
+    source: str, family: str, parts: tuple[str, ...] = ENCODER_FILES, setting: str = "model.encoders"
+) -> Path:
     """The diffusers folder that ``setting`` names (a local folder, or a hub id fetched without
-    its transformer's weights), checked to hold a ``family`` pipeline."""
+    its transformer's weights: its index, transformer config and subfolders ``parts`` only),
+    checked to hold a ``family`` pipeline."""
     path = Path(source).expanduser()
     if path.is_dir():
         folder = path
     elif HUB_ID.fullmatch(source):
-        folder = _download_encoders(source, setting)
+        folder = _download_encoders(source, parts, setting)
     else:
         raise ModelLoadError(
             f"{setting} = {source!r}: no such folder; give a diffusers folder of a "
@@ -104,11 +110,12 @@ def encoders_folder(source: str, family: str, setting: str = "model.encoders") -
     return folder
 
 
-def _download_encoders(repo_id: str, setting: str) -> Path:
+def _download_encoders(repo_id: str, parts: tuple[str, ...], setting: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    patterns = ["model_index.json", "transformer/config.json", *(f"{part}/*" for part in parts)]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=ENCODER_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # hub errors come in many types; all mean "could not fetch"
         raise ModelLoadError(
             f"{setting} = {repo_id!r}: could not fetch its text encoders and VAE from the Hugging Face "
