@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="config.toml to read (built-in defaults if it does not exist)",
     )
     gen.add_argument("--model", default=None, help="model source, overriding model.source in the config")
+    gen.add_argument(
+        "--encoders",
+        default=None,
+        help="an SD 3.5 / Flux.1 single file's text encoders and VAE (folder or hub id), overriding model.encoders",
+    )
 
     work = commands.add_parser("worker", help="serve the job queue named by queue.database_url from this GPU")
     work.add_argument("--config", type=Path, default=Path("config.toml"))
@@ -118,6 +123,8 @@ def read_settings(args: argparse.Namespace) -> Settings:
     )
     if args.model:
         settings = replace(settings, model=replace(settings.model, source=args.model, name=""))
+    if getattr(args, "encoders", None):
+        settings = replace(settings, model=replace(settings.model, encoders=args.encoders))
     return settings
 
 

@@ -328,3 +328,19 @@ def test_an_encoders_hub_id_is_fetched_for_what_the_file_lacks_only(files):
     no_t5 = fake_header(["model.diffusion_model.joint_blocks.0.x", "first_stage_model.x"])
     no_t5 |= fake_header(["text_encoders.clip_l.transformer.x", "text_encoders.clip_g.transformer.x"])
     assert _wanted(flow_contents(no_t5)) == ("text_encoder_3", "tokenizer_3")
+
+
+def test_the_cli_generates_from_a_transformer_file_with_encoders(files, tmp_path, capsys):
+    from PIL import Image
+
+    from engine.__main__ import main
+
+    out = tmp_path / "fox.png"
+    args = ["generate", "--model", str(files["flux-comfy"]), "--encoders", str(files["flux-dev"])]
+    args += ["--config", str(tmp_path / "absent.toml"), "--prompt", "a red fox", "--steps", "2"]
+    args += ["--width", "64", "--height", "64", "--out", str(out)]
+    with tiny_flux_single_files():
+        assert main(args[:3] + args[5:]) == 1  # without --encoders (and none in the config)
+        assert "set model.encoders" in capsys.readouterr().err
+        assert main(args) == 0
+    assert Image.open(out).size == (64, 64)
