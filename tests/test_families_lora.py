@@ -411,3 +411,19 @@ def test_a_flow_lora_on_an_sd_model_is_refused_not_half_applied(sd1_pipeline, na
         sd1_pipeline.prepare(request(f"{PROMPT} <lora:{name}:1>", "sd1"))
     model = sd1_pipeline.model
     assert not any(getattr(module, "peft_config", None) for module in (model.unet, *model.text_encoders))
+
+
+def test_lora_sets_switch_on_a_compiled_transformer(folders, lora_dir, pipelines):
+    """``engine.compile``: adapters added and switched after the transformer was compiled give the
+    eager latents (dynamo's eager backend, as tests/test_families_compile.py; inductor is the GPU's)."""
+    import functools
+
+    torch._dynamo.reset()
+    model = load_model(str(folders["flux"]), device="cpu", dtype=torch.float32, name="compiled", progress=False)
+    model.lora_dir = lora_dir
+    compiled = Pipeline(model)
+    compiled.denoiser.compile(functools.partial(torch.compile, backend="eager", dynamic=False))
+    for tags in ("", "<lora:flux-diffusers:0.8> <lora:flux-kohya:0.5>", ""):
+        prompt = f"{PROMPT} {tags}".strip()
+        torch.testing.assert_close(ours(compiled, prompt), ours(pipelines["flux"], prompt), atol=1e-6, rtol=0)
+    assert compiled.denoiser.graphs and not compiled.denoiser.eager_calls
