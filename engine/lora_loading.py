@@ -1,8 +1,8 @@
 """One LoRA file into a loaded model as a named peft adapter, the way each family's diffusers
 pipeline loads it (:class:`engine.lora.LoraLibrary` decides when, and which adapters are on).
 
-Each family uses its own diffusers pipeline's converter and loaders, so a file loads here exactly
-as ``load_lora_weights`` would load it into that pipeline:
+Each family uses its own diffusers pipeline's converter and loaders, so a file loads here as
+``load_lora_weights`` loads it into that pipeline (the tests compare the latents):
 
 - SD 1.x/2.x/XL: ``StableDiffusion(XL)Pipeline.lora_state_dict`` reads kohya / AUTOMATIC1111
   files (``lora_unet_*``, ``lora_te_*``, SDXL's ``lora_te1_*``/``lora_te2_*``) and diffusers'
@@ -10,16 +10,21 @@ as ``load_lora_weights`` would load it into that pipeline:
 - Flux.1: ``FluxPipeline.lora_state_dict`` reads kohya's (``lora_unet_double_blocks_*``,
   ``lora_unet_single_blocks_*``, ``lora_te1_*`` for CLIP-L), ComfyUI's (``diffusion_model.*``),
   XLabs' and diffusers' (``transformer.*``, ``text_encoder.*``) layouts; the transformer and CLIP-L
-  get the adapter (diffusers drops T5 weights, so do we).
+  get the adapter (diffusers drops T5 weights, so do we). Where diffusers' kohya converter loses
+  layers, we keep them as kohya, ComfyUI and Forge apply them (:data:`FLUX_UNPREFIXED`,
+  :func:`_final_layer_scaled`); a dev LoRA's guidance layers are left out on schnell.
 - SD 3.5: ``StableDiffusion3Pipeline.lora_state_dict`` converts nothing: diffusers' layout only
   (``transformer.*``, ``text_encoder.*`` for CLIP-L, ``text_encoder_2.*`` for CLIP-G). A kohya or
   ComfyUI SD 3.5 file is refused by name, not loaded as nothing.
 
 diffusers only warns about weights that match no layer of the model, and loads the rest: a
 file for another family, a Flux Control LoRA (it replaces norms and widens the input layer) or a
-layout nobody converts would change part of the model, or nothing, without a word. So on the
-flow families every converted weight must name a layer of the transformer or a text encoder
-that takes LoRAs (:func:`_check_fits`), or the file is refused with the layer it names.
+layout nobody converts would change part of the model, or nothing, without a word. So a file
+whose layer names betray another family is refused on every family (:data:`TELLTALES`), and on
+the flow families every converted weight must name a layer of the transformer or belong to a
+text encoder that takes LoRAs (:func:`_check_fits`), or the file is refused with the layer it
+names. On layers stored in float8 the adapters stay in the compute dtype
+(:func:`_adapters_in_compute_dtype`).
 """
 
 from __future__ import annotations
