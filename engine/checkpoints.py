@@ -101,6 +101,9 @@ class FlowContents:
     vae: bool
     text_encoders: tuple[str, ...]  # of "clip_l", "clip_g", "t5xxl", in that order
     fp8: bool  # float8_e4m3fn weights, as Comfy's and Forge's fp8 files
+    #: ComfyUI's "scaled fp8": each fp8 weight has a ``.scale_weight`` (or ``.weight_scale``) to
+    #: multiply it by, which diffusers' converters do not apply.
+    scaled_fp8: bool = False
 
     @property
     def has_everything(self) -> bool:
@@ -133,6 +136,7 @@ def flow_contents(header: dict) -> FlowContents | None:
             name for name, start in FLOW_TEXT_ENCODERS.items() if any(k.startswith(start) for k in keys)
         ),
         fp8=any(t.get("dtype") == "F8_E4M3" for t in header.values()),
+        scaled_fp8=any(k.endswith((".scale_weight", ".weight_scale", "scaled_fp8")) for k in keys),
     )
 
 

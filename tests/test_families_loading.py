@@ -344,3 +344,13 @@ def test_the_cli_generates_from_a_transformer_file_with_encoders(files, tmp_path
         assert "set model.encoders" in capsys.readouterr().err
         assert main(args) == 0
     assert Image.open(out).size == (64, 64)
+
+
+def test_comfys_scaled_fp8_files_are_refused(files, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(files["flux-fp8"])
+    state["double_blocks.0.img_attn.qkv.scale_weight"] = torch.ones(1)
+    save_file(state, tmp_path / "scaled.safetensors")
+    with pytest.raises(ModelLoadError, match=r"scaled\.safetensors: a ComfyUI \"scaled fp8\" file"):
+        load(tmp_path / "scaled.safetensors", encoders=str(files["flux-dev"]))

@@ -79,6 +79,11 @@ def load_flow_file(path: Path, contents: FlowContents, dtype: torch.dtype, encod
     from diffusers import AutoencoderKL
 
     family = contents.family
+    if contents.scaled_fp8:
+        raise ModelLoadError(
+            f'{path}: a ComfyUI "scaled fp8" file (its fp8 weights come with .scale_weight factors, '
+            "which diffusers' converters do not apply); use a plain fp8 (e4m3fn) or bf16 file of the model."
+        )
     if not contents.has_everything and not encoders:
         example = "black-forest-labs/FLUX.1-dev" if family == "flux" else "stabilityai/stable-diffusion-3.5-large"
         raise ModelLoadError(
