@@ -222,12 +222,12 @@ async def test_reaction_rerolls_follow_the_server_rules(setup):
         )
         queue.claim("remote-gpu")
         queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
-        result = await emu.wait_for_message(emu.general, lambda m: m.attachments, timeout=10)
+        result = await emu.wait_for_message(emu.general, lambda m: m.attachments, timeout=60)
 
         await ephemeral(emu, emu.admin, "server bar", {"member": emu.bob})
         await emu.react(emu.bob, result, "🔁")
         await emu.react(emu.alice, result, "🔁")  # alice may; her reroll is queued
-        await emu.wait_for(lambda: len(queue.pending_for(emu.alice.id)) == 1, timeout=10, what="alice's reroll")
+        await emu.wait_for(lambda: len(queue.pending_for(emu.alice.id)) == 1, timeout=60, what="alice's reroll")
         assert queue.pending_for(emu.bob.id) == []
         assert not any(
             "rerolling" in m.content and str(emu.bob.id) in m.content for m in emu.channel_messages(emu.general)
