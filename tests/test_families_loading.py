@@ -40,6 +40,8 @@ def files(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("flowfiles")
     out = {
         "flux-dev": save_flux_folder(root / "flux-dev"),
+        "flux-schnell": save_flux_folder(root / "flux-schnell", guidance_embeds=False),
+        "schnell-bare": save_flux_transformer_file(root / "schnell-bare.safetensors", guidance_embeds=False),
         "sd3": save_sd3_folder(root / "sd3"),
         "flux-bare": save_flux_transformer_file(root / "flux-bare.safetensors"),
         "flux-comfy": save_flux_transformer_file(root / "flux-comfy.safetensors", prefix="model.diffusion_model."),
@@ -49,7 +51,7 @@ def files(tmp_path_factory) -> dict:
         "sd3-bare": save_sd3_checkpoint_file(root / "sd3-bare.safetensors", text_encoders=False),
     }
     # No config folder beside these: the transformer's config comes from the encoders folder.
-    for name in ("flux-bare", "sd3-bare"):
+    for name in ("flux-bare", "sd3-bare", "schnell-bare"):
         shutil.rmtree(out[name].with_suffix(""))
     # The fp8 file's weights as a diffusers folder: its Linear weights through fp8 and back.
     components = build_flux_components()
@@ -354,3 +356,13 @@ def test_comfys_scaled_fp8_files_are_refused(files, tmp_path):
     save_file(state, tmp_path / "scaled.safetensors")
     with pytest.raises(ModelLoadError, match=r"scaled\.safetensors: a ComfyUI \"scaled fp8\" file"):
         load(tmp_path / "scaled.safetensors", encoders=str(files["flux-dev"]))
+
+
+def test_a_schnell_file_with_devs_encoders_is_schnell(files):
+    """dev and schnell share their encoders and VAE: a schnell transformer file with FLUX.1-dev's
+    folder as encoders follows the file (no guidance embedding; schnell's static shift of 1)."""
+    model = load(files["schnell-bare"], encoders=str(files["flux-dev"]))
+    assert model.info.guidance == "none" and not model.unet.config.guidance_embeds
+    assert (model.scheduler_config["shift"], model.scheduler_config["use_dynamic_shifting"]) == (1.0, False)
+    want = latents(load(files["flux-schnell"]))
+    torch.testing.assert_close(latents(model), want, atol=ATOL, rtol=0)
