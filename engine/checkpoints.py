@@ -106,10 +106,14 @@ class FlowContents:
     scaled_fp8: bool = False
 
     @property
-    def has_everything(self) -> bool:
-        """VAE and every text encoder the family reads (SD 3.5's T5 is optional)."""
+    def missing(self) -> tuple[str, ...]:
+        """What the family needs that the file lacks: "vae" and text encoders (SD 3.5's T5 is optional)."""
         wanted = {"flux": ("clip_l", "t5xxl"), "sd3": ("clip_l", "clip_g")}[self.family]
-        return self.vae and all(name in self.text_encoders for name in wanted)
+        return (*([] if self.vae else ["vae"]), *(name for name in wanted if name not in self.text_encoders))
+
+    @property
+    def has_everything(self) -> bool:
+        return not self.missing
 
 
 def flow_contents(header: dict) -> FlowContents | None:

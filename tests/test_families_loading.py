@@ -178,7 +178,7 @@ def test_a_transformer_file_without_encoders_says_which_setting_to_set(files):
 
 
 def test_encoders_of_another_family_are_refused(files):
-    with pytest.raises(ModelLoadError, match="is a SD 3.5 model.*file is a Flux.1 model"):
+    with pytest.raises(ModelLoadError, match="is an SD 3.5 model.*file is a Flux.1 model"):
         load(files["flux-comfy"], encoders=str(files["sd3"]))
 
 

@@ -40,8 +40,8 @@ import torch
 from engine.checkpoints import FlowContents
 from engine.errors import ModelLoadError
 from engine.families.flow_loading import (
+    A_FAMILY,
     ENCODER_FILES,
-    FAMILY_LABELS,
     FlowComponents,
     encoders_folder,
     load_flow_folder,
@@ -87,8 +87,8 @@ def load_flow_file(path: Path, contents: FlowContents, dtype: torch.dtype, encod
     if not contents.has_everything and not encoders:
         example = "black-forest-labs/FLUX.1-dev" if family == "flux" else "stabilityai/stable-diffusion-3.5-large"
         raise ModelLoadError(
-            f"{path}: a {FAMILY_LABELS[family]} file without its text encoders and VAE (it holds "
-            f"{_holds(contents)}); set model.encoders to the model's diffusers folder or hub id "
+            f"{path}: {A_FAMILY[family]} file without {_lacks(contents)} (it holds {_holds(contents)}); "
+            f"set model.encoders to the model's diffusers folder or hub id "
             f'(e.g. model.encoders = "{example}") to take them from there.'
         )
     sidecar = path.with_suffix("")
@@ -129,6 +129,12 @@ def _wanted(contents: FlowContents) -> tuple[str, ...]:
     return (*lacking, *sorted({*tokenizers, t5_tokenizer}), *([] if contents.vae else ["vae"]))
 
 
+def _lacks(contents: FlowContents) -> str:
+    encoders = [name for name in contents.missing if name != "vae"]
+    parts = [f"its text encoder{'s' if len(encoders) > 1 else ''} ({', '.join(encoders)})"] if encoders else []
+    return " and ".join(parts + (["its VAE"] if "vae" in contents.missing else []))
+
+
 def _holds(contents: FlowContents) -> str:
     return ", ".join(["the transformer"] + (["the VAE"] if contents.vae else []) + list(contents.text_encoders))
 
@@ -149,7 +155,7 @@ def _transformer_config_dir(
     if variant is None:
         counts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in contents.blocks.items())
         raise ModelLoadError(
-            f"{path}: an {FAMILY_LABELS[contents.family]} transformer with {counts}, a shape that none of "
+            f"{path}: {A_FAMILY[contents.family]} transformer with {counts}, a shape that none of "
             "the released models we ship configs for has; place its diffusers-layout config folder beside "
             f"it, named {path.with_suffix('').name}, or set model.encoders to a folder with its "
             "transformer/config.json."

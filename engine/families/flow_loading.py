@@ -31,6 +31,8 @@ PIPELINE_FAMILIES = {
     "StableDiffusion3Img2ImgPipeline": "sd3",
 }
 FAMILY_LABELS = {"flux": "Flux.1", "sd3": "SD 3.5"}
+#: "a Flux.1 model", "an SD 3.5 model".
+A_FAMILY = {"flux": "a Flux.1", "sd3": "an SD 3.5"}
 #: What an encoders hub id is downloaded for: everything but the transformer's weights (a file
 #: that holds some parts asks for the rest only: :func:`encoders_folder`'s ``parts``).
 ENCODER_FILES = (
@@ -97,15 +99,15 @@ def encoders_folder(
         folder = _download_encoders(source, parts, setting)
     else:
         raise ModelLoadError(
-            f"{setting} = {source!r}: no such folder; give a diffusers folder of a "
-            f"{FAMILY_LABELS[family]} model or a Hugging Face Hub id such as black-forest-labs/FLUX.1-dev."
+            f"{setting} = {source!r}: no such folder; give a diffusers folder of {A_FAMILY[family]} "
+            "model or a Hugging Face Hub id such as black-forest-labs/FLUX.1-dev."
         )
     found = folder_pipeline_family(folder)
     if found != family:
-        what = f"a {FAMILY_LABELS[found]} model" if found else "not an SD 3.5 or Flux.1 diffusers folder"
+        what = f"{A_FAMILY[found]} model" if found else "not an SD 3.5 or Flux.1 diffusers folder"
         raise ModelLoadError(
             f"{setting} = {source!r}: {folder} is {what} (no model_index.json naming its pipeline), "
-            f"but the file is a {FAMILY_LABELS[family]} model; give that family's diffusers folder or hub id."
+            f"but the file is {A_FAMILY[family]} model; give that family's diffusers folder or hub id."
         )
     return folder
 
