@@ -50,6 +50,11 @@ class Asked:
     hires_steps: int | None = None  # the second pass's steps (None or 0: the job's steps)
     hires_upscaler: str | None = None
     hires_strength: float | None = None  # the second pass's denoising strength
+    # Midjourney's parameters in the prompt (bot.prompt_params) that no option asks:
+    aspect: tuple[int, int] | None = None  # --ar W:H: the size nearest it, on the model's grid
+    no: str | None = None  # --no a, b: added to the negative prompt
+    chaos: int | None = None  # --chaos 0-100: how far a job's images differ
+    tile: bool = False  # --tile: seamless tiling
 
 
 @dataclass(frozen=True)
@@ -111,15 +116,24 @@ def resolve(
     sampler = asked.sampler or (mine.sampler if mine.sampler in gen.samplers else None)
     schedule = asked.schedule or (mine.schedule if mine.schedule in gen.schedules else None)
     size = asked.size or (None if img2img else default_size(mine, policy, gen))
+    if asked.aspect is not None:
+        size = aspect_size(
+            asked.aspect, gen.default_width * gen.default_height, *max_size(policy, gen), gen.pixel_multiple
+        )
     hires = asked.hires
     if hires is None:
         hires = member_hires(mine.hires_scale, size or (gen.default_width, gen.default_height), policy, gen)
     upscaler = asked.hires_upscaler or (mine.hires_upscaler if mine.hires_upscaler in HIRES_UPSCALERS else None)
     takes_negative = FAMILIES[gen.family].negative_prompt if gen.family else True
-    return gen.params(
+    negative = asked.negative or mine.negative_prompt or None
+    if asked.no:  # Midjourney's --no: after the negative prompt there would be without it
+        negative = ", ".join(
+            part for part in (negative if negative is not None else gen.default_negative_prompt, asked.no) if part
+        )
+    params = gen.params(
         asked.prompt,
         seed=asked.seed,
-        negative_prompt=(asked.negative or mine.negative_prompt or None) if takes_negative else "",
+        negative_prompt=negative if takes_negative else "",
         steps=steps,
         guidance=guidance,
         size=size,
@@ -134,6 +148,7 @@ def resolve(
         hires_upscaler=upscaler,
         hires_strength=asked.hires_strength,
     )
+    return params if not asked.tile else params.but(tiling=True)
 
 
 def _clip_skips(gen: GenerationSettings) -> bool:
@@ -150,8 +165,8 @@ def family_gate(asked: Asked, gen: GenerationSettings) -> None:
         raise BadInput(f"{label} cannot use the {asked.sampler} sampler; pick one of {', '.join(gen.samplers)}.")
     if asked.schedule is not None and asked.schedule not in gen.schedules:
         raise BadInput(f"{label} walk their own schedule; leave the schedule type out (automatic).")
-    if asked.negative and not traits.negative_prompt:
-        raise BadInput(f"{label} take no negative prompt (they are not guided by one); leave it out.")
+    if (asked.negative or asked.no) and not traits.negative_prompt:
+        raise BadInput(f"{label} take no negative prompt (they are not guided by one); leave it (or `--no`) out.")
     if asked.clip_skip and asked.clip_skip > 1 and not traits.clip_skip:
         raise BadInput(f"CLIP skip does not apply to {label} (T5 reads their prompts too); leave it out.")
     if asked.size is not None and any(v % gen.pixel_multiple for v in asked.size):
@@ -212,6 +227,36 @@ def default_size(mine: MemberDefaults, policy: ServerPolicy, gen: GenerationSett
     return max(fitting, key=lambda s: s[0] * s[1]) if fitting else None
 
 
+#: A size this near the asked ratio (2%, log scale) counts as that ratio: the larger one is taken.
+RATIO_TOLERANCE = 0.02
+
+
+def aspect_size(aspect: tuple[int, int], area: int, max_width: int, max_height: int, multiple: int) -> tuple[int, int]:
+    """The size nearest ``aspect`` with at most ``area`` pixels (the model's default size's),
+    within ``max_width`` x ``max_height``, both sides multiples of ``multiple`` (the model's grid).
+
+    The largest such size is sought, not the most exact ratio at any size (16:9 is exact at
+    256x144, a quarter of the pixels): widths from two grid steps below to one above the ideal width
+    are weighed, each with the heights on the grid nearest its ratio; of these the largest within
+    :data:`RATIO_TOLERANCE` of the ratio wins (else the nearest ratio)."""
+    ratio = aspect[0] / aspect[1]
+    scale = min(1.0, max_width / math.sqrt(area * ratio), max_height / math.sqrt(area / ratio))
+    top = max(multiple, int(math.sqrt(area * ratio) * scale) // multiple * multiple)
+    best: tuple[bool, int, float, tuple[int, int]] | None = None
+    for width in range(max(multiple, top - 2 * multiple), min(top + multiple, max_width) + 1, multiple):
+        ideal = width / ratio
+        for height in {int(ideal // multiple) * multiple, int(math.ceil(ideal / multiple)) * multiple}:
+            if height < multiple or height > max_height or width * height > area:
+                continue
+            error = abs(math.log(width / height / ratio))
+            key = (error > RATIO_TOLERANCE, -width * height, error, (width, height))
+            if best is None or key < best:
+                best = key
+    if best is None:  # nothing fits the area: the grid's smallest square
+        return multiple, multiple
+    return best[3]
+
+
 def max_size(policy: ServerPolicy, gen: GenerationSettings) -> tuple[int, int]:
     """The largest width and height a job may have on this server."""
     return min(gen.max_width, policy.max_width or gen.max_width), min(
@@ -245,7 +290,7 @@ def _server_gate(asker: Asker, seen: Admission, params: GenerationParams, now: d
         raise BadInput(
             "The server's managers have paused the image queue for now; no new jobs are taken. Try again later."
         )
-    word = nsfw_match(params.prompt, policy.nsfw_words)
+    word = nsfw_match(params.prompt_template or params.prompt, policy.nsfw_words)  # every variant's words
     if word is not None and not is_nsfw_channel(asker):
         raise BadInput(
             f"“{render.escape(word)}” is on this server's NSFW list: prompts with it are "

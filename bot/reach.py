@@ -44,6 +44,8 @@ class ButtonService(Defers, Protocol):
 
     async def show_info(self, interaction: discord.Interaction, job: Job) -> None: ...
 
+    async def confirm_permutations(self, interaction: discord.Interaction, confirmation_id: int) -> None: ...
+
 
 @runtime_checkable
 class ServesJobs(Protocol):

@@ -21,6 +21,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -38,16 +39,20 @@ from bot.inputs import PILLOW_FORMATS, BadInput, check_prompt_text, load_init_im
 from bot.jobs import NewJob
 from bot.journal import InteractionJournal, journal_path
 from bot.masks import load_mask
+from bot.permutations import PermutedSubmit
 from bot.policy import Asked, Asker
+from bot.prompting import image_prompts, permuted, templated
 from bot.safety.results import ResultChecks
 from bot.submitting import JournaledSubmit
 from db.community import DAY, Admission, Community
+from db.confirmations import Confirmations
 from db.errors import QueueError
 from db.faults import DatabaseHealth, is_database_fault
 from db.models import Job, JobKind, ResultImage
 from db.queue import Queue
 from db.session import statement_timeout_in_this_thread
 from db.styles import Styles, StyleText
+from db.wildcards import Wildcards
 from engine.params import GenerationParams, job_columns
 
 log = logging.getLogger(__name__)
@@ -61,7 +66,7 @@ OUR_FAULT = "Something went wrong on our side; it has been logged."
 STATEMENT_TIMEOUT = 5.0
 
 
-class JobService(JournaledSubmit):
+class JobService(JournaledSubmit, PermutedSubmit):
     """Admission, queueing and cancelling of jobs, for every cog."""
 
     def __init__(
@@ -82,6 +87,8 @@ class JobService(JournaledSubmit):
         self.checks = checks
         self.config = config
         self.styles = styles
+        self.wildcards = Wildcards(queue.engine, clock=clock)
+        self.confirmations = Confirmations(queue.engine, clock=clock)  # permutations waiting for a press
         self.acks = acks
         self.queue = queue
         self.writes = GroupWriter(queue)
@@ -259,15 +266,17 @@ class JobService(JournaledSubmit):
             model_clip_skip=lambda model: self.config.model_settings(model).clip_skip,
             generation_for=self.config.generation_for,
         )
-        return seen, self._styled(asker, asked.style, params)
+        params = self._styled(asker, asked.style, params)
+        guild = asker.guild_id  # Dynamic Prompts' variants and the server's wildcards (none in DMs)
+        lists = (lambda names: {}) if guild is None else functools.partial(self.wildcards.lines, guild)
+        return seen, templated(params, lists, lambda: [] if guild is None else self.wildcards.names(guild))
 
     def _gated(self, asker: Asker, seen: Admission, params: GenerationParams) -> tuple[GenerationParams, str | None]:
         """``params`` past the server's rules and the pending limit, with the long-prompt note."""
         self.gate(asker, seen, params)
-        note = check_prompt_text(
-            params.prompt, params.negative_prompt, self.config.model_settings(params.model).lora_dir
-        )
-        return params, note
+        lora_dir = self.config.model_settings(params.model).lora_dir
+        notes = {check_prompt_text(prompt, params.negative_prompt, lora_dir) for prompt in image_prompts(params)}
+        return params, max(notes - {None}, default=None)
 
     def _styled(self, asker: Asker, name: str | None, params: GenerationParams) -> GenerationParams:
         """``params`` with the named style (else the member's default style here) applied."""
@@ -307,9 +316,13 @@ class JobService(JournaledSubmit):
         asked: Asked,
         image: discord.Attachment | None = None,
         mask: discord.Attachment | None = None,
-    ) -> Job:
-        """/imagine, /img2img and /inpaint: admit, then queue."""
-        params, note = await self.admit(interaction, asked, image, mask)
+    ) -> Job | None:
+        """/imagine, /img2img and /inpaint: admit, then queue (permutations: each of their jobs)."""
+        prompts = permuted(asked.prompt)
+        if len(prompts) > 1:
+            await self.submit_permutations(interaction, kind, asked, prompts)
+            return None
+        params, note = await self.admit(interaction, self.read_params(replace(asked, prompt=prompts[0])), image, mask)
         return await self.submit(interaction, NewJob(kind, params), note=note)
 
     async def submit_derived(self, interaction: discord.Interaction, new: NewJob, note: str | None = None) -> Job:

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -132,6 +133,9 @@ class Job(Base):
     hires_strength: Mapped[float] = mapped_column(Float, default=0.7)
     upscaler: Mapped[str | None] = mapped_column(String(200))  # enlarges init_image first (the U buttons)
     upscale_only: Mapped[bool] = mapped_column(Boolean, default=False)  # the upscaled image is the result
+    prompt_template: Mapped[str | None]  # Dynamic Prompts' template: each image draws its prompt from it
+    tiling: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    chaos: Mapped[int] = mapped_column(default=0, server_default="0")  # Midjourney's --chaos, 0-100
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)
@@ -320,6 +324,31 @@ class Style(Base):
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     prompt: Mapped[str] = mapped_column(default="")
     negative_prompt: Mapped[str] = mapped_column(default="")
+
+
+class Wildcard(Base):
+    """A server's wildcard list (Dynamic Prompts' ``__name__``): one entry per line."""
+
+    __tablename__ = "wildcards"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    lines: Mapped[str] = mapped_column(Text)  # the entries, joined by newlines
+
+
+class PromptConfirmation(Base):
+    """A command whose permutations make more jobs than one command may without asking: what was
+    asked, until the member presses Queue them (its button names this row, so it outlives a restart)."""
+
+    __tablename__ = "prompt_confirmations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger)
+    channel_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime]
+    asked: Mapped[dict] = mapped_column(JSON)  # bot.policy.Asked's fields
+    done: Mapped[bool] = mapped_column(Boolean, default=False)  # pressed once: a second press queues nothing
 
 
 class MemberStyle(Base):

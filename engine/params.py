@@ -176,6 +176,15 @@ class GenerationParams:
     #: The upscaled init image is the result, with no diffusion pass ("Upscale (Subtle)", as
     #: AUTOMATIC1111's extras tab); False: img2img runs over it at ``strength`` ("Creative").
     upscale_only: bool = False
+    #: Dynamic Prompts' template (``{a|b}`` variants, wildcards inlined; engine.prompt_templates):
+    #: image ``i`` draws its prompt from it with its seed ``seed + i``; ``prompt`` is the first
+    #: image's. None: every image has ``prompt``.
+    prompt_template: str | None = None
+    #: Seamless tiling (AUTOMATIC1111's "Tiling"): circular padding in the UNet's and VAE's convolutions.
+    tiling: bool = False
+    #: Midjourney's chaos, 0-100: the images share ``seed``'s noise, each mixed with its own seed's
+    #: ``seed + i`` at strength chaos/100 (A1111's variation seed): 0 all alike, 100 unrelated.
+    chaos: int = 0
 
     @property
     def is_img2img(self) -> bool:
@@ -224,6 +233,14 @@ class GenerationParams:
             return SCHEDULE_NAMES.get(automatic) if automatic not in ("uniform", "lcm") else None
         return SCHEDULE_NAMES.get(self.schedule, self.schedule)
 
+    def image_prompt(self, seed: int) -> str:
+        """The prompt of this job's image made with ``seed`` (its variants drawn by that seed)."""
+        if self.prompt_template is None:
+            return self.prompt
+        from engine.prompt_templates import image_prompt  # torch-free, read only by templated jobs
+
+        return image_prompt(self.prompt_template, seed)
+
     def but(self, **changes: Any) -> GenerationParams:
         """A copy with ``changes`` (a reroll's new seed, an upscale's new size...)."""
         return replace(self, **changes)
@@ -256,4 +273,4 @@ def params_from_job(job: HasParamColumns) -> GenerationParams:
 
 
 #: Parameters whose None is a value of its own (not "use the default").
-_NULLABLE = frozenset({"init_image", "variation_seed", "model", "mask", "hires_scale", "upscaler"})
+_NULLABLE = frozenset({"init_image", "variation_seed", "model", "mask", "hires_scale", "upscaler", "prompt_template"})

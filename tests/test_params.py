@@ -10,6 +10,12 @@ from engine.settings import GenerationSettings
 #: Columns of ``jobs`` that are not generation parameters (who, where, queue and delivery state).
 BOOKKEEPING = {
     "id",
+    # The image filter's verdict on the results (migration 0009), not a generation parameter.
+    "safety_flagged",
+    "safety_label",
+    "safety_score",
+    "safety_action",
+    "safety_review",
     "requester_id",
     "guild_id",
     "channel_id",
@@ -63,6 +69,9 @@ def unusual_params() -> GenerationParams:
         hires_strength=0.45,
         upscaler="4x-tiny",
         upscale_only=True,
+        prompt_template="a {red|blue} fox",
+        tiling=True,
+        chaos=40,
     )
     assert set(values) == set(PARAM_NAMES), "add the new parameter to unusual_params"
     params = GenerationParams(**values)

@@ -15,6 +15,7 @@ from discord.ext import commands
 
 from bot import render
 from bot.checks import require_manage_server
+from bot.cogs.wildcards import wildcards_group
 from bot.inputs import BadInput, check_attachment_meta
 from bot.safety.moderation import Moderation
 from bot.service import JobService
@@ -207,6 +208,8 @@ def server_cog(service: JobService, o: Options, moderation: Moderation) -> comma
             await self.service.reply(
                 interaction, f"{member.mention} {'may use the bot again' if removed else 'was not barred'}."
             )
+
+        wildcards = wildcards_group(service)  # /server wildcards add|import|remove|list
 
         style = app_commands.Group(name="style", description="Named prompt templates members pick with `style`")
 
