@@ -12,6 +12,7 @@ Compiled graphs (``engine.compile``) work as for the SD families' UNet (:meth:`F
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
@@ -20,10 +21,13 @@ import torch
 from torch import Tensor
 
 from engine.families.flow import FlowNoise
+from engine.families.flow_storage import stored_in_fp8
 from engine.graphs import UNetGraphs
 from engine.prompt_syntax import strip_lora_tags
 from engine.sampler_graphs import SamplerGraphs
 from engine.sampler_steps import rows
+
+log = logging.getLogger(__name__)
 
 E = TypeVar("E")
 
@@ -105,7 +109,12 @@ class FlowDenoiser:
         return 0 if self.unet_graphs is None else self.unet_graphs.eager_calls
 
     def compile(self, compiler: Callable[[Callable[..., Any]], Callable[..., Any]], max_graphs: int = 24) -> None:
-        """As :meth:`engine.denoiser.Denoiser.compile`, for the transformer. Once per model."""
+        """As :meth:`engine.denoiser.Denoiser.compile`, for the transformer. Once per model. A
+        transformer stored in float8 (``model.weights``) runs eager, said once in the log: its
+        layerwise casting cannot be traced (:func:`engine.families.flow_storage.stored_in_fp8`)."""
+        if stored_in_fp8(self.network):
+            log.warning("engine.compile: this %s model's weights are stored in float8; it runs eager", self.family)
+            return
         if self.unet_graphs is None:
             self.unet_graphs = UNetGraphs(
                 compiler(self.network),
