@@ -105,7 +105,7 @@ def sqlite_lock() -> None:
     import db.session
     from db.queue import Queue
     from db.session import make_engine, upgrade
-    from engine.runner import QueueRunner
+    from engine.serving.runner import QueueRunner
     from test_outage_database import StepEngine
 
     path = Path(tempfile.mkdtemp()) / "queue.sqlite3"

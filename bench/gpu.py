@@ -55,9 +55,9 @@ from diffusers import (  # noqa: E402
 from gpu_flow import flow_runs  # noqa: E402
 from throughput import SCHEDULER, build_components, loaded_model, run_diffusers  # noqa: E402
 
-from engine.settings import EngineSettings, GenerationSettings  # noqa: E402
+from engine.config.settings import EngineSettings, GenerationSettings  # noqa: E402
+from engine.serving.worker import EngineWorker  # noqa: E402
 from engine.types import GenerationRequest  # noqa: E402
-from engine.worker import EngineWorker  # noqa: E402
 
 NO_CUDA = (
     "bench.gpu needs a CUDA GPU and torch cannot see one here (torch.cuda.is_available() is False). "

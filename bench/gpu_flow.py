@@ -39,12 +39,12 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel  # noqa: E402
 from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel  # noqa: E402
 
+from engine.config.settings import EngineSettings, GenerationSettings  # noqa: E402
 from engine.families import guidance_kind  # noqa: E402
 from engine.families.flow_files import DATA_DIR  # noqa: E402
 from engine.families.flow_storage import store_in_fp8, weight_bytes  # noqa: E402
-from engine.loading import LoadedModel  # noqa: E402
-from engine.settings import EngineSettings, GenerationSettings  # noqa: E402
-from engine.tokenizer import EOS, clip_tokenizer  # noqa: E402
+from engine.families.loading import LoadedModel  # noqa: E402
+from engine.families.sd.tokenizer import EOS, clip_tokenizer  # noqa: E402
 from engine.types import GenerationRequest, ModelInfo  # noqa: E402
 
 #: The weights table's rows: a shipped config -> what it stands for.
@@ -151,7 +151,7 @@ def measure_flow(run: FlowRun, device: torch.device, dtype: torch.dtype, log: Ca
     """bf16, then float8 storage of the same weights: peak memory and seconds per rows."""
     from gpu import PeakMemory, run_engine, timed
 
-    from engine.worker import EngineWorker
+    from engine.serving.worker import EngineWorker
 
     with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
         model = loaded_model(components(run.variant, dtype), run.variant, device, dtype)

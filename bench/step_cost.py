@@ -14,8 +14,8 @@ per steady step (UNet calls 3 to 18: no admission, no finishing):
 
 It runs on the CPU, so "device" is a label: a tensor is a device tensor when it is a model weight
 or buffer, comes from a factory or ``.to()`` given a device object (not the string "cpu"), from
-``engine.batch.to_device`` (counted as the CUDA path: pinned and non-blocking, so an upload but no
-sync), or from an operation on a device tensor. ``engine.readback.Readback`` is counted as its CUDA
+``engine.batching.batch.to_device`` (counted as the CUDA path: pinned and non-blocking, so an upload but no
+sync), or from an operation on a device tensor. ``engine.batching.readback.Readback`` is counted as its CUDA
 path too: a non-blocking download into pinned memory, read by the host only once its event has
 fired, so a download but no sync. What runs on CUDA the same way is counted the same.
 Diffusers gets its best case: no generator (its noise drawn on the device, no upload per step).
@@ -49,13 +49,13 @@ from throughput import SCHEDULER, build_components, loaded_model  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
-import engine.batch  # noqa: E402
-import engine.finishing  # noqa: E402
+import engine.batching.batch  # noqa: E402
+import engine.batching.readback  # noqa: E402
 import engine.pipeline  # noqa: E402
-import engine.readback  # noqa: E402
-from engine.settings import EngineSettings, GenerationSettings  # noqa: E402
+import engine.serving.finishing  # noqa: E402
+from engine.config.settings import EngineSettings, GenerationSettings  # noqa: E402
+from engine.serving.worker import EngineWorker  # noqa: E402
 from engine.types import GenerationRequest  # noqa: E402
-from engine.worker import EngineWorker  # noqa: E402
 
 JOBS, STEPS, PREVIEW_EVERY, SIZE = 8, 20, 2, 64
 STEADY = range(3, STEPS - 1)  # UNet calls counted: after admission's, before finishing's
@@ -162,10 +162,10 @@ def patch_sync_points() -> Callable[[], None]:
     saved = [(torch.Tensor, name, getattr(torch.Tensor, name)) for name in (*READS, "to")]
     saved += [(torch, name, getattr(torch, name)) for name in FACTORIES]
     saved += [
-        (engine.batch, "to_device", engine.batch.to_device),
+        (engine.batching.batch, "to_device", engine.batching.batch.to_device),
         (engine.pipeline, "to_device", engine.pipeline.to_device),
     ]
-    saved += [(engine.readback.Readback, "__init__", engine.readback.Readback.__init__)]
+    saved += [(engine.batching.readback.Readback, "__init__", engine.batching.readback.Readback.__init__)]
 
     def undo() -> None:
         for owner, name, value in saved:
@@ -217,7 +217,7 @@ def patch_sync_points() -> Callable[[], None]:
 
         setattr(torch, name, factory)
 
-    real_to_device = engine.batch.to_device
+    real_to_device = engine.batching.batch.to_device
 
     def to_device(t, device):  # counted as its CUDA branch: pinned memory, non_blocking
         TALLY.in_unet.uploading = True
@@ -229,16 +229,16 @@ def patch_sync_points() -> Callable[[], None]:
         TALLY.mark(out)
         return out
 
-    engine.batch.to_device = engine.pipeline.to_device = to_device
+    engine.batching.batch.to_device = engine.pipeline.to_device = to_device
 
-    real_readback = engine.readback.Readback.__init__
+    real_readback = engine.batching.readback.Readback.__init__
 
     def readback(self, tensor):  # counted as its CUDA branch: into pinned memory, non_blocking, an event
         real_readback(self, tensor)
         TALLY.unmark(self.host)  # read by the host only once its event says the copy has landed
         TALLY.note("download")
 
-    engine.readback.Readback.__init__ = readback
+    engine.batching.readback.Readback.__init__ = readback
     return undo
 
 
@@ -263,7 +263,7 @@ def count_engine(model) -> Tally:
     tally = TALLY = Tally()
     worker = EngineWorker(model, EngineSettings(max_batch=JOBS, preview_every=PREVIEW_EVERY), GenerationSettings())
     tally.unet_hooks(model.unet)
-    real_run, real_pool_work = worker._run, engine.finishing._in_inference_mode
+    real_run, real_pool_work = worker._run, engine.serving.finishing._in_inference_mode
 
     def counted_run():  # dispatch modes are per thread: the engine thread and each pool thread
         with Counting(tally):
@@ -274,7 +274,7 @@ def count_engine(model) -> Tally:
             return real_pool_work(work)
 
     worker._run = counted_run
-    engine.finishing._in_inference_mode = counted_pool_work
+    engine.serving.finishing._in_inference_mode = counted_pool_work
 
     async def all_jobs():
         tasks = [asyncio.ensure_future(worker.generate(r, lambda p: None)) for r in requests()]
@@ -286,7 +286,7 @@ def count_engine(model) -> Tally:
         asyncio.run(all_jobs())
     finally:
         worker.stop()
-        engine.finishing._in_inference_mode = real_pool_work
+        engine.serving.finishing._in_inference_mode = real_pool_work
     return tally
 
 

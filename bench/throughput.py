@@ -50,11 +50,11 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
-from engine.loading import LoadedModel  # noqa: E402
-from engine.settings import EngineSettings, GenerationSettings, parse_size  # noqa: E402
-from engine.tokenizer import EOS, clip_tokenizer  # noqa: E402
+from engine.config.settings import EngineSettings, GenerationSettings, parse_size  # noqa: E402
+from engine.families.loading import LoadedModel  # noqa: E402
+from engine.families.sd.tokenizer import EOS, clip_tokenizer  # noqa: E402
+from engine.serving.worker import EngineWorker  # noqa: E402
 from engine.types import GenerationRequest, ModelInfo  # noqa: E402
-from engine.worker import EngineWorker  # noqa: E402
 
 SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="linspace"
@@ -132,7 +132,7 @@ def flow_model_and_pipeline(family: str, device: torch.device, dtype: torch.dtyp
     on the same weights."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-    from engine.loading import load_model
+    from engine.families.loading import load_model
     from tinyflow import save_flux_folder, save_sd3_folder
 
     (save_flux_folder if family == "flux" else save_sd3_folder)(folder)

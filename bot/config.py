@@ -1,6 +1,6 @@
 """The whole of ``config.toml`` for the bot process, parsed once into frozen dataclasses.
 
-The engine's sections are parsed by ``engine.settings``; this module adds ``[queue]`` and
+The engine's sections are parsed by ``engine.config.settings``; this module adds ``[queue]`` and
 ``[discord]`` and the token, which comes only from the ``DISCORD_TOKEN`` environment variable
 (never from the file: a config file gets copied, pasted and committed).
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.safety.settings import SafetySettings, parse_safety
-from engine.settings import (
+from engine.config.settings import (
     ConfigError,
     EngineSettings,
     GenerationSettings,
@@ -25,7 +25,7 @@ from engine.settings import (
     read_toml,
     section,
 )
-from engine.upscaler_settings import UpscalerSettings
+from engine.config.upscaler_settings import UpscalerSettings
 from ops.settings import OpsConfigError, OpsSettings, parse_ops
 
 __all__ = ["Config", "ConfigError", "DiscordSettings", "QueueSettings", "load_config"]

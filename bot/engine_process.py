@@ -5,10 +5,10 @@ A child process rather than a thread of the bot, because it is faster: the engin
 step loop, admissions, finishing) no longer shares the GIL with the event loop that answers
 Discord. Measured with ``bench/load.py`` in BENCHMARKS.md (issue 11 §7). The child is a worker
 like any other (it claims and stores jobs through the database); to the bot it stands where the
-in-process :class:`~engine.runner.QueueRunner` would: :meth:`run` is the bot's supervised
+in-process :class:`~engine.serving.runner.QueueRunner` would: :meth:`run` is the bot's supervised
 "queue-runner" task, :meth:`wake` and :meth:`cancel` reach the child over its standard input,
 and progress, finished jobs, batch rows and GPU memory come back over the link
-(:mod:`engine.bot_link` has the protocol).
+(:mod:`engine.serving.bot_link` has the protocol).
 
 How it ends:
 

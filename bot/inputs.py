@@ -98,7 +98,7 @@ def check_prompt_tokens(prompt: str, negative: str = "") -> str | None:
     (or negative prompt) longer than CLIP's 75 tokens, saying how many chunks it takes; None
     when both fit in one.
 
-    The engine reads long prompts in chunks of 75 tokens (engine/prompts.py), nothing is cut.
+    The engine reads long prompts in chunks of 75 tokens (engine/families/sd/prompts.py), nothing is cut.
     Counted with the CLIP vocabulary every model family shares (textual-inversion embeddings
     are counted by their name's tokens, so the count can be a little off for them). The first
     call builds the tokenizer (about a second): call it from a thread.

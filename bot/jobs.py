@@ -16,10 +16,10 @@ from PIL import Image
 
 from bot.inputs import enlarged_size
 from db.models import Job, JobKind, ResultImage
-from engine import outpaint
+from engine.config.settings import GenerationSettings
+from engine.config.upscaler_settings import UpscalerSettings
+from engine.features import outpaint
 from engine.params import SEED_MAX, GenerationParams, params_from_job
-from engine.settings import GenerationSettings
-from engine.upscaler_settings import UpscalerSettings
 
 #: Variation strengths for the two "Vary" buttons, as AUTOMATIC1111's variation seed slider.
 VARIATION_STRENGTH = {"subtle": 0.15, "strong": 0.5}
@@ -119,7 +119,7 @@ def region(parent: Job, image: ResultImage, mask_png: bytes, prompt: str) -> New
 
 
 #: Zoom Out, Pan and Make Square repaint only the new part of the canvas (pre-filled with the
-#: image's edge colours and noise by engine.outpaint), from scratch.
+#: image's edge colours and noise by engine.features.outpaint), from scratch.
 OUTPAINT_STRENGTH = 1.0
 
 

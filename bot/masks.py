@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from bot.inputs import MAX_INPUT_PIXELS, BadInput
-from engine.masks import repaint_area
+from engine.features.masks import repaint_area
 
 #: The grid drawn over an image for Vary (Region): cells numbered 1..9, row by row.
 GRID = 3

@@ -22,9 +22,9 @@ import discord
 from bot import render
 from bot.inputs import BadInput
 from db.community import DAY, Admission, MemberDefaults, ServerPolicy
+from engine.config.settings import GenerationSettings
 from engine.families import FAMILIES
 from engine.params import HIRES_UPSCALERS, GenerationParams, size_text
-from engine.settings import GenerationSettings
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def resolve(
         hires_upscaler=upscaler,
         hires_strength=asked.hires_strength,
     )
-    return params if not asked.tile else params.but(tiling=True)
+    return params.but(tiling=asked.tile, chaos=asked.chaos)
 
 
 def _clip_skips(gen: GenerationSettings) -> bool:
@@ -169,6 +169,10 @@ def family_gate(asked: Asked, gen: GenerationSettings) -> None:
         raise BadInput(f"{label} take no negative prompt (they are not guided by one); leave it (or `--no`) out.")
     if asked.clip_skip and asked.clip_skip > 1 and not traits.clip_skip:
         raise BadInput(f"CLIP skip does not apply to {label} (T5 reads their prompts too); leave it out.")
+    if asked.tile and traits.flow:  # a transformer has no convolutions to pad around
+        raise BadInput(
+            f"`--tile` wraps a UNet's convolutions, which {label} do not have; use an SD 1.x, 2.x or XL model."
+        )
     if asked.size is not None and any(v % gen.pixel_multiple for v in asked.size):
         raise BadInput(f"{label} need sizes in multiples of {gen.pixel_multiple}; pick a listed size.")
 

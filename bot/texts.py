@@ -7,9 +7,9 @@ from typing import Any
 from bot import render
 from bot.config import Config
 from db.community import MemberDefaults, ServerPolicy, ServerStats
+from engine.config.settings import GenerationSettings
 from engine.families import FAMILIES
 from engine.params import DEFAULT_HIRES_UPSCALER, SAMPLER_NAMES, SCHEDULE_NAMES
-from engine.settings import GenerationSettings
 
 
 def member_settings_text(mine: MemberDefaults, gen: GenerationSettings) -> str:

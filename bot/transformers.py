@@ -18,6 +18,7 @@ from discord.app_commands import Choice
 from bot.config import Config
 from bot.inputs import BadInput, check_prompt
 from bot.reach import service_of
+from engine.config.upscaler_settings import model_files
 from engine.params import (
     HIRES_UPSCALERS,
     MAX_HIRES_SCALE,
@@ -27,7 +28,6 @@ from engine.params import (
     SEED_MAX,
     parse_size,
 )
-from engine.upscaler_settings import model_files
 
 #: Discord's largest integer option value (a JSON number must stay exact in JavaScript).
 DISCORD_INT_MAX = 2**53 - 1

@@ -70,8 +70,8 @@ def load_engine(config: Config) -> tuple[Any, str]:
     """Load the default model and make the engine worker (slow: call it in a thread); returns
     the worker and the loaded model's family (``"sdxl"`` picks SDXL's sizes for the commands).
     Raises ModelLoadError, or ConfigError for a device this machine lacks."""
-    from engine.models import ModelPool
-    from engine.worker import EngineWorker
+    from engine.serving.models import ModelPool
+    from engine.serving.worker import EngineWorker
 
     worker = EngineWorker(
         ModelPool.configured((config.model, *config.models), config.engine),
@@ -167,8 +167,8 @@ def build_bot(
 
     runner = None
     if worker is not None:
-        from engine.models import ModelTurns
-        from engine.runner import QueueRunner, worker_identity
+        from engine.serving.models import ModelTurns
+        from engine.serving.runner import QueueRunner, worker_identity
 
         worker_id, prefix = worker_identity(worker_name)
         recovered = queue.recover_all_running(worker_prefix=prefix)
@@ -208,7 +208,7 @@ def build_bot(
     moderation = Moderation(bot, queue, community, records, checks, delivery.poster)
     bot.attach(service, delivery, runner, moderation)
     if worker is not None:
-        from engine.graphs import graph_counts
+        from engine.batching.graphs import graph_counts
 
         metrics.read_batch_rows(lambda: worker.batch_rows)
         metrics.read_graphs(lambda: graph_counts(worker.pipeline))

@@ -135,7 +135,7 @@ class Job(Base):
     upscale_only: Mapped[bool] = mapped_column(Boolean, default=False)  # the upscaled image is the result
     prompt_template: Mapped[str | None]  # Dynamic Prompts' template: each image draws its prompt from it
     tiling: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-    chaos: Mapped[int] = mapped_column(default=0, server_default="0")  # Midjourney's --chaos, 0-100
+    chaos: Mapped[int | None]  # Midjourney's --chaos, 0-100; None: off
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)

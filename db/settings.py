@@ -1,4 +1,4 @@
-"""The ``[queue]`` section of config.toml as a value (checked by ``engine.settings``)."""
+"""The ``[queue]`` section of config.toml as a value (checked by ``engine.config.settings``)."""
 
 from __future__ import annotations
 

@@ -25,9 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from db.errors import StorageError
-from engine.errors import EngineError
-from engine.params import HIRES_UPSCALERS, SCHEDULE_NAMES
-from engine.settings import (
+from engine.config.settings import (
     ConfigError,
     EngineSettings,
     GenerationSettings,
@@ -39,6 +37,8 @@ from engine.settings import (
     read_toml,
     resolve_device,
 )
+from engine.errors import EngineError
+from engine.params import HIRES_UPSCALERS, SCHEDULE_NAMES
 from engine.types import SAMPLER_NAMES, GenerationRequest, Progress
 from ops import OpsServerError
 
@@ -171,8 +171,8 @@ def show_progress(progress: Progress) -> None:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from engine.loading import load_configured_model  # heavy imports only once the arguments are good
-    from engine.worker import EngineWorker
+    from engine.families.loading import load_configured_model  # heavy imports only once the arguments are good
+    from engine.serving.worker import EngineWorker
 
     settings = read_settings(args)
     request = build_request(args, settings)
@@ -196,10 +196,10 @@ def generate(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """Claim jobs from the shared queue and run them here until SIGINT/SIGTERM."""
-    from engine.bot_link import BotLink
+    from engine.serving.bot_link import BotLink
 
     bot_link = BotLink(args.bot_link) if args.bot_link is not None else None  # before the heavy imports
-    from engine.worker_process import run_worker_process
+    from engine.serving.worker_process import run_worker_process
     from ops import OpsConfigError, parse_ops
 
     raw = read_toml(args.config)

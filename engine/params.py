@@ -44,7 +44,7 @@ LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
 #: Upscalers that work on the decoded image (then encoded again): the names, torch-free; the
-#: functions are in :mod:`engine.hires`. An upscaler model is added to both by its name.
+#: functions are in :mod:`engine.features.hires`. An upscaler model is added to both by its name.
 PIXEL_UPSCALERS = ("Lanczos", "Nearest")
 HIRES_UPSCALERS = (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)
 
@@ -82,7 +82,7 @@ SCHEDULE_NAMES: dict[str, str] = {
     "sgm_uniform": "SGM Uniform",
     "simple": "Simple",
 }
-#: What "automatic" is for each sampler (engine.samplers' ``discretization``, kept equal by a test),
+#: What "automatic" is for each sampler (engine.sampling.samplers' ``discretization``, kept equal by a test),
 #: torch-free for the infotext; None for DDIM, which has its own timesteps whatever the choice;
 #: "lcm" is LCM's own levels, for which AUTOMATIC1111 writes no schedule type.
 AUTOMATIC_SCHEDULES: dict[str, str | None] = {
@@ -138,7 +138,7 @@ class GenerationParams:
     inpainting job: only the masked area changes, feathered by ``mask_blur`` pixels.
     ``inpaint_full_res`` ("only masked") generates just the masked area plus ``inpaint_padding``
     pixels at the job's size and pastes it back into the init image at its own size.
-    ``masked_content``: one of :data:`MASKED_CONTENT`. See :mod:`engine.masks`.
+    ``masked_content``: one of :data:`MASKED_CONTENT`. See :mod:`engine.features.masks`.
     """
 
     prompt: str
@@ -184,7 +184,8 @@ class GenerationParams:
     tiling: bool = False
     #: Midjourney's chaos, 0-100: the images share ``seed``'s noise, each mixed with its own seed's
     #: ``seed + i`` at strength chaos/100 (A1111's variation seed): 0 all alike, 100 unrelated.
-    chaos: int = 0
+    #: None: the images' noises are their own seeds' (as AUTOMATIC1111 makes a batch).
+    chaos: int | None = None
 
     @property
     def is_img2img(self) -> bool:
@@ -273,4 +274,6 @@ def params_from_job(job: HasParamColumns) -> GenerationParams:
 
 
 #: Parameters whose None is a value of its own (not "use the default").
-_NULLABLE = frozenset({"init_image", "variation_seed", "model", "mask", "hires_scale", "upscaler", "prompt_template"})
+_NULLABLE = frozenset(
+    {"init_image", "variation_seed", "model", "mask", "hires_scale", "upscaler", "prompt_template", "chaos"}
+)

@@ -1,12 +1,12 @@
 """txt2img, img2img and inpainting: from a request to latents ready to denoise, and from latents to PNGs.
 
 A job is prepared (:meth:`Pipeline.txt2img` / :meth:`Pipeline.img2img`), denoised in a
-:class:`~engine.batch.Batch` (alone, or among other members' jobs in the worker), then finished
+:class:`~engine.batching.batch.Batch` (alone, or among other members' jobs in the worker), then finished
 (:meth:`Pipeline.decode`, with a float32 retry for a low-precision VAE's NaN or black images, and
 :meth:`Pipeline.finish` for PNG metadata). :meth:`Pipeline.generate` runs all three for one job
 without a thread, which is what tests and the one-at-a-time benchmark use. A masked img2img job
-(``GenerationParams.mask``) is laid out in pixels by :mod:`engine.masks` and in latents by
-:mod:`engine.inpaint`; its decoded images are pasted back over the init image in :meth:`finish`.
+(``GenerationParams.mask``) is laid out in pixels by :mod:`engine.features.masks` and in latents by
+:mod:`engine.features.inpaint`; its decoded images are pasted back over the init image in :meth:`finish`.
 
 Randomness comes only from the request's seeds: image ``i`` of a job has its own CPU
 ``torch.Generator`` seeded with ``seed + i``, which draws the initial noise and then any
@@ -27,25 +27,25 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from engine.batch import Batch, to_device
-from engine.denoiser import Conditioning
+from engine.batching.batch import Batch, to_device
 from engine.errors import GenerationError
 from engine.families.runtime import family_parts
-from engine.inpaint import Inpainter, LatentBlend
-from engine.lora import LoraLibrary
-from engine.masks import InpaintPlan, open_image, plan_inpaint
+from engine.families.sd.denoiser import Conditioning
+from engine.features.inpaint import Inpainter, LatentBlend
+from engine.features.lora import LoraLibrary
+from engine.features.masks import InpaintPlan, open_image, plan_inpaint
 from engine.metadata import PNG_COMPRESS_LEVEL, encode_png, infotext
 from engine.params import MASKED_CONTENT, MAX_INPAINT_PADDING, MAX_MASK_BLUR
 from engine.prompt_syntax import lora_key
-from engine.samplers import SAMPLERS, Sampler
-from engine.schedules import SCHEDULES, JobSchedule
-from engine.sde import BrownianNoise, brownian_noises
-from engine.stages import Plan
+from engine.sampling.samplers import SAMPLERS, Sampler
+from engine.sampling.schedules import SCHEDULES, JobSchedule
+from engine.sampling.sde import BrownianNoise, brownian_noises
+from engine.sampling.stages import Plan
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult
 from engine.vae import VaeDecoder
 
 if TYPE_CHECKING:
-    from engine.loading import LoadedModel
+    from engine.families.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class Pipeline:
         return PreparedJob(request, sampler, plan.sigmas.float(), seeds, generators, latents, cond)
 
     def inpaint(self, request: GenerationRequest, sampler: Sampler) -> PreparedJob:
-        """An img2img job that repaints only its mask's area (see :mod:`engine.masks`)."""
+        """An img2img job that repaints only its mask's area (see :mod:`engine.features.masks`)."""
         # 1. Lay the job out in pixels: feathered mask, "only masked" crop, masked content "fill".
         layout = plan_inpaint(request.params)
         # 2. Encode prompt and negative prompt (cached per prompt).
@@ -368,7 +368,7 @@ class Pipeline:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Prepare, denoise alone, decode: one job start to end in the calling thread (one pass:
-        a hires job's second pass is the worker's, :mod:`engine.hires`)."""
+        a hires job's second pass is the worker's, :mod:`engine.features.hires`)."""
         if request.params.is_hires:
             raise GenerationError("A hires fix job runs in the engine worker, not Pipeline.generate.")
         job = self.prepare(request)

@@ -5,7 +5,7 @@ factors fitted by the community for SD1/SD2, SDXL, and SD 3.5's and Flux's 16-ch
 ComfyUI's ``latent_formats`` has them). A preview is the size of the
 latent (1/8 of the image per side), which is all a progress message needs. The engine thread only
 copies the previewed rows' latents to the host (all of a step's in one copy, which nobody waits
-for: :mod:`engine.readback`); the colour map and the PNG are made on the host, in the finisher's
+for: :mod:`engine.batching.readback`); the colour map and the PNG are made on the host, in the finisher's
 pool, where a few kilobytes of arithmetic cost less than a kernel launch would.
 """
 

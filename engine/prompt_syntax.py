@@ -2,7 +2,7 @@
 
 Torch-free on purpose: the bot checks prompts at the Discord boundary with this module alone,
 so a bot without an engine (``--no-engine``) never imports torch or diffusers. The engine reads
-the same functions (:mod:`engine.prompts` encodes, :mod:`engine.lora` applies), so a prompt the
+the same functions (:mod:`engine.families.sd.prompts` encodes, :mod:`engine.features.lora` applies), so a prompt the
 bot accepts is one the engine reads the same way.
 
 1. :func:`parse_prompt_attention` splits a prompt into ``(text, weight)`` segments with the
@@ -131,7 +131,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
 
 class NamedEmbedding(Protocol):
-    """A textual-inversion embedding as chunking sees it (:class:`engine.prompts.Embedding`)."""
+    """A textual-inversion embedding as chunking sees it (:class:`engine.families.sd.prompts.Embedding`)."""
 
     name: str
 
@@ -140,7 +140,7 @@ class NamedEmbedding(Protocol):
 
 
 class Embeddings(Protocol):
-    """Finds embeddings by their name's tokens (:class:`engine.prompts.EmbeddingLibrary`)."""
+    """Finds embeddings by their name's tokens (:class:`engine.families.sd.prompts.EmbeddingLibrary`)."""
 
     tokenizer: Any
 
@@ -243,7 +243,7 @@ def chunks_needed(token_count: int) -> int:
 
 @functools.cache
 def _plain_tokenizer():
-    from engine.tokenizer import clip_tokenizer  # transformers' tokenizer; it does not import torch
+    from engine.families.sd.tokenizer import clip_tokenizer  # transformers' tokenizer; it does not import torch
 
     return clip_tokenizer()
 

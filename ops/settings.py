@@ -1,7 +1,7 @@
 """The ``[ops]`` section of config.toml: where the operators' HTTP endpoint listens, if at all.
 
 Off by default (``enabled = false``): the endpoint tells anyone who reaches it how busy the bot
-is, so an operator turns it on knowingly. Parsed here, not in ``engine.settings``, because ops
+is, so an operator turns it on knowingly. Parsed here, not in ``engine.config.settings``, because ops
 may import neither the engine nor the bot; the checks and their one-line messages follow the
 same form as the other sections (``key = value: not allowed; what is``).
 """

@@ -22,7 +22,7 @@ from bot.wiring import BotApp, build_bot, open_queue
 from db.queue import Queue
 from db.session import make_engine, upgrade
 from discord_emulator import Emulator, running
-from engine.settings import EngineSettings, GenerationSettings, ModelSettings
+from engine.config.settings import EngineSettings, GenerationSettings, ModelSettings
 
 EMULATOR_HOSTS = frozenset({"127.0.0.1"})
 
@@ -90,7 +90,7 @@ def png(size: tuple[int, int] = (48, 40), color: str = "red", mode: str = "RGB",
 def running_setup(emulator: Emulator, config: Config, model, tmp_path: Path):
     """``(emulator, config, queue, worker)``: a temporary SQLite queue and a started engine worker
     on ``model`` with ``config``'s settings; stopped and closed on the way out."""
-    from engine.worker import EngineWorker
+    from engine.serving.worker import EngineWorker
 
     engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
     worker = EngineWorker(model, config.engine, config.generation, upscalers=config.upscalers)

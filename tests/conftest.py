@@ -57,7 +57,7 @@ def tiny_model(tiny_sd_folder):
     """The tiny SD1 model loaded on CPU in float32 (a LoadedModel; do not modify it)."""
     import torch
 
-    from engine.loading import load_model
+    from engine.families.loading import load_model
 
     return load_model(str(tiny_sd_folder), device="cpu", dtype=torch.float32, name="tiny-sd1", progress=False)
 
@@ -67,7 +67,7 @@ def tiny_sd2_model(tiny_sd2_single_file):
     """The tiny SD2 (v_prediction) model loaded on CPU in float32."""
     import torch
 
-    from engine.loading import load_model
+    from engine.families.loading import load_model
 
     return load_model(str(tiny_sd2_single_file), device="cpu", dtype=torch.float32, progress=False)
 
@@ -77,7 +77,7 @@ def tiny_sdxl_model(tiny_sdxl_single_file):
     """The tiny SDXL model (two text encoders) loaded on CPU in float32."""
     import torch
 
-    from engine.loading import load_model
+    from engine.families.loading import load_model
 
     return load_model(str(tiny_sdxl_single_file), device="cpu", dtype=torch.float32, progress=False)
 

@@ -12,8 +12,8 @@ import pytest
 
 from db.queue import Queue
 from db.session import make_engine, upgrade
-from engine.batch import Batch
-from engine.runner import QueueRunner
+from engine.batching.batch import Batch
+from engine.serving.runner import QueueRunner
 
 
 @pytest.fixture

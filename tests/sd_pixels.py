@@ -24,8 +24,8 @@ torchvision_importable()
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from engine.batch import Batch  # noqa: E402
-from engine.loading import load_model  # noqa: E402
+from engine.batching.batch import Batch  # noqa: E402
+from engine.families.loading import load_model  # noqa: E402
 from engine.params import SAMPLER_NAMES  # noqa: E402
 from engine.pipeline import Pipeline  # noqa: E402
 from engine.types import GenerationRequest  # noqa: E402

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.batch import Batch
+from engine.batching.batch import Batch
 from engine.pipeline import Pipeline, fit_image
 from engine.types import GenerationRequest
 

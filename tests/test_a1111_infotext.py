@@ -221,7 +221,7 @@ def test_memory_only_cache_and_a_broken_cache_file_still_hash(checkpoint, tmp_pa
 
 
 def test_a_single_file_checkpoint_puts_its_hash_in_every_png(tiny_sd_single_file, tiny_model, tmp_path):
-    from engine.loading import load_model
+    from engine.families.loading import load_model
     from engine.pipeline import Pipeline
 
     model = load_model(

@@ -1,7 +1,7 @@
 """The admission policy and the out-of-memory row limits, as plain values: no torch, no threads.
 
-Which waiting jobs join the running batch (engine/admission.py) and how many rows memory allows
-(engine/memory.py's governor). The worker tests check the same rules end to end on a tiny model.
+Which waiting jobs join the running batch (engine/batching/admission.py) and how many rows memory allows
+(engine/serving/memory.py's governor). The worker tests check the same rules end to end on a tiny model.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from engine.admission import Running, Waiting, admissions, resumptions, row_limit
-from engine.memory import OOM_CALM_STEPS, OutOfMemoryGovernor, jobs_to_keep
+from engine.batching.admission import Running, Waiting, admissions, resumptions, row_limit
+from engine.serving.memory import OOM_CALM_STEPS, OutOfMemoryGovernor, jobs_to_keep
 
 SQUARE, TALL = (64, 64), (48, 64)
 PLAIN, WITH_LORA = ("tiny", ()), ("tiny", (("detail", "1"),))
@@ -126,6 +126,6 @@ def test_after_a_failed_step_the_oldest_jobs_that_fit_go_on():
 
 @pytest.mark.slow
 def test_the_policy_modules_do_not_import_torch():
-    code = "import sys, engine.admission, engine.memory; print('torch' in sys.modules)"
+    code = "import sys, engine.batching.admission, engine.serving.memory; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

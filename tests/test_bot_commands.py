@@ -297,7 +297,7 @@ async def test_jobs_for_a_model_removed_from_the_config_fail_at_start_with_a_rea
 async def test_model_option_offers_configured_models_and_is_stored(setup):
     from dataclasses import replace
 
-    from engine.settings import ModelSettings
+    from engine.config.settings import ModelSettings
 
     emu, config, queue = setup
     config = replace(config, models=(ModelSettings(source="elsewhere", name="anime"),))

@@ -11,7 +11,7 @@ import pytest
 
 from bot_harness import bot_running, results, setup  # noqa: F401 - setup is a fixture
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
-from engine.worker import EngineWorker
+from engine.serving.worker import EngineWorker
 
 pytestmark = pytest.mark.asyncio
 

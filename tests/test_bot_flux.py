@@ -34,7 +34,7 @@ def flux_folder(tmp_path_factory):
 def flux_model(flux_folder):
     import torch
 
-    from engine.loading import load_model
+    from engine.families.loading import load_model
 
     return load_model(str(flux_folder), device="cpu", dtype=torch.float32, name="tiny-flux", progress=False)
 

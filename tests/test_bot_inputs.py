@@ -14,7 +14,7 @@ from PIL import Image
 from bot.inputs import BadInput, check_prompt, clean_text, enlarged_size, fit_size, load_init_image
 from bot.transformers import Bounded, OneOf, Text
 from bot_harness import png
-from engine.settings import GenerationSettings
+from engine.config.settings import GenerationSettings
 
 GEN = GenerationSettings()
 

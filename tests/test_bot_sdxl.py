@@ -14,8 +14,8 @@ from PIL import Image
 from bot_harness import bot_config, bot_running, is_result, new_queue
 from discord_emulator import Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
+from engine.config.settings import ConfigError, GenerationSettings, parse_engine_sections
 from engine.metadata import read_parameters
-from engine.settings import ConfigError, GenerationSettings, parse_engine_sections
 
 SDXL_SIZES = ("64x64", "64x128")  # small for speed: the tiny model has latent scale 8
 
@@ -23,7 +23,7 @@ SDXL_SIZES = ("64x64", "64x128")  # small for speed: the tiny model has latent s
 @pytest.fixture
 def sdxl_setup(tiny_sdxl_model, tiny_sdxl_single_file, tmp_path, emulator: Emulator):
     """The emulator, the harness's small config on the tiny SDXL file, and a worker on the model."""
-    from engine.worker import EngineWorker
+    from engine.serving.worker import EngineWorker
 
     config = bot_config(str(tiny_sdxl_single_file), f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
     config = replace(

@@ -143,7 +143,7 @@ async def test_img2img_keeps_within_the_servers_size_limit(setup):
 async def test_info_names_the_jobs_own_model(setup):
     from dataclasses import replace
 
-    from engine.settings import ModelSettings
+    from engine.config.settings import ModelSettings
 
     emu, config, queue = setup
     config = replace(config, models=(ModelSettings(source="elsewhere", name="anime"),))

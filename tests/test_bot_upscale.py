@@ -12,11 +12,11 @@ from PIL import Image, ImageOps
 
 from bot_harness import bot_config, bot_running, is_result, running_setup, setup  # noqa: F401 - setup is a fixture
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
+from engine.config.upscaler_settings import UpscalerSettings
 from engine.errors import GenerationError
+from engine.features.upscalers import Upscalers
 from engine.metadata import read_parameters
 from engine.types import GenerationRequest
-from engine.upscaler_settings import UpscalerSettings
-from engine.upscalers import Upscalers
 from tinyupscaler import import_spandrel, upscaler_folder
 
 pytestmark = pytest.mark.asyncio

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine.denoiser import PromptEncoder, final_layer_norm
+from engine.families.sd.denoiser import PromptEncoder, final_layer_norm
 from engine.metadata import infotext, parse_infotext
 from engine.types import GenerationRequest
 

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import torch
 
-from engine.batch import Batch
-from engine.graphs import BUCKETS, bucket_rows, graph_counts
+from engine.batching.batch import Batch
+from engine.batching.graphs import BUCKETS, bucket_rows, graph_counts
+from engine.config.settings import ConfigError, EngineSettings, GenerationSettings, parse_engine_sections
 from engine.pipeline import Pipeline
-from engine.settings import ConfigError, EngineSettings, GenerationSettings, parse_engine_sections
+from engine.serving.worker import EngineWorker
 from engine.types import GenerationRequest
-from engine.worker import EngineWorker
 from tolerance import assert_same_image
 
 EAGER_BACKEND = functools.partial(torch.compile, backend="eager", dynamic=False)
@@ -105,7 +105,7 @@ def test_our_bound_not_dynamos_limit_of_eight_decides_how_many_graphs_are_made()
     every shape gets its graph, and the limit of the rest of the process is left as it was."""
     from torch._dynamo.utils import counters
 
-    from engine.graphs import UNetGraphs
+    from engine.batching.graphs import UNetGraphs
 
     torch._dynamo.reset()
     counters.clear()
@@ -118,7 +118,7 @@ def test_our_bound_not_dynamos_limit_of_eight_decides_how_many_graphs_are_made()
 
 
 def test_shapes_past_the_bound_run_eager_counted_and_logged(tiny_model, caplog):
-    caplog.set_level(logging.INFO, logger="engine.denoiser")
+    caplog.set_level(logging.INFO, logger="engine.families.sd.denoiser")
     settings = EngineSettings(preview_every=0, compile="default", compile_graphs=1, max_batch=1)
     worker = EngineWorker(tiny_model, settings, GenerationSettings(), compiler=EAGER_BACKEND)
     results = run_together(worker, [make_request(1, width=64), make_request(2, width=48)])

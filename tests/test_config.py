@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import ConfigError, load_config
-from engine.settings import load_settings, parse_size
+from engine.config.settings import load_settings, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 

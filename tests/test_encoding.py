@@ -9,12 +9,12 @@ import threading
 
 import pytest
 
-import engine.finishing
 import engine.pipeline
+import engine.serving.finishing
+from engine.config.settings import ConfigError, EngineSettings, GenerationSettings, parse_engine_sections
 from engine.pipeline import Pipeline
-from engine.settings import ConfigError, EngineSettings, GenerationSettings, parse_engine_sections
+from engine.serving.worker import EngineWorker
 from engine.types import GenerationRequest, Progress
-from engine.worker import EngineWorker
 from tolerance import assert_same_image
 
 BUDGET = 120  # seconds any wait below may take on a slow, shared machine
@@ -63,8 +63,9 @@ def test_pngs_previews_and_uint8_conversion_run_off_the_engine_thread(make_worke
         return run
 
     monkeypatch.setattr(engine.pipeline, "encode_png", recorded("png", engine.pipeline.encode_png))
-    monkeypatch.setattr(engine.finishing, "preview_png", recorded("preview", engine.finishing.preview_png))
-    monkeypatch.setattr(engine.finishing, "to_images", recorded("uint8", engine.finishing.to_images))
+    finishing = engine.serving.finishing
+    monkeypatch.setattr(finishing, "preview_png", recorded("preview", finishing.preview_png))
+    monkeypatch.setattr(finishing, "to_images", recorded("uint8", finishing.to_images))
     requests = [make_request(1, steps=5), make_request(2, steps=3, count=2, sampler="euler")]
     results = run_together(make_worker(preview_every=2), requests, on_progress=lambda p: None)
 
@@ -103,7 +104,7 @@ def test_the_next_step_runs_while_a_finished_jobs_png_is_being_written(make_work
 def test_each_jobs_progress_previews_and_result_arrive_in_order(make_worker, monkeypatch):
     """The first preview's PNG is held until the engine thread has reported later steps: they
     reach the job after it all the same, every progress before the result."""
-    real_preview, later_steps = engine.finishing.preview_png, threading.Event()
+    real_preview, later_steps = engine.serving.finishing.preview_png, threading.Event()
 
     def held_first_preview(latents, family):
         if not later_steps.is_set():
@@ -118,7 +119,7 @@ def test_each_jobs_progress_previews_and_result_arrive_in_order(make_worker, mon
         if progress.step == 3:
             later_steps.set()
 
-    monkeypatch.setattr(engine.finishing, "preview_png", held_first_preview)
+    monkeypatch.setattr(engine.serving.finishing, "preview_png", held_first_preview)
     monkeypatch.setattr(worker.finisher, "progress", progress_made)
     seen: list[tuple[int, int, bool]] = []
     order: list[tuple[int, int]] = []
@@ -147,7 +148,7 @@ def test_a_cancel_while_a_preview_is_encoded_still_ends_the_job(make_worker, mon
     that at step 2, so the cancel lands mid-run however slow the machine."""
     from engine.errors import JobCancelled
 
-    real_preview, cancelled = engine.finishing.preview_png, threading.Event()
+    real_preview, cancelled = engine.serving.finishing.preview_png, threading.Event()
     worker = make_worker(preview_every=1)
     real_progress = worker.finisher.progress
 
@@ -161,7 +162,7 @@ def test_a_cancel_while_a_preview_is_encoded_still_ends_the_job(make_worker, mon
             assert cancelled.wait(BUDGET)
         real_progress(ticket, progress, preview)
 
-    monkeypatch.setattr(engine.finishing, "preview_png", cancelling_preview)
+    monkeypatch.setattr(engine.serving.finishing, "preview_png", cancelling_preview)
     monkeypatch.setattr(worker.finisher, "progress", progress_made)
     worker.start()
     steps: list[int] = []

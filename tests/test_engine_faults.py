@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 
 from db.models import JobStatus
-from engine.batch import Batch
+from engine.batching.batch import Batch
+from engine.config.settings import EngineSettings, GenerationSettings
 from engine.errors import GenerationError
-from engine.loading import load_model
+from engine.families.loading import load_model
 from engine.pipeline import Pipeline
-from engine.runner import QueueRunner
-from engine.settings import EngineSettings, GenerationSettings
+from engine.serving.runner import QueueRunner
+from engine.serving.worker import EngineWorker
 from engine.types import GenerationRequest, Progress
-from engine.worker import EngineWorker
 from engine_harness import sqlite_queue  # noqa: F401 - sqlite_queue is a fixture
 from tolerance import assert_same_image, assert_same_latents
 

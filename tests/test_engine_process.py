@@ -1,5 +1,5 @@
 """The bot's end of its engine process (bot/engine_process.py), against a stand-in child that
-speaks the link's protocol (engine/bot_link.py): no torch, no model, a second each."""
+speaks the link's protocol (engine/serving/bot_link.py): no torch, no model, a second each."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ async def test_reports_come_back_and_commands_reach_the_child(child, tmp_path):
     try:
         await until(lambda: engine.batch_rows == 3, "the stats line")
         assert progress == [Progress(7, 1, 4, b"PNG")] and engine.gpu_memory == {"cuda:0": (10, 20)}
-        assert engine.graphs == {"unet": (2, 1), "sampler": (3, 0)}
+        assert engine.batching.graphs == {"unet": (2, 1), "sampler": (3, 0)}
         engine.cancel(12)
         await until(lambda: finished == [12], "the cancel to reach the child")
         engine.wake()

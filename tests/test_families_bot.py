@@ -10,8 +10,8 @@ import pytest
 from bot.inputs import BadInput
 from bot.policy import Asked, resolve
 from db.community_values import MemberDefaults, ServerPolicy
+from engine.config.settings import GenerationSettings, ModelSettings
 from engine.families.detect import source_family
-from engine.settings import GenerationSettings, ModelSettings
 
 GEN = GenerationSettings(default_negative_prompt="blurry", sdxl_sizes=("1024x1024", "1152x896", "1000x1000"))
 
@@ -41,7 +41,7 @@ def test_the_sd_families_keep_the_configured_settings():
 
 
 def test_derived_settings_are_not_read_from_the_file(tmp_path):
-    from engine.settings import ConfigError, parse_engine_sections
+    from engine.config.settings import ConfigError, parse_engine_sections
 
     with pytest.raises(ConfigError, match="generation.family: unknown key"):
         parse_engine_sections({"generation": {"family": "flux"}})
@@ -111,7 +111,7 @@ def test_a_hires_factor_off_the_16_pixel_grid_is_refused_with_one_that_fits():
 def test_help_and_server_show_list_each_models_family_and_defaults():
     from bot.config import Config, DiscordSettings
     from bot.texts import models_text
-    from engine.settings import EngineSettings, QueueSettings
+    from engine.config.settings import EngineSettings, QueueSettings
 
     config = Config(
         model=ModelSettings(source="sd", name="sd"),

@@ -10,9 +10,9 @@ import functools
 import pytest
 import torch
 
-from engine.batch import Batch
-from engine.graphs import BUCKETS
-from engine.loading import load_model
+from engine.batching.batch import Batch
+from engine.batching.graphs import BUCKETS
+from engine.families.loading import load_model
 from engine.pipeline import Pipeline
 from engine.types import GenerationRequest
 from tinyflow import save_flux_folder, save_sd3_folder

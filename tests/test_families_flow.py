@@ -15,10 +15,10 @@ from diffusers import (
 )
 from PIL import Image
 
-from engine.batch import Batch
+from engine.batching.batch import Batch
 from engine.errors import GenerationError
 from engine.families.flux import pack, unpack
-from engine.loading import load_model
+from engine.families.loading import load_model
 from engine.pipeline import Pipeline
 from engine.types import GenerationRequest
 from tinyflow import save_flux_folder, save_sd3_folder

@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-from engine.batch import Batch
-from engine.checkpoints import detect_family, read_safetensors_header
+from engine.batching.batch import Batch
 from engine.errors import ModelLoadError
+from engine.families.checkpoints import detect_family, read_safetensors_header
 from engine.families.flow_storage import stored_in_fp8, weight_bytes
-from engine.loading import load_model
+from engine.families.loading import load_model
 from engine.pipeline import Pipeline
 from engine.types import GenerationRequest
 from tinyflow import (
@@ -191,7 +191,7 @@ def test_fp8_storage_is_refused_on_sd_models(tmp_path):
 
 
 def test_the_header_says_what_the_file_holds(files):
-    from engine.checkpoints import flow_contents
+    from engine.families.checkpoints import flow_contents
 
     bare = flow_contents(read_safetensors_header(files["flux-bare"]))
     assert (bare.prefix, bare.guidance, bare.vae, bare.text_encoders) == ("", True, False, ())
@@ -245,14 +245,14 @@ def fake_header(names: list[str]) -> dict:
     ],
 )
 def test_the_released_variant_is_told_from_the_header(names, variant):
-    from engine.checkpoints import flow_contents
+    from engine.families.checkpoints import flow_contents
     from engine.families.flow_files import _variant
 
     assert _variant(flow_contents(fake_header(names))) == variant
 
 
 def test_a_flux_lora_in_bfl_names_is_not_a_model():
-    from engine.checkpoints import flow_family
+    from engine.families.checkpoints import flow_family
 
     assert flow_family(["double_blocks.0.processor.qkv_lora1.down.weight", "single_blocks.0.x"]) is None
 
@@ -316,7 +316,7 @@ def test_prompt_encoders_on_another_device_than_the_model(folders):
 
 
 def test_an_encoders_hub_id_is_fetched_for_what_the_file_lacks_only(files):
-    from engine.checkpoints import flow_contents
+    from engine.families.checkpoints import flow_contents
     from engine.families.flow_files import _wanted
     from engine.families.flow_loading import ENCODER_FILES
 

@@ -13,10 +13,10 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors.torch import save_file
 
-from engine.batch import Batch
+from engine.batching.batch import Batch
 from engine.errors import GenerationError
 from engine.families.flux import pack, unpack
-from engine.loading import load_model
+from engine.families.loading import load_model
 from engine.pipeline import Pipeline
 from engine.prompt_syntax import strip_lora_tags
 from engine.types import GenerationRequest

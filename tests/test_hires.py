@@ -10,17 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.admission import over_limits
+from engine.batching.admission import over_limits
+from engine.config.settings import EngineSettings, GenerationSettings
 from engine.errors import GenerationError, JobCancelled
-from engine.hires import second_pass_schedule, second_pass_steps, upscale_image
+from engine.features.hires import second_pass_schedule, second_pass_steps, upscale_image
 from engine.metadata import read_parameters
 from engine.params import GenerationParams
 from engine.pipeline import Pipeline
-from engine.samplers import SAMPLERS
-from engine.schedules import job_schedule
-from engine.settings import EngineSettings, GenerationSettings
+from engine.sampling.samplers import SAMPLERS
+from engine.sampling.schedules import job_schedule
+from engine.serving.worker import EngineWorker
 from engine.types import GenerationRequest, Progress
-from engine.worker import EngineWorker
 from test_a1111_infotext import a1111_parse
 from tolerance import assert_same_image, image_array
 
@@ -261,7 +261,7 @@ def test_an_sdxl_hires_job_runs_its_second_pass_at_the_enlarged_size(tiny_sdxl_m
 def test_a_hires_job_on_an_inpainting_checkpoint_paints_everywhere_in_both_passes(tmp_path, upscaler):
     """A 9-channel UNet gets "paint everywhere" conditioning at the hires size, as A1111's
     ``txt2img_image_conditioning`` gives it."""
-    from engine.loading import load_model
+    from engine.families.loading import load_model
     from tinymodel import save_single_file
 
     path = save_single_file(tmp_path / "inpainting.safetensors", "sd1", in_channels=9)

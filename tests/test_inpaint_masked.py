@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.batch import Batch
+from engine.batching.batch import Batch
 from engine.errors import GenerationError, JobCancelled
-from engine.masks import feather_reach
+from engine.features.masks import feather_reach
 from engine.metadata import read_parameters
 from engine.pipeline import Pipeline
 from engine.types import GenerationRequest

@@ -1,4 +1,4 @@
-"""engine/masks.py on its own: reading masks, the feather's reach, the "only masked" box, the fill."""
+"""engine/features/masks.py on its own: reading masks, the feather's reach, the "only masked" box, the fill."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import GenerationError
-from engine.masks import blur_mask, crop_region, feather_reach, fill_masked, gaussian_blur, read_mask
+from engine.features.masks import blur_mask, crop_region, feather_reach, fill_masked, gaussian_blur, read_mask
 
 
 def png(image: Image.Image) -> bytes:

@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from engine.batch import Batch
+from engine.batching.batch import Batch
 from engine.errors import ModelLoadError
-from engine.loading import load_model
-from engine.masks import feather_reach
+from engine.families.loading import load_model
+from engine.features.masks import feather_reach
 from engine.pipeline import Pipeline
 from engine.types import GenerationRequest
 from tinymodel import build_tiny_components, save_diffusers_folder, save_single_file
@@ -228,7 +228,7 @@ def test_an_sd2_inpainting_file_with_the_shipped_config_is_the_512_epsilon_model
             {"in_channels": 4, "sample_size": 96} if folder.name == "unet" else {"prediction_type": "v_prediction"}
         )
         config.write_text(json.dumps(json.loads(config.read_text()) | changes))
-    monkeypatch.setattr("engine.loading.DATA_DIR", data)
+    monkeypatch.setattr("engine.families.loading.DATA_DIR", data)
     model = load(path)
     assert (model.info.inpainting, model.info.prediction_type, model.info.default_size) == (True, "epsilon", 512)
     assert load(path, prediction_type="v_prediction").info.prediction_type == "v_prediction"

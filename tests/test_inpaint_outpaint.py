@@ -11,8 +11,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from engine.errors import GenerationError
-from engine.masks import feather_reach
-from engine.outpaint import make_square, pan, zoom_out
+from engine.features.masks import feather_reach
+from engine.features.outpaint import make_square, pan, zoom_out
 from engine.pipeline import Pipeline
 from engine.types import GenerationRequest
 from tolerance import image_array
@@ -146,8 +146,8 @@ def test_masks_and_canvases_are_made_without_torch():
     code = """
 import io, sys
 from PIL import Image
-from engine.masks import blur_mask, crop_region, read_mask
-from engine.outpaint import zoom_out
+from engine.features.masks import blur_mask, crop_region, read_mask
+from engine.features.outpaint import zoom_out
 canvas = zoom_out(Image.new("RGB", (64, 48), (9, 9, 9)), 1.5, 512 * 512)
 buffer = io.BytesIO()
 canvas.mask.save(buffer, format="PNG")

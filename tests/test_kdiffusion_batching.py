@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.batch import Batch
+from engine.batching.batch import Batch
 from engine.params import SAMPLER_NAMES
 from engine.pipeline import Pipeline
-from engine.samplers import SAMPLERS
+from engine.sampling.samplers import SAMPLERS
 from engine.types import GenerationRequest
 from engine_harness import denoise_alone
 from kdiffusion_ref import sampling as K

@@ -3,7 +3,7 @@
 Both run the same denoiser over the same float32 sigmas from the same start. Ancestral samplers get
 the same standard-normal noise in the same order; the SDE samplers each build their Brownian trees
 from the same per-image seeds, k-diffusion through its BrownianTreeNoiseSampler, ours through
-engine.sde. Our loop is engine.samplers.sample, which walks the same per-row plan as the batch.
+engine.sampling.sde. Our loop is engine.sampling.samplers.sample, which walks the same per-row plan as the batch.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, UniPCMultistepScheduler
 
-from engine.samplers import SAMPLERS, sample
-from engine.schedules import ModelSchedule, member_sigmas
-from engine.sde import brownian_noises
+from engine.sampling.samplers import SAMPLERS, sample
+from engine.sampling.schedules import ModelSchedule, member_sigmas
+from engine.sampling.sde import brownian_noises
 from kdiffusion_ref import sampling as K
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)

@@ -10,8 +10,8 @@ from diffusers import EulerDiscreteScheduler
 from engine.errors import GenerationError
 from engine.params import AUTOMATIC_SCHEDULES, SCHEDULE_NAMES, GenerationParams
 from engine.pipeline import Pipeline
-from engine.samplers import SAMPLERS
-from engine.schedules import SCHEDULES, ModelSchedule, member_sigmas
+from engine.sampling.samplers import SAMPLERS
+from engine.sampling.schedules import SCHEDULES, ModelSchedule, member_sigmas
 from engine.types import GenerationRequest
 from kdiffusion_ref import external
 from kdiffusion_ref import sampling as K

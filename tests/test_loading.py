@@ -1,4 +1,4 @@
-"""engine.loading: every source format loads, offline, to the same tensors; bad files fail clearly."""
+"""engine.families.loading: every source format loads, offline, to the same tensors; bad files fail clearly."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from engine.checkpoints import detect_family
 from engine.errors import ModelLoadError
-from engine.loading import DATA_DIR, LoadedModel, alphas_cumprod_from_config, load_model
-from engine.tokenizer import clip_tokenizer
+from engine.families.checkpoints import detect_family
+from engine.families.loading import DATA_DIR, LoadedModel, alphas_cumprod_from_config, load_model
+from engine.families.sd.tokenizer import clip_tokenizer
 from tinymodel import FAMILIES, build_tiny_components
 
 CPU = dict(device="cpu", dtype=torch.float32, progress=False)

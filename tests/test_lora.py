@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.config.settings import EngineSettings, GenerationSettings
 from engine.errors import GenerationError
-from engine.lora import lora_key, parse_lora_key, strip_lora_tags
-from engine.settings import EngineSettings, GenerationSettings
+from engine.features.lora import lora_key, parse_lora_key, strip_lora_tags
 from engine.types import GenerationRequest
 from tolerance import assert_same_image
 
@@ -33,7 +33,7 @@ def lora_model(tiny_sd_folder, lora_dir):
     """Its own copy of the tiny SD1 model: adapters are added to it (the shared one stays clean)."""
     import torch
 
-    from engine.loading import load_model
+    from engine.families.loading import load_model
 
     model = load_model(str(tiny_sd_folder), device="cpu", dtype=torch.float32, name="tiny-sd1", progress=False)
     model.lora_dir = lora_dir
@@ -143,7 +143,7 @@ def test_a_model_without_a_lora_folder_says_so(tiny_model):
 
 def test_jobs_with_different_lora_sets_are_not_batched_together(lora_model, pipeline):
     """Submitted together, each job comes out as it does alone (a shared batch would mix sets)."""
-    from engine.worker import EngineWorker
+    from engine.serving.worker import EngineWorker
 
     prompts = ["a red fox", "a red fox <lora:detail:1>", "a red fox", "a red fox <lora:detail:0.5>"]
     alone = [pixels(pipeline.generate(request(p, job_id=i))) for i, p in enumerate(prompts)]

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from db.models import JobStatus
+from engine.config.settings import ConfigError, EngineSettings, GenerationSettings, ModelSettings, parse_engine_sections
 from engine.errors import GenerationError, ModelLoadError
 from engine.metadata import read_parameters
-from engine.models import ModelPool, ModelTurns, batch_key
-from engine.runner import QueueRunner
-from engine.settings import ConfigError, EngineSettings, GenerationSettings, ModelSettings, parse_engine_sections
+from engine.serving.models import ModelPool, ModelTurns, batch_key
+from engine.serving.runner import QueueRunner
+from engine.serving.worker import EngineWorker
 from engine.types import GenerationRequest
-from engine.worker import EngineWorker
 from engine_harness import run_until, sqlite_queue  # noqa: F401 - sqlite_queue is a fixture
 
 JOB = dict(prompt="a red fox", steps=2, guidance=5.0, width=64, height=64, sampler="euler", channel_id=1)
@@ -77,7 +77,7 @@ def load_tiny(tiny_sd_folder, tiny_sd_single_file):
     """A loader for the pool that counts loads: 'b' is the single-file copy, others the folder."""
     import torch
 
-    from engine.loading import load_model
+    from engine.families.loading import load_model
 
     loads: Counter[str] = Counter()
 

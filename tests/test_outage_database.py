@@ -28,7 +28,7 @@ from db.models import JobStatus
 from db.queue import Queue
 from db.session import make_engine, upgrade
 from engine.errors import JobCancelled
-from engine.runner import QueueRunner
+from engine.serving.runner import QueueRunner
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult, Progress
 from pg_cluster import PgCluster, pg_cluster  # noqa: F401 - pg_cluster is a fixture
 
@@ -97,7 +97,7 @@ def assert_done_once(queue: Queue, job_ids: list[int]) -> None:
 
 
 def outage_lines(records: list[logging.LogRecord]) -> tuple[int, int]:
-    messages = [r.getMessage() for r in records if r.name == "engine.runner"]
+    messages = [r.getMessage() for r in records if r.name == "engine.serving.runner"]
     return (
         sum(m.startswith("database unreachable") for m in messages),
         sum(m == "database reachable again" for m in messages),
@@ -181,7 +181,7 @@ def test_runner_waits_out_a_sqlite_write_lock_held_past_the_busy_timeout(tmp_pat
     other.close()
     assert_done_once(queue, jobs)
     assert outage_lines(caplog.records) == (1, 1)
-    assert any("database is locked" in r.getMessage() for r in caplog.records if r.name == "engine.runner")
+    assert any("database is locked" in r.getMessage() for r in caplog.records if r.name == "engine.serving.runner")
     queue.close()
     db.dispose()
 
@@ -222,7 +222,7 @@ def test_the_runner_survives_exceptions_that_are_not_the_databases(tmp_path: Pat
 
     asyncio.run(scenario())
     assert_done_once(queue, [job])
-    logged = [r for r in caplog.records if r.name == "engine.runner" and r.exc_info]
+    logged = [r for r in caplog.records if r.name == "engine.serving.runner" and r.exc_info]
     assert {str(r.exc_info[1]) for r in logged} == {"a bug in claim", "a bug in heartbeat"}
     db.dispose()
 

@@ -163,9 +163,9 @@ def test_a_fresh_process_loads_the_model_classes_and_spandrel_with_the_installed
     the installed torchvision may be a build of torch other than the installed one (PyPI's CUDA
     wheel beside the CPU-only torch here), and transformers and spandrel import it."""
     code = (
-        "import engine.loading, engine.upscalers\n"
+        "import engine.families.loading, engine.features.upscalers\n"
         "from transformers import CLIPTextModel\n"
-        "engine.upscalers.torchvision_importable()\n"
+        "engine.features.upscalers.torchvision_importable()\n"
         "import spandrel\n"
         "from spandrel.architectures.Compact import Compact\n"
         "print('loaded', spandrel.__version__)\n"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from db.models import Job
+from engine.config.settings import GenerationSettings
 from engine.params import PARAM_NAMES, GenerationParams, job_columns, params_from_job
-from engine.runner import request_from_job
-from engine.settings import GenerationSettings
+from engine.serving.runner import request_from_job
 
 #: Columns of ``jobs`` that are not generation parameters (who, where, queue and delivery state).
 BOOKKEEPING = {

@@ -11,10 +11,10 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from engine.errors import GenerationError
-from engine.loading import load_model
+from engine.families.loading import load_model
 from engine.metadata import read_parameters
 from engine.pipeline import Pipeline, fit_image
-from engine.samplers import SAMPLERS
+from engine.sampling.samplers import SAMPLERS
 from engine.types import GenerationRequest
 from tolerance import assert_same_image
 
@@ -171,7 +171,7 @@ def test_sd2_v_prediction_and_sdxl_generate(family_pipeline, init_png):
 def test_sdxl_size_and_crop_conditioning_follow_each_jobs_size(tiny_sdxl_model):
     """SDXL's time_ids are (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per row,
     from each job's own size, for the prompt and the negative prompt rows alike."""
-    from engine.denoiser import Conditioning
+    from engine.families.sd.denoiser import Conditioning
 
     pipeline = Pipeline(tiny_sdxl_model)
     seen: list[torch.Tensor] = []

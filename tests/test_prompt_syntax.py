@@ -63,7 +63,9 @@ def test_lora_tags_take_no_tokens_since_the_text_encoder_never_sees_them():
 
 
 def test_the_old_names_still_import_from_prompts_and_lora():
-    from engine import lora, prompt_syntax, prompts
+    from engine import prompt_syntax
+    from engine.families.sd import prompts
+    from engine.features import lora
 
     assert prompts.parse_prompt_attention is prompt_syntax.parse_prompt_attention
     assert prompts.count_tokens is prompt_syntax.count_tokens and prompts.CHUNK_LENGTH == 75
@@ -71,9 +73,9 @@ def test_the_old_names_still_import_from_prompts_and_lora():
 
 
 def test_the_engine_fails_a_job_with_an_unreadable_weight_with_that_message(tiny_model):
-    from engine.settings import EngineSettings, GenerationSettings
+    from engine.config.settings import EngineSettings, GenerationSettings
+    from engine.serving.worker import EngineWorker
     from engine.types import GenerationRequest
-    from engine.worker import EngineWorker
 
     worker = EngineWorker(tiny_model, EngineSettings(preview_every=0), GenerationSettings())
     worker.start()

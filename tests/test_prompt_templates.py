@@ -16,6 +16,7 @@ from bot.policy import Asked, aspect_size
 from bot.prompt_params import ALIASES, KNOWN, MAX_ASPECT, read_prompt_params
 from bot.prompting import MAX_PERMUTATIONS, permuted, templated
 from db.wildcards import MAX_WILDCARD_BYTES, WildcardError, check_name, parse_lines
+from engine.config.settings import GenerationSettings
 from engine.families.generation import for_family
 from engine.params import SEED_MAX, GenerationParams
 from engine.prompt_syntax import lora_key, parse_prompt_attention
@@ -29,7 +30,6 @@ from engine.prompt_templates import (
     render,
     with_wildcards,
 )
-from engine.settings import GenerationSettings
 
 WORD = st.text("abcdefghijklmnopqrstuvwxyz ", min_size=1, max_size=8).map(str.strip).filter(bool)
 #: Text with every character that means something to either syntax, but no backslash.

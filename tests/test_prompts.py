@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.batch import Batch
-from engine.denoiser import Conditioning, PromptEncoder
+from engine.batching.batch import Batch
+from engine.families.sd.denoiser import Conditioning, PromptEncoder
+from engine.families.sd.prompts import chunk_prompt, chunks_needed, count_tokens, parse_prompt_attention
+from engine.families.sd.tokenizer import clip_tokenizer
 from engine.pipeline import Pipeline
-from engine.prompts import chunk_prompt, chunks_needed, count_tokens, parse_prompt_attention
-from engine.tokenizer import clip_tokenizer
 from engine.types import GenerationRequest
 from engine_harness import denoise_alone
 from tolerance import assert_same_latents

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from db.models import JobStatus
+from engine.config.settings import EngineSettings, GenerationSettings
 from engine.metadata import read_parameters
-from engine.runner import QueueRunner
-from engine.settings import EngineSettings, GenerationSettings
-from engine.worker import EngineWorker
+from engine.serving.runner import QueueRunner
+from engine.serving.worker import EngineWorker
 from engine_harness import run_until, sqlite_queue  # noqa: F401 - sqlite_queue is a fixture
 
 JOB = dict(prompt="a red fox", steps=3, guidance=5.0, width=64, height=64, sampler="euler", channel_id=1)

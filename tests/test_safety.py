@@ -31,7 +31,7 @@ from bot.safety.policy import (
 from bot.safety.settings import SafetySettings
 from bot_harness import bot_config, png
 from db.community_values import ServerPolicy
-from engine.settings import ConfigError
+from engine.config.settings import ConfigError
 from test_bot_hostile import IMAGES
 from tiny_classifier import save_tiny_classifier
 

@@ -1,4 +1,4 @@
-"""Issue 11 §3, the samplers' half of a compiled step (engine.sampler_graphs): the step after the
+"""Issue 11 §3, the samplers' half of a compiled step (engine.batching.sampler_graphs): the step after the
 UNet runs in a graph per (row bucket, latent size, sampler groups), advancing the batch's rows in
 place in buffers that each call of a graph finds at the same addresses; jobs give the latents they
 give eager, for every sampler, joining, leaving and parked; the graphs are bounded, counted and
@@ -14,10 +14,10 @@ import logging
 import pytest
 import torch
 
-from engine.batch import Batch
+from engine.batching.batch import Batch
+from engine.batching.sampler_graphs import advance_in_place
 from engine.pipeline import Pipeline
-from engine.sampler_graphs import advance_in_place
-from engine.samplers import SAMPLERS
+from engine.sampling.samplers import SAMPLERS
 from engine_harness import denoise_alone
 from test_kdiffusion_batching import make_request, mixed_jobs
 from tolerance import assert_same_latents
@@ -137,7 +137,7 @@ def test_a_rejoining_bucket_finds_its_buffers_again(tiny_model):
 
 
 def test_keys_past_the_bound_run_eager_counted_and_logged(tiny_model, eager_pipeline, caplog):
-    caplog.set_level(logging.INFO, logger="engine.denoiser")
+    caplog.set_level(logging.INFO, logger="engine.families.sd.denoiser")
     torch._dynamo.reset()
     requests = [make_request(1, sampler="euler", steps=3), make_request(2, sampler="euler", steps=3, count=2)]
     alone = denoise_alone(eager_pipeline, requests)
@@ -174,7 +174,7 @@ def test_inductor_builds_the_samplers_step_and_it_gives_the_eager_latents(tiny_m
     """The real compiler, not only its tracing: inductor's CPU code for a batch whose history is
     handed on in place (LMS's ``d2`` becomes ``d1``'s old value) gives the latents of eager. With
     ``clone()`` it did not: every new value must be read before the first is written
-    (engine.sampler_graphs.fresh)."""
+    (engine.batching.sampler_graphs.fresh)."""
     torch._dynamo.reset()
     requests = [make_request(1, sampler=name, steps=4, count=2)]
     alone = denoise_alone(eager_pipeline, requests)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from engine.samplers import SAMPLERS, sample
-from engine.schedules import (
+from engine.sampling.samplers import SAMPLERS, sample
+from engine.sampling.schedules import (
     ModelSchedule,
     ddim_sigmas,
     job_schedule,
@@ -22,7 +22,7 @@ from engine.schedules import (
     latents_to_decode,
     normal_sigmas,
 )
-from engine.stages import N_COEFFS
+from engine.sampling.stages import N_COEFFS
 from tolerance import assert_same_latents
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)

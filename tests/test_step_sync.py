@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from engine.pipeline import Pipeline
-from engine.samplers import SAMPLERS
-from engine.sde import brownian_noises
+from engine.sampling.samplers import SAMPLERS
+from engine.sampling.sde import brownian_noises
 from engine.types import GenerationRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

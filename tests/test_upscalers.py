@@ -1,4 +1,4 @@
-"""Upscaler models through spandrel (engine/upscalers.py), on tiny random-weight Real-ESRGAN
+"""Upscaler models through spandrel (engine/features/upscalers.py), on tiny random-weight Real-ESRGAN
 compact networks saved as real .pth and .safetensors files, and their config checks."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.config.toml_config import ConfigError
+from engine.config.upscaler_settings import LANCZOS, UpscalerSettings, parse_upscalers
 from engine.errors import GenerationError
-from engine.toml_config import ConfigError
-from engine.upscaler_settings import LANCZOS, UpscalerSettings, parse_upscalers
-from engine.upscalers import Upscalers, cells, upscale_tiled
+from engine.features.upscalers import Upscalers, cells, upscale_tiled
 from tinyupscaler import RECEPTIVE_RADIUS, compact, save_pth, upscaler_folder
 
 
@@ -91,7 +91,7 @@ def test_large_images_are_tiled_through_upscale(folder):
 
 def test_models_that_are_not_super_resolution_are_refused_clearly(folder, caplog):
     upscalers = Upscalers(folder)
-    with caplog.at_level(logging.WARNING, logger="engine.upscalers"):
+    with caplog.at_level(logging.WARNING, logger="engine.features.upscalers"):
         with pytest.raises(GenerationError, match=r"'denoise-1x' is a Restoration model .*1x\), not an image upscaler"):
             upscalers.upscale(noise_image(8, 8), "denoise-1x", 2)
         with pytest.raises(GenerationError, match="'not-an-upscaler' is not a model spandrel can load"):
@@ -180,12 +180,12 @@ def test_a_file_is_not_an_upscaler_folder(names):
 def test_the_hires_fix_enlarges_with_an_upscaler_model(folder, tiny_model):
     """A hires job names a model of the folder as its upscaler: the engine accepts it, and the
     second pass starts from the model's image (not Lanczos's)."""
-    from engine.admission import over_limits
-    from engine.hires import upscale_image
+    from engine.batching.admission import over_limits
+    from engine.config.settings import EngineSettings, GenerationSettings
+    from engine.features.hires import upscale_image
     from engine.params import GenerationParams
-    from engine.settings import EngineSettings, GenerationSettings
+    from engine.serving.worker import EngineWorker
     from engine.types import GenerationRequest
-    from engine.worker import EngineWorker
 
     upscalers, image = Upscalers(folder), noise_image(32, 32)
     by_model = upscale_image(image, 64, 64, "tiny-2x", upscalers)

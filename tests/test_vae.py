@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import engine.vae
-from engine.loading import load_model
+from engine.config.settings import ConfigError, EngineSettings, GenerationSettings, parse_engine_sections
+from engine.families.loading import load_model
 from engine.pipeline import Pipeline
-from engine.settings import ConfigError, EngineSettings, GenerationSettings, parse_engine_sections
+from engine.serving.worker import EngineWorker
 from engine.types import GenerationRequest
-from engine.worker import EngineWorker
 
 
 def make_request(job_id: int, **fields) -> GenerationRequest:

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.batch import Batch
+from engine.batching.batch import Batch
+from engine.config.settings import EngineSettings, GenerationSettings
 from engine.errors import GenerationError, JobCancelled
 from engine.pipeline import Pipeline
-from engine.settings import EngineSettings, GenerationSettings
+from engine.serving.worker import EngineWorker
 from engine.types import GenerationRequest, Progress
-from engine.worker import EngineWorker
 from engine_harness import denoise_alone
 from tolerance import assert_same_image, assert_same_latents
 

@@ -5,7 +5,7 @@ family's structure: Flux's double- and single-stream blocks, 2x2 latent packing 
 embedding; SD 3.5's joint blocks with RMS qk-norm; CLIP-L and CLIP-G (pooled outputs concatenated)
 and T5 (padded wider than the CLIP hiddens, as 4096 > 768 + 1280 in the real model); a 16-channel
 VAE whose latent cell is 8x8 pixels. Tokenizers are built offline: the real CLIP tokenizer
-(:func:`engine.tokenizer.clip_tokenizer`) and a small Unigram T5 tokenizer (:func:`t5_tokenizer`).
+(:func:`engine.families.sd.tokenizer.clip_tokenizer`) and a small Unigram T5 tokenizer (:func:`t5_tokenizer`).
 
 Choices that matter to anyone comparing formats:
 
@@ -71,7 +71,7 @@ from transformers import (  # noqa: E402
     T5TokenizerFast,
 )
 
-from engine.tokenizer import EOS, clip_tokenizer  # noqa: E402
+from engine.families.sd.tokenizer import EOS, clip_tokenizer  # noqa: E402
 from tinyflow_keys import clip_keys, flux_to_bfl, sd3_to_sai, t5_keys, to_fp8, vae_keys  # noqa: E402
 
 FLUX_TEXT_WIDTH = 32  # CLIP-L: pooled -> the transformer's pooled_projection_dim

@@ -15,7 +15,7 @@ engine refuses); the rest of the model is the same. They can be written two ways
   people download checkpoints. diffusers ships only LDM -> diffusers converters, so the reverse
   mapping lives here (:func:`to_ldm_state_dict`), driven by the configs; tests check it by a
   round trip through the real loader. Next to the file goes a weight-less config folder with the
-  same stem, which :func:`engine.loading.load_model` picks up instead of the shipped full-size
+  same stem, which :func:`engine.families.loading.load_model` picks up instead of the shipped full-size
   configs.
 """
 
@@ -38,7 +38,7 @@ from diffusers import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from engine.tokenizer import EOS, clip_tokenizer
+from engine.families.sd.tokenizer import EOS, clip_tokenizer
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 TEXT_WIDTH = 32  # every first text encoder

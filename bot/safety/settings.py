@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.settings import ConfigError, check, section
+from engine.config.settings import ConfigError, check, section
 
 #: What a flagged result in a channel that is not age-restricted becomes.
 MODES = ("off", "spoiler", "blur", "withhold")

@@ -4,7 +4,7 @@ This module is torch-free, so the bot's process can read a family's traits (its 
 guidance, samplers and defaults) without loading torch. The pieces that run the network live
 beside it: :mod:`engine.families.flow` (the rectified-flow noise model and schedules),
 :mod:`engine.families.flux` and :mod:`engine.families.sd3` (prompt encoders and denoisers). The
-SD families' pieces are still :mod:`engine.denoiser` and :mod:`engine.schedules` (see the README,
+SD families' pieces are still :mod:`engine.families.sd.denoiser` and :mod:`engine.sampling.schedules` (see the README,
 "Adding a model family", for what is left to move).
 """
 

@@ -34,7 +34,8 @@ from engine.params import GenerationParams
 
 
 class JobSchedule(Protocol):
-    """One job's sigmas and its start latents (engine.schedules.JobSchedule, engine.families.flow.FlowSchedule)."""
+    """One job's sigmas and its start latents (engine.sampling.schedules.JobSchedule,
+    engine.families.flow.FlowSchedule)."""
 
     sigmas: Tensor
 

@@ -5,7 +5,7 @@ boundary, before a job is queued; so it must know each configured model's family
 model is loaded (the engine may run in another process, or on another machine). ``family`` in a
 model's table says it; with ``auto`` it is read here from what the source holds: a diffusers
 folder's ``model_index.json`` (and, for Flux, whether its transformer has a guidance embedding),
-or a single file's tensor names (:func:`engine.checkpoints.detect_family`). A hub id is not
+or a single file's tensor names (:func:`engine.families.checkpoints.detect_family`). A hub id is not
 fetched for this: its family is unknown until the engine loads it (None).
 """
 
@@ -65,8 +65,8 @@ def _folder_family(folder: Path) -> tuple[str, str] | None:
 
 
 def _file_family(path: Path) -> tuple[str, str] | None:
-    from engine.checkpoints import detect_family, read_safetensors_header
     from engine.errors import ModelLoadError
+    from engine.families.checkpoints import detect_family, read_safetensors_header
 
     try:
         header = read_safetensors_header(path)

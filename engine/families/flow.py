@@ -3,7 +3,7 @@
 A latent at noise level ``sigma`` (0 to 1) is ``x = (1 - sigma) * x0 + sigma * noise``, and the
 network predicts the velocity ``v = noise - x0``. This is ComfyUI's ``model_sampling`` CONST; we
 follow it, and diffusers' ``FlowMatchEulerDiscreteScheduler`` for the sigmas, so that our samplers
-stay the pure functions of :mod:`engine.sampler_steps`:
+stay the pure functions of :mod:`engine.sampling.sampler_steps`:
 
 - the denoiser returns ``x0 = x - sigma * v`` (its input is not scaled: ``c_in = 1``);
 - then ``(x - x0) / sigma = v``, so Euler's step ``x + (sigma_next - sigma) * d`` is exactly
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from engine.families import FLOW_SAMPLERS, FLOW_SCHEDULES  # noqa: F401 - named in the doc
-from engine.schedules import img2img_tail
+from engine.sampling.schedules import img2img_tail
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Loading SD 3.5 and Flux.1 single files offline: what model sites carry.
 
-What the file holds is read from its header (:func:`engine.checkpoints.flow_contents`):
+What the file holds is read from its header (:func:`engine.families.checkpoints.flow_contents`):
 
 - a transformer only: BFL's ``flux1-dev.safetensors`` (bare BFL names) and fine-tunes as model
   sites carry them (the same names under ``model.diffusion_model.``, as ComfyUI saves a
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoints import FlowContents
 from engine.errors import ModelLoadError
+from engine.families.checkpoints import FlowContents
 from engine.families.flow_loading import (
     A_FAMILY,
     ENCODER_FILES,
@@ -46,7 +46,7 @@ from engine.families.flow_loading import (
     encoders_folder,
     load_flow_folder,
 )
-from engine.tokenizer import EOS, clip_tokenizer
+from engine.families.sd.tokenizer import EOS, clip_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 #: The released models whose configs we ship, by (family, what tells them apart in the file).

@@ -1,6 +1,6 @@
 """What the flow families' prompt encoders and denoisers share.
 
-:class:`PromptCache` is the LRU of encoded prompts that :class:`engine.denoiser.PromptEncoder`
+:class:`PromptCache` is the LRU of encoded prompts that :class:`engine.families.sd.denoiser.PromptEncoder`
 keeps for the SD families (members reroll the same prompt often). :class:`FlowDenoiser` is the
 part of ``denoiser(x, sigma, cond) -> x0`` that is the same for SD 3.5 and Flux: the network
 predicts the velocity ``v = noise - x0`` at ``sigma``, so ``x0 = x - sigma * v``
@@ -20,12 +20,12 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import Tensor
 
+from engine.batching.graphs import UNetGraphs
+from engine.batching.sampler_graphs import SamplerGraphs
 from engine.families.flow import FlowNoise
 from engine.families.flow_storage import stored_in_fp8
-from engine.graphs import UNetGraphs
 from engine.prompt_syntax import strip_lora_tags
-from engine.sampler_graphs import SamplerGraphs
-from engine.sampler_steps import rows
+from engine.sampling.sampler_steps import rows
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class PromptCache(Generic[E]):
 
 
 def plain_prompt(prompt: str) -> str:
-    """The text a flow family's encoders read: LoRA tags are not text (:class:`engine.lora.LoraLibrary`
+    """The text a flow family's encoders read: LoRA tags are not text (:class:`engine.features.lora.LoraLibrary`
     applies them to the model)."""
     return strip_lora_tags(prompt)
 
@@ -78,8 +78,8 @@ class FlowDenoiser:
     """``x0 = x - sigma * v(x, sigma, cond)`` for a flow transformer; subclasses run the network.
 
     :meth:`compile` (``engine.compile``) runs the transformer in the bounded set of graphs of
-    :mod:`engine.graphs`, rows padded to buckets in input buffers of their own, and the samplers'
-    step after it in :mod:`engine.sampler_graphs`, as the SD families' UNet does.
+    :mod:`engine.batching.graphs`, rows padded to buckets in input buffers of their own, and the samplers'
+    step after it in :mod:`engine.batching.sampler_graphs`, as the SD families' UNet does.
     """
 
     #: Network rows per image: 2 with classifier-free guidance (SD 3.5), 1 without (Flux).
@@ -109,7 +109,7 @@ class FlowDenoiser:
         return 0 if self.unet_graphs is None else self.unet_graphs.eager_calls
 
     def compile(self, compiler: Callable[[Callable[..., Any]], Callable[..., Any]], max_graphs: int = 24) -> None:
-        """As :meth:`engine.denoiser.Denoiser.compile`, for the transformer. Once per model. A
+        """As :meth:`engine.families.sd.denoiser.Denoiser.compile`, for the transformer. Once per model. A
         transformer stored in float8 (``model.weights``) runs eager, said once in the log: its
         layerwise casting cannot be traced (:func:`engine.families.flow_storage.stored_in_fp8`)."""
         if stored_in_fp8(self.network):

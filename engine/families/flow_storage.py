@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.model_settings import WEIGHT_STORAGES
-from engine.settings import TEXT_ENCODER_PLACES
+from engine.config.model_settings import WEIGHT_STORAGES
+from engine.config.settings import TEXT_ENCODER_PLACES
 
 __all__ = ["TEXT_ENCODER_PLACES", "WEIGHT_STORAGES", "store_in_fp8", "stored_in_fp8", "stores_fp8", "weight_bytes"]
 FP8 = torch.float8_e4m3fn

@@ -10,7 +10,7 @@ from __future__ import annotations
 from engine.families import FAMILIES, FamilyTraits
 from engine.families.base import FamilyParts
 from engine.families.flux import FluxDenoiser, FluxPrompts, flux_noise
-from engine.families.sd import sd_parts
+from engine.families.sd.parts import sd_parts
 from engine.families.sd3 import SD3Denoiser, SD3Prompts, sd3_noise
 from engine.params import GenerationParams
 

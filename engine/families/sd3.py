@@ -23,10 +23,10 @@ from collections.abc import Hashable
 import torch
 from torch import Tensor
 
-from engine.denoiser import Conditioning
 from engine.families.flow import FlowNoise, FlowShift, sd3_sigmas
 from engine.families.flow_parts import FlowDenoiser, PromptCache, clip_ids, plain_prompt, t5_ids
-from engine.sampler_steps import rows
+from engine.families.sd.denoiser import Conditioning
+from engine.sampling.sampler_steps import rows
 
 #: T5's sequence length (StableDiffusion3Pipeline's default).
 MAX_T5_TOKENS = 256

@@ -6,7 +6,7 @@ Revises: 0009
 Create Date: 2026-12-07
 
 ``jobs.prompt_template`` is None for a job whose images all have its prompt (every job stored
-before this revision). ``tiling`` and ``chaos`` default to off. ``wildcards`` holds each server's
+before this revision). ``tiling`` defaults to off, ``chaos`` is None (off). ``wildcards`` holds each server's
 lists by name, their lines joined by newlines; ``prompt_confirmations`` what a member asked that
 makes more jobs than a command may without asking, until they press its button.
 Migrations never import db.models: they describe the schema as it was at their revision.
@@ -27,7 +27,7 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("prompt_template", sa.Text(), nullable=True))
         batch.add_column(sa.Column("tiling", sa.Boolean(), nullable=False, server_default=sa.false()))
-        batch.add_column(sa.Column("chaos", sa.Integer(), nullable=False, server_default="0"))
+        batch.add_column(sa.Column("chaos", sa.Integer(), nullable=True))
     op.create_table(
         "wildcards",
         sa.Column("guild_id", sa.BigInteger(), primary_key=True, autoincrement=False),

@@ -1,0 +1,1 @@
+"""The engine's part of config.toml, parsed once into frozen dataclasses."""
