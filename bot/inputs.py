@@ -27,6 +27,8 @@ from engine.prompt_syntax import (
     find_lora,
     lora_key,
     parse_lora_key,
+    parse_prompt_attention,
+    strip_lora_tags,
 )
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,15 @@ def check_prompt_text(prompt: str, negative: str, lora_dir: str) -> str | None:
     """:func:`check_loras` and :func:`check_prompt_tokens` (its note) together: one thread hop."""
     check_loras(prompt, lora_dir)
     return check_prompt_tokens(prompt, negative)
+
+
+def flow_prompt_note(prompt: str, label: str) -> str | None:
+    """For an SD 3.5 or Flux.1 model, whose CLIP and T5 read the prompt as written: a note when it
+    uses AUTOMATIC1111's emphasis or ``BREAK``, which those models do not apply (said, not refused)."""
+    text = strip_lora_tags(prompt)
+    if "BREAK" in text.split() or any(weight != 1.0 for _, weight in parse_prompt_attention(text)):
+        return f"{label} models read the prompt as written: A1111's (emphasis:1.2) and BREAK do not apply to them."
+    return None
 
 
 def warm_up_token_counter() -> None:

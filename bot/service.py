@@ -35,7 +35,7 @@ from bot.checks import DISCORD_DEADLINE, manages_messages_in, mark_received, wit
 from bot.config import Config
 from bot.delivery import Delivery
 from bot.group_writes import GroupWriter
-from bot.inputs import PILLOW_FORMATS, BadInput, check_prompt_text, load_init_image
+from bot.inputs import PILLOW_FORMATS, BadInput, check_prompt_text, flow_prompt_note, load_init_image
 from bot.jobs import NewJob
 from bot.journal import InteractionJournal, journal_path
 from bot.masks import load_mask
@@ -53,6 +53,7 @@ from db.queue import Queue
 from db.session import statement_timeout_in_this_thread
 from db.styles import Styles, StyleText
 from db.wildcards import Wildcards
+from engine.families import FAMILIES
 from engine.params import GenerationParams, job_columns
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,9 @@ class JobService(JournaledSubmit, PermutedSubmit):
         self.gate(asker, seen, params)
         lora_dir = self.config.model_settings(params.model).lora_dir
         notes = {check_prompt_text(prompt, params.negative_prompt, lora_dir) for prompt in image_prompts(params)}
+        traits = FAMILIES.get(self.config.generation_for(params.model).family)
+        if traits is not None and traits.flow:  # CLIP's chunks do not apply; A1111's emphasis neither
+            notes = {flow_prompt_note(prompt, traits.label) for prompt in image_prompts(params)}
         return params, max(notes - {None}, default=None)
 
     def _styled(self, asker: Asker, name: str | None, params: GenerationParams) -> GenerationParams:

@@ -127,3 +127,11 @@ def test_help_and_server_show_list_each_models_family_and_defaults():
     assert "**sd** (SD 1.x): 25 steps; guidance 7" in text
     assert "**flux** (Flux.1): 28 steps; distilled guidance 3.5; Euler; 1024x1024 (sizes in multiples of 16)" in text
     assert "no negative prompt; no CLIP skip" in text
+
+
+def test_a_flux_prompt_with_a1111_emphasis_gets_a_note_not_silence():
+    from bot.inputs import flow_prompt_note
+
+    assert "do not apply" in flow_prompt_note("a (red:1.3) fox", "Flux.1")
+    assert "do not apply" in flow_prompt_note("a fox BREAK a hen", "Flux.1")
+    assert flow_prompt_note("a red fox <lora:style:0.8>", "Flux.1") is None

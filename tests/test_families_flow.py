@@ -3,6 +3,8 @@ weights, start noise and sigmas (issue 21): the latents must agree to float prec
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -217,3 +219,25 @@ def test_previews_of_16_channel_latents(family):
     assert rgb.shape == (8, 12, 3) and rgb.dtype == torch.uint8
     assert not torch.equal(rgb, latents_to_rgb(latents, "sd1"))  # all 16 channels count, with the bias
     assert preview_png(latents, family).startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_the_hires_fix_runs_on_flux_with_flow_noising(pipelines, upscaler):
+    """The second pass enters the flow schedule of the enlarged size through the family's noise
+    model: latents interpolated, or the image enlarged and encoded again."""
+    from engine.config.settings import EngineSettings, GenerationSettings
+    from engine.metadata import read_parameters
+    from engine.serving.worker import EngineWorker
+
+    limits = GenerationSettings(max_width=128, max_height=128)
+    worker = EngineWorker(pipelines["flux-dev"].model, EngineSettings(device="cpu", preview_every=0), limits)
+    worker.start()
+    try:
+        job = request(steps=2, hires_scale=2.0, hires_steps=2, hires_upscaler=upscaler)
+        result = worker.generate_blocking(job)
+    finally:
+        worker.stop()
+    png = result.images[0].png
+    assert Image.open(io.BytesIO(png)).size == (128, 128)
+    params = read_parameters(png)
+    assert (params["Hires upscale"], params["Hires upscaler"], params["Distilled CFG Scale"]) == ("2", upscaler, "3.5")
