@@ -99,7 +99,7 @@ def infotext(
         "Sampler": sampler,
         "Schedule type": schedule_type,
         **guidance_fields(request.params.guidance, guidance),
-        "Seed": str(seed),
+        "Seed": str(seed if request.params.chaos is None else request.params.seed),
         "Size": f"{request.params.width}x{request.params.height}",
     }
     upscaled = upscale_fields(request.params)
@@ -110,7 +110,10 @@ def infotext(
     fields["Model"] = _quote(model_name)
     if request.params.is_masked:
         fields |= inpainting_fields(request.params)
-    if request.params.variation_seed is not None and request.params.variation_strength > 0:
+    if request.params.chaos is not None:  # Midjourney's chaos: the job's seed mixed with the image's own
+        fields["Variation seed"] = str(seed)
+        fields["Variation seed strength"] = _number(request.params.chaos / 100)
+    elif request.params.variation_seed is not None and request.params.variation_strength > 0:
         fields["Variation seed"] = str(request.params.variation_seed + (seed - request.params.seed))
         fields["Variation seed strength"] = _number(request.params.variation_strength)
     if request.is_img2img and not request.params.upscale_only:
@@ -121,12 +124,14 @@ def infotext(
     if request.params.clip_skip > 1:  # A1111 writes it only when it is not the default
         fields["Clip skip"] = str(request.params.clip_skip)
     fields["RNG"] = RNG_SOURCE
+    if request.params.tiling:
+        fields["Tiling"] = "True"
     if request.params.is_hires:
         fields |= hires_fields(request.params)
     fields["Job id"] = str(request.job_id)
     if request.parent_id is not None:  # the image an edit, zoom, pan or reroll was made from
         fields["Parent job id"] = str(request.parent_id)
-    lines = [request.params.prompt]
+    lines = [request.params.image_prompt(seed)]  # a Dynamic Prompts template: this image's pick
     if request.params.negative_prompt:
         lines.append(f"Negative prompt: {request.params.negative_prompt}")
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))

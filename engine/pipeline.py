@@ -17,6 +17,7 @@ image never depends on the device's RNG or on what shared its batch.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,12 +35,14 @@ from engine.families.sd.denoiser import Conditioning
 from engine.features.inpaint import Inpainter, LatentBlend
 from engine.features.lora import LoraLibrary
 from engine.features.masks import InpaintPlan, open_image, plan_inpaint
+from engine.features.tiling import set_tiling
 from engine.metadata import PNG_COMPRESS_LEVEL, encode_png, infotext
 from engine.params import MASKED_CONTENT, MAX_INPAINT_PADDING, MAX_MASK_BLUR
 from engine.prompt_syntax import lora_key
 from engine.sampling.samplers import SAMPLERS, Sampler
 from engine.sampling.schedules import SCHEDULES, JobSchedule
 from engine.sampling.sde import BrownianNoise, brownian_noises
+from engine.sampling.seeds import initial_noise
 from engine.sampling.stages import Plan
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult
 from engine.vae import VaeDecoder
@@ -112,27 +115,6 @@ class PreparedJob:
         return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
 
 
-def slerp(t: float, a: Tensor, b: Tensor) -> Tensor:
-    """AUTOMATIC1111's variation-seed mix of two ``(C, H, W)`` noises (``modules/rng.py``).
-
-    A1111 interpolates on the sphere per vector along dim 1 (the latent's height): each
-    (channel, column) of ``a`` and ``b`` is mixed with its own angle, which keeps the mix unit
-    noise column by column. Only this formula gives A1111's image for a seed, variation seed and
-    strength, so we keep its details: when the columns are almost parallel on average it mixes
-    linearly, with the weights the other way round (``t`` on ``a``), which only happens when the
-    two noises are nearly the same and the weights then hardly matter.
-    """
-    a_unit, b_unit = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
-    dot = (a_unit * b_unit).sum(1)  # [C, W]: one cosine per column
-    if dot.mean() > 0.9995:
-        return t * a + (1 - t) * b
-    omega = dot.clamp(-1, 1).acos()
-    sin_omega = omega.sin()
-    return (torch.sin((1 - t) * omega) / sin_omega).unsqueeze(1) * a + (torch.sin(t * omega) / sin_omega).unsqueeze(
-        1
-    ) * b
-
-
 def fit_image(data: bytes, width: int, height: int) -> Image.Image:
     """Decode an uploaded image, upright and RGB, resized and center-cropped to width x height."""
     image = open_image(data).convert("RGB")
@@ -157,6 +139,7 @@ class Pipeline:
         if model.vae.dtype != self.vae_dtype:
             model.vae.to(self.vae_dtype)
         self.vae = VaeDecoder(model.vae, model.vae_scaling_factor)
+        self.tiling = False  # seamless tiling (engine.features.tiling): the convolutions' padding is circular
         if self.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)
             model.vae.to(memory_format=torch.channels_last)
@@ -186,6 +169,9 @@ class Pipeline:
     def use_loras(self, request: GenerationRequest) -> None:
         self.loras.activate(lora_key(request.params.prompt))
         self.prompts.variant = self.loras.active  # encodings made under another set are not reused
+        if request.params.tiling != self.tiling:  # per module, as the LoRA set: one per batch
+            self.tiling = request.params.tiling
+            set_tiling((self.model.unet, self.model.vae, self.vae._fp32), self.tiling)
 
     def txt2img(self, request: GenerationRequest) -> PreparedJob:
         """A job that starts from pure noise."""
@@ -285,33 +271,28 @@ class Pipeline:
         return cond if image is None else dataclasses.replace(cond, image=image)
 
     def _conditioning(self, request: GenerationRequest) -> Conditioning:
-        return self.prompts.conditioning(
-            request.params.prompt,
-            request.params.negative_prompt,
-            rows=request.params.count,
-            guidance=request.params.guidance,
-            width=request.params.width,
-            height=request.params.height,
-            clip_skip=request.params.clip_skip,
-        )
+        """The job's rows' conditioning; a Dynamic Prompts template draws each image's prompt
+        with its seed (engine.prompt_templates), equal prompts encoded once."""
+        params = request.params
+        prompts = [params.image_prompt(params.seed + i) for i in range(params.count)]
+        runs = [(prompt, len(list(group))) for prompt, group in itertools.groupby(prompts)]
+        parts = [
+            self.prompts.conditioning(
+                prompt,
+                params.negative_prompt,
+                rows=rows,
+                guidance=params.guidance,
+                width=params.width,
+                height=params.height,
+                clip_skip=params.clip_skip,
+            )
+            for prompt, rows in runs
+        ]
+        return parts[0] if len(parts) == 1 else Conditioning.cat(parts)
 
     def _initial_noise(self, request: GenerationRequest) -> tuple[list[int], list[torch.Generator], Tensor]:
-        """Per image: a generator seeded ``seed + i``, its first draw as noise (AUTOMATIC1111's way)."""
-        h, w = self.latent_size(request)
-        shape = (self.latent_channels, h, w)
-        seeds = [request.params.seed + i for i in range(request.params.count)]
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        noises = [torch.randn(shape, generator=g) for g in generators]
-        if request.params.variation_seed is not None and request.params.variation_strength > 0:
-            noises = [
-                slerp(
-                    request.params.variation_strength,
-                    noise,
-                    torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.params.variation_seed + i)),
-                )
-                for i, noise in enumerate(noises)
-            ]
-        return seeds, generators, torch.stack(noises)
+        """Per image: a generator seeded ``seed + i``, its first draw as noise (engine.sampling.seeds)."""
+        return initial_noise(request.params, (self.latent_channels, *self.latent_size(request)))
 
     @torch.inference_mode()
     def encode_image(self, image: Image.Image) -> Tensor:

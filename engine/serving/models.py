@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 
 def batch_key(request: GenerationRequest, default_model: str | None = None) -> Hashable:
-    """Jobs share a batch only with the same key: the same model and the same LoRA set."""
-    return (request.params.model or default_model, lora_key(request.params.prompt))
+    """Jobs share a batch only with the same key: the same model, the same LoRA set and the same
+    tiling (both are set per module, engine.features.lora and engine.features.tiling)."""
+    return (request.params.model or default_model, lora_key(request.params.prompt), request.params.tiling)
 
 
 class ModelPool:
