@@ -288,7 +288,7 @@ class Pipeline:
             )
             for prompt, rows in runs
         ]
-        return parts[0] if len(parts) == 1 else Conditioning.cat(parts)
+        return parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)  # the family's own rows
 
     def _initial_noise(self, request: GenerationRequest) -> tuple[list[int], list[torch.Generator], Tensor]:
         """Per image: a generator seeded ``seed + i``, its first draw as noise (engine.sampling.seeds)."""

@@ -105,3 +105,18 @@ def test_chaos_mixes_the_jobs_seed_with_each_images_own_as_its_png_says(pipeline
         ("30", "30", "0.25"),
         ("30", "31", "0.25"),
     ]
+
+
+def test_a_flux_job_draws_each_images_prompt_too(tmp_path):
+    from engine.families.loading import load_model
+    from tinyflow import save_flux_folder
+
+    folder = save_flux_folder(tmp_path / "flux", guidance_embeds=True)
+    flux = Pipeline(load_model(str(folder), device="cpu", dtype=torch.float32))
+    seed = next(s for s in range(100) if image_prompt(TEMPLATE, s) != image_prompt(TEMPLATE, s + 1))
+    small = dict(steps=2, width=32, height=32, guidance=3.5)
+    grid = request(1, prompt=image_prompt(TEMPLATE, seed), prompt_template=TEMPLATE, seed=seed, count=2, **small)
+    rows = denoise_alone(flux, [grid])[1]
+    for i in range(2):  # each row is the job of its own pick and seed
+        one = request(2, prompt=image_prompt(TEMPLATE, seed + i), seed=seed + i, **small)
+        assert_same_latents(rows[i : i + 1], denoise_alone(flux, [one])[2])
