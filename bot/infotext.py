@@ -28,6 +28,7 @@ from engine.params import (
     SEED_MAX,
     parse_size,
 )
+from engine.prompt_templates import escape
 
 #: Fields shown by "Image info", in this order, when present.
 SHOWN = (
@@ -48,6 +49,7 @@ SHOWN = (
     "Hires steps",
     "Hires upscaler",
     "RNG",
+    "Tiling",
 )
 _BY_LABEL = {label.lower(): sampler for sampler, label in SAMPLER_NAMES.items()}
 _SCHEDULE_BY_LABEL = {label.lower(): schedule for schedule, label in SCHEDULE_NAMES.items()}
@@ -160,8 +162,12 @@ def settings_from(fields: dict[str, str], config: Config) -> tuple[Asked, list[s
     if schedule in (None, "automatic") or sampler == "dpmpp_2m_karras" or schedule not in gen.schedules:
         schedule = None  # automatic, folded into the sampler's name, or not offered here
     hires = hires_from(fields, gen.max_steps, notes)
+    tile = fields.get("Tiling") == "True"
+    if tile and traits and traits.flow:
+        notes.append(f"tiling does not apply to {traits.label} models; it was left out")
+        tile = False
     return Asked(
-        prompt,
+        escape(prompt),  # the image's words as they are: its braces are not permutations or variants
         negative=negative,
         seed=seed,
         steps=steps,
@@ -172,6 +178,7 @@ def settings_from(fields: dict[str, str], config: Config) -> tuple[Asked, list[s
         model=chosen_model,
         clip_skip=clip_skip,
         schedule=schedule,
+        tile=tile,
         **hires,
     ), notes
 

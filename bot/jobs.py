@@ -51,6 +51,12 @@ def _replay(parent: Job) -> GenerationParams:
     return params_from_job(parent).but(variation_seed=None, variation_strength=0.0)
 
 
+def _of_image(params: GenerationParams, image_seed: int) -> GenerationParams:
+    """``params`` as the image made with ``image_seed`` had them: its own Dynamic Prompts pick
+    (not the template, which would draw again), no chaos (its noise is the seed's own)."""
+    return params.but(prompt=params.image_prompt(image_seed), prompt_template=None, chaos=None)
+
+
 def _from_image(parent: Job) -> GenerationParams:
     """What a job made from one result image replays: the parent's parameters at the image's own
     size (a hires job's images have its enlarged size), with no hires fix of its own (img2img)."""
@@ -59,14 +65,20 @@ def _from_image(parent: Job) -> GenerationParams:
     return params.but(width=width, height=height, hires_scale=None)
 
 
+def _from_result(parent: Job, image: ResultImage) -> GenerationParams:
+    """:func:`_from_image` for ``image``, with its own prompt."""
+    return _of_image(_from_image(parent), image.seed)
+
+
 def reroll(parent: Job) -> NewJob:
-    """Same parameters, new seed."""
-    return NewJob(JobKind.reroll, _replay(parent).but(seed=new_seed()), parent.id)
+    """Same parameters, new seed: a Dynamic Prompts template draws its picks again."""
+    params = _replay(parent).but(seed=new_seed())
+    return NewJob(JobKind.reroll, params.but(prompt=params.image_prompt(params.seed)), parent.id)
 
 
 def variation(parent: Job, image_seed: int, level: str) -> NewJob:
     """Noise mixed from the chosen image's seed and a new one (AUTOMATIC1111's variation seed)."""
-    params = _replay(parent).but(
+    params = _of_image(_replay(parent), image_seed).but(
         seed=image_seed, variation_seed=new_seed(), variation_strength=VARIATION_STRENGTH[level]
     )
     return NewJob(JobKind.variation, params, parent.id)
@@ -92,7 +104,7 @@ def upscale(
     size = upscaled_size(image, gen)
     if size is None:
         return None
-    params = _from_image(parent).but(
+    params = _from_result(parent, image).but(
         seed=image.seed,
         count=1,
         width=size[0],
@@ -112,7 +124,7 @@ REGION_STRENGTH = 0.9
 
 def region(parent: Job, image: ResultImage, mask_png: bytes, prompt: str) -> NewJob:
     """Repaint the masked cells of one image with ``prompt``; the rest of the image stays."""
-    params = _from_image(parent).but(
+    params = _from_result(parent, image).but(
         prompt=prompt, seed=new_seed(), count=1, init_image=image.png, mask=mask_png, strength=REGION_STRENGTH
     )
     return NewJob(JobKind.region, params, parent.id)
@@ -123,9 +135,11 @@ def region(parent: Job, image: ResultImage, mask_png: bytes, prompt: str) -> New
 OUTPAINT_STRENGTH = 1.0
 
 
-def _outpaint(parent: Job, kind: JobKind, canvas: Image.Image, mask: Image.Image, gen: GenerationSettings) -> NewJob:
+def _outpaint(
+    parent: Job, image: ResultImage, kind: JobKind, canvas: Image.Image, mask: Image.Image, gen: GenerationSettings
+) -> NewJob:
     canvas, mask = _within(canvas, mask, gen.max_width, gen.max_height, gen.pixel_multiple)
-    params = _from_image(parent).but(
+    params = _from_result(parent, image).but(
         seed=new_seed(),
         count=1,
         width=canvas.width,
@@ -165,21 +179,23 @@ def zoom_out(parent: Job, image: ResultImage, factor: float, gen: GenerationSett
     """The image in the middle of a canvas ``factor`` times as large (kept within the size limits),
     the new border drawn. Decodes and encodes PNGs: run it in a thread."""
     canvas, mask = outpaint.zoom_out(_image(image), factor, max_pixels=gen.max_width * gen.max_height, seed=image.seed)
-    return _outpaint(parent, JobKind.zoom, canvas, mask, gen)
+    return _outpaint(parent, image, JobKind.zoom, canvas, mask, gen)
 
 
 def pan(parent: Job, image: ResultImage, side: str, gen: GenerationSettings) -> NewJob:
     """The canvas extended by half its size towards ``side`` (left, right, up, down)."""
     canvas, mask = outpaint.pan(_image(image), side, max_pixels=gen.max_width * gen.max_height, seed=image.seed)
-    return _outpaint(parent, JobKind.pan, canvas, mask, gen)
+    return _outpaint(parent, image, JobKind.pan, canvas, mask, gen)
 
 
 def make_square(parent: Job, image: ResultImage, gen: GenerationSettings) -> NewJob:
     """A non-square image filled out to a square."""
     canvas, mask = outpaint.make_square(_image(image), max_pixels=gen.max_width * gen.max_height, seed=image.seed)
-    return _outpaint(parent, JobKind.square, canvas, mask, gen)
+    return _outpaint(parent, image, JobKind.square, canvas, mask, gen)
 
 
 def edit(parent: Job, prompt: str, negative_prompt: str) -> NewJob:
-    """New prompts, same seed and settings, so the change shows the effect of the words."""
-    return NewJob(JobKind.edit, _replay(parent).but(prompt=prompt, negative_prompt=negative_prompt), parent.id)
+    """New prompts, same seed and settings, so the change shows the effect of the words (the
+    words typed: a Dynamic Prompts template is not kept)."""
+    params = _replay(parent).but(prompt=prompt, negative_prompt=negative_prompt, prompt_template=None)
+    return NewJob(JobKind.edit, params, parent.id)

@@ -105,6 +105,10 @@ def parameter_lines(job: Job, model_name: str) -> list[tuple[str, str]]:
         pairs.append(("Hires", f"{job.hires_scale:g}× {job.hires_upscaler}, strength {job.hires_strength:g}{steps}"))
     if job.variation_seed is not None and job.variation_strength:
         pairs.append(("Variation", f"seed {job.variation_seed}, strength {job.variation_strength:g}"))
+    if job.chaos is not None:  # Midjourney's --chaos: each image the seed's, mixed with its own
+        pairs.append(("Chaos", f"{job.chaos} (variation strength {job.chaos / 100:g} from seed {job.seed})"))
+    if job.tiling:
+        pairs.append(("Tiling", "seamless (--tile)"))
     return pairs
 
 
@@ -116,6 +120,8 @@ def info_text(job: Job, model_name: str, position: int | None = None) -> str:
     if job.error:
         status += f": {escape(job.error)}"
     lines = [f"**{job_title(job)}** by <@{job.requester_id}>: {status}", f"**Prompt:** {escape(job.prompt)}"]
+    if job.prompt_template is not None:  # the first image's pick above; each image draws its own
+        lines.append(f"**Template:** {clip(escape(job.prompt_template), 600)} (each image's pick by its seed)")
     if job.negative_prompt:
         lines.append(f"**Negative:** {escape(job.negative_prompt)}")
     lines += [f"**{name}:** {value}" for name, value in parameter_lines(job, model_name)]

@@ -286,7 +286,7 @@ def render(seq: Seq) -> str:
     parts = []
     for node in seq:
         if isinstance(node, Text):
-            parts.append(_escape(node.text))
+            parts.append(escape(node.text))
         elif isinstance(node, Wildcard):
             parts.append(f"__{node.name}__")
         else:
@@ -303,7 +303,8 @@ def _count_text(group: Group) -> str:
     return f"{span}$$" + (f"{group.joiner}$$" if group.joiner != ", " else "")
 
 
-def _escape(text: str) -> str:
+def escape(text: str) -> str:
+    """``text`` as a template that reads back as itself (its braces, bars and ``__`` literal)."""
     for c in "{}|":
         text = text.replace(c, "\\" + c)
     return text.replace("__", "\\_\\_")

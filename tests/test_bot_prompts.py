@@ -4,15 +4,27 @@ and the server's wildcard lists with Dynamic Prompts' variants."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import pytest
+from PIL import Image, PngImagePlugin
 
 from bot.policy import aspect_size
 from bot_harness import bot_config, bot_running, new_queue
 from discord_emulator import Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 from engine.prompt_templates import image_prompt
+
+TILED = "Model: tiny-sd1, RNG: CPU, Tiling: True"
+
+
+def png(text: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), "blue").save(out, "PNG", pnginfo=info)
+    return out.getvalue()
 
 
 @pytest.fixture
@@ -68,6 +80,17 @@ async def test_midjourney_parameters_permutations_and_wildcards(setup):
         )
         ix = await emu.slash(alice, "imagine", {"prompt": "a __colours__ {cat|dog}", "seed": 5, "count": 3})
         await ix.wait_response(lambda m: "queued" in m.content)
+        fox_id = queue.pending_for(alice.id)[0].id
+        info = (await (await emu.slash(alice, "info", {"job": fox_id})).wait_response()).content
+        assert "**Tiling:** seamless" in info and "**Size:** 72x40" in info and "**Negative:** trees, people" in info
+        # "Use these settings" keeps the tiling, and a PNG's braces are its words, not choices.
+        made = png(f"a {{weird}} fox | __x__\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 9, Size: 64x64, {TILED}")
+        ix = await emu.message_command(
+            emu.bob, "Use these settings", emu.post(alice, attachments=(emu.attachment("made.png", made),))
+        )
+        await ix.wait_response(lambda m: "queued" in m.content)
+        (reused,) = queue.pending_for(emu.bob.id)
+        assert (reused.prompt, reused.prompt_template, reused.tiling) == ("a {weird} fox | __x__", None, True)
     before = len(queue.pending_for(alice.id))
 
     async with bot_running(emu, config, queue, None):  # a restart: the button still queues them, once

@@ -22,8 +22,8 @@ from engine.params import SEED_MAX, GenerationParams
 from engine.prompt_syntax import lora_key, parse_prompt_attention
 from engine.prompt_templates import (
     TemplateError,
-    _escape,
     count_jobs,
+    escape,
     image_prompt,
     parse,
     plain,
@@ -180,7 +180,7 @@ def test_braces_keep_emphasis_lora_tags_and_alternation():
 
 @given(text=HOSTILE_TEXT)
 def test_escaped_text_reads_back_as_itself(text):
-    assert plain(parse(_escape(text).replace(",", "\\,"))) == text
+    assert plain(parse(escape(text).replace(",", "\\,"))) == text
 
 
 def test_escapes_write_the_characters():
@@ -284,3 +284,23 @@ def test_render_reads_back_as_the_same_choices():
     seq = parse(r"a {2$$ & $$x|y\|z|(w, v:1.2)} {1$$only} __q__")
     assert parse(render(seq)) == seq
     assert isinstance(rng, random.Random)
+
+
+def test_a_reroll_draws_again_and_a_job_from_one_image_keeps_its_pick():
+    from bot import jobs
+    from db.models import Job
+    from engine.params import job_columns
+
+    params = templated(GenerationParams("a {red|blue|green|gold} fox", seed=3, count=4, chaos=30), lists({}), list)
+    parent = Job(id=1, **job_columns(params))
+    rerolled = jobs.reroll(parent).params
+    assert rerolled.prompt_template == params.prompt_template and rerolled.chaos == 30
+    assert rerolled.prompt == image_prompt(params.prompt_template, rerolled.seed)
+    varied = jobs.variation(parent, 5, "subtle").params  # image 3 of the grid: its own pick, no chaos
+    assert (varied.prompt, varied.prompt_template, varied.chaos) == (
+        image_prompt(params.prompt_template, 5),
+        None,
+        None,
+    )
+    edited = jobs.edit(parent, "a {plain} fox", "").params
+    assert (edited.prompt, edited.prompt_template) == ("a {plain} fox", None)
