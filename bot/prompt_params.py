@@ -127,3 +127,11 @@ def _aspect(value: str) -> tuple[int, int]:
     if width == 0 or height == 0 or max(width / height, height / width) > MAX_ASPECT:
         raise BadInput(f"`--ar` must be between 1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1 (you gave {width}:{height}).")
     return width, height
+
+
+def prompt_help() -> str:
+    """/help's line on what a prompt may hold besides words, each with an example (README: more)."""
+    return (
+        "`--ar 16:9` `--no a, b` `--seed` `--steps` `--cfg` `--chaos` `--tile` · `{a, b}` a job each · "
+        "`{a|b}` a pick per image · `__list__` a wildcard · `\\{` a brace"
+    )

@@ -11,6 +11,7 @@ from discord.ext import commands
 
 from bot import render
 from bot.layout import describe_buttons
+from bot.prompt_params import prompt_help
 from bot.service import JobService
 from bot.texts import models_text
 
@@ -76,6 +77,9 @@ def help_pages(commands_: Iterable[Any], service: JobService) -> list[str]:
             + ": the AUTOMATIC1111 parameters of an attached PNG, or a new job with them",
         ]
     lines += [
+        "",
+        "**In the prompt**",
+        prompt_help(),
         "",
         "**Models** (`model`; each takes its own defaults, and refuses what does not apply to it)",
         models_text(service.config),

@@ -34,9 +34,7 @@ def wildcards_group(service: JobService) -> app_commands.Group:
                 f"prompts draw one with `__{name}__`.",
             )
 
-        @app_commands.command(
-            name="add", description="Add or replace a list: entries separated by | (or import a file)"
-        )
+        @app_commands.command(name="add", description="Add or replace a list (entries split by |)")
         @app_commands.describe(
             name="The list's name, used as __name__ in prompts", entries="e.g. red | deep blue | green"
         )
@@ -49,7 +47,7 @@ def wildcards_group(service: JobService) -> app_commands.Group:
         ) -> None:
             await service.guarded(interaction, self._store(interaction, name, "\n".join(entries.split("|"))))
 
-        @app_commands.command(name="import", description="Import a text file as a list: one entry per line")
+        @app_commands.command(name="import", description="Import a .txt list, one entry a line")
         @app_commands.describe(
             name="The list's name, used as __name__ in prompts", file="A .txt file, one entry per line"
         )
@@ -85,7 +83,7 @@ def wildcards_group(service: JobService) -> app_commands.Group:
 
             await service.guarded(interaction, drop())
 
-        @app_commands.command(name="list", description="This server's wildcard lists")
+        @app_commands.command(name="list", description="List them")
         @manage_server_only
         async def list_(self, interaction: discord.Interaction) -> None:
             sizes = await service.run_check(service.wildcards.sizes, interaction.guild_id)
