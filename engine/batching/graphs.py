@@ -95,6 +95,28 @@ def bucket_rows(n: int) -> int:
     return next((b for b in BUCKETS if b >= n), -(-n // BUCKET_STEP) * BUCKET_STEP)
 
 
+class CompiledNetwork:
+    """What a denoiser whose network may run in compiled graphs shows the worker and /metrics (the
+    SD families' UNet and the flow families' transformers alike); ``compile()`` sets the graphs."""
+
+    unet_graphs: UNetGraphs | None = None  # the network's graphs (a transformer's too: "UNet" in /metrics)
+    sampler_graphs: Any = None  # the samplers' step graphs (engine.batching.sampler_graphs), set with them
+
+    @property
+    def compiled(self) -> bool:
+        return self.unet_graphs is not None
+
+    @property
+    def graphs(self) -> dict[tuple, int]:
+        """The network's graphs: (bucket, latent shape, tokens, masked) -> calls made with it."""
+        return {} if self.unet_graphs is None else self.unet_graphs.graphs
+
+    @property
+    def eager_calls(self) -> int:
+        """Network calls past the bound on graphs, run eager (logged)."""
+        return 0 if self.unet_graphs is None else self.unet_graphs.eager_calls
+
+
 class UNetGraphs:
     """The denoising network's graphs: a UNet's, or a flow family's transformer's.
 
@@ -116,7 +138,7 @@ class UNetGraphs:
     ) -> None:
         self._compiled = compiled
         self.pairs, self.shared, self.per_step = pairs, shared, per_step
-        self.bound = GraphBound(what, max_graphs)  # keys: (bucket, latent shape, tokens, masked)
+        self.bound = GraphBound(what, max_graphs)  # keys: (bucket, latent shape, tokens, masked, LoRAs a row)
         self.conditioning_writes = 0  # times a graph's conditioning buffers were written (joins and leaves)
         self._padding: dict[int, tuple[int, Tensor]] = {}  # rows -> (bucket, index of the padded rows)
         self._buffers: dict[tuple, tuple[Any, dict[str, Any]]] = {}  # key -> (conditioning written, buffers)
@@ -135,7 +157,14 @@ class UNetGraphs:
 
     def admit(self, n: int, model_in: Tensor, cond: Any) -> tuple | None:
         """The graph these rows run in (one that exists, or a new one within the bound), or None: eager."""
-        key = (bucket_rows(n), tuple(model_in.shape[1:]), cond.embeds.shape[1], cond.mask is not None)
+        lora = getattr(cond, "lora", None)  # LoRA rows: their inputs, and how many LoRAs a row has
+        key = (
+            bucket_rows(n),
+            tuple(model_in.shape[1:]),
+            cond.embeds.shape[1],
+            cond.mask is not None,
+            0 if lora is None else lora.slots.shape[1],
+        )
 
         def shape() -> str:
             return f"{key[0]} rows (for {n}), latents {'x'.join(map(str, key[1]))}, {key[2]} tokens"

@@ -20,10 +20,11 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import Tensor
 
-from engine.batching.graphs import UNetGraphs
+from engine.batching.graphs import CompiledNetwork, UNetGraphs
 from engine.batching.sampler_graphs import SamplerGraphs
 from engine.families.flow import FlowNoise
 from engine.families.flow_storage import stored_in_fp8
+from engine.features.lora_slots import RowsNetwork
 from engine.prompt_syntax import strip_lora_tags
 from engine.sampling.sampler_steps import rows
 
@@ -74,7 +75,7 @@ def clip_ids(tokenizer, prompt: str, device: torch.device) -> Tensor:
     return ids.to(device)
 
 
-class FlowDenoiser:
+class FlowDenoiser(CompiledNetwork):
     """``x0 = x - sigma * v(x, sigma, cond)`` for a flow transformer; subclasses run the network.
 
     :meth:`compile` (``engine.compile``) runs the transformer in the bounded set of graphs of
@@ -90,23 +91,10 @@ class FlowDenoiser:
 
     def __init__(self, network, noise: FlowNoise) -> None:
         self.network = network
+        self.rows_network = RowsNetwork(network)  # the transformer with the rows' LoRA inputs
         self.noise = noise
         self.dtype = network.dtype
         self.device = network.device
-        self.unet_graphs: UNetGraphs | None = None  # the transformer's graphs (named as the UNet's in /metrics)
-        self.sampler_graphs: SamplerGraphs | None = None
-
-    @property
-    def compiled(self) -> bool:
-        return self.unet_graphs is not None
-
-    @property
-    def graphs(self) -> dict[tuple, int]:
-        return {} if self.unet_graphs is None else self.unet_graphs.graphs
-
-    @property
-    def eager_calls(self) -> int:
-        return 0 if self.unet_graphs is None else self.unet_graphs.eager_calls
 
     def compile(self, compiler: Callable[[Callable[..., Any]], Callable[..., Any]], max_graphs: int = 24) -> None:
         """As :meth:`engine.families.sd.denoiser.Denoiser.compile`, for the transformer. Once per model. A
@@ -117,7 +105,7 @@ class FlowDenoiser:
             return
         if self.unet_graphs is None:
             self.unet_graphs = UNetGraphs(
-                compiler(self.network),
+                compiler(self.rows_network),
                 max_graphs,
                 pairs=self.pairs,
                 shared=self.shared_inputs,
@@ -146,7 +134,9 @@ class FlowDenoiser:
     def run(self, n: int, network_in: Tensor, cond, inputs: dict[str, Any]) -> tuple[Tensor, int]:
         """The network's output for ``inputs`` (``n`` images' rows), through a graph when compiled,
         and the bucket its rows were padded to (``n`` when eager): rows ``[pair * bucket + i]``."""
-        bucket, run = n, self.network
+        if (lora := getattr(cond, "lora", None)) is not None:  # engine.features.lora_slots
+            inputs = inputs | lora.inputs()
+        bucket, run = n, self.rows_network
         graphs = self.unet_graphs
         if graphs is not None and (key := graphs.admit(n, network_in, cond)) is not None:
             (bucket, inputs), run = graphs.inputs(key, n, inputs, cond), graphs.run

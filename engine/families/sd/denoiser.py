@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.batching.graphs import UNetGraphs
+from engine.batching.graphs import CompiledNetwork, UNetGraphs
 from engine.batching.sampler_graphs import SamplerGraphs
 from engine.families.sd.prompts import EmbeddingLibrary, embeddings_injected, emphasize
+from engine.features.lora_slots import LoraRows, RowsNetwork
 from engine.prompt_syntax import ChunkedPrompt, chunk_prompt, chunks_needed, strip_lora_tags
 from engine.sampling.samplers import rows
 from engine.sampling.schedules import ModelSchedule, sigma_to_t
@@ -56,6 +57,9 @@ class Conditioning:
     #: An inpainting UNet's extra input channels, [rows, 1 + C, h, w] (the mask, then the masked
     #: image's latents; see engine.features.inpaint); None for a plain UNet.
     image: Tensor | None = None
+    #: Each row's LoRA slots and weights (engine.features.lora_slots), a negative prompt row's
+    #: those of its image; None when no row has a LoRA.
+    lora: LoraRows | None = None
 
     @property
     def rows(self) -> int:
@@ -87,6 +91,7 @@ class Conditioning:
             added=added,
             mask=mask,
             image=image,
+            lora=LoraRows.join([(part.lora, part.embeds.shape[0]) for part in parts], pairs=2),
         )
 
 
@@ -236,7 +241,7 @@ class PromptEncoder:
         return Conditioning(embeds=embeds, guidance=guidance_rows, added=added, mask=mask)
 
 
-class Denoiser:
+class Denoiser(CompiledNetwork):
     """``denoiser(x, sigma, cond) -> x0`` over a diffusers UNet, classifier-free guided per row.
 
     :meth:`compile` (``engine.compile``) runs the UNet through ``torch.compile`` (CUDA graphs with
@@ -249,28 +254,13 @@ class Denoiser:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {prediction_type!r}: expected 'epsilon' or 'v_prediction'")
         self.unet = unet
+        self.rows_network = RowsNetwork(unet)  # the UNet with the rows' LoRA inputs
         self.prediction_type = prediction_type
         self.dtype = unet.dtype
         # In float32, as a step used to look timesteps up on the device: the batch's tables are
         # made on the CPU from the same values (timesteps), a lone call looks them up on the device.
         self._log_sigmas_host = schedule.log_sigmas.to(dtype=torch.float32)
         self.log_sigmas = self._log_sigmas_host.to(unet.device)
-        self.unet_graphs: UNetGraphs | None = None
-        self.sampler_graphs: SamplerGraphs | None = None
-
-    @property
-    def compiled(self) -> bool:
-        return self.unet_graphs is not None
-
-    @property
-    def graphs(self) -> dict[tuple, int]:
-        """The compiled UNet's graphs: (bucket, latent shape, tokens, masked) -> calls made with it."""
-        return {} if self.unet_graphs is None else self.unet_graphs.graphs
-
-    @property
-    def eager_calls(self) -> int:
-        """UNet calls past the bound on graphs, run eager (logged)."""
-        return 0 if self.unet_graphs is None else self.unet_graphs.eager_calls
 
     def compile(self, compiler: Callable[[Callable[..., Any]], Callable[..., Any]], max_graphs: int = 24) -> None:
         """Run the UNet as ``compiler(unet)`` from now on (e.g. ``functools.partial(torch.compile,
@@ -278,7 +268,7 @@ class Denoiser:
         ``max_graphs`` shapes; and the samplers' step as ``compiler`` makes it, at most
         ``max_graphs`` too. Once per model."""
         if self.unet_graphs is None:
-            self.unet_graphs = UNetGraphs(compiler(self.unet), max_graphs)
+            self.unet_graphs = UNetGraphs(compiler(self.rows_network), max_graphs)
             self.sampler_graphs = SamplerGraphs(compiler, max_graphs)
 
     def timesteps(self, sigma: Tensor) -> Tensor:
@@ -316,9 +306,10 @@ class Denoiser:
             encoder_hidden_states=cond.embeds,
             encoder_attention_mask=cond.mask,  # None unless rows differ in chunk count
             added_cond_kwargs=cond.added,
+            **({} if cond.lora is None else cond.lora.inputs()),
         )
         n = x.shape[0]
-        bucket, run = n, self.unet
+        bucket, run = n, self.rows_network
         graphs = self.unet_graphs
         if graphs is not None and (key := graphs.admit(n, model_in, cond)) is not None:
             (bucket, inputs), run = graphs.inputs(key, n, inputs, cond), graphs.run
