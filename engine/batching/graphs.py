@@ -138,7 +138,7 @@ class UNetGraphs:
     ) -> None:
         self._compiled = compiled
         self.pairs, self.shared, self.per_step = pairs, shared, per_step
-        self.bound = GraphBound(what, max_graphs)  # keys: (bucket, latent shape, tokens, masked, LoRAs a row)
+        self.bound = GraphBound(what, max_graphs)  # keys: (bucket, latent shape, tokens, masked)
         self.conditioning_writes = 0  # times a graph's conditioning buffers were written (joins and leaves)
         self._padding: dict[int, tuple[int, Tensor]] = {}  # rows -> (bucket, index of the padded rows)
         self._buffers: dict[tuple, tuple[Any, dict[str, Any]]] = {}  # key -> (conditioning written, buffers)
@@ -157,14 +157,7 @@ class UNetGraphs:
 
     def admit(self, n: int, model_in: Tensor, cond: Any) -> tuple | None:
         """The graph these rows run in (one that exists, or a new one within the bound), or None: eager."""
-        lora = getattr(cond, "lora", None)  # LoRA rows: their inputs, and how many LoRAs a row has
-        key = (
-            bucket_rows(n),
-            tuple(model_in.shape[1:]),
-            cond.embeds.shape[1],
-            cond.mask is not None,
-            0 if lora is None else lora.slots.shape[1],
-        )
+        key = (bucket_rows(n), tuple(model_in.shape[1:]), cond.embeds.shape[1], cond.mask is not None)
 
         def shape() -> str:
             return f"{key[0]} rows (for {n}), latents {'x'.join(map(str, key[1]))}, {key[2]} tokens"
