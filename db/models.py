@@ -136,6 +136,7 @@ class Job(Base):
     prompt_template: Mapped[str | None]  # Dynamic Prompts' template: each image draws its prompt from it
     tiling: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     chaos: Mapped[int | None]  # Midjourney's --chaos, 0-100; None: off
+    control_units: Mapped[str | None] = mapped_column(Text)  # JSON (engine.control_units); None: none
 
     # Queue state.
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)

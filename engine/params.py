@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
+from engine.control_units import ControlUnit, units_from_column, units_to_column
+
 #: The built-in defaults, here only: ``GenerationSettings`` (config.toml) starts from these.
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.0
@@ -186,6 +188,9 @@ class GenerationParams:
     #: ``seed + i`` at strength chaos/100 (A1111's variation seed): 0 all alike, 100 unrelated.
     #: None: the images' noises are their own seeds' (as AUTOMATIC1111 makes a batch).
     chaos: int | None = None
+    #: ControlNet units (AUTOMATIC1111's ControlNet extension; engine.control_units), at most 3:
+    #: each a ControlNet by name, its image, preprocessor, weight, step window and modes.
+    control_units: tuple[ControlUnit, ...] = ()
 
     @property
     def is_img2img(self) -> bool:
@@ -260,7 +265,9 @@ class HasParamColumns(Protocol):
 
 def job_columns(params: GenerationParams) -> dict[str, Any]:
     """The ``jobs`` columns that store ``params`` (for ``Queue.enqueue``)."""
-    return {name: getattr(params, name) for name in PARAM_NAMES}
+    columns = {name: getattr(params, name) for name in PARAM_NAMES}
+    columns["control_units"] = units_to_column(params.control_units)  # JSON: db imports no engine type
+    return columns
 
 
 def params_from_job(job: HasParamColumns) -> GenerationParams:
@@ -270,6 +277,7 @@ def params_from_job(job: HasParamColumns) -> GenerationParams:
     for name in PARAM_NAMES:
         value = getattr(job, name)
         values[name] = getattr(defaults, name) if value is None and name not in _NULLABLE else value
+    values["control_units"] = units_from_column(job.control_units)
     return GenerationParams(**values)
 
 

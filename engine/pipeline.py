@@ -32,6 +32,8 @@ from engine.batching.batch import Batch, to_device
 from engine.errors import GenerationError
 from engine.families.runtime import family_parts
 from engine.families.sd.denoiser import Conditioning
+from engine.features.controlnet import job_control
+from engine.features.controlnet_loading import ControlNets
 from engine.features.inpaint import Inpainter, LatentBlend
 from engine.features.lora import LoraLibrary
 from engine.features.masks import InpaintPlan, open_image, plan_inpaint
@@ -139,6 +141,8 @@ class Pipeline:
         if model.vae.dtype != self.vae_dtype:
             model.vae.to(self.vae_dtype)
         self.vae = VaeDecoder(model.vae, model.vae_scaling_factor)
+        #: The ControlNets of ``controlnet.folder`` (the worker sets them from config.toml).
+        self.controlnets = ControlNets("", model.device, model.dtype)
         self.tiling = False  # seamless tiling (engine.features.tiling): the convolutions' padding is circular
         if self.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)
@@ -164,7 +168,25 @@ class Pipeline:
         their set (the worker's batch key sees to it).
         """
         self.use_loras(request)
-        return self.img2img(request, init) if request.is_img2img else self.txt2img(request)
+        job = self.img2img(request, init) if request.is_img2img else self.txt2img(request)
+        if request.params.control_units:
+            job.cond = self._controlled(job)
+        return job
+
+    def _controlled(self, job: PreparedJob) -> Conditioning:
+        """The job's ControlNet units on its rows, at its size and over its steps (engine.features.controlnet)."""
+        params = job.request.params
+        control, _maps = job_control(
+            params.control_units,
+            self.controlnets,
+            rows=job.rows,
+            tokens=job.cond.embeds.shape[1],
+            width=params.width,
+            height=params.height,
+            sigmas=job.sigmas,
+            cross_attention_dim=self.model.unet.config.cross_attention_dim,
+        )
+        return dataclasses.replace(job.cond, control=control)
 
     def use_loras(self, request: GenerationRequest) -> None:
         self.loras.activate(lora_key(request.params.prompt))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from db.models import Job
 from engine.config.settings import GenerationSettings
+from engine.control_units import CONTROL_MODES, ControlUnit
 from engine.params import PARAM_NAMES, GenerationParams, job_columns, params_from_job
 from engine.serving.runner import request_from_job
 
@@ -72,6 +73,10 @@ def unusual_params() -> GenerationParams:
         prompt_template="a {red|blue} fox",
         tiling=True,
         chaos=40,
+        control_units=(
+            ControlUnit("canny-tiny", b"edges png", "canny", 0.6, 0.1, 0.8, CONTROL_MODES[2], "Just Resize"),
+            ControlUnit("depth-tiny", b"depth png"),
+        ),
     )
     assert set(values) == set(PARAM_NAMES), "add the new parameter to unusual_params"
     params = GenerationParams(**values)

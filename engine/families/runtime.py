@@ -45,6 +45,8 @@ def family_parts(model) -> FamilyParts:
 def flow_refusal(traits: FamilyTraits, params: GenerationParams) -> str | None:
     """Why a flow model cannot run this job as asked (one line that says what to do), or None."""
     label = traits.label
+    if params.control_units:
+        return f"ControlNet units apply to SD 1.x and SDXL models, not to {label} ones; pick such a model."
     if traits.samplers is not None and params.sampler not in traits.samplers:
         return (
             f"{label} models cannot use the {params.sampler} sampler (it re-noises the way SD models do); "

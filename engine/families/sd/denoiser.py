@@ -29,6 +29,7 @@ from torch import Tensor
 from engine.batching.graphs import CompiledNetwork, UNetGraphs
 from engine.batching.sampler_graphs import SamplerGraphs
 from engine.families.sd.prompts import EmbeddingLibrary, embeddings_injected, emphasize
+from engine.features.controlnet import ControlRows, control_residuals
 from engine.prompt_syntax import ChunkedPrompt, chunk_prompt, chunks_needed, strip_lora_tags
 from engine.sampling.samplers import rows
 from engine.sampling.schedules import ModelSchedule, sigma_to_t
@@ -56,6 +57,8 @@ class Conditioning:
     #: An inpainting UNet's extra input channels, [rows, 1 + C, h, w] (the mask, then the masked
     #: image's latents; see engine.features.inpaint); None for a plain UNet.
     image: Tensor | None = None
+    #: The rows' ControlNet units (engine.features.controlnet); None when no row has one.
+    control: ControlRows | None = None
 
     @property
     def rows(self) -> int:
@@ -87,6 +90,7 @@ class Conditioning:
             added=added,
             mask=mask,
             image=image,
+            control=ControlRows.cat([(part.control, part.rows) for part in parts]),
         )
 
 
@@ -292,6 +296,10 @@ class Denoiser(CompiledNetwork):
             t = sigma_to_t(sigma, self.log_sigmas)
             timesteps = torch.cat([t, t])
         model_in = (x * c_in).to(self.dtype)
+        residuals = {}
+        if cond.control is not None:  # ControlNets on their rows, before an inpainting UNet's channels
+            down, mid = control_residuals(cond.control, model_in, sigma, timesteps, cond.embeds, cond.added)
+            residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
         if cond.image is not None:  # an inpainting UNet: latents, mask, masked image latents
             model_in = torch.cat([model_in, cond.image.to(self.dtype)], dim=1)
         inputs = dict(
@@ -300,11 +308,13 @@ class Denoiser(CompiledNetwork):
             encoder_hidden_states=cond.embeds,
             encoder_attention_mask=cond.mask,  # None unless rows differ in chunk count
             added_cond_kwargs=cond.added,
+            **residuals,
         )
         n = x.shape[0]
         bucket, run = n, self.unet
         graphs = self.unet_graphs
-        if graphs is not None and (key := graphs.admit(n, model_in, cond)) is not None:
+        # A batch with ControlNet rows runs eager: the compiled graphs take no residual inputs yet.
+        if graphs is not None and not residuals and (key := graphs.admit(n, model_in, cond)) is not None:
             (bucket, inputs), run = graphs.inputs(key, n, inputs, cond), graphs.run
         out = run(**inputs, return_dict=False)[0].float()
         positive, negative = out[:n], out[bucket : bucket + n]

@@ -1,0 +1,115 @@
+"""The ControlNets of ``controlnet.folder``, by name, loaded offline and kept on the device.
+
+A ControlNet is a diffusers folder (``config.json`` + weights: ``ControlNetModel.from_pretrained``)
+or a single ``.safetensors`` file in the layout AUTOMATIC1111's extension and model sites carry
+(``control_v11p_sd15_canny.safetensors``, with or without the ``control_model.`` prefix), read
+by diffusers' ``ControlNetModel.from_single_file`` with a config: a folder of the file's stem
+beside it when there is one, else the shipped SD 1.5 or SDXL config (engine/data), chosen by
+the file's keys, so loading never reaches the hub. Pickled ``.pth`` files are refused, as our
+checkpoints are (they can run code when loaded). A ControlNet for another family than the
+model's (its cross-attention width differs) is refused by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from engine.errors import GenerationError, ModelLoadError
+from engine.families.load_tools import load_errors
+from engine.families.loading import DATA_DIR
+from engine.hashes import shared_cache
+
+log = logging.getLogger(__name__)
+
+SDXL_KEY_MARK = "label_emb."  # SDXL's added time/text embedding (SD 1.x ControlNets have none)
+
+
+def controlnet_names(folder: str | Path) -> dict[str, Path]:
+    """The folder's ControlNets by name (a file's stem or a subfolder's name), sorted."""
+    if not folder or not Path(folder).is_dir():
+        return {}
+    found = {}
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_dir() and (path / "config.json").is_file() and any(path.glob("diffusion_pytorch_model.*")):
+            found[path.name] = path
+        elif path.suffix in (".safetensors", ".pth", ".ckpt", ".pt") and path.is_file():
+            found.setdefault(path.stem, path)
+    return found
+
+
+class ControlNets:
+    """The ControlNets of one folder, loaded lazily by name (the engine worker's thread)."""
+
+    def __init__(self, folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.folder = Path(folder) if folder else None
+        self.device, self.dtype = torch.device(device), dtype
+        self._loaded: dict[str, torch.nn.Module] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(controlnet_names(self.folder or ""))
+
+    def get(self, name: str, cross_attention_dim: int | None = None) -> torch.nn.Module:
+        """The ControlNet ``name``, checked against the model's cross-attention width."""
+        with self._lock:
+            if name not in self._loaded:
+                try:
+                    self._loaded[name] = self._load(name)
+                except ModelLoadError as exc:  # the job's failure, not the worker's model's
+                    raise GenerationError(f"The ControlNet {name!r} could not be loaded: {exc}") from exc
+        net = self._loaded[name]
+        if cross_attention_dim is not None and net.config.cross_attention_dim != cross_attention_dim:
+            raise GenerationError(
+                f"The ControlNet {name!r} is for another model family than this model "
+                f"(its prompts are {net.config.cross_attention_dim} wide, the model's {cross_attention_dim}); "
+                "pick one made for it."
+            )
+        return net
+
+    def label(self, name: str) -> str:
+        """As the extension writes a model: ``name [first 8 of its file's sha256]`` (a folder: name)."""
+        path = controlnet_names(self.folder or "").get(name)
+        if path is None or path.is_dir():
+            return name
+        return f"{name} [{shared_cache().sha256(path)[:8]}]"
+
+    def _load(self, name: str) -> torch.nn.Module:
+        from diffusers import ControlNetModel
+
+        names = controlnet_names(self.folder or "")
+        if name not in names:
+            listed = ", ".join(names) or "none are installed"
+            raise GenerationError(f"Unknown ControlNet {name!r}; installed: {listed}.")
+        path = names[name]
+        if path.is_dir():
+            with load_errors(path, "a diffusers ControlNet folder"):
+                net = ControlNetModel.from_pretrained(str(path), torch_dtype=self.dtype, local_files_only=True)
+        elif path.suffix != ".safetensors":
+            raise GenerationError(
+                f"The ControlNet {name!r} is a pickled {path.suffix} file, which can run code when loaded; "
+                "ask the operator for its .safetensors version."
+            )
+        else:
+            config = single_file_config(path)
+            with load_errors(path, f"a ControlNet single file with the config in {config}"):
+                net = ControlNetModel.from_single_file(
+                    str(path), config=str(config), torch_dtype=self.dtype, local_files_only=True
+                )
+        log.info("loaded ControlNet %s from %s", name, path)
+        return net.to(self.device).eval().requires_grad_(False)
+
+
+def single_file_config(path: Path) -> Path:
+    """The config folder for a ControlNet file: its own beside it, else the shipped one of its family."""
+    sidecar = path.with_suffix("")
+    if (sidecar / "config.json").is_file():
+        return sidecar
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        sdxl = any(SDXL_KEY_MARK in key for key in f.keys())
+    return DATA_DIR / ("controlnet-sdxl" if sdxl else "controlnet-sd1")

@@ -1,0 +1,212 @@
+"""ControlNet units per row (issue 22): against diffusers' ControlNet pipelines on the same
+weights, noise and sigmas; alone and in a shared batch; loading; the preprocessors."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    EulerDiscreteScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetPipeline,
+)
+from PIL import Image
+
+from engine.batching.batch import Batch
+from engine.control_units import CONTROL_MODES, ControlUnit
+from engine.errors import GenerationError
+from engine.features.annotators import control_map
+from engine.features.controlnet import residual_scales
+from engine.features.controlnet_loading import ControlNets
+from engine.pipeline import Pipeline
+from engine.types import GenerationRequest
+from tinycontrolnet import save_controlnets
+
+STEPS = 10  # integer timesteps under "linspace" spacing, as the diffusers comparison in test_pipeline
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def picture(seed: int, size=(64, 64)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST)
+
+
+@pytest.fixture(scope="module")
+def nets(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("controlnets")
+    made = save_controlnets(folder, tiny_model.unet, {"edges": 1, "depth": 2, "file.safetensors": 3})
+    return folder, made
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model, nets) -> Pipeline:
+    pipe = Pipeline(tiny_model)
+    pipe.controlnets = ControlNets(nets[0])
+    return pipe
+
+
+def request(job_id=1, units=(), **fields) -> GenerationRequest:
+    values = dict(prompt="a red fox", negative_prompt="blurry", seed=7, steps=STEPS, guidance=6.0)
+    values |= dict(width=64, height=64, sampler="euler", control_units=tuple(units))
+    return GenerationRequest.of(job_id, **(values | fields))
+
+
+def denoise(pipeline, *requests) -> list[torch.Tensor]:
+    batch = Batch(pipeline.denoiser)
+    jobs = [pipeline.prepare(r) for r in requests]
+    for job in jobs:
+        batch.add(job)
+    latents = {}
+    while batch.entries:
+        batch.step()
+        for entry in [e for e in batch.entries if e.done]:
+            latents[id(entry.job)] = batch.remove(entry.job)
+    return [latents[id(job)] for job in jobs]
+
+
+def test_folders_and_single_files_are_listed_and_load_the_same_weights(pipeline, nets):
+    assert pipeline.controlnets.names() == ["depth", "edges", "file"]
+    loaded = pipeline.controlnets.get("file")
+    expected = nets[1]["file.safetensors"].state_dict()
+    assert set(loaded.state_dict()) == set(expected)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_two_units_a_weight_and_a_step_window_match_diffusers(tiny_model, pipeline):
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="linspace"
+    )
+    edges, depth = pipeline.controlnets.get("edges"), pipeline.controlnets.get("file")
+    reference = StableDiffusionControlNetPipeline(
+        vae=tiny_model.vae,
+        text_encoder=tiny_model.text_encoders[0],
+        tokenizer=tiny_model.tokenizers[0],
+        unet=tiny_model.unet,
+        controlnet=[edges, depth],
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    reference.set_progress_bar_config(disable=True)
+    images = [picture(1), picture(2)]
+    units = (
+        ControlUnit("edges", png(images[0]), resize_mode="Just Resize"),
+        ControlUnit("file", png(images[1]), weight=0.6, guidance_start=0.25, guidance_end=0.65),
+    )
+    ours = request(units=units)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(ours.params.seed))
+    theirs = reference(
+        ours.params.prompt,
+        negative_prompt=ours.params.negative_prompt,
+        image=images,
+        num_inference_steps=STEPS,
+        guidance_scale=ours.params.guidance,
+        height=64,
+        width=64,
+        latents=noise,
+        controlnet_conditioning_scale=[1.0, 0.6],
+        # A1111 keeps step i while i / N <= end; diffusers while (i + 1) / N <= end.
+        control_guidance_start=[0.0, 0.25],
+        control_guidance_end=[1.0, 0.65 + 1 / STEPS],
+        output_type="latent",
+    ).images
+    (mine,) = denoise(pipeline, ours)
+    plain = denoise(pipeline, request())[0]
+    assert (mine - plain).abs().max() > 1e-2  # the units do steer the image
+    torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_sdxl_unit_matches_diffusers(tiny_sdxl_model, tmp_path):
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="linspace"
+    )
+    save_controlnets(tmp_path, tiny_sdxl_model.unet, {"xl": 4})
+    pipe = Pipeline(tiny_sdxl_model)
+    pipe.controlnets = ControlNets(tmp_path)
+    net = pipe.controlnets.get("xl")
+    m = tiny_sdxl_model
+    reference = StableDiffusionXLControlNetPipeline(
+        vae=m.vae,
+        text_encoder=m.text_encoders[0],
+        text_encoder_2=m.text_encoders[1],
+        tokenizer=m.tokenizers[0],
+        tokenizer_2=m.tokenizers[1],
+        unet=m.unet,
+        controlnet=net,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=False,
+    )
+    reference.set_progress_bar_config(disable=True)
+    image = picture(5)
+    ours = request(units=[ControlUnit("xl", png(image), weight=0.8, guidance_end=0.45)])
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(ours.params.seed))
+    theirs = reference(
+        ours.params.prompt,
+        negative_prompt=ours.params.negative_prompt,
+        image=image,
+        num_inference_steps=STEPS,
+        guidance_scale=ours.params.guidance,
+        height=64,
+        width=64,
+        latents=noise,
+        controlnet_conditioning_scale=0.8,
+        control_guidance_end=0.45 + 1 / STEPS,
+        output_type="latent",
+    ).images
+    (mine,) = denoise(pipe, ours)
+    torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_a_job_gives_the_same_latents_alone_and_beside_other_units_and_none(pipeline):
+    edges = ControlUnit("edges", png(picture(1)), module="canny")
+    soft = ControlUnit("depth", png(picture(2)), weight=0.5, control_mode=CONTROL_MODES[2], guidance_start=0.3)
+    jobs = [
+        request(1, [edges]),
+        request(2, [soft, edges], seed=11, prompt="a castle, (stone:1.2)"),
+        request(3, seed=12),
+        request(4, [edges], sampler="dpmpp_2m", steps=6),
+    ]
+    alone = [denoise(pipeline, job)[0] for job in jobs]
+    together = denoise(pipeline, *jobs)
+    for one, shared in zip(alone, together, strict=True):
+        torch.testing.assert_close(shared, one, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(alone[2], denoise(pipeline, request(3, [edges], seed=12))[0])
+
+
+def test_control_modes_scale_the_residuals_as_a1111(pipeline):
+    net = pipeline.controlnets.get("edges")
+    n = len(net.controlnet_down_blocks) + 1
+    assert residual_scales(net, 0.5, CONTROL_MODES[0]) == [0.5] * n
+    assert residual_scales(net, 0.5, CONTROL_MODES[1]) == [0.5 * 0.825 ** float(n - 1 - i) for i in range(n)]
+    mine = denoise(pipeline, request(units=[ControlUnit("edges", png(picture(1)), control_mode=CONTROL_MODES[2])]))
+    soft = denoise(pipeline, request(units=[ControlUnit("edges", png(picture(1)), control_mode=CONTROL_MODES[1])]))
+    assert not torch.allclose(mine[0], soft[0])  # the negative prompt's rows get no residuals
+
+
+def test_refusals_name_what_to_do(pipeline):
+    with pytest.raises(GenerationError, match="installed: depth, edges, file"):
+        pipeline.prepare(request(units=[ControlUnit("nope", png(picture(1)))]))
+    with pytest.raises(GenerationError, match="'openpose' preprocessor is not installed; use one of none, canny"):
+        pipeline.prepare(request(units=[ControlUnit("edges", png(picture(1)), module="openpose")]))
+    with pytest.raises(GenerationError, match="control image could not be read"):
+        pipeline.prepare(request(units=[ControlUnit("edges", b"not an image")]))
+
+
+def test_canny_map_is_opencvs_and_resize_modes_keep_the_size():
+    image = picture(9, (96, 64))
+    for mode in ("Just Resize", "Crop and Resize", "Resize and Fill"):
+        assert control_map(image, "none", 64, 64, mode).size == (64, 64)
+    ours = np.asarray(control_map(image, "canny", 96, 64, "Just Resize"))
+    edges = cv2.Canny(np.asarray(image), 100, 200)
+    assert edges.any() and np.array_equal(ours[..., 0], edges) and np.array_equal(ours[..., 2], edges)
