@@ -141,8 +141,8 @@ class Pipeline:
         if model.vae.dtype != self.vae_dtype:
             model.vae.to(self.vae_dtype)
         self.vae = VaeDecoder(model.vae, model.vae_scaling_factor)
-        #: The ControlNets of ``controlnet.folder`` (the worker sets them from config.toml).
-        self.controlnets = ControlNets("", model.device, model.dtype)
+        #: The ControlNets of the model's ``controlnet_dir``, loaded by name when a job names one.
+        self.controlnets = ControlNets(model.controlnet_dir or "", model.device, model.dtype)
         self.tiling = False  # seamless tiling (engine.features.tiling): the convolutions' padding is circular
         if self.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)

@@ -3,6 +3,7 @@ weights, noise and sigmas; alone and in a shared batch; loading; the preprocesso
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import cv2
@@ -50,9 +51,7 @@ def nets(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_model, nets) -> Pipeline:
-    pipe = Pipeline(tiny_model)
-    pipe.controlnets = ControlNets(nets[0])
-    return pipe
+    return Pipeline(dataclasses.replace(tiny_model, controlnet_dir=nets[0]))  # model.controlnet_dir
 
 
 def request(job_id=1, units=(), **fields) -> GenerationRequest:

@@ -23,6 +23,7 @@ class ModelSettings:
     prediction_type: str = "auto"
     embeddings_dir: str = ""  # textual-inversion embeddings, found in prompts by file name
     lora_dir: str = ""  # LoRA files, used in prompts as <lora:NAME:WEIGHT>
+    controlnet_dir: str = ""  # ControlNets for this model's family (folders or .safetensors), by name
     clip_skip: int = 1  # the model's default CLIP skip (anime models want 2); a member may choose another
     # This model's own defaults, before its family's and [generation]'s (0 or "": not set).
     default_steps: int = 0
@@ -137,7 +138,7 @@ def _check_model(key: str, model: ModelSettings) -> None:
         model.encoders,
         'a diffusers folder or hub id of the model (e.g. "black-forest-labs/FLUX.1-dev"), not a file; "" for none',
     )
-    for folder in ("embeddings_dir", "lora_dir"):
+    for folder in ("embeddings_dir", "lora_dir", "controlnet_dir"):
         value = getattr(model, folder)
         check(
             not value or not Path(value).expanduser().is_file(),

@@ -105,6 +105,7 @@ class LoadedModel:
     scheduler_config: dict = field(default_factory=dict)  # the flow families read their shift here
     embeddings_dir: Path | None = None  # textual-inversion embeddings for this model's prompts
     lora_dir: Path | None = None  # LoRA files for ``<lora:NAME:WEIGHT>`` in this model's prompts
+    controlnet_dir: Path | None = None  # ControlNets for this model's jobs' units, by name
 
 
 def load_model(
@@ -183,6 +184,7 @@ def load_configured_model(model: ModelSettings, engine: EngineSettings, *, progr
     )
     loaded.embeddings_dir = Path(model.embeddings_dir).expanduser() if model.embeddings_dir else None
     loaded.lora_dir = Path(model.lora_dir).expanduser() if model.lora_dir else None
+    loaded.controlnet_dir = Path(model.controlnet_dir).expanduser() if model.controlnet_dir else None
     return loaded
 
 
