@@ -82,12 +82,14 @@ def infotext(
     *,
     guidance: str = "cfg",
     flow: bool = False,
+    control_labels: tuple[str, ...] = (),
 ) -> str:
     """AUTOMATIC1111 infotext for one image of ``request`` (made with ``seed``), fields in A1111's order.
 
     ``model_hash``: the checkpoint file's short hash, None for a model that is not one file.
     ``guidance`` (engine.families.GUIDANCE_KINDS) and ``flow``: how Forge writes SD 3.5 and Flux
-    (:func:`guidance_fields`).
+    (:func:`guidance_fields`). ``control_labels``: each ControlNet unit's model as the extension
+    names it (``name [hash]``), for its ``ControlNet N`` fields.
     """
     sampler, schedule_type = INFOTEXT_SAMPLERS.get(request.params.sampler, (request.params.sampler, "Automatic"))
     if request.params.schedule != "automatic":  # a schedule type the member chose
@@ -126,6 +128,8 @@ def infotext(
     fields["RNG"] = RNG_SOURCE
     if request.params.tiling:
         fields["Tiling"] = "True"
+    for index, (unit, label) in enumerate(zip(request.params.control_units, control_labels, strict=False)):
+        fields[f"ControlNet {index}"] = _quote(unit.infotext(label))  # the extension's extra parameters
     if request.params.is_hires:
         fields |= hires_fields(request.params)
     fields["Job id"] = str(request.job_id)

@@ -358,8 +358,10 @@ class Pipeline:
         if job.inpaint_plan is not None:
             images = [job.inpaint_plan.paste(image) for image in images]
         flow = self.traits.flow
+        labels = tuple(self.controlnets.label(unit.model) for unit in request.params.control_units)
         texts = [
-            infotext(request, seed, info.name, info.file_hash, guidance=info.guidance, flow=flow) for seed in job.seeds
+            infotext(request, seed, info.name, info.file_hash, guidance=info.guidance, flow=flow, control_labels=labels)
+            for seed in job.seeds
         ]
         generated = [
             GeneratedImage(png=encode_png(image, text, request.job_id, compress_level), seed=seed)

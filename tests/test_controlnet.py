@@ -4,6 +4,7 @@ weights, noise and sigmas; alone and in a shared batch; loading; the preprocesso
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 
 import cv2
@@ -209,3 +210,25 @@ def test_canny_map_is_opencvs_and_resize_modes_keep_the_size():
     ours = np.asarray(control_map(image, "canny", 96, 64, "Just Resize"))
     edges = cv2.Canny(np.asarray(image), 100, 200)
     assert edges.any() and np.array_equal(ours[..., 0], edges) and np.array_equal(ours[..., 2], edges)
+
+
+def test_infotext_writes_each_unit_as_the_a1111_extension_does(pipeline, nets):
+    with open(nets[0] / "file.safetensors", "rb") as file:  # A1111's sd_models.model_hash
+        file.seek(0x100000)
+        short_hash = hashlib.sha256(file.read(0x10000)).hexdigest()[:8]
+    units = [
+        ControlUnit("file", png(picture(1)), module="canny", weight=0.6, guidance_end=0.8),
+        ControlUnit("edges", png(picture(2)), control_mode=CONTROL_MODES[1], resize_mode="Just Resize"),
+    ]
+    text = pipeline.generate(request(units=units, steps=2)).infotext
+    first = (
+        f'ControlNet 0: "Module: canny, Model: file [{short_hash}], Weight: 0.6, Resize Mode: Crop and Resize, '
+        "Processor Res: 512, Threshold A: 100.0, Threshold B: 200.0, Guidance Start: 0.0, Guidance End: 0.8, "
+        'Pixel Perfect: False, Control Mode: Balanced"'
+    )
+    assert first in text
+    second = text.split('ControlNet 1: "')[1].split('"')[0]
+    # As the extension's ControlNetUnit.parse reads it back:
+    parsed = dict(item.strip().split(": ") for item in second.split(","))
+    assert parsed["Model"] == "edges" and parsed["Control Mode"] == CONTROL_MODES[1]
+    assert parsed["Module"] == "none" and parsed["Resize Mode"] == "Just Resize"

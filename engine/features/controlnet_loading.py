@@ -21,7 +21,6 @@ import torch
 from engine.errors import GenerationError, ModelLoadError
 from engine.families.load_tools import load_errors
 from engine.families.loading import DATA_DIR
-from engine.hashes import shared_cache
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +70,12 @@ class ControlNets:
         return net
 
     def label(self, name: str) -> str:
-        """As the extension writes a model: ``name [first 8 of its file's sha256]`` (a folder: name)."""
+        """As the extension names a model: ``name [hash]``, with A1111's old short hash of the file
+        (``sd_models.model_hash``, which the extension uses); a folder: its name."""
         path = controlnet_names(self.folder or "").get(name)
         if path is None or path.is_dir():
             return name
-        return f"{name} [{shared_cache().sha256(path)[:8]}]"
+        return f"{name} [{legacy_model_hash(path)}]"
 
     def _load(self, name: str) -> torch.nn.Module:
         from diffusers import ControlNetModel
@@ -113,3 +113,12 @@ def single_file_config(path: Path) -> Path:
     with safe_open(str(path), framework="pt") as f:
         sdxl = any(SDXL_KEY_MARK in key for key in f.keys())
     return DATA_DIR / ("controlnet-sdxl" if sdxl else "controlnet-sd1")
+
+
+def legacy_model_hash(path: Path) -> str:
+    """A1111's old model hash: sha256 of the 64 KiB at offset 1 MiB, its first 8 hex digits."""
+    import hashlib
+
+    with open(path, "rb") as file:
+        file.seek(0x100000)
+        return hashlib.sha256(file.read(0x10000)).hexdigest()[:8]
