@@ -31,13 +31,14 @@ import discord
 from bot import policy, render
 from bot.acks import NOT_SAVED, PendingAcks
 from bot.callbacks import acknowledging
-from bot.checks import DISCORD_DEADLINE, manages_messages_in, mark_received, within_deadline
+from bot.checks import DISCORD_DEADLINE, mark_received, within_deadline
 from bot.config import Config
 from bot.delivery import Delivery
 from bot.group_writes import GroupWriter
 from bot.inputs import PILLOW_FORMATS, BadInput, check_prompt_text, flow_prompt_note, load_init_image
 from bot.jobs import NewJob
 from bot.journal import InteractionJournal, journal_path
+from bot.lookups import JobLookups
 from bot.masks import load_mask
 from bot.permutations import PermutedSubmit
 from bot.policy import Asked, Asker
@@ -48,7 +49,7 @@ from db.community import DAY, Admission, Community
 from db.confirmations import Confirmations
 from db.errors import QueueError
 from db.faults import DatabaseHealth, is_database_fault
-from db.models import Job, JobKind, ResultImage
+from db.models import Job, JobKind
 from db.queue import Queue
 from db.session import statement_timeout_in_this_thread
 from db.styles import Styles, StyleText
@@ -67,7 +68,7 @@ OUR_FAULT = "Something went wrong on our side; it has been logged."
 STATEMENT_TIMEOUT = 5.0
 
 
-class JobService(JournaledSubmit, PermutedSubmit):
+class JobService(JournaledSubmit, PermutedSubmit, JobLookups):
     """Admission, queueing and cancelling of jobs, for every cog."""
 
     def __init__(
@@ -383,52 +384,6 @@ class JobService(JournaledSubmit, PermutedSubmit):
         self.queue.notify_new_job()
         if self.runner is not None:
             self.runner.wake()
-
-    # -- lookups and cancelling -------------------------------------------------------------------
-
-    async def get_job(self, job_id: int) -> Job | None:
-        return await self.run_check(self.queue.get, job_id)
-
-    async def job_here(self, interaction: discord.Interaction, job_id: int) -> Job:
-        """Job ``job_id`` if it belongs to this server (other servers' prompts stay private)."""
-        job = await self.get_job(job_id)
-        if job is None or job.guild_id != interaction.guild_id:
-            raise BadInput(f"There is no job #{job_id} on this server.")
-        return job
-
-    async def get_image(self, job_id: int, index: int) -> ResultImage:
-        images = await self.run_check(self.queue.images, job_id)
-        for image in images:
-            if image.index == index:
-                return image
-        raise BadInput(f"Job #{job_id} has no image {index + 1}.")
-
-    async def show_info(self, interaction: discord.Interaction, job: Job) -> None:
-        position = await self.run_check(self.queue.position, job.id)
-        await interaction.response.send_message(
-            render.info_text(job, self.config.model.display_name, position), ephemeral=True
-        )
-
-    async def latest_pending(self, user_id: int) -> Job:
-        pending = await self.run_check(self.queue.pending_for, user_id)
-        if not pending:
-            raise BadInput("You have no jobs waiting.")
-        return pending[-1]
-
-    async def cancel(self, interaction: discord.Interaction, job: Job) -> None:
-        """Cancel for the requester or a member with Manage Messages in the job's channel (the
-        queue checks who may)."""
-        moderator = manages_messages_in(interaction, job.channel_id)
-        cancelled = await asyncio.to_thread(self.queue.cancel, job.id, interaction.user.id, moderator=moderator)
-        self.stopped([job.id])
-        await interaction.response.send_message(f"Cancelled {render.job_title(cancelled)}.", ephemeral=True)
-
-    def stopped(self, job_ids: list[int]) -> None:
-        """Jobs were cancelled in the database: stop them in the engine, update their messages."""
-        for job_id in job_ids:
-            if self.runner is not None:
-                self.runner.cancel(job_id)
-            self.delivery.on_finished(job_id)
 
     async def download(self, url: str, max_bytes: int) -> bytes:
         """An attachment's bytes, refusing more than ``max_bytes`` whatever its declared size."""
