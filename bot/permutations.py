@@ -13,6 +13,7 @@ More jobs than the server's images-per-job limit are queued only once the member
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
@@ -83,6 +84,7 @@ class PermutedSubmit:
     _resolved: Callable[[Asker, Asked, bool], tuple[Admission, GenerationParams]]
     _gated: Callable[[Asker, Admission, GenerationParams], tuple[GenerationParams, str | None]]
     _announce: Callable[[Job, str | None, int | None], Awaitable[None]]
+    _answered: Callable[[discord.Interaction], Awaitable[None]]
 
     def read_params(self, asked: Asked) -> Asked:
         """``asked`` with Midjourney's ``--parameters`` taken off its prompt (bot.prompt_params)."""
@@ -150,8 +152,13 @@ class PermutedSubmit:
         view = ui.View(timeout=None)
         view.add_item(QueueThem(confirmation_id, len(jobs)))
         text = f"{PERMUTE_EMOJI} This prompt's permutations make **{len(jobs)} jobs**:\n{listed}{more}\nQueue them all?"
-        await interaction.response.send_message(render.clip(text, 2000), view=view, ephemeral=True,
-                                                allowed_mentions=discord.AllowedMentions.none())  # fmt: skip
+        text, none = render.clip(text, 2000), discord.AllowedMentions.none()
+        if interaction.response.is_done():  # the checks took long: the "thinking…" message asks
+            await interaction.edit_original_response(content=text, view=view, allowed_mentions=none)
+            interaction.extras["thinking"] = False
+        else:
+            await interaction.response.send_message(text, view=view, ephemeral=True, allowed_mentions=none)
+        await self._answered(interaction)  # answered: a restart does not answer it again
 
     async def confirm_permutations(self, interaction: discord.Interaction, confirmation_id: int) -> None:
         """The **Queue them** button: the stored command, admitted again now and queued."""
@@ -184,7 +191,13 @@ class PermutedSubmit:
              "status_channel_id": interaction.channel_id}
             for params, status in zip(jobs, statuses, strict=True)
         ]  # fmt: skip
-        stored = await asyncio.to_thread(self.queue.enqueue_many, rows)
+        try:
+            stored = await asyncio.to_thread(self.queue.enqueue_many, rows)
+        except Exception:  # the database did not take them: say so where they were announced
+            for status in statuses:
+                with contextlib.suppress(discord.HTTPException):
+                    await status.edit(content=f"{PERMUTE_EMOJI} <@{user}>: not queued (the database is away).")
+            raise
         queued = []
         for result, status in zip(stored, statuses, strict=True):
             if isinstance(result, QueueError):
@@ -197,4 +210,5 @@ class PermutedSubmit:
             content=f"{PERMUTE_EMOJI} Queued {len(queued)} of {len(jobs)} permutation jobs: {titles}."
         )
         interaction.extras["thinking"] = False
+        await self._answered(interaction)
         return queued
