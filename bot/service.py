@@ -232,7 +232,7 @@ class JobService(JournaledSubmit, PermutedSubmit, JobLookups):
         init = await asyncio.to_thread(
             load_init_image,
             data,
-            size=asked.size,
+            size=params.size if asked.aspect else asked.size,  # --ar: the ratio's size, not the upload's
             max_width=max_width,
             max_height=max_height,
             target_area=gen.default_width * gen.default_height,

@@ -80,6 +80,9 @@ async def test_midjourney_parameters_permutations_and_wildcards(setup):
         )
         ix = await emu.slash(alice, "imagine", {"prompt": "a __colours__ {cat|dog}", "seed": 5, "count": 3})
         await ix.wait_response(lambda m: "queued" in m.content)
+        upload = {"image": emu.attachment("in.png", png("x"))}
+        ix = await emu.slash(alice, "img2img", {"prompt": "a fox --ar 2:1"}, attachments=upload)
+        await ix.wait_response(lambda m: "queued" in m.content)
         fox_id = queue.pending_for(alice.id)[0].id
         info = (await (await emu.slash(alice, "info", {"job": fox_id})).wait_response()).content
         assert "**Tiling:** seamless" in info and "**Size:** 72x40" in info and "**Negative:** trees, people" in info
@@ -109,6 +112,10 @@ async def test_midjourney_parameters_permutations_and_wildcards(setup):
     assert templated.prompt_template is not None and "__" not in templated.prompt_template
     assert templated.prompt == image_prompt(templated.prompt_template, 5)
     assert templated.prompt.split()[1] in ("red", "deep", "gold", "silver")
+    assert (jobs[5].kind.value, jobs[5].width, jobs[5].height) == (
+        "img2img",
+        *aspect_size((2, 1), 64 * 64, 128, 128, 8),
+    )
     assert len(jobs) == before + 10
     assert [j.prompt for j in jobs[before : before + 3]] == ["a a cat", "a a dog", "a b cat"]
     permuted = jobs[1:4] + jobs[before:]  # each with a status message of its own in the channel
