@@ -63,7 +63,7 @@ async def test_reports_come_back_and_commands_reach_the_child(child, tmp_path):
     try:
         await until(lambda: engine.batch_rows == 3, "the stats line")
         assert progress == [Progress(7, 1, 4, b"PNG")] and engine.gpu_memory == {"cuda:0": (10, 20)}
-        assert engine.batching.graphs == {"unet": (2, 1), "sampler": (3, 0)}
+        assert engine.graphs == {"unet": (2, 1), "sampler": (3, 0)}
         engine.cancel(12)
         await until(lambda: finished == [12], "the cancel to reach the child")
         engine.wake()

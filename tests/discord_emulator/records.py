@@ -366,13 +366,15 @@ class Interaction:
     def ephemeral_messages(self) -> list[Message]:
         return [m for m in self.messages if m.ephemeral]
 
-    async def wait_ack(self, timeout: float = 5.0) -> int:
-        """Wait until the bot acknowledged; returns the callback type (4, 5, 6, 7, 9...)."""
+    async def wait_ack(self, timeout: float = 60.0) -> int:
+        """Wait until the bot acknowledged; returns the callback type (4, 5, 6, 7, 9...). The wait
+        ends at the signal; its bound only stops a test that would hang (a loaded CI box is slow:
+        Discord's own 3-second deadline is checked from the emulator's timestamps, not here)."""
         await self.emulator.wait_for(lambda: self.response_type, timeout, f"an ack of interaction {self.id}")
         assert self.response_type is not None
         return self.response_type
 
-    async def wait_response(self, pred: Callable[[Message], bool] | None = None, timeout: float = 5.0) -> Message:
+    async def wait_response(self, pred: Callable[[Message], bool] | None = None, timeout: float = 60.0) -> Message:
         """Wait for a response message (original or followup, not loading) that satisfies `pred`."""
 
         def found() -> Message | None:
