@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.toml_config import ConfigError, check, section
+from engine.families import FAMILIES as FAMILY_TRAITS
 from engine.params import SAMPLER_NAMES
 
 
@@ -43,7 +44,7 @@ class ModelSettings:
         return Path(self.source.rstrip("/")).stem or self.source
 
 
-FAMILIES = ("auto", "sd1", "sd2", "sdxl", "sd3", "flux")
+FAMILIES = ("auto", *FAMILY_TRAITS)
 #: ``model.weights`` and ``engine.text_encoders`` (engine/families/flow_storage.py).
 WEIGHT_STORAGES = ("auto", "float8_e4m3fn", "compute")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")

@@ -14,15 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-#: diffusers pipeline class -> family.
-PIPELINE_CLASSES = {
-    "StableDiffusionPipeline": "sd1",
-    "StableDiffusionInpaintPipeline": "sd1",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionXLInpaintPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
+from engine.families import family_of_pipeline
 
 
 def source_family(source: str, family: str = "auto") -> tuple[str, str] | None:
@@ -55,7 +47,7 @@ def _read(path: Path) -> dict:
 
 
 def _folder_family(folder: Path) -> tuple[str, str] | None:
-    family = PIPELINE_CLASSES.get(_read(folder / "model_index.json").get("_class_name", ""))
+    family = family_of_pipeline(_read(folder / "model_index.json").get("_class_name", ""))
     if family == "sd1" and _read(folder / "text_encoder" / "config.json").get("hidden_act") == "gelu":
         family = "sd2"  # SD 2.x's open_clip encoder
     if family is None:

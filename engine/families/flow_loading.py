@@ -22,15 +22,9 @@ from pathlib import Path
 import torch
 
 from engine.errors import ModelLoadError
+from engine.families import FAMILIES, family_of_pipeline
 
-#: model_index.json ``_class_name`` -> family.
-PIPELINE_FAMILIES = {
-    "FluxPipeline": "flux",
-    "FluxImg2ImgPipeline": "flux",
-    "StableDiffusion3Pipeline": "sd3",
-    "StableDiffusion3Img2ImgPipeline": "sd3",
-}
-FAMILY_LABELS = {"flux": "Flux.1", "sd3": "SD 3.5"}
+FAMILY_LABELS = {name: traits.label for name, traits in FAMILIES.items() if traits.flow}
 #: "a Flux.1 model", "an SD 3.5 model".
 A_FAMILY = {"flux": "a Flux.1", "sd3": "an SD 3.5"}
 #: What an encoders hub id is downloaded for: everything but the transformer's weights (a file
@@ -64,7 +58,8 @@ def folder_pipeline_family(folder: Path) -> str | None:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return None
-    return PIPELINE_FAMILIES.get(index.get("_class_name", ""))
+    family = family_of_pipeline(index.get("_class_name", ""))
+    return family if family is not None and FAMILIES[family].flow else None
 
 
 def load_flow_folder(folder: Path, family: str, dtype: torch.dtype, use_t5: bool = True, **given) -> FlowComponents:
