@@ -161,11 +161,10 @@ class Pipeline:
     # ------------------------------------------------------------------ preparing a job
 
     def prepare(self, request: GenerationRequest, init: Image.Image | None = None) -> PreparedJob:
-        """Prepare a job, with its prompt's LoRA set applied to the model (``init``: its init image
-        at its size already, e.g. enlarged by its upscaler).
-
-        The set stays applied until the next job's prepare: jobs sharing a batch must share
-        their set (the worker's batch key sees to it).
+        """Prepare a job, with its prompt's LoRA set applied to the text encoders and its rows'
+        LoRA slots in its conditioning (``init``: its init image at its size already, e.g.
+        enlarged by its upscaler). A set that runs whole (engine.features.lora) stays applied to
+        the network until the next job's prepare: the worker's batch key gives it a batch of its own.
         """
         self.use_loras(request)
         job = self.img2img(request, init) if request.is_img2img else self.txt2img(request)
@@ -310,7 +309,8 @@ class Pipeline:
             )
             for prompt, rows in runs
         ]
-        return parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)  # the family's own rows
+        cond = parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)  # the family's own rows
+        return self.loras.per_row(cond)  # its LoRAs' slots and weights on every row
 
     def _initial_noise(self, request: GenerationRequest) -> tuple[list[int], list[torch.Generator], Tensor]:
         """Per image: a generator seeded ``seed + i``, its first draw as noise (engine.sampling.seeds)."""

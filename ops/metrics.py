@@ -195,7 +195,16 @@ class _ScrapeTimeSeries:
                 "sdbot_discord_connected", "1 when the bot is connected to Discord's gateway", self._discord_connected
             )
         yield from _gpu_memory_metrics(self._metrics.gpu_memory())
-        if (graphs := self._metrics.graphs()) is not None:
+        graphs = self._metrics.graphs() or {}
+        if "lora" in graphs:  # engine.features.lora: LoRAs into slots, and sets run in a batch of their own
+            loads, whole = graphs["lora"]
+            yield CounterMetricFamily("sdbot_lora_slot_loads", "LoRAs copied into the LoRA slots", value=loads)
+            yield CounterMetricFamily(
+                "sdbot_lora_whole_jobs",
+                "Jobs whose LoRA set ran in a batch of its own (over engine.lora_max_rank, DoRA, more than the slots)",
+                value=whole,
+            )
+        if "unet" in graphs:
             made, eager = graphs["unet"]
             yield GaugeMetricFamily(
                 "sdbot_unet_graphs", "Compiled UNet graphs made (engine.compile_graphs)", value=made

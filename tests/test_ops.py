@@ -153,6 +153,16 @@ async def test_the_compiled_steps_graphs_and_eager_calls_are_reported() -> None:
     assert value(samples, "sdbot_sampler_graphs") == 24 and value(samples, "sdbot_sampler_eager_steps_total") == 5
 
 
+async def test_lora_slot_loads_and_sets_run_alone_are_reported() -> None:
+    """Issue 23: a LoRA set that cannot run per row runs in a batch of its own, counted here."""
+    metrics = Metrics()
+    metrics.read_graphs(lambda: {"lora": (3, 2)})  # an engine that is not compiled reports LoRAs only
+    async with serving(metrics) as client:
+        samples = await client.metrics()
+    assert value(samples, "sdbot_lora_slot_loads_total") == 3 and value(samples, "sdbot_lora_whole_jobs_total") == 2
+    assert "sdbot_unet_graphs" not in {name for name, _ in samples}
+
+
 async def test_queue_depth_is_left_out_while_it_cannot_be_counted() -> None:
     counts: dict | None = {"queued": 4}
 

@@ -1,6 +1,7 @@
 """Which waiting jobs join the running batch at a step boundary: the policy, as pure functions.
 
-A batch holds one image size, one model and one LoRA set (its *key*, :func:`engine.serving.models.batch_key`)
+A batch holds one image size and one model (its *key*, :func:`engine.serving.models.batch_key`; a LoRA set
+that cannot run per row too, :meth:`engine.features.lora.LoraLibrary.batch_part`)
 and at most a row limit of rows (``engine.max_batch``, lowered for a size after running out of
 memory, :class:`engine.serving.memory.OutOfMemoryGovernor`). Waiting jobs are looked at in arrival order:
 
@@ -37,7 +38,7 @@ class Waiting:
     """A waiting job as the policy sees it."""
 
     size: Size
-    key: Hashable  # model and LoRA set: jobs share a batch only with equal keys
+    key: Hashable  # model, tiling, a LoRA set that runs whole: jobs share a batch only with equal keys
     rows: int  # images it adds to the batch
     arrived: float  # on the worker's clock
 

@@ -45,13 +45,18 @@ PER_STEP = ("sample", "timestep")
 
 def graph_counts(pipeline: Any) -> dict[str, tuple[int, int]] | None:
     """``{"unet": (graphs made, calls run eager), "sampler": (graphs made, steps run eager)}``
-    of ``pipeline``'s compiled step, for the metrics; None when it is not compiled (or no model
-    is loaded)."""
+    of ``pipeline``'s compiled step (when it is compiled), and ``"lora": (LoRAs copied into
+    slots, jobs whose set ran whole)`` (engine.features.lora), for the metrics; None when there
+    is nothing to count (no model loaded)."""
     denoiser = getattr(pipeline, "denoiser", None)
     unet, sampler = getattr(denoiser, "unet_graphs", None), getattr(denoiser, "sampler_graphs", None)
-    if unet is None or sampler is None:
-        return None
-    return {"unet": (len(unet.graphs), unet.eager_calls), "sampler": (len(sampler.graphs), sampler.eager_steps)}
+    counts = {}
+    if unet is not None and sampler is not None:
+        counts["unet"] = (len(unet.graphs), unet.eager_calls)
+        counts["sampler"] = (len(sampler.graphs), sampler.eager_steps)
+    if (loras := getattr(pipeline, "loras", None)) is not None:
+        counts["lora"] = (0 if loras.slots is None else loras.slots.loads, loras.whole_jobs)
+    return counts or None
 
 
 def within_bound(max_graphs: int) -> contextlib.AbstractContextManager:
@@ -138,7 +143,7 @@ class UNetGraphs:
     ) -> None:
         self._compiled = compiled
         self.pairs, self.shared, self.per_step = pairs, shared, per_step
-        self.bound = GraphBound(what, max_graphs)  # keys: (bucket, latent shape, tokens, masked)
+        self.bound = GraphBound(what, max_graphs)  # keys: (bucket, latent shape, tokens, masked, LoRAs a row)
         self.conditioning_writes = 0  # times a graph's conditioning buffers were written (joins and leaves)
         self._padding: dict[int, tuple[int, Tensor]] = {}  # rows -> (bucket, index of the padded rows)
         self._buffers: dict[tuple, tuple[Any, dict[str, Any]]] = {}  # key -> (conditioning written, buffers)
@@ -157,7 +162,14 @@ class UNetGraphs:
 
     def admit(self, n: int, model_in: Tensor, cond: Any) -> tuple | None:
         """The graph these rows run in (one that exists, or a new one within the bound), or None: eager."""
-        key = (bucket_rows(n), tuple(model_in.shape[1:]), cond.embeds.shape[1], cond.mask is not None)
+        lora = getattr(cond, "lora", None)  # LoRA rows: their inputs, and how many LoRAs a row has
+        key = (
+            bucket_rows(n),
+            tuple(model_in.shape[1:]),
+            cond.embeds.shape[1],
+            cond.mask is not None,
+            0 if lora is None else lora.slots.shape[1],
+        )
 
         def shape() -> str:
             return f"{key[0]} rows (for {n}), latents {'x'.join(map(str, key[1]))}, {key[2]} tokens"

@@ -69,6 +69,11 @@ class EngineSettings:
     # Where SD 3.5's and Flux's text encoders run: "device" (with the model) or "cpu" (they run
     # once per prompt; T5-XXL alone is 9.5 GB in bf16).
     text_encoders: str = "device"
+    # LoRAs of different jobs share a batch (engine.features.lora_slots): the denoising network
+    # holds up to lora_slots LoRAs at once, each padded to lora_max_rank (memory per LoRA layer:
+    # slots x rank x (in + out) values); a LoRA over the rank runs in a batch of its own. 0: none.
+    lora_slots: int = 4
+    lora_max_rank: int = 64
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,8 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
     )
     check(engine.dtype in DTYPES, "engine.dtype", engine.dtype, f"one of {', '.join(DTYPES)}")
     check(1 <= engine.max_batch <= 256, "engine.max_batch", engine.max_batch, "1 to 256")
+    check(0 <= engine.lora_slots <= 64, "engine.lora_slots", engine.lora_slots, "0 (every LoRA set alone) to 64")
+    check(1 <= engine.lora_max_rank <= 1024, "engine.lora_max_rank", engine.lora_max_rank, "1 to 1024")
     check(engine.preview_every >= 0, "engine.preview_every", engine.preview_every, "0 (never) or more")
     check(engine.job_timeout >= 0, "engine.job_timeout", engine.job_timeout, "seconds, 0 (no limit) or more")
     check(1 <= engine.max_loaded_models <= 16, "engine.max_loaded_models", engine.max_loaded_models, "1 to 16")

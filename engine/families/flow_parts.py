@@ -24,6 +24,7 @@ from engine.batching.graphs import CompiledNetwork, UNetGraphs
 from engine.batching.sampler_graphs import SamplerGraphs
 from engine.families.flow import FlowNoise
 from engine.families.flow_storage import stored_in_fp8
+from engine.features.lora_slots import RowsNetwork
 from engine.prompt_syntax import strip_lora_tags
 from engine.sampling.sampler_steps import rows
 
@@ -90,6 +91,7 @@ class FlowDenoiser(CompiledNetwork):
 
     def __init__(self, network, noise: FlowNoise) -> None:
         self.network = network
+        self.rows_network = RowsNetwork(network)  # the transformer with the rows' LoRA inputs
         self.noise = noise
         self.dtype = network.dtype
         self.device = network.device
@@ -103,7 +105,7 @@ class FlowDenoiser(CompiledNetwork):
             return
         if self.unet_graphs is None:
             self.unet_graphs = UNetGraphs(
-                compiler(self.network),
+                compiler(self.rows_network),
                 max_graphs,
                 pairs=self.pairs,
                 shared=self.shared_inputs,
@@ -132,7 +134,9 @@ class FlowDenoiser(CompiledNetwork):
     def run(self, n: int, network_in: Tensor, cond, inputs: dict[str, Any]) -> tuple[Tensor, int]:
         """The network's output for ``inputs`` (``n`` images' rows), through a graph when compiled,
         and the bucket its rows were padded to (``n`` when eager): rows ``[pair * bucket + i]``."""
-        bucket, run = n, self.network
+        if (lora := getattr(cond, "lora", None)) is not None:  # engine.features.lora_slots
+            inputs = inputs | lora.inputs()
+        bucket, run = n, self.rows_network
         graphs = self.unet_graphs
         if graphs is not None and (key := graphs.admit(n, network_in, cond)) is not None:
             (bucket, inputs), run = graphs.inputs(key, n, inputs, cond), graphs.run

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from engine.families.flow import FlowNoise, FlowShift, flux_sigmas
 from engine.families.flow_parts import FlowDenoiser, PromptCache, clip_ids, plain_prompt, t5_ids
+from engine.features.lora_slots import LoraRows
 
 #: T5's sequence length (FluxPipeline's default; a tokenizer with a lower limit lowers it).
 MAX_T5_TOKENS = 512
@@ -44,6 +45,7 @@ class FluxConditioning:
     guidance: Tensor  # [rows] float32: the distilled guidance scale (unused by schnell)
     image: None = None  # no inpainting variant
     mask: None = None  # every row's T5 tokens are padded to the same length: nothing to mask
+    lora: LoraRows | None = None  # each row's LoRA slots and weights (engine.features.lora_slots)
 
     @property
     def rows(self) -> int:
@@ -55,6 +57,7 @@ class FluxConditioning:
             embeds=torch.cat([p.embeds for p in parts]),
             pooled=torch.cat([p.pooled for p in parts]),
             guidance=torch.cat([p.guidance for p in parts]),
+            lora=LoraRows.join([(p.lora, p.rows) for p in parts], pairs=1),
         )
 
 

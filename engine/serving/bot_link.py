@@ -9,7 +9,7 @@ the link carries only what makes it as quick and as visible as an engine in the 
   model is loaded (the bot offers that family's sizes), ``{"progress": [job, step, total],
   "preview": base64 PNG or null}``, ``{"finished": job}`` (the bot posts it at once and counts it
   in its metrics) and ``{"rows": n, "gpu": {device: [allocated, reserved]}, "graphs": {"unet":
-  [made, eager], "sampler": [made, eager]} or null}`` every second;
+  [made, eager], "sampler": [made, eager], "lora": [slot loads, jobs run whole]} or null}`` every second;
 - bot to child, lines on standard input: ``wake`` (a job was queued: claim now, not at the next
   poll) and ``cancel JOB`` (stop a running job at its next step). End of input means the bot is
   gone, even after kill -9: the child stops as on SIGTERM, giving its running jobs back (or at

@@ -12,7 +12,7 @@ Two small parts, one per side of the queue:
   oldest), at most once per that many seconds: a job for an unloaded model waits a bounded time,
   and the worker never thrashes between models.
 
-The worker's batches never mix models or LoRA sets: :func:`batch_key` says which jobs may share one.
+The worker's batches never mix models: :func:`batch_key` says which jobs may share one.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.errors import GenerationError, ModelLoadError
-from engine.prompt_syntax import lora_key
 from engine.serving.memory import free_memory
 
 if TYPE_CHECKING:
@@ -40,9 +39,10 @@ log = logging.getLogger(__name__)
 
 
 def batch_key(request: GenerationRequest, default_model: str | None = None) -> Hashable:
-    """Jobs share a batch only with the same key: the same model, the same LoRA set and the same
-    tiling (both are set per module, engine.features.lora and engine.features.tiling)."""
-    return (request.params.model or default_model, lora_key(request.params.prompt), request.params.tiling)
+    """Jobs share a batch only with the same key: the same model and the same tiling (set per
+    module, engine.features.tiling). LoRA sets run per row (engine.features.lora_slots); the worker
+    adds the set of one that cannot (engine.features.lora.LoraLibrary.batch_part)."""
+    return (request.params.model or default_model, request.params.tiling)
 
 
 class ModelPool:

@@ -1,13 +1,14 @@
 """The engine worker: one thread owns the model and the device, and keeps a running batch.
 
 Continuous batching (issue 4): between two denoising steps the thread admits the waiting jobs
-that :func:`engine.batching.admission.admissions` lets join (same size, model and LoRA set, within the row
+that :func:`engine.batching.admission.admissions` lets join (same size and model, within the row
 limit, with the overtake window), and retires the jobs that just took their last step (one
 batched VAE decode; their PNGs are made off this thread, :mod:`engine.serving.finishing`). It switches
-model or LoRA set only between batches, loading models on demand through a
+model only between batches, loading models on demand through a
 :class:`~engine.serving.models.ModelPool`. Jobs in a batch may differ in everything else (prompt, seed,
-steps, sampler, guidance, txt2img or img2img), and a job's pixels do not depend on what shared
-its batch: its noise comes from its own seeds and every per-row quantity is computed row by row.
+steps, sampler, guidance, txt2img or img2img, LoRA set: :mod:`engine.features.lora_slots`), and a job's
+pixels do not depend on what shared its batch: its noise comes from its own seeds and every per-row
+quantity is computed row by row.
 
 asyncio code awaits :meth:`EngineWorker.generate`; results and progress reach the event loop
 thread-safely (``loop.call_soon_threadsafe`` and ``asyncio.wrap_future``). Cancelling takes a job
@@ -41,6 +42,7 @@ from engine.batching.readback import Readback
 from engine.config.upscaler_settings import UpscalerSettings
 from engine.errors import EngineError, GenerationError, JobCancelled
 from engine.features.hires import after_first_pass, is_latent, prepare_second_pass
+from engine.features.lora import SlotsBusy, batch_part
 from engine.features.upscale_jobs import upscale_alone, upscaled_init
 from engine.features.upscalers import Upscalers
 from engine.pipeline import Pipeline, out_of_memory_error, to_images
@@ -241,7 +243,9 @@ class EngineWorker(FaultHandling):
         del self._parked[:count]
 
     def _key(self, request: GenerationRequest) -> Hashable:
-        return batch_key(request, self.models.default)
+        """The batch key, with the job's LoRA set if it runs whole (engine.features.lora.batch_part)."""
+        here = self.pipeline is not None and self.models.canonical(request.params.model) == self.model_name
+        return (*batch_key(request, self.models.default), batch_part(self.pipeline.loras if here else None, request))
 
     def loaded_models(self) -> list[str]:
         """Models on the device now (any thread; the queue runner prefers them)."""
@@ -302,6 +306,8 @@ class EngineWorker(FaultHandling):
                 job = pipeline.prepare(ticket.request, upscaled)
         except torch.OutOfMemoryError:
             job, error, out_of_memory = None, out_of_memory_error(ticket.pass_request), True
+        except SlotsBusy:  # it waits for a slot, or for a batch of its own (engine.features.lora, logged)
+            return False
         except EngineError as e:
             job, error = None, e
         except Exception as e:

@@ -30,6 +30,7 @@ from engine.batching.graphs import CompiledNetwork, UNetGraphs
 from engine.batching.sampler_graphs import SamplerGraphs
 from engine.families.sd.prompts import EmbeddingLibrary, embeddings_injected, emphasize
 from engine.features.controlnet import ControlRows, control_residuals
+from engine.features.lora_slots import LoraRows, RowsNetwork
 from engine.prompt_syntax import ChunkedPrompt, chunk_prompt, chunks_needed, strip_lora_tags
 from engine.sampling.samplers import rows
 from engine.sampling.schedules import ModelSchedule, sigma_to_t
@@ -57,6 +58,9 @@ class Conditioning:
     #: An inpainting UNet's extra input channels, [rows, 1 + C, h, w] (the mask, then the masked
     #: image's latents; see engine.features.inpaint); None for a plain UNet.
     image: Tensor | None = None
+    #: Each row's LoRA slots and weights (engine.features.lora_slots), a negative prompt row's
+    #: those of its image; None when no row has a LoRA.
+    lora: LoraRows | None = None
     #: The rows' ControlNet units (engine.features.controlnet); None when no row has one.
     control: ControlRows | None = None
 
@@ -90,6 +94,7 @@ class Conditioning:
             added=added,
             mask=mask,
             image=image,
+            lora=LoraRows.join([(part.lora, part.embeds.shape[0]) for part in parts], pairs=2),
             control=ControlRows.cat([(part.control, part.rows) for part in parts]),
         )
 
@@ -253,6 +258,7 @@ class Denoiser(CompiledNetwork):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {prediction_type!r}: expected 'epsilon' or 'v_prediction'")
         self.unet = unet
+        self.rows_network = RowsNetwork(unet)  # the UNet with the rows' LoRA inputs
         self.prediction_type = prediction_type
         self.dtype = unet.dtype
         # In float32, as a step used to look timesteps up on the device: the batch's tables are
@@ -266,7 +272,7 @@ class Denoiser(CompiledNetwork):
         ``max_graphs`` shapes; and the samplers' step as ``compiler`` makes it, at most
         ``max_graphs`` too. Once per model."""
         if self.unet_graphs is None:
-            self.unet_graphs = UNetGraphs(compiler(self.unet), max_graphs)
+            self.unet_graphs = UNetGraphs(compiler(self.rows_network), max_graphs)
             self.sampler_graphs = SamplerGraphs(compiler, max_graphs)
 
     def timesteps(self, sigma: Tensor) -> Tensor:
@@ -308,10 +314,11 @@ class Denoiser(CompiledNetwork):
             encoder_hidden_states=cond.embeds,
             encoder_attention_mask=cond.mask,  # None unless rows differ in chunk count
             added_cond_kwargs=cond.added,
+            **({} if cond.lora is None else cond.lora.inputs()),
             **residuals,
         )
         n = x.shape[0]
-        bucket, run = n, self.unet
+        bucket, run = n, self.rows_network
         graphs = self.unet_graphs
         # A batch with ControlNet rows runs eager: the compiled graphs take no residual inputs yet.
         if graphs is not None and not residuals and (key := graphs.admit(n, model_in, cond)) is not None:
