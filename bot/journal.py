@@ -37,6 +37,7 @@ from typing import Any
 from db.models import JobKind
 from db.session import normalize_url
 from db.settings import QueueSettings
+from engine.control_units import ControlUnit, units_from_column, units_to_column
 from engine.params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -256,9 +257,15 @@ def _decode(record: dict[str, Any]) -> Entry:
 
 
 def _plain(value: Any) -> Any:
-    """A parameter as JSON: bytes (an init image, a mask) as base64."""
-    return {"base64": base64.b64encode(value).decode()} if isinstance(value, bytes) else value
+    """A parameter as JSON: bytes (an init image, a mask) as base64; ControlNet units as their column."""
+    if isinstance(value, bytes):
+        return {"base64": base64.b64encode(value).decode()}
+    if isinstance(value, tuple) and all(isinstance(unit, ControlUnit) for unit in value):
+        return {"control_units": units_to_column(value)}
+    return value
 
 
 def _typed(value: Any) -> Any:
+    if isinstance(value, dict) and "control_units" in value:
+        return units_from_column(value["control_units"])
     return base64.b64decode(value["base64"]) if isinstance(value, dict) else value

@@ -55,6 +55,8 @@ class Asked:
     no: str | None = None  # --no a, b: added to the negative prompt
     chaos: int | None = None  # --chaos 0-100: how far a job's images differ
     tile: bool = False  # --tile: seamless tiling
+    reference_mode: str | None = None  # what a reference image guides (bot.references; None: edges)
+    reference_strength: float | None = None  # its ControlNet's weight (None: 1)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import discord
 from PIL import Image, PngImagePlugin
 
 from db.models import Job, JobKind, JobStatus, ResultImage
+from engine.control_units import units_from_column
 from engine.params import SCHEDULE_NAMES
 from engine.types import SAMPLER_NAMES
 
@@ -109,6 +110,18 @@ def parameter_lines(job: Job, model_name: str) -> list[tuple[str, str]]:
         pairs.append(("Chaos", f"{job.chaos} (variation strength {job.chaos / 100:g} from seed {job.seed})"))
     if job.tiling:
         pairs.append(("Tiling", "seamless (--tile)"))
+    for index, unit in enumerate(units_from_column(job.control_units)):  # a reference's ControlNet
+        window = (
+            f", steps {unit.guidance_start:g}–{unit.guidance_end:g}"
+            if (unit.guidance_start, unit.guidance_end) != (0, 1)
+            else ""
+        )
+        pairs.append(
+            (
+                f"ControlNet {index}",
+                f"{escape(unit.model)} ({unit.module}), weight {unit.weight:g}{window}, {unit.control_mode}",
+            )
+        )
     return pairs
 
 

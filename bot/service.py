@@ -43,6 +43,7 @@ from bot.masks import load_mask
 from bot.permutations import PermutedSubmit
 from bot.policy import Asked, Asker
 from bot.prompting import image_prompts, permuted, templated
+from bot.references import load_reference
 from bot.safety.results import ResultChecks
 from bot.submitting import JournaledSubmit
 from db.community import DAY, Admission, Community
@@ -208,11 +209,12 @@ class JobService(JournaledSubmit, PermutedSubmit, JobLookups):
         asked: Asked,
         image: discord.Attachment | None = None,
         mask: discord.Attachment | None = None,
+        reference: discord.Attachment | None = None,
     ) -> tuple[GenerationParams, str | None]:
         """The parameters of a new /imagine or /img2img job and a note on long prompts; refuses,
         with BadInput, what the server, the queue's pending limit or the engine would not take.
         Within Discord's deadline: acknowledges first when the checks take long."""
-        return await within_deadline(self, interaction, self._admit(interaction, asked, image, mask))
+        return await within_deadline(self, interaction, self._admit(interaction, asked, image, mask, reference))
 
     async def _admit(
         self,
@@ -220,11 +222,18 @@ class JobService(JournaledSubmit, PermutedSubmit, JobLookups):
         asked: Asked,
         image: discord.Attachment | None,
         mask: discord.Attachment | None,
+        reference: discord.Attachment | None = None,
     ) -> tuple[GenerationParams, str | None]:
         asker = Asker.of(interaction)
-        if image is None:  # every check in one hop to the checking threads
+        if image is None and reference is None:  # every check in one hop to the checking threads
             return await self.run_check(self._checked, asker, asked)
-        seen, params = await self.run_check(self._resolved, asker, asked, True)
+        seen, params = await self.run_check(self._resolved, asker, asked, image is not None)
+        if image is None:  # a reference (bot/references.py): checked as an /img2img upload is
+            params = await load_reference(self, reference, asked, seen.policy, params)
+            uploads = [unit.image for unit in params.control_units]
+            if self.checks is not None:
+                await self.checks.check_upload(uploads, seen.policy, age_restricted=policy.is_nsfw_channel(asker))
+            return await self.run_check(self._gated, asker, seen, params)
         gen = self.config.generation_for(params.model)
         dc = self.config.discord  # the upload's shape, within this server's size limit
         data = await self.download(image.url, dc.max_attachment_bytes)
@@ -321,13 +330,18 @@ class JobService(JournaledSubmit, PermutedSubmit, JobLookups):
         asked: Asked,
         image: discord.Attachment | None = None,
         mask: discord.Attachment | None = None,
+        *,
+        reference: discord.Attachment | None = None,
     ) -> Job | None:
         """/imagine, /img2img and /inpaint: admit, then queue (permutations: each of their jobs)."""
         prompts = permuted(asked.prompt)
         if len(prompts) > 1:
+            if reference is not None:
+                raise BadInput("A reference guides one prompt; leave the {a, b} choices out or the reference.")
             await self.submit_permutations(interaction, kind, asked, prompts)
             return None
-        params, note = await self.admit(interaction, self.read_params(replace(asked, prompt=prompts[0])), image, mask)
+        asked = self.read_params(replace(asked, prompt=prompts[0]))
+        params, note = await self.admit(interaction, asked, image, mask, reference)
         return await self.submit(interaction, NewJob(kind, params), note=note)
 
     async def submit_derived(self, interaction: discord.Interaction, new: NewJob, note: str | None = None) -> Job:

@@ -90,6 +90,7 @@ def server_settings_text(policy: ServerPolicy, barred: list[int], config: Config
         f"default model: {limit(policy.default_model, config.model.display_name)}; "
         f"CLIP skip: {limit(policy.clip_skip, models_own)}",
         f"barred members: {', '.join(f'<@{u}>' for u in barred) or 'none'}",
+        f"reference modes turned off: {', '.join(policy.reference_modes_off) or 'none'}",
         safety_settings_line(policy, config),
         "**Models**",
         models_text(config),

@@ -18,7 +18,9 @@ from discord.app_commands import Choice
 from bot.config import Config
 from bot.inputs import BadInput, check_prompt
 from bot.reach import service_of
+from bot.references import REFERENCE_MODES
 from engine.config.upscaler_settings import model_files
+from engine.control_units import MAX_CONTROL_WEIGHT
 from engine.params import (
     HIRES_UPSCALERS,
     MAX_HIRES_SCALE,
@@ -182,6 +184,8 @@ class Options:
     hires_steps: Bounded
     hires_upscaler: OneOf
     hires_strength: Bounded
+    reference_mode: OneOf
+    reference_strength: Bounded
 
     @classmethod
     def of(cls, config: Config) -> Options:
@@ -205,4 +209,6 @@ class Options:
             hires_steps=Bounded("hires_steps", int, 0, gen.max_steps),
             hires_upscaler=OneOf("hires_upscaler", {name: name for name in hires_upscalers(config)}),
             hires_strength=Bounded("hires_strength", float, 0.05, 1.0),
+            reference_mode=OneOf("reference_mode", {mode: mode for mode in REFERENCE_MODES}),
+            reference_strength=Bounded("reference_strength", float, 0.0, MAX_CONTROL_WEIGHT),
         )

@@ -60,7 +60,7 @@ __all__ = [
 _NO_UPDATE_SYNC = {"synchronize_session": False}
 MEMBER_FIELDS = frozenset(f.name for f in fields(MemberDefaults))
 SERVER_FIELDS = frozenset(f.name for f in fields(ServerPolicy))
-_LIST_FIELDS = frozenset({"allowed_channel_ids", "nsfw_words", "safety_labels"})
+_LIST_FIELDS = frozenset({"allowed_channel_ids", "nsfw_words", "safety_labels", "reference_modes_off"})
 _SERVER_ROW_DEFAULTS = {
     "allowed_channel_ids": [],
     "nsfw_words": [],
@@ -68,6 +68,7 @@ _SERVER_ROW_DEFAULTS = {
     "paused": False,
     "safety_labels": [],
     "reveal_in_dm": False,
+    "reference_modes_off": [],
 }
 
 

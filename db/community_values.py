@@ -59,6 +59,7 @@ class ServerPolicy:
     reveal_in_dm: bool = False  # a blurred result's Reveal may DM the original to its requester
     reports_to_hide: int | None = None  # members' reports that hide a result until a moderator decides
     strikes: int | None = None  # withheld results after which a member is barred; None: off
+    reference_modes_off: tuple[str, ...] = ()  # /imagine reference modes the server turned off
 
 
 @dataclass(frozen=True)

@@ -265,6 +265,7 @@ class ServerSettings(Base):
     reveal_in_dm: Mapped[bool] = mapped_column(Boolean, default=False)
     reports_to_hide: Mapped[int | None]
     strikes: Mapped[int | None]  # withheld results before a member is barred; None: no strikes
+    reference_modes_off: Mapped[list[str] | None] = mapped_column(JSON)  # /server references
     updated_at: Mapped[datetime]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 #: AUTOMATIC1111's control modes (scripts/enums.py ``ControlMode``). "My prompt is more important"
 #: scales the residuals down block by block (its soft injection); "ControlNet is more important"
@@ -95,3 +96,16 @@ def units_from_column(value: str | None) -> tuple[ControlUnit, ...]:
     if not value:
         return ()
     return tuple(ControlUnit(**(item | {"image": base64.b64decode(item["image"])})) for item in json.loads(value))
+
+
+def controlnet_names(folder: str | Path) -> dict[str, Path]:
+    """The folder's ControlNets by name (a file's stem or a subfolder's name), sorted."""
+    if not folder or not Path(folder).is_dir():
+        return {}
+    found = {}
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_dir() and (path / "config.json").is_file() and any(path.glob("diffusion_pytorch_model.*")):
+            found[path.name] = path
+        elif path.suffix in (".safetensors", ".pth", ".ckpt", ".pt") and path.is_file():
+            found.setdefault(path.stem, path)
+    return found

@@ -16,7 +16,7 @@ from bot.policy import Asked
 from bot.service import JobService
 from bot.transformers import Options
 from db.models import JobKind
-from engine.params import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER, MAX_HIRES_SCALE, SAMPLER_NAMES, SEED_MAX
+from engine.params import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER, SAMPLER_NAMES
 
 
 def generate_cog(service: JobService, o: Options) -> commands.Cog:
@@ -25,7 +25,7 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
     described = dict(
         prompt="What to draw (--ar 16:9, {a, b}...: see /help)",
         negative="What to keep out of the image",
-        seed=f"Seed for the noise (0 to {SEED_MAX}); random when left out",
+        seed="Seed for the noise; random when left out",
         steps=f"Denoising steps (default {gen.default_steps})",
         guidance=f"How closely to follow the prompt (default {gen.default_guidance:g})",
         size=f"Width x height (default {gen.default_width}x{gen.default_height})",
@@ -33,14 +33,19 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
         count="Images to make (default 1)",
         model=f"Model (default {config.model.display_name}); LoRA: <lora:name:0.8> in the prompt",
         style="One of this server's styles (prompt templates); default: yours, set with /settings",
-        clip_skip="CLIP skip, as in AUTOMATIC1111 (default: the model's; anime models often want 2)",
-        schedule=f"Schedule type, apart from the sampler as in AUTOMATIC1111 (default {gen.default_schedule})",
+        clip_skip="CLIP skip (default: the model's; anime models often want 2)",
+        schedule=f"Schedule type, as in AUTOMATIC1111 (default {gen.default_schedule})",
     )
     hires_described = dict(
-        hires=f"Hires fix: make it at its size, enlarge it by this (1 to {MAX_HIRES_SCALE:g}) and redraw the detail",
+        hires="Hires fix: make it at its size, enlarge it by this and redraw the detail",
         hires_steps="Steps of the hires pass (default: the same as steps)",
         hires_upscaler=f"How the hires fix enlarges (default {DEFAULT_HIRES_UPSCALER}, in latent space)",
         hires_strength=f"How much the hires pass redraws (default {DEFAULT_HIRES_STRENGTH:g})",
+    )
+    reference_described = dict(
+        reference="An image that guides the new one",
+        reference_mode="What of it guides (default edges)",
+        reference_strength="How strongly (default 1)",
     )
 
     class Generate(commands.Cog, name="generate"):
@@ -50,7 +55,7 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
             self.service = service
 
         @app_commands.command(name="imagine", description="Make images from a text prompt")
-        @app_commands.describe(**described, **hires_described)
+        @app_commands.describe(**described, **hires_described, **reference_described)
         async def imagine(
             self,
             interaction: discord.Interaction,
@@ -70,6 +75,9 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
             hires_steps: Transform[int, o.hires_steps] = None,
             hires_upscaler: Transform[str, o.hires_upscaler] = None,
             hires_strength: Transform[float, o.hires_strength] = None,
+            reference: discord.Attachment | None = None,
+            reference_mode: Transform[str, o.reference_mode] = None,
+            reference_strength: Transform[float, o.reference_strength] = None,
         ) -> None:
             asked = Asked(
                 prompt,
@@ -88,8 +96,11 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
                 hires_steps=hires_steps,
                 hires_upscaler=hires_upscaler,
                 hires_strength=hires_strength,
+                reference_mode=reference_mode,
+                reference_strength=reference_strength,
             )
-            await self.service.guarded(interaction, self.service.submit_command(interaction, JobKind.txt2img, asked))
+            submitted = self.service.submit_command(interaction, JobKind.txt2img, asked, reference=reference)
+            await self.service.guarded(interaction, submitted)
 
         @app_commands.command(name="img2img", description="Make images from an uploaded image and a prompt")
         @app_commands.describe(

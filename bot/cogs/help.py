@@ -54,8 +54,15 @@ def help_pages(commands_: Iterable[Any], service: JobService) -> list[str]:
     """/help's embeds: every command with its options; each option once with its limits (from the
     definitions, so /help never disagrees with what Discord is told); the menus and buttons."""
     commands_ = list(commands_)
-    lines, options = ["**Commands**"], {}
+    lines, options, nested = ["**Commands**"], {}, set()
     for command in iter_commands(commands_):
+        group = command.parent
+        if group is not None and group.parent is not None:  # /server style add|remove...: one line, to fit
+            if group.qualified_name not in nested:
+                nested.add(group.qualified_name)
+                names = "|".join(c.name for c in group.commands)
+                lines.append(f"`/{group.qualified_name} {names}`: {group.description}")
+            continue
         params = [] if command.parent else command.parameters  # subcommands: one line, to fit
         shown = " ".join(p.name if p.required else f"[{p.name}]" for p in params)
         lines.append(f"`/{command.qualified_name}{' ' + shown if shown else ''}`: {command.description}")

@@ -17,6 +17,7 @@ from bot import render
 from bot.checks import require_manage_server
 from bot.cogs.wildcards import wildcards_group
 from bot.inputs import BadInput, check_attachment_meta
+from bot.references import REFERENCE_MODES
 from bot.safety.moderation import Moderation
 from bot.service import JobService
 from bot.texts import audit_text, server_settings_text
@@ -151,6 +152,18 @@ def server_cog(service: JobService, o: Options, moderation: Moderation) -> comma
             if len(new) > 500:
                 raise BadInput("The NSFW list can hold up to 500 words or phrases.")
             await self._saved(interaction, nsfw_words=list(new))
+
+        @app_commands.command(name="references", description="Turn a reference mode on or off")
+        @app_commands.describe(mode="edges, tile, blur, depth, pose, lineart or softedge", on="True: on, False: off")
+        async def references(
+            self,
+            interaction: discord.Interaction,
+            mode: Transform[str, OneOf("mode", {m: m for m in REFERENCE_MODES})],
+            on: bool,
+        ) -> None:
+            current = (await self._policy(interaction)).reference_modes_off
+            new = tuple(m for m in current if m != mode) if on else tuple(dict.fromkeys((*current, mode)))
+            await self._saved(interaction, reference_modes_off=list(new))
 
         @app_commands.command(name="model", description="The model used when a member does not choose one")
         @app_commands.describe(name="A model name from the bot's configuration (left out: the bot's default)")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from engine.control_units import controlnet_names
 from engine.errors import GenerationError, ModelLoadError
 from engine.families.load_tools import load_errors
 from engine.families.loading import DATA_DIR
@@ -25,19 +26,6 @@ from engine.families.loading import DATA_DIR
 log = logging.getLogger(__name__)
 
 SDXL_KEY_MARK = "label_emb."  # SDXL's added time/text embedding (SD 1.x ControlNets have none)
-
-
-def controlnet_names(folder: str | Path) -> dict[str, Path]:
-    """The folder's ControlNets by name (a file's stem or a subfolder's name), sorted."""
-    if not folder or not Path(folder).is_dir():
-        return {}
-    found = {}
-    for path in sorted(Path(folder).iterdir()):
-        if path.is_dir() and (path / "config.json").is_file() and any(path.glob("diffusion_pytorch_model.*")):
-            found[path.name] = path
-        elif path.suffix in (".safetensors", ".pth", ".ckpt", ".pt") and path.is_file():
-            found.setdefault(path.stem, path)
-    return found
 
 
 class ControlNets:

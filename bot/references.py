@@ -1,0 +1,153 @@
+"""/imagine's reference image: a mode (edges, tile, depth...) -> a ControlNet unit of the job's model.
+
+Members pick what the reference should guide, not a ControlNet: each mode names the
+preprocessor it needs and the words a ControlNet's name for it contains, which is how
+AUTOMATIC1111's ControlNet extension filters its model list by control type
+(``control_v11p_sd15_canny`` is an edges ControlNet, ``control_v11f1e_sd15_tile`` a tile one).
+The ControlNets are the job's model's (``controlnet_dir`` in its config table), the first by
+name that matches. A mode whose preprocessor is not installed, that the server turned off
+(``/server references``), or that has no ControlNet for the model is refused with the modes
+that can be used.
+
+The reference is an upload like /img2img's: checked before it is downloaded, decoded by
+:func:`bot.inputs.load_init_image` (non-images, bombs, truncated files refused alike) and, with
+the init image if any, judged by the image filter before a job is stored (bot/service.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import discord
+
+from bot import policy
+from bot.config import Config
+from bot.inputs import PILLOW_FORMATS, BadInput, check_attachment_meta, load_init_image
+from bot.policy import Asked
+from db.community_values import ServerPolicy
+from engine.control_units import PREPROCESSORS, ControlUnit, controlnet_names
+from engine.families import FAMILIES
+from engine.params import GenerationParams
+
+
+@dataclass(frozen=True)
+class ReferenceMode:
+    module: str  # the preprocessor (engine.control_units.PREPROCESSORS when installed)
+    words: tuple[str, ...]  # what the name of a ControlNet for it contains
+    blurb: str  # for /help and the option's choices
+
+
+REFERENCE_MODES: dict[str, ReferenceMode] = {
+    "edges": ReferenceMode("canny", ("canny",), "its outlines (canny edges)"),
+    "tile": ReferenceMode("tile", ("tile",), "its colours and layout, redrawn in detail"),
+    "blur": ReferenceMode("blur", ("tile", "blur"), "its blurred colours and shapes"),
+    "depth": ReferenceMode("depth", ("depth",), "its depth"),
+    "pose": ReferenceMode("openpose", ("openpose", "pose"), "the pose of its people"),
+    "lineart": ReferenceMode("lineart", ("lineart",), "its line art"),
+    "softedge": ReferenceMode("softedge", ("softedge", "hed", "pidi"), "its soft edges"),
+}
+DEFAULT_REFERENCE_MODE = "edges"
+DEFAULT_REFERENCE_STRENGTH = 1.0
+
+
+def controlnet_for(mode: str, controlnet_dir: str | Path) -> str | None:
+    """The first ControlNet of the folder (by name) made for ``mode``, or None."""
+    words = REFERENCE_MODES[mode].words
+    return next((name for name in controlnet_names(controlnet_dir) if any(w in name.lower() for w in words)), None)
+
+
+def usable_modes(controlnet_dir: str | Path, off: tuple[str, ...] = ()) -> list[str]:
+    """Modes a member can use with this model here: installed preprocessor and ControlNet, not off."""
+    return [
+        mode
+        for mode, spec in REFERENCE_MODES.items()
+        if spec.module in PREPROCESSORS and mode not in off and controlnet_for(mode, controlnet_dir)
+    ]
+
+
+def reference_unit(
+    mode: str | None,
+    strength: float | None,
+    image_png: bytes,
+    controlnet_dir: str | Path,
+    off: tuple[str, ...] = (),
+    *,
+    family_label: str | None = None,
+) -> ControlUnit:
+    """The job's ControlNet unit for a reference in ``mode``, or BadInput saying what to do."""
+    mode = mode or DEFAULT_REFERENCE_MODE
+    if family_label is not None:
+        raise BadInput(f"References guide SD 1.x and SDXL models, not {family_label} ones; pick such a model.")
+    usable = usable_modes(controlnet_dir, off)
+    choices = f"reference modes you can use here: {', '.join(usable)}." if usable else "none can be used here."
+    if mode not in REFERENCE_MODES:
+        raise BadInput(f"Unknown reference mode {mode!r}; {choices}")
+    if mode in off:
+        raise BadInput(f"This server has turned the {mode} reference off; {choices}")
+    spec = REFERENCE_MODES[mode]
+    if spec.module not in PREPROCESSORS:
+        raise BadInput(f"The {mode} reference needs the {spec.module} annotator, which is not installed; {choices}")
+    name = controlnet_for(mode, controlnet_dir)
+    if name is None:
+        raise BadInput(f"No ControlNet for {mode} is installed for this model; {choices}")
+    return ControlUnit(
+        name, image_png, spec.module, weight=DEFAULT_REFERENCE_STRENGTH if strength is None else strength
+    )
+
+
+class Downloads(Protocol):
+    """What loading a reference needs of the job service (bot/service.py)."""
+
+    config: Config
+    allowed_hosts: frozenset[str]
+
+    async def download(self, url: str, max_bytes: int) -> bytes: ...
+
+
+async def load_reference(
+    service: Downloads, reference: discord.Attachment, asked: Asked, server: ServerPolicy, params: GenerationParams
+) -> GenerationParams:
+    """``params`` with the reference's unit; the upload checked as /img2img's are (its PNG, decoded
+    safely, is the unit's image; the image filter judges it with the job's other uploads)."""
+    config, dc = service.config, service.config.discord
+    check_attachment_meta(
+        filename=reference.filename,
+        content_type=reference.content_type,
+        size=reference.size,
+        url=reference.url,
+        allowed_types=dc.allowed_image_types,
+        max_bytes=dc.max_attachment_bytes,
+        allowed_hosts=service.allowed_hosts,
+    )
+    gen = config.generation_for(params.model)
+    traits = FAMILIES.get(gen.family)
+    label = traits.label if traits is not None and traits.flow else None
+    model = config.model_settings(params.model)
+    # The mode is checked before the download: a refusal costs the member no wait.
+    reference_unit(
+        asked.reference_mode,
+        asked.reference_strength,
+        b"",
+        model.controlnet_dir,
+        server.reference_modes_off,
+        family_label=label,
+    )
+    data = await service.download(reference.url, dc.max_attachment_bytes)
+    max_width, max_height = policy.max_size(server, gen)
+    image = await asyncio.to_thread(
+        load_init_image,
+        data,
+        size=None,
+        max_width=max_width,
+        max_height=max_height,
+        target_area=params.width * params.height,
+        formats=tuple(PILLOW_FORMATS[t] for t in dc.allowed_image_types),
+        multiple=gen.pixel_multiple,
+    )
+    unit = reference_unit(
+        asked.reference_mode, asked.reference_strength, image.png, model.controlnet_dir, server.reference_modes_off
+    )
+    return params.but(control_units=(unit,))
