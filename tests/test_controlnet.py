@@ -15,6 +15,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLControlNetUnionPipeline,
 )
 from PIL import Image
 
@@ -26,7 +27,7 @@ from engine.features.controlnet import residual_scales
 from engine.features.controlnet_loading import ControlNets
 from engine.pipeline import Pipeline
 from engine.types import GenerationRequest
-from tinycontrolnet import save_controlnets
+from tinycontrolnet import save_controlnets, save_union
 
 STEPS = 10  # integer timesteps under "linspace" spacing, as the diffusers comparison in test_pipeline
 
@@ -232,3 +233,50 @@ def test_infotext_writes_each_unit_as_the_a1111_extension_does(pipeline, nets):
     parsed = dict(item.strip().split(": ") for item in second.split(","))
     assert parsed["Model"] == "edges" and parsed["Control Mode"] == CONTROL_MODES[1]
     assert parsed["Module"] == "none" and parsed["Resize Mode"] == "Just Resize"
+
+
+def test_sdxl_union_unit_matches_diffusers(tiny_sdxl_model, tmp_path):
+    """A union ControlNet (ControlNetUnionModel) told its control type by the preprocessor: canny is 3."""
+    made = save_union(tmp_path, tiny_sdxl_model.unet, seed=6)
+    pipe = Pipeline(dataclasses.replace(tiny_sdxl_model, controlnet_dir=tmp_path))
+    loaded = pipe.controlnets.get("union-file")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in made.state_dict().items())
+    m = tiny_sdxl_model
+    reference = StableDiffusionXLControlNetUnionPipeline(
+        vae=m.vae,
+        text_encoder=m.text_encoders[0],
+        text_encoder_2=m.text_encoders[1],
+        tokenizer=m.tokenizers[0],
+        tokenizer_2=m.tokenizers[1],
+        unet=m.unet,
+        controlnet=pipe.controlnets.get("union"),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="linspace",
+        ),
+        force_zeros_for_empty_prompt=False,
+    )
+    reference.set_progress_bar_config(disable=True)
+    edges = control_map(picture(7), "canny", 64, 64, "Just Resize")
+    ours = request(units=[ControlUnit("union", png(picture(7)), module="canny", weight=0.9, resize_mode="Just Resize")])
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(ours.params.seed))
+    theirs = reference(
+        ours.params.prompt,
+        negative_prompt=ours.params.negative_prompt,
+        control_image=[edges],
+        control_mode=[3],
+        num_inference_steps=STEPS,
+        guidance_scale=ours.params.guidance,
+        height=64,
+        width=64,
+        latents=noise,
+        controlnet_conditioning_scale=0.9,
+        output_type="latent",
+    ).images
+    (mine,) = denoise(pipe, ours)
+    torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+    with pytest.raises(GenerationError, match="union ControlNet 'union' is told its control type"):
+        pipe.prepare(request(units=[ControlUnit("union", png(picture(7)))]))

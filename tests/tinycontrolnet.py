@@ -13,14 +13,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, ControlNetUnionModel
 from safetensors.torch import save_file
 
 from tinymodel import RESNET_NAMES, _rename
 
 
-def tiny_controlnet(unet, seed: int) -> ControlNetModel:
+def tiny_controlnet(unet, seed: int, union: bool = False) -> ControlNetModel | ControlNetUnionModel:
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 16, 32, 32))
+    if union:  # its control-type transformer at the tiny UNet's width (from_unet keeps SDXL's 320)
+        width = unet.config.block_out_channels[0]
+        config = dict(net.config) | dict(num_trans_channel=width, num_trans_head=2, num_proj_channel=width)
+        net = ControlNetUnionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in net.parameters():
@@ -71,3 +75,13 @@ def save_controlnets(folder: Path, unet, seeds: dict[str, int]) -> dict[str, Con
         else:
             net.save_pretrained(folder / name)
     return nets
+
+
+def save_union(folder: Path, unet, seed: int) -> ControlNetUnionModel:
+    """A tiny union ControlNet as ``union`` (a diffusers folder) and ``union-file.safetensors`` in
+    diffusers' layout with its config folder beside it, as xinsir's are shipped."""
+    net = tiny_controlnet(unet, seed, union=True)
+    net.save_pretrained(folder / "union")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "union-file.safetensors"))
+    net.save_config(folder / "union-file")
+    return net

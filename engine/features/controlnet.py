@@ -47,6 +47,14 @@ if TYPE_CHECKING:
 #: 0.825 ** (12 - i); SDXL's 10 residuals take the first 10 of those.
 SOFT_INJECTION = 0.825
 SDXL_SOFT_OFFSET = 3
+#: A union ControlNet's control type for each preprocessor (xinsir's ControlNet++ order, which
+#: diffusers' ``StableDiffusionXLControlNetUnionPipeline`` takes as ``control_mode``).
+UNION_TYPES = {"openpose": 0, "depth": 1, "softedge": 2, "canny": 3, "lineart": 3, "tile": 6, "blur": 6}
+
+
+def is_union(net) -> bool:
+    """A ``ControlNetUnionModel`` (one network for many control types, told which per call)."""
+    return hasattr(net.config, "num_control_type")
 
 
 def residual_scales(net, weight: float, control_mode: str) -> list[float]:
@@ -79,9 +87,10 @@ class ControlGroup:
     scales: Tensor  # [k, residuals] float32: weight x control mode's factor per residual
     negative: Tensor  # [k] float32: 1, or 0 where the negative prompt's row gets no residuals
     window: Tensor  # [k, 2] float32: the highest sigma of the window, and the one below it
+    union_type: int | None = None  # a union ControlNet's control type (UNION_TYPES); None: a plain one
 
-    def key(self) -> tuple[int, int, int]:
-        return self.slot, id(self.net), self.tokens
+    def key(self) -> tuple[int, int, int, int | None]:
+        return self.slot, id(self.net), self.tokens, self.union_type
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ class ControlRows:
         ControlNet and prompt length merge, so each runs once per step."""
         if all(control is None for control, _ in parts):
             return None
-        merged: dict[tuple[int, int, int], list[ControlGroup]] = {}
+        merged: dict[tuple, list[ControlGroup]] = {}
         offset = 0
         for control, rows in parts:
             for group in control.groups if control is not None else ():
@@ -114,6 +123,7 @@ class ControlRows:
                 scales=torch.cat([group.scales for group in same]),
                 negative=torch.cat([group.negative for group in same]),
                 window=torch.cat([group.window for group in same]),
+                union_type=same[0].union_type,
             )
             for _, same in sorted(merged.items(), key=lambda item: item[0][0])  # by slot, stable
         )
@@ -137,11 +147,17 @@ def control_residuals(
         rows = torch.tensor(group.index, device=model_in.device)
         pick = torch.cat([rows, rows + n])
         sample = model_in.index_select(0, rows)
+        image = torch.cat([group.image, group.image])
+        union = {}
+        if group.union_type is not None:  # one image of one control type, as diffusers' union pipeline gives it
+            kinds = model_in.new_zeros((2 * len(group.index), group.net.config.num_control_type))
+            kinds[:, group.union_type] = 1
+            union = dict(controlnet_cond=[image], control_type=kinds, control_type_idx=[group.union_type])
         out_down, out_mid = group.net(
             torch.cat([sample, sample]),
             timesteps.index_select(0, pick),
             encoder_hidden_states=embeds.index_select(0, pick)[:, : group.tokens],
-            controlnet_cond=torch.cat([group.image, group.image]),
+            **({"controlnet_cond": image} | union),
             conditioning_scale=1.0,
             added_cond_kwargs=None if added is None else {k: v.index_select(0, pick) for k, v in added.items()},
             return_dict=False,
@@ -180,6 +196,12 @@ def job_control(
         if refusal := unit.refusal() or annotator_refusal(unit.module):
             raise GenerationError(refusal)
         net = nets.get(unit.model, cross_attention_dim)
+        union_type = UNION_TYPES.get(unit.module) if is_union(net) else None
+        if is_union(net) and union_type is None:
+            raise GenerationError(
+                f"The union ControlNet {unit.model!r} is told its control type by the preprocessor; "
+                f"pick one of {', '.join(UNION_TYPES)}."
+            )
         picture = control_map(open_image(unit.image, "control image"), unit.module, width, height, unit.resize_mode)
         maps.append(picture)
         # As diffusers' image processor (do_normalize=False): uint8 / 255 in float32.
@@ -198,6 +220,7 @@ def job_control(
                 scales=scales[None].expand(rows, -1).to(device),
                 negative=torch.full((rows,), negative, device=device),
                 window=torch.tensor([[high, low]], dtype=torch.float32).expand(rows, -1).to(device),
+                union_type=union_type,
             )
         )
     return ControlRows(rows, tuple(groups)), maps

@@ -5,13 +5,16 @@ or a single ``.safetensors`` file in the layout AUTOMATIC1111's extension and mo
 (``control_v11p_sd15_canny.safetensors``, with or without the ``control_model.`` prefix), read
 by diffusers' ``ControlNetModel.from_single_file`` with a config: a folder of the file's stem
 beside it when there is one, else the shipped SD 1.5 or SDXL config (engine/data), chosen by
-the file's keys, so loading never reaches the hub. Pickled ``.pth`` files are refused, as our
+the file's keys, so loading never reaches the hub. A union ControlNet (diffusers' ``ControlNetUnionModel``, xinsir's ControlNet++ for SDXL)
+is a folder whose config names that class, or a ``.safetensors`` file in diffusers' layout (as
+xinsir ship it; no converter reads it) with its config folder beside it. Pickled ``.pth`` files are refused, as our
 checkpoints are (they can run code when loaded). A ControlNet for another family than the
 model's (its cross-attention width differs) is refused by name.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -26,6 +29,7 @@ from engine.families.loading import DATA_DIR
 log = logging.getLogger(__name__)
 
 SDXL_KEY_MARK = "label_emb."  # SDXL's added time/text embedding (SD 1.x ControlNets have none)
+UNION_KEY_MARK = "task_embedding"  # a union ControlNet's per-type embeddings
 
 
 class ControlNets:
@@ -66,7 +70,7 @@ class ControlNets:
         return f"{name} [{legacy_model_hash(path)}]"
 
     def _load(self, name: str) -> torch.nn.Module:
-        from diffusers import ControlNetModel
+        from diffusers import ControlNetModel, ControlNetUnionModel
 
         names = controlnet_names(self.folder or "")
         if name not in names:
@@ -74,13 +78,16 @@ class ControlNets:
             raise GenerationError(f"Unknown ControlNet {name!r}; installed: {listed}.")
         path = names[name]
         if path.is_dir():
+            cls = ControlNetUnionModel if union_config(path) else ControlNetModel
             with load_errors(path, "a diffusers ControlNet folder"):
-                net = ControlNetModel.from_pretrained(str(path), torch_dtype=self.dtype, local_files_only=True)
+                net = cls.from_pretrained(str(path), torch_dtype=self.dtype, local_files_only=True)
         elif path.suffix != ".safetensors":
             raise GenerationError(
                 f"The ControlNet {name!r} is a pickled {path.suffix} file, which can run code when loaded; "
                 "ask the operator for its .safetensors version."
             )
+        elif union_config(path.with_suffix("")) or has_key(path, UNION_KEY_MARK):
+            net = self._load_union_file(path)
         else:
             config = single_file_config(path)
             with load_errors(path, f"a ControlNet single file with the config in {config}"):
@@ -90,16 +97,44 @@ class ControlNets:
         log.info("loaded ControlNet %s from %s", name, path)
         return net.to(self.device).eval().requires_grad_(False)
 
+    def _load_union_file(self, path: Path) -> torch.nn.Module:
+        """A union ControlNet as one file: xinsir's ship theirs in diffusers' layout
+        (``diffusion_pytorch_model_promax.safetensors``), which no converter reads; its config
+        comes from a folder of the file's stem beside it."""
+        from diffusers import ControlNetUnionModel
+        from safetensors.torch import load_file
+
+        config = path.with_suffix("")
+        if not union_config(config):
+            raise GenerationError(
+                f"The union ControlNet {path.stem!r} needs its config.json in a folder {config.name} beside it; "
+                "ask the operator to add it."
+            )
+        with load_errors(path, f"a union ControlNet in diffusers' layout with the config in {config}"):
+            net = ControlNetUnionModel.from_config(ControlNetUnionModel.load_config(str(config)))
+            net.load_state_dict(load_file(str(path)), strict=True)
+        return net.to(self.dtype)
+
+
+def union_config(folder: Path) -> bool:
+    """Whether ``folder`` holds a union ControlNet's config (diffusers' ``ControlNetUnionModel``)."""
+    config = folder / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("_class_name") == "ControlNetUnionModel"
+
+
+def has_key(path: Path, mark: str) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(mark in key for key in f.keys())
+
 
 def single_file_config(path: Path) -> Path:
     """The config folder for a ControlNet file: its own beside it, else the shipped one of its family."""
     sidecar = path.with_suffix("")
     if (sidecar / "config.json").is_file():
         return sidecar
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        sdxl = any(SDXL_KEY_MARK in key for key in f.keys())
+    sdxl = has_key(path, SDXL_KEY_MARK)
     return DATA_DIR / ("controlnet-sdxl" if sdxl else "controlnet-sd1")
 
 
