@@ -17,11 +17,14 @@ the init image if any, judged by the image filter before a job is stored (bot/se
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import discord
+from PIL import Image
 
 from bot import policy
 from bot.config import Config
@@ -30,7 +33,10 @@ from bot.policy import Asked
 from db.community_values import ServerPolicy
 from engine.control_units import PREPROCESSORS, ControlUnit, controlnet_names
 from engine.families import FAMILIES
+from engine.features.annotators import control_map
 from engine.params import GenerationParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -151,3 +157,31 @@ async def load_reference(
         asked.reference_mode, asked.reference_strength, image.png, model.controlnet_dir, server.reference_modes_off
     )
     return params.but(control_units=(unit,))
+
+
+def control_map_files(params: GenerationParams) -> list[discord.File]:
+    """Each unit's control map as the ControlNet will see it, at the job's size (PNG files)."""
+    files = []
+    for index, unit in enumerate(params.control_units):
+        image = Image.open(io.BytesIO(unit.image))
+        picture = control_map(image, unit.module, params.width, params.height, unit.resize_mode)
+        out = io.BytesIO()
+        picture.save(out, "PNG")
+        out.seek(0)
+        files.append(discord.File(out, filename=f"control-map-{index}.png"))
+    return files
+
+
+async def show_control_maps(interaction: discord.Interaction, params: GenerationParams) -> None:
+    """The reply's preview of what guides the job (only the member sees it); a failure to show it
+    leaves the job queued."""
+    if not params.control_units:
+        return
+    files = await asyncio.to_thread(control_map_files, params)
+    what = ", ".join(f"{unit.module} for {unit.model}" for unit in params.control_units)
+    try:
+        await interaction.followup.send(
+            f"Your reference as the ControlNet sees it ({what}):", files=files, ephemeral=True
+        )
+    except discord.HTTPException as e:
+        log.info("could not show the control map: %s", e)

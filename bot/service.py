@@ -43,7 +43,7 @@ from bot.masks import load_mask
 from bot.permutations import PermutedSubmit
 from bot.policy import Asked, Asker
 from bot.prompting import image_prompts, permuted, templated
-from bot.references import load_reference
+from bot.references import load_reference, show_control_maps
 from bot.safety.results import ResultChecks
 from bot.submitting import JournaledSubmit
 from db.community import DAY, Admission, Community
@@ -342,7 +342,10 @@ class JobService(JournaledSubmit, PermutedSubmit, JobLookups):
             return None
         asked = self.read_params(replace(asked, prompt=prompts[0]))
         params, note = await self.admit(interaction, asked, image, mask, reference)
-        return await self.submit(interaction, NewJob(kind, params), note=note)
+        job = await self.submit(interaction, NewJob(kind, params), note=note)
+        if job is not None:  # queued (else from the journal, later): the reply previews its control maps
+            await show_control_maps(interaction, params)
+        return job
 
     async def submit_derived(self, interaction: discord.Interaction, new: NewJob, note: str | None = None) -> Job:
         """A reroll, variation, upscale or edit: admit, then queue."""

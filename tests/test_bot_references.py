@@ -15,6 +15,8 @@ from PIL import Image
 from bot_harness import bot_config, bot_running, is_result, png, running_setup
 from discord_emulator import Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
+from engine.control_units import units_from_column
+from engine.features.annotators import control_map
 from engine.metadata import read_parameters
 
 pytestmark = pytest.mark.asyncio
@@ -50,11 +52,18 @@ async def test_imagine_with_a_reference_is_guided_by_its_controlnet(reference_se
         upload = emu.attachment("ref.png", blocks(), "image/png")
         options = {"prompt": "a house", "seed": 3, "reference_mode": "edges", "reference_strength": 0.8}
         ix = await emu.slash(emu.alice, "imagine", options, attachments={"reference": upload})
+        preview = await ix.wait_response(lambda m: m.ephemeral and m.attachments)
+        assert "as the ControlNet sees it (canny for control_tiny_canny)" in preview.content
+        assert preview.attachments[0].filename == "control-map-0.png"
         posted = await emu.wait_for_message(emu.general, is_result, timeout=60)
         params = read_parameters(posted.attachments[0].data)
         unit = params["ControlNet 0"]
         assert unit.startswith("Module: canny, Model: control_tiny_canny") and "Weight: 0.8" in unit
         job_id = int(next(c for c in posted.custom_ids if c.startswith("sd:reroll:")).split(":")[2])
+        (unit,) = units_from_column(queue.get(job_id).control_units)  # the upload as load_init_image made it
+        edges = control_map(Image.open(io.BytesIO(unit.image)), "canny", 64, 64, "Crop and Resize")
+        shown = Image.open(io.BytesIO(preview.attachments[0].data))
+        assert np.array_equal(np.asarray(shown), np.asarray(edges)) and np.asarray(edges).any()
         assert r"ControlNet 0:** control\_tiny\_canny (canny), weight 0.8, Balanced" in await reply(
             await emu.slash(emu.alice, "info", {"job": job_id})
         )
