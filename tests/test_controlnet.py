@@ -280,3 +280,44 @@ def test_sdxl_union_unit_matches_diffusers(tiny_sdxl_model, tmp_path):
     torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
     with pytest.raises(GenerationError, match="union ControlNet 'union' is told its control type"):
         pipe.prepare(request(units=[ControlUnit("union", png(picture(7)))]))
+
+
+def test_compiled_graphs_take_the_residuals_as_padded_inputs(tiny_model, nets):
+    """engine.compile: a batch with ControlNet rows runs in the compiled graphs, its residuals
+    padded to the bucket like every other row input, and gives the eager images."""
+    import asyncio
+    import functools
+
+    from engine.config.settings import EngineSettings, GenerationSettings
+    from engine.serving.worker import EngineWorker
+
+    model = dataclasses.replace(tiny_model, controlnet_dir=nets[0])
+    units = [ControlUnit("edges", png(picture(1)), module="canny", weight=0.7)]
+    requests = [request(1, units, steps=2, count=2), request(2, steps=2, seed=9)]  # 3 rows: bucket 4
+
+    def run(worker):
+        async def go():
+            tasks = [asyncio.ensure_future(worker.generate(r)) for r in requests]
+            await asyncio.sleep(0)  # all waiting before the thread starts: one batch
+            worker.start()
+            async with asyncio.timeout(300):
+                return await asyncio.gather(*tasks)
+
+        try:
+            return asyncio.run(go())
+        finally:
+            worker.stop()
+
+    compiler = functools.partial(torch.compile, backend="eager", dynamic=False)
+    compiled = EngineWorker(
+        model, EngineSettings(preview_every=0, compile="default"), GenerationSettings(), compiler=compiler
+    )
+    results = run(compiled)
+    graphs = compiled.pipeline.denoiser.graphs
+    assert any(key[0] == 4 and key[-1] is True for key in graphs) and compiled.pipeline.denoiser.eager_calls == 0
+    eager = run(EngineWorker(model, EngineSettings(preview_every=0), GenerationSettings()))
+    for result, expected in zip(results, eager, strict=True):
+        for image, reference in zip(result.images, expected.images, strict=True):
+            ours = np.asarray(Image.open(io.BytesIO(image.png))).astype(int)
+            theirs = np.asarray(Image.open(io.BytesIO(reference.png))).astype(int)
+            assert np.abs(ours - theirs).max() <= 2

@@ -39,8 +39,9 @@ BUCKET_STEP = 16
 #: Dynamo's recompile limit as this process found it (see :func:`within_bound`).
 _DYNAMO_RECOMPILE_LIMIT = torch._dynamo.config.recompile_limit
 
-#: The UNet inputs that change every step; the others follow the conditioning.
-PER_STEP = ("sample", "timestep")
+#: The UNet inputs that change every step (a ControlNet's residuals too, where rows have one);
+#: the others follow the conditioning.
+PER_STEP = ("sample", "timestep", "down_block_additional_residuals", "mid_block_additional_residual")
 
 
 def graph_counts(pipeline: Any) -> dict[str, tuple[int, int]] | None:
@@ -169,6 +170,7 @@ class UNetGraphs:
             cond.embeds.shape[1],
             cond.mask is not None,
             0 if lora is None else lora.slots.shape[1],
+            getattr(cond, "control", None) is not None,  # ControlNet residuals as inputs
         )
 
         def shape() -> str:
@@ -191,7 +193,7 @@ class UNetGraphs:
             self.conditioning_writes += 1
             return bucket, buffers | {name: inputs[name] for name in self.shared}
         written, buffers = held
-        names = self.per_step if cond is written else list(rows)
+        names = [name for name in self.per_step if name in buffers] if cond is written else list(rows)
         for name in names:
             _write_rows(buffers[name], inputs[name], index)
         if cond is not written:
@@ -218,6 +220,8 @@ def _take_rows(inputs: dict[str, Any], index: Tensor) -> dict[str, Any]:
             return value.index_select(0, index)
         if isinstance(value, dict):
             return {key: take(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):  # a ControlNet's residuals, one tensor per block
+            return [take(item) for item in value]
         return value
 
     return {name: take(value) for name, value in inputs.items()}
@@ -230,6 +234,9 @@ def _write_rows(buffer: Any, value: Any, index: Tensor) -> None:
     elif isinstance(buffer, dict):
         for key, item in buffer.items():
             _write_rows(item, value[key], index)
+    elif isinstance(buffer, list):
+        for item, rows in zip(buffer, value, strict=True):
+            _write_rows(item, rows, index)
 
 
 def _tensors(inputs: Any) -> list[Tensor]:
@@ -237,4 +244,6 @@ def _tensors(inputs: Any) -> list[Tensor]:
         return [inputs]
     if isinstance(inputs, dict):
         return [t for value in inputs.values() for t in _tensors(value)]
+    if isinstance(inputs, list | tuple):
+        return [t for value in inputs for t in _tensors(value)]
     return []

@@ -22,7 +22,8 @@ are added to those rows only, scaled per row by:
 Rows without a unit get zero residuals, which leave the UNet's sums exactly as they were. A
 ControlNet's cross-attention takes no mask, so rows are grouped by their prompt's token count
 too (each group one call, with its rows' own unpadded tokens): a row's residuals are the same
-whatever shares its batch.
+whatever shares its batch. Compiled (``engine.compile``), the residuals are inputs of the UNet's
+graphs, padded to the bucket with the rows (engine.batching.graphs); the ControlNets run eager.
 """
 
 from __future__ import annotations

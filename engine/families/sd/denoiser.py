@@ -320,8 +320,7 @@ class Denoiser(CompiledNetwork):
         n = x.shape[0]
         bucket, run = n, self.rows_network
         graphs = self.unet_graphs
-        # A batch with ControlNet rows runs eager: the compiled graphs take no residual inputs yet.
-        if graphs is not None and not residuals and (key := graphs.admit(n, model_in, cond)) is not None:
+        if graphs is not None and (key := graphs.admit(n, model_in, cond)) is not None:
             (bucket, inputs), run = graphs.inputs(key, n, inputs, cond), graphs.run
         out = run(**inputs, return_dict=False)[0].float()
         positive, negative = out[:n], out[bucket : bucket + n]
