@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.safety.settings import SafetySettings, parse_safety
+from engine.config.describe_settings import DescribeSettings
 from engine.config.settings import (
     ConfigError,
     EngineSettings,
@@ -52,6 +53,7 @@ class Config:
     ops: OpsSettings = OpsSettings()  # ``[ops]``: the health and metrics endpoint (off by default)
     upscalers: UpscalerSettings = UpscalerSettings()  # ``[upscalers]``: the U buttons' models
     safety: SafetySettings = SafetySettings()  # ``[safety]``: the image classifier and its default policy
+    describe: DescribeSettings = DescribeSettings()  # ``[describe]``: /describe's captioner ("": none)
     #: Each configured model's name -> ``generation`` for its family (engine.families.generation),
     #: set by the wiring once the families are known; a model not here takes ``generation``.
     by_model: tuple[tuple[str, GenerationSettings], ...] = ()
@@ -136,5 +138,6 @@ def load_config(
         models=engine_part.models,
         ops=ops,
         upscalers=engine_part.upscalers,
+        describe=engine_part.describe,
         safety=safety,
     )

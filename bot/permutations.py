@@ -26,6 +26,7 @@ from discord import ButtonStyle, ui
 from bot import render
 from bot.checks import within_deadline
 from bot.inputs import BadInput
+from bot.jobs import NewJob
 from bot.policy import Asked, Asker
 from bot.prompt_params import read_prompt_params
 from bot.prompting import permuted
@@ -36,6 +37,7 @@ from db.errors import QueueError
 from db.models import Job, JobKind
 from db.queue import Queue
 from engine.params import GenerationParams, job_columns
+from engine.prompt_templates import escape
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,13 @@ class PermutedSubmit:
     _gated: Callable[[Asker, Admission, GenerationParams], tuple[GenerationParams, str | None]]
     _announce: Callable[[Job, str | None, int | None], Awaitable[None]]
     _answered: Callable[[discord.Interaction], Awaitable[None]]
+    admit: Callable[..., Awaitable[tuple[GenerationParams, str | None]]]
+    submit: Callable[..., Awaitable[Job | None]]
+
+    async def submit_prompt(self, interaction: discord.Interaction, prompt: str) -> None:
+        """A new /imagine job of ``prompt`` (a /describe result's) as its words, for whoever pressed."""
+        params, note = await self.admit(interaction, Asked(escape(prompt)))
+        await self.submit(interaction, NewJob(JobKind.txt2img, params), note=note)
 
     def read_params(self, asked: Asked) -> Asked:
         """``asked`` with Midjourney's ``--parameters`` taken off its prompt (bot.prompt_params)."""

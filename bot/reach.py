@@ -46,6 +46,8 @@ class ButtonService(Defers, Protocol):
 
     async def confirm_permutations(self, interaction: discord.Interaction, confirmation_id: int) -> None: ...
 
+    async def submit_prompt(self, interaction: discord.Interaction, prompt: str) -> None: ...
+
 
 @runtime_checkable
 class ServesJobs(Protocol):

@@ -167,6 +167,7 @@ def build_bot(
 
     runner = None
     if worker is not None:
+        from engine.features.describe import describer_for
         from engine.serving.models import ModelTurns
         from engine.serving.runner import QueueRunner, worker_identity
 
@@ -186,6 +187,7 @@ def build_bot(
             on_progress=delivery.on_progress,
             on_finished=finished,
             database_health=database,
+            describer=describer_for(config.describe, config.engine),
         )
     elif engine_process is not None:
         runner = engine_process  # stands where the runner would: run(), wake(), cancel()

@@ -85,6 +85,7 @@ class JobKind(enum.Enum):
     zoom = "zoom"  # Zoom Out 1.5x / 2x
     pan = "pan"  # Pan left, right, up, down
     square = "square"  # Make Square
+    describe = "describe"  # /describe: prompts for an uploaded image (engine.features.describe)
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:

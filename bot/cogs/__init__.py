@@ -14,6 +14,7 @@ from bot.transformers import Options
 
 
 def all_cogs(service: JobService, options: Options, bot: commands.Bot, moderation: Moderation) -> list[commands.Cog]:
+    from bot.cogs.describe import DescribeCog
     from bot.cogs.generate import generate_cog
     from bot.cogs.help import HelpCog
     from bot.cogs.image_info import ImageInfoCog
@@ -23,8 +24,10 @@ def all_cogs(service: JobService, options: Options, bot: commands.Bot, moderatio
     from bot.cogs.settings import settings_cog
     from bot.cogs.stats import StatsCog
 
+    described = [DescribeCog(service)] if service.config.describe.captioner else []  # where one is set
     return [
         generate_cog(service, options),
+        *described,
         jobs_cog(service, options),
         ResultsCog(service, bot),
         settings_cog(service, options),

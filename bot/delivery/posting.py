@@ -27,13 +27,14 @@ from discord import ui
 
 from bot import layout, render
 from bot.delivery.ports import DiscordClient
+from bot.describe import describe_message, describe_view
 from bot.inputs import BadInput
 from bot.policy import nsfw_match
 from bot.safety.images import blurred_png
 from bot.safety.policy import BLUR, POSTED, SPOILER, WITHHELD
 from bot.safety.results import ResultChecks
 from db.community import Community
-from db.models import Job, JobStatus, ResultImage
+from db.models import Job, JobKind, JobStatus, ResultImage
 from db.queue import Queue
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ class ResultPoster:
             spoiler = action == SPOILER or await self._needs_spoiler(job, channel_id)
             if action == BLUR:
                 images = await asyncio.to_thread(blurred, images)
+            if job.kind is JobKind.describe:  # its prompts, each with a button that imagines it
+                parts = await asyncio.to_thread(describe_message, job, images, spoiler=spoiler)
+                return parts, describe_view(job, len(images))
             parts = await asyncio.to_thread(render.result_message, job, images, self.model_name, spoiler=spoiler)
             return parts, layout.result_view(job, len(images), reveal=action == BLUR)
         return render.failure_message(job), layout.result_view(job, 0)

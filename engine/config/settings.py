@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from db.settings import QueueSettings
+from engine.config.describe_settings import DescribeSettings, parse_describe
 from engine.config.model_settings import ModelSettings, parse_models
 from engine.config.toml_config import ConfigError, check, read_toml, section
 from engine.config.upscaler_settings import UpscalerSettings, parse_upscalers
@@ -174,6 +175,7 @@ class Settings:
     generation: GenerationSettings
     models: tuple[ModelSettings, ...] = ()  # the other models, besides the default
     upscalers: UpscalerSettings = UpscalerSettings()  # ``[upscalers]``: the U buttons' models
+    describe: DescribeSettings = DescribeSettings()  # ``[describe]``: /describe's captioner
 
     @property
     def all_models(self) -> tuple[ModelSettings, ...]:
@@ -302,7 +304,10 @@ def parse_engine_sections(raw: dict[str, Any]) -> Settings:
     )
     check(1 <= gen.max_count <= 4, "generation.max_count", gen.max_count, "1 to 4")
     check(0 < gen.default_strength <= 1, "generation.default_strength", gen.default_strength, "above 0, at most 1")
-    return Settings(model=model, engine=engine, generation=gen, models=models, upscalers=parse_upscalers(raw))
+    return Settings(
+        model=model, engine=engine, generation=gen, models=models, upscalers=parse_upscalers(raw),
+        describe=parse_describe(raw),
+    )  # fmt: skip
 
 
 def parse_queue_section(raw: dict[str, Any]) -> QueueSettings:

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from db.faults import Backoff, DatabaseHealth, is_database_fault
-from db.models import Job
+from db.models import Job, JobKind
 from db.queue import Queue, woken_within
 from engine.errors import GenerationError, JobCancelled
+from engine.features.describe import Describer
 from engine.params import params_from_job
 from engine.serving.models import ModelTurns
 from engine.serving.worker import EngineWorker
@@ -81,9 +82,12 @@ class QueueRunner:
         on_finished: Callable[[int], None] | None = None,
         turns: ModelTurns | None = None,
         database_health: DatabaseHealth | None = None,
+        describer: Describer | None = None,
     ) -> None:
         """``turns``: claim only jobs for the worker's models, one model at a time (see
-        :class:`~engine.serving.models.ModelTurns`); None: claim every job (one model, one worker)."""
+        :class:`~engine.serving.models.ModelTurns`); None: claim every job (one model, one worker).
+        ``describer``: /describe's captioner (engine.features.describe), which runs its jobs in a
+        thread beside the engine's; None: a /describe job fails, saying it is not configured."""
         self.queue = queue
         self.worker = worker
         self.worker_id = worker_id
@@ -94,6 +98,7 @@ class QueueRunner:
         self.on_progress = on_progress
         self.on_finished = on_finished
         self.turns = turns
+        self.describer = describer
         self._tasks: dict[int, asyncio.Task] = {}
         self._wake = asyncio.Event()
         self._health = database_health or DatabaseHealth(log)  # shared with the bot's other tasks in its process
@@ -228,7 +233,7 @@ class QueueRunner:
                 self.on_progress(job.id, p)
 
         try:
-            result = await self.worker.generate(request, on_progress=progress)
+            result = await self._engine_for(job).generate(request, on_progress=progress)
         except JobCancelled:
             # Cancelled by its member (the queue says so already) or our lease was taken over.
             return True
@@ -243,6 +248,14 @@ class QueueRunner:
             self.stats.jobs_done += 1
             self.stats.images_done += len(images)
         return stored
+
+    def _engine_for(self, job: Job) -> EngineWorker | Describer:
+        """Who makes ``job``: the engine worker, or /describe's captioner."""
+        if job.kind is not JobKind.describe:
+            return self.worker
+        if self.describer is None:
+            raise GenerationError("/describe is not set up on this worker ([describe] captioner in config.toml).")
+        return self.describer
 
     async def _fail(self, job_id: int, error: str) -> bool:
         stored = await self._db(self.queue.fail, job_id, self.worker_id, error)

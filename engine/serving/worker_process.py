@@ -21,6 +21,7 @@ from db.session import make_engine, upgrade
 from db.settings import QueueSettings
 from engine.batching.graphs import graph_counts
 from engine.config.settings import Settings
+from engine.features.describe import describer_for
 from engine.serving.bot_link import BotLink
 from engine.serving.models import ModelPool, ModelTurns
 from engine.serving.runner import QueueRunner, log_failure, worker_identity
@@ -78,6 +79,7 @@ def run_worker_process(
         on_finished=_both(counted, bot_link.finished) if bot_link is not None else counted,
         # The bot that started this process says once that the database is gone, and back.
         database_health=DatabaseHealth(log, quiet=True) if bot_link is not None else None,
+        describer=describer_for(settings.describe, settings.engine),
     )
     serving: list[asyncio.Task] = []  # the runner's task, for the health check
     ops = None

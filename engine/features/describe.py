@@ -1,0 +1,123 @@
+"""Midjourney's /describe: four prompts for an uploaded image, from an image-to-text model.
+
+The model is a transformers captioner (``AutoModelForImageTextToText`` with its
+``AutoProcessor``: BLIP's ``BlipForConditionalGeneration``, or another that the auto classes
+know) from a local folder or a hub id, as the checkpoints are (``[describe] captioner``). It is
+loaded on the first /describe job, on the worker that takes it, and runs in a thread of the
+worker's runner (one job at a time), in the queue like any job, never on the event loop.
+
+The four prompts are four samples of the captioner (nucleus sampling, seeded by the job's seed,
+so a job gives the same four again), repeats dropped and drawn again up to a bound. Each comes
+back as a small PNG of the upload carrying the prompt in AUTOMATIC1111's ``parameters`` chunk,
+so the results are stored, posted and read ("Image info") as any job's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from engine.config.describe_settings import DescribeSettings
+from engine.config.settings import EngineSettings
+from engine.errors import GenerationError
+from engine.metadata import encode_png
+from engine.types import GeneratedImage, GenerationRequest, GenerationResult, Progress
+
+#: Prompts per /describe, as Midjourney gives.
+PROMPTS = 4
+#: Samples drawn at most to find four different prompts.
+MAX_SAMPLES = 16
+#: The thumbnail each prompt is stored with (the longer side, in pixels).
+THUMBNAIL = 256
+MAX_NEW_TOKENS = 40
+
+
+class Describer:
+    """A captioner, loaded on first use, run one job at a time off the event loop."""
+
+    def __init__(self, source: str, device: str = "cpu") -> None:
+        self.source, self.device = source, device
+        self._loaded: tuple[object, object] | None = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> tuple[object, object]:
+        if self._loaded is None:
+            from engine.torch_builds import torchvision_importable
+
+            torchvision_importable()  # before transformers looks for it (see engine/torch_builds.py)
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            folder = Path(self.source).expanduser()
+            local = folder.is_dir()
+            where = str(folder) if local else self.source
+            try:
+                model = AutoModelForImageTextToText.from_pretrained(where, local_files_only=local)
+                processor = AutoProcessor.from_pretrained(where, local_files_only=local)
+            except Exception as exc:
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise GenerationError(
+                    f"describe.captioner = {self.source!r} could not be loaded ({type(exc).__name__}: {first}); "
+                    "a folder saved with save_pretrained, or a hub id this machine can fetch."
+                ) from exc
+            self._loaded = (model.eval().to(self.device), processor)
+        return self._loaded
+
+    def prompts(self, image: Image.Image, seed: int) -> list[str]:
+        """Four different prompts for ``image`` (fewer only when the model keeps repeating itself)."""
+        with self._lock, torch.inference_mode(), torch.random.fork_rng(devices=[]):
+            model, processor = self._load()
+            torch.manual_seed(seed)
+            inputs = processor(images=image.convert("RGB"), return_tensors="pt").to(self.device)
+            found: list[str] = []
+            for _ in range(MAX_SAMPLES // PROMPTS):
+                out = model.generate(
+                    **inputs, do_sample=True, top_p=0.9, num_return_sequences=PROMPTS, max_new_tokens=MAX_NEW_TOKENS
+                )
+                for text in processor.batch_decode(out, skip_special_tokens=True):
+                    text = " ".join(text.split()).strip(" ,.")
+                    if text and text not in found:
+                        found.append(text)
+                if len(found) >= PROMPTS:
+                    break
+            return found[:PROMPTS]
+
+    def describe(self, request: GenerationRequest) -> GenerationResult:
+        """A /describe job: its init image's prompts, each as a thumbnail PNG carrying it."""
+        started = time.monotonic()
+        if request.params.init_image is None:
+            raise GenerationError("A /describe job needs its image.")
+        with Image.open(io.BytesIO(request.params.init_image)) as upload:
+            image = upload.convert("RGB")
+        prompts = self.prompts(image, request.params.seed)
+        if not prompts:
+            raise GenerationError("The captioner found nothing to say about this image; try another.")
+        thumbnail = image.copy()
+        thumbnail.thumbnail((THUMBNAIL, THUMBNAIL))
+        results = [
+            GeneratedImage(png=encode_png(thumbnail, prompt, request.job_id), seed=request.params.seed + i)
+            for i, prompt in enumerate(prompts)
+        ]
+        return GenerationResult(request.job_id, results, prompts[0], seconds=time.monotonic() - started)
+
+    async def generate(
+        self, request: GenerationRequest, on_progress: Callable[[Progress], None] | None = None
+    ) -> GenerationResult:
+        """What the runner awaits for a /describe job (as ``EngineWorker.generate``), in a thread."""
+        return await asyncio.to_thread(self.describe, request)
+
+
+def describer_for(settings: DescribeSettings, engine: EngineSettings) -> Describer | None:
+    """The configured captioner (not loaded yet) on the engine's device; None when none is set."""
+    if not settings.captioner:
+        return None
+    from engine.config.settings import resolve_device
+
+    device, _dtype = resolve_device(engine)
+    return Describer(settings.captioner, str(device))

@@ -1,0 +1,67 @@
+"""/describe end to end: a tiny random-weight BLIP captioner (transformers' real classes) on the
+worker, through the queue, the real bot and the emulator; each of its four buttons queues its prompt."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+
+from bot_harness import bot_config, bot_running, png, running_setup
+from discord_emulator import Emulator
+from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
+from engine.config.describe_settings import DescribeSettings
+from engine.features.describe import PROMPTS, Describer
+from tiny_captioner import WORDS, save_tiny_captioner
+
+
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory):
+    return save_tiny_captioner(tmp_path_factory.mktemp("captioner"))
+
+
+def test_four_different_prompts_and_the_same_four_for_the_same_seed(captioner):
+    describer = Describer(str(captioner))
+    image = Image.new("RGB", (48, 40), "red")
+    prompts = describer.prompts(image, 7)
+    assert len(prompts) == PROMPTS == len(set(prompts))
+    assert all(word in WORDS for prompt in prompts for word in prompt.split())
+    assert describer.prompts(image, 7) == prompts
+
+
+@pytest.mark.asyncio
+async def test_describe_queues_a_job_posts_four_prompts_and_each_button_imagines_one(
+    tiny_model, tiny_sd_folder, tmp_path, emulator: Emulator, captioner
+):
+    config = bot_config(str(tiny_sd_folder), f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
+    config = replace(config, describe=DescribeSettings(captioner=str(captioner)))
+    with running_setup(emulator, config, tiny_model, tmp_path) as (emu, config, queue, worker):
+        async with bot_running(emu, config, queue, worker):
+            upload = emu.attachment("photo.png", png((48, 40), "green"))
+            ix = await emu.slash(emu.alice, "describe", attachments={"image": upload})
+            await ix.wait_response(lambda m: "queued" in m.content)
+            result = await emu.wait_for_message(
+                emu.general, lambda m: any(c.startswith("sd:prompt:") for c in m.custom_ids), timeout=60
+            )
+            listed = result.embeds[0]["description"].splitlines()
+            assert len(listed) == PROMPTS and result.attachments
+            buttons = [c for c in result.custom_ids if c.startswith("sd:prompt:")]
+            assert len(buttons) == PROMPTS
+            press = await emu.click(emu.bob, result, buttons[1])
+            answer = await press.wait_response(lambda m: "queued" in m.content)
+        imagined = queue.get(int(re.search(r"#(\d+)", answer.content).group(1)))
+        described = queue.get(imagined.id - 1)
+    assert (imagined.kind.value, imagined.requester_id, described.kind.value) == ("txt2img", emu.bob.id, "describe")
+    assert listed[1].split(" ", 1)[1] == imagined.prompt
+
+
+def test_a_captioner_that_is_neither_a_folder_nor_a_hub_id_stops_the_start(tmp_path):
+    from engine.config.describe_settings import parse_describe
+    from engine.config.toml_config import ConfigError
+
+    assert parse_describe({}).captioner == ""
+    assert parse_describe({"describe": {"captioner": "Salesforce/blip-image-captioning-large"}}).captioner
+    with pytest.raises(ConfigError, match="describe.captioner"):
+        parse_describe({"describe": {"captioner": str(tmp_path / "missing")}})
