@@ -321,3 +321,20 @@ def test_compiled_graphs_take_the_residuals_as_padded_inputs(tiny_model, nets):
             ours = np.asarray(Image.open(io.BytesIO(image.png))).astype(int)
             theirs = np.asarray(Image.open(io.BytesIO(reference.png))).astype(int)
             assert np.abs(ours - theirs).max() <= 2
+
+
+def test_the_hires_pass_is_guided_too_at_its_size(pipeline):
+    """As the A1111 extension's default (hr_option "Both"): the units guide the second pass, their
+    maps made at its size."""
+    from engine.features.hires import SecondPass, prepare_second_pass, second_pass_request
+
+    unit = ControlUnit("edges", png(picture(1)), module="canny")
+    asked = request(units=[unit], hires_scale=2.0, steps=2)
+    second = second_pass_request(asked)
+    latents = torch.zeros(1, 4, 16, 16)
+    job = prepare_second_pass(pipeline, SecondPass(second, asked, 2, latents=latents))
+    (group,) = job.cond.control.groups
+    assert group.image.shape == (1, 3, 128, 128) and group.net is pipeline.controlnets.get("edges")
+    plain_pass = second_pass_request(request(hires_scale=2.0, steps=2))
+    plain = prepare_second_pass(pipeline, SecondPass(plain_pass, asked, 2, latents=latents))
+    assert plain.cond.control is None

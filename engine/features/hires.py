@@ -179,7 +179,7 @@ def prepare_second_pass(pipeline: Pipeline, second: SecondPass, models: Upscaler
     plan = second_pass_schedule(pipeline.noise, sampler, request.params)
     seeds, generators, noise = pipeline._initial_noise(request)
     latents = plan.start_latents(noise.to(pipeline.device), init=init)
-    return PreparedJob(
+    job = PreparedJob(
         request,
         sampler,
         plan.sigmas.float(),
@@ -190,3 +190,6 @@ def prepare_second_pass(pipeline: Pipeline, second: SecondPass, models: Upscaler
         started=second.started,
         origin=second.origin,
     )
+    if request.params.control_units:  # 4. As A1111's ControlNet by default: its units guide this pass too
+        job.cond = pipeline._controlled(job)
+    return job
