@@ -172,11 +172,12 @@ class Pipeline:
             job.cond = self._controlled(job)
         return job
 
-    def _controlled(self, job: PreparedJob) -> Conditioning:
-        """The job's ControlNet units on its rows, at its size and over its steps (engine.features.controlnet)."""
+    def _controlled(self, job: PreparedJob, units: tuple | None = None) -> Conditioning:
+        """The job's ControlNet units (or ``units``) on its rows, at its size and over its steps
+        (engine.features.controlnet)."""
         params = job.request.params
         control, _maps = job_control(
-            params.control_units,
+            params.control_units if units is None else units,
             self.controlnets,
             rows=job.rows,
             tokens=job.cond.embeds.shape[1],

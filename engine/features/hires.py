@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from engine.control_units import CONTROL_MODES, ControlUnit
 from engine.errors import EngineError, GenerationError
 from engine.families.base import JobSchedule, NoiseModel
 from engine.features.upscalers import Upscalers
@@ -191,5 +192,18 @@ def prepare_second_pass(pipeline: Pipeline, second: SecondPass, models: Upscaler
         origin=second.origin,
     )
     if request.params.control_units:  # 4. As A1111's ControlNet by default: its units guide this pass too
-        job.cond = pipeline._controlled(job)
+        job.cond = pipeline._controlled(job, hires_units(request.params.control_units))
     return job
+
+
+def hires_units(units: tuple[ControlUnit, ...]) -> tuple[ControlUnit, ...]:
+    """The units of a second pass: the A1111 extension forces its soft injection on canny units
+    there ("use the soft weights with high-res fix can significantly reduce artifacts"), so a
+    Balanced canny unit is scaled as "My prompt is more important" is."""
+    soft = CONTROL_MODES[1]
+    return tuple(
+        dataclasses.replace(unit, control_mode=soft)
+        if unit.module == "canny" and unit.control_mode == CONTROL_MODES[0]
+        else unit
+        for unit in units
+    )
