@@ -126,3 +126,30 @@ def test_a_journaled_job_keeps_its_control_units():
         request = Request(JobKind.txt2img, params, None, 1, 2, 3)
         entry = Entry(1, 2, "token", datetime(2026, 12, 7, tzinfo=UTC), request)
         assert _decode(json.loads(_encode(entry))).request.params == params
+
+
+async def test_a_flagged_reference_is_refused_before_any_job_is_stored(tiny_model, tmp_path, emulator):
+    """The image filter judges a reference as it judges an /img2img upload."""
+    from bot.safety.settings import SafetySettings
+    from bot_harness import new_queue
+    from tiny_classifier import save_tiny_classifier
+    from tinycontrolnet import save_controlnets
+
+    save_controlnets(tmp_path / "controlnets", tiny_model.unet, {"control_tiny_canny": 1})
+    config = bot_config("unused-model", f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
+    config = replace(
+        config,
+        model=replace(config.model, controlnet_dir=str(tmp_path / "controlnets")),
+        safety=SafetySettings(classifier=str(save_tiny_classifier(tmp_path / "nsfw", "nsfw")), mode="blur"),
+    )
+    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
+    try:
+        async with bot_running(emulator, config, queue, None):
+            upload = emulator.attachment("ref.png", blocks(), "image/png")
+            ix = await emulator.slash(emulator.alice, "imagine", {"prompt": "a cat"}, attachments={"reference": upload})
+            assert (await reply(ix)) == (
+                "Your image was flagged by this server's image filter (nsfw 100%); use it in an age-restricted channel."
+            )
+        assert queue.pending_for(emulator.alice.id) == []
+    finally:
+        engine.dispose()
