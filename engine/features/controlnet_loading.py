@@ -1,15 +1,16 @@
-"""The ControlNets of ``controlnet.folder``, by name, loaded offline and kept on the device.
+"""The ControlNets of a model's ``controlnet_dir``, by name, loaded offline and kept on the device.
 
 A ControlNet is a diffusers folder (``config.json`` + weights: ``ControlNetModel.from_pretrained``)
 or a single ``.safetensors`` file in the layout AUTOMATIC1111's extension and model sites carry
 (``control_v11p_sd15_canny.safetensors``, with or without the ``control_model.`` prefix), read
 by diffusers' ``ControlNetModel.from_single_file`` with a config: a folder of the file's stem
 beside it when there is one, else the shipped SD 1.5 or SDXL config (engine/data), chosen by
-the file's keys, so loading never reaches the hub. A union ControlNet (diffusers' ``ControlNetUnionModel``, xinsir's ControlNet++ for SDXL)
-is a folder whose config names that class, or a ``.safetensors`` file in diffusers' layout (as
-xinsir ship it; no converter reads it) with its config folder beside it. Pickled ``.pth`` files are refused, as our
-checkpoints are (they can run code when loaded). A ControlNet for another family than the
-model's (its cross-attention width differs) is refused by name.
+the file's keys, so loading never reaches the hub. A union ControlNet (diffusers'
+``ControlNetUnionModel``, xinsir's ControlNet++ for SDXL) is a folder whose config names that
+class, or a ``.safetensors`` file in diffusers' layout (as xinsir ship it; no converter reads it)
+with its config folder beside it. Pickled ``.pth`` files are refused, as our checkpoints are
+(they can run code when loaded). A ControlNet for another family than the model's (its
+cross-attention width differs) is refused by name. Loaded ControlNets stay on the device.
 """
 
 from __future__ import annotations
