@@ -172,17 +172,17 @@ def test_sdxl_unit_matches_diffusers(tiny_sdxl_model, tmp_path):
 def test_a_job_gives_the_same_latents_alone_and_beside_other_units_and_none(pipeline):
     edges = ControlUnit("edges", png(picture(1)), module="canny")
     soft = ControlUnit("depth", png(picture(2)), weight=0.5, control_mode=CONTROL_MODES[2], guidance_start=0.3)
-    jobs = [
-        request(1, [edges]),
-        request(2, [soft, edges], seed=11, prompt="a castle, (stone:1.2)"),
-        request(3, seed=12),
-        request(4, [edges], sampler="dpmpp_2m", steps=6),
+    jobs = [  # 4 steps: the depth unit's window (from 0.3) starts at the second step
+        request(1, [edges], steps=4),
+        request(2, [soft, edges], seed=11, prompt="a castle, (stone:1.2)", steps=4),
+        request(3, seed=12, steps=4),
+        request(4, [edges], sampler="dpmpp_2m", steps=3),
     ]
     alone = [denoise(pipeline, job)[0] for job in jobs]
     together = denoise(pipeline, *jobs)
     for one, shared in zip(alone, together, strict=True):
         torch.testing.assert_close(shared, one, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(alone[2], denoise(pipeline, request(3, [edges], seed=12))[0])
+    assert not torch.allclose(alone[2], denoise(pipeline, request(3, [edges], seed=12, steps=4))[0])
 
 
 def test_control_modes_scale_the_residuals_as_a1111(pipeline):
