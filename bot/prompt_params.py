@@ -132,6 +132,6 @@ def _aspect(value: str) -> tuple[int, int]:
 def prompt_help() -> str:
     """/help's line on what a prompt may hold besides words, each with an example (README: more)."""
     return (
-        "`--ar 16:9` `--no a, b` `--seed` `--steps` `--cfg` `--chaos` `--tile` · `{a, b}` a job each · "
-        "`{a|b}` a pick per image · `__list__` a wildcard · `\\{` a brace"
+        "`--ar 16:9 --no a --seed --steps --cfg --chaos --tile` · `{a, b}`: a job each · "
+        "`{a|b}`: one per image · `__list__`: a list's line"
     )

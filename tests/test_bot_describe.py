@@ -65,3 +65,18 @@ def test_a_captioner_that_is_neither_a_folder_nor_a_hub_id_stops_the_start(tmp_p
     assert parse_describe({"describe": {"captioner": "Salesforce/blip-image-captioning-large"}}).captioner
     with pytest.raises(ConfigError, match="describe.captioner"):
         parse_describe({"describe": {"captioner": str(tmp_path / "missing")}})
+
+
+@pytest.mark.asyncio
+async def test_help_names_describe_and_still_fits_discords_embeds(tmp_path, emulator: Emulator):
+    from bot_harness import new_queue
+
+    config = bot_config("unused-model", f"sqlite:///{tmp_path}/bot.sqlite3", emulator.guild.id)
+    config = replace(config, describe=DescribeSettings(captioner="owner/captioner"))
+    engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
+    async with bot_running(emulator, config, queue, None):
+        message = await (await emulator.slash(emulator.alice, "help")).wait_response()
+    engine.dispose()
+    text = "\n".join(e["description"] for e in message.embeds)
+    assert "`/describe image`" in text and "`{a, b}`: a job each" in text
+    assert text.rstrip().endswith("jobs waiting at a time.")  # nothing was cut to fit the embeds

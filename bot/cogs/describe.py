@@ -21,7 +21,7 @@ class DescribeCog(commands.Cog, name="describe"):
     def __init__(self, service: JobService) -> None:
         self.service = service
 
-    @app_commands.command(name="describe", description="Four prompts for an image, each with a button to imagine it")
+    @app_commands.command(name="describe", description="Four prompts for an image")
     @app_commands.describe(image="A PNG, JPEG or WebP image, e.g. a photo whose style you want")
     async def describe(self, interaction: discord.Interaction, image: discord.Attachment) -> None:
         await self.service.guarded(interaction, self._describe(interaction, image))

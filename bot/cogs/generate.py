@@ -23,7 +23,7 @@ def generate_cog(service: JobService, o: Options) -> commands.Cog:
     config = service.config
     gen = config.generation
     described = dict(
-        prompt="What to draw (--ar 16:9, {a, b}...: see /help)",
+        prompt="What to draw (--ar, {a, b}: see /help)",
         negative="What to keep out of the image",
         seed="Seed for the noise; random when left out",
         steps=f"Denoising steps (default {gen.default_steps})",
