@@ -54,6 +54,7 @@ async def test_describe_queues_a_job_posts_four_prompts_and_each_button_imagines
         imagined = queue.get(int(re.search(r"#(\d+)", answer.content).group(1)))
         described = queue.get(imagined.id - 1)
     assert (imagined.kind.value, imagined.requester_id, described.kind.value) == ("txt2img", emu.bob.id, "describe")
+    assert (described.status.value, described.attempts) == ("done", 1)  # the attempt was counted
     assert listed[1].split(" ", 1)[1] == imagined.prompt
 
 

@@ -109,7 +109,10 @@ class Describer:
     async def generate(
         self, request: GenerationRequest, on_progress: Callable[[Progress], None] | None = None
     ) -> GenerationResult:
-        """What the runner awaits for a /describe job (as ``EngineWorker.generate``), in a thread."""
+        """What the runner awaits for a /describe job (as ``EngineWorker.generate``), in a thread.
+        One progress report as it starts: the queue counts the attempt, and the status shows it."""
+        if on_progress is not None:
+            on_progress(Progress(request.job_id, 0, 1))
         return await asyncio.to_thread(self.describe, request)
 
 
