@@ -31,6 +31,10 @@ MAX_CONTROL_WEIGHT = 2.0  # the extension's slider
 #: Preprocessors (the extension's ``module``) made by image operations, and their A1111 names.
 #: Model-based annotators are listed by :mod:`engine.features.annotators` when installed.
 PREPROCESSORS = {"none": "none", "canny": "canny", "tile": "tile_resample", "blur": "blur_gaussian"}
+#: A unit with one of these modules is a reference through the model's IP-Adapter (the extension
+#: runs IP-Adapters as units too), not a ControlNet: "subject" into every cross-attention layer,
+#: "style" into InstantStyle's style block only (engine.features.ip_adapter).
+IP_ADAPTER_MODULES = {"ip-adapter_clip": "subject", "ip-adapter_style": "style"}
 #: A1111's default processor resolution and thresholds per preprocessor (its sliders' defaults).
 PROCESSOR_DEFAULTS: dict[str, tuple[int, float, float]] = {
     "none": (-1, -1, -1),

@@ -35,6 +35,8 @@ from engine.families.sd.denoiser import Conditioning
 from engine.features.controlnet import job_control
 from engine.features.controlnet_loading import ControlNets
 from engine.features.inpaint import Inpainter, LatentBlend
+from engine.features.ip_adapter import is_ip_unit
+from engine.features.ip_loading import IPAdapters
 from engine.features.lora import LoraLibrary
 from engine.features.masks import InpaintPlan, open_image, plan_inpaint
 from engine.features.tiling import set_tiling
@@ -143,6 +145,8 @@ class Pipeline:
         self.vae = VaeDecoder(model.vae, model.vae_scaling_factor)
         #: The ControlNets of the model's ``controlnet_dir``, loaded by name when a job names one.
         self.controlnets = ControlNets(model.controlnet_dir or "", model.device, model.dtype)
+        #: Its IP-Adapter and image encoder, loaded on the first job with an IP-Adapter reference.
+        self.ip_adapters = IPAdapters(model.ip_adapter, model.image_encoder, model.unet)
         self.tiling = False  # seamless tiling (engine.features.tiling): the convolutions' padding is circular
         if self.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)
@@ -174,10 +178,23 @@ class Pipeline:
 
     def _controlled(self, job: PreparedJob, units: tuple | None = None) -> Conditioning:
         """The job's ControlNet units (or ``units``) on its rows, at its size and over its steps
-        (engine.features.controlnet)."""
+        (engine.features.controlnet); its IP-Adapter reference's tokens (engine.features.ip_adapter)."""
         params = job.request.params
+        units = params.control_units if units is None else units
+        references = [unit for unit in units if is_ip_unit(unit)]
+        if len(references) > 1:
+            raise GenerationError("A job takes one IP-Adapter reference image; leave the others out.")
+        ip = None
+        if references:
+            adapter = self.ip_adapters.get(references[0].model)
+            ip = adapter.rows(
+                references[0], open_image(references[0].image, "reference image").convert("RGB"), job.rows
+            )
+        units = tuple(unit for unit in units if not is_ip_unit(unit))
+        if not units:
+            return dataclasses.replace(job.cond, ip=ip)
         control, _maps = job_control(
-            params.control_units if units is None else units,
+            units,
             self.controlnets,
             rows=job.rows,
             tokens=job.cond.embeds.shape[1],
@@ -186,7 +203,7 @@ class Pipeline:
             sigmas=job.sigmas,
             cross_attention_dim=self.model.unet.config.cross_attention_dim,
         )
-        return dataclasses.replace(job.cond, control=control)
+        return dataclasses.replace(job.cond, control=control, ip=ip)
 
     def use_loras(self, request: GenerationRequest) -> None:
         self.loras.activate(lora_key(request.params.prompt))
@@ -359,7 +376,10 @@ class Pipeline:
         if job.inpaint_plan is not None:
             images = [job.inpaint_plan.paste(image) for image in images]
         flow = self.traits.flow
-        labels = tuple(self.controlnets.label(unit.model) for unit in request.params.control_units)
+        labels = tuple(
+            self.ip_adapters.label() if is_ip_unit(unit) else self.controlnets.label(unit.model)
+            for unit in request.params.control_units
+        )
         texts = [
             infotext(request, seed, info.name, info.file_hash, guidance=info.guidance, flow=flow, control_labels=labels)
             for seed in job.seeds

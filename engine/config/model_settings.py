@@ -25,6 +25,8 @@ class ModelSettings:
     embeddings_dir: str = ""  # textual-inversion embeddings, found in prompts by file name
     lora_dir: str = ""  # LoRA files, used in prompts as <lora:NAME:WEIGHT>
     controlnet_dir: str = ""  # ControlNets for this model's family (folders or .safetensors), by name
+    ip_adapter: str = ""  # an IP-Adapter .safetensors for this model's family (references' style/subject)
+    image_encoder: str = ""  # its CLIP image encoder (a CLIPVisionModelWithProjection folder)
     clip_skip: int = 1  # the model's default CLIP skip (anime models want 2); a member may choose another
     # This model's own defaults, before its family's and [generation]'s (0 or "": not set).
     default_steps: int = 0
@@ -139,7 +141,19 @@ def _check_model(key: str, model: ModelSettings) -> None:
         model.encoders,
         'a diffusers folder or hub id of the model (e.g. "black-forest-labs/FLUX.1-dev"), not a file; "" for none',
     )
-    for folder in ("embeddings_dir", "lora_dir", "controlnet_dir"):
+    check(
+        not model.ip_adapter or Path(model.ip_adapter).expanduser().suffix == ".safetensors",
+        f"{key}.ip_adapter",
+        model.ip_adapter,
+        'an IP-Adapter .safetensors file (e.g. ip-adapter_sd15.safetensors), or "" for none',
+    )
+    check(
+        bool(model.ip_adapter) == bool(model.image_encoder),
+        f"{key}.image_encoder",
+        model.image_encoder,
+        "the CLIP image encoder's folder, set together with ip_adapter (both or neither)",
+    )
+    for folder in ("embeddings_dir", "lora_dir", "controlnet_dir", "image_encoder"):
         value = getattr(model, folder)
         check(
             not value or not Path(value).expanduser().is_file(),

@@ -106,6 +106,8 @@ class LoadedModel:
     embeddings_dir: Path | None = None  # textual-inversion embeddings for this model's prompts
     lora_dir: Path | None = None  # LoRA files for ``<lora:NAME:WEIGHT>`` in this model's prompts
     controlnet_dir: Path | None = None  # ControlNets for this model's jobs' units, by name
+    ip_adapter: Path | None = None  # the IP-Adapter .safetensors for references (engine.features.ip_loading)
+    image_encoder: Path | None = None  # its CLIP image encoder's folder
     lora_slots: int = 4  # engine.lora_slots and engine.lora_max_rank (engine.features.lora_slots)
     lora_max_rank: int = 64
 
@@ -187,6 +189,8 @@ def load_configured_model(model: ModelSettings, engine: EngineSettings, *, progr
     loaded.embeddings_dir = Path(model.embeddings_dir).expanduser() if model.embeddings_dir else None
     loaded.lora_dir = Path(model.lora_dir).expanduser() if model.lora_dir else None
     loaded.controlnet_dir = Path(model.controlnet_dir).expanduser() if model.controlnet_dir else None
+    loaded.ip_adapter = Path(model.ip_adapter).expanduser() if model.ip_adapter else None
+    loaded.image_encoder = Path(model.image_encoder).expanduser() if model.image_encoder else None
     loaded.lora_slots, loaded.lora_max_rank = engine.lora_slots, engine.lora_max_rank
     return loaded
 

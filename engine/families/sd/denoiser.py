@@ -30,6 +30,7 @@ from engine.batching.graphs import CompiledNetwork, UNetGraphs
 from engine.batching.sampler_graphs import SamplerGraphs
 from engine.families.sd.prompts import EmbeddingLibrary, embeddings_injected, emphasize
 from engine.features.controlnet import ControlRows, control_residuals
+from engine.features.ip_adapter import IPRows, ip_inputs
 from engine.features.lora_slots import LoraRows, RowsNetwork
 from engine.prompt_syntax import ChunkedPrompt, chunk_prompt, chunks_needed, strip_lora_tags
 from engine.sampling.samplers import rows
@@ -63,6 +64,8 @@ class Conditioning:
     lora: LoraRows | None = None
     #: The rows' ControlNet units (engine.features.controlnet); None when no row has one.
     control: ControlRows | None = None
+    #: The rows' IP-Adapter image tokens and scales (engine.features.ip_adapter); None when no row has one.
+    ip: IPRows | None = None
 
     @property
     def rows(self) -> int:
@@ -96,6 +99,7 @@ class Conditioning:
             image=image,
             lora=LoraRows.join([(part.lora, part.embeds.shape[0]) for part in parts], pairs=2),
             control=ControlRows.cat([(part.control, part.rows) for part in parts]),
+            ip=IPRows.cat([(part.ip, part.rows) for part in parts]),
         )
 
 
@@ -316,11 +320,13 @@ class Denoiser(CompiledNetwork):
             added_cond_kwargs=cond.added,
             **({} if cond.lora is None else cond.lora.inputs()),
             **residuals,
+            **ip_inputs(cond.ip),
         )
         n = x.shape[0]
         bucket, run = n, self.rows_network
         graphs = self.unet_graphs
-        if graphs is not None and (key := graphs.admit(n, model_in, cond)) is not None:
+        # Image tokens are no graph input yet: a step with reference rows runs eager.
+        if graphs is not None and cond.ip is None and (key := graphs.admit(n, model_in, cond)) is not None:
             (bucket, inputs), run = graphs.inputs(key, n, inputs, cond), graphs.run
         out = run(**inputs, return_dict=False)[0].float()
         positive, negative = out[:n], out[bucket : bucket + n]
