@@ -1,4 +1,4 @@
-"""/imagine's reference image: a mode (edges, tile, depth...) -> a ControlNet unit of the job's model.
+"""/imagine's reference image: a mode (edges, tile, style...) -> a ControlNet or IP-Adapter unit of the job's model.
 
 Members pick what the reference should guide, not a ControlNet: each mode names the
 preprocessor it needs and the words a ControlNet's name for it contains, which is how
@@ -7,7 +7,9 @@ AUTOMATIC1111's ControlNet extension filters its model list by control type
 The ControlNets are the job's model's (``controlnet_dir`` in its config table), the first by
 name that matches. A mode whose preprocessor is not installed, that the server turned off
 (``/server references``), or that has no ControlNet for the model is refused with the modes
-that can be used.
+that can be used. ``style`` and ``subject`` go through the model's IP-Adapter (``ip_adapter`` in
+its config table) instead, as a unit whose module says which blocks it feeds
+(engine.features.ip_adapter), the way the A1111 extension runs IP-Adapters as units.
 
 The reference is an upload like /img2img's: checked before it is downloaded, decoded by
 :func:`bot.inputs.load_init_image` (non-images, bombs, truncated files refused alike) and, with
@@ -31,7 +33,7 @@ from bot.config import Config
 from bot.inputs import PILLOW_FORMATS, BadInput, check_attachment_meta, load_init_image
 from bot.policy import Asked
 from db.community_values import ServerPolicy
-from engine.control_units import PREPROCESSORS, ControlUnit, controlnet_names
+from engine.control_units import IP_ADAPTER_MODULES, PREPROCESSORS, ControlUnit, controlnet_names
 from engine.families import FAMILIES
 from engine.features.annotators import control_map
 from engine.params import GenerationParams
@@ -54,23 +56,33 @@ REFERENCE_MODES: dict[str, ReferenceMode] = {
     "pose": ReferenceMode("openpose", ("openpose", "pose"), "the pose of its people"),
     "lineart": ReferenceMode("lineart", ("lineart",), "its line art"),
     "softedge": ReferenceMode("softedge", ("softedge", "hed", "pidi"), "its soft edges"),
+    "style": ReferenceMode("ip-adapter_style", (), "its style: colours, materials, mood (IP-Adapter)"),
+    "subject": ReferenceMode("ip-adapter_clip", (), "its subject and composition (IP-Adapter)"),
 }
 DEFAULT_REFERENCE_MODE = "edges"
 DEFAULT_REFERENCE_STRENGTH = 1.0
 
 
-def controlnet_for(mode: str, controlnet_dir: str | Path) -> str | None:
-    """The first ControlNet of the folder (by name) made for ``mode``, or None."""
+def controlnet_for(mode: str, controlnet_dir: str | Path, ip_adapter: str = "") -> str | None:
+    """The first ControlNet of the folder (by name) made for ``mode``, or the model's IP-Adapter
+    (its file's stem) for an IP-Adapter mode; None when there is none."""
+    if REFERENCE_MODES[mode].module in IP_ADAPTER_MODULES:
+        return Path(ip_adapter).stem if ip_adapter else None
     words = REFERENCE_MODES[mode].words
     return next((name for name in controlnet_names(controlnet_dir) if any(w in name.lower() for w in words)), None)
 
 
-def usable_modes(controlnet_dir: str | Path, off: tuple[str, ...] = ()) -> list[str]:
-    """Modes a member can use with this model here: installed preprocessor and ControlNet, not off."""
+def installed(mode: str) -> bool:
+    return REFERENCE_MODES[mode].module in PREPROCESSORS or REFERENCE_MODES[mode].module in IP_ADAPTER_MODULES
+
+
+def usable_modes(controlnet_dir: str | Path, off: tuple[str, ...] = (), ip_adapter: str = "") -> list[str]:
+    """Modes a member can use with this model here: installed preprocessor and ControlNet (or
+    IP-Adapter), not off."""
     return [
         mode
-        for mode, spec in REFERENCE_MODES.items()
-        if spec.module in PREPROCESSORS and mode not in off and controlnet_for(mode, controlnet_dir)
+        for mode in REFERENCE_MODES
+        if installed(mode) and mode not in off and controlnet_for(mode, controlnet_dir, ip_adapter)
     ]
 
 
@@ -82,23 +94,25 @@ def reference_unit(
     off: tuple[str, ...] = (),
     *,
     family_label: str | None = None,
+    ip_adapter: str = "",
 ) -> ControlUnit:
-    """The job's ControlNet unit for a reference in ``mode``, or BadInput saying what to do."""
+    """The job's ControlNet (or IP-Adapter) unit for a reference in ``mode``, or BadInput saying what to do."""
     mode = mode or DEFAULT_REFERENCE_MODE
     if family_label is not None:
         raise BadInput(f"References guide SD 1.x and SDXL models, not {family_label} ones; pick such a model.")
-    usable = usable_modes(controlnet_dir, off)
+    usable = usable_modes(controlnet_dir, off, ip_adapter)
     choices = f"reference modes you can use here: {', '.join(usable)}." if usable else "none can be used here."
     if mode not in REFERENCE_MODES:
         raise BadInput(f"Unknown reference mode {mode!r}; {choices}")
     if mode in off:
         raise BadInput(f"This server has turned the {mode} reference off; {choices}")
     spec = REFERENCE_MODES[mode]
-    if spec.module not in PREPROCESSORS:
+    if not installed(mode):
         raise BadInput(f"The {mode} reference needs the {spec.module} annotator, which is not installed; {choices}")
-    name = controlnet_for(mode, controlnet_dir)
+    name = controlnet_for(mode, controlnet_dir, ip_adapter)
     if name is None:
-        raise BadInput(f"No ControlNet for {mode} is installed for this model; {choices}")
+        what = "IP-Adapter" if spec.module in IP_ADAPTER_MODULES else "ControlNet"
+        raise BadInput(f"No {what} for {mode} is installed for this model; {choices}")
     return ControlUnit(
         name, image_png, spec.module, weight=DEFAULT_REFERENCE_STRENGTH if strength is None else strength
     )
@@ -140,6 +154,7 @@ async def load_reference(
         model.controlnet_dir,
         server.reference_modes_off,
         family_label=label,
+        ip_adapter=model.ip_adapter,
     )
     data = await service.download(reference.url, dc.max_attachment_bytes)
     max_width, max_height = policy.max_size(server, gen)
@@ -154,7 +169,12 @@ async def load_reference(
         multiple=gen.pixel_multiple,
     )
     unit = reference_unit(
-        asked.reference_mode, asked.reference_strength, image.png, model.controlnet_dir, server.reference_modes_off
+        asked.reference_mode,
+        asked.reference_strength,
+        image.png,
+        model.controlnet_dir,
+        server.reference_modes_off,
+        ip_adapter=model.ip_adapter,
     )
     return params.but(control_units=(unit,))
 
@@ -162,7 +182,7 @@ async def load_reference(
 def control_map_files(params: GenerationParams) -> list[discord.File]:
     """Each unit's control map as the ControlNet will see it, at the job's size (PNG files)."""
     files = []
-    for index, unit in enumerate(params.control_units):
+    for index, unit in enumerate(control_net_units(params)):
         image = Image.open(io.BytesIO(unit.image))
         picture = control_map(image, unit.module, params.width, params.height, unit.resize_mode)
         out = io.BytesIO()
@@ -172,13 +192,18 @@ def control_map_files(params: GenerationParams) -> list[discord.File]:
     return files
 
 
+def control_net_units(params: GenerationParams) -> list[ControlUnit]:
+    """The job's ControlNet units (an IP-Adapter reference has no control map: its image is read whole)."""
+    return [unit for unit in params.control_units if unit.module not in IP_ADAPTER_MODULES]
+
+
 async def show_control_maps(interaction: discord.Interaction, params: GenerationParams) -> None:
     """The reply's preview of what guides the job (only the member sees it); a failure to show it
     leaves the job queued."""
-    if not params.control_units:
+    if not control_net_units(params):
         return
     files = await asyncio.to_thread(control_map_files, params)
-    what = ", ".join(f"{unit.module} for {unit.model}" for unit in params.control_units)
+    what = ", ".join(f"{unit.module} for {unit.model}" for unit in control_net_units(params))
     try:
         await interaction.followup.send(
             f"Your reference as the ControlNet sees it ({what}):", files=files, ephemeral=True

@@ -16,7 +16,7 @@ import discord
 from PIL import Image, PngImagePlugin
 
 from db.models import Job, JobKind, JobStatus, ResultImage
-from engine.control_units import units_from_column
+from engine.control_units import IP_ADAPTER_MODULES, units_from_column
 from engine.params import SCHEDULE_NAMES
 from engine.types import SAMPLER_NAMES
 
@@ -118,7 +118,7 @@ def parameter_lines(job: Job, model_name: str) -> list[tuple[str, str]]:
         )
         pairs.append(
             (
-                f"ControlNet {index}",
+                "IP-Adapter" if unit.module in IP_ADAPTER_MODULES else f"ControlNet {index}",
                 f"{escape(unit.model)} ({unit.module}), weight {unit.weight:g}{window}, {unit.control_mode}",
             )
         )

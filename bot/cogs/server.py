@@ -154,7 +154,9 @@ def server_cog(service: JobService, o: Options, moderation: Moderation) -> comma
             await self._saved(interaction, nsfw_words=list(new))
 
         @app_commands.command(name="references", description="Turn a reference mode on or off")
-        @app_commands.describe(mode="edges, tile, blur, depth, pose, lineart or softedge", on="True: on, False: off")
+        @app_commands.describe(
+            mode="edges, tile, blur, depth, pose, lineart, softedge, style or subject", on="True: on, False: off"
+        )
         async def references(
             self,
             interaction: discord.Interaction,
