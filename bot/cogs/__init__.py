@@ -24,7 +24,7 @@ def all_cogs(service: JobService, options: Options, bot: commands.Bot, moderatio
     from bot.cogs.settings import settings_cog
     from bot.cogs.stats import StatsCog
 
-    described = [DescribeCog(service)] if service.config.describe.captioner else []  # where one is set
+    described = [DescribeCog(service)] if service.config.describe.offered else []  # where a model is set
     return [
         generate_cog(service, options),
         *described,

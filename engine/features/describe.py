@@ -1,15 +1,24 @@
-"""Midjourney's /describe: four prompts for an uploaded image, from an image-to-text model.
+"""Midjourney's /describe: four prompts for an uploaded image, from image-to-text models.
 
-The model is a transformers captioner (``AutoModelForImageTextToText`` with its
-``AutoProcessor``: BLIP's ``BlipForConditionalGeneration``, or another that the auto classes
-know) from a local folder or a hub id, as the checkpoints are (``[describe] captioner``). It is
-loaded on the first /describe job, on the worker that takes it, and runs in a thread of the
-worker's runner (one job at a time), in the queue like any job, never on the event loop.
+Two kinds of model, either or both (``[describe]``):
 
-The four prompts are four samples of the captioner (nucleus sampling, seeded by the job's seed,
-so a job gives the same four again), repeats dropped and drawn again up to a bound. Each comes
-back as a small PNG of the upload carrying the prompt in AUTOMATIC1111's ``parameters`` chunk,
-so the results are stored, posted and read ("Image info") as any job's.
+- a transformers captioner (``AutoModelForImageTextToText`` with its ``AutoProcessor``: BLIP's
+  ``BlipForConditionalGeneration``, or another that the auto classes know) from a local folder or
+  a hub id, as the checkpoints are (``captioner``): sentences, for photographic models;
+- a WD14 booru tagger (ONNX, :mod:`engine.features.booru_tagger`; ``tagger``): Danbooru tags,
+  for anime models.
+
+Each is loaded on the first /describe job, on the worker that takes it, and runs in a thread of
+the worker's runner (one job at a time), in the queue like any job, never on the event loop.
+
+The captioner's prompts are its samples (nucleus sampling, seeded by the job's seed, so a job
+gives the same again), repeats dropped and drawn again up to a bound. The tagger's tags are the
+same for any seed. With both, the prompts mix them (:func:`mixed`): three sentences with the tags
+appended, then the tags alone, the prompt an anime model reads best. With the tagger alone, the
+four are its tags at four general thresholds (:data:`TAG_THRESHOLDS`: the reference's, then
+surer, more, and the surest tags), repeats dropped. Each prompt comes back as a small PNG of the
+upload carrying it in AUTOMATIC1111's ``parameters`` chunk, so the results are stored, posted and
+read ("Image info") as any job's.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from PIL import Image
 from engine.config.describe_settings import DescribeSettings
 from engine.config.settings import EngineSettings
 from engine.errors import GenerationError
+from engine.features.booru_tagger import GENERAL_THRESHOLD, BooruTagger, prompt_tags
 from engine.metadata import encode_png
 from engine.types import GeneratedImage, GenerationRequest, GenerationResult, Progress
 
@@ -37,14 +47,18 @@ MAX_SAMPLES = 16
 #: The thumbnail each prompt is stored with (the longer side, in pixels).
 THUMBNAIL = 256
 MAX_NEW_TOKENS = 40
+#: The tagger's general thresholds for its prompts without a captioner: the reference's, then
+#: surer tags only, more tags, and the surest (character tags stay at the reference's 0.85).
+TAG_THRESHOLDS = (GENERAL_THRESHOLD, 0.5, 0.25, 0.65)
 
 
 class Describer:
-    """A captioner, loaded on first use, run one job at a time off the event loop."""
+    """The configured captioner and tagger, loaded on first use, run one job at a time off the event loop."""
 
-    def __init__(self, source: str, device: str = "cpu") -> None:
-        self.source, self.device = source, device
+    def __init__(self, source: str = "", device: str = "cpu", *, tagger: str = "") -> None:
+        self.source, self.device, self.tagger_source = source, device, tagger
         self._loaded: tuple[object, object] | None = None
+        self._tagger: BooruTagger | None = None
         self._lock = threading.Lock()
 
     def _load(self) -> tuple[object, object]:
@@ -70,23 +84,38 @@ class Describer:
         return self._loaded
 
     def prompts(self, image: Image.Image, seed: int) -> list[str]:
-        """Four different prompts for ``image`` (fewer only when the model keeps repeating itself)."""
-        with self._lock, torch.inference_mode(), torch.random.fork_rng(devices=[]):
+        """Four different prompts for ``image`` (fewer only when the models keep repeating themselves)."""
+        with self._lock:
+            tag_sets = self._tag_sets(image) if self.tagger_source else []
+            wanted = PROMPTS - 1 if tag_sets and tag_sets[0] else PROMPTS  # room for the tags alone
+            captions = self._captions(image, seed, wanted) if self.source else []
+        return mixed(captions, tag_sets)
+
+    def _tag_sets(self, image: Image.Image) -> list[list[str]]:
+        """The tagger's tags at each of :data:`TAG_THRESHOLDS`, the reference's first."""
+        if self._tagger is None:
+            self._tagger = BooruTagger.load(self.tagger_source, self.device)
+        scores = self._tagger.scores(image)
+        return [prompt_tags(self._tagger.labels, scores, general=t) for t in TAG_THRESHOLDS]
+
+    def _captions(self, image: Image.Image, seed: int, count: int) -> list[str]:
+        """``count`` different samples of the captioner, seeded by ``seed``."""
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
             model, processor = self._load()
             torch.manual_seed(seed)
             inputs = processor(images=image.convert("RGB"), return_tensors="pt").to(self.device)
             found: list[str] = []
-            for _ in range(MAX_SAMPLES // PROMPTS):
+            for _ in range(MAX_SAMPLES // count):
                 out = model.generate(
-                    **inputs, do_sample=True, top_p=0.9, num_return_sequences=PROMPTS, max_new_tokens=MAX_NEW_TOKENS
+                    **inputs, do_sample=True, top_p=0.9, num_return_sequences=count, max_new_tokens=MAX_NEW_TOKENS
                 )
                 for text in processor.batch_decode(out, skip_special_tokens=True):
                     text = " ".join(text.split()).strip(" ,.")
                     if text and text not in found:
                         found.append(text)
-                if len(found) >= PROMPTS:
+                if len(found) >= count:
                     break
-            return found[:PROMPTS]
+            return found[:count]
 
     def describe(self, request: GenerationRequest) -> GenerationResult:
         """A /describe job: its init image's prompts, each as a thumbnail PNG carrying it."""
@@ -97,7 +126,7 @@ class Describer:
             image = upload.convert("RGB")
         prompts = self.prompts(image, request.params.seed)
         if not prompts:
-            raise GenerationError("The captioner found nothing to say about this image; try another.")
+            raise GenerationError("/describe found nothing to say about this image; try another.")
         thumbnail = image.copy()
         thumbnail.thumbnail((THUMBNAIL, THUMBNAIL))
         results = [
@@ -116,11 +145,23 @@ class Describer:
         return await asyncio.to_thread(self.describe, request)
 
 
+def mixed(captions: list[str], tag_sets: list[list[str]]) -> list[str]:
+    """The prompts from the captioner's sentences and the tagger's tags at :data:`TAG_THRESHOLDS`
+    (either may be empty): three sentences with the reference threshold's tags appended, then
+    those tags alone; or whichever of the two there is. Repeats dropped, at most :data:`PROMPTS`."""
+    if captions and tag_sets and tag_sets[0]:
+        tags = ", ".join(tag_sets[0])
+        prompts = [f"{caption}, {tags}" for caption in captions[: PROMPTS - 1]] + [tags]
+    else:
+        prompts = captions or [", ".join(found) for found in tag_sets if found]
+    return list(dict.fromkeys(prompts))[:PROMPTS]
+
+
 def describer_for(settings: DescribeSettings, engine: EngineSettings) -> Describer | None:
-    """The configured captioner (not loaded yet) on the engine's device; None when none is set."""
-    if not settings.captioner:
+    """The configured captioner and tagger (not loaded yet) on the engine's device; None when neither is set."""
+    if not settings.offered:
         return None
     from engine.config.settings import resolve_device
 
     device, _dtype = resolve_device(engine)
-    return Describer(settings.captioner, str(device))
+    return Describer(settings.captioner, str(device), tagger=settings.tagger)
