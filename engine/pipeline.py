@@ -35,6 +35,7 @@ from engine.families.sd.denoiser import Conditioning
 from engine.features.controlnet import job_control
 from engine.features.controlnet_loading import ControlNets
 from engine.features.inpaint import Inpainter, LatentBlend
+from engine.features.instruct_edit import INSTRUCT_CHANNELS, edit_job
 from engine.features.ip_adapter import is_ip_unit
 from engine.features.ip_loading import IPAdapters
 from engine.features.lora import LoraLibrary
@@ -170,6 +171,8 @@ class Pipeline:
         enlarged by its upscaler). A set that runs whole (engine.features.lora) stays applied to
         the network until the next job's prepare: the worker's batch key gives it a batch of its own.
         """
+        if self.parts.network_channels == INSTRUCT_CHANNELS:  # an InstructPix2Pix model: edits only
+            return edit_job(self, request, init)
         self.use_loras(request)
         job = self.img2img(request, init) if request.is_img2img else self.txt2img(request)
         if request.params.control_units:

@@ -2,8 +2,9 @@
 
 Tiny random-weight models (tests/tinymodel.py) written as diffusers folders and as LDM-layout
 single files: they load with all their weights, run plain txt2img and masked jobs, and a masked
-job on them batches with other jobs. InstructPix2Pix-shaped (8-channel) models and SDXL refiners
-are refused at load with a message that names the file and says what it is.
+job on them batches with other jobs. UNets of other input widths than 4, 8 (InstructPix2Pix,
+tests/test_instruct_edit.py) and 9, and SDXL refiners, are refused at load with a message that
+names the file and says what it is.
 """
 
 from __future__ import annotations
@@ -177,11 +178,11 @@ def test_a_masked_job_on_an_inpainting_model_batches_with_others(models_dir):
 
 
 @pytest.mark.parametrize("form", ["folder", "file"])
-def test_instruct_pix2pix_checkpoints_are_refused_by_name(models_dir, form):
-    path = write(models_dir, form, "sd1", 8)
-    with pytest.raises(ModelLoadError, match="InstructPix2Pix") as refused:
+def test_unets_of_other_input_widths_are_refused_by_their_width(models_dir, form):
+    path = write(models_dir, form, "sd1", 7)
+    with pytest.raises(ModelLoadError, match="a model whose UNet takes 7 input channels") as refused:
         load(path)
-    assert str(path) in str(refused.value) and "inpainting checkpoints (9 channels)" in str(refused.value)
+    assert str(path) in str(refused.value) and "InstructPix2Pix (8 channels)" in str(refused.value)
 
 
 def test_an_sdxl_refiner_file_is_refused_by_name(models_dir):

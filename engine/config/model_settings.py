@@ -27,6 +27,7 @@ class ModelSettings:
     controlnet_dir: str = ""  # ControlNets for this model's family (folders or .safetensors), by name
     ip_adapter: str = ""  # an IP-Adapter .safetensors for this model's family (references' style/subject)
     image_encoder: str = ""  # its CLIP image encoder (a CLIPVisionModelWithProjection folder)
+    image_guidance: float = 1.5  # an InstructPix2Pix model's image guidance (A1111's Image CFG Scale)
     clip_skip: int = 1  # the model's default CLIP skip (anime models want 2); a member may choose another
     # This model's own defaults, before its family's and [generation]'s (0 or "": not set).
     default_steps: int = 0
@@ -152,6 +153,12 @@ def _check_model(key: str, model: ModelSettings) -> None:
         f"{key}.image_encoder",
         model.image_encoder,
         "the CLIP image encoder's folder, set together with ip_adapter (both or neither)",
+    )
+    check(
+        1.0 <= model.image_guidance <= 5.0,
+        f"{key}.image_guidance",
+        model.image_guidance,
+        "1 to 5 (InstructPix2Pix models only; 1.5 is diffusers' default)",
     )
     for folder in ("embeddings_dir", "lora_dir", "controlnet_dir", "image_encoder"):
         value = getattr(model, folder)

@@ -27,9 +27,9 @@ UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 #: The UNet's first convolution (LDM layout): its input channels tell plain from inpainting.
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 #: What other UNet input widths are, for the refusal message.
-OTHER_CHANNELS = {
-    8: "an InstructPix2Pix (image editing) checkpoint: its UNet takes the image to edit as 4 extra input channels"
-}
+OTHER_CHANNELS: dict[int, str] = {}
+#: InstructPix2Pix: the image to edit as 4 extra input channels (engine.features.instruct_edit).
+INSTRUCT_CHANNELS = 8
 #: SDXL refiners have only the second (open_clip bigG) text encoder, as embedder 0.
 REFINER_PREFIX = "conditioner.embedders.0.model."
 #: Where a flow transformer's tensors start: Flux files come bare (BFL) or under UNET_PREFIX.
@@ -145,15 +145,15 @@ def flow_contents(header: dict) -> FlowContents | None:
 
 
 def check_unet_channels(where: Path, channels: int) -> int:
-    """The UNet's input channels if the engine can run it (4 or 9), else a ModelLoadError saying what it is."""
+    """The UNet's input channels if the engine can run it (4, 8 or 9), else a ModelLoadError saying what it is."""
     from engine.features.inpaint import INPAINT_CHANNELS, PLAIN_CHANNELS  # torch: only once a UNet is being loaded
 
-    if channels in (PLAIN_CHANNELS, INPAINT_CHANNELS):
+    if channels in (PLAIN_CHANNELS, INPAINT_CHANNELS, INSTRUCT_CHANNELS):
         return channels
     what = OTHER_CHANNELS.get(channels, f"a model whose UNet takes {channels} input channels")
     raise ModelLoadError(
         f"{where}: {what}. The engine runs plain Stable Diffusion checkpoints (4 channels) and "
-        "inpainting checkpoints (9 channels) only."
+        "inpainting (9 channels) and InstructPix2Pix (8 channels) checkpoints only."
     )
 
 

@@ -18,9 +18,10 @@ on the CPU) is :mod:`engine.families.flow_storage`'s.
 
 The UNet's first convolution tells what kind of checkpoint it is (:func:`check_unet_channels`):
 4 input channels is a plain model, 9 an inpainting model (latents, mask, masked image; see
-:mod:`engine.features.inpaint`), read from the folder's UNet config or the single file's header (a single
+:mod:`engine.features.inpaint`), 8 an InstructPix2Pix model (latents, the image to edit; see
+:mod:`engine.features.instruct_edit`), read from the folder's UNet config or the single file's header (a single
 file's UNet is then built with that many channels, whatever the config folder says). Checkpoints
-the engine cannot run are refused by name: InstructPix2Pix (8 channels) and SDXL refiners. A
+the engine cannot run are refused by name: SDXL refiners. A
 single file with a ``v_pred`` tensor is a v-prediction model (as ComfyUI and Forge read it).
 
 SD 2.x comes in two kinds that have the same tensor names: 768-v (``v_prediction``) and 512-base
@@ -108,6 +109,7 @@ class LoadedModel:
     controlnet_dir: Path | None = None  # ControlNets for this model's jobs' units, by name
     ip_adapter: Path | None = None  # the IP-Adapter .safetensors for references (engine.features.ip_loading)
     image_encoder: Path | None = None  # its CLIP image encoder's folder
+    image_guidance: float = 1.5  # an InstructPix2Pix model's image guidance (engine.features.instruct_edit)
     lora_slots: int = 4  # engine.lora_slots and engine.lora_max_rank (engine.features.lora_slots)
     lora_max_rank: int = 64
 
@@ -191,6 +193,7 @@ def load_configured_model(model: ModelSettings, engine: EngineSettings, *, progr
     loaded.controlnet_dir = Path(model.controlnet_dir).expanduser() if model.controlnet_dir else None
     loaded.ip_adapter = Path(model.ip_adapter).expanduser() if model.ip_adapter else None
     loaded.image_encoder = Path(model.image_encoder).expanduser() if model.image_encoder else None
+    loaded.image_guidance = model.image_guidance
     loaded.lora_slots, loaded.lora_max_rank = engine.lora_slots, engine.lora_max_rank
     return loaded
 

@@ -66,6 +66,8 @@ class Conditioning:
     control: ControlRows | None = None
     #: The rows' IP-Adapter image tokens and scales (engine.features.ip_adapter); None when no row has one.
     ip: IPRows | None = None
+    #: An InstructPix2Pix UNet's image guidance per row, [rows] float32 (engine.features.instruct_edit).
+    image_guidance: Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -91,6 +93,9 @@ class Conditioning:
         )
         embeds, mask = padded([*firsts, *seconds], [*first_masks, *second_masks])
         image = None if parts[0].image is None else torch.cat([part.image for part in parts])
+        image_guidance = None
+        if parts[0].image_guidance is not None:
+            image_guidance = torch.cat([part.image_guidance for part in parts])
         return Conditioning(
             embeds=embeds,
             guidance=torch.cat([part.guidance for part in parts]),
@@ -100,6 +105,7 @@ class Conditioning:
             lora=LoraRows.join([(part.lora, part.embeds.shape[0]) for part in parts], pairs=2),
             control=ControlRows.cat([(part.control, part.rows) for part in parts]),
             ip=IPRows.cat([(part.ip, part.rows) for part in parts]),
+            image_guidance=image_guidance,
         )
 
 

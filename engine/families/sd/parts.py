@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from engine.families import FAMILIES
 from engine.families.base import FamilyParts
 from engine.families.sd.denoiser import Denoiser, PromptEncoder
+from engine.features.instruct_edit import INSTRUCT_CHANNELS, InstructDenoiser
 from engine.sampling.schedules import JobSchedule, ModelSchedule, job_schedule
 
 
@@ -41,7 +42,9 @@ def sd_parts(model) -> FamilyParts:
     return FamilyParts(
         traits=FAMILIES[model.info.family],
         noise=DiscreteNoise(schedule),
-        denoiser=Denoiser(model.unet, schedule, model.info.prediction_type),
+        denoiser=(InstructDenoiser if model.unet.config.in_channels == INSTRUCT_CHANNELS else Denoiser)(
+            model.unet, schedule, model.info.prediction_type
+        ),
         prompts=PromptEncoder(
             model.text_encoders, model.tokenizers, model.device, model.dtype, embeddings_dir=model.embeddings_dir
         ),
