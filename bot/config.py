@@ -39,6 +39,8 @@ class DiscordSettings:
     max_attachment_bytes: int = 8 * 1024 * 1024
     allowed_image_types: tuple[str, ...] = ("image/png", "image/jpeg", "image/webp")
     max_prompt_chars: int = 1000
+    #: The model Edit with words runs on (a configured InstructPix2Pix model's name); "": no such button.
+    edit_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,14 @@ def load_config(
             "image/png, image/jpeg, image/webp or image/gif",
         )
     check(10 <= discord.max_prompt_chars <= 6000, "discord.max_prompt_chars", discord.max_prompt_chars, "10 to 6000")
+
+    names = {m.display_name for m in (engine_part.model, *engine_part.models)}
+    check(
+        not discord.edit_model or discord.edit_model in names,
+        "discord.edit_model",
+        discord.edit_model,
+        f'the name of a configured InstructPix2Pix model ({", ".join(sorted(names))}), or "" for none',
+    )
 
     token = env.get("DISCORD_TOKEN", "").strip()
     if require_token and not token:

@@ -130,6 +130,24 @@ def region(parent: Job, image: ResultImage, mask_png: bytes, prompt: str) -> New
     return NewJob(JobKind.region, params, parent.id)
 
 
+def words_edit(parent: Job, image: ResultImage, sentence: str, model: str) -> NewJob:
+    """Edit with words: ``image`` changed as ``sentence`` says, by the InstructPix2Pix model
+    ``model`` (engine.features.instruct_edit): an img2img job whose prompt is the instruction, at
+    the image's size, with no negative prompt, references or chaos of the parent's."""
+    params = _from_result(parent, image).but(
+        prompt=sentence,
+        negative_prompt="",
+        seed=new_seed(),
+        count=1,
+        model=model,
+        init_image=image.png,
+        mask=None,
+        strength=1.0,
+        control_units=(),
+    )
+    return NewJob(JobKind.img2img, params, parent.id)
+
+
 #: Zoom Out, Pan and Make Square repaint only the new part of the canvas (pre-filled with the
 #: image's edge colours and noise by engine.features.outpaint), from scratch.
 OUTPAINT_STRENGTH = 1.0

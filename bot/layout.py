@@ -17,10 +17,11 @@ def queued_view(job_id: int) -> ui.View:
     return view
 
 
-def result_view(job: Job, image_count: int, *, reveal: bool = False) -> ui.View:
+def result_view(job: Job, image_count: int, *, reveal: bool = False, words: bool = False) -> ui.View:
     """The buttons under a result, within Discord's 5 rows of 5: one image has its editing
     buttons (Vary (Region), Zoom Out, Make Square, Pan) on rows 3-4; a grid has a menu to pick
-    the image to edit. Every result with images has Report; a blurred one (``reveal``) Reveal."""
+    the image to edit. Every result with images has Report; a blurred one (``reveal``) Reveal;
+    ``words``: Edit with words among the editing buttons (an edit model is configured)."""
     view = ui.View(timeout=None)
     if image_count == 0:  # failed: nothing to vary or upscale
         for item in (Reroll(job.id, row=0), Edit(job.id, row=0), Info(job.id, row=0)):
@@ -50,12 +51,13 @@ def result_view(job: Job, image_count: int, *, reveal: bool = False) -> ui.View:
         *([Reveal(job.id, row=1)] if reveal else []),
     ):
         view.add_item(item)
-    views_edit.add_edit_buttons(view, job, 0, first_row=2)
+    views_edit.add_edit_buttons(view, job, 0, first_row=2, words=words)
     return view
 
 
-def describe_buttons(upscaler: str = "Lanczos") -> str:
-    """One line per button, for /help; ``upscaler``: what the U buttons upscale with here."""
+def describe_buttons(upscaler: str = "Lanczos", words: bool = False) -> str:
+    """One line per button, for /help; ``upscaler``: what the U buttons upscale with here;
+    ``words``: Edit with words is offered."""
     return "\n".join(
         [
             "🔁 **Reroll**: same settings, new seed. Adding a 🔁 reaction to a result does the same.",
@@ -71,6 +73,11 @@ def describe_buttons(upscaler: str = "Lanczos") -> str:
             "original only in an age-restricted channel, or by DM to its requester where the server allows it.",
             "🖌️ **Vary (Region)**: pick squares of the image and a prompt; only they change. "
             "🔍 **Zoom Out 1.5x/2x**, ⬅️➡️⬆️⬇️ **Pan**, ⏹️ **Make Square**: a bigger canvas, its new part drawn to match.",
+            *(
+                ['🪄 **Edit with words**: say what to change ("make it night"); an InstructPix2Pix model edits it.']
+                if words
+                else []
+            ),
             "Anyone may press Reroll, Vary, Upscale, Edit and the editing buttons; the new job is theirs.",
         ]
     )

@@ -22,6 +22,7 @@ from bot.checks import within_deadline
 from bot.inputs import BadInput, check_prompt
 from bot.reach import ButtonService, service_of
 from bot.views import _JobButton
+from bot.views_instruct import EditWithWords
 from db.models import Job, ResultImage
 
 PANS = {"left": "⬅️", "right": "➡️", "up": "⬆️", "down": "⬇️"}
@@ -209,12 +210,15 @@ class PickImage(ui.DynamicItem[ui.Select], template=r"sd:pick:(?P<job>\d+)"):
         if job is None:
             raise BadInput(f"Job #{self.job_id} no longer exists.")
         await interaction.response.send_message(
-            f"Image {index + 1} of job #{job.id}:", ephemeral=True, view=edit_view(job, index)
+            f"Image {index + 1} of job #{job.id}:",
+            ephemeral=True,
+            view=edit_view(job, index, words=bool(service.config.discord.edit_model)),
         )
 
 
-def add_edit_buttons(view: ui.View, job: Job, index: int, first_row: int) -> None:
-    """The editing buttons of one image, on two rows from ``first_row``."""
+def add_edit_buttons(view: ui.View, job: Job, index: int, first_row: int, *, words: bool = False) -> None:
+    """The editing buttons of one image, on two rows from ``first_row``; ``words``: Edit with
+    words too (where an edit model is configured)."""
     view.add_item(Region(job.id, index, row=first_row))
     for factor in ZOOMS:
         view.add_item(Zoom(job.id, index, factor, row=first_row))
@@ -222,11 +226,13 @@ def add_edit_buttons(view: ui.View, job: Job, index: int, first_row: int) -> Non
         view.add_item(Square(job.id, index, row=first_row))
     for side in PANS:
         view.add_item(Pan(job.id, index, side, row=first_row + 1))
+    if words:  # the second row has 4 pans: room for a fifth
+        view.add_item(EditWithWords(job.id, index, row=first_row + 1))
 
 
-def edit_view(job: Job, index: int) -> ui.View:
+def edit_view(job: Job, index: int, *, words: bool = False) -> ui.View:
     view = ui.View(timeout=None)
-    add_edit_buttons(view, job, index, 0)
+    add_edit_buttons(view, job, index, 0, words=words)
     return view
 
 

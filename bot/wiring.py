@@ -159,6 +159,7 @@ def build_bot(
         state=state,
         database=database,
         checks=checks,
+        edit_words=bool(config.discord.edit_model),
     )
 
     def finished(job_id: int) -> None:

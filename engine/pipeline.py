@@ -172,7 +172,7 @@ class Pipeline:
         the network until the next job's prepare: the worker's batch key gives it a batch of its own.
         """
         if self.parts.network_channels == INSTRUCT_CHANNELS:  # an InstructPix2Pix model: edits only
-            return edit_job(self, request, init)
+            return edit_job(self, request, init, fit_image)
         self.use_loras(request)
         job = self.img2img(request, init) if request.is_img2img else self.txt2img(request)
         if request.params.control_units:
@@ -184,15 +184,7 @@ class Pipeline:
         (engine.features.controlnet); its IP-Adapter reference's tokens (engine.features.ip_adapter)."""
         params = job.request.params
         units = params.control_units if units is None else units
-        references = [unit for unit in units if is_ip_unit(unit)]
-        if len(references) > 1:
-            raise GenerationError("A job takes one IP-Adapter reference image; leave the others out.")
-        ip = None
-        if references:
-            adapter = self.ip_adapters.get(references[0].model)
-            ip = adapter.rows(
-                references[0], open_image(references[0].image, "reference image").convert("RGB"), job.rows
-            )
+        ip = self.ip_adapters.job_rows(units, job.rows)
         units = tuple(unit for unit in units if not is_ip_unit(unit))
         if not units:
             return dataclasses.replace(job.cond, ip=ip)

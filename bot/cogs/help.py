@@ -92,7 +92,7 @@ def help_pages(commands_: Iterable[Any], service: JobService) -> list[str]:
         models_text(service.config),
         "",
         "**Buttons on results**",
-        describe_buttons(service.config.upscalers.default_upscaler()),
+        describe_buttons(service.config.upscalers.default_upscaler(), words=bool(service.config.discord.edit_model)),
         "",
         f"You can have {service.config.queue.pending_limit} jobs waiting at a time.",
     ]

@@ -12,7 +12,7 @@ import logging
 import discord
 from discord.ext import commands
 
-from bot import jobs, views, views_edit, views_safety
+from bot import jobs, views, views_edit, views_instruct, views_safety
 from bot.describe import UsePrompt
 from bot.permutations import QueueThem
 from bot.service import REROLL_EMOJI, JobService
@@ -25,10 +25,14 @@ class ResultsCog(commands.Cog, name="results"):
         self.service, self.bot = service, bot
 
     async def cog_load(self) -> None:
-        self.bot.add_dynamic_items(*views.ITEMS, *views_edit.ITEMS, *views_safety.ITEMS, QueueThem, UsePrompt)
+        self.bot.add_dynamic_items(
+            *views.ITEMS, *views_edit.ITEMS, *views_safety.ITEMS, *views_instruct.ITEMS, QueueThem, UsePrompt
+        )
 
     async def cog_unload(self) -> None:
-        self.bot.remove_dynamic_items(*views.ITEMS, *views_edit.ITEMS, *views_safety.ITEMS, QueueThem, UsePrompt)
+        self.bot.remove_dynamic_items(
+            *views.ITEMS, *views_edit.ITEMS, *views_safety.ITEMS, *views_instruct.ITEMS, QueueThem, UsePrompt
+        )
 
     @commands.Cog.listener()
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:

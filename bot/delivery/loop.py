@@ -73,10 +73,12 @@ class Delivery:
         state: StateStore,
         database: DatabaseHealth | None = None,
         checks: ResultChecks | None = None,
+        edit_words: bool = False,
     ) -> None:
         """``discord_client``: the few Discord calls delivery makes (ports.py); ``state``: where the
         owner notices sent are remembered; ``database``: where a cycle that met a database fault
-        says so (once, until it answers); ``checks``: the image policy (None: none)."""
+        says so (once, until it answers); ``checks``: the image policy (None: none); ``edit_words``:
+        results have Edit with words (an edit model is configured)."""
         self.discord = discord_client
         self.database = database or DatabaseHealth(log)
         self.queue = queue
@@ -85,7 +87,9 @@ class Delivery:
         self.clock = clock
         self.checks = checks
         self.community = community
-        self.poster = ResultPoster(discord_client, queue, community, model_name=model_name, clock=clock, checks=checks)
+        self.poster = ResultPoster(
+            discord_client, queue, community, model_name=model_name, clock=clock, checks=checks, edit_words=edit_words
+        )
         self.fallbacks = Fallbacks(discord_client, self.poster, community, state)
         self.statuses = StatusMessages(discord_client, queue, interval=interval, clock=clock)
         self._retry: dict[int, _Retry] = {}

@@ -64,8 +64,11 @@ class ResultPoster:
         model_name: str,
         clock: Callable[[], datetime],
         checks: ResultChecks | None = None,
+        edit_words: bool = False,
     ) -> None:
-        """``checks``: the image policy (None: results are posted as they are)."""
+        """``checks``: the image policy (None: results are posted as they are); ``edit_words``:
+        results have Edit with words (an edit model is configured)."""
+        self.edit_words = edit_words
         self.discord = discord_client
         self.checks = checks
         self.queue = queue
@@ -109,7 +112,7 @@ class ResultPoster:
                 parts = await asyncio.to_thread(describe_message, job, images, spoiler=spoiler)
                 return parts, describe_view(job, len(images))
             parts = await asyncio.to_thread(render.result_message, job, images, self.model_name, spoiler=spoiler)
-            return parts, layout.result_view(job, len(images), reveal=action == BLUR)
+            return parts, layout.result_view(job, len(images), reveal=action == BLUR, words=self.edit_words)
         return render.failure_message(job), layout.result_view(job, 0)
 
     async def safety_action(self, job: Job, channel_id: int | None) -> str:

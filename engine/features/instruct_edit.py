@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from engine.errors import GenerationError
@@ -32,12 +33,7 @@ from engine.families.sd.denoiser import Conditioning, Denoiser
 from engine.prompt_syntax import lora_key
 from engine.sampling.samplers import rows
 from engine.sampling.schedules import sigma_to_t
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-    from engine.pipeline import Pipeline, PreparedJob
-    from engine.types import GenerationRequest
+from engine.types import GenerationRequest
 
 __all__ = ["INSTRUCT_CHANNELS", "InstructDenoiser", "edit_job", "edit_refusal"]
 DEFAULT_IMAGE_GUIDANCE = 1.5
@@ -96,10 +92,26 @@ def edit_refusal(request: GenerationRequest) -> str | None:
     return None
 
 
-def edit_job(pipeline: Pipeline, request: GenerationRequest, init: Image.Image | None) -> PreparedJob:
-    """An edit: a job from pure noise whose rows carry the image's latents and image guidance."""
-    from engine.pipeline import fit_image
+class EditingPipeline(Protocol):
+    """What an edit needs of the model's pipeline (engine.pipeline.Pipeline)."""
 
+    model: Any
+    device: torch.device
+    dtype: torch.dtype
+
+    def use_loras(self, request: GenerationRequest) -> None: ...
+    def txt2img(self, request: GenerationRequest) -> Any: ...
+    def encode_image(self, image: Image.Image) -> Tensor: ...
+
+
+def edit_job(
+    pipeline: EditingPipeline,
+    request: GenerationRequest,
+    init: Image.Image | None,
+    fit_image: Callable[[bytes, int, int], Image.Image],
+) -> Any:
+    """An edit: a job from pure noise (a PreparedJob) whose rows carry the image's latents and
+    image guidance; ``fit_image`` fits the member's image to the job's size."""
     # 1. Check what this model cannot do.
     if refusal := edit_refusal(request):
         raise GenerationError(refusal)

@@ -21,7 +21,8 @@ import torch
 
 from engine.errors import GenerationError
 from engine.features.controlnet_loading import legacy_model_hash
-from engine.features.ip_adapter import IPAdapter
+from engine.features.ip_adapter import IPAdapter, IPRows, is_ip_unit
+from engine.features.masks import open_image
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,17 @@ class IPAdapters:
         if self.path is None or not self.path.is_file():
             return self.name or ""
         return f"{self.name} [{legacy_model_hash(self.path)}]"
+
+    def job_rows(self, units: tuple, rows: int) -> IPRows | None:
+        """The rows of a job with these units (every image takes its reference), or None without one."""
+        references = [unit for unit in units if is_ip_unit(unit)]
+        if not references:
+            return None
+        if len(references) > 1:
+            raise GenerationError("A job takes one IP-Adapter reference image; leave the others out.")
+        reference = references[0]
+        image = open_image(reference.image, "reference image").convert("RGB")
+        return self.get(reference.model).rows(reference, image, rows)
 
     def get(self, name: str) -> IPAdapter:
         if self.path is None or self.encoder_dir is None:
