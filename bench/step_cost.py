@@ -21,6 +21,8 @@ fired, so a download but no sync. What runs on CUDA the same way is counted the 
 Diffusers gets its best case: no generator (its noise drawn on the device, no upload per step).
 
     python bench/step_cost.py            # prints both tables; nothing is asserted
+    python bench/step_cost.py --loras    # and ours with LoRA rows mixed in (issue 23): 2 of 4 jobs
+                                         # with one LoRA, 1 with two, 1 with none, 3 sets in all
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import asyncio
 import collections
 import os
 import sys
+import tempfile
 import threading
 import traceback
 import weakref
@@ -242,11 +245,15 @@ def patch_sync_points() -> Callable[[], None]:
     return undo
 
 
-def requests() -> list[GenerationRequest]:
+#: With --loras, job i's LoRA tags (LoRA rows mixed in: none, one, another at 0.5, two).
+LORA_TAGS = ("", " <lora:a>", " <lora:b:0.5>", " <lora:c> <lora:a:0.7>")
+
+
+def requests(loras: bool = False) -> list[GenerationRequest]:
     return [
         GenerationRequest.of(
             i,
-            prompt=f"a photo of a fox, number {i}",
+            prompt=f"a photo of a fox, number {i}" + (LORA_TAGS[i % len(LORA_TAGS)] if loras else ""),
             seed=i,
             steps=STEPS,
             guidance=7.0,
@@ -258,7 +265,22 @@ def requests() -> list[GenerationRequest]:
     ]
 
 
-def count_engine(model) -> Tally:
+def with_loras(components: dict, model, folder: Path):
+    """A copy of ``model`` with the LoRA files ``a``, ``b``, ``c`` (tests/tinylora.py) in ``folder``."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    from tinylora import kohya_lora
+
+    for seed, name in enumerate("abc", 1):
+        save_file(kohya_lora(components, seed=seed, scale=0.3), folder / f"{name}.safetensors")
+    copied = copy.deepcopy(model)
+    copied.lora_dir = folder
+    return copied
+
+
+def count_engine(model, loras: bool = False) -> Tally:
     global TALLY
     tally = TALLY = Tally()
     worker = EngineWorker(model, EngineSettings(max_batch=JOBS, preview_every=PREVIEW_EVERY), GenerationSettings())
@@ -277,7 +299,7 @@ def count_engine(model) -> Tally:
     engine.serving.finishing._in_inference_mode = counted_pool_work
 
     async def all_jobs():
-        tasks = [asyncio.ensure_future(worker.generate(r, lambda p: None)) for r in requests()]
+        tasks = [asyncio.ensure_future(worker.generate(r, lambda p: None)) for r in requests(loras)]
         await asyncio.sleep(0)  # all waiting before the thread starts: one batch
         worker.start()
         await asyncio.gather(*tasks)
@@ -342,12 +364,16 @@ def main() -> None:
         f"{JOBS} jobs of {SIZE}x{SIZE}, {STEPS} steps, euler_a, CFG 7; ours with previews every "
         f"{PREVIEW_EVERY} steps; the tests' tiny SD1 UNet, CPU, torch {torch.__version__}"
     )
-    patch_sync_points()
-    ours = report("our engine", count_engine(model))
+    loras = "--loras" in sys.argv[1:]
+    with tempfile.TemporaryDirectory() as folder:
+        lora_model = with_loras(components, model, Path(folder)) if loras else None
+        patch_sync_points()
+        ours = report("our engine", count_engine(model))
+        rows = report("our engine, LoRA rows mixed in", count_engine(lora_model, loras=True)) if loras else None
     theirs = report("diffusers StableDiffusionPipeline", count_diffusers(components))
-    print("\n" + " " * 28 + f"{'ours':>8} {'diffusers':>10}")
+    print("\n" + " " * 28 + f"{'ours':>8} {'diffusers':>10}" + (f" {'ours, LoRA rows':>16}" if rows else ""))
     for key in ours:
-        print(f"  {key:<26} {ours[key]:8.2f} {theirs[key]:10.2f}")
+        print(f"  {key:<26} {ours[key]:8.2f} {theirs[key]:10.2f}" + (f" {rows[key]:16.2f}" if rows else ""))
 
 
 if __name__ == "__main__":

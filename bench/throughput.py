@@ -14,6 +14,7 @@ work per step is the same.
     python bench/throughput.py --sizes 128x128 96x128         # members asking for different sizes
     python bench/throughput.py --compile default              # also (v): batched with engine.compile
     python bench/throughput.py --unet flux                    # tiny Flux.1 dev (or sd3: SD 3.5) vs their pipelines
+    python bench/throughput.py --loras 4 --members 8          # LoRA sets shared or apart (bench/lora_throughput.py)
 
 With several ``--sizes`` (job i gets size i % len), it also runs (iv) our engine batched in strict
 arrival order (``engine.overtake_window = 0``), where a job of another size ends the batch.
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         "--compile", default="off", help="also run (v): the batched engine with this engine.compile mode"
     )
     parser.add_argument("--latency-repeats", type=int, default=7)
+    parser.add_argument("--loras", type=int, default=0, help="N LoRA sets: shared batch vs by set vs one at a time")
+    parser.add_argument("--lora-rank", type=int, default=8)
     args = parser.parse_args(argv)
     side = args.size or DEFAULT_SIZE[args.unet]
     args.sizes = [parse_size(size) for size in args.sizes] if args.sizes else [(side, side)]
@@ -288,6 +291,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.compile != "off"
         else None
     )
+    if args.loras:
+        from lora_throughput import run
+
+        return run(model, jobs(args.jobs, args.members, args), args, run_engine)
     serial = EngineWorker(model, EngineSettings(max_batch=1, preview_every=0), limits)
     mixed = len(set(args.sizes)) > 1
     strict = EngineWorker(model, EngineSettings(max_batch=args.max_batch, preview_every=0, overtake_window=0), limits)

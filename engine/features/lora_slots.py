@@ -11,13 +11,14 @@ same few kernels whatever the mix (Punica's and S-LoRA's idea, for the UNet and 
   ``up [slots, rank, out]`` (``up`` carries the file's ``alpha / rank``), padded with zeros to
   ``engine.lora_max_rank``. They are made when a LoRA first changes that layer and written in
   place after, so compiled graphs and CUDA graphs keep their pointers across loads.
-- **Rows.** A job's rows carry :class:`LoraRows`, ``slots [rows, K]`` and ``scales [rows, K]``
-  (K: the most LoRAs a row of the batch has; a row with fewer pads with scale 0): a field of the
+- **Rows.** A job's rows carry :class:`LoraRows`, ``slots [rows, K]`` and each rank column's
+  weight, ``gains [rows, K * rank]`` (K: the most LoRAs a row of the batch has; a row with fewer
+  pads with weight 0), made once per job and joined once per membership change: a field of the
   family's conditioning, joined with the batch's other rows like every row tensor (the negative
   prompt rows of CFG carry their image's). The denoiser passes them to the network as the
-  inputs ``lora_slots``/``lora_scales`` (:class:`RowsNetwork`), so the compiled graphs pad them
-  to their bucket as they pad the prompt embeddings.
-- **A layer's step.** ``y = base(x) + bmm(bmm(x, down[slots]^T) * scales, up[slots])``: two
+  inputs ``lora_slots``/``lora_gains`` (:class:`RowsNetwork`), so the compiled graphs pad them
+  to their bucket as they pad the prompt embeddings, and a step adds no kernel outside the network.
+- **A layer's step.** ``y = base(x) + bmm(bmm(x, down[slots]^T) * gains, up[slots])``: two
   gathers, two batched matrix products and a multiply, one set for every row; a convolution's
   down projection is one grouped convolution (a group per row), its up projection a bmm.
 - **Loading.** :class:`LoraSlots` copies a LoRA (already read by peft: every layout diffusers
@@ -26,10 +27,18 @@ same few kernels whatever the mix (Punica's and S-LoRA's idea, for the UNet and 
   (:class:`SlotsBusy`). A LoRA over the maximum rank, or with layers this cannot run per row
   (DoRA, biases, embeddings), runs through peft on the whole network in a batch of its own, as
   before this module (:meth:`engine.features.lora.LoraLibrary.runs_whole`).
-- **No merged fast path.** Measured with ``bench/throughput.py --loras 4`` (BENCHMARKS.md): a
-  batch whose rows all share one set runs per row at the cost of the low-rank products only,
-  while merging would rewrite every LoRA layer's weights whenever a job of another set joins or
-  the last one leaves, between two steps of the running batch; so every row runs this way.
+- **When a LoRA loads.** At its job's prepare, on the worker thread between two steps of the
+  running batch, as every job is prepared: never inside a step, and into a slot that no running
+  row reads, so the batch's rows never see a half-copied slot. The running batch does wait for the
+  load (reading the file, diffusers' conversion, peft's adapter, the copy into the slot), once
+  per LoRA not yet in a slot; moving the file's read off the thread is left to do.
+- **No merged fast path yet.** Measured with ``bench/throughput.py --loras 4`` (BENCHMARKS.md,
+  the tiny UNet on the CPU): when every row uses one set, the rows' low-rank products cost about
+  a fifth of a step more than the LoRA merged into the weights would, and a merge and unmerge
+  about a millisecond, so the measurement favours a merged path for such batches. It is not
+  built: the merge must be undone exactly (in 16-bit, merging and subtracting again drifts the
+  checkpoint's weights) whenever a job of another set joins, between two steps; every row runs
+  from the slots until a GPU measurement at real sizes decides it.
 """
 
 from __future__ import annotations
@@ -60,23 +69,28 @@ class RowContext:
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.slots: Tensor | None = None  # [rows, K] long
-        self.gains: Tensor | None = None  # [rows, 1, K * rank]: each rank column's row weight
+        self.gains: Tensor | None = None  # [rows, K * rank]: each rank column's row weight
 
 
 @dataclass(frozen=True, eq=False)  # by identity: the live jobs' rows are a weak set
 class LoraRows:
-    """Per network row: the slots of its LoRAs and their weights (``[rows, K]`` each)."""
+    """Per network row: the slots of its LoRAs (``[rows, K]``) and their weights, repeated over
+    each slot's rank columns (``[rows, K * rank]``, in the network's dtype)."""
 
     slots: Tensor
-    scales: Tensor
-    used: frozenset[int] = frozenset()  # slots with a nonzero weight (known on the host)
+    gains: Tensor
+    used: frozenset[int] = frozenset()  # the slots its LoRAs sit in (known on the host)
+
+    @property
+    def rank(self) -> int:
+        return self.gains.shape[1] // self.slots.shape[1]
 
     def inputs(self) -> dict[str, Tensor]:
-        return {"lora_slots": self.slots, "lora_scales": self.scales}
+        return {"lora_slots": self.slots, "lora_gains": self.gains}
 
     def halves(self, pairs: int) -> list[LoraRows]:
         n = self.slots.shape[0] // pairs
-        return [LoraRows(self.slots[i * n : (i + 1) * n], self.scales[i * n : (i + 1) * n]) for i in range(pairs)]
+        return [LoraRows(self.slots[i * n : (i + 1) * n], self.gains[i * n : (i + 1) * n]) for i in range(pairs)]
 
     @staticmethod
     def join(parts: list[tuple[LoraRows | None, int]], pairs: int) -> LoraRows | None:
@@ -85,21 +99,17 @@ class LoraRows:
         present = [rows for rows, _ in parts if rows is not None]
         if not present:
             return None
-        width = max(rows.slots.shape[1] for rows in present)
-        device = present[0].slots.device
+        width, rank, like = max(rows.slots.shape[1] for rows in present), present[0].rank, present[0].gains
         filled = []
         for rows, count in parts:
             if rows is None:
-                rows = LoraRows(
-                    torch.zeros(count, width, dtype=torch.long, device=device),
-                    torch.zeros(count, width, device=device),
-                )
+                rows = LoraRows(like.new_zeros((count, width), dtype=torch.long), like.new_zeros((count, width * rank)))
             pad = width - rows.slots.shape[1]
-            filled.append(LoraRows(F.pad(rows.slots, (0, pad)), F.pad(rows.scales, (0, pad)), rows.used))
+            filled.append(LoraRows(F.pad(rows.slots, (0, pad)), F.pad(rows.gains, (0, pad * rank)), rows.used))
         ordered = [half for i in range(pairs) for rows in filled for half in rows.halves(pairs)[i : i + 1]]
         return LoraRows(
             torch.cat([r.slots for r in ordered]),
-            torch.cat([r.scales for r in ordered]),
+            torch.cat([r.gains for r in ordered]),
             frozenset().union(*(r.used for r in filled)),
         )
 
@@ -141,7 +151,9 @@ class SlotLayer(nn.Module):
     def _linear_delta(self, x: Tensor, slots: Tensor, gains: Tensor) -> Tensor:
         n = slots.shape[0]
         rows = x.reshape(n, -1, x.shape[-1]).to(self.down.dtype)  # [rows, tokens, in]
-        low = torch.bmm(rows, self.down[slots].flatten(1, 2).transpose(1, 2)) * gains  # [rows, tokens, K * rank]
+        low = (
+            torch.bmm(rows, self.down[slots].flatten(1, 2).transpose(1, 2)) * gains[:, None]
+        )  # [rows, tokens, K * rank]
         return torch.bmm(low, self.up[slots].flatten(1, 2)).reshape(*x.shape[:-1], -1)
 
     def _conv_delta(self, x: Tensor, slots: Tensor, gains: Tensor) -> Tensor:
@@ -153,7 +165,7 @@ class SlotLayer(nn.Module):
         down = self.down[slots].flatten(0, 2)  # [rows * K * rank, in, kh, kw]: one group per row
         low = F.conv2d(x.reshape(1, -1, *x.shape[2:]), down, None, base.stride, padding, base.dilation, groups=n)
         h, w = low.shape[2:]
-        low = low.reshape(n, -1, h * w) * gains.transpose(1, 2)  # [rows, K * rank, h * w]
+        low = low.reshape(n, -1, h * w) * gains[:, :, None]  # [rows, K * rank, h * w]
         return torch.bmm(self.up[slots].flatten(1, 2).transpose(1, 2), low).reshape(n, -1, h, w)
 
 
@@ -164,13 +176,11 @@ class RowsNetwork(nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, lora_slots: Tensor | None = None, lora_scales: Tensor | None = None, **inputs):
+    def forward(self, lora_slots: Tensor | None = None, lora_gains: Tensor | None = None, **inputs):
         context: RowContext | None = getattr(self.network, "lora_rows", None)
         if context is None or lora_slots is None:
             return self.network(**inputs)
-        # Each rank column's weight, once per call rather than once per layer.
-        gains = lora_scales.repeat_interleave(context.rank, dim=1)[:, None, :]
-        context.slots, context.gains = lora_slots, gains.to(self.network.dtype)
+        context.slots, context.gains = lora_slots, lora_gains
         try:
             return self.network(**inputs)
         finally:
@@ -201,9 +211,15 @@ class LoraSlots:
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # LoRA name -> slot, least recently used first
         self._jobs: weakref.WeakSet[LoraRows] = weakref.WeakSet()  # live jobs' rows
         self.loads = 0  # LoRAs copied into a slot
+        self._checked: dict[str, str | None] = {}  # peft adapter -> why it cannot run per row
 
     def why_not(self, adapter: str) -> str | None:
-        """Why a peft adapter of the network cannot run per row, or None."""
+        """Why a peft adapter of the network cannot run per row, or None (looked at once)."""
+        if adapter not in self._checked:
+            self._checked[adapter] = self._why_not(adapter)
+        return self._checked[adapter]
+
+    def _why_not(self, adapter: str) -> str | None:
         for name, layer in peft_layers(self.network, adapter):
             base = innermost(layer)
             if adapter in getattr(layer, "lora_embedding_A", {}):
@@ -265,7 +281,7 @@ class LoraSlots:
     def rows(self, uses: list[tuple[int, float]], count: int, device: torch.device) -> LoraRows:
         """``count`` network rows of one job whose LoRAs sit in ``uses`` (slot, weight)."""
         slots = torch.tensor([[s for s, _ in uses]] * count, dtype=torch.long)
-        scales = torch.tensor([[w for _, w in uses]] * count, dtype=torch.float32)
-        rows = LoraRows(slots.to(device), scales.to(device), frozenset(s for s, _ in uses))
+        gains = torch.tensor([[w for _, w in uses for _ in range(self.rank)]] * count, dtype=self.dtype)
+        rows = LoraRows(slots.to(device), gains.to(device), frozenset(s for s, _ in uses))
         self._jobs.add(rows)
         return rows
