@@ -55,9 +55,9 @@ def result_view(job: Job, image_count: int, *, reveal: bool = False, words: bool
     return view
 
 
-def describe_buttons(upscaler: str = "Lanczos", words: bool = False) -> str:
-    """One line per button, for /help; ``upscaler``: what the U buttons upscale with here;
-    ``words``: Edit with words is offered."""
+def describe_buttons(upscaler: str = "Lanczos") -> str:
+    """One line per button, for /help; ``upscaler``: what the U buttons upscale with here (Edit
+    with words is told with the models, bot/texts.py)."""
     return "\n".join(
         [
             "🔁 **Reroll**: same settings, new seed. Adding a 🔁 reaction to a result does the same.",
@@ -73,11 +73,6 @@ def describe_buttons(upscaler: str = "Lanczos", words: bool = False) -> str:
             "original only in an age-restricted channel, or by DM to its requester where the server allows it.",
             "🖌️ **Vary (Region)**: pick squares of the image and a prompt; only they change. "
             "🔍 **Zoom Out 1.5x/2x**, ⬅️➡️⬆️⬇️ **Pan**, ⏹️ **Make Square**: a bigger canvas, its new part drawn to match.",
-            *(
-                ['🪄 **Edit with words**: say what to change ("make it night"); an InstructPix2Pix model edits it.']
-                if words
-                else []
-            ),
             "Anyone may press Reroll, Vary, Upscale, Edit and the editing buttons; the new job is theirs.",
         ]
     )

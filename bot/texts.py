@@ -65,8 +65,14 @@ def model_line(name: str, config: Config) -> str:
 
 
 def models_text(config: Config) -> str:
-    """Every configured model with its family's defaults (/help, /server show)."""
-    return "\n".join(model_line(name, config) for name in config.model_names)
+    """Every configured model with its family's defaults (/help, /server show); the edit model
+    (``discord.edit_model``) as what it is for."""
+    return "\n".join(
+        f"**{render.escape(name)}**: InstructPix2Pix, for 🪄 **Edit with words** under results (say what to change)"
+        if name == config.discord.edit_model
+        else model_line(name, config)
+        for name in config.model_names
+    )
 
 
 def server_settings_text(policy: ServerPolicy, barred: list[int], config: Config) -> str:

@@ -73,3 +73,32 @@ async def test_hostile_style_references_are_refused_as_uploads_are(style_setup):
         # Without ControlNets this model offers the IP-Adapter's modes only.
         assert "reference modes you can use here: style, subject." in await ask("edges", tiff)
     assert queue.pending_for(emu.alice.id) == []
+
+
+async def test_use_as_reference_queues_imagine_with_the_message_s_image(style_setup):
+    """Apps → Use as reference on any message with an image: a form, then /imagine with it."""
+    emu, config, queue, worker = style_setup
+    async with bot_running(emu, config, queue, worker):
+
+        async def use(posted, values: dict[str, str]):
+            ix = await emu.message_command(emu.bob, "Use as reference", posted)
+            assert await ix.wait_ack() == 9  # the form
+            return await emu.submit_modal(emu.bob, ix, values)
+
+        posted = emu.post(emu.alice, "look", attachments=(emu.attachment("ref.png", blocks(), "image/png"),))
+        form = {"Prompt": "a castle", "Reference mode": "style", "Strength (0 to 2)": "0.5"}
+        await (await use(posted, form)).wait_response(lambda m: "queued" in m.content)
+        result = await emu.wait_for_message(emu.general, is_result, timeout=60)
+        unit = read_parameters(result.attachments[0].data)["ControlNet 0"]
+        assert unit.startswith("Module: ip-adapter_style, Model: ip-adapter_tiny [") and "Weight: 0.5" in unit
+        job = queue.get(int(next(c for c in result.custom_ids if c.startswith("sd:reroll:")).split(":")[2]))
+        assert (job.requester_id, job.prompt) == (emu.bob.id, "a castle")
+        # Refusals say what to do: a bad strength, a TIFF posing as PNG, a message without an image.
+        assert "The strength is a number from 0 to 2" in await reply(
+            await use(posted, form | {"Strength (0 to 2)": "9"})
+        )
+        lying = emu.post(emu.alice, attachments=(emu.attachment("r.png", png(fmt="TIFF"), "image/png"),))
+        assert "could not be read as an image" in await reply(await use(lying, form))
+        bare = emu.post(emu.alice, "no image here")
+        ix = await emu.message_command(emu.bob, "Use as reference", bare)
+        assert "That message has no image attached" in await reply(ix)

@@ -81,7 +81,7 @@ def help_pages(commands_: Iterable[Any], service: JobService) -> list[str]:
             "",
             "**On any message** (right-click → Apps): "
             + ", ".join(f"**{m}**" for m in menus)
-            + ": the AUTOMATIC1111 parameters of an attached PNG, or a new job with them",
+            + ": a PNG's A1111 parameters, a job with them, its image as a reference",
         ]
     lines += [
         "",
@@ -92,7 +92,7 @@ def help_pages(commands_: Iterable[Any], service: JobService) -> list[str]:
         models_text(service.config),
         "",
         "**Buttons on results**",
-        describe_buttons(service.config.upscalers.default_upscaler(), words=bool(service.config.discord.edit_model)),
+        describe_buttons(service.config.upscalers.default_upscaler()),
         "",
         f"You can have {service.config.queue.pending_limit} jobs waiting at a time.",
     ]

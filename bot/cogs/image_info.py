@@ -1,4 +1,5 @@
-"""Message context menus (right-click a message → Apps): "Image info" and "Use these settings".
+"""Message context menus (right-click a message → Apps): "Image info", "Use these settings" and
+"Use as reference" (a form for /imagine with the message's image as reference: bot/reference_menu.py).
 
 They read AUTOMATIC1111 parameters from a PNG attached to any message, made by this bot or by
 another tool (:mod:`bot.infotext`). The attachment passes the same type, size and host checks
@@ -16,6 +17,7 @@ from discord.ext import commands
 from bot import infotext
 from bot.inputs import BadInput, check_attachment_meta
 from bot.jobs import NewJob
+from bot.reference_menu import reference_modal
 from bot.service import JobService
 from db.models import JobKind
 
@@ -26,6 +28,7 @@ class ImageInfoCog(commands.Cog, name="image-info"):
         self.menus = (
             app_commands.ContextMenu(name="Image info", callback=self.image_info),
             app_commands.ContextMenu(name="Use these settings", callback=self.use_settings),
+            app_commands.ContextMenu(name="Use as reference", callback=self.use_as_reference),
         )
 
     async def cog_load(self) -> None:
@@ -41,6 +44,12 @@ class ImageInfoCog(commands.Cog, name="image-info"):
 
     async def use_settings(self, interaction: discord.Interaction, message: discord.Message) -> None:
         await self.service.guarded(interaction, self._use_settings(interaction, message))
+
+    async def use_as_reference(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        await self.service.guarded(interaction, self._use_as_reference(interaction, message))
+
+    async def _use_as_reference(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        await interaction.response.send_modal(reference_modal(self.service, message))
 
     async def _read(self, message: discord.Message) -> infotext.ReadBack:
         attachment = next(
