@@ -220,6 +220,46 @@ def test_compiled_graphs_pad_the_lora_rows_to_their_bucket(tiny_sd_folder, lora_
     assert pipeline.denoiser.eager_calls == 0 and any(key[4] == 2 for key in pipeline.denoiser.graphs)
 
 
+def test_through_the_worker_a_job_waits_for_a_slot_and_a_wide_lora_for_its_own_batch(tiny_sd_folder, lora_dir, whole):
+    """One slot: jobs of two LoRAs take turns in it (the second waits, none is lost or mixed up);
+    a LoRA over the rank runs in a batch of its own; each job is its set alone."""
+    import asyncio
+
+    from engine.config.settings import EngineSettings, GenerationSettings
+    from engine.serving.worker import EngineWorker
+
+    pipeline = sd_pipeline(tiny_sd_folder, lora_dir, slots=1)
+    prompts = ["a red fox <lora:a>", "a red fox <lora:b:0.5>", "a red fox", "a red fox <lora:wide>", "a fox <lora:a>"]
+    worker = EngineWorker(
+        pipeline.model, EngineSettings(max_batch=8), GenerationSettings(max_width=256, max_height=256)
+    )
+    worker.pipeline = worker.models._pipelines[worker.model_name] = pipeline
+    batches: list[set] = []
+    step = worker._step
+
+    def watch(batch):  # which LoRA sets share each step
+        batches.append({lora_key(e.job.request.params.prompt) for e in batch.entries})
+        step(batch)
+
+    worker._step = watch
+
+    async def all_together():
+        return await asyncio.gather(*(worker.generate(request(p, i)) for i, p in enumerate(prompts)))
+
+    worker.start()
+    try:
+        results = asyncio.run(all_together())
+    finally:
+        worker.stop()
+    expected = alone(whole, prompts)
+    for result, reference in zip(results, expected, strict=True):
+        assert_same_pixels(result.images[0].png, to_images(*whole.decode_pixels(reference))[0])
+    wide = lora_key("x <lora:wide>")
+    assert all(sets == {wide} for sets in batches if wide in sets)  # alone
+    assert not any({lora_key("<lora:a>"), lora_key("<lora:b:0.5>")} <= sets for sets in batches)  # one slot
+    assert pipeline.loras.whole_jobs >= 1
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_flow_transformer_rows_are_their_set_alone(tmp_path_factory, family):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline

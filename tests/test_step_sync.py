@@ -59,3 +59,25 @@ def test_a_steady_step_makes_no_sync_and_no_more_kernels_outside_the_unet_than_d
     assert ours["uploads (non-blocking)"] == 0  # the noise was uploaded at admission
     assert ours["downloads (non-blocking)"] > 0  # previews and the NaN check did reach the host
     assert ours["kernels outside the UNet"] <= theirs["kernels outside the UNet"]
+
+
+def test_lora_rows_add_no_sync_and_no_kernel_outside_the_unet(tmp_path):
+    """Issue 23: with LoRA rows mixed in (one LoRA, another at 0.5, two, none), a steady step still
+    makes no sync, and the rows' LoRAs run inside the UNet (their slots and weights are made per job)."""
+    import step_cost
+
+    torch.manual_seed(0)
+    components = step_cost.build_components("tiny")
+    model = step_cost.loaded_model(components, "tiny", torch.device("cpu"), torch.float32)
+    undo = step_cost.patch_sync_points()
+    try:
+        plain = step_cost.report("our engine", step_cost.count_engine(model))
+        rows = step_cost.report(
+            "LoRA rows", step_cost.count_engine(step_cost.with_loras(components, model, tmp_path), True)
+        )
+    finally:
+        undo()
+    assert rows["syncs, stepping thread"] == 0 and rows["syncs, other threads"] == 0
+    assert rows["uploads (non-blocking)"] == 0
+    assert rows["kernels outside the UNet"] == plain["kernels outside the UNet"]
+    assert rows["UNet kernels"] > plain["UNet kernels"]  # the LoRAs did run, inside the UNet

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -212,6 +213,7 @@ class LoraSlots:
         self._jobs: weakref.WeakSet[LoraRows] = weakref.WeakSet()  # live jobs' rows
         self.loads = 0  # LoRAs copied into a slot
         self._checked: dict[str, str | None] = {}  # peft adapter -> why it cannot run per row
+        self._collected = float("-inf")  # when the garbage was last collected for a slot
 
     def why_not(self, adapter: str) -> str | None:
         """Why a peft adapter of the network cannot run per row, or None (looked at once)."""
@@ -246,7 +248,9 @@ class LoraSlots:
         taken = set(self.slot_of.values())
         free = [s for s in range(self.count) if s not in taken]
         if not free:
-            gc.collect()  # finished jobs' rows still in reference cycles let their slots go
+            if time.monotonic() - self._collected > 1:  # a waiting job retries at every step
+                gc.collect()  # finished jobs' rows still in reference cycles let their slots go
+                self._collected = time.monotonic()
             busy = self.in_use() | keep
             idle = [n for n, s in self.slot_of.items() if s not in busy]  # least recently used first
             if not idle:
