@@ -2,7 +2,7 @@
 slot buffers (engine/features/lora_slots.py), and a job comes out as it does alone with its set
 applied to the whole network through peft (the path before the slots, kept for sets that cannot
 run per row): weights 0.5 and 1.2, two LoRAs in one job, one LoRA at two weights, a LoCon
-(convolution) LoRA, Flux.1 and SD 3.5 rows; the slots keep their addresses across loads and a slot
+(convolution) LoRA, SDXL, Flux.1 and SD 3.5 rows; the slots keep their addresses across loads and a slot
 a job uses is never taken; a LoRA over the maximum rank runs whole, in a batch of its own; the
 batch's step compiles whole with LoRA rows mixed in, and the compiled graphs pad them to buckets.
 
@@ -143,6 +143,27 @@ def test_every_job_is_its_set_alone_through_peft(rows, whole):
     for i in (0, 1, 2, 3, 5):
         assert (batched[i] - plain).abs().mean() > 0.01
     assert (batched[0] - batched[1]).abs().mean() > 0.01
+
+
+def test_sdxl_rows_are_their_set_alone(tiny_sdxl_single_file, tmp_path):
+    """SDXL's UNet (added embeddings, two CLIPs): kohya LoRAs on the UNet and both CLIPs."""
+    from tinylora import kohya_lora
+    from tinymodel import build_tiny_components
+
+    components = build_tiny_components("sdxl")
+    for name, seed in (("x", 31), ("y", 32)):
+        state = kohya_lora(components, seed=seed, scale=SCALE, text_encoder=False)
+        save_file(state, tmp_path / f"{name}.safetensors")
+    pipelines = []
+    for slots in (SLOTS, 0):
+        model = load_model(str(tiny_sdxl_single_file), device="cpu", dtype=torch.float32, progress=False)
+        model.lora_dir, model.lora_slots = tmp_path, slots
+        pipelines.append(Pipeline(model))
+    prompts = ["a red fox <lora:x:1.2>", "a red fox", "a cat <lora:y:0.5> <lora:x>"]
+    batched = run(pipelines[0], prompts)
+    for got, expected in zip(batched, alone(pipelines[1], prompts), strict=True):
+        assert_same_image(pipelines[0], got, expected)
+    assert (batched[0] - batched[1]).abs().mean() > 0.01 and pipelines[0].loras.whole_jobs == 0
 
 
 def test_slots_keep_their_addresses_and_a_used_slot_is_never_taken(rows, lora_dir):
