@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from diffusers import DiffusionPipeline
-from diffusers.utils import logging as diffusers_logging
-from huggingface_hub import utils as hub_utils
-from transformers.utils import logging as transformers_logging
+from engine.torch_builds import torchvision_importable
 
-from engine.errors import ModelLoadError
+# Before diffusers and transformers look for torchvision (engine/torch_builds.py): any module that
+# imports these tools first (a ControlNet's loader, say) must not find a torchvision that cannot load.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+torchvision_importable()
+
+from diffusers import DiffusionPipeline  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from huggingface_hub import utils as hub_utils  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
+
+from engine.errors import ModelLoadError  # noqa: E402
 
 
 def download_pipeline(repo_id: str) -> Path:
