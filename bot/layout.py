@@ -5,6 +5,7 @@ from __future__ import annotations
 from discord import ui
 
 from bot import jobs, views_edit
+from bot.reference_menu import UseAsReference
 from bot.views import Cancel, Delete, Edit, Info, Reroll, Upscale, Vary
 from bot.views_safety import Report, Reveal
 from db.models import Job
@@ -52,6 +53,7 @@ def result_view(job: Job, image_count: int, *, reveal: bool = False, words: bool
     ):
         view.add_item(item)
     views_edit.add_edit_buttons(view, job, 0, first_row=2, words=words)
+    view.add_item(UseAsReference(job.id, 0, row=2))  # row 2 holds at most 4 editing buttons
     return view
 
 

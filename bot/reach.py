@@ -18,7 +18,8 @@ import discord
 from bot.checks import Defers
 from bot.config import Config
 from bot.jobs import NewJob
-from db.models import Job, ResultImage
+from bot.policy import Asked
+from db.models import Job, JobKind, ResultImage
 from db.styles import Styles
 
 T = TypeVar("T")
@@ -39,6 +40,15 @@ class ButtonService(Defers, Protocol):
     async def get_image(self, job_id: int, index: int) -> ResultImage: ...
 
     async def submit_derived(self, interaction: discord.Interaction, new: NewJob, note: str | None = None) -> Job: ...
+
+    async def submit_command(
+        self,
+        interaction: discord.Interaction,
+        kind: JobKind,
+        asked: Asked,
+        *,
+        reference: discord.Attachment | None = None,
+    ) -> Job | None: ...
 
     async def cancel(self, interaction: discord.Interaction, job: Job) -> None: ...
 

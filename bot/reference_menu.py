@@ -1,4 +1,5 @@
-"""Apps → "Use as reference" (right-click any message with an image): a form asks for the prompt,
+"""Apps → "Use as reference" (right-click any message with an image) and the 📌 Reference button
+under a one-image result (``sd:ref:<job>:<index>``, a DynamicItem): a form asks for the prompt,
 the reference mode and its strength, and queues an /imagine job with that image as its reference.
 
 The message's image is an upload like /imagine's ``reference:``: the job goes through
@@ -9,13 +10,17 @@ form holds the attachment only while it is open (Discord's 15 minutes); nothing 
 
 from __future__ import annotations
 
+import re
+from typing import Self
+
 import discord
 from discord import ui
 
 from bot.inputs import BadInput, check_prompt
 from bot.policy import Asked
+from bot.reach import ButtonService
 from bot.references import DEFAULT_REFERENCE_MODE, usable_modes
-from bot.service import JobService
+from bot.views import _JobButton
 from db.models import JobKind
 from engine.control_units import MAX_CONTROL_WEIGHT
 
@@ -46,7 +51,7 @@ def strength_of(text: str) -> float | None:
 class ReferenceModal(ui.Modal):
     """Prompt, mode and strength for a reference taken from a message."""
 
-    def __init__(self, service: JobService, attachment: discord.Attachment, modes: list[str]) -> None:
+    def __init__(self, service: ButtonService, attachment: discord.Attachment, modes: list[str]) -> None:
         super().__init__(title="Use as reference", timeout=900)
         self.service, self.attachment = service, attachment
         max_chars = service.config.discord.max_prompt_chars
@@ -67,9 +72,31 @@ class ReferenceModal(ui.Modal):
         await self.service.submit_command(interaction, JobKind.txt2img, asked, reference=self.attachment)
 
 
-def reference_modal(service: JobService, message: discord.Message) -> ReferenceModal:
+def reference_modal(service: ButtonService, message: discord.Message) -> ReferenceModal:
     """The form for ``message``'s image (BadInput when it has none), listing the default model's modes."""
     config = service.config
     attachment = image_attachment(message, config.discord.allowed_image_types)
     modes = usable_modes(config.model.controlnet_dir, (), config.model.ip_adapter)
     return ReferenceModal(service, attachment, modes)
+
+
+class UseAsReference(_JobButton, template=r"sd:ref:(?P<job>\d+):(?P<index>\d)"):
+    """The result's image (its message's attachment, as Discord serves it) as a new job's reference."""
+
+    action = "ref"
+
+    def __init__(self, job_id: int, index: int, row: int | None = None) -> None:
+        super().__init__(job_id, index, label="Reference", emoji="📌", row=row)
+        self.index = index
+
+    @classmethod
+    def from_match(cls, match: re.Match[str]) -> Self:
+        return cls(int(match["job"]), int(match["index"]))
+
+    async def run(self, interaction: discord.Interaction, service: ButtonService) -> None:
+        if interaction.message is None:
+            raise BadInput("That result's message is gone; use Apps → Use as reference on the image instead.")
+        await interaction.response.send_modal(reference_modal(service, interaction.message))
+
+
+ITEMS = (UseAsReference,)

@@ -93,6 +93,15 @@ async def test_use_as_reference_queues_imagine_with_the_message_s_image(style_se
         assert unit.startswith("Module: ip-adapter_style, Model: ip-adapter_tiny [") and "Weight: 0.5" in unit
         job = queue.get(int(next(c for c in result.custom_ids if c.startswith("sd:reroll:")).split(":")[2]))
         assert (job.requester_id, job.prompt) == (emu.bob.id, "a castle")
+        # The 📌 Reference button under that one-image result: the same form, with the result's image.
+        assert f"sd:ref:{job.id}:0" in result.custom_ids
+        press = await emu.click(emu.alice, result, f"sd:ref:{job.id}:0")
+        assert await press.wait_ack() == 9
+        submitted = await emu.submit_modal(emu.alice, press, form | {"Prompt": "a tower", "Reference mode": "subject"})
+        await submitted.wait_response(lambda m: "queued" in m.content)
+        second = await emu.wait_for_message(emu.general, lambda m: is_result(m) and m.id != result.id, timeout=60)
+        unit = read_parameters(second.attachments[0].data)["ControlNet 0"]
+        assert unit.startswith("Module: ip-adapter_clip, Model: ip-adapter_tiny [")
         # Refusals say what to do: a bad strength, a TIFF posing as PNG, a message without an image.
         assert "The strength is a number from 0 to 2" in await reply(
             await use(posted, form | {"Strength (0 to 2)": "9"})

@@ -12,7 +12,7 @@ import logging
 import discord
 from discord.ext import commands
 
-from bot import jobs, views, views_edit, views_instruct, views_safety
+from bot import jobs, reference_menu, views, views_edit, views_instruct, views_safety
 from bot.describe import UsePrompt
 from bot.permutations import QueueThem
 from bot.service import REROLL_EMOJI, JobService
@@ -26,12 +26,24 @@ class ResultsCog(commands.Cog, name="results"):
 
     async def cog_load(self) -> None:
         self.bot.add_dynamic_items(
-            *views.ITEMS, *views_edit.ITEMS, *views_safety.ITEMS, *views_instruct.ITEMS, QueueThem, UsePrompt
+            *views.ITEMS,
+            *views_edit.ITEMS,
+            *views_safety.ITEMS,
+            *views_instruct.ITEMS,
+            *reference_menu.ITEMS,
+            QueueThem,
+            UsePrompt,
         )
 
     async def cog_unload(self) -> None:
         self.bot.remove_dynamic_items(
-            *views.ITEMS, *views_edit.ITEMS, *views_safety.ITEMS, *views_instruct.ITEMS, QueueThem, UsePrompt
+            *views.ITEMS,
+            *views_edit.ITEMS,
+            *views_safety.ITEMS,
+            *views_instruct.ITEMS,
+            *reference_menu.ITEMS,
+            QueueThem,
+            UsePrompt,
         )
 
     @commands.Cog.listener()
