@@ -11,6 +11,8 @@ previews every 2 steps on our side; diffusers has none and gets no preview work)
 - one job on an idle engine (eager, and with graphs) against diffusers' latency for it;
 - SDXL-sized at 1024x1024: our engine batched against diffusers' XL pipeline one at a time;
 - peak GPU memory per (size, rows) for each run;
+- LoRAs (issue 23, ``bench/lora_throughput.py``): the SD 1.5-sized jobs over 4 LoRA sets and none,
+  in one shared batch (LoRA rows) against batched by set through peft, as before the slots;
 - SD 3.5 and Flux.1 (``bench/gpu_flow.py``): FLUX.1-dev- and SD 3.5 Large-sized at 1024x1024, 1
   and 4 rows, weights in bf16 and stored in float8: peak GPU memory per (family, size, rows).
 
@@ -291,8 +293,23 @@ def table(results: dict) -> str:
             lines.append(f"  peak GPU memory {label:<44} {gib:.2f} GiB")
         for label, seconds in run["seconds"].items():
             lines.append(f"  {label}: {seconds:.2f} s")
+    if loras := results.get("loras"):
+        lines.append(f"\nLoRAs: {loras['jobs']} jobs over {loras['sets']} sets (rank {loras['rank']}) and none")
+        for label, ips in loras["images_per_second"].items():
+            lines.append(f"  {label:<16} {ips:9.3f} images/s")
+        lines.append(f"  ratio shared / by_set {loras['ratio']:.2f}")
     lines.append(f"\ntotal {results['total_seconds']:.0f} s")
     return "\n".join(lines)
+
+
+def lora_case(run: Run, device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> dict:
+    """The first size's jobs over 4 LoRA sets and none: shared batch against batched by set."""
+    from lora_throughput import gpu_case
+
+    components, name = components_for(run, device)
+    log(f"LoRA sets: {run.unet}")
+    model = loaded_model(components, name, device, dtype)
+    return gpu_case(model, requests(run), 4, 16, lambda fn: timed(fn, device), run_engine)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -302,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-graphs", action="store_true", help="leave out (ii) and the latency with graphs")
     parser.add_argument("--no-sdxl", action="store_true", help="leave out the SDXL-sized run")
     parser.add_argument("--no-flow", action="store_true", help="leave out the Flux- and SD 3.5-sized runs")
+    parser.add_argument("--no-loras", action="store_true", help="leave out the LoRA sets' case")
     parser.add_argument("--out", default="gpu-bench.json", help="the JSON file to write")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -325,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         flow = [] if args.no_flow else flow_runs(args.tiny, device, log)
+        loras = None if args.no_loras else lora_case(runs[0], device, dtype, log)
     results = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -332,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "sizes": sizes,
         "flow": flow,
+        "loras": loras,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -152,3 +152,33 @@ def run(model, requests: list[GenerationRequest], args, run_engine) -> None:
             f"  merging the LoRA into the UNet and out again: {merge:.4f} s = {merge / max(slots - plain, 1e-9):.1f} "
             "steps of what (b) costs over (a)"
         )
+
+
+def gpu_case(model, jobs: list[GenerationRequest], sets: int, rank: int, timed, run_engine) -> dict:
+    """``python -m bench.gpu``'s LoRA case: ``jobs`` over ``sets`` LoRA sets and none, (i) in one
+    shared batch and (ii) batched by set through peft as before the slots, timed by
+    ``timed(fn) -> seconds`` with ``run_engine(worker, jobs)``; images/s and the ratio."""
+    with tempfile.TemporaryDirectory() as folder:
+        components = {"unet": model.unet, "text_encoder": model.text_encoders[0]}
+        if len(model.text_encoders) > 1:
+            components["text_encoder_2"] = model.text_encoders[1]
+        lora_files(components, sets, rank, Path(folder))
+        apart = copy.deepcopy(model)
+        model.lora_dir = apart.lora_dir = Path(folder)
+        model.lora_slots, model.lora_max_rank, apart.lora_slots = sets, rank, 0
+        tagged = lora_jobs(jobs, sets)
+        size = tagged[0].params.width
+        limits = GenerationSettings(max_steps=50, max_width=size, max_height=size)
+        settings = EngineSettings(max_batch=len(jobs), preview_every=2)
+        workers = {"shared": EngineWorker(model, settings, limits), "by_set": EngineWorker(apart, settings, limits)}
+        seconds = {}
+        for name, worker in workers.items():
+            worker.start()
+            try:
+                run_engine(worker, tagged[: sets + 1])  # warm-up: every LoRA loaded
+                seconds[name] = timed(lambda worker=worker: run_engine(worker, tagged))
+            finally:
+                worker.stop()
+    ips = {name: len(tagged) / took for name, took in seconds.items()}
+    return {"sets": sets, "rank": rank, "jobs": len(tagged), "images_per_second": ips,
+            "ratio": ips["shared"] / ips["by_set"]}  # fmt: skip

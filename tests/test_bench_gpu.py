@@ -38,6 +38,8 @@ def test_tiny_run_on_the_cpu_writes_every_figure(tmp_path, capsys):
     assert all(ips > 0 for ips in first["images_per_second"].values())
     assert set(first["latency_seconds"]) == {"batched_eager", "batched_graphs", "diffusers"}
     assert "batched_graphs / diffusers (latency)" in first["ratios"]
+    assert set(results["loras"]["images_per_second"]) == {"shared", "by_set"}  # issue 23's case
+    assert results["loras"]["ratio"] > 0
     assert first["peak_memory_gib"] == {}  # no GPU: nothing measured, nothing made up
     assert sdxl["images"]["batched_eager"] == sdxl["jobs"]
     flux = [run for run in results["flow"] if run["family"] == "flux"]
