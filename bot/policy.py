@@ -191,6 +191,17 @@ def member_hires(
     return fitting if fitting > 1 else None
 
 
+def edit_model_gate(params: GenerationParams, edit_model: str) -> None:
+    """The edit model (``discord.edit_model``, InstructPix2Pix) runs edits of a whole image only,
+    as its engine refuses the rest (engine.features.instruct_edit): said here, before queueing."""
+    if not edit_model or params.model != edit_model:
+        return
+    if not params.is_img2img:
+        raise BadInput(f"{edit_model} edits images: press 🪄 Edit with words under a result, or use /img2img with it.")
+    if params.is_masked or params.control_units:
+        raise BadInput(f"{edit_model} changes the whole image: leave out the mask and the reference.")
+
+
 def hires_gate(params: GenerationParams, policy: ServerPolicy, gen: GenerationSettings) -> None:
     """An asked hires fix within the size and steps limits here; BadInput saying what fits."""
     if not params.is_hires:

@@ -201,6 +201,7 @@ class JobService(JournaledSubmit, PermutedSubmit, JobLookups):
 
     def gate(self, asker: Asker, seen: Admission, params: GenerationParams) -> None:
         policy.hires_gate(params, seen.policy, self.config.generation_for(params.model))
+        policy.edit_model_gate(params, self.config.discord.edit_model)
         policy.gate(asker, seen, params, pending_limit=self.config.queue.pending_limit, now=self.clock())
 
     async def admit(

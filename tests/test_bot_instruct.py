@@ -61,6 +61,11 @@ async def test_edit_with_words_queues_an_edit_of_the_image_on_the_edit_model(edi
         await submitted.wait_response(lambda m: "queued" in m.content)
         edited = await wait_result(emu, lambda m: job_of(m) != parent)
         shown = await (await emu.slash(emu.alice, "help")).wait_response()
+        refused = await emu.slash(emu.alice, "imagine", {"prompt": "a lighthouse", "model": "ip2p"})
+        assert (
+            "ip2p edits images: press 🪄 Edit with words"
+            in (await refused.wait_response(lambda m: m.ephemeral)).content
+        )
     help_text = "\n".join(e["description"] for e in shown.embeds)
     # /help names the edit model for what it is (the help of two models is clipped to Discord's
     # 6000 characters near its end: a limit of /help's length, not of this feature).
