@@ -122,6 +122,14 @@ def queued_setup(tmp_path, emulator: Emulator):
     engine.dispose()
 
 
+async def help_embeds(emu: Emulator, ix=None) -> list[dict]:
+    """Every embed /help answers with, its followups included (a long configuration's /help goes
+    on in them), once its last line has come."""
+    ix = ix or await emu.slash(emu.alice, "help")
+    await ix.wait_response(lambda m: any("jobs waiting at a time." in e["description"] for e in m.embeds))
+    return [e for m in ix.messages if not m.loading for e in m.embeds]
+
+
 def is_result(message) -> bool:
     """A posted result (not a status message): it carries the Reroll button."""
     return any(cid.startswith("sd:reroll:") for cid in message.custom_ids)

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from bot_harness import (
     bot_running,
+    help_embeds,
     png,
     queued_setup,  # noqa: F401 - the fixture
 )
@@ -196,15 +197,15 @@ async def test_stats_show_counts_and_help_lists_the_new_commands(setup):
         job = queue.claim("remote-gpu")
         queue.complete(job.id, "remote-gpu", [(png((64, 64)), job.seed)])
         text = await ephemeral(emu, emu.admin, "stats")
-        help_message = await (await emu.slash(emu.alice, "help")).wait_response()
-        help_text = "\n".join(e["description"] for e in help_message.embeds)
+        help_shown = await help_embeds(emu)
+        help_text = "\n".join(e["description"] for e in help_shown)
     assert "**Jobs today:** 3" in text and "**this week:** 3" in text
     # Members show as mentions (the bot does not cache members); ephemeral, so nobody is pinged.
     assert f"1. <@{emu.alice.id}>: 2" in text and f"2. <@{emu.bob.id}>: 1" in text
     assert "2 waiting and 0 running here" in text and "Average wait" in text
     for name in ("/settings set", "/settings show", "/server limits", "/server pause", "/server bar", "/stats"):
         assert name in help_text
-    assert all(len(e["description"]) <= 4096 for e in help_message.embeds) and "Reroll" in help_text
+    assert all(len(e["description"]) <= 4096 for e in help_shown) and "Reroll" in help_text
 
 
 async def test_reaction_rerolls_follow_the_server_rules(setup):

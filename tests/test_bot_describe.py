@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-from bot_harness import bot_config, bot_running, png, running_setup
+from bot_harness import bot_config, bot_running, help_embeds, png, running_setup
 from discord_emulator import Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 from engine.config.describe_settings import DescribeSettings
@@ -101,8 +101,8 @@ async def test_help_names_describe_and_still_fits_discords_embeds(tmp_path, emul
     config = replace(config, describe=models)
     engine, queue = new_queue(tmp_path / "bot.sqlite3", config)
     async with bot_running(emulator, config, queue, None):
-        message = await (await emulator.slash(emulator.alice, "help")).wait_response()
+        embeds = await help_embeds(emulator)
     engine.dispose()
-    text = "\n".join(e["description"] for e in message.embeds)
+    text = "\n".join(e["description"] for e in embeds)
     assert "`/describe image`: " + says + "\n" in text and "`{a, b}`: a job each" in text
     assert text.rstrip().endswith("jobs waiting at a time.")  # nothing was cut to fit the embeds

@@ -14,6 +14,7 @@ from bot.infotext import settings_from
 from bot_harness import (
     bot_config,
     bot_running,
+    help_embeds,
     is_result,
     queued_setup,  # noqa: F401 - the fixture
 )
@@ -149,8 +150,8 @@ def test_use_these_settings_carries_the_hires_fix(tmp_path):
 async def test_help_lists_the_hires_options_with_their_limits(setup):
     emu, config, queue, community = setup
     async with bot_running(emu, config, queue, None):
-        message = await (await emu.slash(emu.alice, "help")).wait_response()
-    text = "\n".join(e["description"] for e in message.embeds)
+        embeds = await help_embeds(emu)
+    text = "\n".join(e["description"] for e in embeds)
     lines = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("`") and "`:" in line}
     assert "1 to 4" in lines["hires"] and "0 to 8" in lines["hires_steps"]
     assert "Latent (bicubic)" in lines["hires_upscaler"] and "Lanczos" in lines["hires_upscaler"]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from bot import layout
-from bot_harness import bot_config, bot_running, new_queue
+from bot_harness import bot_config, bot_running, help_embeds, new_queue
 from db.models import Job, JobKind
 from discord_emulator import Emulator
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
@@ -60,13 +60,13 @@ async def test_edit_with_words_queues_an_edit_of_the_image_on_the_edit_model(edi
         submitted = await emu.submit_modal(emu.bob, press, {"What should change?": "make it night"})
         await submitted.wait_response(lambda m: "queued" in m.content)
         edited = await wait_result(emu, lambda m: job_of(m) != parent)
-        shown = await (await emu.slash(emu.alice, "help")).wait_response()
+        shown = await help_embeds(emu)
         refused = await emu.slash(emu.alice, "imagine", {"prompt": "a lighthouse", "model": "ip2p"})
         assert (
             "ip2p edits images: press 🪄 Edit with words"
             in (await refused.wait_response(lambda m: m.ephemeral)).content
         )
-    help_text = "\n".join(e["description"] for e in shown.embeds)
+    help_text = "\n".join(e["description"] for e in shown)
     # /help names the edit model for what it is (the help of two models is clipped to Discord's
     # 6000 characters near its end: a limit of /help's length, not of this feature).
     assert "**ip2p**: InstructPix2Pix, for 🪄 **Edit with words**" in help_text

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from bot_harness import bot_config, bot_running, is_result, running_setup, setup  # noqa: F401 - setup is a fixture
+from bot_harness import bot_config, bot_running, help_embeds, is_result, running_setup, setup  # noqa: F401 - setup is a fixture
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 from engine.config.upscaler_settings import UpscalerSettings
 from engine.errors import GenerationError
@@ -137,6 +137,6 @@ async def test_an_upscaler_the_worker_lacks_fails_the_job_with_the_names_it_has(
 async def test_help_names_the_upscaler(with_upscaler):
     emu, config, queue, worker = with_upscaler
     async with bot_running(emu, config, queue, worker):
-        message = await (await emu.slash(emu.alice, "help")).wait_response()
-    text = "\n".join(e["description"] for e in message.embeds)
+        embeds = await help_embeds(emu)
+    text = "\n".join(e["description"] for e in embeds)
     assert "Upscale (Subtle)" in text and "2x by tiny-2x" in text and "strength 0.4" in text

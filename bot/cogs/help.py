@@ -51,7 +51,8 @@ def limits_of(p: app_commands.Parameter, service: JobService) -> list[str]:
 
 
 def help_pages(commands_: Iterable[Any], service: JobService) -> list[str]:
-    """/help's embeds: every command with its options; each option once with its limits (from the
+    """/help's pages, each within an embed's 4096 characters (:func:`help_messages` packs them
+    into messages): every command with its options; each option once with its limits (from the
     definitions, so /help never disagrees with what Discord is told); the menus and buttons."""
     commands_ = list(commands_)
     lines, options, nested = ["**Commands**"], {}, set()
@@ -97,14 +98,39 @@ def help_pages(commands_: Iterable[Any], service: JobService) -> list[str]:
         f"You can have {service.config.queue.pending_limit} jobs waiting at a time.",
     ]
     pages.append("\n".join(lines).strip())
-    # Discord: 4096 characters an embed, 6000 in all the embeds of a message.
-    budget = 6000 - len(TITLE)
-    out = []
+    return [piece for page in pages for piece in split_lines(page, EMBED_CHARS)]
+
+
+#: Discord's limits: characters in an embed's description, and in all the embeds of one message.
+EMBED_CHARS, MESSAGE_CHARS = 4096, 6000
+
+
+def split_lines(text: str, limit: int) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters, cut between lines (a longer line is clipped)."""
+    pieces, current = [], ""
+    for line in text.split("\n"):
+        line = render.clip(line, limit)
+        if current and len(current) + 1 + len(line) > limit:
+            pieces.append(current)
+            current = line
+        else:
+            current = f"{current}\n{line}" if current else line
+    return [*pieces, current] if current else pieces
+
+
+def help_messages(pages: list[str]) -> list[list[discord.Embed]]:
+    """The pages as messages of embeds, each message within Discord's 6000 characters (the first
+    carries the title): /help grows with the configuration, and nothing of it is cut."""
+    messages: list[list[discord.Embed]] = [[]]
+    used = len(TITLE)
     for page in pages:
-        page = render.clip(page, min(4096, budget))
-        budget -= len(page)
-        out.append(page)
-    return out
+        if messages[-1] and used + len(page) > MESSAGE_CHARS:
+            messages.append([])
+            used = 0
+        title = TITLE if not messages[0] else None
+        messages[-1].append(discord.Embed(title=title, description=page))
+        used += len(page)
+    return messages
 
 
 class HelpCog(commands.Cog, name="help"):
@@ -115,5 +141,7 @@ class HelpCog(commands.Cog, name="help"):
     async def help(self, interaction: discord.Interaction) -> None:
         tree = self.bot.tree  # registered per server (copied there) or globally
         pages = help_pages(tree.get_commands(guild=interaction.guild) or tree.get_commands(), self.service)
-        embeds = [discord.Embed(title=TITLE if i == 0 else None, description=page) for i, page in enumerate(pages)]
-        await interaction.response.send_message(embeds=embeds, ephemeral=True)
+        first, *more = help_messages(pages)
+        await interaction.response.send_message(embeds=first, ephemeral=True)
+        for embeds in more:  # a long configuration's /help goes on in followups, only to the asker
+            await interaction.followup.send(embeds=embeds, ephemeral=True)
