@@ -18,12 +18,10 @@ background work, and background work (DNS lookups included) never waits behind t
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from bot.grouped import GroupedThread
 from db.models import Job
 from db.queue import Queue
 from db.session import statement_timeout_in_this_thread
@@ -42,12 +40,9 @@ class GroupWriter:
             ENQUEUE: lambda many: _with_places(queue, queue.enqueue_many(many)),
             STATUS: queue.set_status_messages,
         }
-        self._lock = threading.Lock()
-        self._waiting: list[tuple[str, Any, asyncio.Future, asyncio.AbstractEventLoop]] = []
-        self._writing = False
-        self._thread = concurrent.futures.ThreadPoolExecutor(
-            1,
-            thread_name_prefix="sdbot-writes",
+        self._writer = GroupedThread(
+            "sdbot-writes",
+            self._store_group,
             initializer=statement_timeout_in_this_thread,
             initargs=(STATEMENT_TIMEOUT,),
         )
@@ -60,50 +55,26 @@ class GroupWriter:
         await self._write(STATUS, (job_id, channel_id, message_id))
 
     async def _write(self, kind: str, payload: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._lock:
-            self._waiting.append((kind, payload, future, loop))
-            start, self._writing = not self._writing, True
-        if start:
-            self._thread.submit(self._write_all)
-        return await future
+        return await self._writer.submit((kind, payload))
 
-    def _write_all(self) -> None:
-        while True:
-            with self._lock:
-                group, self._waiting = self._waiting, []
-                if not group:
-                    self._writing = False
-                    return
-            for kind, store in self._stores.items():
-                items = [(payload, future, loop) for k, payload, future, loop in group if k == kind]
-                if items:
-                    self._store(store, items)
-
-    @staticmethod
-    def _store(store: Callable[[list[Any]], list[Any] | None], items: list[tuple[Any, Any, Any]]) -> None:
-        try:
-            results = store([payload for payload, _, _ in items])
-        except Exception as error:  # noqa: BLE001 - the whole group failed: each waiter is told
-            results = [error] * len(items)
-        for (_, future, loop), result in zip(items, results or [None] * len(items), strict=True):
-            loop.call_soon_threadsafe(_settle, future, result)
+    def _store_group(self, group: list[tuple[str, Any]]) -> Iterator[tuple[int, Any]]:
+        """Each kind's payloads in one transaction, most urgent kind first, its waiters told as soon
+        as it is stored: one result (or QueueError) a payload."""
+        for kind, store in self._stores.items():
+            at = [i for i, (k, _) in enumerate(group) if k == kind]
+            if not at:
+                continue
+            try:
+                stored = store([group[i][1] for i in at]) or [None] * len(at)
+            except Exception as error:  # noqa: BLE001 - this kind's transaction failed: its waiters are told
+                stored = [error] * len(at)
+            yield from zip(at, stored, strict=True)
 
     def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._writer.shutdown(wait=False)
 
 
 def _with_places(queue: Queue, results: list[Any]) -> list[Any]:
     """Each stored job with its place in line, found for the whole group in one pass."""
     places = queue.positions([job.id for job in results if isinstance(job, Job)])
     return [(job, places[job.id]) if isinstance(job, Job) else job for job in results]
-
-
-def _settle(future: asyncio.Future, result: Any) -> None:
-    if future.done():  # the command gave up waiting (the bot is closing)
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)

@@ -22,18 +22,18 @@ entries only (write, ``fsync``, rename).
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import concurrent.futures
 import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bot.grouped import GroupedThread
 from db.models import JobKind
 from db.session import normalize_url
 from db.settings import QueueSettings
@@ -91,12 +91,10 @@ class InteractionJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._open: dict[int, Entry] = {}
-        self._lock = threading.Lock()
-        self._waiting: list[tuple[bytes, bool, asyncio.Future, asyncio.AbstractEventLoop]] = []
-        self._writing = False
+        self._lock = threading.Lock()  # guards _open: the writing thread reads it
         self._written = 0  # bytes since the last compaction
         self._file: Any = None
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdbot-journal")
+        self._writer = GroupedThread("sdbot-journal", self._append_group)  # one write (and fsync) a group
 
     def load(self) -> list[Entry]:
         """The entries a previous run left open (compacted into a fresh file); call it first."""
@@ -136,29 +134,11 @@ class InteractionJournal:
         await self._write(json.dumps({"op": "done", "id": interaction_id}).encode() + b"\n", durable=answered)
 
     async def _write(self, line: bytes, *, durable: bool) -> None:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._lock:
-            self._waiting.append((line, durable, future, loop))
-            start, self._writing = not self._writing, True
-        if start:
-            self._thread.submit(self._write_all)
-        await future
+        await self._writer.submit((line, durable))
 
-    def _write_all(self) -> None:
-        while True:
-            with self._lock:
-                group, self._waiting = self._waiting, []
-                if not group:
-                    self._writing = False
-                    return
-            error: BaseException | None = None
-            try:
-                self._append(b"".join(line for line, _, _, _ in group), any(durable for _, durable, _, _ in group))
-            except Exception as e:  # noqa: BLE001 - each waiter is told
-                error = e
-            for _, _, future, loop in group:
-                loop.call_soon_threadsafe(_settle, future, error)
+    def _append_group(self, group: list[tuple[bytes, bool]]) -> Iterator[tuple[int, None]]:
+        self._append(b"".join(line for line, _ in group), any(durable for _, durable in group))
+        return iter(())  # every waiter is told together, once the group is written
 
     def _append(self, data: bytes, durable: bool) -> None:
         if self._file is None:
@@ -197,19 +177,10 @@ class InteractionJournal:
         self._written = 0
 
     def shutdown(self) -> None:
-        self._thread.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 def _encode(entry: Entry) -> bytes:
