@@ -63,9 +63,6 @@ from diffusers.loaders import single_file_utils  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -73,6 +70,7 @@ from transformers import (  # noqa: E402
 
 from engine.families.sd.tokenizer import EOS, clip_tokenizer  # noqa: E402
 from tinyflow_keys import clip_keys, flux_to_bfl, sd3_to_sai, t5_keys, to_fp8, vae_keys  # noqa: E402
+from tinymodel import clip_text_encoder  # noqa: E402
 
 FLUX_TEXT_WIDTH = 32  # CLIP-L: pooled -> the transformer's pooled_projection_dim
 FLUX_T5_WIDTH = 32  # T5 -> joint_attention_dim
@@ -134,21 +132,6 @@ def _t5(d_model: int, vocab_size: int) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def _clip(width: int, act: str, with_projection: bool):
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        max_position_embeddings=77,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        projection_dim=width,
-        hidden_act=act,
-    )
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(config)
-
-
 def _vae(shift_factor: float, scaling_factor: float) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
@@ -206,7 +189,7 @@ def build_flux_components(guidance_embeds: bool = True, seed: int = 0) -> dict:
     )
     return {
         "transformer": transformer,
-        "text_encoder": _seeded(seed + 1, _clip, FLUX_TEXT_WIDTH, "quick_gelu", with_projection=False),
+        "text_encoder": _seeded(seed + 1, clip_text_encoder, FLUX_TEXT_WIDTH, "quick_gelu", with_projection=False),
         "tokenizer": clip_tokenizer(EOS),
         "text_encoder_2": _seeded(seed + 2, _t5, FLUX_T5_WIDTH, len(tokenizer_2)),
         "tokenizer_2": tokenizer_2,
@@ -233,7 +216,7 @@ def build_sd3_components(with_t5: bool = True, seed: int = 0) -> dict:
         pos_embed_max_size=32,  # up to 32 x 2 x 8 = 512 px
         qk_norm="rms_norm",
     )
-    clip_l = _seeded(seed + 1, _clip, SD3_CLIP_L_WIDTH, "quick_gelu", with_projection=True)
+    clip_l = _seeded(seed + 1, clip_text_encoder, SD3_CLIP_L_WIDTH, "quick_gelu", with_projection=True)
     with torch.no_grad():
         clip_l.text_projection.weight.copy_(torch.eye(SD3_CLIP_L_WIDTH))
     tokenizer_3 = t5_tokenizer() if with_t5 else None
@@ -241,7 +224,7 @@ def build_sd3_components(with_t5: bool = True, seed: int = 0) -> dict:
         "transformer": transformer,
         "text_encoder": clip_l,
         "tokenizer": clip_tokenizer(EOS),
-        "text_encoder_2": _seeded(seed + 2, _clip, SD3_CLIP_G_WIDTH, "gelu", with_projection=True),
+        "text_encoder_2": _seeded(seed + 2, clip_text_encoder, SD3_CLIP_G_WIDTH, "gelu", with_projection=True),
         "tokenizer_2": clip_tokenizer("!"),
         "text_encoder_3": _seeded(seed + 3, _t5, SD3_T5_WIDTH, len(tokenizer_3)) if with_t5 else None,
         "tokenizer_3": tokenizer_3,

@@ -49,7 +49,8 @@ TIME_EMBED_DIM = 8  # SDXL micro-conditioning: 6 numbers, each embedded in this 
 # ---------------------------------------------------------------------------- building
 
 
-def _text_encoder(width: int, act: str, with_projection: bool = False):
+def clip_text_encoder(width: int, act: str, with_projection: bool = False):
+    """A tiny CLIP text encoder (the real 49,408-token vocabulary): every family's, SD 3.5's and Flux's too."""
     config = CLIPTextConfig(
         vocab_size=49408,
         max_position_embeddings=77,
@@ -135,12 +136,12 @@ def build_tiny_components(family: str = "sd1", seed: int = 0, in_channels: int =
     components = {
         "unet": _unet(family, in_channels).eval(),
         "vae": _vae(family).eval(),
-        "text_encoder": _text_encoder(TEXT_WIDTH, act),
+        "text_encoder": clip_text_encoder(TEXT_WIDTH, act),
         "tokenizer": clip_tokenizer(EOS if family != "sd2" else "!"),
         "scheduler": _scheduler(family),
     }
     if family == "sdxl":
-        components["text_encoder_2"] = _text_encoder(SDXL_TEXT2_WIDTH, "gelu", True)
+        components["text_encoder_2"] = clip_text_encoder(SDXL_TEXT2_WIDTH, "gelu", True)
         components["tokenizer_2"] = clip_tokenizer("!")
     return components
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.families import family_of_pipeline
+from engine.families import family_of_pipeline, guidance_kind
 
 
 def source_family(source: str, family: str = "auto") -> tuple[str, str] | None:
@@ -28,15 +28,9 @@ def source_family(source: str, family: str = "auto") -> tuple[str, str] | None:
     else:
         found = None
     if family != "auto":  # the configuration says so (the engine checks it against the file)
-        guidance = found[1] if found and found[0] == family else _guidance(family, True)
+        guidance = found[1] if found and found[0] == family else guidance_kind(family, True)
         return family, guidance
     return found
-
-
-def _guidance(family: str, guidance_embeds: bool) -> str:
-    from engine.families import guidance_kind
-
-    return guidance_kind(family, guidance_embeds)
 
 
 def _read(path: Path) -> dict:
@@ -53,7 +47,7 @@ def _folder_family(folder: Path) -> tuple[str, str] | None:
     if family is None:
         return None
     embeds = _read(folder / "transformer" / "config.json").get("guidance_embeds", True)
-    return family, _guidance(family, bool(embeds))
+    return family, guidance_kind(family, bool(embeds))
 
 
 def _file_family(path: Path) -> tuple[str, str] | None:
@@ -66,4 +60,4 @@ def _file_family(path: Path) -> tuple[str, str] | None:
     except ModelLoadError:
         return None  # the engine says what is wrong with it when it loads it
     embeds = any(key.startswith(("guidance_in.", "model.diffusion_model.guidance_in.")) for key in header)
-    return family, _guidance(family, embeds)
+    return family, guidance_kind(family, embeds)

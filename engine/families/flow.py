@@ -11,7 +11,7 @@ stay the pure functions of :mod:`engine.sampling.sampler_steps`:
 - DPM++ 2M runs its k-diffusion formula on these sigmas, as ComfyUI runs it on Flux;
 - the ancestral and SDE samplers re-noise the VE way (``x0 + sigma * noise``), which is wrong here:
   ComfyUI has ``_RF`` variants for them. We have not written those yet, so a flow model refuses
-  them by name (:data:`FLOW_SAMPLERS`), and DDIM and LCM, which walk the UNet's 1000 training
+  them by name (:data:`engine.families.FLOW_SAMPLERS`), and DDIM and LCM, which walk the UNet's 1000 training
   levels, too.
 
 The schedule is diffusers' (each pipeline calls its scheduler its own way):
@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.families import FLOW_SAMPLERS, FLOW_SCHEDULES  # noqa: F401 - named in the doc
 from engine.sampling.schedules import img2img_tail
 
 
