@@ -14,7 +14,7 @@ these:
   guidance: CFG pairs, a distilled value per row, or none, is the family's own business);
 - its latent channels (the VAE's) and the channels its network takes in (more for an
   inpainting UNet);
-- :meth:`FamilyParts.refusal`: why a job asks something the family cannot do, in one line.
+- ``FamilyParts.refusal(params)``: why a job asks something the family cannot do, in one line.
 
 The family's traits that the bot needs without torch (pixel grid, samplers, defaults) are in
 :mod:`engine.families` (``FAMILIES``). A new family adds its module here and one entry in
@@ -67,7 +67,4 @@ class FamilyParts:
     network_channels: int  # what the denoising network takes in (9 for an inpainting UNet)
     #: Why this family cannot run a job as asked, or None (the SD families refuse nothing here:
     #: every option applies to them).
-    refuse: Callable[[GenerationParams], str | None] = lambda params: None
-
-    def refusal(self, params: GenerationParams) -> str | None:
-        return self.refuse(params)
+    refusal: Callable[[GenerationParams], str | None] = lambda params: None

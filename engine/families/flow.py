@@ -100,7 +100,6 @@ class FlowSchedule:
     """One job's sigmas on a flow model, and how its first latents are made."""
 
     sigmas: Tensor  # float64 on the CPU, down to 0
-    discretization: str = "flow"
 
     @property
     def noise_sigma(self) -> float:
