@@ -26,7 +26,6 @@ import collections
 import io
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from db.models import Job  # noqa: E402
 from db.queue import Queue  # noqa: E402
 from db.session import make_engine, upgrade  # noqa: E402
 from discord_emulator import Emulator  # noqa: E402
+from processes import WriteLock  # noqa: E402
 
 DEADLINE = 3.0  # seconds Discord gives a bot to acknowledge an interaction
 
@@ -88,26 +88,6 @@ async def trial(emu: Emulator, bot: BotProcess, members, n: int, rng: random.Ran
     await asyncio.sleep(2.0)  # let the restarted bot's start-up answers land (a benchmark, not a test)
     await bot.stop()
     return sent
-
-
-class WriteLock:
-    """Another process holding SQLite's write lock (as a ``.backup`` or a ``VACUUM`` does)."""
-
-    def __init__(self, path: Path) -> None:
-        code = (
-            "import sqlite3, sys\n"
-            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
-            "c.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\nsys.stdin.readline()\nc.execute('COMMIT')\n"
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert self.process.stdout.readline().strip() == "locked"
-        self.since = time.monotonic()
-
-    async def release(self, after: float) -> None:
-        await asyncio.sleep(max(0.0, self.since + after - time.monotonic()))
-        self.process.communicate("\n", timeout=60)
 
 
 def png() -> bytes:

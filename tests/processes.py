@@ -13,6 +13,7 @@ import asyncio
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,3 +104,25 @@ async def until(condition: Callable[[], T], what: str, *, budget: float = BUDGET
             raise _timed_out(what, budget, watched)
         await asyncio.sleep(POLL)
     return result
+
+
+class WriteLock:
+    """Another process holding SQLite's write lock (as a ``.backup``, a ``VACUUM`` or a second
+    tool does) until :meth:`release`."""
+
+    def __init__(self, path: Path) -> None:
+        code = (
+            "import sqlite3, sys\n"
+            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\nsys.stdin.readline()\nc.execute('COMMIT')\n"
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout.readline().strip() == "locked"
+        self.since = time.monotonic()
+
+    async def release(self, after: float) -> None:
+        """Release once the lock has been held ``after`` seconds (the scenario's length)."""
+        await asyncio.sleep(max(0.0, self.since + after - time.monotonic()))
+        self.process.communicate("\n", timeout=60)

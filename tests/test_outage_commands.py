@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -28,7 +25,7 @@ from db.session import make_engine, upgrade
 from discord_emulator import Emulator, Interaction
 from discord_emulator.fixtures import emulator  # noqa: F401 - the fixture
 from pg_cluster import PgCluster, pg_cluster  # noqa: F401 - the fixture
-from processes import until
+from processes import WriteLock, until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
@@ -39,28 +36,6 @@ def open_queue(url: str) -> Queue:
     db = make_engine(url)
     upgrade(db)
     return Queue(db, pending_limit=10)
-
-
-class WriteLock:
-    """Another process holding SQLite's write lock (as a ``.backup``, a ``VACUUM`` or a second
-    tool does) until :meth:`release`."""
-
-    def __init__(self, path: Path) -> None:
-        code = (
-            "import sqlite3, sys\n"
-            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
-            "c.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\nsys.stdin.readline()\nc.execute('COMMIT')\n"
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert self.process.stdout.readline().strip() == "locked"
-        self.since = time.monotonic()
-
-    async def release(self, after: float) -> None:
-        """Release once the lock has been held ``after`` seconds (the scenario's length)."""
-        await asyncio.sleep(max(0.0, self.since + after - time.monotonic()))
-        self.process.communicate("\n", timeout=60)
 
 
 async def command(emu: Emulator, member, prompt: str) -> Interaction:
